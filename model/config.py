@@ -1,0 +1,143 @@
+"""The model's typed configuration and its validation.
+
+Field names follow the official command-line flags (fundamentalvision/Deformable-DETR ``main.py``)
+where one exists. Defaults are the official Deformable DETR ResNet-50 defaults; :func:`arch_defaults`
+gives the defaults of the DETR baseline (facebookresearch/detr) for the same fields.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+ARCHS = ("deformable_detr", "detr", "faster_rcnn")
+BACKBONES = ("resnet50", "resnet101", "resnext101_32x8d", "resnext101_64x4d")
+NECKS = ("none", "fpn", "bifpn")
+ATTN_IMPLS = ("auto", "cuda", "cpu", "pytorch")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; ``key`` names the offending field."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "deformable_detr"
+    # backbone
+    backbone: str = "resnet50"
+    pretrained_backbone: bool = True
+    backbone_weights: Optional[str] = None  # local .pth of ImageNet weights; None: torchvision's cache
+    dilation: bool = False                  # DC5: dilation instead of stride in res5
+    dcn: bool = False                       # deformable convolution v2 in res3-res5 (3x3 convs)
+    train_backbone: bool = True             # official: lr_backbone > 0
+    position_embedding: str = "sine"        # sine | learned
+    # transformer
+    num_feature_levels: int = 4
+    enc_n_points: int = 4
+    dec_n_points: int = 4
+    ms_attention: bool = True
+    neck: str = "none"
+    with_box_refine: bool = False
+    two_stage: bool = False
+    num_queries: int = 300
+    num_classes: int = 91
+    hidden_dim: int = 256
+    dim_feedforward: int = 1024
+    nheads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dropout: float = 0.1
+    pre_norm: bool = False                  # DETR only
+    aux_loss: bool = True
+    focal_loss: bool = True                 # sigmoid focal loss; False: softmax + no-object class (DETR)
+    attn_impl: str = "auto"                 # multi-scale deformable attention implementation
+    # matcher costs
+    set_cost_class: float = 2.0
+    set_cost_bbox: float = 5.0
+    set_cost_giou: float = 2.0
+    # loss coefficients
+    cls_loss_coef: float = 2.0
+    bbox_loss_coef: float = 5.0
+    giou_loss_coef: float = 2.0
+    focal_alpha: float = 0.25
+    eos_coef: float = 0.1                   # weight of the no-object class (softmax loss only)
+    num_detections: int = 100               # detections kept per image by the post-processor
+
+    def __post_init__(self):
+        validate(self)
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def arch_defaults(arch: str) -> dict:
+    """Field values that differ from the Deformable DETR defaults for ``arch`` (official recipes)."""
+    if arch == "detr":
+        return dict(arch="detr", num_queries=100, dim_feedforward=2048, num_feature_levels=1,
+                    focal_loss=False, set_cost_class=1.0, cls_loss_coef=1.0)
+    if arch == "faster_rcnn":
+        return dict(arch="faster_rcnn", num_feature_levels=1, neck="fpn")
+    return dict(arch=arch)
+
+
+def _choice(key, value, choices):
+    if value not in choices:
+        raise ConfigError(key, f"got {value!r}, expected one of {', '.join(map(repr, choices))}")
+
+
+def _positive(cfg, *keys):
+    for key in keys:
+        value = getattr(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(key, f"got {value!r}, expected an integer >= 1")
+
+
+def validate(cfg: ModelConfig) -> None:
+    """Raise :class:`ConfigError` naming the field of the first impossible setting."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.type in ("bool",) and not isinstance(value, bool):
+            raise ConfigError(f.name, f"got {value!r}, expected true or false")
+        if f.type == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f.name, f"got {value!r}, expected a number")
+        if f.type == "str" and not isinstance(value, str):
+            raise ConfigError(f.name, f"got {value!r}, expected a string")
+    _choice("arch", cfg.arch, ARCHS)
+    _choice("backbone", cfg.backbone, BACKBONES)
+    _choice("neck", cfg.neck, NECKS)
+    _choice("attn_impl", cfg.attn_impl, ATTN_IMPLS)
+    _choice("position_embedding", cfg.position_embedding, ("sine", "learned"))
+    _positive(cfg, "num_feature_levels", "enc_n_points", "dec_n_points", "num_queries", "num_classes",
+              "hidden_dim", "dim_feedforward", "nheads", "enc_layers", "dec_layers", "num_detections")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ConfigError("dropout", f"got {cfg.dropout!r}, expected 0 <= dropout < 1")
+    if cfg.hidden_dim % cfg.nheads:
+        raise ConfigError("nheads", f"hidden_dim {cfg.hidden_dim} is not divisible by nheads {cfg.nheads}")
+    if cfg.arch in ("deformable_detr", "detr") and cfg.hidden_dim % 32:
+        raise ConfigError("hidden_dim", f"got {cfg.hidden_dim}, expected a multiple of 32 (GroupNorm(32))")
+    if cfg.two_stage and not cfg.with_box_refine:
+        raise ConfigError("two_stage", "two-stage Deformable DETR needs with_box_refine: true")
+    if cfg.arch != "deformable_detr":
+        for key in ("with_box_refine", "two_stage"):
+            if getattr(cfg, key):
+                raise ConfigError(key, f"only available with arch 'deformable_detr', not {cfg.arch!r}")
+        if not cfg.ms_attention and cfg.arch == "detr":
+            raise ConfigError("ms_attention", "DETR has dense attention; ms_attention applies to deformable_detr")
+        if cfg.arch == "detr" and cfg.num_feature_levels != 1:
+            raise ConfigError("num_feature_levels", "DETR uses one feature level (C5); expected 1")
+        if cfg.arch == "detr" and cfg.neck != "none":
+            raise ConfigError("neck", "DETR has no neck; expected 'none'")
+    if cfg.arch == "deformable_detr":
+        if cfg.neck != "none" and cfg.num_feature_levels < 2:
+            raise ConfigError("neck", f"{cfg.neck!r} needs multi-scale inputs (num_feature_levels >= 2)")
+        if cfg.position_embedding != "sine":
+            raise ConfigError("position_embedding", "Deformable DETR uses the sine encoding")
+    if cfg.dcn and cfg.dilation:
+        raise ConfigError("dcn", "deformable convolution with dilation (DC5) is not supported; use one")
+    if not 0.0 <= cfg.focal_alpha <= 1.0:
+        raise ConfigError("focal_alpha", f"got {cfg.focal_alpha!r}, expected a value in [0, 1]")
