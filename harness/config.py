@@ -1,0 +1,105 @@
+"""Typed configuration of everything a run does besides the model (frozen dataclasses).
+
+One dataclass per concern. YAML maps onto them in :mod:`harness.experiment`; the model's own config
+is :class:`model.config.ModelConfig`. Nothing here imports torch.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+from model.config import ConfigError, ModelConfig
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "coco"                    # coco | synthetic (generated COCO-format set)
+    root: Optional[str] = None               # COCO root: train2017/ val2017/ annotations/
+    train_split: str = "train2017"
+    val_split: str = "val2017"               # val2017 | test-dev2017 (image_info json, no annotations)
+    num_workers: int = 2
+    augmentation: str = "official"           # official | none
+    eval_size: int = 800                     # short side at evaluation
+    max_size: int = 1333
+    # synthetic set (smoke runs and tests)
+    synthetic_train_images: int = 32
+    synthetic_val_images: int = 8
+    synthetic_image_size: Tuple[int, int] = (192, 256)   # H x W
+    synthetic_seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 50
+    lr: float = 2e-4
+    lr_backbone: float = 2e-5
+    lr_linear_proj_mult: float = 0.1         # sampling_offsets and reference_points
+    weight_decay: float = 1e-4
+    lr_drop: int = 40
+    clip_max_norm: float = 0.1
+    batch_size_per_gpu: int = 2
+    total_batch_size: int = 32               # the paper's; gradient accumulation keeps it on fewer GPUs
+    accumulate_to_total: bool = True
+    amp: str = "off"                         # off | bf16 | fp16
+    seed: int = 42
+    max_iters_per_epoch: Optional[int] = None   # smoke runs: cut an epoch short
+    print_freq: int = 10
+    eval_every: int = 1                      # epochs between evaluations (the last epoch always evaluates)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    eval_only: bool = False
+    checkpoint: Optional[str] = None         # an official or our checkpoint to evaluate / start from
+    num_detections: int = 100                # detections kept per image (official: 100)
+    tta: bool = False                        # horizontal flip + multi-scale testing (Table 3)
+    tta_sizes: Tuple[int, ...] = (600, 700, 800, 900, 1000)
+    save_detections: bool = True             # COCO results JSON next to the metrics
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    flops: bool = True
+    flops_images: int = 100                  # the paper: mean over the first 100 val images
+    fps: bool = True
+    fps_images: int = 100
+    fps_warmup: int = 10
+    fps_batch_sizes: Tuple[int, ...] = (1, 4)
+    precision: str = "fp32"                  # fp32 | tf32 | bf16
+
+
+@dataclass(frozen=True)
+class LauncherConfig:
+    executor: str = "auto"                   # auto | slurm | local | debug
+    partition: Optional[str] = None
+    nodes: int = 1
+    gpus_per_node: int = 8
+    cpus_per_task: int = 10
+    mem_gb: Optional[int] = None
+    timeout_min: int = 72 * 60
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    additional_parameters: Tuple[Tuple[str, str], ...] = ()   # extra sbatch args, as (key, value)
+    max_array_size: int = 1000
+    max_requeues: int = 10
+    seeds: Tuple[int, ...] = ()              # several seeds per row: mean and std in the tables
+    tasks_per_node: Optional[int] = None     # default: one per GPU (CPU runs: set explicitly)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one run needs, fully resolved. Its hash is the run id."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+
+__all__ = ["ConfigError", "DataConfig", "TrainConfig", "EvalConfig", "BenchmarkConfig",
+           "LauncherConfig", "RunConfig", "ModelConfig"]
