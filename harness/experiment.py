@@ -498,7 +498,8 @@ def estimate_gpu_hours(cfg: RunConfig, paper_gpu_hours: Optional[float] = None,
         per_epoch = 14.0
     per_epoch *= _BACKBONE_FACTOR.get(m.backbone, 1.0)
     per_epoch *= (1.15 if m.dcn else 1.0) * (1.05 if m.two_stage else 1.0)
-    per_epoch *= {"none": 1.0, "fpn": 1.05, "bifpn": 1.1}[m.neck]
+    if m.arch == "deformable_detr":
+        per_epoch *= {"none": 1.0, "fpn": 1.05, "bifpn": 1.1}[m.neck]
     return per_epoch * cfg.train.epochs
 
 
