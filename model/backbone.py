@@ -1,0 +1,140 @@
+"""torchvision ResNet / ResNeXt backbones with frozen BatchNorm, DC5 and DCN, joined with a position encoding.
+
+State-dict keys follow the official implementation: ``backbone.0.body.<resnet keys>`` for the
+network and ``backbone.1.*`` for the (learned) position encoding.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.ops import DeformConv2d
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from .position_encoding import build_position_encoding
+
+# torchvision constructor and its ImageNet weights (the ones the official code loads via pretrained=True)
+_BACKBONES = {
+    "resnet50": ("resnet50", "ResNet50_Weights", "IMAGENET1K_V1"),
+    "resnet101": ("resnet101", "ResNet101_Weights", "IMAGENET1K_V1"),
+    "resnext101_32x8d": ("resnext101_32x8d", "ResNeXt101_32X8D_Weights", "IMAGENET1K_V1"),
+    "resnext101_64x4d": ("resnext101_64x4d", "ResNeXt101_64X4D_Weights", "IMAGENET1K_V1"),
+}
+
+
+class BackboneWeightsError(FileNotFoundError):
+    pass
+
+
+class ModulatedDeformConv3x3(nn.Module):
+    """Deformable convolution v2 replacing a ResNet 3x3 conv: offsets and masks from a zero-initialised conv.
+
+    At initialisation it computes exactly what the replaced conv computed (zero offsets, mask 0.5 is
+    compensated by the factor 2), so ImageNet weights keep their meaning.
+    """
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.weight = conv.weight  # keeps the key `convN.weight`, so ImageNet weights load unchanged
+        kh, kw = conv.kernel_size
+        # 2*kh*kw offsets and kh*kw modulation scalars per output position
+        self.conv_offset = nn.Conv2d(conv.in_channels, 3 * kh * kw, conv.kernel_size, conv.stride,
+                                     conv.padding, conv.dilation)
+        nn.init.zeros_(self.conv_offset.weight)
+        nn.init.zeros_(self.conv_offset.bias)
+
+    def forward(self, x):
+        offset_x, offset_y, mask = self.conv_offset(x).chunk(3, dim=1)
+        offset = torch.cat((offset_x, offset_y), dim=1)
+        mask = 2 * torch.sigmoid(mask)
+        return torchvision.ops.deform_conv2d(x, offset, self.weight, None, self.stride, self.padding,
+                                             self.dilation, mask)
+
+
+def _use_dcn(resnet: nn.Module, layers=("layer2", "layer3", "layer4")):
+    for name in layers:
+        for block in getattr(resnet, name):
+            block.conv2 = ModulatedDeformConv3x3(block.conv2)
+
+
+def _load_imagenet_weights(net: nn.Module, name: str, weights_path: str | None):
+    fn, enum_name, member = _BACKBONES[name]
+    weights = getattr(getattr(torchvision.models, enum_name), member)
+    if weights_path is None:
+        weights_path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+        if not os.path.exists(weights_path):
+            try:
+                state = weights.get_state_dict(progress=False)
+            except Exception as err:  # no network on the node: say where the file belongs
+                raise BackboneWeightsError(
+                    f"ImageNet weights for backbone {name!r} are not available ({err}). Put "
+                    f"{os.path.basename(weights.url)} (from {weights.url}) at {weights_path}, set "
+                    f"model.backbone_weights to its path, or set model.pretrained_backbone: false") from None
+            return net.load_state_dict(state, strict=False)
+    if not os.path.exists(weights_path):
+        raise BackboneWeightsError(f"model.backbone_weights: {weights_path} does not exist "
+                                   f"(expected torchvision's {os.path.basename(weights.url)})")
+    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    return net.load_state_dict(state, strict=False)
+
+
+class Backbone(nn.Module):
+    """A ResNet trunk returning C3-C5 (``return_interm_layers``) or C5, each with its downsampled mask."""
+
+    def __init__(self, name, train_backbone, return_interm_layers, dilation, dcn=False, pretrained=False,
+                 weights_path=None):
+        super().__init__()
+        fn = getattr(torchvision.models, _BACKBONES[name][0])
+        net = fn(weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=FrozenBatchNorm2d)
+        if pretrained:
+            _load_imagenet_weights(net, name, weights_path)
+        if dcn:
+            _use_dcn(net)
+        for pname, parameter in net.named_parameters():
+            # the stem and layer1 stay frozen, as in the official recipe
+            if not train_backbone or not any(layer in pname for layer in ("layer2", "layer3", "layer4")):
+                parameter.requires_grad_(False)
+        if return_interm_layers:
+            return_layers = {"layer2": "0", "layer3": "1", "layer4": "2"}
+            self.strides = [8, 16, 32]
+            self.num_channels = [512, 1024, 2048]
+        else:
+            return_layers = {"layer4": "0"}
+            self.strides = [32]
+            self.num_channels = [2048]
+        if dilation:
+            self.strides[-1] //= 2
+        self.body = IntermediateLayerGetter(net, return_layers=return_layers)
+
+    def forward(self, images, mask):
+        # images: B x 3 x H x W, mask: B x H x W -> lists of (B x C_l x H_l x W_l, B x H_l x W_l)
+        features, masks = [], []
+        for _, x in sorted(self.body(images).items()):
+            features.append(x)
+            masks.append(F.interpolate(mask[None].float(), size=x.shape[-2:]).to(torch.bool)[0])
+        return features, masks
+
+
+class Joiner(nn.Sequential):
+    """``backbone.0`` the trunk, ``backbone.1`` the position encoding (the official key layout)."""
+
+    def __init__(self, backbone, position_embedding):
+        super().__init__(backbone, position_embedding)
+        self.strides = backbone.strides
+        self.num_channels = backbone.num_channels
+
+    def forward(self, images, mask):
+        features, masks = self[0](images, mask)
+        pos = [self[1](m).to(x.dtype) for x, m in zip(features, masks)]
+        return features, masks, pos
+
+
+def build_backbone(cfg, return_interm_layers: bool) -> Joiner:
+    backbone = Backbone(cfg.backbone, cfg.train_backbone, return_interm_layers, cfg.dilation, cfg.dcn,
+                        cfg.pretrained_backbone, cfg.backbone_weights)
+    return Joiner(backbone, build_position_encoding(cfg))

@@ -1,0 +1,103 @@
+"""torchvision's Faster R-CNN + FPN (Table 1's first row) behind the DETR family's contract.
+
+``model(images, mask)`` takes the same padded, normalised batch; each image is unpadded with its mask
+and handed to torchvision (which then does no resizing or normalisation of its own). In training, call
+``model(images, mask, targets=targets)``: torchvision computes its losses inside the forward pass, and
+the criterion only passes them on.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torchvision
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.models.detection.faster_rcnn import FasterRCNN
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from .backbone import _load_imagenet_weights
+from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+
+
+class FasterRCNNDetector(nn.Module):
+    needs_targets = True
+
+    def __init__(self, detector: FasterRCNN):
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, images, mask, targets=None):
+        # unpad: the mask's False region is the image, anchored top-left
+        sizes = [(int((~m[:, 0]).sum()), int((~m[0]).sum())) for m in mask]
+        image_list = [img[:, :h, :w] for img, (h, w) in zip(images, sizes)]
+        if self.training:
+            if targets is None:
+                raise ValueError("Faster R-CNN computes its losses in forward: pass targets=")
+            tv_targets = []
+            for t, (h, w) in zip(targets, sizes):
+                scale = torch.tensor([w, h, w, h], dtype=t["boxes"].dtype, device=t["boxes"].device)
+                tv_targets.append({"boxes": box_cxcywh_to_xyxy(t["boxes"]) * scale, "labels": t["labels"]})
+            return {"losses": self.detector(image_list, tv_targets)}
+        detections = self.detector(image_list)
+        # boxes normalised by the unpadded size, like the DETR family's pred_boxes
+        for det, (h, w) in zip(detections, sizes):
+            det["boxes"] = det["boxes"] / det["boxes"].new_tensor([w, h, w, h])
+        return {"detections": detections}
+
+
+class PassThroughCriterion(nn.Module):
+    """torchvision's own losses (objectness, RPN box, classifier, box regression), each weighted 1."""
+
+    weight_dict = {"loss_objectness": 1.0, "loss_rpn_box_reg": 1.0, "loss_classifier": 1.0, "loss_box_reg": 1.0}
+
+    def forward(self, outputs, targets=None):
+        return dict(outputs["losses"])
+
+
+class DetectionsPostProcess(nn.Module):
+    def __init__(self, num_detections=100):
+        super().__init__()
+        self.num_detections = num_detections
+
+    @torch.no_grad()
+    def forward(self, outputs, target_sizes):
+        results = []
+        for det, (h, w) in zip(outputs["detections"], target_sizes.tolist()):
+            keep = det["scores"].argsort(descending=True)[:self.num_detections]
+            boxes = det["boxes"][keep] * det["boxes"].new_tensor([w, h, w, h])
+            results.append({"scores": det["scores"][keep], "labels": det["labels"][keep], "boxes": boxes})
+        return results
+
+
+class _BatchingOnly(GeneralizedRCNNTransform):
+    """The images arrive resized and normalised by the data pipeline: only batch them."""
+
+    def __init__(self):
+        super().__init__(min_size=800, max_size=1333, image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0])
+
+    def normalize(self, image):
+        return image
+
+    def resize(self, image, target=None):
+        return image, target
+
+
+def build(cfg):
+    """torchvision's ``fasterrcnn_resnet50_fpn`` recipe, FPN P2-P6, 91 classes including background index 0.
+
+    As in torchvision, an ImageNet-initialised trunk has frozen BN with the stem and res2 frozen
+    (trainable_layers=3), and a trunk trained from scratch has ordinary BatchNorm and trains every layer
+    (41,808,406 parameters; with frozen BN its 53,120 affine values are buffers instead).
+    """
+    if cfg.backbone != "resnet50" or cfg.dcn or cfg.dilation:
+        raise ValueError("model.backbone: the Faster R-CNN row is built with a plain resnet50 "
+                         f"(got backbone={cfg.backbone!r}, dcn={cfg.dcn}, dilation={cfg.dilation})")
+    pretrained = cfg.pretrained_backbone
+    trunk = torchvision.models.resnet50(weights=None, norm_layer=FrozenBatchNorm2d if pretrained else nn.BatchNorm2d)
+    if pretrained:
+        _load_imagenet_weights(trunk, cfg.backbone, cfg.backbone_weights)
+    trainable_layers = (3 if pretrained else 5) if cfg.train_backbone else 0
+    backbone = _resnet_fpn_extractor(trunk, trainable_layers=trainable_layers)
+    detector = FasterRCNN(backbone, num_classes=cfg.num_classes, box_detections_per_img=cfg.num_detections)
+    detector.transform = _BatchingOnly()
+    return FasterRCNNDetector(detector), PassThroughCriterion(), DetectionsPostProcess(cfg.num_detections)

@@ -1,0 +1,65 @@
+"""The op as the PyTorch dispatcher sees it: schema, fake (meta) implementation and autograd.
+
+Two ops in the ``deformable_detr`` namespace::
+
+    deformable_detr::ms_deform_attn(value, spatial_shapes, level_start_index,
+                                    sampling_locations, attention_weights) -> output
+    deformable_detr::ms_deform_attn_backward(grad_output, value, spatial_shapes, level_start_index,
+                                             sampling_locations, attention_weights)
+        -> (grad_value, grad_sampling_locations, grad_attention_weights)
+
+The schema, the fake implementations (shapes only, for torch.compile / torch.export) and autograd live
+here, so importing this module is cheap and compiles nothing. The CPU and CUDA kernels are registered
+when the compiled libraries are loaded (see :mod:`model.ops.build`); until then calling an op on a
+device raises NotImplementedError from the dispatcher.
+"""
+from __future__ import annotations
+
+import torch
+
+NAMESPACE = "deformable_detr"
+FORWARD = f"{NAMESPACE}::ms_deform_attn"
+BACKWARD = f"{NAMESPACE}::ms_deform_attn_backward"
+
+_lib = torch.library.Library(NAMESPACE, "DEF")
+_lib.define(
+    "ms_deform_attn(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
+    "Tensor sampling_locations, Tensor attention_weights) -> Tensor"
+)
+_lib.define(
+    "ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, "
+    "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights) -> (Tensor, Tensor, Tensor)"
+)
+
+
+@torch.library.register_fake(FORWARD, lib=_lib)
+def _forward_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    N, _, M, D = value.shape
+    Lq = sampling_locations.shape[1]
+    # N x Lq x (M * D)
+    return value.new_empty((N, Lq, M * D))
+
+
+@torch.library.register_fake(BACKWARD, lib=_lib)
+def _backward_fake(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    return (
+        value.new_empty(value.shape),
+        sampling_locations.new_empty(sampling_locations.shape),
+        attention_weights.new_empty(attention_weights.shape),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = inputs
+    ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+def _backward(ctx, grad_output):
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+    grad_value, grad_sampling_locations, grad_attention_weights = torch.ops.deformable_detr.ms_deform_attn_backward(
+        grad_output.contiguous(), value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    )
+    return grad_value, None, None, grad_sampling_locations, grad_attention_weights
+
+
+torch.library.register_autograd(FORWARD, _backward, setup_context=_setup_context, lib=_lib)
