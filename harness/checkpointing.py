@@ -1,0 +1,196 @@
+"""Training checkpoints: atomic writes, corruption detection, fall back to the previous good one.
+
+A checkpoint is a plain ``torch.save`` dict in the official layout (``model``, ``optimizer``,
+``lr_scheduler``, ``epoch``) plus ``rng`` (torch, CUDA, NumPy and Python generator states),
+``sampler`` (its epoch and seed), ``config`` and ``checksum``: a SHA-256 over every tensor and value of
+the rest, so a truncated file *and* a file with flipped bytes are both detected (``torch.load``
+alone notices only the former).
+
+Writing: the new file goes to ``<name>.tmp``, is fsynced and renamed over ``checkpoint.pth``; the
+file it replaces is kept as ``checkpoint_prev.pth``. At every moment at least one complete
+checkpoint is on disk. Reading (:func:`load_latest`) tries ``checkpoint.pth`` then
+``checkpoint_prev.pth``, saying which one was unusable and why; if files exist but none is usable it
+raises :class:`CheckpointError` rather than silently starting from scratch.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import warnings
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+
+CHECKPOINT = "checkpoint.pth"
+PREVIOUS = "checkpoint_prev.pth"
+REQUIRED_KEYS = ("model", "optimizer", "lr_scheduler", "epoch")
+FORMAT = 1
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; ``path`` names it."""
+
+    def __init__(self, path, message: str):
+        super().__init__(f"{path}: {message}")
+        self.path = str(path)
+        self.message = message
+
+
+def _digest(obj, h):
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, np.ndarray):
+        h.update(f"N{obj.dtype}{obj.shape}".encode())
+        h.update(np.ascontiguousarray(obj).tobytes())
+    elif isinstance(obj, dict):
+        h.update(b"{")
+        for k in sorted(obj, key=repr):
+            h.update(repr(k).encode())
+            _digest(obj[k], h)
+        h.update(b"}")
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[" if isinstance(obj, list) else b"(")
+        for v in obj:
+            _digest(v, h)
+        h.update(b"]")
+    else:
+        h.update(repr(obj).encode())
+
+
+def checksum(state: dict) -> str:
+    h = hashlib.sha256()
+    _digest({k: v for k, v in state.items() if k != "checksum"}, h)
+    return h.hexdigest()
+
+
+def rng_state() -> dict:
+    """Every generator a training step draws from (NumPy's as a tensor, so the file loads weights_only)."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(output_dir: str, state: dict, name: str = CHECKPOINT, keep_previous: bool = True) -> str:
+    """Write ``state`` (+ format and checksum) atomically to ``output_dir/name``; returns the path."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, name)
+    state = dict(state, format=FORMAT)
+    state["checksum"] = checksum(state)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if keep_previous and name == CHECKPOINT and os.path.isfile(path):
+        prev, prev_tmp = os.path.join(output_dir, PREVIOUS), os.path.join(output_dir, PREVIOUS + ".tmp")
+        if os.path.exists(prev_tmp):
+            os.remove(prev_tmp)
+        try:
+            os.link(path, prev_tmp)          # no copy, and checkpoint.pth never disappears
+        except OSError:
+            shutil.copyfile(path, prev_tmp)
+        os.replace(prev_tmp, prev)
+    os.replace(tmp, path)
+    _fsync_dir(output_dir)
+    return path
+
+
+def read_checkpoint(path: str, map_location="cpu") -> dict:
+    """Load and verify one of our checkpoints; :class:`CheckpointError` if it is truncated or corrupt."""
+    if not os.path.isfile(path):
+        raise CheckpointError(path, "checkpoint not found")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read means the file is unusable
+        raise CheckpointError(path, f"unreadable (truncated or corrupt): {type(e).__name__}: {e}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(path, f"not a training checkpoint (a {type(state).__name__})")
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(path, f"not a training checkpoint of this harness: no {', '.join(missing)}")
+    if "checksum" not in state:
+        raise CheckpointError(path, "no checksum: not written by this harness, or written incompletely")
+    if checksum(state) != state["checksum"]:
+        raise CheckpointError(path, "checksum mismatch: the file is corrupt")
+    return state
+
+
+def load_latest(output_dir: str, map_location="cpu", log=print) -> Optional[Tuple[dict, str]]:
+    """The newest usable checkpoint in ``output_dir`` as ``(state, path)``; None when there is none."""
+    candidates = [os.path.join(output_dir, n) for n in (CHECKPOINT, PREVIOUS)]
+    present = [p for p in candidates if os.path.isfile(p)]
+    if not present:
+        return None
+    problems = []
+    for path in present:
+        try:
+            state = read_checkpoint(path, map_location)
+        except CheckpointError as e:
+            problems.append(str(e))
+            message = f"checkpoint {e}; falling back to the previous one" if path != present[-1] else str(e)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            if log is not None:
+                log(f"WARNING: {message}")
+            continue
+        if problems and log is not None:
+            log(f"resuming from {path} (epoch {state['epoch']}) instead")
+        return state, path
+    raise CheckpointError(output_dir, "no usable checkpoint; " + "; ".join(problems)
+                          + ". Remove the files to start again from scratch.")
+
+
+def load_model_state(model: torch.nn.Module, state_dict: dict, path: str = "checkpoint", strict: bool = True):
+    """``model.load_state_dict`` with an error that names the mismatched keys and shapes."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state_dict and hasattr(state_dict[k], "shape")
+              and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    if shapes or (strict and (missing or unexpected)):
+        def show(keys):
+            return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {show(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {show(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatches: {show(shapes)}")
+        raise CheckpointError(path, "does not match the model (another architecture or configuration?): "
+                              + "; ".join(parts))
+    return model.load_state_dict(state_dict, strict=strict)

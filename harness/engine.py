@@ -1,0 +1,408 @@
+"""Training and evaluation of one run: data -> model -> AdamW -> checkpoints -> COCO AP.
+
+:func:`train` runs a whole training (resuming from the run folder's checkpoint when there is one),
+:func:`evaluate` an evaluation-only run. Both work on one CPU process or under torch.distributed
+(see :mod:`harness.distributed`).
+
+Determinism and exact resume: each epoch starts by seeding Python, NumPy and torch from
+``(train.seed, epoch, rank)``, and the distributed sampler shuffles from ``(train.seed, epoch)``, so
+the data order, the augmentation and dropout of epoch ``e`` do not depend on how many epochs this
+process already ran. With the model, optimiser, scheduler and gradient-scaler states restored from
+the checkpoint (which also carries the RNG states and sampler epoch), a run stopped after epoch ``e``
+and resumed ends with the same weights as one that never stopped (bit-identical on CPU; on GPU up to
+the non-determinism of CUDA kernels).
+
+Batching: ``train.batch_size_per_gpu`` images per process and step; gradients are accumulated over
+``round(total_batch_size / (batch_size_per_gpu * world_size))`` steps when
+``train.accumulate_to_total`` is set, so a run on fewer GPUs keeps the paper's total batch of 32 (a
+warning says when the effective total differs). ``train.max_iters_per_epoch`` counts loader steps.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import math
+import os
+import random
+import shutil
+import time
+import warnings
+from typing import Callable, Dict, Optional
+
+import numpy as np
+import torch
+
+from . import checkpointing
+from . import distributed as dist_utils
+from .data import synthetic
+from .data.coco import CocoDetection, build_dataset, collate_fn
+from .data import transforms as T
+from .evaluation import autocast, run_evaluation, tta_collate
+from .optim import build_optimizer, build_scheduler, current_lrs
+
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the message names the epoch, iteration and loss terms."""
+
+
+# ----------------------------------------------------------------------------------------- set-up
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return (seed * 1_000_003 + epoch * 1009 + rank) % 2 ** 63
+
+
+def accumulation_steps(train_cfg, world_size: int, warn: bool = True) -> int:
+    per_step = train_cfg.batch_size_per_gpu * world_size
+    steps = max(1, round(train_cfg.total_batch_size / per_step)) if train_cfg.accumulate_to_total else 1
+    effective = per_step * steps
+    if warn and effective != train_cfg.total_batch_size:
+        message = (f"effective total batch is {effective} ({train_cfg.batch_size_per_gpu} per process x "
+                   f"{world_size} processes x {steps} accumulation steps), not the experiment's "
+                   f"total_batch_size {train_cfg.total_batch_size}")
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        if dist_utils.is_main_process():
+            print(f"WARNING: {message}", flush=True)
+    return steps
+
+
+def data_root(data_cfg, output_dir: Optional[str]) -> str:
+    """The dataset root; a synthetic set is generated (once, by rank 0) at ``data.root`` or
+    ``<output_dir>/synthetic_data``."""
+    if data_cfg.dataset != "synthetic":
+        return data_cfg.root
+    root = data_cfg.root or os.path.join(output_dir or ".", "synthetic_data")
+    if dist_utils.is_main_process():
+        synthetic.generate_from_config(data_cfg, root)
+    dist_utils.barrier()
+    return root
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Every ``world_size``-th index from ``rank``: evaluation shards without padding or repeats."""
+
+    def __init__(self, dataset, rank: int = 0, world_size: int = 1):
+        self.indices = list(range(len(dataset)))[rank::world_size]
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+def build_eval_loader(run_cfg, root: str, split: Optional[str] = None, num_classes: Optional[int] = None):
+    data_cfg, eval_cfg = run_cfg.data, run_cfg.eval
+    split = split or data_cfg.val_split
+    if eval_cfg.tta:
+        dataset = build_dataset(root, split, train=False, data_cfg=data_cfg, num_classes=num_classes,
+                                transforms=T.ToTensor())
+        collate = tta_collate
+    else:
+        dataset = build_dataset(root, split, train=False, data_cfg=data_cfg, num_classes=num_classes)
+        collate = collate_fn
+    sampler = ShardSampler(dataset, dist_utils.get_rank(), dist_utils.get_world_size())
+    loader = torch.utils.data.DataLoader(dataset, batch_size=run_cfg.train.batch_size_per_gpu, sampler=sampler,
+                                         collate_fn=collate, num_workers=data_cfg.num_workers,
+                                         pin_memory=torch.cuda.is_available())
+    return dataset, loader
+
+
+def build_train_loader(run_cfg, root: str, num_classes: Optional[int] = None):
+    data_cfg, train_cfg = run_cfg.data, run_cfg.train
+    dataset = build_dataset(root, data_cfg.train_split, train=True, data_cfg=data_cfg, num_classes=num_classes)
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=dist_utils.get_world_size(),
+                                                  rank=dist_utils.get_rank(), shuffle=True, seed=train_cfg.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=train_cfg.batch_size_per_gpu, sampler=sampler,
+                                         collate_fn=collate_fn, num_workers=data_cfg.num_workers, drop_last=False,
+                                         pin_memory=torch.cuda.is_available())
+    return dataset, sampler, loader
+
+
+def _model_num_classes(run_cfg) -> Optional[int]:
+    return getattr(run_cfg.model, "num_classes", None)
+
+
+def check_output_dir(output_dir: str, model: Optional[torch.nn.Module] = None) -> None:
+    """A clear error now, not after an epoch, for an unwritable folder or one without room for checkpoints."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        probe = os.path.join(output_dir, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise OSError(f"results folder {output_dir} is not writable: {e}") from None
+    if model is not None:
+        params = sum(p.numel() * p.element_size() for p in model.parameters())
+        need = 2 * 3 * params + (64 << 20)       # two checkpoints of weights + two Adam moments, and slack
+        free = shutil.disk_usage(output_dir).free
+        if free < need:
+            raise OSError(f"not enough disk space in {output_dir}: {free / 2**20:.0f} MiB free, checkpoints need "
+                          f"about {need / 2**20:.0f} MiB")
+
+
+def _build_model(run_cfg, device):
+    from model import build_model
+    model, criterion, postprocessor = build_model(run_cfg.model)
+    return model.to(device), criterion.to(device), postprocessor
+
+
+def _to_device(targets, device):
+    return [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in t.items()} for t in targets]
+
+
+def _default_log_fn(output_dir: str) -> Callable[[dict], None]:
+    path = os.path.join(output_dir, "log.jsonl")
+
+    def log(record: dict) -> None:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    return log
+
+
+def _fmt_eta(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(max(seconds, 0))))
+
+
+# --------------------------------------------------------------------------------------- training
+
+def train_one_epoch(model, criterion, loader, optimizer, device, epoch: int, train_cfg, accum_steps: int = 1,
+                    scaler=None, amp_dtype=None, max_iters: Optional[int] = None, print_fn=print) -> Dict[str, float]:
+    """One pass over ``loader``; returns the epoch means of the weighted loss and its terms (all ranks)."""
+    model.train()
+    criterion.train()
+    weight_dict = criterion.weight_dict
+    needs_targets = getattr(getattr(model, "module", model), "needs_targets", False)
+    n_iters = len(loader) if max_iters is None else min(len(loader), max_iters)
+    sums: Dict[str, float] = {}
+    start = time.time()
+    optimizer.zero_grad(set_to_none=True)
+    for it, (images, mask, targets) in enumerate(loader):
+        if it >= n_iters:
+            break
+        images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+        targets = _to_device(targets, device)
+        group_start = (it // accum_steps) * accum_steps
+        group_size = min(accum_steps, n_iters - group_start)
+        last_of_group = it == group_start + group_size - 1
+        sync = last_of_group or not hasattr(model, "no_sync")
+        with autocast(device, amp_dtype), (contextlib.nullcontext() if sync else model.no_sync()):
+            outputs = model(images, mask, targets=targets) if needs_targets else model(images, mask)
+            loss_dict = criterion(outputs, targets)
+            loss = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
+            # the check is on values reduced over ranks, so every rank stops at the same iteration
+            values = {k: float(v.detach()) for k, v in loss_dict.items() if k in weight_dict}
+            values["loss"] = float(loss.detach())
+            values = dist_utils.reduce_mean(values, device=device if device.type == "cuda" else None)
+            if not math.isfinite(values["loss"]):
+                terms = ", ".join(f"{k}={v:.4g}" for k, v in sorted(values.items()) if k != "loss")
+                raise NonFiniteLossError(f"non-finite loss {values['loss']} at epoch {epoch}, iteration {it} "
+                                         f"(loss terms: {terms}); stopping. The last good checkpoint is kept.")
+            scaled = loss / group_size
+            if scaler is not None:
+                scaler.scale(scaled).backward()
+            else:
+                scaled.backward()
+        if last_of_group:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if train_cfg.clip_max_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.clip_max_norm)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + v
+        if print_fn is not None and dist_utils.is_main_process() and (
+                it % max(1, train_cfg.print_freq) == 0 or it == n_iters - 1):
+            elapsed = time.time() - start
+            eta = elapsed / (it + 1) * (n_iters - it - 1)
+            print_fn(f"epoch {epoch} [{it + 1}/{n_iters}] loss {values['loss']:.4f} "
+                     f"(mean {sums['loss'] / (it + 1):.4f}) lr {optimizer.param_groups[0]['lr']:.2e} "
+                     f"eta {_fmt_eta(eta)}")
+    n = max(1, min(n_iters, len(loader)))
+    return {k: v / n for k, v in sums.items()}
+
+
+def train(run_cfg, output_dir: str, log_fn: Optional[Callable[[dict], None]] = None, resume: bool = True,
+          print_fn: Callable[[str], None] = print) -> Dict[str, float]:
+    """Train ``run_cfg`` into ``output_dir`` and evaluate it; returns the final metrics (every rank).
+
+    Resumes from ``output_dir``'s checkpoint when ``resume`` (falling back to the previous one if the
+    newest is corrupt). Without one, ``eval.checkpoint`` (if set) initialises the weights. Writes
+    ``checkpoint.pth`` after every epoch, calls ``log_fn(record)`` on rank 0 once per epoch (default:
+    append to ``<output_dir>/log.jsonl``) and saves the COCO results JSON of each evaluation.
+    Call :func:`harness.distributed.init_distributed` first for multi-process runs.
+    """
+    train_cfg, eval_cfg = run_cfg.train, run_cfg.eval
+    main = dist_utils.is_main_process()
+    rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if main:
+        check_output_dir(output_dir)
+    if log_fn is None and main:
+        log_fn = _default_log_fn(output_dir)
+    amp_dtype = AMP_DTYPES[train_cfg.amp]
+
+    seed_everything(train_cfg.seed + rank)
+    root = data_root(run_cfg.data, output_dir)
+    num_classes = _model_num_classes(run_cfg)
+    train_set, sampler, train_loader = build_train_loader(run_cfg, root, num_classes)
+    val_set, val_loader = build_eval_loader(run_cfg, root, num_classes=num_classes)
+
+    model, criterion, postprocessor = _build_model(run_cfg, device)
+    if main:
+        check_output_dir(output_dir, model)
+        n_params = sum(p.numel() for p in model.parameters())
+        print_fn(f"model: {n_params:,} parameters; train {len(train_set)} images, eval {len(val_set)} images; "
+                 f"world size {world}, device {device}")
+    optimizer = build_optimizer(model, train_cfg)
+    scheduler = build_scheduler(optimizer, train_cfg)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    accum = accumulation_steps(train_cfg, world)
+
+    start_epoch = 0
+    found = checkpointing.load_latest(output_dir, log=print_fn if main else None) if resume else None
+    if found is not None:
+        state, path = found
+        checkpointing.load_model_state(model, state["model"], path)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["lr_scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        if state.get("rng") is not None:
+            checkpointing.set_rng_state(state["rng"])
+        start_epoch = state["epoch"] + 1
+        if main:
+            print_fn(f"resumed from {path} after epoch {state['epoch']}")
+    elif eval_cfg.checkpoint:
+        load_weights(model, eval_cfg.checkpoint)
+
+    model_without_ddp = model
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=getattr(model, "ddp_find_unused_parameters", False))
+
+    metrics: Dict[str, float] = {}
+    last_eval_epoch = -1
+    for epoch in range(start_epoch, train_cfg.epochs):
+        seed_everything(epoch_seed(train_cfg.seed, epoch, rank))
+        sampler.set_epoch(epoch)
+        t0 = time.time()
+        lrs = current_lrs(optimizer)
+        losses = train_one_epoch(model, criterion, train_loader, optimizer, device, epoch, train_cfg, accum, scaler,
+                                 amp_dtype, train_cfg.max_iters_per_epoch, print_fn)
+        scheduler.step()
+        train_time = time.time() - t0
+        if main:
+            checkpointing.save_checkpoint(output_dir, dict(
+                model=model_without_ddp.state_dict(), optimizer=optimizer.state_dict(),
+                lr_scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler is not None else None,
+                epoch=epoch, rng=checkpointing.rng_state(), sampler=dict(epoch=epoch + 1, seed=train_cfg.seed),
+                world_size=world, accumulation_steps=accum, config=_config_dict(run_cfg)))
+        dist_utils.barrier()
+        record = dict(epoch=epoch, **{f"train_{k}": v for k, v in losses.items()}, **lrs,
+                      epoch_time_s=round(train_time, 3))
+        last = epoch == train_cfg.epochs - 1
+        if last or (train_cfg.eval_every > 0 and (epoch + 1) % train_cfg.eval_every == 0):
+            t1 = time.time()
+            metrics = run_evaluation(model_without_ddp, postprocessor, val_loader, val_set, device, eval_cfg,
+                                     run_cfg.data, _results_file(output_dir, run_cfg, eval_cfg), amp_dtype,
+                                     verbose=print_fn is not None)
+            record.update(metrics, eval_time_s=round(time.time() - t1, 3))
+            last_eval_epoch = epoch
+        if main:
+            print_fn(f"epoch {epoch} done in {_fmt_eta(train_time)}: " +
+                     ", ".join(f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float)))
+            if log_fn is not None:
+                log_fn(record)
+    if last_eval_epoch != train_cfg.epochs - 1:      # already finished before (resumed at the end)
+        metrics = run_evaluation(model_without_ddp, postprocessor, val_loader, val_set, device, eval_cfg,
+                                 run_cfg.data, _results_file(output_dir, run_cfg, eval_cfg), amp_dtype,
+                                 verbose=print_fn is not None)
+    return dict(metrics, epochs=train_cfg.epochs)
+
+
+def _config_dict(run_cfg):
+    try:
+        return dataclasses.asdict(run_cfg)
+    except TypeError:
+        return None
+
+
+def _results_file(output_dir, run_cfg, eval_cfg):
+    if not eval_cfg.save_detections or output_dir is None:
+        return None
+    return os.path.join(output_dir, f"detections_{run_cfg.data.val_split}.json")
+
+
+# ------------------------------------------------------------------------------------- evaluation
+
+def load_weights(model: torch.nn.Module, path: str) -> None:
+    """Weights from one of our training checkpoints (verified) or a released official one
+    (``model.load_checkpoint``)."""
+    if not os.path.isfile(path):
+        raise checkpointing.CheckpointError(path, "checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - not ours (official checkpoints hold argparse args); let the model read it
+        state = None
+    if isinstance(state, dict) and "checksum" in state:
+        state = checkpointing.read_checkpoint(path)
+        checkpointing.load_model_state(model, state["model"], path)
+        return
+    from model import load_checkpoint
+    load_checkpoint(path, model)
+
+
+def evaluate(run_cfg, output_dir: Optional[str] = None, model: Optional[torch.nn.Module] = None,
+             postprocessor=None, checkpoint: Optional[str] = None, split: Optional[str] = None,
+             print_fn: Callable[[str], None] = print) -> Dict[str, float]:
+    """Evaluation-only run: COCO metrics of ``model`` (or a model built from ``run_cfg.model`` with the
+    weights of ``checkpoint`` / ``eval.checkpoint`` / ``output_dir``'s latest checkpoint) on ``split``
+    (default ``data.val_split``). The COCO results JSON goes to ``output_dir``; for a split without
+    annotations (test-dev) that file is the result and the metrics are empty."""
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if output_dir is not None and dist_utils.is_main_process():
+        check_output_dir(output_dir)
+    root = data_root(run_cfg.data, output_dir)
+    dataset, loader = build_eval_loader(run_cfg, root, split, num_classes=_model_num_classes(run_cfg))
+    if model is None:
+        model, _, postprocessor = _build_model(run_cfg, device)
+        path = checkpoint or run_cfg.eval.checkpoint
+        if path:
+            load_weights(model, path)
+        else:
+            found = checkpointing.load_latest(output_dir, log=print_fn) if output_dir is not None else None
+            if found is None:
+                raise checkpointing.CheckpointError(output_dir or "eval.checkpoint",
+                                                    "nothing to evaluate: no checkpoint given or found")
+            state, path = found
+            checkpointing.load_model_state(model, state["model"], path)
+        if print_fn is not None and dist_utils.is_main_process():
+            print_fn(f"evaluating {path} on {split or run_cfg.data.val_split}")
+    elif postprocessor is None:
+        raise ValueError("evaluate(model=...) needs its postprocessor too")
+    run_name = split or run_cfg.data.val_split
+    results_file = (os.path.join(output_dir, f"detections_{run_name}{'_tta' if run_cfg.eval.tta else ''}.json")
+                    if output_dir is not None and run_cfg.eval.save_detections else None)
+    return run_evaluation(model.to(device), postprocessor, loader, dataset, device, run_cfg.eval, run_cfg.data,
+                          results_file, AMP_DTYPES[run_cfg.train.amp], verbose=print_fn is not None)
+
+
+__all__ = ["train", "evaluate", "train_one_epoch", "load_weights", "accumulation_steps", "NonFiniteLossError",
+           "CocoDetection", "seed_everything"]

@@ -1,0 +1,188 @@
+"""COCO box evaluation (pycocotools COCOeval) and test-time augmentation.
+
+:class:`CocoEvaluator` collects the post-processed detections of the images each rank saw, gathers
+them on every rank, writes the COCO results JSON (the file a test-dev submission consists of) and
+computes AP, AP50, AP75, APs, APm, APl in percent with ``maxDets = (1, 10, num_detections)``. A split
+without annotations (test-dev's ``image_info`` file) gets the JSON only, no metrics.
+
+Test-time augmentation (Table 3 of the paper): every image is run at each size of
+``eval.tta_sizes`` (short side, given for ``eval_size`` 800 and scaled like the training sizes),
+each unflipped and horizontally flipped. The detections of all passes are mapped back to the
+original image, pooled, de-duplicated per class by non-maximum suppression (IoU ``TTA_NMS_IOU``,
+``torchvision.ops.batched_nms``), and the ``num_detections`` highest scores are kept. The paper does
+not say how its TTA merges; NMS over the pooled detections is the common choice.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import os
+from typing import Dict, List, Optional
+
+import torch
+import torchvision
+import torchvision.transforms.functional as TF
+from pycocotools.cocoeval import COCOeval
+
+from . import distributed as dist_utils
+from .data import transforms as T
+
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+TTA_NMS_IOU = 0.6
+
+
+def to_coco_detections(image_id: int, result: Dict[str, torch.Tensor]) -> List[dict]:
+    """One image's ``{scores, labels, boxes (xyxy)}`` as COCO result entries (``bbox`` in xywh)."""
+    boxes = result["boxes"].detach().float().cpu()
+    boxes = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    scores = result["scores"].detach().float().cpu().tolist()
+    labels = result["labels"].detach().cpu().tolist()
+    return [dict(image_id=int(image_id), category_id=int(c), bbox=[round(v, 3) for v in b], score=round(s, 5))
+            for b, s, c in zip(boxes, scores, labels)]
+
+
+def coco_metrics(coco_gt, detections: List[dict], image_ids, num_detections: int = 100, verbose: bool = True):
+    """COCOeval bbox metrics (percent) of ``detections`` over ``image_ids``."""
+    if not detections:
+        return {k: 0.0 for k in METRIC_NAMES}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes(copy.deepcopy(detections))
+        coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        coco_eval.params.imgIds = sorted(image_ids)
+        coco_eval.params.maxDets = [1, 10, num_detections]
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+    summary = io.StringIO()
+    with contextlib.redirect_stdout(summary):
+        coco_eval.summarize()
+    if verbose:
+        print(summary.getvalue(), end="", flush=True)
+    stats = [max(float(v), 0.0) * 100 for v in coco_eval.stats[:6]]   # -1 (no objects of a size) -> 0
+    return dict(zip(METRIC_NAMES, stats))
+
+
+class CocoEvaluator:
+    def __init__(self, coco_gt, num_detections: int = 100, has_annotations: bool = True):
+        self.coco_gt = coco_gt
+        self.num_detections = num_detections
+        self.has_annotations = has_annotations
+        self.detections: List[dict] = []
+        self.image_ids: List[int] = []
+
+    def update(self, results: Dict[int, Dict[str, torch.Tensor]]):
+        for image_id, result in results.items():
+            self.image_ids.append(int(image_id))
+            self.detections += to_coco_detections(image_id, result)
+
+    def synchronize(self):
+        """Pool every rank's images and detections (each image once)."""
+        gathered = dist_utils.all_gather_object((self.image_ids, self.detections))
+        seen, image_ids, detections = set(), [], []
+        for ids, dets in gathered:
+            new = set(ids) - seen
+            image_ids += [i for i in ids if i in new]
+            detections += [d for d in dets if d["image_id"] in new]
+            seen |= new
+        self.image_ids, self.detections = image_ids, detections
+
+    def summarize(self, results_file: Optional[str] = None, verbose: bool = True) -> Dict[str, float]:
+        """Metrics (empty for a split without annotations); writes ``results_file`` on the main rank."""
+        if results_file and dist_utils.is_main_process():
+            os.makedirs(os.path.dirname(os.path.abspath(results_file)), exist_ok=True)
+            tmp = results_file + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(self.detections, f)
+            os.replace(tmp, results_file)
+        metrics: Dict[str, float] = {}
+        if self.has_annotations:
+            metrics = coco_metrics(self.coco_gt, self.detections, self.image_ids, self.num_detections,
+                                   verbose=verbose and dist_utils.is_main_process())
+        metrics.update(num_detections=self.num_detections, num_images=len(self.image_ids))
+        return metrics
+
+
+def autocast(device, amp_dtype):
+    """Mixed-precision autocast for ``amp_dtype`` (bf16 / fp16), a no-op for None."""
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def _forward(model, images, mask, amp_dtype, device):
+    with autocast(device, amp_dtype):
+        return model(images, mask)
+
+
+@torch.no_grad()
+def predict(model, postprocessor, images, mask, orig_sizes, device, amp_dtype=None):
+    """Post-processed detections (xyxy in the original image) of one padded batch."""
+    outputs = _forward(model, images.to(device), mask.to(device), amp_dtype, device)
+    return postprocessor(outputs, orig_sizes.to(device))
+
+
+@torch.no_grad()
+def predict_tta(model, postprocessor, raw_images: List[torch.Tensor], orig_sizes: torch.Tensor, device, sizes,
+                max_size: int, num_detections: int, amp_dtype=None, flip: bool = True):
+    """Flip + multi-scale test-time augmentation of unnormalised 3 x H x W images (see module docs)."""
+    from .data.coco import collate_fn
+    passes = [[] for _ in raw_images]
+    for size in sizes:
+        resized = [T.resize(img, None, size, max_size)[0] for img in raw_images]
+        for flipped in ([False, True] if flip else [False]):
+            batch = [(TF.normalize(TF.hflip(img) if flipped else img, T.IMAGENET_MEAN, T.IMAGENET_STD), None)
+                     for img in resized]
+            images, mask, _ = collate_fn(batch)
+            results = predict(model, postprocessor, images, mask, orig_sizes, device, amp_dtype)
+            for k, r in enumerate(results):
+                boxes = r["boxes"]
+                if flipped:
+                    w = orig_sizes[k, 1].to(boxes)
+                    boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
+                passes[k].append(dict(scores=r["scores"], labels=r["labels"], boxes=boxes))
+    merged = []
+    for p in passes:
+        scores = torch.cat([r["scores"] for r in p])
+        labels = torch.cat([r["labels"] for r in p])
+        boxes = torch.cat([r["boxes"] for r in p]).float()
+        keep = torchvision.ops.batched_nms(boxes, scores.float(), labels, TTA_NMS_IOU)[:num_detections]
+        merged.append(dict(scores=scores[keep], labels=labels[keep], boxes=boxes[keep]))
+    return merged
+
+
+@torch.no_grad()
+def run_evaluation(model, postprocessor, loader, dataset, device, eval_cfg, data_cfg=None,
+                   results_file: Optional[str] = None, amp_dtype=None, verbose: bool = True,
+                   print_freq: int = 50) -> Dict[str, float]:
+    """Evaluate on the images of ``loader`` (this rank's shard); metrics are the same on every rank.
+
+    With ``eval_cfg.tta`` the loader must yield unnormalised images (see :func:`tta_collate`).
+    """
+    model.eval()
+    evaluator = CocoEvaluator(dataset.coco, eval_cfg.num_detections, getattr(dataset, "has_annotations", True))
+    eval_size = data_cfg.eval_size if data_cfg is not None else 800
+    max_size = data_cfg.max_size if data_cfg is not None else 1333
+    tta_sizes = T.scaled(eval_cfg.tta_sizes, eval_size)
+    main = dist_utils.is_main_process()
+    for i, batch in enumerate(loader):
+        if eval_cfg.tta:
+            raw_images, targets = batch
+            orig_sizes = torch.stack([t["orig_size"] for t in targets])
+            results = predict_tta(model, postprocessor, raw_images, orig_sizes, device, tta_sizes, max_size,
+                                  eval_cfg.num_detections, amp_dtype)
+        else:
+            images, mask, targets = batch
+            orig_sizes = torch.stack([t["orig_size"] for t in targets])
+            results = predict(model, postprocessor, images, mask, orig_sizes, device, amp_dtype)
+        evaluator.update({int(t["image_id"]): r for t, r in zip(targets, results)})
+        if verbose and main and print_freq and (i % print_freq == 0 or i == len(loader) - 1):
+            print(f"eval [{i + 1}/{len(loader)}]", flush=True)
+    evaluator.synchronize()
+    return evaluator.summarize(results_file, verbose=verbose)
+
+
+def tta_collate(batch):
+    """Collate for test-time augmentation: the unnormalised images as a list, and the targets."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)
