@@ -1,0 +1,281 @@
+"""Compiling and loading the CPU and CUDA kernels of ``deformable_detr::ms_deform_attn`` (sources in csrc/).
+
+Ahead of time (on a login node, once per environment; a cluster job then only loads the libraries)::
+
+    python -m model.ops.build                        # CPU kernel, and the CUDA kernel when nvcc is found
+    python -m model.ops.build --cpu                  # CPU kernel only
+    python -m model.ops.build --cuda --arch "7.5;8.0;9.0"   # CUDA kernel for these GPUs (no GPU needed)
+
+Otherwise the kernels are compiled on first use. Libraries go to ``$DEFORMABLE_DETR_OPS_CACHE``
+(default ``${XDG_CACHE_HOME:-~/.cache}/deformable_detr/ops``) in a folder named by the hash of the
+sources, the flags, the Python and PyTorch versions: a changed source builds a new library, an unchanged
+one is loaded without running a compiler. A file lock serialises the build when several processes (SLURM
+tasks) start at once; the others wait and then load the result. ``DEFORMABLE_DETR_OPS_NO_BUILD=1`` forbids
+compiling (a missing library is then an error, which ``impl="auto"`` turns into the pure-PyTorch fallback).
+
+CUDA architectures: ``--arch``, else ``TORCH_CUDA_ARCH_LIST``, else 7.0 (where the CUDA toolkit still
+supports it: CUDA 13 dropped sm_70), 7.5, 8.0 and 9.0 with PTX for 9.0, which newer GPUs compile at load.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+HEADERS = ("ms_deform_attn.h",)
+SOURCES = {"cpu": ("ms_deform_attn_cpu.cpp",), "cuda": ("ms_deform_attn_cuda.cu",)}
+DEVICE_TYPES = tuple(SOURCES)
+
+CPU_CFLAGS = ("-O3", "-fopenmp")  # at::parallel_for is OpenMP code inlined from the ATen headers
+CPU_LDFLAGS = ("-fopenmp",)
+CUDA_CFLAGS = ("-O3",)
+CUDA_NVCC_FLAGS = ("-O3", "-lineinfo")
+
+
+class BuildError(RuntimeError):
+    """A kernel library could not be built or loaded."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("DEFORMABLE_DETR_OPS_CACHE")
+    if root:
+        return Path(root).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+    return Path(xdg).expanduser() / "deformable_detr" / "ops"
+
+
+def default_cuda_arch_list() -> list[str]:
+    """Compute capabilities compiled when neither --arch nor TORCH_CUDA_ARCH_LIST says otherwise."""
+    archs = ["7.0", "7.5", "8.0", "9.0+PTX"]
+    cuda = torch.version.cuda
+    if cuda is not None and int(cuda.split(".")[0]) >= 13:
+        archs.remove("7.0")  # CUDA 13 compiles for compute capability 7.5 and newer only
+    return archs
+
+
+def parse_arch_list(text: str) -> list[str]:
+    archs = [a.strip() for a in text.replace(",", ";").replace(" ", ";").split(";") if a.strip()]
+    for arch in archs:
+        number = arch.removesuffix("+PTX")
+        major, _, minor = number.partition(".")
+        if not (major.isdigit() and minor.rstrip("af").isdigit()):
+            raise ValueError(f"bad CUDA architecture {arch!r} (expected e.g. '8.0' or '9.0+PTX')")
+    return archs
+
+
+def gencode_flags(archs: list[str]) -> list[str]:
+    flags = []
+    for arch in archs:
+        number = arch.removesuffix("+PTX").replace(".", "")
+        flags.append(f"-gencode=arch=compute_{number},code=sm_{number}")
+        if arch.endswith("+PTX"):
+            flags.append(f"-gencode=arch=compute_{number},code=compute_{number}")
+    return flags
+
+
+@dataclass(frozen=True)
+class ExtensionSpec:
+    """Everything that determines one compiled library."""
+
+    device_type: str
+    sources: tuple[Path, ...]
+    cflags: tuple[str, ...]
+    cuda_cflags: tuple[str, ...]
+    ldflags: tuple[str, ...]
+
+    @property
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for path in sorted(self.sources) + [CSRC / name for name in HEADERS]:
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
+        for part in (self.cflags, self.cuda_cflags, self.ldflags):
+            h.update(repr(part).encode())
+        h.update(torch.__version__.encode())
+        h.update(str(torch.version.cuda).encode())
+        h.update((sysconfig.get_config_var("SOABI") or sys.version).encode())
+        return h.hexdigest()[:12]
+
+    @property
+    def name(self) -> str:
+        return f"deformable_detr_{self.device_type}_{self.digest}"
+
+    @property
+    def directory(self) -> Path:
+        return cache_dir() / self.name
+
+
+def extension_spec(device_type: str, arch_list: list[str] | None = None) -> ExtensionSpec:
+    if device_type == "cpu":
+        return ExtensionSpec("cpu", tuple(CSRC / s for s in SOURCES["cpu"]), CPU_CFLAGS, (), CPU_LDFLAGS)
+    if device_type == "cuda":
+        if arch_list is None:
+            env = os.environ.get("TORCH_CUDA_ARCH_LIST")
+            arch_list = parse_arch_list(env) if env else default_cuda_arch_list()
+        nvcc_flags = CUDA_NVCC_FLAGS + tuple(gencode_flags(arch_list))
+        return ExtensionSpec("cuda", tuple(CSRC / s for s in SOURCES["cuda"]), CUDA_CFLAGS, nvcc_flags, ())
+    raise ValueError(f"no compiled kernel for device type {device_type!r} (have {', '.join(DEVICE_TYPES)})")
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released by the kernel if this process dies
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _find_cuda_home() -> str | None:
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates += [Path(nvcc).resolve().parents[1], Path(nvcc).parents[1]]
+    candidates.append(Path("/usr/local/cuda"))
+    for home in candidates:
+        # /usr/local/bin/nvcc may be a wrapper: the toolkit is where the headers are
+        if (home / "bin" / "nvcc").exists() and (home / "include" / "cuda_runtime.h").exists():
+            return str(home)
+    return None
+
+
+def _cpp_extension():
+    """torch.utils.cpp_extension, with CUDA_HOME pointing at a complete CUDA toolkit when one is found."""
+    cuda_home = _find_cuda_home()
+    if cuda_home is not None:
+        os.environ.setdefault("CUDA_HOME", cuda_home)
+    import torch.utils.cpp_extension as cpp_extension
+
+    if cuda_home is not None and cpp_extension.CUDA_HOME != cuda_home:
+        # torch guesses CUDA_HOME once, at import, from the first nvcc on PATH (possibly a wrapper script)
+        cpp_extension.CUDA_HOME = cuda_home
+    return cpp_extension
+
+
+def _compile(spec: ExtensionSpec, verbose: bool) -> Path:
+    if spec.device_type == "cuda":
+        if torch.version.cuda is None:
+            raise BuildError("this PyTorch build has no CUDA support")
+        if _find_cuda_home() is None:
+            raise BuildError("no CUDA toolkit found (set CUDA_HOME to the folder holding bin/nvcc)")
+    if shutil.which("ninja") is None:
+        raise BuildError("ninja is not installed (pip install ninja)")
+    cpp_extension = _cpp_extension()
+    spec.directory.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    try:
+        path = cpp_extension.load(
+            name=spec.name,
+            sources=[str(s) for s in spec.sources],
+            extra_cflags=list(spec.cflags),
+            extra_cuda_cflags=list(spec.cuda_cflags),
+            extra_ldflags=list(spec.ldflags),
+            extra_include_paths=[str(CSRC)],
+            build_directory=str(spec.directory),
+            is_python_module=False,
+            verbose=verbose,
+        )
+    except Exception as e:  # compiler errors arrive as RuntimeError / CalledProcessError
+        raise BuildError(f"building the {spec.device_type} kernel failed: {e}") from e
+    info = {
+        "name": spec.name,
+        "device_type": spec.device_type,
+        "library": Path(path).name,
+        "cflags": spec.cflags,
+        "cuda_cflags": spec.cuda_cflags,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "build_seconds": round(time.time() - start, 1),
+    }
+    tmp = spec.directory / "BUILT.tmp"
+    tmp.write_text(json.dumps(info, indent=2))
+    tmp.replace(spec.directory / "BUILT")  # the library is complete once this file exists
+    return Path(path)
+
+
+_LOADED: dict[str, Path] = {}  # spec name -> library path, loaded in this process
+
+
+def load(device_type: str, *, arch_list: list[str] | None = None, verbose: bool = False) -> Path:
+    """Load the kernel library for ``device_type`` ("cpu" or "cuda"), compiling it first if needed.
+
+    Raises :class:`BuildError` when it can be neither found nor built.
+    """
+    spec = extension_spec(device_type, arch_list)
+    if spec.name in _LOADED:
+        return _LOADED[spec.name]
+    built = spec.directory / "BUILT"
+    if built.exists():
+        path = spec.directory / json.loads(built.read_text())["library"]
+        _load_library(path)
+    elif os.environ.get("DEFORMABLE_DETR_OPS_NO_BUILD", "0") not in ("", "0"):
+        raise BuildError(
+            f"the {device_type} kernel is not built in {cache_dir()} and DEFORMABLE_DETR_OPS_NO_BUILD is set "
+            f"(build it with: python -m model.ops.build --{device_type})"
+        )
+    else:
+        with _file_lock(cache_dir() / f"{spec.name}.lock"):
+            if built.exists():  # another process built it while this one waited
+                path = spec.directory / json.loads(built.read_text())["library"]
+                _load_library(path)
+            else:
+                path = _compile(spec, verbose)  # also loads it
+    _LOADED[spec.name] = path
+    return path
+
+
+def _load_library(path: Path) -> None:
+    try:
+        torch.ops.load_library(str(path))
+    except OSError as e:
+        raise BuildError(f"loading {path} failed: {e}") from e
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model.ops.build", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cpu", action="store_true", help="build the CPU kernel")
+    parser.add_argument("--cuda", action="store_true", help="build the CUDA kernel (needs nvcc, not a GPU)")
+    parser.add_argument("--arch", help='CUDA compute capabilities, e.g. "7.5;8.0;9.0+PTX" '
+                        f"(default: TORCH_CUDA_ARCH_LIST or {';'.join(default_cuda_arch_list())})")
+    parser.add_argument("--verbose", action="store_true", help="show the compiler commands")
+    args = parser.parse_args(argv)
+    targets = [d for d in DEVICE_TYPES if getattr(args, d)]
+    if not targets:
+        targets = ["cpu"] + (["cuda"] if torch.version.cuda and _find_cuda_home() else [])
+    arch_list = parse_arch_list(args.arch) if args.arch else None
+    print(f"cache: {cache_dir()}")
+    failed = False
+    for device_type in targets:
+        spec = extension_spec(device_type, arch_list if device_type == "cuda" else None)
+        detail = " ".join(f for f in spec.cuda_cflags if f.startswith("-gencode")) if device_type == "cuda" else ""
+        print(f"{device_type}: building {spec.name} {detail}".rstrip(), flush=True)
+        start = time.time()
+        try:
+            path = load(device_type, arch_list=arch_list, verbose=args.verbose)
+        except BuildError as e:
+            print(f"{device_type}: FAILED\n{e}", file=sys.stderr)
+            failed = True
+            continue
+        print(f"{device_type}: ok ({time.time() - start:.0f} s) {path}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
