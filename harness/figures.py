@@ -76,32 +76,36 @@ def ap_per_epoch(experiment: Experiment, df: pd.DataFrame, store: ResultsStore) 
 
 
 def ap_versus(experiment: Experiment, agg: pd.DataFrame, column: str, xlabel: str) -> Optional[Figure]:
-    """AP against ``column`` (flops or fps): hollow markers the paper's rows, filled ones ours."""
-    points = []
+    """AP against ``column`` (flops or fps). Left: the paper's rows (hollow) and our full-scale runs
+    (filled); right, only if there are any: smoke-scale runs, which are not comparable with the paper."""
+    panels: Dict[str, list] = {"full": [], "smoke": []}
     for row in experiment.rows:
         x, y = row.paper.get(column), row.paper.get("AP")
         if x is not None and y is not None:
-            points.append(("paper", row.label, float(x), float(y)))
+            panels["full"].append((True, row.label, float(x), float(y)))
         for scale in SCALES:
             x, _ = reproduced(agg, row.label, scale, column)
             y, _ = reproduced(agg, row.label, scale, "AP")
             if not (math.isnan(x) or math.isnan(y)):
-                points.append((f"ours ({scale})", row.label, x, y))
-    if not points:
+                panels[scale].append((False, row.label, x, y))
+    shown = [scale for scale in SCALES if panels[scale]]
+    if not shown:
         return None
-    fig = _new_figure()
-    ax = fig.add_subplot(1, 1, 1)
+    fig = _new_figure(6.0 if len(shown) == 1 else 9.0, 3.6)
     colours = {row.label: f"C{i % 10}" for i, row in enumerate(experiment.rows)}
-    for source, label, x, y in points:
-        paper = source == "paper"
-        marker = "o" if paper else SCALE_MARKERS[source[6:-1]]
-        ax.scatter([x], [y], marker=marker, s=24, facecolors="none" if paper else colours[label],
-                   edgecolors=colours[label], label=f"{label} ({source})")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("AP (%)")
-    ax.set_title(f"Table {experiment.table}: AP vs {xlabel} (hollow: paper)")
-    ax.grid(True, linewidth=0.3)
-    ax.legend(loc="best")
+    for i, scale in enumerate(shown):
+        ax = fig.add_subplot(1, len(shown), i + 1)
+        for paper, label, x, y in panels[scale]:
+            ax.scatter([x], [y], marker="o" if scale == "full" else "s", s=24,
+                       facecolors="none" if paper else colours[label], edgecolors=colours[label],
+                       label=f"{label} ({'paper' if paper else 'ours'})")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("AP (%)")
+        ax.set_title("paper (hollow) and ours, full scale" if scale == "full"
+                     else "ours, smoke scale (synthetic data)")
+        ax.grid(True, linewidth=0.3)
+        ax.legend(loc="best")
+    fig.suptitle(f"Table {experiment.table}: AP vs {xlabel}")
     fig.tight_layout()
     return fig
 
