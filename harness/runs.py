@@ -460,7 +460,7 @@ class ResultsStore:
         claim = self.claim(spec.experiment, spec.run_id)
         if claim is None:
             return None
-        entry = self.plan_one(spec, job_alive)
+        entry = self.plan_one(spec, job_alive, ignore_claim=True)     # the claim is ours now
         if entry.action != "run":
             self.release(claim)
             return None
@@ -517,7 +517,8 @@ class ResultsStore:
         os.unlink(aside)
 
     # -- planning
-    def plan_one(self, spec: RunSpec, job_alive: Optional[Callable[[str], Optional[bool]]] = None) -> PlanEntry:
+    def plan_one(self, spec: RunSpec, job_alive: Optional[Callable[[str], Optional[bool]]] = None,
+                 ignore_claim: bool = False) -> PlanEntry:
         status, status_error, metrics_error = None, None, None
         try:
             status = self.read_status(spec.experiment, spec.run_id)
@@ -536,8 +537,8 @@ class ResultsStore:
         if status is not None:
             updated = _parse_time(status.updated_at)
             age = None if updated is None else self.clock() - updated
-        state, action, reason = decide(status, status_error, metrics_error,
-                                       self.claim_stale(spec.experiment, spec.run_id), alive, age,
+        claim_stale = None if ignore_claim else self.claim_stale(spec.experiment, spec.run_id)
+        state, action, reason = decide(status, status_error, metrics_error, claim_stale, alive, age,
                                        self.stale_after_s)
         return PlanEntry(spec, state, action, reason, status.job_ids if status else ())
 

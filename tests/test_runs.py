@@ -1,0 +1,286 @@
+"""The results store: atomic writes, corrupt files, claims, plans and the dry run (no torch)."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from harness.experiment import expand, load_experiment
+from harness.runs import (CorruptFileError, ResultsError, ResultsStore, Status, atomic_write_json, decide,
+                          dry_run_plan, tail_text)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Clock:
+    def __init__(self, t=1_800_000_000.0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
+@pytest.fixture
+def experiment(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text(textwrap.dedent("""
+        name: exp
+        rows:
+          - label: a
+          - label: b
+            overrides: {model: {enc_n_points: 1}}
+          - label: c
+            overrides: {model: {enc_n_points: 2}}
+        """))
+    return load_experiment(path, smoke=True)
+
+
+def test_atomic_write_leaves_no_temporary_files(tmp_path):
+    target = tmp_path / "m.json"
+    atomic_write_json(target, {"AP": 1.0})
+    atomic_write_json(target, {"AP": 2.0})
+    assert json.loads(target.read_text()) == {"AP": 2.0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
+
+
+def test_atomic_write_keeps_the_old_file_if_writing_fails(tmp_path):
+    target = tmp_path / "m.json"
+    atomic_write_json(target, {"AP": 1.0})
+    with pytest.raises(TypeError):
+        atomic_write_json(target, {"AP": object()})
+    assert json.loads(target.read_text()) == {"AP": 1.0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
+
+
+@pytest.mark.parametrize("content,why", [('{"AP": 43.', "truncated"), ("", "empty"), ("[1, 2]", "object"),
+                                         ("\x00\x00garbage", "corrupt")])
+def test_corrupt_metrics_are_reported_by_path(tmp_path, content, why):
+    store = ResultsStore(tmp_path)
+    folder = store.run_dir("exp", "abc")
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(content)
+    with pytest.raises(CorruptFileError) as info:
+        store.read_metrics("exp", "abc")
+    assert str(folder / "metrics.json") in str(info.value) and why in str(info.value)
+
+
+def test_metrics_round_trip_and_missing(tmp_path):
+    store = ResultsStore(tmp_path)
+    assert store.read_metrics("exp", "abc") is None
+    store.write_metrics("exp", "abc", {"AP": 43.8, "device": "cpu"})
+    assert store.read_metrics("exp", "abc") == {"AP": 43.8, "device": "cpu"}
+
+
+def test_status_lifecycle(tmp_path):
+    clock = Clock()
+    store = ResultsStore(tmp_path, clock=clock, host="h1")
+    store.mark_queued("exp", "r1", job_id="11")
+    clock.t += 60
+    s = store.mark_running("exp", "r1", job_id="11")
+    assert s.state == "running" and s.job_ids == ("11",) and s.attempts == 1 and s.host == "h1"
+    s = store.mark_running("exp", "r1", job_id="11_requeued")        # a requeue
+    assert s.attempts == 2 and s.job_ids == ("11", "11_requeued")
+    s = store.mark_failed("exp", "r1", "RuntimeError: boom", log_tail="line 1\nline 2")
+    assert s.state == "failed" and s.reason == "RuntimeError: boom" and s.finished_at
+    assert store.read_status("exp", "r1") == s
+    s = store.mark_queued("exp", "r1", job_id="12")
+    assert s.reason is None and s.log_tail is None and s.job_ids[-1] == "12"
+
+
+def test_corrupt_status_is_reported(tmp_path):
+    store = ResultsStore(tmp_path)
+    folder = store.run_dir("exp", "r1")
+    folder.mkdir(parents=True)
+    (folder / "status.json").write_text('{"state": "runn')
+    with pytest.raises(CorruptFileError, match="status.json"):
+        store.read_status("exp", "r1")
+    (folder / "status.json").write_text('{"state": "sleeping"}')
+    with pytest.raises(CorruptFileError, match="sleeping"):
+        store.read_status("exp", "r1")
+
+
+def test_log_tolerates_a_line_cut_by_a_crash(tmp_path):
+    store = ResultsStore(tmp_path)
+    store.append_log("exp", "r1", {"epoch": 0, "AP": 1.0})
+    path = store.run_dir("exp", "r1") / "log.jsonl"
+    with open(path, "a") as f:
+        f.write('{"epoch": 1, "AP"')                                   # crash mid-write
+    assert store.read_log("exp", "r1") == [{"epoch": 0, "AP": 1.0}]
+    store.append_log("exp", "r1", {"epoch": 1, "AP": 2.0})            # resumed: closes the cut line
+    assert store.read_log("exp", "r1") == [{"epoch": 0, "AP": 1.0}, {"epoch": 1, "AP": 2.0}]
+    with pytest.raises(CorruptFileError, match="line 2"):
+        store.read_log("exp", "r1", strict=True)
+
+
+def test_tail_text(tmp_path):
+    path = tmp_path / "log.txt"
+    path.write_text("".join(f"line {i}\n" for i in range(100)))
+    assert tail_text(path, 3) == "line 97\nline 98\nline 99"
+    assert tail_text(tmp_path / "missing") == ""
+
+
+def test_config_yaml_is_the_resolved_config(tmp_path, experiment):
+    import yaml
+    store = ResultsStore(tmp_path)
+    spec = expand(experiment)[1]
+    folder = store.prepare(spec)
+    doc = yaml.safe_load((folder / "config.yaml").read_text())
+    assert doc["run_id"] == spec.run_id and doc["label"] == "b" and doc["scale"] == "smoke"
+    assert doc["config"]["model"]["enc_n_points"] == 1
+    assert store.read_config(spec.experiment, spec.run_id)["seed"] == spec.seed
+
+
+# ------------------------------------------------------------------------------------------- claims
+
+def test_claim_is_exclusive(tmp_path):
+    store = ResultsStore(tmp_path)
+    first = store.claim("exp", "r1")
+    assert first is not None
+    assert store.claim("exp", "r1") is None                          # this process is alive: not stale
+    store.release(first)
+    second = store.claim("exp", "r1")
+    assert second is not None and second.token != first.token
+
+
+def test_claim_of_a_dead_process_is_stale(tmp_path):
+    store = ResultsStore(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(proc.stdout)
+    lock = store.run_dir("exp", "r1") / "claim.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"token": "old", "host": store.host, "pid": dead_pid, "time": 0, "job_id": None}))
+    assert store.claim_stale("exp", "r1") is True
+    claim = store.claim("exp", "r1")
+    assert claim is not None and json.loads(lock.read_text())["token"] == claim.token
+
+
+def test_claim_on_another_host_goes_stale_without_heartbeat(tmp_path):
+    clock = Clock()
+    holder = ResultsStore(tmp_path, clock=clock, host="node1", stale_after_s=600)
+    other = ResultsStore(tmp_path, clock=clock, host="node2", stale_after_s=600)
+    claim = holder.claim("exp", "r1")
+    os.utime(claim.path, (clock.t, clock.t))
+    clock.t += 300
+    assert other.claim("exp", "r1") is None
+    assert holder.heartbeat(claim)
+    clock.t += 500
+    assert other.claim("exp", "r1") is None                           # heartbeat 500 s ago
+    clock.t += 200
+    taken = other.claim("exp", "r1")
+    assert taken is not None
+    assert not holder.heartbeat(claim)                                # the old holder learns it lost it
+
+
+def test_requeued_job_takes_over_its_own_claim(tmp_path):
+    first = ResultsStore(tmp_path, host="node1")
+    second = ResultsStore(tmp_path, host="node2")
+    assert first.claim("exp", "r1", job_id="77") is not None
+    assert second.claim("exp", "r1", job_id="78") is None
+    assert second.claim("exp", "r1", job_id="77") is not None
+
+
+def test_two_submissions_claim_a_run_once(tmp_path, experiment):
+    """Many processes race to submit the same rows: each row is claimed by exactly one."""
+    script = textwrap.dedent(f"""
+        import sys, json
+        sys.path.insert(0, {str(ROOT)!r})
+        from harness.experiment import load_experiment, expand
+        from harness.runs import ResultsStore
+        store = ResultsStore({str(tmp_path / 'results')!r})
+        won = []
+        for spec in expand(load_experiment({experiment.path!r}, smoke=True)):
+            claim = store.claim_for_submit(spec)
+            if claim is not None:
+                store.mark_queued(spec.experiment, spec.run_id, job_id=str(__import__('os').getpid()))
+                store.release(claim)
+                won.append(spec.run_id)
+        print(json.dumps(won))
+        """)
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    won = [json.loads(p.communicate()[0]) for p in procs]
+    all_won = [r for w in won for r in w]
+    assert sorted(all_won) == sorted(s.run_id for s in expand(experiment))
+
+
+# --------------------------------------------------------------------------------------------- plan
+
+def test_decide_rules():
+    done = Status("done")
+    assert decide(None) == ("new", "run", "")
+    assert decide(None, claim_stale=False)[:2] == ("claimed", "skip")
+    assert decide(done)[:2] == ("done", "skip")
+    assert decide(done, metrics_error="metrics.json: truncated")[:2] == ("corrupt", "run")
+    assert decide(Status("failed", reason="OOM")) == ("failed", "run", "OOM")
+    assert decide(Status("queued", job_ids=("5",)))[:2] == ("queued", "skip")
+    assert decide(Status("queued", job_ids=("5",)), job_alive=False)[:2] == ("lost", "run")
+    assert decide(Status("running"), claim_stale=False)[:2] == ("running", "skip")
+    assert decide(Status("running"), claim_stale=True)[:2] == ("stale", "run")
+    assert decide(Status("running"), status_age_s=10)[:2] == ("running", "skip")
+    assert decide(Status("running"), status_age_s=10 ** 6)[:2] == ("stale", "run")
+    assert decide(None, status_error="status.json: corrupt")[:2] == ("corrupt", "run")
+
+
+def test_plan_skips_done_and_reruns_failed(tmp_path, experiment):
+    store = ResultsStore(tmp_path)
+    a, b, c = expand(experiment)
+    store.write_metrics(a.experiment, a.run_id, {"AP": 1.0})
+    store.mark_done(a.experiment, a.run_id)
+    store.mark_failed(b.experiment, b.run_id, "killed")
+    plan = {e.spec.label: e for e in store.plan([a, b, c])}
+    assert (plan["a"].state, plan["a"].action) == ("done", "skip")
+    assert (plan["b"].state, plan["b"].action, plan["b"].reason) == ("failed", "run", "killed")
+    assert (plan["c"].state, plan["c"].action) == ("new", "run")
+    (store.run_dir(a.experiment, a.run_id) / "metrics.json").write_text('{"AP": 1.')
+    entry = store.plan([a])[0]
+    assert entry.state == "corrupt" and entry.action == "run" and "metrics.json" in entry.reason
+
+
+def test_plan_asks_the_scheduler_about_queued_jobs(tmp_path, experiment):
+    store = ResultsStore(tmp_path)
+    a = expand(experiment)[0]
+    store.mark_queued(a.experiment, a.run_id, job_id="42")
+    assert store.plan([a])[0].state == "queued"
+    assert store.plan([a], job_alive=lambda job: job != "42")[0].state == "lost"
+    assert store.plan([a], job_alive=lambda job: None)[0].state == "queued"
+
+
+def test_results_root_must_be_writable(tmp_path):
+    ResultsStore(tmp_path / "new" / "results").check_writable(min_free_gb=0)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ResultsError, match="not writable"):
+        ResultsStore(blocker / "results").check_writable(min_free_gb=0)
+    with pytest.raises(ResultsError, match="GiB free"):
+        ResultsStore(tmp_path).check_writable(min_free_gb=1e12)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_read_only_results_root(tmp_path):
+    tmp_path.chmod(0o500)
+    try:
+        with pytest.raises(ResultsError, match="not writable"):
+            ResultsStore(tmp_path).check_writable(min_free_gb=0)
+    finally:
+        tmp_path.chmod(0o700)
+
+
+def test_dry_run_plan(tmp_path):
+    exp = load_experiment(ROOT / "experiments" / "table1.yaml", check_data=False)
+    store = ResultsStore(tmp_path)
+    spec = [s for s in expand(exp) if s.label == "Deformable DETR"][0]
+    store.write_metrics(spec.experiment, spec.run_id, {"AP": 43.0})
+    store.mark_done(spec.experiment, spec.run_id)
+    text = dry_run_plan(exp, store)
+    assert "8 run(s)" in text
+    for s in expand(exp):
+        assert s.run_id in text and s.label in text
+    line = [l for l in text.splitlines() if spec.run_id in l][0]
+    assert "done" in line and "skip" in line and "2x8 GPU" in line and "325" in line
+    total = [l for l in text.splitlines() if l.startswith("estimated GPU-hours")][0]
+    assert "11770 in total" in total and "11445 to spend now" in total
+    smoke = dry_run_plan(load_experiment(ROOT / "experiments" / "table2.yaml", smoke=True))
+    assert "CPU process" in smoke and "0 in total" in smoke
