@@ -36,7 +36,8 @@ def _number(value) -> float:
 
 def collect(results_root, experiment: Experiment) -> pd.DataFrame:
     """One row per run (every non-cited row, both scales, every seed), whether it ran or not:
-    ``state`` is new/queued/running/done/failed/corrupt and metrics are NaN where missing."""
+    ``state`` is new/queued/running/done/failed/corrupt and metrics are NaN where missing.
+    Values come from metrics.json, completed by benchmark.json (complexity measured alone)."""
     store = ResultsStore(results_root)
     full = dataclasses.replace(experiment, selected=None)     # reports cover every row
     records: List[dict] = []
@@ -58,6 +59,12 @@ def collect(results_root, experiment: Experiment) -> pd.DataFrame:
                 metrics = store.read_metrics(spec.experiment, spec.run_id)
             except CorruptFileError as e:
                 record.update(state="corrupt", error=str(e))
+            try:       # complexity/speed measured alone fills what the run has not measured (yet)
+                benchmark = store.read_benchmark(spec.experiment, spec.run_id)
+                if benchmark is not None:
+                    metrics = {**benchmark, **(metrics or {})}
+            except CorruptFileError as e:
+                record["error"] = "; ".join(filter(None, [record["error"], str(e)]))
             for key in NUMERIC_FIELDS:
                 record[key] = _number((metrics or {}).get(key))
             for key in TEXT_FIELDS:

@@ -159,13 +159,15 @@ def render_markdown(experiment: Experiment, df: pd.DataFrame) -> str:
     lead, lines = build_table(experiment, df, MD)
     header = [COLUMN_TITLES.get(c, c) if c != "label" else "Row" for c in lead] + ["source"] + \
         [METRIC_TITLES_MD[m] for m in experiment.metrics] + list(PROVENANCE)
-    out = [f"# Table {experiment.table}: {experiment.name}", "", experiment.caption.strip(), ""]
+    out = [f"# Table {experiment.table} (`{experiment.name}`)", "", experiment.caption.strip(), ""]
     out.append("| " + " | ".join(header) + " |")
     out.append("|" + "|".join(":--" if i < len(lead) + 1 else "--:" if i < len(lead) + 1 + len(experiment.metrics)
                              else ":--" for i in range(len(header))) + "|")
     for line in lines:
         out.append("| " + " | ".join(line.cells) + " |")
-    out += ["", *_legend(experiment), ""]
+    for paragraph in _legend(experiment):
+        out += ["", paragraph]
+    out.append("")
     return "\n".join(out)
 
 

@@ -28,6 +28,7 @@ from harness.experiment import (Experiment, RunSpec, config_to_dict, estimate_gp
 
 STATES = ("queued", "running", "done", "failed")
 CONFIG, STATUS, LOG, METRICS, CLAIM = "config.yaml", "status.json", "log.jsonl", "metrics.json", "claim.lock"
+BENCHMARK = "benchmark.json"   # complexity/speed measured alone (no training): never marks a run done
 STALE_AFTER_S = 30 * 60     # a claim whose holder has not heartbeated for this long is stale
 
 
@@ -400,6 +401,17 @@ class ResultsStore:
     def read_metrics(self, experiment: str, run_id: str) -> Optional[dict]:
         """metrics.json, None if absent; :class:`CorruptFileError` if truncated or corrupt."""
         return read_json(self.run_dir(experiment, run_id) / METRICS)
+
+    # -- benchmark.json
+    def write_benchmark(self, experiment: str, run_id: str, measured: dict) -> None:
+        """Params, FLOPs and FPS of a run's configuration measured without training it (the same
+        fields as metrics.json). The report shows them; the run's status is not touched."""
+        folder = self.run_dir(experiment, run_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / BENCHMARK, measured)
+
+    def read_benchmark(self, experiment: str, run_id: str) -> Optional[dict]:
+        return read_json(self.run_dir(experiment, run_id) / BENCHMARK)
 
     # -- claim.lock
     def claim(self, experiment: str, run_id: str, job_id: Optional[str] = None) -> Optional[Claim]:

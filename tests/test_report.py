@@ -42,7 +42,9 @@ def test_collect_has_one_row_per_run(small, small_df):
     states = {(r.label, r.scale, r.seed): r.state for r in small_df.itertuples()}
     assert states[("base", "full", 1)] == "done" and states[("base", "full", 2)] == "done"
     assert states[("failed row", "full", 42)] == "failed"
-    assert states[("not run", "full", 42)] == "new"
+    assert states[("not run", "full", 42)] == "new"           # benchmark.json alone does not finish a run
+    spec = [s for s in expand(small, "full") if s.label == "not run"][0]
+    assert ResultsStore(RESULTS).plan([spec])[0].action == "run"
     k1 = small_df[(small_df.label == "K=1") & (small_df.scale == "smoke")].iloc[0]
     assert k1.AP == 0.75 and math.isnan(k1.AP75)                   # a missing field is NaN
 
@@ -55,7 +57,7 @@ def test_aggregate_over_seeds(small_df):
     assert base.AP_seed_std == pytest.approx(math.sqrt(0.08))
     smoke = agg[(agg.label == "base") & (agg.scale == "smoke")].iloc[0]
     assert smoke.n_runs == 1 and math.isnan(smoke.AP_seed_std)
-    assert set(agg.label) == {"base", "K=1"}                        # rows without metrics are absent
+    assert set(agg.label) == {"base", "K=1", "not run"}             # rows without any numbers are absent
 
 
 def test_collect_reports_a_corrupt_metrics_file(tmp_path, small):
@@ -81,7 +83,9 @@ def test_report_lines(small, small_df):
     assert "| Deformable DETR | 4 | paper | 43.8 | 62.6 | 40 | 173 | 19 |" in md
     assert "ours (full), 2 seeds | 44.2±0.3 (+0.4)" in md
     assert "40.07±0.00 (+0.07)" in md                                # params in M beside the paper's 40
-    assert "ours: full failed" in md and "ours: not run" in md
+    assert "ours: full failed" in md and "ours: not run" not in md
+    # complexity measured alone: params/FLOPs/FPS without AP, and the run is still to be trained
+    assert "|  |  | ours (full) |  |  | 41.52 (+0.52) | 89.6 (+3.6) | 27.0 (-1.0) | full | coco |  |" in md
     assert "| FCOS (Tian et al., 2019) |  | paper (cited) | 44.7 | 64.1 |" in md
     assert "cpu; FPS: NVIDIA H100 80GB HBM3" in md
     assert "A_row & 50% of a \\| pipe" in md
