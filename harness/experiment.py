@@ -6,6 +6,28 @@ numbers beside every row, optional ``axes`` that expand into a cartesian grid of
 optional ``smoke`` profile that shrinks any row to laptop scale (merged over :data:`SMOKE_DEFAULTS`).
 
 Every problem is reported as one :class:`ExperimentError` naming the file, the row and the dotted key.
+
+    name: table2                    # results/<name>/, reports/<name>.{md,tex}
+    table: "2"                      # the paper's table number (titles)
+    caption: ...
+    columns: [ms_inputs, K, fpn]    # the paper's descriptive columns, filled from each row's cells
+    metrics: [AP, AP50, ...]        # paper columns compared (AP AP50 AP75 APs APm APl params flops
+                                    #   gpu_hours fps); default: the six AP columns
+    reference_row: LABEL            # optional: ablation deltas are measured against this row
+    base: {model: {...}, data: {...}, train: {...}, eval: {...}, benchmark: {...}, launcher: {...}}
+    rows:
+      - label: MS inputs, K=1       # unique
+        cells: {ms_inputs: true, K: 1, fpn: w/o}
+        overrides: {model: {ms_attention: false, enc_n_points: 1, dec_n_points: 1}}
+        paper: {AP: 41.4, AP50: 60.9}
+        seeds: [1, 2, 3]            # optional: one run per seed (mean and std in the report)
+        cited: true                 # optional: the paper's numbers only, never run
+    axes: {model.enc_n_points: [1, 2, 4]}   # optional: one extra row per combination
+    smoke: {train: {epochs: 1}}     # optional: refines SMOKE_DEFAULTS
+
+A row's config is ``base`` <- ``overrides`` (<- the smoke profile), with ``model`` starting from
+``arch_defaults(arch)``; its run id hashes that resolved config (less :data:`HASH_EXCLUDE`), so rows
+that resolve to the same config share one run.
 """
 from __future__ import annotations
 
@@ -236,10 +258,12 @@ def _parse_row(path, index, raw, base, smoke_profile, columns, metrics, check_da
                                   "a cited row has the paper's numbers only; expected no overrides or seeds")
         return Row(label, dict(cells), dict(paper), {}, True, (), notes, {})
     _check_sections(path, label, overrides)
-    configs = {
-        "full": resolve(path, label, base, overrides, None, check_data),
-        "smoke": resolve(path, label, base, overrides, smoke_profile, False),
-    }
+    full = resolve(path, label, base, overrides, None, check_data)
+    try:
+        smoke = resolve(path, label, base, overrides, smoke_profile, False)
+    except ExperimentError as e:
+        raise ExperimentError(path, label, e.key, f"with the smoke profile: {e.message}") from None
+    configs = {"full": full, "smoke": smoke}
     return Row(label, dict(cells), dict(paper), overrides, False, tuple(seeds), notes, configs)
 
 
