@@ -1,0 +1,53 @@
+"""Inputs and comparisons for checking multi-scale deformable attention (tests, doctor, benchmark)."""
+from __future__ import annotations
+
+import torch
+
+# (name, spatial shapes, heads M, channels D, points P)
+CASES = [
+    ("one_level", [(5, 7)], 2, 8, 1),
+    ("one_level_p4_d32", [(6, 3)], 3, 32, 4),
+    ("four_levels_p1", [(9, 11), (5, 6), (3, 2), (1, 4)], 2, 8, 1),
+    ("four_levels_p4_d32", [(9, 11), (5, 6), (3, 2), (1, 4)], 2, 32, 4),
+]
+
+
+def make_inputs(spatial_shapes, M=2, D=8, P=4, N=2, Lq=13, dtype=torch.float64, device="cpu", seed=0):
+    """value, spatial_shapes, level_start_index, sampling_locations, attention_weights.
+
+    Locations are drawn in [-0.3, 1.3] (so some points are partly or wholly outside their map) and a few are
+    set far outside.
+    """
+    g = torch.Generator().manual_seed(seed)
+    shapes = torch.tensor(spatial_shapes, dtype=torch.long)
+    level_start_index = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
+    S, L = int((shapes[:, 0] * shapes[:, 1]).sum()), len(spatial_shapes)
+    value = torch.randn(N, S, M, D, generator=g, dtype=torch.float64)
+    sampling_locations = torch.rand(N, Lq, M, L, P, 2, generator=g, dtype=torch.float64) * 1.6 - 0.3
+    if Lq > 0:
+        sampling_locations[:, 0, 0] = torch.tensor([-2.0, 3.0], dtype=torch.float64)  # far outside
+        sampling_locations[:, -1, -1, :, :, 1] = 1.01  # just below the bottom edge: half the corners outside
+    attention_weights = torch.rand(N, Lq, M, L, P, generator=g, dtype=torch.float64)
+    attention_weights = attention_weights / attention_weights.flatten(-2).sum(-1)[..., None, None]
+    tensors = [value, sampling_locations, attention_weights]
+    value, sampling_locations, attention_weights = (t.to(device=device, dtype=dtype) for t in tensors)
+    return value, shapes.to(device), level_start_index.to(device), sampling_locations, attention_weights
+
+
+def forward_and_grads(fn, inputs, grad_output=None):
+    """Output and the gradients of (value, sampling_locations, attention_weights) for a fixed grad_output."""
+    value, shapes, starts, loc, attn = (t.detach().clone() for t in inputs)
+    for t in (value, loc, attn):
+        t.requires_grad_(True)
+    out = fn(value, shapes, starts, loc, attn)
+    if grad_output is None:
+        grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    out.backward(grad_output.to(device=out.device, dtype=out.dtype))
+    return out.detach(), value.grad, loc.grad, attn.grad
+
+
+def max_relative_error(actual, expected):
+    """max |actual - expected| / max |expected|, in float64."""
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    scale = expected.abs().max().clamp_min(1e-30)
+    return float((actual - expected).abs().max() / scale)
