@@ -348,6 +348,14 @@ def _log(message: str) -> None:
     print(f"harness.launch: {message}", file=sys.stderr, flush=True)
 
 
+def _job_cluster() -> Optional[str]:
+    """slurm | local | debug inside a submitit job, None outside one."""
+    try:
+        return submitit.JobEnvironment().cluster
+    except RuntimeError:
+        return None
+
+
 def _forget_previous_attempt() -> None:
     """A requeued job runs again under the same id: drop this task's result file from an earlier
     attempt (an error written while the job was being pre-empted), so only this attempt's counts."""
@@ -405,8 +413,10 @@ class ResumableJob(submitit.helpers.Checkpointable):
     stop_grace_s: float = 180.0
 
     def __call__(self, spec: Any) -> Any:
-        _forget_previous_attempt()
-        stopping = _watch_stop_signals()
+        stopping: Callable[[], bool] = lambda: False    # noqa: E731
+        if _job_cluster() in ("slurm", "local"):           # not for debug jobs: they run in the caller
+            _forget_previous_attempt()
+            stopping = _watch_stop_signals()
         try:
             return self._run(spec)
         except Exception:

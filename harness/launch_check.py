@@ -48,6 +48,16 @@ def _append(path: Path, record: Dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+def task_info(spec: Any) -> Dict[str, Any]:
+    """What a task sees: its ranks and rendezvous (as exported by the launcher), code and folders."""
+    if isinstance(spec, dict) and spec.get("fail"):
+        raise ValueError(f"asked to fail: {spec['fail']}")
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+            "HARNESS_CODE_SNAPSHOT", "HARNESS_SUBMIT_CWD")
+    return {"spec": spec, "env": {k: os.environ.get(k) for k in keys}, "cwd": os.getcwd(),
+            "module": __file__, "pid": os.getpid()}
+
+
 def toy_train(spec: Dict[str, Any]) -> Dict[str, Any]:
     """spec: ``out_dir`` (shared folder), ``epochs``, ``seed``, ``sleep_s`` (per epoch)."""
     import torch
