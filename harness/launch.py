@@ -268,6 +268,25 @@ def snapshot_code(snapshot_root: Union[str, Path], repo_root: Union[str, Path, N
     return dest
 
 
+_JOB_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                  ENV_WORKDIR, ENV_SNAPSHOT)
+_KEPT_VARIABLES = ("SLURM_CONF",)     # where the cluster's config is: a property of the cluster, not of a job
+
+
+@contextmanager
+def _without_job_variables() -> Iterator[None]:
+    """Submitting from inside a job (an interactive allocation, a job that submits the next step):
+    the new jobs must not inherit this job's SLURM_*, submitit and rank variables (sbatch would take
+    SLURM_* settings as its own). User defaults for sbatch (SBATCH_*) stay."""
+    hidden = {k: os.environ.pop(k) for k in list(os.environ)
+              if k not in _KEPT_VARIABLES and (k.startswith(("SLURM_", "SLURMD_", "SRUN_", "SUBMITIT_"))
+                                               or k in _JOB_VARIABLES)}
+    try:
+        yield
+    finally:
+        os.environ.update(hidden)
+
+
 @contextmanager
 def _environment_for_local_jobs(snapshot_dir: Optional[Path], workdir: Path) -> Iterator[None]:
     """Local jobs are processes started by ``submit``: they inherit its working directory and environment."""
@@ -471,7 +490,7 @@ def group_by_launcher(specs: Sequence[Any], launcher: LauncherArg) -> List[Tuple
 
 
 def submit(specs: Sequence[Any], fn: Callable[[Any], Any], launcher: LauncherArg,
-           log_dir: Union[str, Path], executor: str = "auto", *, job_name: str = "harness",
+           log_dir: Union[str, Path], executor: Optional[str] = None, *, job_name: str = "harness",
            snapshot_root: Union[str, Path, None] = None, repo_root: Union[str, Path, None] = None,
            snapshot_include: Sequence[str] = (), workdir: Union[str, Path, None] = None,
            on_submitted: Optional[Callable[[Any, submitit.Job], None]] = None) -> List[submitit.Job]:
@@ -479,7 +498,8 @@ def submit(specs: Sequence[Any], fn: Callable[[Any], Any], launcher: LauncherArg
 
     ``launcher`` is a :class:`LauncherConfig` or a function giving one per spec; specs sharing a config go
     into job arrays of at most ``max_array_size`` tasks (and the cluster's ``MaxArraySize``). ``executor``:
-    auto | slurm | local | debug (``auto``: slurm when ``sbatch`` exists). ``log_dir`` holds submitit's
+    auto | slurm | local | debug (``auto``: slurm when ``sbatch`` exists); None takes the launcher config's
+    (the first spec's, when they differ). ``log_dir`` holds submitit's
     pickles and logs (``%j_0_log.out``). With ``snapshot_root`` the code is snapshot there (see
     :func:`snapshot_code`) and the jobs run it; ``workdir`` (default: the current directory) is where the
     jobs resolve relative paths. ``on_submitted(spec, job)`` is called after each submission (to record
@@ -490,7 +510,8 @@ def submit(specs: Sequence[Any], fn: Callable[[Any], Any], launcher: LauncherArg
     specs = list(specs)
     if not specs:
         return []
-    kind = resolve_executor(executor)
+    groups = group_by_launcher(specs, launcher)
+    kind = resolve_executor(executor if executor is not None else groups[0][0].executor)
     log_dir = Path(log_dir).resolve()
     log_dir.mkdir(parents=True, exist_ok=True)
     workdir = Path(workdir).resolve() if workdir else Path.cwd()
@@ -500,11 +521,12 @@ def submit(specs: Sequence[Any], fn: Callable[[Any], Any], launcher: LauncherArg
     job_fn = ResumableJob(fn, workdir=workdir, snapshot_dir=snapshot_dir)
 
     jobs: List[Optional[submitit.Job]] = [None] * len(specs)
-    for cfg, indices in group_by_launcher(specs, launcher):
+    for cfg, indices in groups:
         size = max_array_size(cfg, kind)
         ex = make_executor(kind, log_dir, cfg, job_name=job_name, snapshot_dir=snapshot_dir)
         for chunk in _chunks(indices, size):
-            with _environment_for_local_jobs(snapshot_dir if kind == "local" else None, workdir):
+            with _without_job_variables(), \
+                    _environment_for_local_jobs(snapshot_dir if kind == "local" else None, workdir):
                 try:
                     with ex.batch():
                         pending = [ex.submit(job_fn, specs[i]) for i in chunk]
@@ -538,6 +560,12 @@ def slurm_job_state(job_id: str) -> Optional[str]:
         if match:
             return match.group(1)
     return None
+
+
+def log_paths(log_dir: Union[str, Path], job_id: str, task: int = 0) -> Tuple[Path, Path]:
+    """(stdout, stderr) of one task of a job submitted with ``log_dir`` (array task ids as ``123_4``)."""
+    paths = submitit.core.utils.JobPaths(Path(log_dir), job_id=str(job_id), task_id=task)
+    return paths.stdout, paths.stderr
 
 
 def _task_jobs(job: submitit.Job) -> List[submitit.Job]:

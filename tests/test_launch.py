@@ -67,8 +67,9 @@ def fake_slurm(tmp_path, monkeypatch):
     record.mkdir()
     (bin_dir / "sbatch").write_text(textwrap.dedent(f"""\
         #!/bin/bash
-        n=$(( $(ls {record} | wc -l) + 100 ))
+        n=$(( $(ls {record} | grep -c "\\.sh$") + 100 ))
         cp "$1" {record}/$n.sh
+        env > {record}/$n.env
         echo "Submitted batch job $n"
     """))
     (bin_dir / "scontrol").write_text("#!/bin/bash\necho 'MaxArraySize            = 3'\n")
@@ -80,7 +81,7 @@ def fake_slurm(tmp_path, monkeypatch):
 
 
 def _scripts(record: Path):
-    return [p.read_text() for p in sorted(record.iterdir(), key=lambda p: int(p.stem))]
+    return [p.read_text() for p in sorted(record.glob("*.sh"), key=lambda p: int(p.stem))]
 
 
 def test_arrays_split_under_max_array_size(fake_slurm, tmp_path):
@@ -225,3 +226,23 @@ def test_debug_runs_in_process(tmp_path, monkeypatch):
     assert status == "success" and info["pid"] == os.getpid()
     assert info["env"]["WORLD_SIZE"] == "1"
     assert not (tmp_path / "snap").exists()                               # no snapshot in process
+
+
+def test_submitting_from_inside_a_job(fake_slurm, tmp_path, monkeypatch):
+    """The job's own SLURM_* and rank variables are not passed on to the jobs it submits."""
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "32")
+    monkeypatch.setenv("SLURM_CONF", "/etc/slurm/slurm.conf")
+    monkeypatch.setenv("SBATCH_ACCOUNT", "vision")
+    monkeypatch.setenv("RANK", "3")
+    launch.submit([{}], task_info, LauncherConfig(executor="slurm", gpus_per_node=0), tmp_path / "logs")
+    assert len(_scripts(fake_slurm)) == 1                     # executor=None: the config's ("slurm")
+    env = dict(line.split("=", 1) for line in (fake_slurm / "100.env").read_text().splitlines() if "=" in line)
+    assert "SLURM_JOB_ID" not in env and "SLURM_CPUS_PER_TASK" not in env and "RANK" not in env
+    assert env["SLURM_CONF"] == "/etc/slurm/slurm.conf" and env["SBATCH_ACCOUNT"] == "vision"
+    assert os.environ["SLURM_JOB_ID"] == "77" and os.environ["RANK"] == "3"   # put back afterwards
+
+
+def test_log_paths(tmp_path):
+    out, err = launch.log_paths(tmp_path, "100_3")
+    assert (out.name, err.name) == ("100_3_0_log.out", "100_3_0_log.err")
