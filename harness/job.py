@@ -1,0 +1,146 @@
+"""What one run does, on every task of its job: train -> evaluate -> complexity -> speed -> metrics.json.
+
+:func:`run_job` is what the launcher submits (pickled by name, so queued jobs run the code snapshot of
+their submission). It always resumes from the run folder's latest checkpoint, so a requeued job (pre-empted,
+timed out, ``scontrol requeue``) carries on from its last finished epoch. Rank 0 owns the results store:
+it claims the run, keeps the claim alive, appends ``log.jsonl``, writes ``metrics.json`` and the status.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from harness.experiment import RunSpec
+from harness.runs import ResultsStore, tail_text
+
+HEARTBEAT_S = 60
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """A run and where its results go (the argument the launcher pickles for each job)."""
+    spec: RunSpec
+    results_root: str
+    commit: Optional[str] = None
+
+
+class RunClaimedElsewhere(RuntimeError):
+    pass
+
+
+def _job_id() -> Optional[str]:
+    try:
+        import submitit
+        return str(submitit.JobEnvironment().job_id)
+    except (ImportError, RuntimeError):
+        return os.environ.get("SLURM_JOB_ID")
+
+
+def git_commit(repo: Path = Path(__file__).resolve().parent.parent) -> Optional[str]:
+    """The commit the code was submitted from (snapshots carry no .git: the submitter records it)."""
+    try:
+        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, timeout=10).stdout.strip()
+    return out.stdout.strip() + ("-dirty" if dirty else "")
+
+
+class _Heartbeat(threading.Thread):
+    def __init__(self, store, claim, period_s=HEARTBEAT_S):
+        super().__init__(daemon=True)
+        self.store, self.claim, self.period_s = store, claim, period_s
+        self.stopped = threading.Event()
+
+    def run(self):
+        while not self.stopped.wait(self.period_s):
+            self.store.heartbeat(self.claim)
+
+
+def _device_name(torch) -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def measure(run_cfg, model=None) -> dict:
+    """Parameters, FLOPs (fvcore, over the first evaluation images) and FPS of the run's model."""
+    from harness import complexity, speed
+    out = {}
+    bench = run_cfg.benchmark
+    out.update(complexity.measure_complexity(run_cfg, model=model, images=bench.flops_images if bench.flops else 0))
+    if bench.fps:
+        out.update(speed.measure_run_fps(run_cfg, model=model))
+    return out
+
+
+def run_job(request: JobRequest) -> dict:
+    """Train, evaluate and measure one run; returns its metrics (on every rank)."""
+    import torch
+
+    from harness import distributed as dist_utils
+    from harness.engine import train
+
+    spec, store = request.spec, ResultsStore(request.results_root)
+    exp, run_id, cfg = spec.experiment, spec.run_id, spec.config
+    dist_utils.env_from_submitit()
+    info = dist_utils.init_distributed()
+    main = info["rank"] == 0
+    job_id = _job_id()
+    out_dir = store.run_dir(exp, run_id)
+    claim = heartbeat = None
+    started = time.time()
+    try:
+        if main:
+            store.prepare(spec)
+            claim = store.claim(exp, run_id, job_id=job_id)
+            if claim is None:
+                raise RunClaimedElsewhere(f"{out_dir}: run is claimed by another live job; not running it twice")
+            heartbeat = _Heartbeat(store, claim)
+            heartbeat.start()
+            store.mark_running(exp, run_id, job_id=job_id)
+            print(f"run {exp}/{run_id} ({spec.label!r}, seed {spec.seed}, {spec.scale} scale) in {out_dir}",
+                  flush=True)
+        dist_utils.barrier()
+        log_fn = (lambda record: store.append_log(exp, run_id, record)) if main else None
+        metrics = train(cfg, str(out_dir), log_fn=log_fn)
+        dist_utils.barrier()
+        if main:
+            metrics = dict(metrics)
+            measured = measure(cfg)
+            world = info["world_size"]
+            gpus = world if torch.cuda.is_available() else 0
+            metrics.update(measured)
+            metrics.update(
+                label=spec.label, seed=spec.seed, run_id=run_id, scale=spec.scale, dataset=cfg.data.dataset,
+                epochs_trained=metrics.pop("epochs", cfg.train.epochs), num_detections=cfg.eval.num_detections,
+                attn_impl=cfg.model.attn_impl, device=_device_name(torch), world_size=world,
+                gpu_hours=round(gpus * (time.time() - started) / 3600, 4) if gpus else None,
+                commit=request.commit, date=datetime.date.today().isoformat(), torch=torch.__version__)
+            store.write_metrics(exp, run_id, metrics)
+            store.mark_done(exp, run_id)
+        return metrics
+    except Exception as err:  # a SystemExit (pre-emption, requeue) leaves the run to its next attempt
+        if main and not isinstance(err, RunClaimedElsewhere):
+            log_tail = tail_text(out_dir / "job.log") if (out_dir / "job.log").exists() else ""
+            reason = f"{type(err).__name__}: {err}"
+            store.mark_failed(exp, run_id, reason, log_tail or traceback.format_exc()[-4000:])
+        raise
+    finally:
+        if heartbeat is not None:
+            heartbeat.stopped.set()
+        if claim is not None:
+            store.release(claim)
+        dist_utils.cleanup()
