@@ -1,11 +1,12 @@
 // CPU kernels of deformable_detr::ms_deform_attn (float32, float64), forward and backward.
 //
-// Forward:  parallel over (batch, query); each task writes its own output rows.
+// Forward:  parallel over (batch, head, block of queries); each task writes its own output rows.
 // Backward: parallel over (batch, head, level); a task owns the rows of grad_value of its head and level
 //           and the gradients of the sampling locations / attention weights of its level, so no two
 //           tasks write the same memory: no atomics, no per-thread buffers, deterministic results.
 #include <algorithm>
 #include <tuple>
+#include <type_traits>
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -17,25 +18,30 @@
 namespace deformable_detr {
 namespace {
 
-// y[0:n] += a * x[0:n]
-template <typename scalar_t>
-inline void axpy(scalar_t* __restrict__ y, const scalar_t* __restrict__ x, scalar_t a, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    y[i] += a * x[i];
+// Calls f(std::integral_constant<int64_t, D>) for the usual channel counts, so that the channel loops have a
+// compile-time length (unrolled, vectorised, accumulators in registers); f(integral_constant<0>) otherwise.
+template <typename F>
+void dispatch_channels(int64_t D, F&& f) {
+  switch (D) {
+    case 8: return f(std::integral_constant<int64_t, 8>());
+    case 16: return f(std::integral_constant<int64_t, 16>());
+    case 32: return f(std::integral_constant<int64_t, 32>());
+    case 64: return f(std::integral_constant<int64_t, 64>());
+    case 128: return f(std::integral_constant<int64_t, 128>());
+    case 256: return f(std::integral_constant<int64_t, 256>());
+    default: return f(std::integral_constant<int64_t, 0>());
   }
 }
 
-// <x[0:n], y[0:n]>
-template <typename scalar_t>
-inline scalar_t dot(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y, int64_t n) {
-  scalar_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) {
-    sum += x[i] * y[i];
-  }
-  return sum;
-}
+// Channels per head: the compile-time kD, or the runtime D when kD == 0.
+template <int64_t kD>
+struct Channels {
+  int64_t runtime;
+  constexpr int64_t operator()() const { return kD > 0 ? kD : runtime; }
+};
+
+// Queries per forward task.
+constexpr int64_t kQueryBlock = 64;
 
 struct Sizes {
   int64_t N, S, M, D, Lq, L, P;
@@ -77,36 +83,60 @@ Sizes check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes, co
   return s;
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int64_t kD>
 void forward_kernel(const scalar_t* value, const int64_t* spatial_shapes, const int64_t* level_start_index,
                     const scalar_t* sampling_locations, const scalar_t* attention_weights, scalar_t* output,
                     const Sizes& s) {
-  const int64_t row = s.M * s.D;  // stride of one spatial position in value
-  const int64_t work_per_query = std::max<int64_t>(1, s.M * s.L * s.P * 4 * s.D);
-  const int64_t grain = std::max<int64_t>(1, 32768 / work_per_query);
-  at::parallel_for(0, s.N * s.Lq, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t nq = begin; nq < end; ++nq) {
-      const int64_t n = nq / s.Lq;
-      for (int64_t m = 0; m < s.M; ++m) {
-        const int64_t group = nq * s.M + m;  // (n, q, m)
-        const scalar_t* loc = sampling_locations + group * s.L * s.P * 2;
-        const scalar_t* attn = attention_weights + group * s.L * s.P;
-        scalar_t* out = output + group * s.D;  // D
-        std::fill(out, out + s.D, scalar_t(0));
-        for (int64_t l = 0; l < s.L; ++l) {
-          const int H = static_cast<int>(spatial_shapes[2 * l]);
-          const int W = static_cast<int>(spatial_shapes[2 * l + 1]);
-          const scalar_t* value_l = value + (n * s.S + level_start_index[l]) * row + m * s.D;
+  const int64_t D = Channels<kD>{s.D}();
+  const int64_t row = s.M * D;  // stride of one spatial position in value
+  // One task per (n, m, block of queries), levels in the outer loop: the value rows a task reads are those of
+  // one head and, at a time, one level, around the (usually neighbouring) locations of a few queries.
+  const int64_t num_blocks = (s.Lq + kQueryBlock - 1) / kQueryBlock;
+  at::parallel_for(0, s.N * s.M * num_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t block = task % num_blocks;
+      const int64_t m = (task / num_blocks) % s.M;
+      const int64_t n = task / (num_blocks * s.M);
+      const int64_t q_begin = block * kQueryBlock;
+      const int64_t q_end = std::min(s.Lq, q_begin + kQueryBlock);
+      for (int64_t q = q_begin; q < q_end; ++q) {
+        scalar_t* out = output + ((n * s.Lq + q) * s.M + m) * D;
+        std::fill(out, out + D, scalar_t(0));
+      }
+      for (int64_t l = 0; l < s.L; ++l) {
+        const int H = static_cast<int>(spatial_shapes[2 * l]);
+        const int W = static_cast<int>(spatial_shapes[2 * l + 1]);
+        const scalar_t* value_l = value + (n * s.S + level_start_index[l]) * row + m * D;
+        for (int64_t q = q_begin; q < q_end; ++q) {
+          const int64_t group = (n * s.Lq + q) * s.M + m;  // (n, q, m)
+          // the sum over this level's points: in registers when D is a compile-time constant
+          scalar_t local[kD > 0 ? kD : 1];
+          scalar_t* __restrict__ out = output + group * D;  // D
+          scalar_t* __restrict__ acc = kD > 0 ? local : out;
+          if (kD > 0) {
+            std::fill(acc, acc + D, scalar_t(0));
+          }
           for (int64_t p = 0; p < s.P; ++p) {
-            const int64_t k = l * s.P + p;
+            const int64_t k = group * s.L * s.P + l * s.P + p;  // (n, q, m, l, p)
             BilinearPoint<scalar_t> pt;
-            if (!pt.init(loc[2 * k], loc[2 * k + 1], H, W)) {
+            if (!pt.init(sampling_locations[2 * k], sampling_locations[2 * k + 1], H, W)) {
               continue;
             }
             for (int c = 0; c < 4; ++c) {
               if (pt.valid[c]) {
-                axpy(out, value_l + pt.offset[c] * row, attn[k] * pt.weight[c], s.D);
+                const scalar_t coeff = attention_weights[k] * pt.weight[c];
+                const scalar_t* __restrict__ v = value_l + pt.offset[c] * row;
+#pragma omp simd
+                for (int64_t d = 0; d < D; ++d) {
+                  acc[d] += coeff * v[d];
+                }
               }
+            }
+          }
+          if (kD > 0) {
+#pragma omp simd
+            for (int64_t d = 0; d < D; ++d) {
+              out[d] += acc[d];
             }
           }
         }
@@ -115,12 +145,13 @@ void forward_kernel(const scalar_t* value, const int64_t* spatial_shapes, const 
   });
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int64_t kD>
 void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const int64_t* spatial_shapes,
                      const int64_t* level_start_index, const scalar_t* sampling_locations,
                      const scalar_t* attention_weights, scalar_t* grad_value, scalar_t* grad_sampling_locations,
                      scalar_t* grad_attention_weights, const Sizes& s) {
-  const int64_t row = s.M * s.D;
+  const int64_t D = Channels<kD>{s.D}();
+  const int64_t row = s.M * D;
   // One task per (n, m, l): grad_value rows of level l, head m are written by this task only.
   at::parallel_for(0, s.N * s.M * s.L, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
@@ -129,12 +160,12 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const i
       const int64_t n = task / (s.L * s.M);
       const int H = static_cast<int>(spatial_shapes[2 * l]);
       const int W = static_cast<int>(spatial_shapes[2 * l + 1]);
-      const int64_t value_offset = (n * s.S + level_start_index[l]) * row + m * s.D;
+      const int64_t value_offset = (n * s.S + level_start_index[l]) * row + m * D;
       const scalar_t* value_l = value + value_offset;
       scalar_t* grad_value_l = grad_value + value_offset;
       for (int64_t q = 0; q < s.Lq; ++q) {
         const int64_t group = (n * s.Lq + q) * s.M + m;  // (n, q, m)
-        const scalar_t* g = grad_output + group * s.D;  // D
+        const scalar_t* __restrict__ g = grad_output + group * D;  // D
         for (int64_t p = 0; p < s.P; ++p) {
           const int64_t k = group * s.L * s.P + l * s.P + p;  // (n, q, m, l, p)
           scalar_t* grad_loc = grad_sampling_locations + 2 * k;
@@ -148,9 +179,17 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const i
           scalar_t grad_attn = 0;
           for (int c = 0; c < 4; ++c) {
             if (pt.valid[c]) {
-              dots[c] = dot(g, value_l + pt.offset[c] * row, s.D);
-              axpy(grad_value_l + pt.offset[c] * row, g, a * pt.weight[c], s.D);
-              grad_attn += pt.weight[c] * dots[c];
+              const scalar_t coeff = a * pt.weight[c];
+              const scalar_t* __restrict__ v = value_l + pt.offset[c] * row;
+              scalar_t* __restrict__ gv = grad_value_l + pt.offset[c] * row;
+              scalar_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+              for (int64_t d = 0; d < D; ++d) {
+                dot += g[d] * v[d];
+                gv[d] += coeff * g[d];
+              }
+              dots[c] = dot;
+              grad_attn += pt.weight[c] * dot;
             }
           }
           scalar_t grad_x, grad_y;
@@ -179,8 +218,11 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
     return output;
   }
   AT_DISPATCH_FLOATING_TYPES(dtype, "ms_deform_attn_forward_cpu", [&] {
-    forward_kernel<scalar_t>(value_c.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
-                             loc.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(), s);
+    dispatch_channels(s.D, [&](auto kD) {
+      forward_kernel<scalar_t, decltype(kD)::value>(value_c.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(),
+                                                    starts.data_ptr<int64_t>(), loc.data_ptr<scalar_t>(),
+                                                    attn.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(), s);
+    });
   });
   return output;
 }
@@ -204,10 +246,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   auto grad_attn = at::empty(attn.sizes(), attn.options());
   if (grad_loc.numel() > 0 && s.D > 0) {
     AT_DISPATCH_FLOATING_TYPES(dtype, "ms_deform_attn_backward_cpu", [&] {
-      backward_kernel<scalar_t>(grad_out.data_ptr<scalar_t>(), value_c.data_ptr<scalar_t>(),
-                                shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), loc.data_ptr<scalar_t>(),
-                                attn.data_ptr<scalar_t>(), grad_value.data_ptr<scalar_t>(),
-                                grad_loc.data_ptr<scalar_t>(), grad_attn.data_ptr<scalar_t>(), s);
+      dispatch_channels(s.D, [&](auto kD) {
+        backward_kernel<scalar_t, decltype(kD)::value>(
+            grad_out.data_ptr<scalar_t>(), value_c.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(),
+            starts.data_ptr<int64_t>(), loc.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(),
+            grad_value.data_ptr<scalar_t>(), grad_loc.data_ptr<scalar_t>(), grad_attn.data_ptr<scalar_t>(), s);
+      });
     });
   } else {
     grad_loc.zero_();
