@@ -1,0 +1,159 @@
+"""Training engine: optimiser groups, batch accumulation, exact resume, non-finite loss, progress log."""
+import json
+import os
+
+import pytest
+import torch
+
+from harness import checkpointing, engine
+from harness.config import DataConfig, EvalConfig, RunConfig, TrainConfig
+from harness.optim import build_optimizer, build_scheduler, param_groups
+from model import ModelConfig
+
+
+def tiny_model_config(**kw):
+    base = dict(pretrained_backbone=False, hidden_dim=32, dim_feedforward=64, enc_layers=1, dec_layers=2,
+                num_queries=10, nheads=2, num_feature_levels=2, enc_n_points=2, dec_n_points=2, attn_impl="pytorch")
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def tiny_run_config(data_root, epochs=2, model=None, train=None, data=None, eval=None):
+    return RunConfig(
+        model=model or tiny_model_config(),
+        data=DataConfig(**dict(dict(dataset="synthetic", root=str(data_root), num_workers=0, eval_size=64, max_size=96,
+                                    synthetic_train_images=4, synthetic_val_images=2, synthetic_image_size=(48, 64)),
+                               **(data or {}))),
+        train=TrainConfig(**dict(dict(epochs=epochs, batch_size_per_gpu=2, total_batch_size=2, print_freq=1,
+                                      lr_drop=1, seed=7), **(train or {}))),
+        eval=EvalConfig(**(eval or {})),
+    )
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _weights(output_dir):
+    return checkpointing.read_checkpoint(os.path.join(output_dir, checkpointing.CHECKPOINT))
+
+
+def test_param_groups_follow_official_names():
+    from model import build_model
+    model, _, _ = build_model(tiny_model_config())
+    cfg = TrainConfig()
+    groups = {g["name"]: g for g in param_groups(model, cfg)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert groups["default"]["lr"] == 2e-4
+    assert groups["backbone"]["lr"] == 2e-5
+    assert groups["linear_proj"]["lr"] == pytest.approx(2e-5)
+    assert all("backbone.0" in names[id(p)] for p in groups["backbone"]["params"])
+    proj = [names[id(p)] for p in groups["linear_proj"]["params"]]
+    assert any("sampling_offsets" in n for n in proj) and any("reference_points" in n for n in proj)
+    n_trainable = sum(1 for p in model.parameters() if p.requires_grad)
+    assert sum(len(g["params"]) for g in groups.values()) == n_trainable
+    optimizer = build_optimizer(model, cfg)
+    assert all(g["weight_decay"] == 1e-4 for g in optimizer.param_groups)
+    scheduler = build_scheduler(optimizer, TrainConfig(lr_drop=2))
+    lrs = []
+    for _ in range(3):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        scheduler.step()
+    assert lrs == pytest.approx([2e-4, 2e-4, 2e-5])
+
+
+def test_accumulation_steps_and_warning():
+    assert engine.accumulation_steps(TrainConfig(batch_size_per_gpu=2, total_batch_size=32), 16) == 1
+    assert engine.accumulation_steps(TrainConfig(batch_size_per_gpu=2, total_batch_size=32), 4) == 4
+    with pytest.warns(RuntimeWarning, match="effective total batch is 30"):
+        assert engine.accumulation_steps(TrainConfig(batch_size_per_gpu=2, total_batch_size=32), 3) == 5
+    with pytest.warns(RuntimeWarning, match="effective total batch is 2 "):
+        engine.accumulation_steps(TrainConfig(batch_size_per_gpu=2, accumulate_to_total=False), 1)
+
+
+def test_resume_is_bit_identical(tmp_path):
+    """Stopped after epoch 0 and resumed == never stopped (augmentation, dropout and accumulation on)."""
+    data = tmp_path / "data"
+    common = dict(train=dict(total_batch_size=4, max_iters_per_epoch=3, eval_every=100),
+                  data=dict(augmentation="official"), eval=dict(save_detections=False))
+    cfg = tiny_run_config(data, epochs=2, **common)
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    records = []
+    engine.train(cfg, full, log_fn=records.append, print_fn=None)
+    engine.train(tiny_run_config(data, epochs=1, **common), part, print_fn=None)
+    assert _weights(part)["epoch"] == 0
+    engine.train(cfg, part, print_fn=None)                 # resumes at epoch 1
+    a, b = _weights(full), _weights(part)
+    assert a["epoch"] == b["epoch"] == 1
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"])
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert records[1]["lr_default"] == pytest.approx(2e-5)     # lr_drop=1
+    assert {"train_loss", "train_loss_ce", "train_loss_bbox", "train_loss_giou", "epoch_time_s",
+            "AP", "AP50"} <= set(records[1])
+
+
+def test_log_jsonl_and_console(tmp_path, capsys):
+    cfg = tiny_run_config(tmp_path / "data", epochs=1, train=dict(max_iters_per_epoch=2))
+    out = str(tmp_path / "run")
+    metrics = engine.train(cfg, out)
+    lines = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert len(lines) == 1 and lines[0]["epoch"] == 0 and "train_loss" in lines[0] and "AP" in lines[0]
+    printed = capsys.readouterr().out
+    assert "epoch 0 [1/2] loss" in printed and "eta" in printed
+    assert set(metrics) >= {"AP", "AP50", "AP75", "APs", "APm", "APl", "num_detections"}
+    assert metrics["num_detections"] == 100
+    assert os.path.isfile(os.path.join(out, "detections_val2017.json"))
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
+    cfg = tiny_run_config(tmp_path / "data", epochs=2, train=dict(max_iters_per_epoch=2, eval_every=100))
+    out = str(tmp_path / "run")
+    build = engine._build_model
+    calls = {"n": 0}
+
+    def poisoned(run_cfg, device):
+        model, criterion, post = build(run_cfg, device)
+        forward = criterion.forward
+
+        def nan_in_second_epoch(outputs, targets):
+            losses = forward(outputs, targets)
+            calls["n"] += 1
+            if calls["n"] == 4:                       # epoch 1, iteration 1
+                losses["loss_bbox"] = losses["loss_bbox"] * float("nan")
+            return losses
+        criterion.forward = nan_in_second_epoch
+        return model, criterion, post
+    monkeypatch.setattr(engine, "_build_model", poisoned)
+    with pytest.raises(engine.NonFiniteLossError, match=r"epoch 1, iteration 1.*loss_bbox=nan"):
+        engine.train(cfg, out, print_fn=None)
+    state = _weights(out)                             # epoch 0's checkpoint is intact
+    assert state["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_evaluate_only_from_checkpoint(tmp_path):
+    cfg = tiny_run_config(tmp_path / "data", epochs=1, train=dict(max_iters_per_epoch=1))
+    out = str(tmp_path / "run")
+    trained = engine.train(cfg, out, print_fn=None)
+    again = engine.evaluate(cfg, str(tmp_path / "eval"), checkpoint=os.path.join(out, "checkpoint.pth"),
+                            print_fn=None)
+    for k in ("AP", "AP50", "APl"):
+        assert again[k] == pytest.approx(trained[k])
+    assert os.path.isfile(str(tmp_path / "eval" / "detections_val2017.json"))
+    with pytest.raises(checkpointing.CheckpointError, match="nothing to evaluate"):
+        engine.evaluate(cfg, str(tmp_path / "empty"), print_fn=None)
+
+
+def test_unwritable_output_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(OSError, match="not writable"):
+        engine.check_output_dir(str(blocker / "run"))

@@ -1,0 +1,143 @@
+"""COCO evaluation: metrics of known detections, results JSON, test-dev, test-time augmentation."""
+import json
+import os
+
+import pytest
+import torch
+
+from harness import evaluation
+from harness.config import EvalConfig
+from harness.data import synthetic
+from harness.data.coco import build_dataset, collate_fn
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return synthetic.generate(str(tmp_path_factory.mktemp("eval") / "synthetic"), num_train=2, num_val=4,
+                              image_size=(192, 256), seed=11)
+
+
+def _ground_truth_results(coco, image_ids, score=0.9):
+    """Perfect detections: every non-crowd box, plus a low-score false positive."""
+    results = {}
+    for img_id in image_ids:
+        anns = [a for a in coco.imgToAnns[img_id] if not a["iscrowd"]]
+        boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                              for a in anns] + [[0.0, 0.0, 5.0, 5.0]])
+        results[img_id] = dict(boxes=boxes, labels=torch.tensor([a["category_id"] for a in anns] + [1]),
+                               scores=torch.tensor([score] * len(anns) + [0.01]))
+    return results
+
+
+def test_perfect_detections_score_100(root, tmp_path):
+    ds = build_dataset(root, "val2017", train=False)
+    evaluator = evaluation.CocoEvaluator(ds.coco, num_detections=100)
+    evaluator.update(_ground_truth_results(ds.coco, ds.ids))
+    evaluator.synchronize()
+    out = str(tmp_path / "dets.json")
+    metrics = evaluator.summarize(out, verbose=False)
+    assert metrics["AP"] == pytest.approx(100.0) and metrics["AP50"] == pytest.approx(100.0)
+    assert metrics["num_detections"] == 100 and metrics["num_images"] == 4
+    assert set(metrics) >= set(evaluation.METRIC_NAMES)
+    saved = json.load(open(out))
+    assert {"image_id", "category_id", "bbox", "score"} <= set(saved[0])
+    assert len(saved) == sum(len(r["scores"]) for r in _ground_truth_results(ds.coco, ds.ids).values())
+
+
+def test_detection_on_crowd_region_is_not_a_false_positive(root):
+    ds = build_dataset(root, "val2017", train=False)
+    results = _ground_truth_results(ds.coco, ds.ids, score=0.5)
+    crowd = next(a for a in ds.coco.dataset["annotations"] if a["iscrowd"])
+    x, y, w, h = crowd["bbox"]
+    r = results[crowd["image_id"]]
+    r["boxes"] = torch.cat([r["boxes"], torch.tensor([[x, y, x + w, y + h]])])
+    r["labels"] = torch.cat([r["labels"], torch.tensor([crowd["category_id"]])])
+    r["scores"] = torch.cat([r["scores"], torch.tensor([0.99])])
+    metrics = evaluation.coco_metrics(ds.coco, sum((evaluation.to_coco_detections(i, r) for i, r in results.items()),
+                                                   []), ds.ids, verbose=False)
+    assert metrics["AP50"] == pytest.approx(100.0)
+
+
+def test_wrong_class_and_empty_results(root):
+    ds = build_dataset(root, "val2017", train=False)
+    results = _ground_truth_results(ds.coco, ds.ids)
+    for r in results.values():
+        r["labels"] = torch.full_like(r["labels"], 2)         # 2 is not a category
+    dets = sum((evaluation.to_coco_detections(i, r) for i, r in results.items()), [])
+    assert evaluation.coco_metrics(ds.coco, dets, ds.ids, verbose=False)["AP"] == 0.0
+    assert evaluation.coco_metrics(ds.coco, [], ds.ids, verbose=False)["AP50"] == 0.0
+
+
+def test_test_dev_writes_results_without_metrics(root, tmp_path):
+    ds = build_dataset(root, "val2017", train=False)
+    evaluator = evaluation.CocoEvaluator(ds.coco, num_detections=50, has_annotations=False)
+    evaluator.update(_ground_truth_results(ds.coco, ds.ids))
+    evaluator.synchronize()
+    out = str(tmp_path / "detections_test-dev2017.json")
+    metrics = evaluator.summarize(out)
+    assert "AP" not in metrics and metrics["num_detections"] == 50
+    assert len(json.load(open(out))) > 0
+
+
+class _OracleModel(torch.nn.Module):
+    """Predicts the ground truth of one known image (normalised cxcywh); :func:`predict_tta` runs the
+    unflipped pass of a size, then the flipped one, so every second call sees a mirrored image."""
+
+    def __init__(self, boxes_xyxy, labels, size_hw, num_classes=91):
+        super().__init__()
+        h, w = size_hw
+        b = boxes_xyxy / torch.tensor([w, h, w, h])
+        self.cxcywh = torch.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2, b[:, 2] - b[:, 0],
+                                   b[:, 3] - b[:, 1]], 1)
+        self.labels, self.num_classes = labels, num_classes
+        self.calls = []
+
+    def forward(self, images, mask):
+        flipped = len(self.calls) % 2 == 1
+        self.calls.append(tuple(images.shape[-2:]))
+        boxes = self.cxcywh.clone()
+        if flipped:
+            boxes[:, 0] = 1 - boxes[:, 0]
+        logits = torch.full((1, len(boxes), self.num_classes), -10.0)
+        logits[0, torch.arange(len(boxes)), self.labels] = 10.0
+        return {"pred_logits": logits, "pred_boxes": boxes[None]}
+
+
+def test_tta_merges_flip_and_scales(root):
+    import torchvision.transforms.functional as F
+    from model.postprocess import PostProcess
+    ds = build_dataset(root, "val2017", train=False, transforms=None)
+    image, target = ds[1]
+    raw = F.to_tensor(image)
+    h, w = raw.shape[1:]
+    model = _OracleModel(target["boxes"], target["labels"], (h, w))
+    results = evaluation.predict_tta(model, PostProcess(20), [raw], torch.tensor([[h, w]]), torch.device("cpu"),
+                                     sizes=[96, 128], max_size=400, num_detections=20)
+    assert model.calls == [(96, 128), (96, 128), (128, 170), (128, 170)]
+    r = results[0]
+    assert len(r["scores"]) <= 20
+    top = r["scores"].argsort(descending=True)[: len(target["labels"])]
+    # the four passes' copies of each object merged into one box, in original-image coordinates
+    for box, label in zip(target["boxes"], target["labels"]):
+        same = (r["labels"] == label) & (torch.abs(r["boxes"] - box).max(1).values < 1.0)
+        assert same.sum() == 1
+        assert same[top].sum() == 1
+
+
+def test_run_evaluation_with_tta(root):
+    from harness.engine import build_eval_loader
+    from harness.config import DataConfig, RunConfig, TrainConfig
+    from model import ModelConfig, build_model
+    torch.manual_seed(0)
+    cfg = RunConfig(model=ModelConfig(pretrained_backbone=False, hidden_dim=32, dim_feedforward=64, enc_layers=1,
+                                      dec_layers=1, num_queries=10, nheads=2, num_feature_levels=2,
+                                      attn_impl="pytorch", num_detections=30),
+                    data=DataConfig(root=root, num_workers=0, eval_size=64, max_size=96),
+                    train=TrainConfig(batch_size_per_gpu=2),
+                    eval=EvalConfig(tta=True, tta_sizes=(700, 800), num_detections=30))
+    model, _, post = build_model(cfg.model)
+    dataset, loader = build_eval_loader(cfg, root)
+    metrics = evaluation.run_evaluation(model, post, loader, dataset, torch.device("cpu"), cfg.eval, cfg.data,
+                                        verbose=False)
+    assert metrics["num_images"] == 4 and metrics["num_detections"] == 30
+    assert 0.0 <= metrics["AP"] <= 100.0
