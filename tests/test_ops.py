@@ -194,3 +194,13 @@ def test_cuda_arch_flags():
 def test_import_compiles_nothing():
     code = "import sys, model.ops; assert 'torch.utils.cpp_extension' not in sys.modules, 'imported the builder'"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_doctor(monkeypatch, capsys):
+    from model.ops import doctor
+
+    monkeypatch.setenv("DEFORMABLE_DETR_OPS_NO_BUILD", "1")  # the fixture built the CPU kernel already
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert doctor.main(["--no-build"]) == 0
+    report = capsys.readouterr().out
+    assert "[cpu] kernel loaded" in report and "impl=cpu" in report and "gradcheck ok" in report
