@@ -327,7 +327,7 @@ def train(run_cfg, output_dir: str, log_fn: Optional[Callable[[dict], None]] = N
             last_eval_epoch = epoch
         if main:
             print_fn(f"epoch {epoch} done in {_fmt_eta(train_time)}: " +
-                     ", ".join(f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float)))
+                     ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float)))
             if log_fn is not None:
                 log_fn(record)
     if last_eval_epoch != train_cfg.epochs - 1:      # already finished before (resumed at the end)
