@@ -141,7 +141,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         for spec, (outcome, value) in zip(specs, launch.wait(jobs)):
             if outcome != "success":
                 failed += 1
-                print(f"FAILED {spec.label!r} ({spec.run_id}): {str(value).strip().splitlines()[-1] if value else ''}")
+                status = store.read_status(spec.experiment, spec.run_id)
+                reason = status.reason if status is not None and status.reason else str(value).strip()
+                print(f"FAILED {spec.label!r} ({spec.run_id}): {reason}\n  log: {value}")
         _report(experiment, args)
         return 1 if failed else 0
     except (ExperimentError, ResultsError, ConfigError) as err:
