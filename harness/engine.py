@@ -170,6 +170,10 @@ def _default_log_fn(output_dir: str) -> Callable[[dict], None]:
     return log
 
 
+def _silent(*args, **kwargs):
+    pass
+
+
 def _fmt_eta(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(max(seconds, 0))))
 
@@ -248,6 +252,8 @@ def train(run_cfg, output_dir: str, log_fn: Optional[Callable[[dict], None]] = N
     Call :func:`harness.distributed.init_distributed` first for multi-process runs.
     """
     train_cfg, eval_cfg = run_cfg.train, run_cfg.eval
+    verbose = print_fn is not None
+    print_fn = print_fn or _silent
     main = dist_utils.is_main_process()
     rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -305,7 +311,7 @@ def train(run_cfg, output_dir: str, log_fn: Optional[Callable[[dict], None]] = N
         t0 = time.time()
         lrs = current_lrs(optimizer)
         losses = train_one_epoch(model, criterion, train_loader, optimizer, device, epoch, train_cfg, accum, scaler,
-                                 amp_dtype, train_cfg.max_iters_per_epoch, print_fn)
+                                 amp_dtype, train_cfg.max_iters_per_epoch, print_fn if verbose else None)
         scheduler.step()
         train_time = time.time() - t0
         if main:
@@ -322,7 +328,7 @@ def train(run_cfg, output_dir: str, log_fn: Optional[Callable[[dict], None]] = N
             t1 = time.time()
             metrics = run_evaluation(model_without_ddp, postprocessor, val_loader, val_set, device, eval_cfg,
                                      run_cfg.data, _results_file(output_dir, run_cfg, eval_cfg), amp_dtype,
-                                     verbose=print_fn is not None)
+                                     verbose=verbose)
             record.update(metrics, eval_time_s=round(time.time() - t1, 3))
             last_eval_epoch = epoch
         if main:
@@ -333,7 +339,7 @@ def train(run_cfg, output_dir: str, log_fn: Optional[Callable[[dict], None]] = N
     if last_eval_epoch != train_cfg.epochs - 1:      # already finished before (resumed at the end)
         metrics = run_evaluation(model_without_ddp, postprocessor, val_loader, val_set, device, eval_cfg,
                                  run_cfg.data, _results_file(output_dir, run_cfg, eval_cfg), amp_dtype,
-                                 verbose=print_fn is not None)
+                                 verbose=verbose)
     return dict(metrics, epochs=train_cfg.epochs)
 
 
@@ -377,6 +383,8 @@ def evaluate(run_cfg, output_dir: Optional[str] = None, model: Optional[torch.nn
     (default ``data.val_split``). The COCO results JSON goes to ``output_dir``; for a split without
     annotations (test-dev) that file is the result and the metrics are empty."""
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    verbose = print_fn is not None
+    print_fn = print_fn or _silent
     if output_dir is not None and dist_utils.is_main_process():
         check_output_dir(output_dir)
     root = data_root(run_cfg.data, output_dir)
@@ -393,7 +401,7 @@ def evaluate(run_cfg, output_dir: Optional[str] = None, model: Optional[torch.nn
                                                     "nothing to evaluate: no checkpoint given or found")
             state, path = found
             checkpointing.load_model_state(model, state["model"], path)
-        if print_fn is not None and dist_utils.is_main_process():
+        if dist_utils.is_main_process():
             print_fn(f"evaluating {path} on {split or run_cfg.data.val_split}")
     elif postprocessor is None:
         raise ValueError("evaluate(model=...) needs its postprocessor too")
@@ -401,7 +409,7 @@ def evaluate(run_cfg, output_dir: Optional[str] = None, model: Optional[torch.nn
     results_file = (os.path.join(output_dir, f"detections_{run_name}{'_tta' if run_cfg.eval.tta else ''}.json")
                     if output_dir is not None and run_cfg.eval.save_detections else None)
     return run_evaluation(model.to(device), postprocessor, loader, dataset, device, run_cfg.eval, run_cfg.data,
-                          results_file, AMP_DTYPES[run_cfg.train.amp], verbose=print_fn is not None)
+                          results_file, AMP_DTYPES[run_cfg.train.amp], verbose=verbose)
 
 
 __all__ = ["train", "evaluate", "train_one_epoch", "load_weights", "accumulation_steps", "NonFiniteLossError",

@@ -42,6 +42,7 @@ def _weights(output_dir):
     return checkpointing.read_checkpoint(os.path.join(output_dir, checkpointing.CHECKPOINT))
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\(\)`")
 def test_param_groups_follow_official_names():
     from model import build_model
     model, _, _ = build_model(tiny_model_config())
