@@ -218,6 +218,8 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch: int, tra
             else:
                 scaled.backward()
         if last_of_group:
+            if it + 1 == group_size and hasattr(model, "no_sync"):
+                _check_all_parameters_used(model)
             if scaler is not None:
                 scaler.unscale_(optimizer)
             if train_cfg.clip_max_norm > 0:
@@ -239,6 +241,18 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch: int, tra
                      f"eta {_fmt_eta(eta)}")
     n = max(1, min(n_iters, len(loader)))
     return {k: v / n for k, v in sums.items()}
+
+
+def _check_all_parameters_used(ddp_model) -> None:
+    """DDP without ``find_unused_parameters`` never reduces a bucket holding a parameter that got no
+    gradient, and the ranks silently drift apart; say which parameters instead."""
+    if getattr(ddp_model, "find_unused_parameters", False):
+        return
+    unused = [n for n, p in ddp_model.module.named_parameters() if p.requires_grad and p.grad is None]
+    if unused:
+        shown = ", ".join(unused[:6]) + (f", ... ({len(unused)} in all)" if len(unused) > 6 else "")
+        raise RuntimeError(f"trainable parameters without a gradient under DDP: {shown}. Freeze them, drop them "
+                           "from the model, or set the model attribute ddp_find_unused_parameters = True")
 
 
 def train(run_cfg, output_dir: str, log_fn: Optional[Callable[[dict], None]] = None, resume: bool = True,

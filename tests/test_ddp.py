@@ -95,3 +95,4 @@ def test_environment_from_submitit(monkeypatch):
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("3", "8", "1")
     assert os.environ["MASTER_ADDR"] == "node-a"
     assert 20000 <= int(os.environ["MASTER_PORT"]) < 40000
+

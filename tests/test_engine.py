@@ -13,7 +13,7 @@ from model import ModelConfig
 
 def tiny_model_config(**kw):
     base = dict(pretrained_backbone=False, hidden_dim=32, dim_feedforward=64, enc_layers=1, dec_layers=2,
-                num_queries=10, nheads=2, num_feature_levels=2, enc_n_points=2, dec_n_points=2, attn_impl="pytorch")
+                num_queries=10, nheads=2, num_feature_levels=3, enc_n_points=2, dec_n_points=2, attn_impl="pytorch")
     base.update(kw)
     return ModelConfig(**base)
 
@@ -42,7 +42,7 @@ def _weights(output_dir):
     return checkpointing.read_checkpoint(os.path.join(output_dir, checkpointing.CHECKPOINT))
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\(\)`")
+@pytest.mark.filterwarnings("ignore:Detected call of")
 def test_param_groups_follow_official_names():
     from model import build_model
     model, _, _ = build_model(tiny_model_config())
