@@ -158,3 +158,15 @@ def test_unwritable_output_dir(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(OSError, match="not writable"):
         engine.check_output_dir(str(blocker / "run"))
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of")      # fp16: the scaler skips steps with inf gradients
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_trains(tmp_path, amp):
+    cfg = tiny_run_config(tmp_path / "data", epochs=1, train=dict(amp=amp, max_iters_per_epoch=2),
+                          eval=dict(save_detections=False))
+    metrics = engine.train(cfg, str(tmp_path / "run"), print_fn=None)
+    assert 0.0 <= metrics["AP"] <= 100.0
+    state = _weights(str(tmp_path / "run"))
+    assert (state["scaler"] is not None) == (amp == "fp16")
+    assert all(v.dtype != torch.bfloat16 for v in state["model"].values())   # weights stay fp32
