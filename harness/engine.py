@@ -259,6 +259,7 @@ def train(run_cfg, output_dir: str, log_fn: Optional[Callable[[dict], None]] = N
           print_fn: Callable[[str], None] = print) -> Dict[str, float]:
     """Train ``run_cfg`` into ``output_dir`` and evaluate it; returns the final metrics (every rank).
 
+    With ``eval.eval_only`` it only evaluates ``eval.checkpoint`` (see :func:`evaluate`).
     Resumes from ``output_dir``'s checkpoint when ``resume`` (falling back to the previous one if the
     newest is corrupt). Without one, ``eval.checkpoint`` (if set) initialises the weights. Writes
     ``checkpoint.pth`` after every epoch, calls ``log_fn(record)`` on rank 0 once per epoch (default:
@@ -266,6 +267,11 @@ def train(run_cfg, output_dir: str, log_fn: Optional[Callable[[dict], None]] = N
     Call :func:`harness.distributed.init_distributed` first for multi-process runs.
     """
     train_cfg, eval_cfg = run_cfg.train, run_cfg.eval
+    if eval_cfg.eval_only:
+        metrics = evaluate(run_cfg, output_dir, checkpoint=eval_cfg.checkpoint, print_fn=print_fn)
+        if dist_utils.is_main_process():
+            (log_fn or _default_log_fn(output_dir))(dict(epoch=None, eval_only=True, **metrics))
+        return dict(metrics, epochs=0)
     verbose = print_fn is not None
     print_fn = print_fn or _silent
     main = dist_utils.is_main_process()

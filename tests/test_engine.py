@@ -170,3 +170,26 @@ def test_mixed_precision_trains(tmp_path, amp):
     state = _weights(str(tmp_path / "run"))
     assert (state["scaler"] is not None) == (amp == "fp16")
     assert all(v.dtype != torch.bfloat16 for v in state["model"].values())   # weights stay fp32
+
+
+def test_eval_only_run_and_test_dev(tmp_path):
+    """``eval.eval_only`` through train(); a test-dev style split (no annotations) gives the JSON only."""
+    import shutil
+    cfg = tiny_run_config(tmp_path / "data", epochs=1, train=dict(max_iters_per_epoch=1))
+    out = str(tmp_path / "run")
+    engine.train(cfg, out, print_fn=None)
+    data = str(tmp_path / "data")
+    shutil.copytree(os.path.join(data, "val2017"), os.path.join(data, "test2017"))
+    with open(os.path.join(data, "annotations", "instances_val2017.json")) as f:
+        info = {k: v for k, v in json.load(f).items() if k != "annotations"}
+    with open(os.path.join(data, "annotations", "image_info_test-dev2017.json"), "w") as f:
+        json.dump(info, f)
+    import dataclasses
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val_split="test-dev2017"),
+                              eval=EvalConfig(eval_only=True, checkpoint=os.path.join(out, "checkpoint.pth")))
+    records = []
+    metrics = engine.train(cfg, str(tmp_path / "eval"), log_fn=records.append, print_fn=None)
+    assert "AP" not in metrics and metrics["num_images"] == 2 and metrics["epochs"] == 0
+    detections = json.load(open(tmp_path / "eval" / "detections_test-dev2017.json"))
+    assert len(detections) == 2 * 100 and {d["image_id"] for d in detections} == {5, 6}
+    assert records and records[0]["eval_only"]
