@@ -1,0 +1,315 @@
+"""Inference speed (FPS) and training-iteration time, measured like the official benchmark.
+
+The official ``benchmark.py`` of Deformable DETR times ``model(inputs)`` in eval mode without gradients,
+``torch.cuda.synchronize()`` before starting and after finishing each iteration, drops the first warm-up
+iterations and reports ``batch_size / mean(iteration time)``. :func:`measure_fps` does the same on batches
+of real evaluation images (padded like the evaluation loader; the batches cycle over the given images) or on
+given tensors, already on the device (data loading is not timed).
+
+Every result records the device's name (a CPU is measured and labelled as such), the precision
+(``fp32``: TF32 off; ``tf32``: TF32 matmuls and convolutions on Ampere or newer GPUs; ``bf16``: autocast to
+bfloat16), the attention implementation that ran and the torch version.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import statistics
+import time
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+AMP_MODES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+def synchronize(device) -> None:
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def precision_context(precision: str, device):
+    """TF32 switches and autocast for ``precision``; the previous TF32 settings are restored after."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    device = torch.device(device)
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    tf32 = precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        if precision == "bf16":
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+                yield
+        else:
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def precision_label(precision: str, device) -> str:
+    device = torch.device(device)
+    if precision == "tf32" and device.type != "cuda":
+        return "fp32 (tf32 asked; TF32 exists on CUDA only)"
+    return precision
+
+
+def attention_impl(model: torch.nn.Module, device, precision: str = "fp32") -> str:
+    """Which attention implementation runs: the compiled kernel of the device, the pure-PyTorch reference,
+    dense attention (DETR) or none (Faster R-CNN)."""
+    from model.ms_deform_attn import MSDeformAttn
+
+    device = torch.device(device)
+    impls = {m.impl for m in model.modules() if isinstance(m, MSDeformAttn)}
+    if not impls:
+        if any(isinstance(m, torch.nn.MultiheadAttention) for m in model.modules()):
+            return "dense (torch.nn.MultiheadAttention)"
+        return "none"
+    from model import ops
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    names = []
+    for impl in sorted(impls):
+        if impl == "pytorch":
+            names.append("ms_deform_attn pytorch reference (grid_sample)")
+        elif impl in ("cpu", "cuda"):
+            names.append(f"ms_deform_attn compiled {impl} kernel")
+        elif dtype in ops.KERNEL_DTYPES.get(device.type, ()) and ops.kernel_available(device.type):
+            names.append(f"ms_deform_attn compiled {device.type} kernel (auto)")
+        else:
+            names.append("ms_deform_attn pytorch reference (grid_sample; auto, no kernel for this device/dtype)")
+    return ", ".join(names)
+
+
+def environment(device, precision: str, model: Optional[torch.nn.Module] = None) -> dict:
+    from harness.complexity import device_name
+
+    device = torch.device(device)
+    record = {"fps_device": device_name(device), "device_type": device.type,
+              "precision": precision_label(precision, device), "torch": torch.__version__}
+    if device.type == "cuda":
+        record["cuda"] = torch.version.cuda
+    if model is not None:
+        record["attn_impl"] = attention_impl(model, device, precision)
+    return record
+
+
+def pad_batch(images: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """C x H x W images -> (B x C x H x W zero-padded bottom/right, B x H x W mask True on padding),
+    like the evaluation loader's collate."""
+    h = max(img.shape[1] for img in images)
+    w = max(img.shape[2] for img in images)
+    out = images[0].new_zeros((len(images), images[0].shape[0], h, w))
+    mask = torch.ones((len(images), h, w), dtype=torch.bool, device=images[0].device)
+    for img, pad, m in zip(images, out, mask):
+        pad[:, : img.shape[1], : img.shape[2]].copy_(img)
+        m[: img.shape[1], : img.shape[2]] = False
+    return out, mask
+
+
+def make_batches(images: Union[Sequence[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]], batch_size: int,
+                 device, max_batches: Optional[int] = None) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """Padded batches of ``batch_size`` on ``device``.
+
+    ``images``: C x H x W tensors (consecutive groups, wrapping around to fill the last one; at most
+    ``max_batches``) or one ready (images, mask) batch, used as it is.
+    """
+    device = torch.device(device)
+    if isinstance(images, tuple) and len(images) == 2 and isinstance(images[0], torch.Tensor) \
+            and images[0].dim() == 4:
+        return [(images[0].to(device), images[1].to(device))]
+    images = list(images)
+    if not images:
+        raise ValueError("no images to time")
+    n_batches = max(1, -(-len(images) // batch_size))
+    if max_batches is not None:
+        n_batches = min(n_batches, max_batches)
+    batches = []
+    for b in range(n_batches):
+        group = [images[(b * batch_size + j) % len(images)].to(device) for j in range(batch_size)]
+        batches.append(pad_batch(group))
+    return batches
+
+
+def _timings_summary(times: List[float], batch_size: int) -> dict:
+    mean = statistics.fmean(times)
+    return {"fps": batch_size / mean, "batch_size": batch_size, "iters": len(times), "mean_s": mean,
+            "median_s": statistics.median(times), "std_s": statistics.pstdev(times) if len(times) > 1 else 0.0,
+            "min_s": min(times)}
+
+
+# ------------------------------------------------------------------------------------------ inference
+
+@torch.no_grad()
+def measure_fps(model: torch.nn.Module, images, batch_size: int = 1, iters: int = 100, warmup: int = 10,
+                device=None, precision: str = "fp32") -> dict:
+    """Frames per second of ``model(images, mask)`` in eval mode.
+
+    ``images``: C x H x W tensors (real evaluation images, batched ``batch_size`` at a time and cycled) or one
+    (images, mask) batch. ``warmup`` untimed iterations, then ``iters`` timed ones, each between two device
+    synchronisations. Returns ``fps`` (= batch_size / mean iteration time), the timing statistics, the device,
+    precision, attention implementation and torch version.
+    """
+    if iters < 1 or warmup < 0 or batch_size < 1:
+        raise ValueError("measure_fps: iters and batch_size must be >= 1 and warmup >= 0")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model = model.to(device).eval()
+    batches = make_batches(images, batch_size, device, max_batches=warmup + iters)
+    batch_size = batches[0][0].shape[0]
+    times = []
+    with precision_context(precision, device):
+        for it in range(warmup + iters):
+            images_b, mask_b = batches[it % len(batches)]
+            synchronize(device)
+            start = time.perf_counter()
+            model(images_b, mask_b)
+            synchronize(device)
+            if it >= warmup:
+                times.append(time.perf_counter() - start)
+    return {**_timings_summary(times, batch_size), "warmup": warmup, "num_inputs": len(batches) * batch_size,
+            "input_sizes": sorted({"x".join(map(str, b[0].shape[-2:])) for b in batches}),
+            **environment(device, precision, model)}
+
+
+def measure_speed(model: torch.nn.Module, images, batch_sizes: Sequence[int] = (1, 4), iters: int = 100,
+                  warmup: int = 10, device=None, precision: str = "fp32") -> dict:
+    """:func:`measure_fps` at each batch size: ``fps_bs<B>`` for each and the details under ``fps_details``,
+    with the device (``fps_device``), precision, attention implementation and torch version."""
+    details = {}
+    record: Dict[str, object] = {}
+    for bs in batch_sizes:
+        result = measure_fps(model, images, batch_size=bs, iters=iters, warmup=warmup, device=device,
+                             precision=precision)
+        record[f"fps_bs{bs}"] = result["fps"]
+        details[f"bs{bs}"] = {k: result[k] for k in ("fps", "batch_size", "iters", "warmup", "mean_s",
+                                                      "median_s", "std_s", "min_s", "num_inputs", "input_sizes")}
+        env = {k: result[k] for k in ("fps_device", "device_type", "precision", "torch", "attn_impl", "cuda")
+               if k in result}
+        record.update(env)
+    record["fps_details"] = details
+    return record
+
+
+def measure_run_speed(run_cfg, device=None, root: Optional[str] = None, fixed_size: Optional[Tuple[int, int]] = None,
+                      model: Optional[torch.nn.Module] = None, iters: Optional[int] = None,
+                      output_dir: Optional[str] = None) -> dict:
+    """FPS of ``run_cfg.model`` as ``run_cfg.benchmark`` asks (batch sizes, warm-up, precision) on its first
+    ``fps_images`` evaluation images, or on one 3 x H x W image (``fixed_size``) when no dataset is at hand.
+    ``model``: time this one (for example the trained model) instead of a freshly built one."""
+    from harness.complexity import build_for_complexity, evaluation_images, fixed_size_input
+
+    bench = run_cfg.benchmark
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if model is None:
+        model = build_for_complexity(run_cfg.model)
+    if fixed_size is not None:
+        images = [fixed_size_input(*fixed_size)[0][0][0]]
+        described = f"3x{fixed_size[0]}x{fixed_size[1]}"
+    else:
+        images = evaluation_images(run_cfg, bench.fps_images, root=root, output_dir=output_dir)
+        described = f"first {len(images)} {run_cfg.data.val_split} images ({run_cfg.data.dataset})"
+    record = measure_speed(model, images, batch_sizes=bench.fps_batch_sizes, warmup=bench.fps_warmup,
+                           iters=iters or bench.fps_images, device=device, precision=bench.precision)
+    record["fps_input"] = described
+    return record
+
+
+# ------------------------------------------------------------------------------------------ training
+
+def synthetic_targets(batch_size: int, num_classes: int = 91, objects: int = 8, seed: int = 0, device="cpu"
+                      ) -> List[dict]:
+    """Targets like the training loader's: ``labels`` (int64) and ``boxes`` (normalised cx, cy, w, h)."""
+    g = torch.Generator().manual_seed(seed)
+    targets = []
+    for _ in range(batch_size):
+        centre = 0.2 + 0.6 * torch.rand((objects, 2), generator=g)
+        size = 0.05 + 0.3 * torch.rand((objects, 2), generator=g)
+        labels = torch.randint(1, num_classes, (objects,), generator=g)
+        targets.append({"labels": labels.to(device), "boxes": torch.cat([centre, size], 1).to(device)})
+    return targets
+
+
+def measure_train_step(model: torch.nn.Module, criterion: torch.nn.Module, images: torch.Tensor,
+                       mask: torch.Tensor, targets: List[dict], amp: str = "off", iters: int = 10, warmup: int = 3,
+                       device=None, lr: float = 1e-4, clip_max_norm: float = 0.1) -> dict:
+    """Seconds per training iteration (forward, loss, backward, gradient clipping, AdamW step) on one batch.
+
+    ``amp``: ``off`` | ``bf16`` | ``fp16`` (autocast; fp16 with a gradient scaler), as ``train.amp``. The
+    model's weights are changed by the steps: time a copy if they matter. Returns ``mean_s``, ``median_s``,
+    ``std_s``, ``iters_per_s``, ``images_per_s``, ``batch_size``, ``amp``, ``peak_memory_mb`` (CUDA) and the
+    device, torch version and attention implementation.
+    """
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp {amp!r}: expected one of {', '.join(AMP_MODES)}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model, criterion = model.to(device).train(), criterion.to(device).train()
+    images, mask = images.to(device), mask.to(device)
+    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+    amp_dtype = AMP_MODES[amp]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    weight_dict = criterion.weight_dict
+    needs_targets = getattr(model, "needs_targets", False)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for it in range(warmup + iters):
+        synchronize(device)
+        start = time.perf_counter()
+        with (torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None
+              else contextlib.nullcontext()):
+            outputs = model(images, mask, targets=targets) if needs_targets else model(images, mask)
+            loss_dict = criterion(outputs, targets)
+            loss = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if clip_max_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, clip_max_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        synchronize(device)
+        if it >= warmup:
+            times.append(time.perf_counter() - start)
+    batch_size = images.shape[0]
+    summary = _timings_summary(times, batch_size)
+    record = {"mean_s": summary["mean_s"], "median_s": summary["median_s"], "std_s": summary["std_s"],
+              "iters": len(times), "warmup": warmup, "iters_per_s": 1.0 / summary["mean_s"],
+              "images_per_s": summary["fps"], "batch_size": batch_size, "amp": amp,
+              "input_size": "x".join(map(str, images.shape[-2:])), "loss": float(loss.detach())}
+    if device.type == "cuda":
+        record["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    env = environment(device, "bf16" if amp == "bf16" else "fp32", model)
+    env.pop("precision")
+    return {**record, **env}
+
+
+def measure_run_train_step(run_cfg, device=None, amp: Optional[str] = None, batch_size: int = 2,
+                           image_size: Tuple[int, int] = (800, 1199), iters: int = 10, warmup: int = 3) -> dict:
+    """:func:`measure_train_step` for ``run_cfg.model`` on a batch of ``batch_size`` 3 x H x W images with
+    synthetic targets (the paper's training-time measurements use batch 2 per GPU); ``amp`` defaults to
+    ``run_cfg.train.amp``."""
+    from harness.complexity import fixed_size_input
+    from model import build_model
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model_cfg = dataclasses.replace(run_cfg.model, pretrained_backbone=False, backbone_weights=None)
+    model, criterion, _ = build_model(model_cfg)
+    images = torch.cat([fixed_size_input(*image_size, seed=i)[0][0] for i in range(batch_size)])
+    mask = torch.zeros((batch_size,) + tuple(image_size), dtype=torch.bool)
+    targets = synthetic_targets(batch_size, num_classes=model_cfg.num_classes)
+    return measure_train_step(model, criterion, images, mask, targets, amp=amp or run_cfg.train.amp, iters=iters,
+                              warmup=warmup, device=device, lr=run_cfg.train.lr,
+                              clip_max_norm=run_cfg.train.clip_max_norm)
