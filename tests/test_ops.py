@@ -38,6 +38,15 @@ def test_cpu_kernel_matches_reference_float64(name, spatial_shapes, M, D, P):
         assert max_relative_error(a, e) <= 1e-8, what
 
 
+@pytest.mark.parametrize("D", [1, 12, 64, 300])  # channel counts without (1, 12, 300) and with a specialised loop
+def test_cpu_kernel_other_channel_counts(D):
+    inputs = make_inputs(CASES[2][1], M=3, D=D, P=2, N=1, Lq=70)  # Lq > one block of queries
+    actual = forward_and_grads(cpu_kernel, inputs)
+    expected = forward_and_grads(ms_deform_attn_pytorch, inputs)
+    for a, e in zip(actual, expected):
+        assert max_relative_error(a, e) <= 1e-8
+
+
 def test_cpu_kernel_float32():
     inputs = make_inputs(CASES[-1][1], M=2, D=32, P=4, dtype=torch.float32)
     actual = forward_and_grads(cpu_kernel, inputs)

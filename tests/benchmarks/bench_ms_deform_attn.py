@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -174,7 +175,7 @@ def main(argv=None):
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
-    results = {"torch": torch.__version__, "cuda": torch.version.cuda, "dtype": args.dtype,
+    results = {"load_average_at_start": os.getloadavg()[0], "torch": torch.__version__, "cuda": torch.version.cuda, "dtype": args.dtype,
                "sizes": {"spatial_shapes": SPATIAL_SHAPES, "M": M, "D": D, "P": P, "Lq": STAGES},
                "devices": []}
     for device_type in args.device:
