@@ -49,6 +49,18 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the message names the epoch, iteration and loss terms."""
 
 
+class TrainingInterrupted(SystemExit):
+    """``should_stop()`` asked to stop (pre-emption, time-out); a mid-epoch checkpoint was written and
+    the next :func:`train` call carries on from it. A ``SystemExit``, so job code that marks failures
+    on ``Exception`` leaves the run to its requeued attempt."""
+
+
+class _Stop(Exception):
+    def __init__(self, iteration: int, sums: Dict[str, float]):
+        super().__init__(iteration)
+        self.iteration, self.sums = iteration, sums
+
+
 # ----------------------------------------------------------------------------------------- set-up
 
 def seed_everything(seed: int) -> None:
@@ -153,7 +165,7 @@ def check_output_dir(output_dir: str, model: Optional[torch.nn.Module] = None) -
 
 def _build_model(run_cfg, device):
     from model import build_model
-    model, criterion, postprocessor = build_model(run_cfg.model)
+    model, criterion, postprocessor = build_model(run_cfg.model, num_detections=run_cfg.eval.num_detections)
     return model.to(device), criterion.to(device), postprocessor
 
 
@@ -181,19 +193,32 @@ def _fmt_eta(seconds: float) -> str:
 # --------------------------------------------------------------------------------------- training
 
 def train_one_epoch(model, criterion, loader, optimizer, device, epoch: int, train_cfg, accum_steps: int = 1,
-                    scaler=None, amp_dtype=None, max_iters: Optional[int] = None, print_fn=print) -> Dict[str, float]:
-    """One pass over ``loader``; returns the epoch means of the weighted loss and its terms (all ranks)."""
+                    scaler=None, amp_dtype=None, max_iters: Optional[int] = None, print_fn=print,
+                    should_stop: Optional[Callable[[], bool]] = None, resume_from: Optional[dict] = None
+                    ) -> Dict[str, float]:
+    """One pass over ``loader``; returns the epoch means of the weighted loss and its terms (all ranks).
+
+    ``should_stop()`` is asked after every optimiser step (any rank saying yes stops all); the pass then
+    ends with ``_Stop``. ``resume_from`` (``iteration``, this rank's ``rng`` state there, loss ``sums``)
+    replays the loader up to that iteration without training, so the data and augmentation stay those
+    of an uninterrupted epoch, then restores the generators and goes on.
+    """
     model.train()
     criterion.train()
     weight_dict = criterion.weight_dict
     needs_targets = getattr(getattr(model, "module", model), "needs_targets", False)
     n_iters = len(loader) if max_iters is None else min(len(loader), max_iters)
-    sums: Dict[str, float] = {}
+    sums: Dict[str, float] = dict(resume_from["sums"]) if resume_from else {}
+    skip = resume_from["iteration"] if resume_from else 0
     start = time.time()
     optimizer.zero_grad(set_to_none=True)
     for it, (images, mask, targets) in enumerate(loader):
         if it >= n_iters:
             break
+        if it < skip:
+            if it == skip - 1 and resume_from.get("rng") is not None:
+                checkpointing.set_rng_state(resume_from["rng"])
+            continue
         images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
         targets = _to_device(targets, device)
         group_start = (it // accum_steps) * accum_steps
@@ -232,10 +257,14 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch: int, tra
             optimizer.zero_grad(set_to_none=True)
         for k, v in values.items():
             sums[k] = sums.get(k, 0.0) + v
+        if last_of_group and should_stop is not None and it + 1 < n_iters:
+            flag = torch.tensor([1.0 if should_stop() else 0.0], device=device if device.type == "cuda" else None)
+            if float(dist_utils.reduce_sum_tensor(flag)) > 0:
+                raise _Stop(it + 1, sums)
         if print_fn is not None and dist_utils.is_main_process() and (
                 it % max(1, train_cfg.print_freq) == 0 or it == n_iters - 1):
             elapsed = time.time() - start
-            eta = elapsed / (it + 1) * (n_iters - it - 1)
+            eta = elapsed / (it + 1 - skip) * (n_iters - it - 1)
             print_fn(f"epoch {epoch} [{it + 1}/{n_iters}] loss {values['loss']:.4f} "
                      f"(mean {sums['loss'] / (it + 1):.4f}) lr {optimizer.param_groups[0]['lr']:.2e} "
                      f"eta {_fmt_eta(eta)}")
@@ -256,7 +285,8 @@ def _check_all_parameters_used(ddp_model) -> None:
 
 
 def train(run_cfg, output_dir: str, log_fn: Optional[Callable[[dict], None]] = None, resume: bool = True,
-          print_fn: Callable[[str], None] = print) -> Dict[str, float]:
+          print_fn: Callable[[str], None] = print, should_stop: Optional[Callable[[], bool]] = None
+          ) -> Dict[str, float]:
     """Train ``run_cfg`` into ``output_dir`` and evaluate it; returns the final metrics (every rank).
 
     With ``eval.eval_only`` it only evaluates ``eval.checkpoint`` (see :func:`evaluate`).
@@ -264,6 +294,9 @@ def train(run_cfg, output_dir: str, log_fn: Optional[Callable[[dict], None]] = N
     newest is corrupt). Without one, ``eval.checkpoint`` (if set) initialises the weights. Writes
     ``checkpoint.pth`` after every epoch, calls ``log_fn(record)`` on rank 0 once per epoch (default:
     append to ``<output_dir>/log.jsonl``) and saves the COCO results JSON of each evaluation.
+    ``should_stop`` (e.g. "SLURM sent its pre-emption signal") is polled after every optimiser step;
+    when it says yes, a mid-epoch checkpoint is written and :class:`TrainingInterrupted` raised; the
+    next call resumes there, with the same final weights as a run that never stopped.
     Call :func:`harness.distributed.init_distributed` first for multi-process runs.
     """
     train_cfg, eval_cfg = run_cfg.train, run_cfg.eval
@@ -300,7 +333,7 @@ def train(run_cfg, output_dir: str, log_fn: Optional[Callable[[dict], None]] = N
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     accum = accumulation_steps(train_cfg, world)
 
-    start_epoch = 0
+    start_epoch, partial = 0, None
     found = checkpointing.load_latest(output_dir, log=print_fn if main else None) if resume else None
     if found is not None:
         state, path = found
@@ -312,8 +345,11 @@ def train(run_cfg, output_dir: str, log_fn: Optional[Callable[[dict], None]] = N
         if state.get("rng") is not None:
             checkpointing.set_rng_state(state["rng"])
         start_epoch = state["epoch"] + 1
+        partial = state.get("partial")
         if main:
-            print_fn(f"resumed from {path} after epoch {state['epoch']}")
+            where = f"epoch {partial['epoch']}, iteration {partial['iteration']}" if partial else \
+                f"the end of epoch {state['epoch']}"
+            print_fn(f"resumed from {path} at {where}")
     elif eval_cfg.checkpoint:
         load_weights(model, eval_cfg.checkpoint)
 
@@ -330,8 +366,29 @@ def train(run_cfg, output_dir: str, log_fn: Optional[Callable[[dict], None]] = N
         sampler.set_epoch(epoch)
         t0 = time.time()
         lrs = current_lrs(optimizer)
-        losses = train_one_epoch(model, criterion, train_loader, optimizer, device, epoch, train_cfg, accum, scaler,
-                                 amp_dtype, train_cfg.max_iters_per_epoch, print_fn if verbose else None)
+        resume_from = None
+        if partial is not None and partial["epoch"] == epoch:
+            rngs = partial["rng"]
+            resume_from = dict(iteration=partial["iteration"], sums=partial["sums"],
+                               rng=rngs[rank] if len(rngs) == world else None)
+        try:
+            losses = train_one_epoch(model, criterion, train_loader, optimizer, device, epoch, train_cfg, accum,
+                                     scaler, amp_dtype, train_cfg.max_iters_per_epoch, print_fn if verbose else None,
+                                     should_stop=should_stop, resume_from=resume_from)
+        except _Stop as stop:
+            rngs = dist_utils.all_gather_object(checkpointing.rng_state())
+            if main:
+                checkpointing.save_checkpoint(output_dir, dict(
+                    model=model_without_ddp.state_dict(), optimizer=optimizer.state_dict(),
+                    lr_scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler is not None else None,
+                    epoch=epoch - 1, rng=rngs[0], sampler=dict(epoch=epoch, seed=train_cfg.seed),
+                    partial=dict(epoch=epoch, iteration=stop.iteration, rng=rngs, sums=stop.sums),
+                    world_size=world, accumulation_steps=accum, config=_config_dict(run_cfg)))
+                print_fn(f"stopped at epoch {epoch}, iteration {stop.iteration}: checkpoint saved")
+            dist_utils.barrier()
+            raise TrainingInterrupted(f"training stopped at epoch {epoch}, iteration {stop.iteration}; "
+                                      f"a checkpoint was saved in {output_dir}") from None
+        partial = None
         scheduler.step()
         train_time = time.time() - t0
         if main:

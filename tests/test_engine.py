@@ -193,3 +193,28 @@ def test_eval_only_run_and_test_dev(tmp_path):
     detections = json.load(open(tmp_path / "eval" / "detections_test-dev2017.json"))
     assert len(detections) == 2 * 100 and {d["image_id"] for d in detections} == {5, 6}
     assert records and records[0]["eval_only"]
+
+
+@pytest.mark.parametrize("stop_at_poll", [1, 2])       # epoch 0 (nothing finished yet) / epoch 1
+def test_stop_mid_epoch_and_resume_is_bit_identical(tmp_path, stop_at_poll):
+    """A pre-emption signal mid-epoch: checkpoint, stop, resume -> the weights of an uninterrupted run."""
+    data = tmp_path / "data"
+    common = dict(train=dict(total_batch_size=4, max_iters_per_epoch=4, eval_every=100),
+                  data=dict(augmentation="official", synthetic_train_images=8), eval=dict(save_detections=False))
+    cfg = tiny_run_config(data, epochs=2, **common)
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    engine.train(cfg, full, print_fn=None)
+    polls = []
+
+    def should_stop():
+        polls.append(1)
+        return len(polls) == stop_at_poll
+    with pytest.raises(engine.TrainingInterrupted, match=f"epoch {stop_at_poll - 1}, iteration 2"):
+        engine.train(cfg, part, print_fn=None, should_stop=should_stop)
+    state = _weights(part)
+    assert state["epoch"] == stop_at_poll - 2 and state["partial"]["iteration"] == 2
+    engine.train(cfg, part, print_fn=None, should_stop=lambda: False)
+    a, b = _weights(full), _weights(part)
+    assert b["epoch"] == 1 and b.get("partial") is None
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
