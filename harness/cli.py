@@ -69,7 +69,11 @@ def _job_alive(launch):
 
 
 def submit(experiment, store, executor=None):
-    """Submit every row that is not done, queued or running; returns (submitted specs, jobs)."""
+    """Submit every row that is not done, queued or running; returns (specs, jobs, outcomes).
+
+    Local jobs (one machine, often one GPU or a few CPU cores) run one after the other, so this waits
+    for them and ``outcomes`` holds their results; SLURM jobs are only submitted (``outcomes`` is None).
+    """
     from harness import launch
     from harness.job import JobRequest, git_commit, run_job
 
@@ -89,7 +93,7 @@ def submit(experiment, store, executor=None):
             store.prepare(e.spec)
             specs.append(e.spec)
     if not specs:
-        return [], []
+        return [], [], []
     commit = git_commit()
     requests = [JobRequest(spec, str(store.root), commit) for spec in specs]
 
@@ -100,14 +104,22 @@ def submit(experiment, store, executor=None):
         print(f"submitted {spec.label!r} ({spec.run_id}) as job {job.job_id}", flush=True)
 
     exp_root = Path(store.root) / experiment.name
+    kind = launch.resolve_executor(executor or specs[0].config.launcher.executor)
+    batches = [[r] for r in requests] if kind == "local" else [requests]
+    jobs, outcomes = [], [] if kind == "local" else None
     try:
-        jobs = launch.submit(requests, run_job, lambda r: r.spec.config.launcher, exp_root / ".submitit",
-                             executor=executor, job_name=f"{experiment.name}", snapshot_root=exp_root / ".snapshots",
-                             repo_root=ROOT, on_submitted=on_submitted)
+        for batch in batches:
+            submitted = launch.submit(batch, run_job, lambda r: r.spec.config.launcher, exp_root / ".submitit",
+                                      executor=kind, job_name=experiment.name,
+                                      snapshot_root=exp_root / ".snapshots", repo_root=ROOT,
+                                      on_submitted=on_submitted)
+            jobs += submitted
+            if outcomes is not None:
+                outcomes += launch.wait(submitted)
     finally:
         for claim in claims.values():
             store.release(claim)
-    return specs, jobs
+    return specs, jobs, outcomes
 
 
 def _report(experiment, args) -> None:
@@ -131,14 +143,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.report:
             _report(experiment, args)
             return 0
-        specs, jobs = submit(experiment, store, args.executor)
-        if not (args.wait or args.smoke):
+        specs, jobs, outcomes = submit(experiment, store, args.executor)
+        if outcomes is None and not (args.wait or args.smoke):
             if jobs:
                 print(f"{len(jobs)} job(s) submitted; follow with --status, then --report")
             return 0
         from harness import launch
         failed = 0
-        for spec, (outcome, value) in zip(specs, launch.wait(jobs)):
+        for spec, (outcome, value) in zip(specs, outcomes if outcomes is not None else launch.wait(jobs)):
             if outcome != "success":
                 failed += 1
                 status = store.read_status(spec.experiment, spec.run_id)

@@ -75,14 +75,16 @@ def _device_name(torch) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-def measure(run_cfg, model=None) -> dict:
+def measure(run_cfg, output_dir) -> dict:
     """Parameters, FLOPs (fvcore, over the first evaluation images) and FPS of the run's model."""
     from harness import complexity, speed
-    out = {}
     bench = run_cfg.benchmark
-    out.update(complexity.measure_complexity(run_cfg, model=model, images=bench.flops_images if bench.flops else 0))
+    if bench.flops:
+        out = complexity.measure_complexity(run_cfg, images=bench.flops_images, output_dir=output_dir)
+    else:
+        out = {"params": complexity.count_parameters(complexity.build_for_complexity(run_cfg.model))}
     if bench.fps:
-        out.update(speed.measure_run_fps(run_cfg, model=model))
+        out.update(speed.measure_run_speed(run_cfg, output_dir=output_dir))
     return out
 
 
@@ -119,14 +121,16 @@ def run_job(request: JobRequest) -> dict:
         dist_utils.barrier()
         if main:
             metrics = dict(metrics)
-            measured = measure(cfg)
+            print("measuring parameters, FLOPs and FPS", flush=True)
+            measured = measure(cfg, str(out_dir))
             world = info["world_size"]
             gpus = world if torch.cuda.is_available() else 0
             metrics.update(measured)
+            metrics.setdefault("attn_impl", cfg.model.attn_impl)
             metrics.update(
                 label=spec.label, seed=spec.seed, run_id=run_id, scale=spec.scale, dataset=cfg.data.dataset,
                 epochs_trained=metrics.pop("epochs", cfg.train.epochs), num_detections=cfg.eval.num_detections,
-                attn_impl=cfg.model.attn_impl, device=_device_name(torch), world_size=world,
+                device=_device_name(torch), world_size=world,
                 gpu_hours=round(gpus * (time.time() - started) / 3600, 4) if gpus else None,
                 commit=request.commit, date=datetime.date.today().isoformat(), torch=torch.__version__)
             store.write_metrics(exp, run_id, metrics)

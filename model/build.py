@@ -8,12 +8,14 @@ from .matcher import build_matcher
 from .postprocess import PostProcess
 
 
-def build_model(cfg: ModelConfig):
+def build_model(cfg: ModelConfig, num_detections: int = 100):
+    """The model, its training criterion and its post-processor (keeping ``num_detections`` per image;
+    the official evaluation keeps 100)."""
     if cfg.arch == "faster_rcnn":
-        return faster_rcnn.build(cfg)
+        return faster_rcnn.build(cfg, num_detections)
     model = deformable_detr.build(cfg) if cfg.arch == "deformable_detr" else detr.build(cfg)
     criterion = build_criterion(cfg, build_matcher(cfg))
-    return model, criterion, PostProcess(cfg.num_detections, focal_loss=cfg.focal_loss)
+    return model, criterion, PostProcess(num_detections, focal_loss=cfg.focal_loss)
 
 
 def count_parameters(model) -> int:

@@ -66,7 +66,6 @@ class ModelConfig:
     giou_loss_coef: float = 2.0
     focal_alpha: float = 0.25
     eos_coef: float = 0.1                   # weight of the no-object class (softmax loss only)
-    num_detections: int = 100               # detections kept per image by the post-processor
 
     def __post_init__(self):
         validate(self)
@@ -113,7 +112,7 @@ def validate(cfg: ModelConfig) -> None:
     _choice("attn_impl", cfg.attn_impl, ATTN_IMPLS)
     _choice("position_embedding", cfg.position_embedding, ("sine", "learned"))
     _positive(cfg, "num_feature_levels", "enc_n_points", "dec_n_points", "num_queries", "num_classes",
-              "hidden_dim", "dim_feedforward", "nheads", "enc_layers", "dec_layers", "num_detections")
+              "hidden_dim", "dim_feedforward", "nheads", "enc_layers", "dec_layers")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ConfigError("dropout", f"got {cfg.dropout!r}, expected 0 <= dropout < 1")
     if cfg.hidden_dim % cfg.nheads:

@@ -82,7 +82,7 @@ class _BatchingOnly(GeneralizedRCNNTransform):
         return image, target
 
 
-def build(cfg):
+def build(cfg, num_detections=100):
     """torchvision's ``fasterrcnn_resnet50_fpn`` recipe, FPN P2-P6, 91 classes including background index 0.
 
     As in torchvision, an ImageNet-initialised trunk has frozen BN with the stem and res2 frozen
@@ -98,6 +98,6 @@ def build(cfg):
         _load_imagenet_weights(trunk, cfg.backbone, cfg.backbone_weights)
     trainable_layers = (3 if pretrained else 5) if cfg.train_backbone else 0
     backbone = _resnet_fpn_extractor(trunk, trainable_layers=trainable_layers)
-    detector = FasterRCNN(backbone, num_classes=cfg.num_classes, box_detections_per_img=cfg.num_detections)
+    detector = FasterRCNN(backbone, num_classes=cfg.num_classes, box_detections_per_img=num_detections)
     detector.transform = _BatchingOnly()
-    return FasterRCNNDetector(detector), PassThroughCriterion(), DetectionsPostProcess(cfg.num_detections)
+    return FasterRCNNDetector(detector), PassThroughCriterion(), DetectionsPostProcess(num_detections)
