@@ -131,11 +131,11 @@ def test_run_evaluation_with_tta(root):
     torch.manual_seed(0)
     cfg = RunConfig(model=ModelConfig(pretrained_backbone=False, hidden_dim=32, dim_feedforward=64, enc_layers=1,
                                       dec_layers=1, num_queries=10, nheads=2, num_feature_levels=2,
-                                      attn_impl="pytorch", num_detections=30),
+                                      attn_impl="pytorch"),
                     data=DataConfig(root=root, num_workers=0, eval_size=64, max_size=96),
                     train=TrainConfig(batch_size_per_gpu=2),
                     eval=EvalConfig(tta=True, tta_sizes=(700, 800), num_detections=30))
-    model, _, post = build_model(cfg.model)
+    model, _, post = build_model(cfg.model, num_detections=cfg.eval.num_detections)
     dataset, loader = build_eval_loader(cfg, root)
     metrics = evaluation.run_evaluation(model, post, loader, dataset, torch.device("cpu"), cfg.eval, cfg.data,
                                         verbose=False)
