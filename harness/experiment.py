@@ -391,8 +391,8 @@ def check_run_config(cfg: RunConfig) -> None:
         raise ConfigError("data.synthetic_image_size", "expected [height, width] >= 1")
     if d.max_size < d.eval_size:
         raise ConfigError("data.max_size", f"got {d.max_size}, expected >= data.eval_size ({d.eval_size})")
-    if l.executor in ("slurm", "auto") and l.gpus_per_node < 1:
-        raise ConfigError("launcher.gpus_per_node", f"got {l.gpus_per_node}, expected >= 1 for SLURM runs")
+    if l.gpus_per_node < 0:
+        raise ConfigError("launcher.gpus_per_node", f"got {l.gpus_per_node}, expected >= 0 (0: a CPU job)")
     per_step = t.batch_size_per_gpu * world_size(l)
     if t.accumulate_to_total and t.total_batch_size % per_step:
         raise ConfigError("train.total_batch_size",

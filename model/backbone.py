@@ -84,9 +84,10 @@ def _load_imagenet_weights(net: nn.Module, name: str, weights_path: str | None):
 
 
 class Backbone(nn.Module):
-    """A ResNet trunk returning C3-C5 (``return_interm_layers``) or C5, each with its downsampled mask."""
+    """A ResNet trunk returning its last ``num_outputs`` stages of C3-C5 (3: C3-C5 as in the official
+    multi-scale model, 1: C5 alone), each with its downsampled mask."""
 
-    def __init__(self, name, train_backbone, return_interm_layers, dilation, dcn=False, pretrained=False,
+    def __init__(self, name, train_backbone, num_outputs, dilation, dcn=False, pretrained=False,
                  weights_path=None):
         super().__init__()
         fn = getattr(torchvision.models, _BACKBONES[name][0])
@@ -99,14 +100,13 @@ class Backbone(nn.Module):
             # the stem and layer1 stay frozen, as in the official recipe
             if not train_backbone or not any(layer in pname for layer in ("layer2", "layer3", "layer4")):
                 parameter.requires_grad_(False)
-        if return_interm_layers:
-            return_layers = {"layer2": "0", "layer3": "1", "layer4": "2"}
-            self.strides = [8, 16, 32]
-            self.num_channels = [512, 1024, 2048]
-        else:
-            return_layers = {"layer4": "0"}
-            self.strides = [32]
-            self.num_channels = [2048]
+        if not 1 <= num_outputs <= 3:
+            raise ValueError(f"a ResNet backbone gives 1 to 3 feature maps (C3-C5), not {num_outputs}")
+        stages = [("layer2", 8, 512), ("layer3", 16, 1024), ("layer4", 32, 2048)][3 - num_outputs:]
+        # (stage, stride, channels): the same for every bottleneck ResNet/ResNeXt of torchvision
+        return_layers = {layer: str(i) for i, (layer, _, _) in enumerate(stages)}
+        self.strides = [stride for _, stride, _ in stages]
+        self.num_channels = [channels for _, _, channels in stages]
         if dilation:
             self.strides[-1] //= 2
         self.body = IntermediateLayerGetter(net, return_layers=return_layers)
@@ -134,7 +134,7 @@ class Joiner(nn.Sequential):
         return features, masks, pos
 
 
-def build_backbone(cfg, return_interm_layers: bool) -> Joiner:
-    backbone = Backbone(cfg.backbone, cfg.train_backbone, return_interm_layers, cfg.dilation, cfg.dcn,
+def build_backbone(cfg, num_outputs: int) -> Joiner:
+    backbone = Backbone(cfg.backbone, cfg.train_backbone, num_outputs, cfg.dilation, cfg.dcn,
                         cfg.pretrained_backbone, cfg.backbone_weights)
     return Joiner(backbone, build_position_encoding(cfg))

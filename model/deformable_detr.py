@@ -30,7 +30,7 @@ class DeformableDETR(nn.Module):
         # 1x1 projections of C3-C5 (or C5 alone), then stride-2 3x3 convs for the extra coarser levels
         num_backbone_outs = len(backbone.strides)
         input_proj = []
-        for in_channels in backbone.num_channels[:num_feature_levels]:
+        for in_channels in backbone.num_channels:
             input_proj.append(nn.Sequential(nn.Conv2d(in_channels, hidden_dim, kernel_size=1),
                                             nn.GroupNorm(32, hidden_dim)))
         in_channels = backbone.num_channels[-1]
@@ -116,7 +116,8 @@ class DeformableDETR(nn.Module):
 
 
 def build(cfg):
-    backbone = build_backbone(cfg, return_interm_layers=cfg.num_feature_levels > 1)
+    # C3-C5 (or the coarsest of them when fewer levels are asked for), then stride-2 convs for the rest
+    backbone = build_backbone(cfg, num_outputs=min(cfg.num_feature_levels, 3))
     transformer = DeformableTransformer(
         d_model=cfg.hidden_dim, nhead=cfg.nheads, num_encoder_layers=cfg.enc_layers,
         num_decoder_layers=cfg.dec_layers, dim_feedforward=cfg.dim_feedforward, dropout=cfg.dropout,

@@ -161,7 +161,7 @@ class DETR(nn.Module):
 
 
 def build(cfg):
-    backbone = build_backbone(cfg, return_interm_layers=False)
+    backbone = build_backbone(cfg, num_outputs=1)
     transformer = Transformer(d_model=cfg.hidden_dim, nhead=cfg.nheads, num_encoder_layers=cfg.enc_layers,
                               num_decoder_layers=cfg.dec_layers, dim_feedforward=cfg.dim_feedforward,
                               dropout=cfg.dropout, normalize_before=cfg.pre_norm)

@@ -125,6 +125,18 @@ def test_decoder_without_ms_attention_normalises_each_level():
     assert torch.allclose(per_level, torch.full_like(per_level, 0.25))
 
 
+def test_two_levels_use_c4_and_c5():
+    model, _, _ = build_model(ModelConfig(**TINY, num_feature_levels=2))
+    assert model.backbone[0].num_channels == [1024, 2048] and model.backbone[0].strides == [16, 32]
+    images, mask, targets = _batch()
+    model.train()
+    _, criterion, _ = build_model(ModelConfig(**TINY, num_feature_levels=2))
+    losses = criterion(model(images, mask), targets)
+    sum(losses[k] * w for k, w in criterion.weight_dict.items()).backward()
+    # every trainable parameter takes part (DDP needs it)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 def test_single_scale_uses_c5_only():
     model, _, _ = build_model(ModelConfig(**TINY, num_feature_levels=1))
     assert model.backbone[0].num_channels == [2048] and model.backbone[0].strides == [32]

@@ -1,0 +1,110 @@
+"""The whole product: run_experiment.py on a tiny grid, locally and on the localhost SLURM.
+
+* locally: every row trains, evaluates and is measured; metrics.json, log.jsonl and the report appear;
+  a second submission skips the done rows; --status shows them;
+* on SLURM, 2 tasks per job (gloo): a job requeued with ``scontrol requeue`` mid-run resumes from its
+  checkpoint and ends with the weights and metrics of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest_slurm import slurm_cluster  # noqa: F401  (the fixture)
+from harness import cli
+from harness.experiment import expand, load_experiment
+from harness.runs import ResultsStore
+
+TINY = Path(__file__).parent / "fixtures" / "tiny_experiment.yaml"
+
+
+def _argv(tmp_path, *extra):
+    return [str(TINY), "--results", str(tmp_path / "results"), "--reports", str(tmp_path / "reports"), *extra]
+
+
+def _final_weights(run_dir: Path):
+    state = torch.load(run_dir / "checkpoint.pth", map_location="cpu", weights_only=False)
+    return state["model"]
+
+
+def test_local_grid_end_to_end(tmp_path, capsys):
+    rc = cli.main(_argv(tmp_path, "--executor", "local", "--rows", "K=1", "--wait"))
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    store = ResultsStore(tmp_path / "results")
+    spec = expand(load_experiment(str(TINY), rows=["K=1"]))[0]
+    metrics = store.read_metrics("tiny", spec.run_id)
+    for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "params", "gflops", "fps_bs1", "device", "commit",
+                "epochs_trained", "scale", "num_detections"):
+        assert key in metrics, key
+    assert metrics["epochs_trained"] == 3 and metrics["num_detections"] == 100
+    assert metrics["params"] > 20e6 and metrics["gflops"] > 0 and metrics["fps_bs1"] > 0
+    assert store.read_status("tiny", spec.run_id).state == "done"
+    assert [r["epoch"] for r in store.read_log("tiny", spec.run_id)] == [0, 1, 2]
+    report = (tmp_path / "reports" / "tiny.md").read_text()
+    assert "K=1" not in report or "ours" in report
+    assert f"{metrics['AP']:.1f}" in report
+
+    # a second submission runs nothing; --status shows the row as done
+    assert cli.main(_argv(tmp_path, "--executor", "local", "--rows", "K=1")) == 0
+    assert "skip" in capsys.readouterr().out
+    assert cli.main(_argv(tmp_path, "--status")) == 0
+    status = capsys.readouterr().out
+    assert spec.run_id in status and "done" in status
+
+
+def test_bad_experiment_exits_with_a_message(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY.read_text().replace("enc_n_points: 2,", "enc_n_pionts: 2,"))
+    rc = cli.main([str(bad), "--results", str(tmp_path / "r"), "--dry-run"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert str(bad) in err and "'K=2'" in err and "model.enc_n_pionts" in err and "enc_n_points" in err
+
+
+@pytest.mark.slurm
+def test_slurm_requeue_resumes_with_identical_results(slurm_cluster, tmp_path, capsys):  # noqa: F811
+    experiment = load_experiment(str(TINY), rows=["K=2"])
+    spec = expand(experiment)[0]
+
+    # uninterrupted
+    rc = cli.main(_argv(tmp_path / "a", "--rows", "K=2", "--executor", "slurm", "--wait"))
+    assert rc == 0, capsys.readouterr().out
+    store_a = ResultsStore(tmp_path / "a" / "results")
+    metrics_a = store_a.read_metrics("tiny", spec.run_id)
+    assert metrics_a["world_size"] == 2
+
+    # requeued after its first epoch
+    store_b = ResultsStore(tmp_path / "b" / "results")
+    store_b.check_writable()
+    specs, jobs, outcomes = cli.submit(experiment, store_b, "slurm")
+    assert outcomes is None and len(jobs) == 1
+    job_id = str(jobs[0].job_id)
+    try:
+        slurm_cluster.wait_for(lambda: len(store_b.read_log("tiny", spec.run_id)) >= 1, 300, "the first epoch")
+        slurm_cluster.requeue(job_id)
+        slurm_cluster.start_when_requeued(job_id)
+        from harness import launch
+        (outcome, value), = launch.wait(jobs, timeout_s=400)
+    except BaseException:
+        slurm_cluster.cancel_all([job_id])
+        raise
+    assert outcome == "success", value
+    assert slurm_cluster.restarts(job_id) >= 1
+    status = store_b.read_status("tiny", spec.run_id)
+    assert status.state == "done" and status.attempts >= 2
+
+    metrics_b = store_b.read_metrics("tiny", spec.run_id)
+    for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "params", "gflops"):
+        assert metrics_b[key] == metrics_a[key], key
+    weights_a = _final_weights(store_a.run_dir("tiny", spec.run_id))
+    weights_b = _final_weights(store_b.run_dir("tiny", spec.run_id))
+    assert weights_a.keys() == weights_b.keys()
+    for k in weights_a:
+        assert torch.equal(weights_a[k], weights_b[k]), k
+    # the resumed run logged each epoch once after the resume point
+    epochs = [r["epoch"] for r in store_b.read_log("tiny", spec.run_id)]
+    assert epochs[-1] == 2 and sorted(set(epochs)) == [0, 1, 2]
