@@ -57,7 +57,7 @@ TRIVIAL_OPS = frozenset(f"aten::{name}" for name in (
     "bitwise_and", "bitwise_or", "__or__", "__not__", "any", "all", "isfinite", "isnan", "linspace",
     "meshgrid", "repeat", "repeat_interleave", "tile", "flip", "expand_as", "view_as", "reshape_as",
     "index_select", "masked_select", "scatter", "scatter_", "fill_", "zero_", "clone", "resolve_conj",
-    "resolve_neg", "lift_fresh", "alias", "unflatten", "max_pool2d", "avg_pool2d", "one_hot", "numel",
+    "resolve_neg", "lift_fresh", "alias", "unflatten", "max_pool2d", "avg_pool2d", "adaptive_max_pool2d", "one_hot", "numel",
     "tensor", "scalar_tensor", "as_strided", "_unsafe_view", "rand", "randn", "zeros_like", "ones_like",
     "empty_like", "bernoulli_", "sqrt_", "exp_", "log_", "floor_", "__and__", "masked_fill_", "pad",
     "_shape_as_tensor",
