@@ -77,10 +77,16 @@ def _device_name(torch) -> str:
 
 def measure(run_cfg, output_dir) -> dict:
     """Parameters, FLOPs (fvcore, over the first evaluation images) and FPS of the run's model."""
+    import torch
+
     from harness import complexity, speed
     bench = run_cfg.benchmark
     if bench.flops:
-        out = complexity.measure_complexity(run_cfg, images=bench.flops_images, output_dir=output_dir)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        out = complexity.measure_complexity(run_cfg, images=bench.flops_images, output_dir=output_dir, device=device)
+        # the per-image list and per-operator breakdown stay out of metrics.json
+        for key in ("gflops_each", "by_operator", "handles"):
+            out.pop(key, None)
     else:
         out = {"params": complexity.count_parameters(complexity.build_for_complexity(run_cfg.model))}
     if bench.fps:
@@ -119,6 +125,7 @@ def run_job(request: JobRequest) -> dict:
         log_fn = (lambda record: store.append_log(exp, run_id, record)) if main else None
         metrics = train(cfg, str(out_dir), log_fn=log_fn)
         dist_utils.barrier()
+        dist_utils.cleanup()  # what follows runs on rank 0 alone
         if main:
             metrics = dict(metrics)
             print("measuring parameters, FLOPs and FPS", flush=True)
