@@ -3,7 +3,8 @@
 Groups (as ``main.py`` of the official Deformable DETR builds them, by parameter name):
 
 1. everything else: ``lr`` (2e-4);
-2. the backbone (names containing ``backbone.0``): ``lr_backbone`` (2e-5);
+2. the backbone trunk (names containing ``backbone.0``, or ``detector.backbone.body`` in the Faster R-CNN
+   wrapper): ``lr_backbone`` (2e-5);
 3. the linear projections predicting sampling offsets and reference points (names containing
    ``sampling_offsets`` or ``reference_points``): ``lr * lr_linear_proj_mult`` (2e-5).
 
@@ -15,7 +16,7 @@ from typing import Dict, List
 
 import torch
 
-BACKBONE_NAMES = ("backbone.0",)
+BACKBONE_NAMES = ("backbone.0", "detector.backbone.body")
 LINEAR_PROJ_NAMES = ("reference_points", "sampling_offsets")
 
 
