@@ -65,7 +65,7 @@ SMOKE_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "data": {"dataset": "synthetic", "root": None, "val_split": "val2017", "augmentation": "none",
              "num_workers": 0, "eval_size": 128, "max_size": 160, "synthetic_image_size": [128, 160],
              "synthetic_train_images": 32, "synthetic_val_images": 8},
-    "train": {"epochs": 8, "lr": 1.0e-3, "lr_backbone": 1.0e-4, "lr_drop": 6, "batch_size_per_gpu": 4,
+    "train": {"epochs": 12, "lr": 1.0e-3, "lr_backbone": 1.0e-4, "lr_drop": 10, "batch_size_per_gpu": 4,
               "total_batch_size": 4, "accumulate_to_total": True, "amp": "off", "print_freq": 4,
               "eval_every": 2},
     "eval": {"eval_only": False, "checkpoint": None, "tta_sizes": [112, 128, 144]},

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import platform
 import subprocess
 import threading
 import time
@@ -69,12 +68,6 @@ class _Heartbeat(threading.Thread):
             self.store.heartbeat(self.claim)
 
 
-def _device_name(torch) -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
 def measure(run_cfg, output_dir) -> dict:
     """Parameters, FLOPs (fvcore, over the first evaluation images) and FPS of the run's model."""
     import torch
@@ -99,6 +92,7 @@ def run_job(request: JobRequest) -> dict:
     import torch
 
     from harness import distributed as dist_utils
+    from harness.complexity import device_name
     from harness.engine import train
 
     spec, store = request.spec, ResultsStore(request.results_root)
@@ -137,7 +131,8 @@ def run_job(request: JobRequest) -> dict:
             metrics.update(
                 label=spec.label, seed=spec.seed, run_id=run_id, scale=spec.scale, dataset=cfg.data.dataset,
                 epochs_trained=metrics.pop("epochs", cfg.train.epochs), num_detections=cfg.eval.num_detections,
-                device=_device_name(torch), world_size=world,
+                device=device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+                world_size=world,
                 gpu_hours=round(gpus * (time.time() - started) / 3600, 4) if gpus else None,
                 commit=request.commit, date=datetime.date.today().isoformat(), torch=torch.__version__)
             store.write_metrics(exp, run_id, metrics)

@@ -114,7 +114,7 @@ def test_smoke_profile_shrinks_every_row(tmp_path):
     assert cfg.model.hidden_dim <= 64 and cfg.model.pretrained_backbone is False
     assert cfg.model.backbone == "resnet50"
     assert cfg.launcher.executor == "local" and cfg.launcher.gpus_per_node == 0
-    assert cfg.train.epochs <= 10
+    assert cfg.train.epochs <= 12
     assert specs[1].config.model.enc_n_points == 1            # the row's own change survives
     full_ids = {s.run_id for s in expand(exp, "full")}
     assert not full_ids & {s.run_id for s in specs}
