@@ -24,6 +24,8 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
+from harness.runs import fsync_dir
+
 CHECKPOINT = "checkpoint.pth"
 PREVIOUS = "checkpoint_prev.pth"
 REQUIRED_KEYS = ("model", "optimizer", "lr_scheduler", "epoch")
@@ -91,19 +93,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(output_dir: str, state: dict, name: str = CHECKPOINT, keep_previous: bool = True) -> str:
     """Write ``state`` (+ format and checksum) atomically to ``output_dir/name``; returns the path."""
     os.makedirs(output_dir, exist_ok=True)
@@ -125,7 +114,7 @@ def save_checkpoint(output_dir: str, state: dict, name: str = CHECKPOINT, keep_p
             shutil.copyfile(path, prev_tmp)
         os.replace(prev_tmp, prev)
     os.replace(tmp, path)
-    _fsync_dir(output_dir)
+    fsync_dir(output_dir)
     return path
 
 

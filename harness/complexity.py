@@ -34,7 +34,6 @@ import datetime
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 import warnings
@@ -43,6 +42,8 @@ from math import prod
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
+
+from harness.job import git_commit
 
 FIXED_SIZE = (800, 1199)        # the reference count: one 3 x 800 x 1199 image
 
@@ -320,19 +321,6 @@ def device_name(device) -> str:
     except OSError:
         pass
     return f"CPU ({name}, {torch.get_num_threads()} threads)"
-
-
-def git_commit(path: Optional[str] = None) -> Optional[str]:
-    """The checkout's commit, with ``+dirty`` when tracked files differ from it; None outside git."""
-    cwd = path or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                                check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return commit + ("+dirty" if dirty else "")
 
 
 def utc_date() -> str:

@@ -19,7 +19,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import yaml
 
@@ -175,7 +175,7 @@ def atomic_write_text(path, text: str) -> None:
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_json(path, data) -> None:
@@ -216,7 +216,8 @@ def tail_text(path, lines: int = 40, max_bytes: int = 64 * 1024) -> str:
     return "\n".join(data.splitlines()[-lines:])
 
 
-def _fsync_dir(path) -> None:
+def fsync_dir(path) -> None:
+    """Make a rename in ``path`` durable (best effort: some file systems refuse)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

@@ -16,7 +16,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .backbone import _load_imagenet_weights
-from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+from .box_ops import box_cxcywh_to_xyxy
 
 
 class FasterRCNNDetector(nn.Module):

@@ -1,6 +1,5 @@
 """COCO evaluation: metrics of known detections, results JSON, test-dev, test-time augmentation."""
 import json
-import os
 
 import pytest
 import torch
@@ -8,7 +7,7 @@ import torch
 from harness import evaluation
 from harness.config import EvalConfig
 from harness.data import synthetic
-from harness.data.coco import build_dataset, collate_fn
+from harness.data.coco import build_dataset
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ cores); the test evaluates every 5 epochs from epoch 20 on and stops as soon as 
 """
 import time
 
-import pytest
 import torch
 
 from harness import engine
