@@ -160,6 +160,8 @@ def render_markdown(experiment: Experiment, df: pd.DataFrame) -> str:
     header = [COLUMN_TITLES.get(c, c) if c != "label" else "Row" for c in lead] + ["source"] + \
         [METRIC_TITLES_MD[m] for m in experiment.metrics] + list(PROVENANCE)
     out = [f"# Table {experiment.table} (`{experiment.name}`)", "", experiment.caption.strip(), ""]
+    if experiment.description.strip():
+        out += [experiment.description.strip(), ""]
     out.append("| " + " | ".join(header) + " |")
     out.append("|" + "|".join(":--" if i < len(lead) + 1 else "--:" if i < len(lead) + 1 + len(experiment.metrics)
                              else ":--" for i in range(len(header))) + "|")
