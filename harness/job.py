@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from harness.experiment import RunSpec
-from harness.runs import ResultsStore, tail_text
+from harness.runs import ResultsStore
 
 HEARTBEAT_S = 60
 
@@ -140,9 +140,7 @@ def run_job(request: JobRequest) -> dict:
         return metrics
     except Exception as err:  # a SystemExit (pre-emption, requeue) leaves the run to its next attempt
         if main and not isinstance(err, RunClaimedElsewhere):
-            log_tail = tail_text(out_dir / "job.log") if (out_dir / "job.log").exists() else ""
-            reason = f"{type(err).__name__}: {err}"
-            store.mark_failed(exp, run_id, reason, log_tail or traceback.format_exc()[-4000:])
+            store.mark_failed(exp, run_id, f"{type(err).__name__}: {err}", traceback.format_exc()[-4000:])
         raise
     finally:
         if heartbeat is not None:
