@@ -107,3 +107,27 @@ def test_slurm_requeue_resumes_with_identical_results(slurm_cluster, tmp_path, c
     # the resumed run logged each epoch once after the resume point
     epochs = [r["epoch"] for r in store_b.read_log("tiny", spec.run_id)]
     assert epochs[-1] == 2 and sorted(set(epochs)) == [0, 1, 2]
+
+
+def test_crashed_row_is_marked_failed_and_rerun(tmp_path, capsys):
+    empty_coco = tmp_path / "coco"
+    empty_coco.mkdir()  # exists, so the plan accepts it, but holds no images: the job fails
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(TINY.read_text().replace("dataset: synthetic,", f"dataset: coco, root: {empty_coco},"))
+    argv = [str(broken), "--results", str(tmp_path / "results"), "--reports", str(tmp_path / "reports"),
+            "--rows", "K=1", "--executor", "local", "--wait"]
+    assert cli.main(argv) == 1
+    out = capsys.readouterr().out
+    assert "FAILED 'K=1'" in out and "DatasetError" in out and "not found" in out
+
+    spec = expand(load_experiment(str(broken), rows=["K=1"]))[0]
+    status = ResultsStore(tmp_path / "results").read_status("tiny", spec.run_id)
+    assert status.state == "failed" and str(empty_coco) in status.reason and "Traceback" in status.log_tail
+    assert cli.main([str(broken), "--results", str(tmp_path / "results"), "--status"]) == 0
+    shown = capsys.readouterr().out
+    assert "failed" in shown and "DatasetError" in shown
+
+    # resubmitting reruns the failed row (and only it)
+    assert cli.main(argv) == 1
+    assert f"skip  'K=1'" not in capsys.readouterr().out
+    assert ResultsStore(tmp_path / "results").read_status("tiny", spec.run_id).attempts == 2
