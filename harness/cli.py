@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -33,6 +34,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--executor", choices=("auto", "slurm", "local", "debug"),
                    help="override the launcher config's executor (auto: slurm where sbatch exists)")
     p.add_argument("--wait", action="store_true", help="after submitting, wait for the jobs, then report")
+    p.add_argument("--rerun", action="store_true",
+                   help="run the selected rows again from scratch even where they are done (their run folders "
+                        "are replaced); queued and running rows are still left alone")
     p.add_argument("--results", default=str(ROOT / "results"), help="results store (default: %(default)s)")
     p.add_argument("--reports", default=str(ROOT / "reports"), help="reports folder (default: %(default)s)")
     return p.parse_args(argv)
@@ -68,7 +72,7 @@ def _job_alive(launch):
     return alive
 
 
-def submit(experiment, store, executor=None):
+def submit(experiment, store, executor=None, rerun=False):
     """Submit every row that is not done, queued or running; returns (specs, jobs, outcomes).
 
     Local jobs (one machine, often one GPU or a few CPU cores) run one after the other, so this waits
@@ -78,7 +82,13 @@ def submit(experiment, store, executor=None):
     from harness.job import JobRequest, git_commit, run_job
 
     store.check_writable()
-    entries = store.plan(unique_runs(expand(experiment)), job_alive=_job_alive(launch))
+    specs = unique_runs(expand(experiment))
+    entries = store.plan(specs, job_alive=_job_alive(launch))
+    if rerun:
+        for e in entries:
+            if e.state == "done":
+                shutil.rmtree(store.run_dir(e.spec.experiment, e.spec.run_id))
+        entries = store.plan(specs, job_alive=_job_alive(launch))
     for e in entries:
         if e.action != "run":
             print(f"skip  {e.spec.label!r} ({e.spec.run_id}): {e.state}")
@@ -143,7 +153,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.report:
             _report(experiment, args)
             return 0
-        specs, jobs, outcomes = submit(experiment, store, args.executor)
+        specs, jobs, outcomes = submit(experiment, store, args.executor, rerun=args.rerun)
         if outcomes is None and not (args.wait or args.smoke):
             if jobs:
                 print(f"{len(jobs)} job(s) submitted; follow with --status, then --report")

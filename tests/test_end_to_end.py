@@ -54,6 +54,13 @@ def test_local_grid_end_to_end(tmp_path, capsys):
     status = capsys.readouterr().out
     assert spec.run_id in status and "done" in status
 
+    # --rerun trains the done row again from scratch (a fresh log, the same deterministic result)
+    assert cli.main(_argv(tmp_path, "--executor", "local", "--rows", "K=1", "--rerun")) == 0
+    assert "skip" not in capsys.readouterr().out
+    assert [r["epoch"] for r in store.read_log("tiny", spec.run_id)] == [0, 1, 2]
+    assert store.read_status("tiny", spec.run_id).attempts == 1
+    assert store.read_metrics("tiny", spec.run_id)["AP"] == metrics["AP"]
+
 
 def test_bad_experiment_exits_with_a_message(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
