@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -24,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from model.ops import kernel_available, ms_deform_attn  # noqa: E402
+from harness.complexity import device_name  # noqa: E402
 
 SPATIAL_SHAPES = [(100, 150), (50, 75), (25, 38), (13, 19)]
 M, D, P = 8, 32, 4
@@ -93,20 +93,6 @@ def device_bandwidth(device):
     dst = torch.empty_like(src)
     seconds = Timer(device)(lambda: dst.copy_(src), repeat=10, warmup=3)
     return 2 * src.numel() * src.element_size() / seconds
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name} ({torch.get_num_threads()} threads)"
 
 
 def run(device, impls, batches, stages, dtype, repeat):
