@@ -1,7 +1,6 @@
 """Deformable DETR: backbone -> input projections (-> neck) -> deformable transformer -> heads."""
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -11,7 +10,7 @@ from torch import nn
 from .backbone import build_backbone
 from .box_ops import inverse_sigmoid
 from .deformable_transformer import DeformableTransformer
-from .heads import MLP, aux_outputs
+from .heads import MLP, aux_outputs, get_clones
 from .necks import build_neck
 
 
@@ -56,8 +55,8 @@ class DeformableDETR(nn.Module):
         # with two-stage, the extra (last) heads score the encoder's proposals
         num_pred = transformer.decoder.num_layers + (1 if two_stage else 0)
         if with_box_refine:
-            self.class_embed = nn.ModuleList(copy.deepcopy(class_embed) for _ in range(num_pred))
-            self.bbox_embed = nn.ModuleList(copy.deepcopy(bbox_embed) for _ in range(num_pred))
+            self.class_embed = get_clones(class_embed, num_pred)
+            self.bbox_embed = get_clones(bbox_embed, num_pred)
             nn.init.constant_(self.bbox_embed[0].layers[-1].bias.data[2:], -2.0)
             self.transformer.decoder.bbox_embed = self.bbox_embed
         else:

@@ -8,7 +8,6 @@ Multi-scale attention off (``ms_attention=False``, Table 2's "MS attention" colu
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -16,15 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .box_ops import inverse_sigmoid
+from .heads import get_clones, with_pos_embed
 from .ms_deform_attn import MSDeformAttn
-
-
-def _get_clones(module, n):
-    return nn.ModuleList([copy.deepcopy(module) for _ in range(n)])
-
-
-def with_pos_embed(tensor, pos):
-    return tensor if pos is None else tensor + pos
 
 
 class DeformableTransformerEncoderLayer(nn.Module):
@@ -69,7 +61,7 @@ class DeformableTransformerEncoderLayer(nn.Module):
 class DeformableTransformerEncoder(nn.Module):
     def __init__(self, encoder_layer, num_layers):
         super().__init__()
-        self.layers = _get_clones(encoder_layer, num_layers)
+        self.layers = get_clones(encoder_layer, num_layers)
         self.num_layers = num_layers
 
     @staticmethod
@@ -131,7 +123,7 @@ class DeformableTransformerDecoderLayer(nn.Module):
 class DeformableTransformerDecoder(nn.Module):
     def __init__(self, decoder_layer, num_layers):
         super().__init__()
-        self.layers = _get_clones(decoder_layer, num_layers)
+        self.layers = get_clones(decoder_layer, num_layers)
         self.num_layers = num_layers
         # set by DeformableDETR: per-layer box heads (refinement) and class heads (two-stage); the official
         # code registers them here too, which is why their keys also appear under transformer.decoder

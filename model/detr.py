@@ -5,22 +5,12 @@ head without the no-object class, like Deformable DETR).
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .backbone import build_backbone
-from .heads import MLP, aux_outputs
-
-
-def _get_clones(module, n):
-    return nn.ModuleList([copy.deepcopy(module) for _ in range(n)])
-
-
-def with_pos_embed(tensor, pos):
-    return tensor if pos is None else tensor + pos
+from .heads import MLP, aux_outputs, get_clones, with_pos_embed
 
 
 class TransformerEncoderLayer(nn.Module):
@@ -84,7 +74,7 @@ class TransformerDecoderLayer(nn.Module):
 class TransformerEncoder(nn.Module):
     def __init__(self, layer, num_layers, norm=None):
         super().__init__()
-        self.layers = _get_clones(layer, num_layers)
+        self.layers = get_clones(layer, num_layers)
         self.norm = norm
 
     def forward(self, src, src_key_padding_mask=None, pos=None):
@@ -96,7 +86,7 @@ class TransformerEncoder(nn.Module):
 class TransformerDecoder(nn.Module):
     def __init__(self, layer, num_layers, norm):
         super().__init__()
-        self.layers = _get_clones(layer, num_layers)
+        self.layers = get_clones(layer, num_layers)
         self.norm = norm
 
     def forward(self, tgt, memory, memory_key_padding_mask=None, pos=None, query_pos=None):

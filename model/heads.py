@@ -1,6 +1,17 @@
-"""Prediction heads shared by the DETR family."""
+"""Building blocks shared by the DETR family: prediction heads, layer stacks, position embeddings."""
+import copy
+
 import torch.nn.functional as F
 from torch import nn
+
+
+def get_clones(module, n):
+    """``n`` independent copies of ``module`` (a layer stack, or one head per decoder layer)."""
+    return nn.ModuleList([copy.deepcopy(module) for _ in range(n)])
+
+
+def with_pos_embed(tensor, pos):
+    return tensor if pos is None else tensor + pos
 
 
 class MLP(nn.Module):
