@@ -146,36 +146,90 @@ def test_flop_handle_matches_reference_count():
     assert counts["pytorch"] == counts["cpu"] == 4 * N * Lq * M * 32 * L * P
 
 
-def test_auto_falls_back_with_one_warning(monkeypatch):
+@pytest.fixture
+def fresh_dispatch(monkeypatch):
+    """impl="auto" as in a new process: nothing resolved, loaded, failed or announced yet."""
+    for name in ("_chosen", "_unavailable", "_failed"):
+        monkeypatch.setattr(ops, name, {})
+    monkeypatch.setattr(ops, "_warned", set())
+
+
+def test_auto_falls_back_with_one_warning(monkeypatch, fresh_dispatch):
     def cannot_build(device_type, **kwargs):
         raise build.BuildError("no compiler here")
 
-    monkeypatch.setattr(ops, "_kernel_status", {})
     monkeypatch.setattr(build, "load", cannot_build)
     inputs = make_inputs(CASES[0][1], M=2, D=8, P=1)
     expected = ms_deform_attn_pytorch(*inputs)
-    with pytest.warns(RuntimeWarning, match="compiled cpu kernel is unavailable.*no compiler here"):
+    with pytest.warns(RuntimeWarning, match="compiled cpu kernel .* not used on cpu: no compiler here"):
         torch.testing.assert_close(ms_deform_attn(*inputs, impl="auto"), expected)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a second call does not warn again
         torch.testing.assert_close(ms_deform_attn(*inputs, impl="auto"), expected)
     with pytest.raises(build.BuildError, match="no compiler here"):
         ms_deform_attn(*inputs, impl="cpu")  # never falls back
+    info = ops.implementation_info("cpu", torch.float64)
+    assert info["impl"] == "pytorch" and info["fallbacks"] == [{"impl": "cpu", "reason": "no compiler here"}]
 
 
-def test_auto_uses_the_kernel_and_impl_errors():
+def test_auto_uses_the_kernel_and_impl_errors(fresh_dispatch):
     inputs = make_inputs(CASES[0][1], M=2, D=8, P=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ms_deform_attn(*inputs, impl="auto")
-    assert ops._kernel_status["cpu"] is True
+    assert ops._chosen[("auto", torch.device("cpu"), torch.float64)].name == "cpu"
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         ms_deform_attn(*inputs, impl="auto")
     assert "deformable_detr::ms_deform_attn" in {e.key for e in prof.key_averages()}
     with pytest.raises(ValueError, match="needs cuda tensors"):
         ms_deform_attn(*inputs, impl="cuda")
     with pytest.raises(ValueError, match="unknown ms_deform_attn implementation"):
-        ms_deform_attn(*inputs, impl="triton")
+        ms_deform_attn(*inputs, impl="tpu")
+    info = ops.implementation_info("cpu", torch.float64)
+    assert (info["impl"], info["self_check"], info["fallbacks"]) == ("cpu", "not needed", [])
+    assert info["build"] == build.extension_spec("cpu").name
+    # no CPU kernel for float16: the reference, without a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ms_deform_attn(*[t.half() if t.is_floating_point() else t for t in inputs], impl="auto")
+    assert ops.implementation_info("cpu", torch.float16)["fallbacks"] == [{"impl": "cpu", "reason": "no float16 support"}]
+
+
+def test_reference_takes_mixed_dtypes_outside_autocast():
+    value, shapes, starts, loc, attn = make_inputs(CASES[2][1], M=2, D=8, P=1)
+    expected = ms_deform_attn_pytorch(value, shapes, starts, loc, attn)
+    value16 = value.half().requires_grad_()
+    loc32, attn32 = loc.float().requires_grad_(), attn.float().requires_grad_()
+    out = ms_deform_attn(value16, shapes, starts, loc32, attn32, impl="pytorch")
+    out.float().sum().backward()
+    assert out.dtype == value16.grad.dtype == torch.float16
+    assert loc32.grad.dtype == attn32.grad.dtype == torch.float32
+    assert max_relative_error(out, expected) <= 5e-3
+
+
+def test_first_build_says_what_it_builds(monkeypatch, tmp_path, capfd):
+    monkeypatch.setenv("DEFORMABLE_DETR_OPS_CACHE", str(tmp_path))
+    monkeypatch.delenv("DEFORMABLE_DETR_OPS_NO_BUILD", raising=False)
+    monkeypatch.setattr(build, "_LOADED", {})
+    monkeypatch.setattr(build, "_compile", lambda spec, verbose: spec.directory / "built.so")
+    build.load("cpu")
+    err = capfd.readouterr().err
+    name = build.extension_spec("cpu").name
+    assert f"compiling the cpu kernel {name}" in err and "about a minute" in err
+    assert f"other processes that need it wait on {tmp_path / name}.lock" in err
+
+
+def test_build_lock_says_that_it_waits(tmp_path, capfd):
+    import fcntl
+    import threading
+
+    lock = tmp_path / "x.lock"
+    with open(lock, "a+") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # another process building
+        threading.Timer(0.5, fcntl.flock, (holder, fcntl.LOCK_UN)).start()
+        with build._file_lock(lock, "waiting for the other build"):
+            pass
+    assert "waiting for the other build" in capfd.readouterr().err
 
 
 def test_no_build_mode_reports_a_missing_library(monkeypatch, tmp_path):

@@ -3,11 +3,18 @@
     ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, impl="auto")
 
 impl:
-    "cuda"     the compiled CUDA kernel (float32/float16/bfloat16/float64); never falls back
-    "cpu"      the compiled CPU kernel (float32/float64); never falls back
+    "cuda"     the compiled CUDA kernel (float32/float16/bfloat16/float64)
+    "triton"   the Triton kernels (CUDA tensors; CPU tensors under TRITON_INTERPRET=1)
+    "cpu"      the compiled CPU kernel (float32/float64)
     "pytorch"  the pure-PyTorch reference (grid_sample), :func:`ms_deform_attn_pytorch`
-    "auto"     the compiled kernel of the tensors' device; the reference, with one warning, when that kernel
-               cannot be built or loaded, and (silently) for dtypes or devices without a kernel
+    "auto"     the first of the device's chain (:data:`implementations.CHAINS`: cuda -> triton -> pytorch on
+               GPUs, cpu -> pytorch on CPUs) that supports the dtype, can be built or loaded, has code for the
+               GPU's architecture and passes its self-check; each fallback for another reason than the dtype is
+               announced by one warning. A kernel that fails to launch is dropped the same way.
+
+A named implementation never falls back: it raises instead. GPU implementations are self-checked against the
+reference on their first use on a device (:mod:`model.ops.selfcheck`; the verdict is cached beside the
+build). :func:`implementation_info` tells which implementation runs for a device and dtype, and its verdict.
 
 The compiled kernels are the dispatcher op ``deformable_detr::ms_deform_attn`` (autograd, fake
 implementation, torch.compile / torch.export; see :mod:`model.ops.library`), built on first use or ahead of
@@ -19,64 +26,131 @@ import warnings
 
 import torch
 
-from . import library
+from . import implementations, library
+from .environment import device_name
 from .flops import flop_handles
+from .implementations import REGISTRY, Unavailable
 from .reference import ms_deform_attn_pytorch
 
-IMPLEMENTATIONS = ("auto", "cuda", "cpu", "pytorch")
-KERNEL_DTYPES = {
-    "cpu": (torch.float32, torch.float64),
-    "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-}
+IMPLEMENTATIONS = ("auto",) + tuple(REGISTRY)
+KERNEL_DTYPES = {name: REGISTRY[name].dtypes for name in ("cpu", "cuda")}
 
-__all__ = ["IMPLEMENTATIONS", "ms_deform_attn", "ms_deform_attn_pytorch", "flop_handles", "kernel_available"]
-
-# device type -> True (kernel loaded) or the exception that prevented it; filled on first use
-_kernel_status: dict[str, object] = {}
+__all__ = ["IMPLEMENTATIONS", "ms_deform_attn", "ms_deform_attn_pytorch", "flop_handles", "kernel_available",
+           "implementation_info", "SelfCheckError"]
 
 
-def _load_kernel(device_type: str) -> None:
-    from . import build  # imports torch.utils.cpp_extension only when a kernel is needed
+class SelfCheckError(RuntimeError):
+    """A named implementation disagrees with the reference (or crashed) on its device."""
 
+
+# (requested, device, dtype) -> the implementation that runs; filled on first use
+_chosen: dict[tuple, implementations.Implementation] = {}
+# (implementation name, device) -> why it does not run there (announced once); the dtype-independent reasons
+_unavailable: dict[tuple[str, torch.device], BaseException] = {}
+# (implementation name, device, dtype) -> the failed self-check's or launch's message (announced once)
+_failed: dict[tuple[str, torch.device, torch.dtype], str] = {}
+_warned: set[tuple] = set()  # (implementation name, device, dtype) whose fallback was announced
+
+
+def _normalise(device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _prepare(impl: implementations.Implementation, device: torch.device) -> None:
+    """impl.prepare(device) once per process and device; its failure is remembered and raised again."""
+    key = (impl.name, device)
+    if key in _unavailable:
+        if _unavailable[key] is None:
+            return
+        raise _unavailable[key]
     try:
-        build.load(device_type)
+        impl.prepare(device)
     except Exception as e:
-        _kernel_status[device_type] = e
+        _unavailable[key] = e
         raise
-    _kernel_status[device_type] = True
+    _unavailable[key] = None
 
 
-def _require_kernel(device_type: str) -> None:
-    status = _kernel_status.get(device_type)
-    if status is True:
-        return
-    if status is not None:
-        raise status
-    _load_kernel(device_type)
+def _verdict(impl: implementations.Implementation, device: torch.device, dtype: torch.dtype) -> dict | None:
+    if not impl.needs_self_check:
+        return None
+    from . import selfcheck
+
+    return selfcheck.self_check(impl, device, dtype)
 
 
-def kernel_available(device_type: str) -> bool:
-    """Whether the compiled kernel for ``device_type`` is loaded, loading (or building) it if needed.
+def _why_not(impl, device, dtype) -> str | None:
+    """None when ``impl`` may run on ``device`` for ``dtype``; otherwise the reason (a failure is recorded)."""
+    failed = _failed.get((impl.name, device, dtype))
+    if failed is not None:
+        return failed
+    try:
+        _prepare(impl, device)
+    except Exception as e:  # noqa: BLE001 - a build error, Unavailable, an import error: all mean "not here"
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        return lines[0] if len(lines) <= 3 else "\n".join(lines[:1] + ["..."] + lines[-2:])
+    verdict = _verdict(impl, device, dtype)
+    if verdict is not None and not verdict["ok"]:
+        reason = (f"it FAILED its self-check against the reference on {device_name(device)} ({device}) in case "
+                  f"{verdict.get('case')}: {verdict.get('error')}")
+        _failed[(impl.name, device, dtype)] = reason
+        return reason
+    return None
 
-    The first failure for a device type is reported by one warning; later calls return False quietly.
-    """
-    status = _kernel_status.get(device_type)
-    if status is None:
-        try:
-            _load_kernel(device_type)
-        except Exception as e:
-            lines = str(e).strip().splitlines()
-            reason = lines[0] if len(lines) <= 3 else "\n".join(lines[:1] + ["..."] + lines[-2:])
-            warnings.warn(
-                f"ms_deform_attn: the compiled {device_type} kernel is unavailable, using the pure-PyTorch "
-                f"reference instead (slower, more memory). Run `python -m model.ops.doctor` for details. "
-                f"Reason: {reason}",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            return False
-        return True
-    return status is True
+
+def _warn_fallback(impl, device, reason, next_name) -> None:
+    warnings.warn(
+        f"\n{'!' * 100}\nms_deform_attn: the {impl.description} ({impl.name}) is not used on {device}: {reason}\n"
+        f"impl='auto' uses the {REGISTRY[next_name].description if next_name in REGISTRY else next_name} instead. "
+        f"Run `python -m model.ops.doctor` for details.\n{'!' * 100}",
+        RuntimeWarning, stacklevel=4)
+
+
+def _resolve(requested: str, device: torch.device, dtype: torch.dtype) -> implementations.Implementation:
+    key = (requested, device, dtype)
+    chosen = _chosen.get(key)
+    if chosen is not None:
+        return chosen
+    if requested != "auto":
+        impl = implementations.get(requested)
+        if device.type not in impl.device_types:
+            raise ValueError(f"ms_deform_attn(impl={requested!r}) needs {' or '.join(impl.device_types)} tensors, "
+                             f"got value on {device}")
+        if (impl.name, device, dtype) in _failed:
+            raise SelfCheckError(f"ms_deform_attn(impl={requested!r}): {_failed[(impl.name, device, dtype)]}")
+        _prepare(impl, device)  # raises the build's or Unavailable's error
+        verdict = _verdict(impl, device, dtype)
+        if verdict is not None and not verdict["ok"]:
+            _failed[(impl.name, device, dtype)] = verdict["error"]
+            raise SelfCheckError(f"ms_deform_attn(impl={requested!r}) FAILED its self-check against the reference "
+                                 f"on {device_name(device)} ({device}) in case {verdict.get('case')}: "
+                                 f"{verdict.get('error')} (verdict: {verdict.get('file')})")
+        _chosen[key] = impl
+        return impl
+    names = implementations.chain(device.type)
+    for position, name in enumerate(names):
+        impl = REGISTRY[name]
+        if not impl.supports(device, dtype):
+            continue  # no kernel for this dtype: the next one, silently
+        reason = _why_not(impl, device, dtype)
+        if reason is None:
+            _chosen[key] = impl
+            return impl
+        if (name, device, dtype) not in _warned:
+            _warned.add((name, device, dtype))
+            following = next((n for n in names[position + 1:] if REGISTRY[n].supports(device, dtype)), "pytorch")
+            _warn_fallback(impl, device, reason, following)
+    raise RuntimeError(f"ms_deform_attn: no implementation runs {dtype} on {device}")
+
+
+def _drop(impl, device, dtype, error) -> None:
+    """A kernel that failed to launch: never again on this device and dtype, for impl='auto'."""
+    _failed[(impl.name, device, dtype)] = f"it failed to launch: {error}"
+    for key in [k for k, v in _chosen.items() if k[0] == "auto" and k[1] == device and v is impl]:
+        del _chosen[key]
 
 
 def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, impl="auto"):
@@ -84,29 +158,81 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
 
     Args:
         value:              N x S x M x D, S = sum_l H_l * W_l
-        spatial_shapes:     L x 2 (int64), (H_l, W_l), on the device of ``value`` for the CUDA kernel
+        spatial_shapes:     L x 2 (int64), (H_l, W_l)
         level_start_index:  L (int64), offset of level l in S
         sampling_locations: N x Lq x M x L x P x 2, normalised (x, y); [0, 1] is inside the map,
                             outside reads zeros (grid_sample(align_corners=False, padding_mode="zeros"))
         attention_weights:  N x Lq x M x L x P
-        impl:               "auto" | "cuda" | "cpu" | "pytorch" (see the module docstring)
+        impl:               "auto" | "cuda" | "triton" | "cpu" | "pytorch" (see the module docstring)
     Returns:
         N x Lq x (M * D)
     """
-    device_type = value.device.type
+    args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     if impl == "pytorch":
-        return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    if impl == "auto":
-        if value.dtype not in KERNEL_DTYPES.get(device_type, ()) or not kernel_available(device_type):
-            return ms_deform_attn_pytorch(
-                value, spatial_shapes, level_start_index, sampling_locations, attention_weights
-            )
-    elif impl in ("cpu", "cuda"):
-        if device_type != impl:
-            raise ValueError(f"ms_deform_attn(impl={impl!r}) needs {impl} tensors, got value on {value.device}")
-        _require_kernel(impl)
-    else:
+        return ms_deform_attn_pytorch(*args)
+    if impl != "auto" and impl not in REGISTRY:
         raise ValueError(f"unknown ms_deform_attn implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
-    return torch.ops.deformable_detr.ms_deform_attn(
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
-    )
+    chosen = _resolve(impl, value.device, value.dtype)
+    if impl != "auto" or torch.compiler.is_compiling():
+        return chosen.forward(*args)
+    try:
+        return chosen.forward(*args)
+    except RuntimeError as e:
+        if not chosen.launch_failure(e):
+            raise
+        _drop(chosen, value.device, value.dtype, e)
+        return ms_deform_attn(*args, impl="auto")  # warns, then the next implementation
+
+
+def kernel_available(device_type: str) -> bool:
+    """Whether the compiled kernel for ``device_type`` is loaded, loading (or building) it if needed.
+
+    The first failure for a device type is reported by one warning; later calls return False quietly.
+    """
+    impl = REGISTRY[device_type]
+    device = _normalise(device_type)
+    key = (impl.name, device)
+    first = key not in _unavailable
+    try:
+        _prepare(impl, device)
+        return True
+    except Exception as e:  # noqa: BLE001
+        if first:
+            _warn_fallback(impl, device, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__,
+                           "pytorch")
+        return False
+
+
+def implementation_info(device, dtype=torch.float32, impl: str = "auto") -> dict:
+    """Which implementation runs ``ms_deform_attn(..., impl=impl)`` on tensors of ``dtype`` on ``device``, and its
+    self-check verdict; resolves it as a first call would (building, loading, self-checking if needed).
+
+    Returns ``impl`` (its name), ``description``, ``requested``, ``device`` (the device's name), ``dtype``,
+    ``build`` (what identifies the code), ``self_check`` ("passed", "passed (cached: ...)", "not needed",
+    "skipped ...") and ``fallbacks``: the implementations ``auto`` passed over and why.
+    """
+    device = _normalise(device)
+    if impl == "pytorch":
+        chosen, verdict = REGISTRY["pytorch"], None
+    else:
+        chosen = _resolve(impl, device, dtype)
+        verdict = _verdict(chosen, device, dtype)
+    fallbacks = []
+    if impl == "auto":
+        for name in implementations.chain(device.type):
+            if name == chosen.name:
+                break
+            if REGISTRY[name].supports(device, dtype):
+                fallbacks.append({"impl": name, "reason": _why_not(REGISTRY[name], device, dtype)})
+            else:
+                fallbacks.append({"impl": name, "reason": f"no {str(dtype).removeprefix('torch.')} support"})
+    return {
+        "impl": chosen.name,
+        "description": chosen.description,
+        "requested": impl,
+        "device": device_name(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "build": chosen.build_id(),
+        "self_check": "not needed" if verdict is None else verdict.get("status", "passed" if verdict["ok"] else "FAILED"),
+        "fallbacks": fallbacks,
+    }

@@ -1,4 +1,5 @@
-"""Compiling and loading the CPU and CUDA kernels of ``deformable_detr::ms_deform_attn`` (sources in csrc/).
+"""Compiling and loading the CPU and CUDA kernels of ``deformable_detr::ms_deform_attn`` (sources in model/ops/csrc/,
+shipped with the package).
 
 Ahead of time (on a login node, once per environment; a cluster job then only loads the libraries)::
 
@@ -33,9 +34,11 @@ from pathlib import Path
 
 import torch
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
-HEADERS = ("ms_deform_attn.h",)
-SOURCES = {"cpu": ("ms_deform_attn_cpu.cpp",), "cuda": ("ms_deform_attn_cuda.cu",)}
+CSRC = Path(__file__).resolve().parent / "csrc"
+HEADERS = ("ms_deform_attn.h", "ms_deform_attn_group.h", "ms_deform_attn_launch.h")
+# The CPU library also holds the host emulator of the CUDA kernels (the test-only op ms_deform_attn_emulated).
+SOURCES = {"cpu": ("ms_deform_attn_cpu.cpp", "ms_deform_attn_emulator.cpp"), "cuda": ("ms_deform_attn_cuda.cu",)}
+BUILD_MINUTES = {"cpu": "about a minute", "cuda": "several minutes"}
 DEVICE_TYPES = tuple(SOURCES)
 
 CPU_CFLAGS = ("-O3", "-fopenmp")  # at::parallel_for is OpenMP code inlined from the ATen headers
@@ -63,6 +66,14 @@ def default_cuda_arch_list() -> list[str]:
     if cuda is not None and int(cuda.split(".")[0]) >= 13:
         archs.remove("7.0")  # CUDA 13 compiles for compute capability 7.5 and newer only
     return archs
+
+
+def cuda_arch_list(arch_list: list[str] | None = None) -> list[str]:
+    """The CUDA architectures a build is for: ``arch_list``, else TORCH_CUDA_ARCH_LIST, else the default."""
+    if arch_list is not None:
+        return arch_list
+    env = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    return parse_arch_list(env) if env else default_cuda_arch_list()
 
 
 def parse_arch_list(text: str) -> list[str]:
@@ -121,19 +132,21 @@ def extension_spec(device_type: str, arch_list: list[str] | None = None) -> Exte
     if device_type == "cpu":
         return ExtensionSpec("cpu", tuple(CSRC / s for s in SOURCES["cpu"]), CPU_CFLAGS, (), CPU_LDFLAGS)
     if device_type == "cuda":
-        if arch_list is None:
-            env = os.environ.get("TORCH_CUDA_ARCH_LIST")
-            arch_list = parse_arch_list(env) if env else default_cuda_arch_list()
-        nvcc_flags = CUDA_NVCC_FLAGS + tuple(gencode_flags(arch_list))
+        nvcc_flags = CUDA_NVCC_FLAGS + tuple(gencode_flags(cuda_arch_list(arch_list)))
         return ExtensionSpec("cuda", tuple(CSRC / s for s in SOURCES["cuda"]), CUDA_CFLAGS, nvcc_flags, ())
     raise ValueError(f"no compiled kernel for device type {device_type!r} (have {', '.join(DEVICE_TYPES)})")
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path):
+def _file_lock(path: Path, waiting_message: str):
+    """Holds an exclusive lock on ``path``; prints ``waiting_message`` (stderr) when another process has it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # released by the kernel if this process dies
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(waiting_message, file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)  # released by the kernel if the holder dies
         try:
             yield
         finally:
@@ -231,11 +244,17 @@ def load(device_type: str, *, arch_list: list[str] | None = None, verbose: bool 
             f"(build it with: python -m model.ops.build --{device_type})"
         )
     else:
-        with _file_lock(cache_dir() / f"{spec.name}.lock"):
+        lock = cache_dir() / f"{spec.name}.lock"
+        with _file_lock(lock, f"ms_deform_attn: waiting for another process building the {device_type} kernel "
+                              f"{spec.name} (lock {lock})"):
             if built.exists():  # another process built it while this one waited
                 path = spec.directory / json.loads(built.read_text())["library"]
                 _load_library(path)
             else:
+                # A first build is silent for minutes: say what it is, so that a job does not look hung.
+                print(f"ms_deform_attn: compiling the {device_type} kernel {spec.name} into {spec.directory} "
+                      f"({BUILD_MINUTES[device_type]}, once per environment); other processes that need it wait "
+                      f"on {lock}", file=sys.stderr, flush=True)
                 path = _compile(spec, verbose)  # also loads it
     _LOADED[spec.name] = path
     return path

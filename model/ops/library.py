@@ -8,6 +8,11 @@ Two ops in the ``deformable_detr`` namespace::
                                              sampling_locations, attention_weights)
         -> (grad_value, grad_sampling_locations, grad_attention_weights)
 
+their Triton twins ``deformable_detr::ms_deform_attn_triton`` / ``ms_deform_attn_triton_backward`` (same schema,
+fake implementation, autograd and FLOP count; kernels registered by :mod:`model.ops.triton_kernel` when it is
+imported), and their test-only twins ``deformable_detr::ms_deform_attn_emulated`` / ``ms_deform_attn_emulated_backward``: the
+CUDA kernels' code run on the CPU by the host emulator (built with the CPU kernel), for every CUDA dtype.
+
 The schema, the fake implementations (shapes only, for torch.compile / torch.export) and autograd live
 here, so importing this module is cheap and compiles nothing. The CPU and CUDA kernels are registered
 when the compiled libraries are loaded (see :mod:`model.ops.build`); until then calling an op on a
@@ -20,19 +25,14 @@ import torch
 NAMESPACE = "deformable_detr"
 FORWARD = f"{NAMESPACE}::ms_deform_attn"
 BACKWARD = f"{NAMESPACE}::ms_deform_attn_backward"
+EMULATED = f"{NAMESPACE}::ms_deform_attn_emulated"
+EMULATED_BACKWARD = f"{NAMESPACE}::ms_deform_attn_emulated_backward"
+TRITON = f"{NAMESPACE}::ms_deform_attn_triton"
+TRITON_BACKWARD = f"{NAMESPACE}::ms_deform_attn_triton_backward"
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
-_lib.define(
-    "ms_deform_attn(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
-    "Tensor sampling_locations, Tensor attention_weights) -> Tensor"
-)
-_lib.define(
-    "ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, "
-    "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights) -> (Tensor, Tensor, Tensor)"
-)
 
 
-@torch.library.register_fake(FORWARD, lib=_lib)
 def _forward_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     N, _, M, D = value.shape
     Lq = sampling_locations.shape[1]
@@ -40,7 +40,6 @@ def _forward_fake(value, spatial_shapes, level_start_index, sampling_locations, 
     return value.new_empty((N, Lq, M * D))
 
 
-@torch.library.register_fake(BACKWARD, lib=_lib)
 def _backward_fake(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     return (
         value.new_empty(value.shape),
@@ -54,12 +53,31 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
-def _backward(ctx, grad_output):
-    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
-    grad_value, grad_sampling_locations, grad_attention_weights = torch.ops.deformable_detr.ms_deform_attn_backward(
-        grad_output.contiguous(), value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+def _define(forward: str, backward: str) -> None:
+    """Schema, fake implementations and autograd of one forward op and its backward op."""
+    forward_name, backward_name = forward.split("::")[1], backward.split("::")[1]
+    _lib.define(
+        f"{forward_name}(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
+        "Tensor sampling_locations, Tensor attention_weights) -> Tensor"
     )
-    return grad_value, None, None, grad_sampling_locations, grad_attention_weights
+    _lib.define(
+        f"{backward_name}(Tensor grad_output, Tensor value, Tensor spatial_shapes, "
+        "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights) -> (Tensor, Tensor, Tensor)"
+    )
+    torch.library.register_fake(forward, _forward_fake, lib=_lib)
+    torch.library.register_fake(backward, _backward_fake, lib=_lib)
+    backward_op = getattr(torch.ops.deformable_detr, backward_name)
+
+    def _backward(ctx, grad_output):
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+        grad_value, grad_sampling_locations, grad_attention_weights = backward_op(
+            grad_output.contiguous(), value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
+        return grad_value, None, None, grad_sampling_locations, grad_attention_weights
+
+    torch.library.register_autograd(forward, _backward, setup_context=_setup_context, lib=_lib)
 
 
-torch.library.register_autograd(FORWARD, _backward, setup_context=_setup_context, lib=_lib)
+_define(FORWARD, BACKWARD)
+_define(EMULATED, EMULATED_BACKWARD)
+_define(TRITON, TRITON_BACKWARD)

@@ -17,6 +17,14 @@ import torch.nn.functional as F
 def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
+    # Mixed dtypes (float16 values, float32 locations, outside autocast) are computed in the widest of them and
+    # returned in value's dtype, as the kernels do; grid_sample itself wants one dtype.
+    compute_dtype = torch.promote_types(torch.promote_types(value.dtype, sampling_locations.dtype),
+                                        attention_weights.dtype)
+    output_dtype = value.dtype
+    value = value.to(compute_dtype)
+    sampling_locations = sampling_locations.to(compute_dtype)
+    attention_weights = attention_weights.to(compute_dtype)
     # grid_sample wants [-1, 1]; align_corners=False matches the kernels' pixel-centre convention.
     sampling_grids = 2 * sampling_locations - 1
     sampled = []
@@ -32,4 +40,4 @@ def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_lo
     # N x Lq x M x L x P -> N*M x 1 x Lq x L*P
     weights = attention_weights.transpose(1, 2).reshape(N * M, 1, Lq, L * P)
     output = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1).view(N, M * D, Lq)
-    return output.transpose(1, 2).contiguous()
+    return output.transpose(1, 2).contiguous().to(output_dtype)

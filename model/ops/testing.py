@@ -48,6 +48,92 @@ def forward_and_grads(fn, inputs, grad_output=None):
 
 def max_relative_error(actual, expected):
     """max |actual - expected| / max |expected|, in float64."""
-    actual, expected = actual.double().cpu(), expected.double().cpu()
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
     scale = expected.abs().max().clamp_min(1e-30)
     return float((actual - expected).abs().max() / scale)
+
+
+def misaligned(t):
+    """The same values as ``t`` in a view whose data starts one element past a 16-byte boundary (the CUDA
+    kernel then cannot read 16-byte packs and falls back to one element per pack)."""
+    storage = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = storage[1:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+# Implementations for tests of the self-check and of impl="auto" (see model.ops.implementations). They run on
+# CPU tensors and ask for the self-check as the GPU kernels do; a child process finds them by
+# "model.ops.testing:<name>".
+from .implementations import Implementation, Reference  # noqa: E402
+
+
+class EmulatedCudaKernel(Implementation):
+    """The CUDA kernels' code run on the host (the test-only op deformable_detr::ms_deform_attn_emulated)."""
+
+    name = "emulated"
+    spec = "model.ops.testing:EMULATED"
+    description = "emulated CUDA kernel"
+    device_types = ("cpu",)
+    needs_self_check = True
+
+    def prepare(self, device):
+        from . import build
+
+        build.load("cpu")  # the emulator is built with the CPU kernel
+
+    def forward(self, *args):
+        return torch.ops.deformable_detr.ms_deform_attn_emulated(*args)
+
+    def build_id(self):
+        from . import build
+
+        return "emulated_" + build.extension_spec("cpu").name
+
+
+class WrongKernel(Reference):
+    """A kernel made wrong on purpose: it samples every point half a pixel too far right."""
+
+    name = "wrong"
+    spec = "model.ops.testing:WRONG"
+    description = "deliberately wrong kernel"
+    device_types = ("cpu",)
+    needs_self_check = True
+
+    def supports(self, device, dtype):
+        return device.type == "cpu" and dtype.is_floating_point
+
+    def forward(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        shift = torch.zeros_like(sampling_locations)
+        shift[..., 0] = 0.5 / spatial_shapes[:, 1].to(sampling_locations)[None, None, None, :, None]
+        return super().forward(value, spatial_shapes, level_start_index, sampling_locations + shift,
+                               attention_weights)
+
+
+class CrashingKernel(WrongKernel):
+    """A kernel that kills its process, as an illegal memory access kills a CUDA context."""
+
+    name = "crashing"
+    spec = "model.ops.testing:CRASHING"
+    description = "crashing kernel"
+
+    def forward(self, *args):
+        import os
+
+        os.abort()
+
+
+class UnlaunchableKernel(WrongKernel):
+    """A kernel whose launches fail as on a GPU the build has no code for (it is not self-checked, so that the
+    failure shows at the first call)."""
+
+    name = "unlaunchable"
+    spec = "model.ops.testing:UNLAUNCHABLE"
+    description = "unlaunchable kernel"
+    needs_self_check = False
+
+    def forward(self, *args):
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+
+EMULATED, WRONG, CRASHING, UNLAUNCHABLE = EmulatedCudaKernel(), WrongKernel(), CrashingKernel(), UnlaunchableKernel()

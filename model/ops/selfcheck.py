@@ -1,0 +1,175 @@
+"""The self-check: before an implementation that needs it (the GPU kernels) is trusted on a device, it runs a
+handful of small cases against the pure-PyTorch reference, forward and the three gradients, in float64 and in
+the dtype in use. The cases have odd level shapes, channel counts that are not powers of two and points
+outside the map.
+
+The check runs in a child process (``python -m model.ops.selfcheck``), so that a kernel that crashes (an
+illegal memory access poisons the CUDA context for good) cannot take the training down with it. The verdict
+is stored beside the build, keyed by the build, the device name, the driver and the torch version: it is
+computed once per node and kind of GPU, then read from disk. ``DEFORMABLE_DETR_OPS_SELF_CHECK=0`` skips it.
+
+    python -m model.ops.selfcheck --impl cuda --device cuda:0 --dtype float16 --json verdict.json
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from . import implementations
+from .environment import device_name, driver_version
+from .reference import ms_deform_attn_pytorch
+from .testing import forward_and_grads, make_inputs, max_relative_error
+
+# (name, spatial shapes, heads M, channels D, points P, batch N, queries Lq)
+CASES = [
+    ("odd_levels_d12", [(5, 7), (3, 1), (1, 4)], 2, 12, 3, 2, 9),
+    ("d71_two_levels", [(6, 5), (2, 3)], 1, 71, 2, 1, 7),
+    ("four_levels_d32", [(9, 11), (5, 6), (3, 2), (1, 4)], 3, 32, 4, 2, 11),
+    ("d300_one_level", [(4, 3)], 1, 300, 2, 1, 3),  # several rounds of a full group
+]
+# dtype -> largest relative error accepted against the float64 reference
+TOLERANCES = {torch.float64: 1e-8, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+RESULTS = ("output", "grad_value", "grad_sampling_locations", "grad_attention_weights")
+TIMEOUT_S = 900  # a first Triton compilation of every case takes a few minutes
+
+_verdicts: dict[tuple, dict] = {}  # (implementation, device, dtype) -> verdict, in this process
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def checked_dtypes(dtype: torch.dtype) -> list[torch.dtype]:
+    return [torch.float64] + ([dtype] if dtype != torch.float64 else [])
+
+
+def run_cases(impl: implementations.Implementation, device: torch.device, dtype: torch.dtype) -> dict:
+    """Run every case in float64 and ``dtype`` here, in this process. A verdict: ``ok``, and for a failure the
+    ``case`` and the ``error``; ``max_errors`` per dtype."""
+    max_errors = {}
+    for dt in checked_dtypes(dtype):
+        worst = 0.0
+        for name, shapes, M, D, P, N, Lq in CASES:
+            case = f"{name} (N={N}, Lq={Lq}, M={M}, D={D}, P={P}, levels {shapes}), {dtype_name(dt)}"
+            print(f"case: {case}", flush=True)  # the last one printed names the case if this process dies
+            inputs = make_inputs(shapes, M=M, D=D, P=P, N=N, Lq=Lq, dtype=dt, device=device)
+            expected = forward_and_grads(ms_deform_attn_pytorch,
+                                         [t.cpu().double() if t.is_floating_point() else t.cpu() for t in inputs])
+            try:
+                actual = forward_and_grads(impl.forward, inputs)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+            except Exception as e:  # noqa: BLE001 - the verdict reports it
+                return {"ok": False, "case": case, "error": f"{type(e).__name__}: {e}".strip(), "max_errors": max_errors}
+            for what, a, e in zip(RESULTS, actual, expected):
+                bad_type = a is None or a.shape != e.shape or a.device != device
+                error = float("inf") if bad_type else max_relative_error(a, e)
+                if not error <= TOLERANCES[dt]:  # also for NaN
+                    detail = (f"{what} has shape {None if a is None else tuple(a.shape)} on "
+                              f"{None if a is None else a.device}" if bad_type else
+                              f"{what} differs from the reference by {error:.2e} (relative; accepted: "
+                              f"{TOLERANCES[dt]:.0e})")
+                    return {"ok": False, "case": case, "error": detail, "max_errors": max_errors}
+                worst = max(worst, error)
+        max_errors[dtype_name(dt)] = worst
+    return {"ok": True, "case": None, "error": None, "max_errors": max_errors}
+
+
+def verdict_key(impl: implementations.Implementation, device: torch.device) -> dict:
+    return {"implementation": impl.name, "build": impl.build_id(), "device": device_name(device),
+            "driver": driver_version(), "torch": torch.__version__}
+
+
+def verdict_path(impl: implementations.Implementation, device: torch.device, dtype: torch.dtype) -> Path:
+    digest = hashlib.sha256(json.dumps(verdict_key(impl, device), sort_keys=True).encode()).hexdigest()[:16]
+    return impl.verdict_dir() / f"{digest}_{dtype_name(dtype)}.json"
+
+
+def _run_child(impl: implementations.Implementation, device: torch.device, dtype: torch.dtype) -> dict:
+    package_root = str(Path(__file__).resolve().parents[2])  # the folder holding model/
+    env = dict(os.environ, DEFORMABLE_DETR_OPS_NO_BUILD="1",  # the parent built (or failed to build) already
+               PYTHONPATH=os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "verdict.json"
+        command = [sys.executable, "-m", "model.ops.selfcheck", "--impl", impl.spec, "--device", str(device),
+                   "--dtype", dtype_name(dtype), "--json", str(out)]
+        try:
+            result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired as e:
+            return {"ok": False, "case": None, "error": f"the check process did not finish in {TIMEOUT_S} s",
+                    "cache": False, "output": str(e.stdout or "")[-2000:]}
+        if result.returncode == 0 and out.exists():
+            return json.loads(out.read_text())
+    cases = [line[len("case: "):] for line in result.stdout.splitlines() if line.startswith("case: ")]
+    code = result.returncode
+    how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+    tail = "\n".join(result.stderr.strip().splitlines()[-6:])
+    return {"ok": False, "case": cases[-1] if cases else None, "error": f"the check process {how}: {tail}"}
+
+
+def self_check(impl: implementations.Implementation, device, dtype: torch.dtype) -> dict:
+    """The verdict on ``impl`` for tensors of ``dtype`` on ``device``: from this process's memory, else from the
+    cache beside the build, else computed by a child process (and then cached; a time-out is not)."""
+    device = torch.device(device)
+    key = (impl.name, impl.spec, device, dtype)
+    if key in _verdicts:
+        return _verdicts[key]
+    if os.environ.get("DEFORMABLE_DETR_OPS_SELF_CHECK", "1") == "0":
+        verdict = {"ok": True, "status": "skipped (DEFORMABLE_DETR_OPS_SELF_CHECK=0)"}
+        _verdicts[key] = verdict
+        return verdict
+    path = verdict_path(impl, device, dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from .build import _file_lock  # one check per key at a time: simultaneous ranks wait and read its verdict
+
+    with _file_lock(path.with_suffix(".lock"), f"ms_deform_attn: waiting for another process's self-check of "
+                                               f"{impl.name} on {device_name(device)} ({path})"):
+        if path.exists():
+            verdict = json.loads(path.read_text())
+            verdict["status"] = f"{'passed' if verdict['ok'] else 'FAILED'} (cached: {path})"
+        else:
+            print(f"ms_deform_attn: self-check of the {impl.description} on {device_name(device)} "
+                  f"({', '.join(dtype_name(d) for d in checked_dtypes(dtype))}) against the reference, once per build and device",
+                  file=sys.stderr, flush=True)
+            start = time.time()
+            verdict = _run_child(impl, device, dtype)
+            verdict.update(verdict_key(impl, device), dtypes=[dtype_name(d) for d in checked_dtypes(dtype)],
+                           seconds=round(time.time() - start, 1))
+            if verdict.pop("cache", True):
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(verdict, indent=2) + "\n")
+                tmp.replace(path)
+            verdict["status"] = "passed" if verdict["ok"] else "FAILED"
+    verdict["file"] = str(path)
+    _verdicts[key] = verdict
+    return verdict
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model.ops.selfcheck", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--impl", required=True, help="registry name (cuda, triton, ...) or module:attribute")
+    parser.add_argument("--device", required=True)
+    parser.add_argument("--dtype", default="float32", choices=[dtype_name(d) for d in TOLERANCES])
+    parser.add_argument("--json", type=Path, help="write the verdict here")
+    args = parser.parse_args(argv)
+    impl, device, dtype = implementations.get(args.impl), torch.device(args.device), getattr(torch, args.dtype)
+    impl.prepare(device)
+    verdict = run_cases(impl, device, dtype)
+    text = json.dumps(verdict, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
