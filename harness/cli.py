@@ -7,9 +7,12 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from harness.config import ConfigError
-from harness.experiment import ExperimentError, expand, load_experiment, unique_runs
-from harness.runs import ResultsError, ResultsStore, dry_run_plan
+from harness import launch
+from harness.config import EXECUTORS, ConfigError
+from harness.grid import ExperimentError, expand, load_experiment, unique_runs
+from harness.launch.slurm import PENDING_STATES, RUNNING_STATES
+from harness.provenance import git_commit
+from harness.store import ResultsError, ResultsStore, dry_run_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,7 +34,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true",
                    help="laptop scale on a generated dataset, local processes; waits and reports")
     p.add_argument("--rows", nargs="+", metavar="LABEL", help="only these rows (labels as in the YAML)")
-    p.add_argument("--executor", choices=("auto", "slurm", "local", "debug"),
+    p.add_argument("--executor", choices=EXECUTORS,
                    help="override the launcher config's executor (auto: slurm where sbatch exists)")
     p.add_argument("--wait", action="store_true", help="after submitting, wait for the jobs, then report")
     p.add_argument("--rerun", action="store_true",
@@ -43,8 +46,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def _status(experiment, store) -> str:
-    from harness import launch
-    entries = store.plan(unique_runs(expand(experiment)), job_alive=_job_alive(launch))
+    entries = store.plan(unique_runs(expand(experiment)), job_alive=_job_alive())
     lines = [f"{experiment.name} ({experiment.scale} scale): {len(entries)} run(s)"]
     width = max([len(e.spec.label) for e in entries] + [3])
     for e in entries:
@@ -59,7 +61,7 @@ def _status(experiment, store) -> str:
     return "\n".join(lines)
 
 
-def _job_alive(launch):
+def _job_alive():
     if not launch.slurm_available():
         return None
 
@@ -67,8 +69,7 @@ def _job_alive(launch):
         state = launch.slurm_job_state(job_id)
         if state is None:
             return None
-        return state.split()[0] in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED",
-                                    "RESIZING", "REQUEUE_HOLD", "REQUEUE_FED")
+        return state.split()[0] in PENDING_STATES | RUNNING_STATES
     return alive
 
 
@@ -78,17 +79,17 @@ def submit(experiment, store, executor=None, rerun=False):
     Local jobs (one machine, often one GPU or a few CPU cores) run one after the other, so this waits
     for them and ``outcomes`` holds their results; SLURM jobs are only submitted (``outcomes`` is None).
     """
-    from harness import launch
-    from harness.job import JobRequest, git_commit, run_job
+    # the job module imports torch and the model: loaded only when something is submitted
+    from harness.run.job import JobRequest, run_job
 
     store.check_writable()
     specs = unique_runs(expand(experiment))
-    entries = store.plan(specs, job_alive=_job_alive(launch))
+    entries = store.plan(specs, job_alive=_job_alive())
     if rerun:
         for e in entries:
             if e.state == "done":
                 shutil.rmtree(store.run_dir(e.spec.experiment, e.spec.run_id))
-        entries = store.plan(specs, job_alive=_job_alive(launch))
+        entries = store.plan(specs, job_alive=_job_alive())
     for e in entries:
         if e.action != "run":
             print(f"skip  {e.spec.label!r} ({e.spec.run_id}): {e.state}")
@@ -133,7 +134,7 @@ def submit(experiment, store, executor=None, rerun=False):
 
 
 def _report(experiment, args) -> None:
-    from harness.report import write_report
+    from harness.report.tables import write_report  # pandas and matplotlib: loaded only for reports
     for path in write_report(experiment, args.results, args.reports):
         print(f"wrote {path}")
 
@@ -158,7 +159,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             if jobs:
                 print(f"{len(jobs)} job(s) submitted; follow with --status, then --report")
             return 0
-        from harness import launch
         failed = 0
         for spec, (outcome, value) in zip(specs, outcomes if outcomes is not None else launch.wait(jobs)):
             if outcome != "success":
@@ -171,12 +171,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ExperimentError, ResultsError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except Exception as err:  # the launcher's errors (no sbatch, submission refused) without a traceback
-        from harness.launch import LaunchError
-        if isinstance(err, LaunchError):
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        raise
+    except launch.LaunchError as err:  # no sbatch, submission refused: the message, without a traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,15 +1,31 @@
-"""Typed configuration of everything a run does besides the model (frozen dataclasses).
+"""Typed configuration of everything a run does besides the model (frozen dataclasses), and the one list
+of each choice a field can take.
 
-One dataclass per concern. YAML maps onto them in :mod:`harness.experiment`; the model's own config
-is :class:`model.config.ModelConfig`. Nothing here imports torch.
+One dataclass per concern. YAML maps onto them in :mod:`harness.grid`; the model's own config is
+:class:`model.config.ModelConfig`. Nothing here imports torch.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 from model.config import ConfigError, ModelConfig
+
+DATASETS = ("coco", "synthetic")
+AUGMENTATIONS = ("official", "none")
+# train.amp -> the torch dtype autocast runs in (by name, so that this module needs no torch)
+AMP_MODES: Dict[str, Optional[str]] = {"off": None, "bf16": "bfloat16", "fp16": "float16"}
+
+
+def amp_dtype(amp: str):
+    """The torch dtype autocast runs in for ``train.amp`` (None: off). torch is imported here, not at the top,
+    so that the torch-free layers can read this module."""
+    import torch
+    return None if AMP_MODES[amp] is None else getattr(torch, AMP_MODES[amp])
+
+
+PRECISIONS = ("fp32", "tf32", "bf16")             # benchmark.precision
+EXECUTORS = ("auto", "slurm", "local", "debug")   # launcher.executor; auto: slurm where sbatch exists
 
 
 @dataclass(frozen=True)
@@ -98,8 +114,5 @@ class RunConfig:
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
-
-SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
-
-__all__ = ["ConfigError", "DataConfig", "TrainConfig", "EvalConfig", "BenchmarkConfig",
+__all__ = ["AMP_MODES", "AUGMENTATIONS", "DATASETS", "EXECUTORS", "PRECISIONS", "ConfigError", "DataConfig", "TrainConfig", "EvalConfig", "BenchmarkConfig",
            "LauncherConfig", "RunConfig", "ModelConfig"]

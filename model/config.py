@@ -13,7 +13,7 @@ from typing import Optional
 ARCHS = ("deformable_detr", "detr", "faster_rcnn")
 BACKBONES = ("resnet50", "resnet101", "resnext101_32x8d", "resnext101_64x4d")
 NECKS = ("none", "fpn", "bifpn")
-ATTN_IMPLS = ("auto", "cuda", "cpu", "pytorch")
+ATTN_IMPLS = ("auto", "cuda", "triton", "cpu", "pytorch")
 
 
 class ConfigError(ValueError):
@@ -70,9 +70,6 @@ class ModelConfig:
     def __post_init__(self):
         validate(self)
 
-    def replace(self, **changes) -> "ModelConfig":
-        return dataclasses.replace(self, **changes)
-
 
 def arch_defaults(arch: str) -> dict:
     """Field values that differ from the Deformable DETR defaults for ``arch`` (official recipes)."""
@@ -84,7 +81,8 @@ def arch_defaults(arch: str) -> dict:
     return dict(arch=arch)
 
 
-def _choice(key, value, choices):
+def check_choice(key, value, choices):
+    """Raise :class:`ConfigError` unless ``value`` is one of ``choices`` (the one choice validator)."""
     if value not in choices:
         raise ConfigError(key, f"got {value!r}, expected one of {', '.join(map(repr, choices))}")
 
@@ -106,11 +104,11 @@ def validate(cfg: ModelConfig) -> None:
             raise ConfigError(f.name, f"got {value!r}, expected a number")
         if f.type == "str" and not isinstance(value, str):
             raise ConfigError(f.name, f"got {value!r}, expected a string")
-    _choice("arch", cfg.arch, ARCHS)
-    _choice("backbone", cfg.backbone, BACKBONES)
-    _choice("neck", cfg.neck, NECKS)
-    _choice("attn_impl", cfg.attn_impl, ATTN_IMPLS)
-    _choice("position_embedding", cfg.position_embedding, ("sine", "learned"))
+    check_choice("arch", cfg.arch, ARCHS)
+    check_choice("backbone", cfg.backbone, BACKBONES)
+    check_choice("neck", cfg.neck, NECKS)
+    check_choice("attn_impl", cfg.attn_impl, ATTN_IMPLS)
+    check_choice("position_embedding", cfg.position_embedding, ("sine", "learned"))
     _positive(cfg, "num_feature_levels", "enc_n_points", "dec_n_points", "num_queries", "num_classes",
               "hidden_dim", "dim_feedforward", "nheads", "enc_layers", "dec_layers")
     if not 0.0 <= cfg.dropout < 1.0:
@@ -125,12 +123,23 @@ def validate(cfg: ModelConfig) -> None:
         for key in ("with_box_refine", "two_stage"):
             if getattr(cfg, key):
                 raise ConfigError(key, f"only available with arch 'deformable_detr', not {cfg.arch!r}")
-        if not cfg.ms_attention and cfg.arch == "detr":
-            raise ConfigError("ms_attention", "DETR has dense attention; ms_attention applies to deformable_detr")
+        if not cfg.ms_attention:
+            raise ConfigError("ms_attention", f"applies to arch 'deformable_detr' only, not {cfg.arch!r}")
         if cfg.arch == "detr" and cfg.num_feature_levels != 1:
             raise ConfigError("num_feature_levels", "DETR uses one feature level (C5); expected 1")
         if cfg.arch == "detr" and cfg.neck != "none":
             raise ConfigError("neck", "DETR has no neck; expected 'none'")
+        # switches of the deformable attention that these architectures do not have: a value other than
+        # the default would do nothing but rename the run
+        defaults = ModelConfig.__dataclass_fields__
+        for key in ("enc_n_points", "dec_n_points", "attn_impl"):
+            if getattr(cfg, key) != defaults[key].default:
+                raise ConfigError(key, f"has no effect with arch {cfg.arch!r} (no deformable attention); "
+                                       f"leave it at {defaults[key].default!r}")
+        if cfg.arch == "faster_rcnn" and cfg.neck != "fpn":
+            raise ConfigError("neck", "Faster R-CNN is built with torchvision's FPN; expected 'fpn'")
+    if cfg.pre_norm and cfg.arch != "detr":
+        raise ConfigError("pre_norm", f"applies to arch 'detr' only, not {cfg.arch!r}")
     if cfg.arch == "deformable_detr":
         if cfg.neck != "none" and cfg.num_feature_levels < 2:
             raise ConfigError("neck", f"{cfg.neck!r} needs multi-scale inputs (num_feature_levels >= 2)")

@@ -5,9 +5,11 @@ import json
 import pytest
 import torch
 
-from harness import complexity
-from harness.complexity import (build_for_complexity, count_flops, fixed_size_input, measure_complexity,
-                                set_attention_impl, split_unsupported)
+from harness.measure import complexity
+from harness.measure.command import main as complexity_main
+from harness.measure.complexity import (build_for_complexity, count_flops, measure_complexity, set_attention_impl,
+                                        split_unsupported)
+from harness.measure.inputs import fixed_size_input
 from model import ModelConfig, arch_defaults
 from model import ops
 
@@ -147,7 +149,7 @@ def test_count_flops_leaves_weights_and_gradients_alone(deformable_detr):
 
 
 def _smoke_spec(label="MS inputs, K=1"):
-    from harness.experiment import expand, load_experiment
+    from harness.grid import expand, load_experiment
 
     experiment = load_experiment("experiments/table2.yaml", smoke=True, rows=[label], check_data=False)
     return expand(experiment)[0]
@@ -167,13 +169,13 @@ def test_measure_complexity_over_the_first_evaluation_images(tmp_path):
 
 
 def test_command_writes_benchmark_json(tmp_path, capsys):
-    from harness.runs import ResultsStore
+    from harness.store import ResultsStore
 
     label = "MS inputs, K=1"
     spec = _smoke_spec(label)
     store = ResultsStore(tmp_path)
     store.write_benchmark("table2", spec.run_id, {"fps_bs1": 3.5, "gflops": 1.0})    # kept fields
-    rc = complexity.main(["experiments/table2.yaml", "--smoke", "--rows", label, "--fixed-size", "96x128",
+    rc = complexity_main(["experiments/table2.yaml", "--smoke", "--rows", label, "--fixed-size", "96x128",
                           "--out", str(tmp_path)])
     assert rc == 0
     record = store.read_benchmark("table2", spec.run_id)
@@ -191,15 +193,15 @@ def test_command_writes_benchmark_json(tmp_path, capsys):
 
 
 def test_command_errors(tmp_path, capsys):
-    assert complexity.main(["experiments/table2.yaml", "--rows", "no such row", "--fixed-size", "800x1199",
+    assert complexity_main(["experiments/table2.yaml", "--rows", "no such row", "--fixed-size", "800x1199",
                             "--out", str(tmp_path)]) == 2
     assert "no such row" in capsys.readouterr().err
     # full scale over evaluation images needs COCO
-    assert complexity.main(["experiments/table2.yaml", "--images", "2", "--root", str(tmp_path / "none"),
+    assert complexity_main(["experiments/table2.yaml", "--images", "2", "--root", str(tmp_path / "none"),
                             "--out", str(tmp_path)]) == 2
     assert "--fixed-size" in capsys.readouterr().err
-    assert complexity.main(["experiments/table2.yaml", "--dry-run", "--fixed-size", "800x1199",
+    assert complexity_main(["experiments/table2.yaml", "--dry-run", "--fixed-size", "800x1199",
                             "--out", str(tmp_path)]) == 0
     assert not any(tmp_path.iterdir())
     with pytest.raises(SystemExit):
-        complexity.main(["experiments/table2.yaml", "--fixed-size", "800by1199"])
+        complexity_main(["experiments/table2.yaml", "--fixed-size", "800by1199"])

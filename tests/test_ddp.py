@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from harness import distributed as dist_utils
+from harness.run import distributed as dist_utils
 
 
 def _free_port():
@@ -19,7 +19,7 @@ def _worker(rank, world_size, port, data_root, output_dir, result_dir):
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from harness import engine
+    from harness.run import engine
     from test_engine import tiny_run_config
     info = dist_utils.init_distributed()
     assert info["world_size"] == world_size and dist_utils.get_rank() == rank
@@ -55,7 +55,7 @@ def test_two_process_gloo_training(tmp_path):
     assert r0["metrics"] == r1["metrics"]
     assert r0["metrics"]["num_images"] == 2
     # the checkpoint (rank 0) holds the synchronised weights
-    from harness import checkpointing
+    from harness.run import checkpointing
     state = checkpointing.read_checkpoint(str(tmp_path / "run" / "checkpoint.pth"))
     assert state["world_size"] == 2 and state["accumulation_steps"] == 2
     for k in r0["final"]:

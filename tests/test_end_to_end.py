@@ -14,8 +14,8 @@ import torch
 
 from conftest_slurm import slurm_cluster  # noqa: F401  (the fixture)
 from harness import cli
-from harness.experiment import expand, load_experiment
-from harness.runs import ResultsStore
+from harness.grid import expand, load_experiment
+from harness.store import ResultsStore
 
 TINY = Path(__file__).parent / "fixtures" / "tiny_experiment.yaml"
 

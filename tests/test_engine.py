@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
-from harness import checkpointing, engine
+from harness.run import checkpointing, engine
 from harness.config import DataConfig, EvalConfig, RunConfig, TrainConfig
-from harness.optim import build_optimizer, build_scheduler, param_groups
+from harness.run.optim import build_optimizer, build_scheduler, param_groups
 from model import ModelConfig
 
 

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from harness import evaluation
+from harness.run import evaluation
 from harness.config import EvalConfig
 from harness.data import synthetic
 from harness.data.coco import build_dataset
@@ -124,7 +124,7 @@ def test_tta_merges_flip_and_scales(root):
 
 
 def test_run_evaluation_with_tta(root):
-    from harness.engine import build_eval_loader
+    from harness.run.loaders import build_eval_loader
     from harness.config import DataConfig, RunConfig, TrainConfig
     from model import ModelConfig, build_model
     torch.manual_seed(0)

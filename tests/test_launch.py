@@ -14,8 +14,9 @@ import pytest
 submitit = pytest.importorskip("submitit")
 
 from harness import launch  # noqa: E402
+from harness.launch import executors  # noqa: E402
 from harness.config import LauncherConfig  # noqa: E402
-from harness.launch_check import task_info  # noqa: E402
+from harness.launch.check import task_info  # noqa: E402
 
 REPO = Path(launch.__file__).resolve().parents[1]
 
@@ -25,11 +26,11 @@ REPO = Path(launch.__file__).resolve().parents[1]
 def test_resolve_executor(monkeypatch):
     with pytest.raises(launch.LaunchError, match="slurm, local, debug"):
         launch.resolve_executor("kubernetes")
-    monkeypatch.setattr(launch, "slurm_available", lambda: False)
+    monkeypatch.setattr(executors, "slurm_available", lambda: False)
     assert launch.resolve_executor("auto") == "local"
     with pytest.raises(launch.LaunchError, match="sbatch"):
         launch.resolve_executor("slurm")
-    monkeypatch.setattr(launch, "slurm_available", lambda: True)
+    monkeypatch.setattr(executors, "slurm_available", lambda: True)
     assert launch.resolve_executor("auto") == "slurm"
     assert launch.resolve_executor("debug") == "debug"
 
@@ -120,7 +121,7 @@ def test_snapshot_in_the_batch_script(fake_slurm, tmp_path):
     (snap,) = [p for p in (tmp_path / "snap").iterdir() if not p.name.startswith(".")]
     assert f"#SBATCH --chdir={snap}" in script
     assert f"export PYTHONPATH={snap}" in script
-    assert (snap / "harness" / "launch.py").is_file()
+    assert (snap / "harness" / "launch" / "submit.py").is_file()
 
 
 # -- code snapshots ------------------------------------------------------------------------------
@@ -206,7 +207,7 @@ def test_local_two_tasks_from_a_snapshot(tmp_path):
     (snap,) = [p for p in (tmp_path / "snap").iterdir() if not p.name.startswith(".")]
     status, info = outcomes[0]
     assert status == "success", info
-    assert info["module"] == str(snap / "harness" / "launch_check.py")   # the snapshot's code ran
+    assert info["module"] == str(snap / "harness" / "launch" / "check.py")   # the snapshot's code ran
     assert info["cwd"] == str(workdir)
     assert info["env"]["WORLD_SIZE"] == "2" and info["env"]["RANK"] == "0"
     ranks = sorted(r["env"]["RANK"] for r in jobs[0].results())

@@ -69,14 +69,15 @@ def test_other_backbones_build_and_run(backbone):
 
 @pytest.mark.parametrize("overrides", [{}, {"dilation": True}, {"focal_loss": True, "num_queries": 12}], ids=repr)
 def test_detr_variants(overrides):
-    cfg = ModelConfig(**{**TINY, **arch_defaults("detr"), "dim_feedforward": 64, "num_queries": 10, **overrides})
+    cfg = ModelConfig(**{**TINY, **arch_defaults("detr"), "dim_feedforward": 64, "num_queries": 10,
+                         "attn_impl": "auto", **overrides})
     _, outputs = _train_step(cfg)
     extra = 0 if cfg.focal_loss else 1
     assert outputs["pred_logits"].shape == (2, cfg.num_queries, 8 + extra)
 
 
 def test_faster_rcnn_contract():
-    _train_step(ModelConfig(**{**TINY, **arch_defaults("faster_rcnn")}))
+    _train_step(ModelConfig(**{**TINY, **arch_defaults("faster_rcnn"), "attn_impl": "auto"}))
 
 
 def test_encoder_without_ms_attention_keeps_levels_apart():

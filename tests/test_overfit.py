@@ -10,11 +10,11 @@ import time
 
 import torch
 
-from harness import engine
+from harness.run import engine, loaders
 from harness.config import DataConfig, EvalConfig, RunConfig, TrainConfig
 from harness.data import synthetic
-from harness.evaluation import run_evaluation
-from harness.optim import build_optimizer, build_scheduler
+from harness.run.evaluation import run_evaluation
+from harness.run.optim import build_optimizer, build_scheduler
 from model import ModelConfig
 
 MAX_EPOCHS = 60
@@ -39,8 +39,8 @@ def test_overfit_eight_images_reaches_ap50_90(tmp_path):
         cfg = overfit_config(root)
         device = torch.device("cpu")
         engine.seed_everything(cfg.train.seed)
-        train_set, sampler, loader = engine.build_train_loader(cfg, root, cfg.model.num_classes)
-        eval_set, eval_loader = engine.build_eval_loader(cfg, root)
+        train_set, sampler, loader = loaders.build_train_loader(cfg, root, cfg.model.num_classes)
+        eval_set, eval_loader = loaders.build_eval_loader(cfg, root)
         assert len(train_set) == len(eval_set) == 8
         model, criterion, postprocessor = engine._build_model(cfg, device)
         optimizer = build_optimizer(model, cfg.train)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.collect import aggregate, collect
-from harness.experiment import expand, load_experiment
-from harness.report import render_latex, render_markdown, write_report
-from harness.runs import ResultsStore
+from harness.report.collect import aggregate, collect
+from harness.grid import expand, load_experiment
+from harness.report.tables import render_latex, render_markdown, write_report
+from harness.store import ResultsStore
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "results_small"

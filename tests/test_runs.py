@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.experiment import expand, load_experiment
-from harness.runs import (CorruptFileError, ResultsError, ResultsStore, Status, atomic_write_json, decide,
+from harness.grid import expand, load_experiment
+from harness.store import (CorruptFileError, ResultsError, ResultsStore, Status, atomic_write_json, decide,
                           dry_run_plan, tail_text)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,8 +187,8 @@ def test_two_submissions_claim_a_run_once(tmp_path, experiment):
     script = textwrap.dedent(f"""
         import sys, json
         sys.path.insert(0, {str(ROOT)!r})
-        from harness.experiment import load_experiment, expand
-        from harness.runs import ResultsStore
+        from harness.grid import load_experiment, expand
+        from harness.store import ResultsStore
         store = ResultsStore({str(tmp_path / 'results')!r})
         won = []
         for spec in expand(load_experiment({experiment.path!r}, smoke=True)):

@@ -96,7 +96,7 @@ def _toy_cfg():
 
 def test_two_tasks_gloo_uninterrupted(slurm_cluster, tmp_path):  # noqa: F811
     pytest.importorskip("torch")
-    from harness.launch_check import expected_state, toy_train
+    from harness.launch.check import expected_state, toy_train
 
     spec = {"out_dir": str(tmp_path / "run"), "epochs": 3, "seed": 7, "sleep_s": 0.0}
     (job,) = launch.submit([spec], toy_train, _toy_cfg(), tmp_path / "logs", executor="slurm",
@@ -118,7 +118,7 @@ def test_two_tasks_gloo_uninterrupted(slurm_cluster, tmp_path):  # noqa: F811
 def test_requeue_and_preemption_resume(slurm_cluster, tmp_path):  # noqa: F811
     """scontrol requeue mid-run, then submitit's pre-emption signal: the run resumes both times."""
     pytest.importorskip("torch")
-    from harness.launch_check import expected_state, toy_train
+    from harness.launch.check import expected_state, toy_train
 
     out = tmp_path / "run"
     n_epochs = 16       # a requeued job runs on for KillWait (5 s) before SIGKILL: leave it epochs to lose

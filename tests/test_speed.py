@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from harness import speed
-from harness.complexity import build_for_complexity
+from harness.measure import inputs, speed
+from harness.measure.complexity import build_for_complexity
 from model import ModelConfig, arch_defaults, build_model
 
 TINY = dict(pretrained_backbone=False, hidden_dim=32, dim_feedforward=64, nheads=4, enc_layers=1, dec_layers=1,
@@ -84,7 +84,7 @@ def test_pad_batch_like_the_evaluation_loader():
     from harness.data.coco import collate_fn
 
     images = _images()
-    padded, mask = speed.pad_batch(images)
+    padded, mask = inputs.pad_batch(images)
     expected_padded, expected_mask, _ = collate_fn([(img, {}) for img in images])
     assert torch.equal(padded, expected_padded) and torch.equal(mask, expected_mask)
 
@@ -95,7 +95,7 @@ def test_training_iteration_time_on_cpu(amp):
     model, criterion, _ = build_model(ModelConfig(**TINY, train_backbone=False))    # no backbone backward: fast
     images = torch.randn(2, 3, 96, 96)
     mask = torch.zeros(2, 96, 96, dtype=torch.bool)
-    targets = speed.synthetic_targets(2, num_classes=91, objects=3)
+    targets = inputs.synthetic_targets(2, num_classes=91, objects=3)
     before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     result = speed.measure_train_step(model, criterion, images, mask, targets, amp=amp, iters=2, warmup=0,
                                       device="cpu")
@@ -110,7 +110,7 @@ def test_training_iteration_time_on_cpu(amp):
 
 
 def test_synthetic_targets_look_like_the_loader_s():
-    targets = speed.synthetic_targets(2, num_classes=10, objects=4, seed=1)
+    targets = inputs.synthetic_targets(2, num_classes=10, objects=4, seed=1)
     assert len(targets) == 2
     for t in targets:
         assert t["labels"].dtype == torch.int64 and t["labels"].shape == (4,)
@@ -127,6 +127,6 @@ def test_fps_on_gpu(tiny, precision):
     assert result["precision"] == precision and result["fps"] > 0
     model, criterion, _ = build_model(ModelConfig(**TINY))
     step = speed.measure_train_step(model, criterion, torch.randn(2, 3, 96, 96), torch.zeros(2, 96, 96, dtype=torch.bool),
-                                    speed.synthetic_targets(2), amp="bf16" if precision == "bf16" else "off",
+                                    inputs.synthetic_targets(2), amp="bf16" if precision == "bf16" else "off",
                                     iters=2, warmup=1, device="cuda")
     assert step["peak_memory_mb"] > 0

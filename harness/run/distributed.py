@@ -2,7 +2,8 @@
 
 Ranks come from torch's environment variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR``, ``MASTER_PORT``), as torchrun sets them; under SLURM/submitit,
-:func:`env_from_submitit` fills them from submitit's ``JobEnvironment`` first. Without them the run is
+:func:`harness.launch.environment.distributed_env_from_submitit` fills them from submitit's ``JobEnvironment``
+first. Without them the run is
 a single process and every function here degrades to the identity. NCCL on GPUs, gloo on CPU.
 """
 from __future__ import annotations
@@ -31,26 +32,6 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
-def env_from_submitit() -> bool:
-    """Fill torch's variables from submitit's job environment; False when not in a submitit job.
-
-    The master is the first node of the job (submitit's ``hostnames[0]``); the port is derived from the
-    job id unless ``MASTER_PORT`` is already set, so concurrent jobs on one node do not collide.
-    """
-    try:
-        import submitit
-        job_env = submitit.JobEnvironment()
-    except (ImportError, RuntimeError):
-        return False
-    os.environ["RANK"] = str(job_env.global_rank)
-    os.environ["WORLD_SIZE"] = str(job_env.num_tasks)
-    os.environ["LOCAL_RANK"] = str(job_env.local_rank)
-    os.environ.setdefault("MASTER_ADDR", job_env.hostnames[0])
-    job_id = "".join(ch for ch in str(job_env.job_id).split("_")[0] if ch.isdigit()) or "0"
-    os.environ.setdefault("MASTER_PORT", str(20000 + int(job_id) % 20000))
-    return True
-
-
 def init_distributed(backend: str = None, timeout_min: int = 30) -> Dict[str, Any]:
     """Initialise the default process group from the environment (nothing when WORLD_SIZE is unset or 1).
 
@@ -69,7 +50,7 @@ def init_distributed(backend: str = None, timeout_min: int = 30) -> Dict[str, An
         for key in ("MASTER_ADDR", "MASTER_PORT"):
             if key not in os.environ:
                 raise RuntimeError(f"WORLD_SIZE is {world_size} but {key} is not set; "
-                                   "set it, or call env_from_submitit() inside a submitit job")
+                                   "set it, or call harness.launch.environment.distributed_env_from_submitit() inside a submitit job")
         backend = backend or ("nccl" if device.type == "cuda" else "gloo")
         kwargs = dict(backend=backend, init_method="env://", world_size=world_size, rank=rank,
                       timeout=datetime.timedelta(minutes=timeout_min))
@@ -96,14 +77,6 @@ def all_gather_object(obj) -> List[Any]:
     out = [None] * get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def broadcast_object(obj, src: int = 0):
-    if not is_dist():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def reduce_mean(values: Dict[str, float], device=None) -> Dict[str, float]:

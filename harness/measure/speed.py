@@ -20,9 +20,12 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-PRECISIONS = ("fp32", "tf32", "bf16")
-AMP_MODES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
+from harness.config import AMP_MODES, PRECISIONS, amp_dtype
+from harness.measure.complexity import build_for_complexity
+from harness.measure.inputs import evaluation_images, fixed_size_input, make_batches, synthetic_targets
+from harness.provenance import device_name
+from model import build_model
+from model.ms_deform_attn import MSDeformAttn
 
 # ------------------------------------------------------------------------------------------ helpers
 
@@ -62,8 +65,6 @@ def precision_label(precision: str, device) -> str:
 def attention_impl(model: torch.nn.Module, device, precision: str = "fp32") -> str:
     """Which attention implementation runs: the compiled kernel of the device, the pure-PyTorch reference,
     dense attention (DETR) or none (Faster R-CNN)."""
-    from model.ms_deform_attn import MSDeformAttn
-
     device = torch.device(device)
     impls = {m.impl for m in model.modules() if isinstance(m, MSDeformAttn)}
     if not impls:
@@ -87,8 +88,6 @@ def attention_impl(model: torch.nn.Module, device, precision: str = "fp32") -> s
 
 
 def environment(device, precision: str, model: Optional[torch.nn.Module] = None) -> dict:
-    from harness.complexity import device_name
-
     device = torch.device(device)
     record = {"fps_device": device_name(device), "device_type": device.type,
               "precision": precision_label(precision, device), "torch": torch.__version__}
@@ -98,42 +97,6 @@ def environment(device, precision: str, model: Optional[torch.nn.Module] = None)
         record["attn_impl"] = attention_impl(model, device, precision)
     return record
 
-
-def pad_batch(images: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """C x H x W images -> (B x C x H x W zero-padded bottom/right, B x H x W mask True on padding),
-    like the evaluation loader's collate."""
-    h = max(img.shape[1] for img in images)
-    w = max(img.shape[2] for img in images)
-    out = images[0].new_zeros((len(images), images[0].shape[0], h, w))
-    mask = torch.ones((len(images), h, w), dtype=torch.bool, device=images[0].device)
-    for img, pad, m in zip(images, out, mask):
-        pad[:, : img.shape[1], : img.shape[2]].copy_(img)
-        m[: img.shape[1], : img.shape[2]] = False
-    return out, mask
-
-
-def make_batches(images: Union[Sequence[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]], batch_size: int,
-                 device, max_batches: Optional[int] = None) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """Padded batches of ``batch_size`` on ``device``.
-
-    ``images``: C x H x W tensors (consecutive groups, wrapping around to fill the last one; at most
-    ``max_batches``) or one ready (images, mask) batch, used as it is.
-    """
-    device = torch.device(device)
-    if isinstance(images, tuple) and len(images) == 2 and isinstance(images[0], torch.Tensor) \
-            and images[0].dim() == 4:
-        return [(images[0].to(device), images[1].to(device))]
-    images = list(images)
-    if not images:
-        raise ValueError("no images to time")
-    n_batches = max(1, -(-len(images) // batch_size))
-    if max_batches is not None:
-        n_batches = min(n_batches, max_batches)
-    batches = []
-    for b in range(n_batches):
-        group = [images[(b * batch_size + j) % len(images)].to(device) for j in range(batch_size)]
-        batches.append(pad_batch(group))
-    return batches
 
 
 def _timings_summary(times: List[float], batch_size: int) -> dict:
@@ -201,8 +164,6 @@ def measure_run_speed(run_cfg, device=None, root: Optional[str] = None, fixed_si
     """FPS of ``run_cfg.model`` as ``run_cfg.benchmark`` asks (batch sizes, warm-up, precision) on its first
     ``fps_images`` evaluation images, or on one 3 x H x W image (``fixed_size``) when no dataset is at hand.
     ``model``: time this one (for example the trained model) instead of a freshly built one."""
-    from harness.complexity import build_for_complexity, evaluation_images, fixed_size_input
-
     bench = run_cfg.benchmark
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if model is None:
@@ -218,20 +179,6 @@ def measure_run_speed(run_cfg, device=None, root: Optional[str] = None, fixed_si
     record["fps_input"] = described
     return record
 
-
-# ------------------------------------------------------------------------------------------ training
-
-def synthetic_targets(batch_size: int, num_classes: int = 91, objects: int = 8, seed: int = 0, device="cpu"
-                      ) -> List[dict]:
-    """Targets like the training loader's: ``labels`` (int64) and ``boxes`` (normalised cx, cy, w, h)."""
-    g = torch.Generator().manual_seed(seed)
-    targets = []
-    for _ in range(batch_size):
-        centre = 0.2 + 0.6 * torch.rand((objects, 2), generator=g)
-        size = 0.05 + 0.3 * torch.rand((objects, 2), generator=g)
-        labels = torch.randint(1, num_classes, (objects,), generator=g)
-        targets.append({"labels": labels.to(device), "boxes": torch.cat([centre, size], 1).to(device)})
-    return targets
 
 
 def measure_train_step(model: torch.nn.Module, criterion: torch.nn.Module, images: torch.Tensor,
@@ -250,7 +197,7 @@ def measure_train_step(model: torch.nn.Module, criterion: torch.nn.Module, image
     model, criterion = model.to(device).train(), criterion.to(device).train()
     images, mask = images.to(device), mask.to(device)
     targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-    amp_dtype = AMP_MODES[amp]
+    autocast_dtype = amp_dtype(amp)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
@@ -262,7 +209,7 @@ def measure_train_step(model: torch.nn.Module, criterion: torch.nn.Module, image
     for it in range(warmup + iters):
         synchronize(device)
         start = time.perf_counter()
-        with (torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None
+        with (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
               else contextlib.nullcontext()):
             outputs = model(images, mask, targets=targets) if needs_targets else model(images, mask)
             loss_dict = criterion(outputs, targets)
@@ -301,9 +248,6 @@ def measure_run_train_step(run_cfg, device=None, amp: Optional[str] = None, batc
     """:func:`measure_train_step` for ``run_cfg.model`` on a batch of ``batch_size`` 3 x H x W images with
     synthetic targets (the paper's training-time measurements use batch 2 per GPU); ``amp`` defaults to
     ``run_cfg.train.amp``."""
-    from harness.complexity import fixed_size_input
-    from model import build_model
-
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model_cfg = dataclasses.replace(run_cfg.model, pretrained_backbone=False, backbone_weights=None)
     model, criterion, _ = build_model(model_cfg)
@@ -313,3 +257,4 @@ def measure_run_train_step(run_cfg, device=None, amp: Optional[str] = None, batc
     return measure_train_step(model, criterion, images, mask, targets, amp=amp or run_cfg.train.amp, iters=iters,
                               warmup=warmup, device=device, lr=run_cfg.train.lr,
                               clip_max_norm=run_cfg.train.clip_max_norm)
+

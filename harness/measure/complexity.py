@@ -21,31 +21,27 @@ Counting rules (``count_flops``):
   ``torchvision::roi_align`` in Faster R-CNN). fvcore's own ignore list (reshapes, copies, relu, ...) is
   neither counted nor listed.
 
-Command line (full-scale complexity of every model row of an experiment into its benchmark.json)::
-
-    python -m harness.complexity experiments/table1.yaml [--rows LABEL ...]
-        [--images N | --fixed-size 800x1199] [--out results] [--root COCO_ROOT]
+The command that writes these counts for every row of an experiment is :mod:`harness.measure.command`.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import datetime
 import math
-import os
-import platform
-import sys
-import time
 import warnings
 from collections import Counter
 from math import prod
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
+from fvcore.nn import FlopCountAnalysis
+from torchvision.ops.misc import FrozenBatchNorm2d
 
-from harness.job import git_commit
-
-FIXED_SIZE = (800, 1199)        # the reference count: one 3 x 800 x 1199 image
+from harness.measure.inputs import evaluation_images, fixed_size_input
+from harness.provenance import device_name
+from model import build_model
+from model.build import count_parameters
+from model.ms_deform_attn import MSDeformAttn
+from model.ops import flop_handles as attention_handles
 
 # Elementwise and bookkeeping operators whose cost is negligible next to convs and matmuls: fvcore does not
 # count them; listed apart from uncounted operators that may matter.
@@ -85,7 +81,6 @@ def deform_conv2d_flop_jit(inputs, outputs) -> int:
 
 def flop_handles() -> dict:
     """Handles added to fvcore's defaults: the deformable attention op and torchvision's DCN."""
-    from model.ops import flop_handles as attention_handles
     return {**attention_handles(), "torchvision::deform_conv2d": deform_conv2d_flop_jit}
 
 
@@ -154,8 +149,6 @@ def count_flops(model: torch.nn.Module, images_and_masks: Iterable, extra_handle
     matter: {name: calls per input, the maximum over inputs}), ``trivial_unsupported_ops`` (uncounted
     elementwise operators, likewise) and ``handles`` (the operators counted by handles beside fvcore's).
     """
-    from fvcore.nn import FlopCountAnalysis
-
     handles = {**flop_handles(), **(extra_handles or {})}
     pairs = _as_pairs(images_and_masks)
     wrapper = _TensorOutputs(model).eval()
@@ -196,48 +189,12 @@ def count_flops(model: torch.nn.Module, images_and_masks: Iterable, extra_handle
     }
 
 
-def count_parameters(model: torch.nn.Module) -> int:
-    from model.build import count_parameters as count
-    return count(model)
-
-
-# ------------------------------------------------------------------------------------------- inputs
-
-def fixed_size_input(height: int = FIXED_SIZE[0], width: int = FIXED_SIZE[1], seed: int = 0,
-                     device="cpu") -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """One normalised-looking 1 x 3 x H x W image (seeded normal noise) with an all-False mask.
-
-    The values only matter where the model's work depends on them (Faster R-CNN's proposals after NMS)."""
-    g = torch.Generator().manual_seed(seed)
-    image = torch.randn((1, 3, height, width), generator=g).to(device)
-    return [(image, torch.zeros((1, height, width), dtype=torch.bool, device=device))]
-
-
-def evaluation_images(run_cfg, n: int, root: Optional[str] = None, output_dir: Optional[str] = None
-                      ) -> List[torch.Tensor]:
-    """The first ``n`` images of the evaluation split, resized and normalised as at evaluation (C x H x W).
-
-    ``root`` overrides ``data.root``; a synthetic set is generated under ``output_dir`` (or ``data.root``) if
-    needed. Test-time augmentation is not applied: one forward pass per image.
-    """
-    from harness.data.coco import build_dataset
-    from harness.engine import data_root
-
-    data_cfg = run_cfg.data if root is None else dataclasses.replace(run_cfg.data, root=root)
-    root = data_root(data_cfg, output_dir)
-    dataset = build_dataset(root, data_cfg.val_split, train=False, data_cfg=data_cfg)
-    if len(dataset) < n:
-        warnings.warn(f"the evaluation split has {len(dataset)} images, fewer than the {n} asked for; "
-                      f"using all of them", RuntimeWarning, stacklevel=2)
-    return [dataset[i][0] for i in range(min(n, len(dataset)))]
 
 
 # ------------------------------------------------------------------------------------------- models
 
 def _freeze_batch_norm(module: torch.nn.Module) -> torch.nn.Module:
     """Replace every BatchNorm2d by a FrozenBatchNorm2d with its statistics (affine terms become buffers)."""
-    from torchvision.ops.misc import FrozenBatchNorm2d
-
     for name, child in list(module.named_children()):
         if isinstance(child, torch.nn.BatchNorm2d):
             frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
@@ -256,8 +213,6 @@ def build_for_complexity(model_cfg) -> torch.nn.Module:
     trunk; when the config asks for a pretrained trunk it is given the frozen BatchNorm a trained run has,
     so that parameters and FLOPs are those of the model that is trained and evaluated.
     """
-    from model import build_model
-
     model, _, _ = build_model(dataclasses.replace(model_cfg, pretrained_backbone=False, backbone_weights=None))
     if model_cfg.arch == "faster_rcnn" and model_cfg.pretrained_backbone:
         _freeze_batch_norm(model.detector.backbone.body)
@@ -266,8 +221,6 @@ def build_for_complexity(model_cfg) -> torch.nn.Module:
 
 def set_attention_impl(model: torch.nn.Module, impl: str) -> int:
     """Set the implementation of every multi-scale deformable attention module; returns how many."""
-    from model.ms_deform_attn import MSDeformAttn
-
     n = 0
     for module in model.modules():
         if isinstance(module, MSDeformAttn):
@@ -304,133 +257,3 @@ def measure_complexity(run_cfg, images: Optional[int] = None, fixed_size: Option
     return {"params": count_parameters(model), **counted, "gflops_images": counted["num_inputs"],
             "gflops_input": described, "device": device_name(device)}
 
-
-# ----------------------------------------------------------------------------------------- provenance
-
-def device_name(device) -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"CPU ({name}, {torch.get_num_threads()} threads)"
-
-
-def utc_date() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-# ------------------------------------------------------------------------------------------- command
-
-def benchmark_record(spec, measured: dict, seconds: float) -> dict:
-    """The benchmark.json fields of one row from :func:`measure_complexity`'s result."""
-    cfg = spec.config
-    notes = []
-    if measured["gflops_input"].startswith("3x"):
-        notes.append(f"FLOPs of one {measured['gflops_input']} image (the official reference count), not the "
-                     f"paper's mean over the first 100 COCO val images: COCO was not available where this was "
-                     f"measured")
-    if cfg.eval.tta:
-        notes.append("one forward pass counted; test-time augmentation runs the model once per flip and scale")
-    if measured["unsupported_ops"]:
-        notes.append("operators fvcore has no handle for are not counted: " +
-                     ", ".join(f"{k} x{v}" for k, v in measured["unsupported_ops"].items()))
-    return {
-        "label": spec.label,
-        "scale": spec.scale,
-        "params": measured["params"],
-        "gflops": round(measured["gflops"], 4),
-        "gflops_std": round(measured["gflops_std"], 4),
-        "gflops_images": measured["gflops_images"],
-        "gflops_input": measured["gflops_input"],
-        "gflops_by_operator": {k: round(v, 4) for k, v in measured["by_operator"].items()},
-        "unsupported_ops": measured["unsupported_ops"],
-        "trivial_unsupported_ops": measured["trivial_unsupported_ops"],
-        "flop_counter": f"fvcore FlopCountAnalysis, eval mode, no grad; default handles + "
-                        f"{', '.join(measured['handles'])}",
-        "device": measured["device"],
-        "torch": torch.__version__,
-        "date": utc_date(),
-        "commit": git_commit(),
-        "seconds": round(seconds, 1),
-        "notes": "; ".join(notes),
-    }
-
-
-def _parse_size(text: str) -> Tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HxW like 800x1199, got {text!r}") from None
-    if h < 32 or w < 32:
-        raise argparse.ArgumentTypeError(f"image too small: {text}")
-    return h, w
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m harness.complexity",
-        description="Parameters and fvcore GFLOPs of every model row of an experiment, at full scale, written to "
-                    "results/<experiment>/<run_id>/benchmark.json.")
-    parser.add_argument("experiment", help="experiment YAML, e.g. experiments/table1.yaml")
-    parser.add_argument("--rows", nargs="+", metavar="LABEL", help="only these row labels")
-    how = parser.add_mutually_exclusive_group()
-    how.add_argument("--images", type=int, metavar="N",
-                     help="mean over the first N evaluation images (default: the config's benchmark.flops_images)")
-    how.add_argument("--fixed-size", type=_parse_size, metavar="HxW",
-                     help="one 3xHxW image instead of evaluation images (e.g. 800x1199; needs no dataset)")
-    parser.add_argument("--out", default="results", help="results root (default: results)")
-    parser.add_argument("--root", help="dataset root (overrides data.root)")
-    parser.add_argument("--smoke", action="store_true", help="the smoke-scale configs instead of full scale")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dry-run", action="store_true", help="print the rows and run ids, measure nothing")
-    args = parser.parse_args(argv)
-
-    from harness.experiment import ExperimentError, expand, load_experiment, unique_runs
-    from harness.runs import ResultsStore
-
-    try:
-        experiment = load_experiment(args.experiment, smoke=args.smoke, rows=args.rows, check_data=False)
-    except ExperimentError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.rows:
-        unknown = sorted(set(args.rows) - {row.label for row in experiment.rows})
-        if unknown:
-            print(f"error: no row labelled {', '.join(map(repr, unknown))} in {args.experiment}", file=sys.stderr)
-            return 2
-    specs = unique_runs(expand(experiment))
-    def has_dataset(cfg) -> bool:
-        root = args.root or cfg.data.root
-        return cfg.data.dataset == "synthetic" or bool(root and os.path.isdir(root))
-
-    if not args.fixed_size and not all(has_dataset(spec.config) for spec in specs):
-        print("error: no dataset for the evaluation images (set --root or data.root); "
-              "--fixed-size 800x1199 needs none", file=sys.stderr)
-        return 2
-    store = ResultsStore(args.out)
-    for spec in specs:
-        print(f"{spec.label} [{spec.run_id}]", flush=True)
-        if args.dry_run:
-            continue
-        start = time.time()
-        measured = measure_complexity(spec.config, images=args.images if not args.fixed_size else None,
-                                      fixed_size=args.fixed_size, root=args.root, device=args.device)
-        record = benchmark_record(spec, measured, time.time() - start)
-        previous = store.read_benchmark(experiment.name, spec.run_id) or {}
-        store.write_benchmark(experiment.name, spec.run_id, {**previous, **record})
-        uncounted = ", ".join(measured["unsupported_ops"]) or "none"
-        print(f"  params {record['params']:,}  GFLOPs {record['gflops']:.1f} (+-{record['gflops_std']:.1f}, "
-              f"{record['gflops_input']})  uncounted: {uncounted}  [{record['seconds']:.0f} s]", flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,20 +15,16 @@ from typing import Callable, List
 
 import pandas as pd
 
-from harness.collect import aggregate, collect, reproduced, run_states
-from harness.experiment import SCALES, Experiment
+from harness.grid import SCALES, Experiment
+from harness.metrics import BY_NAME
+from harness.report.collect import aggregate, collect, reproduced, run_states
+from harness.report.figures import write_figures
+from harness.store import atomic_write_text
 
 COLUMN_TITLES = {"method": "Method", "epochs": "Epochs", "ms_inputs": "MS inputs",
                  "ms_attention": "MS attention", "K": "K", "fpn": "FPNs", "backbone": "Backbone",
                  "tta": "TTA"}
-METRIC_TITLES_MD = {"AP": "AP", "AP50": "AP50", "AP75": "AP75", "APs": "APS", "APm": "APM", "APl": "APL",
-                    "params": "params (M)", "flops": "FLOPs (G)", "gpu_hours": "GPU hours", "fps": "FPS"}
-METRIC_TITLES_TEX = {"AP": "AP", "AP50": "AP$_{50}$", "AP75": "AP$_{75}$", "APs": "AP$_{S}$",
-                     "APm": "AP$_{M}$", "APl": "AP$_{L}$", "params": "params (M)", "flops": "FLOPs (G)",
-                     "gpu_hours": "GPU hours", "fps": "FPS"}
 PROVENANCE = ("scale", "dataset", "epochs trained", "device", "commit", "date")
-# Decimals of our values per paper column (the paper's own numbers print as given).
-DECIMALS = {"params": 2, "flops": 1, "gpu_hours": 1, "fps": 1}
 
 
 @dataclass(frozen=True)
@@ -69,7 +65,7 @@ def _is_nan(value) -> bool:
 def _paper_cell(metric: str, value) -> str:
     if _is_nan(value):
         return ""
-    if metric in DECIMALS:
+    if BY_NAME[metric].paper_as_given:
         return f"{value:g}"
     return f"{float(value):.1f}"
 
@@ -77,7 +73,7 @@ def _paper_cell(metric: str, value) -> str:
 def _ours_cell(metric: str, mean: float, std: float, paper, style: Style) -> str:
     if _is_nan(mean):
         return ""
-    decimals = DECIMALS.get(metric, 1)
+    decimals = BY_NAME[metric].decimals
     text = f"{mean:.{decimals}f}"
     if not _is_nan(std):
         text += f"{style.pm}{std:.{decimals}f}"
@@ -158,7 +154,7 @@ def _state_text(df: pd.DataFrame, label: str) -> str:
 def render_markdown(experiment: Experiment, df: pd.DataFrame) -> str:
     lead, lines = build_table(experiment, df, MD)
     header = [COLUMN_TITLES.get(c, c) if c != "label" else "Row" for c in lead] + ["source"] + \
-        [METRIC_TITLES_MD[m] for m in experiment.metrics] + list(PROVENANCE)
+        [BY_NAME[m].title_md for m in experiment.metrics] + list(PROVENANCE)
     out = [f"# Table {experiment.table} (`{experiment.name}`)", "", experiment.caption.strip(), ""]
     if experiment.description.strip():
         out += [experiment.description.strip(), ""]
@@ -203,7 +199,7 @@ def render_latex(experiment: Experiment, df: pd.DataFrame) -> str:
     first_metric = len(lead) + 2                      # 1-based column of the first metric
     first_prov = first_metric + n_metrics
     header = [tex_escape(COLUMN_TITLES.get(c, c) if c != "label" else "Row") for c in lead] + ["Source"] + \
-        [METRIC_TITLES_TEX[m] for m in experiment.metrics] + [tex_escape(p.capitalize()) for p in PROVENANCE]
+        [BY_NAME[m].title_tex for m in experiment.metrics] + [tex_escape(p.capitalize()) for p in PROVENANCE]
     groups = [""] * (first_metric - 1) + [
         f"\\multicolumn{{{n_metrics}}}{{c}}{{paper / ours (difference)}}",
         f"\\multicolumn{{{n_prov}}}{{c}}{{provenance of ours}}"]
@@ -236,13 +232,11 @@ def write_report(experiment: Experiment, results_root, reports_dir, figures: boo
         _write_if_changed(path, text)
         written.append(path)
     if figures:
-        from harness.figures import write_figures
         written += write_figures(experiment, results_root, reports_dir / "figures", df=df)
     return written
 
 
 def _write_if_changed(path: Path, text: str) -> None:
-    from harness.runs import atomic_write_text
     if path.exists() and path.read_text(encoding="utf-8") == text:
         return
     atomic_write_text(path, text)

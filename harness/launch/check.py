@@ -6,7 +6,7 @@ every epoch (atomically) and the next attempt resumes from it. The result depend
 the number of epochs and the world size, so a run interrupted and requeued any number of times gives
 what :func:`expected_state` computes.
 
-    python -m harness.launch_check [--executor auto|slurm|local] [--tasks 2] [--epochs 3] DIR
+    python -m harness.launch.check [--executor auto|slurm|local] [--tasks 2] [--epochs 3] DIR
 
 submits one such job and prints its result: a quick check that SLURM, submitit, the code snapshot and
 torch.distributed work together on a cluster.
@@ -21,6 +21,10 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List
+
+from harness.config import EXECUTORS, LauncherConfig
+from harness.launch.slurm import wait
+from harness.launch.submit import submit
 
 STATE_SIZE = 4
 
@@ -104,12 +108,9 @@ def toy_train(spec: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def main(argv: List[str] = None) -> int:
-    from harness.config import LauncherConfig
-    from harness import launch
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dir", help="a folder every node can reach")
-    parser.add_argument("--executor", default="auto", choices=launch.EXECUTORS)
+    parser.add_argument("--executor", default="auto", choices=EXECUTORS)
     parser.add_argument("--tasks", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--partition")
@@ -119,11 +120,11 @@ def main(argv: List[str] = None) -> int:
     cfg = LauncherConfig(partition=args.partition, gpus_per_node=0, tasks_per_node=args.tasks, cpus_per_task=1,
                          timeout_min=args.timeout_min, mem_gb=None)
     spec = {"out_dir": str(root / f"run-{int(time.time())}"), "epochs": args.epochs, "seed": 0, "sleep_s": 1.0}
-    from harness.launch_check import toy_train as fn   # by reference (not __main__), so the snapshot runs it
-    (job,) = launch.submit([spec], fn, cfg, root / "logs", executor=args.executor,
+    from harness.launch.check import toy_train as fn   # by reference (not __main__), so the snapshot runs it
+    (job,) = submit([spec], fn, cfg, root / "logs", executor=args.executor,
                            job_name="launch-check", snapshot_root=root / ".snapshots")
     print(f"submitted {job.job_id}; waiting", flush=True)
-    ((outcome, value),) = launch.wait([job], timeout_s=args.timeout_min * 60)
+    ((outcome, value),) = wait([job], timeout_s=args.timeout_min * 60)
     if outcome != "success":
         print(f"failed: {value}", file=sys.stderr)
         return 1

@@ -4,29 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
-from typing import Dict, List
+from typing import List
 
 import pandas as pd
 
-from harness.experiment import SCALES, Experiment, expand
-from harness.runs import CorruptFileError, ResultsStore
+from harness.grid import SCALES, Experiment, expand
+from harness.metrics import BY_NAME, NUMERIC_FIELDS
+from harness.store import CorruptFileError, ResultsStore
 
-# Fields of metrics.json, numeric and text.
-NUMERIC_FIELDS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "params", "gflops", "gflops_std",
-                  "fps_bs1", "fps_bs4", "gpu_hours", "epochs_trained", "num_detections")
+# Text fields of metrics.json (the numeric ones: harness.metrics).
 TEXT_FIELDS = ("fps_device", "device", "commit", "date", "dataset", "attn_impl", "precision")
 RUN_FIELDS = ("experiment", "label", "row_index", "scale", "seed", "run_id", "state", "error")
 COLUMNS = RUN_FIELDS + NUMERIC_FIELDS + TEXT_FIELDS
-
-# A paper column -> (metrics.json field, factor to the paper's unit).
-PAPER_SOURCES: Dict[str, tuple] = {
-    "AP": ("AP", 1.0), "AP50": ("AP50", 1.0), "AP75": ("AP75", 1.0),
-    "APs": ("APs", 1.0), "APm": ("APm", 1.0), "APl": ("APl", 1.0),
-    "params": ("params", 1e-6), "flops": ("gflops", 1.0), "gpu_hours": ("gpu_hours", 1.0),
-    "fps": ("fps_bs1", 1.0),
-}
-
 
 def _number(value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -112,7 +101,8 @@ def _range_text(values: pd.Series) -> str:
 
 def reproduced(agg: pd.DataFrame, label: str, scale: str, paper_column: str):
     """(mean, std) of a paper column for a row at a scale, in the paper's unit; NaNs if absent."""
-    field, factor = PAPER_SOURCES[paper_column]
+    metric = BY_NAME[paper_column]
+    field, factor = metric.field, metric.factor
     rows = agg[(agg["label"] == label) & (agg["scale"] == scale)]
     if not len(rows):
         return math.nan, math.nan
@@ -121,7 +111,3 @@ def reproduced(agg: pd.DataFrame, label: str, scale: str, paper_column: str):
 
 def run_states(df: pd.DataFrame, label: str, scale: str) -> List[str]:
     return sorted(set(df[(df["label"] == label) & (df["scale"] == scale)]["state"]))
-
-
-def results_path(results_root, experiment: Experiment) -> Path:
-    return Path(results_root) / experiment.name

@@ -26,8 +26,9 @@ import torchvision
 import torchvision.transforms.functional as TF
 from pycocotools.cocoeval import COCOeval
 
-from . import distributed as dist_utils
-from .data import transforms as T
+from harness.data import collate_fn
+from harness.data import transforms as T
+from harness.run import distributed as dist_utils
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 TTA_NMS_IOU = 0.6
@@ -126,7 +127,6 @@ def predict(model, postprocessor, images, mask, orig_sizes, device, amp_dtype=No
 def predict_tta(model, postprocessor, raw_images: List[torch.Tensor], orig_sizes: torch.Tensor, device, sizes,
                 max_size: int, num_detections: int, amp_dtype=None, flip: bool = True):
     """Flip + multi-scale test-time augmentation of unnormalised 3 x H x W images (see module docs)."""
-    from .data.coco import collate_fn
     passes = [[] for _ in raw_images]
     for size in sizes:
         resized = [T.resize(img, None, size, max_size)[0] for img in raw_images]

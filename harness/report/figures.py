@@ -18,9 +18,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 import pandas as pd
 
-from harness.collect import aggregate, collect, reproduced
-from harness.experiment import SCALES, Experiment
-from harness.runs import ResultsStore
+from harness.grid import SCALES, Experiment
+from harness.report.collect import aggregate, collect, reproduced
+from harness.store import ResultsStore
 
 RC = {"svg.hashsalt": "deformable-detr-reports", "pdf.compression": 6, "font.size": 8,
       "axes.titlesize": 9, "legend.fontsize": 6, "figure.dpi": 100}

@@ -1,10 +1,9 @@
-"""Training checkpoints: atomic writes, corruption detection, fall back to the previous good one.
+"""Training checkpoints: atomic writes, corruption detected, fall back to the previous good one.
 
 A checkpoint is a plain ``torch.save`` dict in the official layout (``model``, ``optimizer``,
-``lr_scheduler``, ``epoch``) plus ``rng`` (torch, CUDA, NumPy and Python generator states),
-``sampler`` (its epoch and seed), ``config`` and ``checksum``: a SHA-256 over every tensor and value of
-the rest, so a truncated file *and* a file with flipped bytes are both detected (``torch.load``
-alone notices only the former).
+``lr_scheduler``, ``epoch``) plus ``rng`` (torch, CUDA, NumPy and Python generator states), ``sampler``
+(its epoch and seed), ``config``, and the ``checksum`` of :mod:`model.checkpoint`, which reads this format
+and the official one alike.
 
 Writing: the new file goes to ``<name>.tmp``, is fsynced and renamed over ``checkpoint.pth``; the
 file it replaces is kept as ``checkpoint_prev.pth``. At every moment at least one complete
@@ -14,7 +13,6 @@ raises :class:`CheckpointError` rather than silently starting from scratch.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import shutil
@@ -24,50 +22,16 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from harness.runs import fsync_dir
+from harness.store.files import fsync_dir
+from model.checkpoint import CheckpointError, checksum, read_file
 
 CHECKPOINT = "checkpoint.pth"
 PREVIOUS = "checkpoint_prev.pth"
 REQUIRED_KEYS = ("model", "optimizer", "lr_scheduler", "epoch")
 FORMAT = 1
 
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used; ``path`` names it."""
-
-    def __init__(self, path, message: str):
-        super().__init__(f"{path}: {message}")
-        self.path = str(path)
-        self.message = message
-
-
-def _digest(obj, h):
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu().contiguous()
-        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    elif isinstance(obj, np.ndarray):
-        h.update(f"N{obj.dtype}{obj.shape}".encode())
-        h.update(np.ascontiguousarray(obj).tobytes())
-    elif isinstance(obj, dict):
-        h.update(b"{")
-        for k in sorted(obj, key=repr):
-            h.update(repr(k).encode())
-            _digest(obj[k], h)
-        h.update(b"}")
-    elif isinstance(obj, (list, tuple)):
-        h.update(b"[" if isinstance(obj, list) else b"(")
-        for v in obj:
-            _digest(v, h)
-        h.update(b"]")
-    else:
-        h.update(repr(obj).encode())
-
-
-def checksum(state: dict) -> str:
-    h = hashlib.sha256()
-    _digest({k: v for k, v in state.items() if k != "checksum"}, h)
-    return h.hexdigest()
+__all__ = ["CHECKPOINT", "PREVIOUS", "CheckpointError", "load_latest", "read_checkpoint", "rng_state",
+           "save_checkpoint", "set_rng_state"]
 
 
 def rng_state() -> dict:
@@ -119,22 +83,14 @@ def save_checkpoint(output_dir: str, state: dict, name: str = CHECKPOINT, keep_p
 
 
 def read_checkpoint(path: str, map_location="cpu") -> dict:
-    """Load and verify one of our checkpoints; :class:`CheckpointError` if it is truncated or corrupt."""
-    if not os.path.isfile(path):
-        raise CheckpointError(path, "checkpoint not found")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure to read means the file is unusable
-        raise CheckpointError(path, f"unreadable (truncated or corrupt): {type(e).__name__}: {e}") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(path, f"not a training checkpoint (a {type(state).__name__})")
+    """Load and verify one of our training checkpoints; :class:`CheckpointError` if it is missing, truncated,
+    corrupt, or not a training checkpoint of this project (a bare or official one)."""
+    state = read_file(path, map_location)
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise CheckpointError(path, f"not a training checkpoint of this harness: no {', '.join(missing)}")
     if "checksum" not in state:
         raise CheckpointError(path, "no checksum: not written by this harness, or written incompletely")
-    if checksum(state) != state["checksum"]:
-        raise CheckpointError(path, "checksum mismatch: the file is corrupt")
     return state
 
 
@@ -150,7 +106,7 @@ def load_latest(output_dir: str, map_location="cpu", log=print) -> Optional[Tupl
             state = read_checkpoint(path, map_location)
         except CheckpointError as e:
             problems.append(str(e))
-            message = f"checkpoint {e}; falling back to the previous one" if path != present[-1] else str(e)
+            message = f"{e}; falling back to the previous one" if path != present[-1] else str(e)
             warnings.warn(message, RuntimeWarning, stacklevel=2)
             if log is not None:
                 log(f"WARNING: {message}")
@@ -160,26 +116,3 @@ def load_latest(output_dir: str, map_location="cpu", log=print) -> Optional[Tupl
         return state, path
     raise CheckpointError(output_dir, "no usable checkpoint; " + "; ".join(problems)
                           + ". Remove the files to start again from scratch.")
-
-
-def load_model_state(model: torch.nn.Module, state_dict: dict, path: str = "checkpoint", strict: bool = True):
-    """``model.load_state_dict`` with an error that names the mismatched keys and shapes."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state_dict and hasattr(state_dict[k], "shape")
-              and tuple(state_dict[k].shape) != tuple(own[k].shape)]
-    if shapes or (strict and (missing or unexpected)):
-        def show(keys):
-            return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {show(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {show(unexpected)}")
-        if shapes:
-            parts.append(f"shape mismatches: {show(shapes)}")
-        raise CheckpointError(path, "does not match the model (another architecture or configuration?): "
-                              + "; ".join(parts))
-    return model.load_state_dict(state_dict, strict=strict)

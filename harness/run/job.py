@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import datetime
 import os
-import subprocess
 import threading
 import time
 import traceback
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
-from harness.experiment import RunSpec
-from harness.runs import ResultsStore
+import submitit
+import torch
+
+from harness.grid import RunSpec
+from harness.launch.environment import distributed_env_from_submitit
+from harness.measure import complexity, speed
+from harness.provenance import device_name
+from harness.run import distributed as dist_utils
+from harness.run.engine import train
+from harness.store import ResultsStore
 
 HEARTBEAT_S = 60
 
@@ -37,24 +43,9 @@ class RunClaimedElsewhere(RuntimeError):
 
 def _job_id() -> Optional[str]:
     try:
-        import submitit
         return str(submitit.JobEnvironment().job_id)
-    except (ImportError, RuntimeError):
+    except RuntimeError:          # not in a submitit job
         return os.environ.get("SLURM_JOB_ID")
-
-
-def git_commit(repo: Path = Path(__file__).resolve().parent.parent) -> Optional[str]:
-    """The commit the code was submitted from (snapshots carry no .git: the submitter records it)."""
-    try:
-        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True, timeout=10).stdout.strip()
-    return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
 class _Heartbeat(threading.Thread):
@@ -70,9 +61,6 @@ class _Heartbeat(threading.Thread):
 
 def measure(run_cfg, output_dir) -> dict:
     """Parameters, FLOPs (fvcore, over the first evaluation images) and FPS of the run's model."""
-    import torch
-
-    from harness import complexity, speed
     bench = run_cfg.benchmark
     if bench.flops:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -89,15 +77,9 @@ def measure(run_cfg, output_dir) -> dict:
 
 def run_job(request: JobRequest) -> dict:
     """Train, evaluate and measure one run; returns its metrics (on every rank)."""
-    import torch
-
-    from harness import distributed as dist_utils
-    from harness.complexity import device_name
-    from harness.engine import train
-
     spec, store = request.spec, ResultsStore(request.results_root)
     exp, run_id, cfg = spec.experiment, spec.run_id, spec.config
-    dist_utils.env_from_submitit()
+    distributed_env_from_submitit(export=True)
     info = dist_utils.init_distributed()
     main = info["rank"] == 0
     job_id = _job_id()

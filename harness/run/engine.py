@@ -2,7 +2,7 @@
 
 :func:`train` runs a whole training (resuming from the run folder's checkpoint when there is one),
 :func:`evaluate` an evaluation-only run. Both work on one CPU process or under torch.distributed
-(see :mod:`harness.distributed`).
+(see :mod:`harness.run.distributed`).
 
 Determinism and exact resume: each epoch starts by seeding Python, NumPy and torch from
 ``(train.seed, epoch, rank)``, and the distributed sampler shuffles from ``(train.seed, epoch)``, so
@@ -16,13 +16,15 @@ Batching: ``train.batch_size_per_gpu`` images per process and step; gradients ar
 ``round(total_batch_size / (batch_size_per_gpu * world_size))`` steps when
 ``train.accumulate_to_total`` is set, so a run on fewer GPUs keeps the paper's total batch of 32 (a
 warning says when the effective total differs). ``train.max_iters_per_epoch`` counts loader steps.
+
+Length: a little over 400 lines, because training and the evaluation-only entry share their set-up
+(device, model, checkpoints, loaders) and splitting them would spread one flow over two files.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import datetime
-import json
 import math
 import os
 import random
@@ -34,15 +36,16 @@ from typing import Callable, Dict, Optional
 import numpy as np
 import torch
 
-from . import checkpointing
-from . import distributed as dist_utils
-from .data import synthetic
-from .data.coco import CocoDetection, build_dataset, collate_fn
-from .data import transforms as T
-from .evaluation import autocast, run_evaluation, tta_collate
-from .optim import build_optimizer, build_scheduler, current_lrs
-
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from harness.config import amp_dtype as amp_dtype_of
+from harness.data import dataset_root
+from harness.run import checkpointing
+from harness.run import distributed as dist_utils
+from harness.run.evaluation import autocast, run_evaluation
+from harness.run.loaders import build_eval_loader, build_train_loader
+from harness.run.optim import build_optimizer, build_scheduler, current_lrs
+from harness.store.files import append_jsonl
+from model import build_model
+from model.checkpoint import load_checkpoint, load_state
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -87,59 +90,6 @@ def accumulation_steps(train_cfg, world_size: int, warn: bool = True) -> int:
     return steps
 
 
-def data_root(data_cfg, output_dir: Optional[str]) -> str:
-    """The dataset root; a synthetic set is generated (once, by rank 0) at ``data.root`` or
-    ``<output_dir>/synthetic_data``."""
-    if data_cfg.dataset != "synthetic":
-        return data_cfg.root
-    root = data_cfg.root or os.path.join(output_dir or ".", "synthetic_data")
-    if dist_utils.is_main_process():
-        synthetic.generate_from_config(data_cfg, root)
-    dist_utils.barrier()
-    return root
-
-
-class ShardSampler(torch.utils.data.Sampler):
-    """Every ``world_size``-th index from ``rank``: evaluation shards without padding or repeats."""
-
-    def __init__(self, dataset, rank: int = 0, world_size: int = 1):
-        self.indices = list(range(len(dataset)))[rank::world_size]
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self):
-        return len(self.indices)
-
-
-def build_eval_loader(run_cfg, root: str, split: Optional[str] = None, num_classes: Optional[int] = None):
-    data_cfg, eval_cfg = run_cfg.data, run_cfg.eval
-    split = split or data_cfg.val_split
-    if eval_cfg.tta:
-        dataset = build_dataset(root, split, train=False, data_cfg=data_cfg, num_classes=num_classes,
-                                transforms=T.ToTensor())
-        collate = tta_collate
-    else:
-        dataset = build_dataset(root, split, train=False, data_cfg=data_cfg, num_classes=num_classes)
-        collate = collate_fn
-    sampler = ShardSampler(dataset, dist_utils.get_rank(), dist_utils.get_world_size())
-    loader = torch.utils.data.DataLoader(dataset, batch_size=run_cfg.train.batch_size_per_gpu, sampler=sampler,
-                                         collate_fn=collate, num_workers=data_cfg.num_workers,
-                                         pin_memory=torch.cuda.is_available())
-    return dataset, loader
-
-
-def build_train_loader(run_cfg, root: str, num_classes: Optional[int] = None):
-    data_cfg, train_cfg = run_cfg.data, run_cfg.train
-    dataset = build_dataset(root, data_cfg.train_split, train=True, data_cfg=data_cfg, num_classes=num_classes)
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=dist_utils.get_world_size(),
-                                                  rank=dist_utils.get_rank(), shuffle=True, seed=train_cfg.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=train_cfg.batch_size_per_gpu, sampler=sampler,
-                                         collate_fn=collate_fn, num_workers=data_cfg.num_workers, drop_last=False,
-                                         pin_memory=torch.cuda.is_available())
-    return dataset, sampler, loader
-
-
 def _model_num_classes(run_cfg) -> Optional[int]:
     return getattr(run_cfg.model, "num_classes", None)
 
@@ -164,7 +114,6 @@ def check_output_dir(output_dir: str, model: Optional[torch.nn.Module] = None) -
 
 
 def _build_model(run_cfg, device):
-    from model import build_model
     model, criterion, postprocessor = build_model(run_cfg.model, num_detections=run_cfg.eval.num_detections)
     return model.to(device), criterion.to(device), postprocessor
 
@@ -174,12 +123,7 @@ def _to_device(targets, device):
 
 
 def _default_log_fn(output_dir: str) -> Callable[[dict], None]:
-    path = os.path.join(output_dir, "log.jsonl")
-
-    def log(record: dict) -> None:
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-    return log
+    return lambda record: append_jsonl(os.path.join(output_dir, "log.jsonl"), record)
 
 
 def _silent(*args, **kwargs):
@@ -297,7 +241,7 @@ def train(run_cfg, output_dir: str, log_fn: Optional[Callable[[dict], None]] = N
     ``should_stop`` (e.g. "SLURM sent its pre-emption signal") is polled after every optimiser step;
     when it says yes, a mid-epoch checkpoint is written and :class:`TrainingInterrupted` raised; the
     next call resumes there, with the same final weights as a run that never stopped.
-    Call :func:`harness.distributed.init_distributed` first for multi-process runs.
+    Call :func:`harness.run.distributed.init_distributed` first for multi-process runs.
     """
     train_cfg, eval_cfg = run_cfg.train, run_cfg.eval
     if eval_cfg.eval_only:
@@ -314,10 +258,10 @@ def train(run_cfg, output_dir: str, log_fn: Optional[Callable[[dict], None]] = N
         check_output_dir(output_dir)
     if log_fn is None and main:
         log_fn = _default_log_fn(output_dir)
-    amp_dtype = AMP_DTYPES[train_cfg.amp]
+    amp_dtype = amp_dtype_of(train_cfg.amp)
 
     seed_everything(train_cfg.seed + rank)
-    root = data_root(run_cfg.data, output_dir)
+    root = dataset_root(run_cfg.data, output_dir)
     num_classes = _model_num_classes(run_cfg)
     train_set, sampler, train_loader = build_train_loader(run_cfg, root, num_classes)
     val_set, val_loader = build_eval_loader(run_cfg, root, num_classes=num_classes)
@@ -337,7 +281,7 @@ def train(run_cfg, output_dir: str, log_fn: Optional[Callable[[dict], None]] = N
     found = checkpointing.load_latest(output_dir, log=print_fn if main else None) if resume else None
     if found is not None:
         state, path = found
-        checkpointing.load_model_state(model, state["model"], path)
+        load_state(model, state["model"], path)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["lr_scheduler"])
         if scaler is not None and state.get("scaler"):
@@ -351,7 +295,7 @@ def train(run_cfg, output_dir: str, log_fn: Optional[Callable[[dict], None]] = N
                 f"the end of epoch {state['epoch']}"
             print_fn(f"resumed from {path} at {where}")
     elif eval_cfg.checkpoint:
-        load_weights(model, eval_cfg.checkpoint)
+        load_checkpoint(eval_cfg.checkpoint, model)
 
     model_without_ddp = model
     if world > 1:
@@ -435,23 +379,6 @@ def _results_file(output_dir, run_cfg, eval_cfg):
 
 # ------------------------------------------------------------------------------------- evaluation
 
-def load_weights(model: torch.nn.Module, path: str) -> None:
-    """Weights from one of our training checkpoints (verified) or a released official one
-    (``model.load_checkpoint``)."""
-    if not os.path.isfile(path):
-        raise checkpointing.CheckpointError(path, "checkpoint not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - not ours (official checkpoints hold argparse args); let the model read it
-        state = None
-    if isinstance(state, dict) and "checksum" in state:
-        state = checkpointing.read_checkpoint(path)
-        checkpointing.load_model_state(model, state["model"], path)
-        return
-    from model import load_checkpoint
-    load_checkpoint(path, model)
-
-
 def evaluate(run_cfg, output_dir: Optional[str] = None, model: Optional[torch.nn.Module] = None,
              postprocessor=None, checkpoint: Optional[str] = None, split: Optional[str] = None,
              print_fn: Callable[[str], None] = print) -> Dict[str, float]:
@@ -464,20 +391,20 @@ def evaluate(run_cfg, output_dir: Optional[str] = None, model: Optional[torch.nn
     print_fn = print_fn or _silent
     if output_dir is not None and dist_utils.is_main_process():
         check_output_dir(output_dir)
-    root = data_root(run_cfg.data, output_dir)
+    root = dataset_root(run_cfg.data, output_dir)
     dataset, loader = build_eval_loader(run_cfg, root, split, num_classes=_model_num_classes(run_cfg))
     if model is None:
         model, _, postprocessor = _build_model(run_cfg, device)
         path = checkpoint or run_cfg.eval.checkpoint
         if path:
-            load_weights(model, path)
+            load_checkpoint(path, model)
         else:
             found = checkpointing.load_latest(output_dir, log=print_fn) if output_dir is not None else None
             if found is None:
                 raise checkpointing.CheckpointError(output_dir or "eval.checkpoint",
                                                     "nothing to evaluate: no checkpoint given or found")
             state, path = found
-            checkpointing.load_model_state(model, state["model"], path)
+            load_state(model, state["model"], path)
         if dist_utils.is_main_process():
             print_fn(f"evaluating {path} on {split or run_cfg.data.val_split}")
     elif postprocessor is None:
@@ -486,8 +413,7 @@ def evaluate(run_cfg, output_dir: Optional[str] = None, model: Optional[torch.nn
     results_file = (os.path.join(output_dir, f"detections_{run_name}{'_tta' if run_cfg.eval.tta else ''}.json")
                     if output_dir is not None and run_cfg.eval.save_detections else None)
     return run_evaluation(model.to(device), postprocessor, loader, dataset, device, run_cfg.eval, run_cfg.data,
-                          results_file, AMP_DTYPES[run_cfg.train.amp], verbose=verbose)
+                          results_file, amp_dtype_of(run_cfg.train.amp), verbose=verbose)
 
 
-__all__ = ["train", "evaluate", "train_one_epoch", "load_weights", "accumulation_steps", "NonFiniteLossError",
-           "CocoDetection", "seed_everything"]
+__all__ = ["train", "evaluate", "train_one_epoch", "accumulation_steps", "NonFiniteLossError", "seed_everything"]

@@ -1,0 +1,274 @@
+"""Experiment files: load, validate, and expand rows into fully resolved runs (pure, no torch).
+
+An experiment YAML has a ``base`` configuration (sections ``model``, ``data``, ``train``, ``eval``,
+``benchmark``, ``launcher``), ``rows`` that each state only what differs from the base, the paper's
+numbers beside every row, optional ``axes`` that expand into a cartesian grid of extra rows, and an
+optional ``smoke`` profile that shrinks any row to laptop scale (merged over :data:`SMOKE_DEFAULTS`).
+
+Every problem is reported as one :class:`ExperimentError` naming the file, the row and the dotted key.
+
+    name: table2                    # results/<name>/, reports/<name>.{md,tex}
+    table: "2"                      # the paper's table number (titles)
+    caption: ...
+    columns: [ms_inputs, K, fpn]    # the paper's descriptive columns, filled from each row's cells
+    metrics: [AP, AP50, ...]        # paper columns compared (AP AP50 AP75 APs APm APl params flops
+                                    #   gpu_hours fps); default: the six AP columns
+    reference_row: LABEL            # optional: ablation deltas are measured against this row
+    base: {model: {...}, data: {...}, train: {...}, eval: {...}, benchmark: {...}, launcher: {...}}
+    rows:
+      - label: MS inputs, K=1       # unique
+        cells: {ms_inputs: true, K: 1, fpn: w/o}
+        overrides: {model: {ms_attention: false, enc_n_points: 1, dec_n_points: 1}}
+        paper: {AP: 41.4, AP50: 60.9}
+        seeds: [1, 2, 3]            # optional: one run per seed (mean and std in the report)
+        cited: true                 # optional: the paper's numbers only, never run
+    axes: {model.enc_n_points: [1, 2, 4]}   # optional: one extra row per combination
+    smoke: {train: {epochs: 1}}     # optional: refines SMOKE_DEFAULTS
+
+A row's config is ``base`` <- ``overrides`` (<- the smoke profile), with ``model`` starting from
+``arch_defaults(arch)``; its run id hashes that resolved config (less :data:`HASH_EXCLUDE`), so rows
+that resolve to the same config share one run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from harness.config import RunConfig
+from harness.grid.schema import (SECTION_CLASSES, ExperimentError, check_keys, check_sections, coerce, expect,
+                                 hints, merge, read_yaml, unknown)
+from harness.grid.validate import check_dataset, check_run_config
+from harness.metrics import PAPER_METRICS
+from model.config import ConfigError, ModelConfig, arch_defaults
+
+TOP_KEYS = ("name", "table", "caption", "description", "columns", "metrics", "reference_row", "base",
+            "rows", "axes", "smoke")
+ROW_KEYS = ("label", "cells", "overrides", "paper", "cited", "seeds", "notes")
+# Paper metrics an experiment may compare, in the units of paper_tables.yaml.
+SCALES = ("full", "smoke")
+
+# Any row at laptop scale: synthetic COCO-format data, a small transformer, one CPU process.
+SMOKE_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    # small enough that Table 2's six rows train, evaluate and measure in minutes on 2 CPU cores, large
+    # enough that the detector learns the synthetic objects (non-zero AP after a few epochs)
+    "model": {"backbone": "resnet50", "pretrained_backbone": False, "backbone_weights": None,
+              "hidden_dim": 64, "dim_feedforward": 128, "nheads": 8, "enc_layers": 1, "dec_layers": 2,
+              "num_queries": 30, "dropout": 0.0},
+    "data": {"dataset": "synthetic", "root": None, "val_split": "val2017", "augmentation": "none",
+             "num_workers": 0, "eval_size": 128, "max_size": 160, "synthetic_image_size": [128, 160],
+             "synthetic_train_images": 32, "synthetic_val_images": 8},
+    "train": {"epochs": 12, "lr": 1.0e-3, "lr_backbone": 1.0e-4, "lr_drop": 10, "batch_size_per_gpu": 4,
+              "total_batch_size": 4, "accumulate_to_total": True, "amp": "off", "print_freq": 4,
+              "eval_every": 2},
+    "eval": {"eval_only": False, "checkpoint": None, "tta_sizes": [112, 128, 144]},
+    "benchmark": {"flops_images": 2, "fps_images": 4, "fps_warmup": 1, "precision": "fp32"},
+    "launcher": {"executor": "local", "partition": None, "nodes": 1, "gpus_per_node": 0,
+                 "tasks_per_node": 1, "cpus_per_task": 2, "mem_gb": None, "timeout_min": 60},
+}
+
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    cells: Mapping[str, Any]                 # descriptive columns as printed in the paper
+    paper: Mapping[str, Optional[float]]     # the paper's numbers for this row
+    overrides: Mapping[str, Any]             # nested, only what differs from the base
+    cited: bool = False                      # paper numbers only, never run
+    seeds: Tuple[int, ...] = ()
+    notes: str = ""
+    configs: Mapping[str, RunConfig] = dataclasses.field(default_factory=dict)   # scale -> resolved
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    path: str
+    table: str
+    caption: str
+    columns: Tuple[str, ...]
+    metrics: Tuple[str, ...]
+    rows: Tuple[Row, ...]
+    smoke: bool = False
+    selected: Optional[Tuple[str, ...]] = None    # labels chosen with rows=...; None: all
+    reference_row: Optional[str] = None           # the row ablation deltas are measured against
+    description: str = ""
+
+    @property
+    def scale(self) -> str:
+        return "smoke" if self.smoke else "full"
+
+    def row(self, label: str) -> Row:
+        for row in self.rows:
+            if row.label == label:
+                return row
+        raise KeyError(label)
+
+
+
+
+def load_experiment(path: str, smoke: bool = False, rows: Optional[Sequence[str]] = None,
+                    check_data: bool = True) -> Experiment:
+    """Load and validate an experiment file.
+
+    ``smoke`` picks the scale :func:`expand` produces (both scales are always resolved and validated);
+    ``rows`` selects row labels for :func:`expand`; ``check_data`` checks that a full-scale run's
+    dataset root exists (turn off for reports and status, which need no data).
+    """
+    path = str(path)
+    data = read_yaml(path)
+    check_keys(path, None, "", data, TOP_KEYS)
+    for key in ("name", "rows"):
+        if key not in data:
+            raise ExperimentError(path, None, key, "missing; expected " +
+                                  ("the experiment's name" if key == "name" else "a list of rows"))
+    name = expect(path, None, "name", data["name"], str)
+    if not name or any(c in name for c in "/\\ ") or name.startswith("."):
+        raise ExperimentError(path, None, "name", f"got {name!r}, expected a folder-safe name")
+    metrics = tuple(expect(path, None, "metrics", data.get("metrics", list(PAPER_METRICS[:6])), list))
+    for i, m in enumerate(metrics):
+        if m not in PAPER_METRICS:
+            raise ExperimentError(path, None, f"metrics[{i}]", unknown(m, PAPER_METRICS))
+    columns = tuple(str(c) for c in expect(path, None, "columns", data.get("columns", []), list))
+    base = expect(path, "base", "base", data.get("base") or {}, dict)
+    check_sections(path, "base", base)
+    smoke_profile = merge(SMOKE_DEFAULTS, expect(path, "smoke", "smoke", data.get("smoke") or {}, dict))
+    check_sections(path, "smoke", smoke_profile)
+
+    raw_rows = list(expect(path, None, "rows", data["rows"], list)) + _axes_rows(path, data.get("axes"))
+    if not raw_rows:
+        raise ExperimentError(path, None, "rows", "empty; expected at least one row")
+    parsed: List[Row] = []
+    for i, raw in enumerate(raw_rows):
+        parsed.append(_parse_row(path, i, raw, base, smoke_profile, columns, metrics, check_data and not smoke))
+    labels = [r.label for r in parsed]
+    for i, label in enumerate(labels):
+        if labels.index(label) != i:
+            raise ExperimentError(path, label, "label", "given to two rows; expected unique labels")
+    selected = None
+    if rows:
+        for label in rows:
+            if label not in labels:
+                raise ExperimentError(path, label, None, "no such row; " + unknown(label, labels, "row"))
+        selected = tuple(rows)
+    reference = data.get("reference_row")
+    if reference is not None and reference not in labels:
+        raise ExperimentError(path, None, "reference_row", unknown(reference, labels, "row"))
+    return Experiment(name=name, path=path, table=str(data.get("table", name)),
+                      caption=str(data.get("caption", "")), columns=columns, metrics=metrics,
+                      rows=tuple(parsed), smoke=smoke, selected=selected, reference_row=reference,
+                      description=str(data.get("description", "")))
+
+
+def _parse_row(path, index, raw, base, smoke_profile, columns, metrics, check_data) -> Row:
+    if not isinstance(raw, dict):
+        raise ExperimentError(path, f"rows[{index}]", None, f"expected a mapping, got {type(raw).__name__}")
+    where = str(raw.get("label", f"rows[{index}]"))
+    check_keys(path, where, "", raw, ROW_KEYS)
+    if "label" not in raw:
+        raise ExperimentError(path, where, "label", "missing; expected a short name for the row")
+    label = expect(path, where, "label", raw["label"], str)
+    cells = expect(path, label, "cells", raw.get("cells") or {}, dict)
+    check_keys(path, label, "cells.", cells, columns)
+    paper = expect(path, label, "paper", raw.get("paper") or {}, dict)
+    check_keys(path, label, "paper.", paper, metrics)
+    for key, value in paper.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ExperimentError(path, label, f"paper.{key}", f"got {value!r}, expected a number or null")
+    cited = expect(path, label, "cited", raw.get("cited", False), bool)
+    seeds = expect(path, label, "seeds", raw.get("seeds", []), list)
+    for i, s in enumerate(seeds):
+        expect(path, label, f"seeds[{i}]", s, int)
+    overrides = expect(path, label, "overrides", raw.get("overrides") or {}, dict)
+    notes = str(raw.get("notes", ""))
+    if cited:
+        if overrides or seeds:
+            raise ExperimentError(path, label, "overrides" if overrides else "seeds",
+                                  "a cited row has the paper's numbers only; expected no overrides or seeds")
+        return Row(label, dict(cells), dict(paper), {}, True, (), notes, {})
+    check_sections(path, label, overrides)
+    full = resolve(path, label, base, overrides, None, check_data)
+    try:
+        smoke = resolve(path, label, base, overrides, smoke_profile, False)
+    except ExperimentError as e:
+        raise ExperimentError(path, label, e.key, f"with the smoke profile: {e.message}") from None
+    configs = {"full": full, "smoke": smoke}
+    return Row(label, dict(cells), dict(paper), overrides, False, tuple(seeds), notes, configs)
+
+
+def _axes_rows(path, axes) -> List[dict]:
+    """``axes: {model.enc_n_points: [1, 4], model.num_feature_levels: [1, 4]}`` -> one row per combination."""
+    if axes is None:
+        return []
+    axes = expect(path, None, "axes", axes, dict)
+    keys = list(axes)
+    value_lists = []
+    for key in keys:
+        section = key.split(".", 1)[0]
+        if "." not in key or section not in SECTION_CLASSES:
+            raise ExperimentError(path, None, f"axes.{key}",
+                                  "expected a dotted key SECTION.FIELD, e.g. model.enc_n_points")
+        values = expect(path, None, f"axes.{key}", axes[key], list)
+        if not values:
+            raise ExperimentError(path, None, f"axes.{key}", "empty; expected at least one value")
+        value_lists.append(values)
+    leaves = [k.rsplit(".", 1)[1] for k in keys]
+    short = len(set(leaves)) == len(leaves)
+    rows = []
+    for combo in itertools.product(*value_lists):
+        overrides: Dict[str, Any] = {}
+        for key, value in zip(keys, combo):
+            node = overrides
+            parts = key.split(".")
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            node[parts[-1]] = value
+        names = leaves if short else keys
+        label = ", ".join(f"{n}={_yaml_scalar(v)}" for n, v in zip(names, combo))
+        rows.append({"label": label, "overrides": overrides})
+    return rows
+
+
+def _yaml_scalar(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+# ------------------------------------------------------------------------------------------- resolving
+
+def resolve(path: str, label: str, base: Mapping, overrides: Mapping, smoke_profile: Optional[Mapping],
+            check_data: bool) -> RunConfig:
+    """base <- row overrides <- smoke profile, typed and validated; ``model`` starts from
+    :func:`arch_defaults` of the resolved ``arch``."""
+    merged = merge(base, overrides)
+    if smoke_profile is not None:
+        merged = merge(merged, smoke_profile)
+    sections = {}
+    for section, cls in SECTION_CLASSES.items():
+        values = dict(merged.get(section) or {})
+        if section == "model":
+            arch = values.get("arch", ModelConfig.arch)
+            if not isinstance(arch, str):
+                raise ExperimentError(path, label, "model.arch", f"got {arch!r}, expected a string")
+            values = {**arch_defaults(arch), **values}
+        typed = {k: coerce(path, label, f"{section}.{k}", v, hints(cls)[k]) for k, v in values.items()}
+        try:
+            sections[section] = cls(**typed)
+        except ConfigError as e:
+            raise ExperimentError(path, label, f"{section}.{e.key}", e.message) from None
+    if sections["data"].root is not None:
+        sections["data"] = dataclasses.replace(sections["data"], root=os.path.expanduser(
+            os.path.expandvars(sections["data"].root)))
+    cfg = RunConfig(**sections)
+    try:
+        check_run_config(cfg)
+    except ConfigError as e:
+        raise ExperimentError(path, label, e.key, e.message) from None
+    if check_data:
+        check_dataset(path, label, cfg.data)
+    return cfg
+

@@ -1,0 +1,94 @@
+"""Rows -> runs: one :class:`RunSpec` per row and seed, and the run id that names its folder (pure).
+
+A run id hashes the resolved config (less :data:`HASH_EXCLUDE`), so rows that resolve to the same config
+share one run and an unchanged row is never trained twice.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import List, Mapping, Optional, Sequence
+
+from harness.config import RunConfig
+from harness.grid.experiment import Experiment
+from harness.grid.schema import SECTION_CLASSES, coerce, hints
+
+# Fields that say where or how a run is launched, not what it computes: left out of the run id so that
+# moving the dataset or changing the partition does not rerun finished rows.
+HASH_EXCLUDE = ("data.root", "data.num_workers", "train.print_freq", "launcher")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    experiment: str
+    label: str
+    seed: int
+    config: RunConfig
+    run_id: str
+    scale: str
+    paper: Mapping[str, Optional[float]]
+    row_index: int
+
+
+
+def expand(experiment: Experiment, scale: Optional[str] = None) -> List[RunSpec]:
+    """One :class:`RunSpec` per (selected, non-cited) row and seed, at ``scale`` (default: the
+    experiment's). Rows whose resolved configs are identical share a run id (and so one run)."""
+    scale = scale or experiment.scale
+    specs = []
+    for index, row in enumerate(experiment.rows):
+        if row.cited or (experiment.selected is not None and row.label not in experiment.selected):
+            continue
+        cfg = row.configs[scale]
+        seeds = row.seeds or cfg.launcher.seeds or (cfg.train.seed,)
+        for seed in seeds:
+            resolved = dataclasses.replace(
+                cfg, train=dataclasses.replace(cfg.train, seed=seed),
+                launcher=dataclasses.replace(cfg.launcher, seeds=()))
+            specs.append(RunSpec(experiment.name, row.label, seed, resolved, run_id(resolved), scale,
+                                 row.paper, index))
+    return specs
+
+
+def unique_runs(specs: Sequence[RunSpec]) -> List[RunSpec]:
+    """The specs to launch: the first of each run id."""
+    seen, out = set(), []
+    for spec in specs:
+        if spec.run_id not in seen:
+            seen.add(spec.run_id)
+            out.append(spec)
+    return out
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    """Plain nested dict (tuples as lists), the form written to config.yaml."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def canonical_json(cfg: RunConfig) -> str:
+    """The JSON the run id hashes: sorted keys, :data:`HASH_EXCLUDE` left out."""
+    d = config_to_dict(cfg)
+    for key in HASH_EXCLUDE:
+        parts = key.split(".")
+        node = d
+        for part in parts[:-1]:
+            node = node[part]
+        node.pop(parts[-1], None)
+    return json.dumps(d, sort_keys=True, separators=(",", ":"))
+
+
+def run_id(cfg: RunConfig) -> str:
+    return hashlib.sha1(canonical_json(cfg).encode()).hexdigest()[:12]
+
+
+def config_from_dict(d: Mapping) -> RunConfig:
+    """Inverse of :func:`config_to_dict` (reads a run's config.yaml)."""
+    sections = {}
+    for section, cls in SECTION_CLASSES.items():
+        values = dict(d.get(section) or {})
+        sections[section] = cls(**{k: coerce("config.yaml", None, f"{section}.{k}", v, hints(cls)[k])
+                                   for k, v in values.items() if k in hints(cls)})
+    return RunConfig(**sections)
+

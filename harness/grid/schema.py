@@ -1,0 +1,193 @@
+"""Reading experiment YAML and checking its values against the typed configs (pure, no torch).
+
+Every problem becomes one :class:`ExperimentError` that names the file, the row and the dotted key, with a
+suggestion for a misspelt key.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Mapping, Optional, Sequence, Tuple, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from harness.config import BenchmarkConfig, DataConfig, EvalConfig, LauncherConfig, TrainConfig
+from model.config import ModelConfig
+
+SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig,
+                   "benchmark": BenchmarkConfig, "launcher": LauncherConfig}
+
+
+class ExperimentError(Exception):
+    """A problem in an experiment file: names the file, the row and the dotted key."""
+
+    def __init__(self, path: str, row: Optional[str], key: Optional[str], message: str):
+        where = [str(path)]
+        if row is not None:
+            where.append(f"row {row!r}")
+        if key:
+            where.append(key)
+        super().__init__(": ".join(where + [message]))
+        self.path, self.row, self.key, self.message = str(path), row, key, message
+
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping."""
+
+
+def _construct_mapping(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def read_yaml(path: str) -> dict:
+    """Parse ``path``; syntax errors, a missing or empty file become :class:`ExperimentError`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ExperimentError(path, None, None, f"cannot read the file ({e.strerror})") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ExperimentError(path, None, None, f"YAML syntax error at {at}{problem}") from None
+    if data is None:
+        raise ExperimentError(path, None, None, "the file is empty; expected a mapping with "
+                              "'name', 'base' and 'rows'")
+    if not isinstance(data, dict):
+        raise ExperimentError(path, None, None, f"expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+
+def hints(cls) -> dict:
+    return get_type_hints(cls)
+
+
+def unknown(key, valid: Sequence[str], what: str = "key") -> str:
+    close = difflib.get_close_matches(str(key), [str(v) for v in valid], n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    listed = ", ".join(map(str, valid)) if len(valid) <= 12 else ", ".join(map(str, list(valid)[:12])) + ", ..."
+    return f"unknown {what} {key!r}; {hint}expected one of: {listed}"
+
+
+def check_keys(path, row, prefix, mapping: Mapping, valid: Sequence[str]) -> None:
+    for key in mapping:
+        if key not in valid:
+            raise ExperimentError(path, row, f"{prefix}{key}", unknown(key, valid))
+
+
+def check_sections(path, row, overrides: Mapping) -> None:
+    """Unknown sections or fields of a nested override mapping."""
+    check_keys(path, row, "", overrides, tuple(SECTION_CLASSES))
+    for section, values in overrides.items():
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ExperimentError(path, row, section, f"expected a mapping of {section} fields, "
+                                  f"got {type(values).__name__}")
+        check_keys(path, row, f"{section}.", values, tuple(hints(SECTION_CLASSES[section])))
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+               list: "a list", dict: "a mapping"}
+
+
+def expect(path, row, key, value, tp):
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise ExperimentError(path, row, key, f"got {value!r} ({type(value).__name__}), expected {_TYPE_NAMES[tp]}")
+    return value
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def coerce(path, row, key, value, tp):
+    try:
+        return _coerce_value(value, tp)
+    except _Mismatch:
+        raise ExperimentError(path, row, key, f"got {value!r} ({type(value).__name__}), "
+                              f"expected {_describe(tp)}") from None
+
+
+def _coerce_value(value, tp):
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        for a in inner:
+            try:
+                return _coerce_value(value, a)
+            except _Mismatch:
+                pass
+        raise _Mismatch
+    if origin in (tuple, Tuple):
+        if not isinstance(value, (list, tuple)):
+            if isinstance(value, dict) and len(args) == 2 and args[1] is Ellipsis:
+                value = [list(item) for item in value.items()]   # mapping -> (key, value) pairs
+            else:
+                raise _Mismatch
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce_value(v, args[0]) for v in value)
+        if len(value) != len(args):
+            raise _Mismatch
+        return tuple(_coerce_value(v, a) for v, a in zip(value, args))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):     # YAML 1.1 reads 2e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise _Mismatch from None
+        raise _Mismatch
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    return value
+
+
+def _describe(tp) -> str:
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Union:
+        inner = [_describe(a) for a in args if a is not type(None)]
+        return " or ".join(inner) + (" or null" if type(None) in args else "")
+    if origin in (tuple, Tuple):
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe(args[0])}"
+        return f"a list of {len(args)} items ({', '.join(_describe(a) for a in args)})"
+    return _TYPE_NAMES.get(tp, str(tp))
+
+
+def merge(a: Mapping, b: Mapping) -> dict:
+    """Nested merge: mappings merge key by key, anything else in ``b`` replaces ``a``."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in a.items()}
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out

@@ -1,0 +1,91 @@
+"""Checks across config sections: ranges, choices and combinations (pure, no torch).
+
+:func:`check_run_config` raises :class:`ConfigError` with a dotted key; the experiment loader turns it into
+an :class:`~harness.grid.schema.ExperimentError` naming the file and row.
+"""
+from __future__ import annotations
+
+import os
+
+from harness.config import (AMP_MODES, AUGMENTATIONS, DATASETS, EXECUTORS, PRECISIONS, DataConfig, LauncherConfig,
+                            RunConfig)
+from harness.grid.schema import ExperimentError
+from model.config import ConfigError, check_choice
+
+
+def check_run_config(cfg: RunConfig) -> None:
+    """Ranges and combinations across sections; raises :class:`ConfigError` with a dotted key."""
+    d, t, e, b, l = cfg.data, cfg.train, cfg.eval, cfg.benchmark, cfg.launcher
+    check_choice("data.dataset", d.dataset, DATASETS)
+    check_choice("data.augmentation", d.augmentation, AUGMENTATIONS)
+    check_choice("train.amp", t.amp, tuple(AMP_MODES))
+    check_choice("benchmark.precision", b.precision, PRECISIONS)
+    check_choice("launcher.executor", l.executor, EXECUTORS)
+    for key, value in (("train.epochs", t.epochs), ("train.batch_size_per_gpu", t.batch_size_per_gpu),
+                       ("train.total_batch_size", t.total_batch_size), ("train.print_freq", t.print_freq),
+                       ("train.eval_every", t.eval_every), ("data.eval_size", d.eval_size),
+                       ("data.max_size", d.max_size), ("data.synthetic_train_images", d.synthetic_train_images),
+                       ("data.synthetic_val_images", d.synthetic_val_images),
+                       ("eval.num_detections", e.num_detections), ("benchmark.flops_images", b.flops_images),
+                       ("benchmark.fps_images", b.fps_images), ("launcher.nodes", l.nodes),
+                       ("launcher.cpus_per_task", l.cpus_per_task), ("launcher.timeout_min", l.timeout_min),
+                       ("launcher.max_array_size", l.max_array_size)):
+        if value < 1:
+            raise ConfigError(key, f"got {value!r}, expected an integer >= 1")
+    for key, value in (("train.lr_drop", t.lr_drop), ("data.num_workers", d.num_workers),
+                       ("benchmark.fps_warmup", b.fps_warmup), ("launcher.gpus_per_node", l.gpus_per_node),
+                       ("launcher.max_requeues", l.max_requeues), ("data.synthetic_seed", d.synthetic_seed)):
+        if value < 0:
+            raise ConfigError(key, f"got {value!r}, expected an integer >= 0")
+    for key, value in (("train.lr", t.lr), ("train.lr_linear_proj_mult", t.lr_linear_proj_mult)):
+        if value <= 0:
+            raise ConfigError(key, f"got {value!r}, expected a number > 0")
+    for key, value in (("train.lr_backbone", t.lr_backbone), ("train.weight_decay", t.weight_decay),
+                       ("train.clip_max_norm", t.clip_max_norm)):
+        if value < 0:
+            raise ConfigError(key, f"got {value!r}, expected a number >= 0")
+    if t.max_iters_per_epoch is not None and t.max_iters_per_epoch < 1:
+        raise ConfigError("train.max_iters_per_epoch", f"got {t.max_iters_per_epoch!r}, expected null or >= 1")
+    if l.mem_gb is not None and l.mem_gb < 1:
+        raise ConfigError("launcher.mem_gb", f"got {l.mem_gb!r}, expected null or >= 1")
+    if l.tasks_per_node is not None and l.tasks_per_node < 1:
+        raise ConfigError("launcher.tasks_per_node", f"got {l.tasks_per_node!r}, expected null or >= 1")
+    if any(s < 1 for s in b.fps_batch_sizes):
+        raise ConfigError("benchmark.fps_batch_sizes", f"got {list(b.fps_batch_sizes)}, expected sizes >= 1")
+    if any(s < 1 for s in e.tta_sizes) or (e.tta and not e.tta_sizes):
+        raise ConfigError("eval.tta_sizes", f"got {list(e.tta_sizes)}, expected one or more sizes >= 1")
+    if any(s < 1 for s in d.synthetic_image_size):
+        raise ConfigError("data.synthetic_image_size", "expected [height, width] >= 1")
+    if d.max_size < d.eval_size:
+        raise ConfigError("data.max_size", f"got {d.max_size}, expected >= data.eval_size ({d.eval_size})")
+    if l.gpus_per_node < 0:
+        raise ConfigError("launcher.gpus_per_node", f"got {l.gpus_per_node}, expected >= 0 (0: a CPU job)")
+    per_step = t.batch_size_per_gpu * world_size(l)
+    if t.accumulate_to_total and t.total_batch_size % per_step:
+        raise ConfigError("train.total_batch_size",
+                          f"got {t.total_batch_size}, expected a multiple of batch_size_per_gpu x processes "
+                          f"({t.batch_size_per_gpu} x {world_size(l)} = {per_step})")
+    if e.eval_only and not e.checkpoint:
+        raise ConfigError("eval.checkpoint", "eval_only: true needs a checkpoint to evaluate")
+    if e.tta and cfg.model.arch == "faster_rcnn":
+        raise ConfigError("eval.tta", "test-time augmentation is implemented for the DETR family only")
+
+
+def world_size(launcher: LauncherConfig) -> int:
+    """Processes of one run: one per GPU unless ``tasks_per_node`` says otherwise (CPU runs)."""
+    per_node = launcher.tasks_per_node or max(launcher.gpus_per_node, 1)
+    return launcher.nodes * per_node
+
+
+def check_dataset(path, label, data: DataConfig) -> None:
+    if data.dataset != "coco":
+        return
+    if data.root is None:
+        raise ExperimentError(path, label, "data.root", "not set; expected the COCO 2017 folder "
+                              "(train2017/, val2017/, annotations/), or run with --smoke")
+    if "$" in data.root:
+        raise ExperimentError(path, label, "data.root", f"{data.root!r}: an environment variable in it "
+                              "is not set; expected the COCO 2017 folder, or run with --smoke")
+    if not os.path.isdir(data.root):
+        raise ExperimentError(path, label, "data.root", f"{data.root!r} does not exist; expected the COCO "
+                              "2017 folder (train2017/, val2017/, annotations/), or run with --smoke")

@@ -1,0 +1,21 @@
+"""Submitting runs through submitit (SLURM, local processes, in-process debug) and following them.
+
+    executors.py    which executor, and the parameters submitit gets (sbatch options, arrays)
+    snapshot.py     the code a job runs, copied per submission
+    environment.py  job variables: rank/rendezvous export, what a submission must not pass on
+    wrapper.py      inside the job: ResumableJob, stop signals, requeue
+    submit.py       submit(specs, fn, launcher, log_dir, executor)
+    slurm.py        job states, log paths, waiting for results
+    check.py        a toy distributed job that checks a cluster end to end
+"""
+from harness.launch.environment import ENV_SNAPSHOT, ENV_WORKDIR, distributed_env_from_submitit, master_port_for
+from harness.launch.executors import (LaunchError, executor_parameters, make_executor, resolve_executor,
+                                      slurm_available, tasks_per_node)
+from harness.launch.slurm import log_paths, slurm_job_state, wait
+from harness.launch.snapshot import SNAPSHOT_INFO, snapshot_code
+from harness.launch.submit import submit
+from harness.launch.wrapper import ResumableJob
+
+__all__ = ["ENV_SNAPSHOT", "ENV_WORKDIR", "LaunchError", "ResumableJob", "SNAPSHOT_INFO", "distributed_env_from_submitit",
+           "executor_parameters", "log_paths", "make_executor", "master_port_for", "resolve_executor",
+           "slurm_available", "slurm_job_state", "snapshot_code", "submit", "tasks_per_node", "wait"]

@@ -1,0 +1,44 @@
+"""The one registry of the numbers a table can compare with the paper (pure, no torch).
+
+Each :class:`Metric` says where its value comes from in a run's ``metrics.json`` (``field``, times
+``factor`` to the paper's unit), how many decimals our values print with, whether the paper's own numbers
+print as given (``%g``) or with one decimal, and its Markdown and LaTeX titles. Validation (an experiment's
+``metrics:``), collection, tables and figures all read this list: a new column is one entry here plus the
+code that measures its field.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str                 # the paper's key, as in experiments/*.yaml ``paper:`` and ``metrics:``
+    field: str                # metrics.json / benchmark.json field
+    factor: float = 1.0       # field x factor = the paper's unit
+    decimals: int = 1         # of our values
+    paper_as_given: bool = False   # the paper's numbers print as given (%g) instead of with one decimal
+    title_md: str = ""
+    title_tex: str = ""
+
+
+METRICS: Tuple[Metric, ...] = (
+    Metric("AP", "AP", title_md="AP", title_tex="AP"),
+    Metric("AP50", "AP50", title_md="AP50", title_tex="AP$_{50}$"),
+    Metric("AP75", "AP75", title_md="AP75", title_tex="AP$_{75}$"),
+    Metric("APs", "APs", title_md="APS", title_tex="AP$_{S}$"),
+    Metric("APm", "APm", title_md="APM", title_tex="AP$_{M}$"),
+    Metric("APl", "APl", title_md="APL", title_tex="AP$_{L}$"),
+    Metric("params", "params", 1e-6, 2, True, "params (M)", "params (M)"),
+    Metric("flops", "gflops", 1.0, 1, True, "FLOPs (G)", "FLOPs (G)"),
+    Metric("gpu_hours", "gpu_hours", 1.0, 1, True, "GPU hours", "GPU hours"),
+    Metric("fps", "fps_bs1", 1.0, 1, True, "FPS", "FPS"),
+)
+BY_NAME: Dict[str, Metric] = {m.name: m for m in METRICS}
+PAPER_METRICS: Tuple[str, ...] = tuple(m.name for m in METRICS)
+DEFAULT_METRICS: Tuple[str, ...] = PAPER_METRICS[:6]          # the six AP columns
+
+# Numeric fields of metrics.json that are collected besides the metrics' own (spread, bookkeeping).
+EXTRA_NUMERIC_FIELDS: Tuple[str, ...] = ("gflops_std", "fps_bs4", "epochs_trained", "num_detections")
+NUMERIC_FIELDS: Tuple[str, ...] = tuple(dict.fromkeys([m.field for m in METRICS] + list(EXTRA_NUMERIC_FIELDS)))

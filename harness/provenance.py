@@ -1,0 +1,65 @@
+"""Where and when a number was measured: the code's commit, the device's name, the date.
+
+Every record (metrics.json, benchmark.json, status.json, code snapshots) takes these from here. torch is
+imported inside :func:`device_name` only, so that the torch-free layers (grid, store, launch) can use
+the rest without loading it.
+"""
+from __future__ import annotations
+
+import calendar
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+def git_commit(repo: Path = REPOSITORY) -> Optional[str]:
+    """The checked-out commit (12 hex digits, ``-dirty`` with uncommitted changes to tracked files); None
+    outside a git repository (a release archive, an installed package, a code snapshot)."""
+    try:
+        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+        if out.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def utc_now(clock: Callable[[], float] = time.time) -> str:
+    """``2026-11-25T18:21:06Z``"""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(clock()))
+
+
+def parse_utc(text: Optional[str]) -> Optional[float]:
+    """Seconds since the epoch of a :func:`utc_now` string; None if absent or malformed."""
+    if not text:
+        return None
+    try:
+        return float(calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ")))
+    except ValueError:
+        return None
+
+
+def device_name(device) -> str:
+    """``NVIDIA H100 80GB HBM3`` or ``CPU (<model name>, <threads> threads)``."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"CPU ({name}, {torch.get_num_threads()} threads)"

@@ -1,0 +1,59 @@
+"""``--dry-run``: the plan of an experiment as text, with resources and estimated GPU-hours."""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+from harness.grid import Experiment, estimate_gpu_hours, expand, world_size
+from harness.store.status import PlanEntry
+from harness.store.store import ResultsStore
+
+
+# ------------------------------------------------------------------------------------------- dry run
+
+def dry_run_plan(experiment: Experiment, store: Optional[ResultsStore] = None,
+                 job_alive: Optional[Callable[[str], Optional[bool]]] = None) -> str:
+    """The plan as text: per run its row, seed, run id, state, action, resources and estimated GPU-hours
+    (see :func:`harness.grid.cost.estimate_gpu_hours`), then the totals. Submits nothing."""
+    specs = expand(experiment)
+    entries = store.plan(specs, job_alive) if store is not None else [
+        PlanEntry(s, "new", "run") for s in specs]
+    header = ("row", "seed", "run id", "state", "action", "resources", "est. GPU-h")
+    table, total, to_spend, seen = [], 0.0, 0.0, set()
+    for entry in entries:
+        spec = entry.spec
+        cfg = spec.config
+        row = experiment.row(spec.label)
+        hours = estimate_gpu_hours(cfg, row.paper.get("gpu_hours"), row.cells.get("epochs"))
+        duplicate = spec.run_id in seen
+        seen.add(spec.run_id)
+        if not duplicate:
+            total += hours
+            if entry.action == "run":
+                to_spend += hours
+        l = cfg.launcher
+        if l.gpus_per_node and cfg.data.dataset == "coco":
+            gpus = l.nodes * l.gpus_per_node
+            wall_h = hours / gpus if gpus else math.nan
+            resources = f"{l.nodes}x{l.gpus_per_node} GPU, {l.executor}"
+            if l.partition:
+                resources += f" ({l.partition})"
+            parts = math.ceil(wall_h * 60 / l.timeout_min) if wall_h == wall_h and wall_h > 0 else 1
+            resources += f", ~{wall_h:.0f} h wall" + (f", {parts - 1} requeue(s)" if parts > 1 else "")
+        else:
+            resources = f"{world_size(l)} CPU process(es), {l.executor}"
+        action = "shared" if duplicate else entry.action
+        state = entry.state + (f" ({entry.reason})" if entry.reason and entry.action == "run" else "")
+        table.append((spec.label, str(spec.seed), spec.run_id, state, action, resources,
+                      f"{hours:.0f}" if hours else "-"))
+    widths = [max(len(r[i]) for r in table + [header]) for i in range(len(header))]
+    lines = [f"{experiment.name} ({experiment.scale} scale, {experiment.path}): {len(entries)} run(s)", ""]
+    for r in [header, tuple("-" * w for w in widths)] + table:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    cited = [r.label for r in experiment.rows if r.cited]
+    lines.append("")
+    if cited:
+        lines.append(f"cited rows (paper numbers only, not run): {', '.join(cited)}")
+    lines.append(f"estimated GPU-hours (V100-equivalent): {total:.0f} in total, {to_spend:.0f} to spend now")
+    return "\n".join(lines) + "\n"
+

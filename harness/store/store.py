@@ -1,0 +1,302 @@
+"""The results store: ``<root>/<experiment>/<run_id>/`` with config.yaml, status.json, log.jsonl,
+metrics.json, benchmark.json and claim.lock.
+
+Every write is atomic (:mod:`harness.store.files`); a run is claimed before it is submitted or run
+(:mod:`harness.store.claims`); :meth:`ResultsStore.plan` applies the rule of :mod:`harness.store.status`
+to what is on disk.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import yaml
+
+from harness.grid import RunSpec, config_to_dict
+from harness.provenance import parse_utc, utc_now
+from harness.store.claims import (CLAIM, STALE_AFTER_S, Claim, break_lock, claim_is_stale, create_lock, pid_alive,
+                                  read_lock)
+from harness.store.files import (CorruptFileError, ResultsError, append_jsonl, atomic_write_json, atomic_write_text,
+                                 read_json)
+from harness.store.status import STATES, PlanEntry, Status, decide
+
+CONFIG, STATUS, LOG, METRICS = "config.yaml", "status.json", "log.jsonl", "metrics.json"
+BENCHMARK = "benchmark.json"   # complexity/speed measured alone (no training): never marks a run done
+
+
+class ResultsStore:
+    """``results/<experiment>/<run_id>/``. Methods take the experiment's name and the run id."""
+
+    def __init__(self, root, clock: Callable[[], float] = time.time, host: Optional[str] = None,
+                 stale_after_s: float = STALE_AFTER_S):
+        self.root = Path(root)
+        self.clock = clock
+        self.host = host or socket.gethostname()
+        self.stale_after_s = stale_after_s
+
+    # -- layout
+    def run_dir(self, experiment: str, run_id: str) -> Path:
+        return self.root / experiment / run_id
+
+    def run_ids(self, experiment: str) -> List[str]:
+        folder = self.root / experiment
+        if not folder.is_dir():
+            return []
+        return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    # -- before anything starts
+    def check_writable(self, min_free_gb: float = 1.0) -> None:
+        """Raise :class:`ResultsError` if the results root cannot be written or the disk is nearly full."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=self.root, prefix=".write-check.")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(b"\0" * 4096)
+                    f.flush()
+                    os.fsync(f.fileno())
+            finally:
+                os.unlink(probe)
+        except OSError as e:
+            raise ResultsError(self.root, f"the results folder is not writable ({e.strerror or e}); "
+                               "expected a folder this user can write, e.g. --results DIR") from None
+        free_gb = shutil.disk_usage(self.root).free / 2 ** 30
+        if free_gb < min_free_gb:
+            raise ResultsError(self.root, f"only {free_gb:.2f} GiB free on its disk; expected at least "
+                               f"{min_free_gb:g} GiB for checkpoints and results")
+
+    # -- config.yaml
+    def prepare(self, spec: RunSpec) -> Path:
+        """Create the run folder and write its resolved config.yaml (if not there yet)."""
+        folder = self.run_dir(spec.experiment, spec.run_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / CONFIG).exists():
+            doc = {"experiment": spec.experiment, "label": spec.label, "seed": spec.seed,
+                   "scale": spec.scale, "run_id": spec.run_id, "config": config_to_dict(spec.config)}
+            atomic_write_text(folder / CONFIG, yaml.safe_dump(doc, sort_keys=False, default_flow_style=None))
+        return folder
+
+    def read_config(self, experiment: str, run_id: str) -> Optional[dict]:
+        path = self.run_dir(experiment, run_id) / CONFIG
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except yaml.YAMLError as e:
+            raise CorruptFileError(path, f"corrupt YAML ({e})") from None
+        if not isinstance(data, dict):
+            raise CorruptFileError(path, "corrupt: expected a mapping")
+        return data
+
+    # -- status.json
+    def read_status(self, experiment: str, run_id: str) -> Optional[Status]:
+        path = self.run_dir(experiment, run_id) / STATUS
+        data = read_json(path)
+        if data is None:
+            return None
+        try:
+            return Status.from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise CorruptFileError(path, f"corrupt status: {e}") from None
+
+    def write_status(self, experiment: str, run_id: str, state: str, job_id: Optional[str] = None,
+                     **fields) -> Status:
+        """Merge ``fields`` into the run's status and write it atomically; returns the new status."""
+        if state not in STATES:
+            raise ValueError(f"state {state!r} is not one of {', '.join(STATES)}")
+        folder = self.run_dir(experiment, run_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            old = self.read_status(experiment, run_id)
+        except CorruptFileError:
+            old = None
+        now = utc_now(self.clock)
+        d = old.to_dict() if old else {"state": state}
+        d.update(fields)
+        d["state"] = state
+        d["updated_at"] = now
+        if job_id is not None and str(job_id) not in d.get("job_ids", []):
+            d["job_ids"] = list(d.get("job_ids", [])) + [str(job_id)]
+        if state == "queued":
+            d["queued_at"] = now
+            d.update(reason=None, log_tail=None, finished_at=None)
+        elif state == "running":
+            d["started_at"] = now
+            d["host"] = fields.get("host", self.host)
+            d["attempts"] = int(d.get("attempts") or 0) + 1
+            d.update(reason=None, log_tail=None, finished_at=None)
+        else:
+            d["finished_at"] = now
+        status = Status.from_dict(d)
+        atomic_write_json(folder / STATUS, status.to_dict())
+        return status
+
+    def mark_queued(self, experiment: str, run_id: str, job_id: Optional[str] = None) -> Status:
+        return self.write_status(experiment, run_id, "queued", job_id=job_id)
+
+    def mark_running(self, experiment: str, run_id: str, job_id: Optional[str] = None) -> Status:
+        return self.write_status(experiment, run_id, "running", job_id=job_id)
+
+    def mark_done(self, experiment: str, run_id: str) -> Status:
+        return self.write_status(experiment, run_id, "done")
+
+    def mark_failed(self, experiment: str, run_id: str, reason: str, log_tail: str = "") -> Status:
+        return self.write_status(experiment, run_id, "failed", reason=reason, log_tail=log_tail)
+
+    # -- log.jsonl
+    def append_log(self, experiment: str, run_id: str, record: dict) -> None:
+        """Append one record to the run's log.jsonl (see :func:`~harness.store.files.append_jsonl`)."""
+        append_jsonl(self.run_dir(experiment, run_id) / LOG, record)
+
+    def read_log(self, experiment: str, run_id: str, strict: bool = False) -> List[dict]:
+        """Records of log.jsonl. An unterminated last line (a crash mid-write) is always dropped; other
+        bad lines are skipped, or with ``strict`` raise :class:`CorruptFileError` naming the line."""
+        path = self.run_dir(experiment, run_id) / LOG
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return []
+        lines = text.split("\n")
+        if lines and not text.endswith("\n"):
+            lines = lines[:-1]
+        records = []
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("not an object")
+            except ValueError:
+                if strict:
+                    raise CorruptFileError(path, f"corrupt line {i + 1}") from None
+                continue
+            records.append(record)
+        return records
+
+    # -- metrics.json
+    def write_metrics(self, experiment: str, run_id: str, metrics: dict) -> None:
+        folder = self.run_dir(experiment, run_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / METRICS, metrics)
+
+    def read_metrics(self, experiment: str, run_id: str) -> Optional[dict]:
+        """metrics.json, None if absent; :class:`CorruptFileError` if truncated or corrupt."""
+        return read_json(self.run_dir(experiment, run_id) / METRICS)
+
+    # -- benchmark.json
+    def write_benchmark(self, experiment: str, run_id: str, measured: dict) -> None:
+        """Params, FLOPs and FPS of a run's configuration measured without training it (the same
+        fields as metrics.json). The report shows them; the run's status is not touched."""
+        folder = self.run_dir(experiment, run_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / BENCHMARK, measured)
+
+    def read_benchmark(self, experiment: str, run_id: str) -> Optional[dict]:
+        return read_json(self.run_dir(experiment, run_id) / BENCHMARK)
+
+    # -- claim.lock
+    def claim(self, experiment: str, run_id: str, job_id: Optional[str] = None) -> Optional[Claim]:
+        """Claim the run for this process; None if a live holder has it.
+
+        A stale claim (holder process gone on this host, or no heartbeat for ``stale_after_s``) is
+        broken; a claim held by the same ``job_id`` (a requeued SLURM job) is taken over.
+        """
+        folder = self.run_dir(experiment, run_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = folder / CLAIM
+        for _ in range(5):
+            claim = Claim(str(lock), uuid.uuid4().hex, self.host, os.getpid(), self.clock(),
+                          None if job_id is None else str(job_id))
+            if create_lock(lock, claim):
+                return claim
+            info, mtime = read_lock(lock)
+            if info is None and mtime is None:
+                continue                        # released meanwhile: try again
+            same_job = job_id is not None and info is not None and info.get("job_id") == str(job_id)
+            stale = info is None and self.clock() - mtime > 60 or info is not None and claim_is_stale(
+                info, self.clock(), mtime, self.host, pid_alive, self.stale_after_s)
+            if not (same_job or stale):
+                return None
+            break_lock(lock, None if info is None else info.get("token"))
+        return None
+
+    def heartbeat(self, claim: Claim) -> bool:
+        """Refresh the claim (a running job calls this more often than ``stale_after_s``); False if lost."""
+        info, _ = read_lock(Path(claim.path))
+        if info is None or info.get("token") != claim.token:
+            return False
+        now = self.clock()
+        os.utime(claim.path, (now, now))
+        return True
+
+    def release(self, claim: Claim) -> None:
+        info, _ = read_lock(Path(claim.path))
+        if info is not None and info.get("token") == claim.token:
+            break_lock(Path(claim.path), claim.token)
+
+    def read_claim(self, experiment: str, run_id: str) -> Tuple[Optional[dict], Optional[float]]:
+        return read_lock(self.run_dir(experiment, run_id) / CLAIM)
+
+    def claim_stale(self, experiment: str, run_id: str) -> Optional[bool]:
+        """None without a claim; else whether it is stale."""
+        info, mtime = self.read_claim(experiment, run_id)
+        if mtime is None:
+            return None
+        if info is None:
+            return self.clock() - mtime > 60
+        return claim_is_stale(info, self.clock(), mtime, self.host, pid_alive, self.stale_after_s)
+
+    def claim_for_submit(self, spec: RunSpec, job_alive: Optional[Callable[[str], Optional[bool]]] = None
+                         ) -> Optional[Claim]:
+        """Claim a run to submit it, then check again that no one queued it meanwhile. The caller
+        submits, writes ``mark_queued`` and releases. None: skip this run."""
+        claim = self.claim(spec.experiment, spec.run_id)
+        if claim is None:
+            return None
+        entry = self.plan_one(spec, job_alive, ignore_claim=True)     # the claim is ours now
+        if entry.action != "run":
+            self.release(claim)
+            return None
+        return claim
+
+    # -- planning
+    def plan_one(self, spec: RunSpec, job_alive: Optional[Callable[[str], Optional[bool]]] = None,
+                 ignore_claim: bool = False) -> PlanEntry:
+        status, status_error, metrics_error = None, None, None
+        try:
+            status = self.read_status(spec.experiment, spec.run_id)
+        except CorruptFileError as e:
+            status_error = str(e)
+        if status is not None and status.state == "done":
+            try:
+                if self.read_metrics(spec.experiment, spec.run_id) is None:
+                    metrics_error = f"{self.run_dir(spec.experiment, spec.run_id) / METRICS}: missing"
+            except CorruptFileError as e:
+                metrics_error = str(e)
+        alive = None
+        if job_alive is not None and status is not None and status.state in ("queued", "running") and status.job_ids:
+            alive = job_alive(status.job_ids[-1])
+        age = None
+        if status is not None:
+            updated = parse_utc(status.updated_at)
+            age = None if updated is None else self.clock() - updated
+        claim_stale = None if ignore_claim else self.claim_stale(spec.experiment, spec.run_id)
+        state, action, reason = decide(status, status_error, metrics_error, claim_stale, alive, age,
+                                       self.stale_after_s)
+        return PlanEntry(spec, state, action, reason, status.job_ids if status else ())
+
+    def plan(self, specs: Sequence[RunSpec], job_alive: Optional[Callable[[str], Optional[bool]]] = None
+             ) -> List[PlanEntry]:
+        """One entry per spec: done/queued/running rows are skipped, new/failed/stale/corrupt ones run.
+        ``job_alive(job_id)`` (True/False/None = unknown) lets a scheduler query mark lost jobs."""
+        return [self.plan_one(spec, job_alive) for spec in specs]
+
+

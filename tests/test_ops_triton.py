@@ -1,0 +1,257 @@
+"""The Triton kernels of multi-scale deformable attention against the pure-PyTorch reference, run on CPU tensors
+by Triton's interpreter (TRITON_INTERPRET=1, set per test: model.ops.triton_kernel loads the kernels for the mode
+in force at launch), and compiled for a GPU architecture without a GPU to look at the code they become.
+"""
+import re
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+import model.ops as ops  # noqa: E402
+from model.ops import ms_deform_attn, ms_deform_attn_pytorch, triton_kernel  # noqa: E402
+from model.ops.testing import forward_and_grads, make_inputs, max_relative_error  # noqa: E402
+
+RESULTS = ("output", "grad_value", "grad_sampling_locations", "grad_attention_weights")
+# largest error relative to the float64 reference on the same (rounded) inputs; measured: float32 <= 1e-6,
+# float16 <= 6e-4, bfloat16 <= 6e-3
+TOLERANCES = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+ODD_LEVELS = [(9, 11), (5, 6), (3, 2), (1, 4), (2, 1)]
+
+
+@pytest.fixture(autouse=True)
+def interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("DEFORMABLE_DETR_OPS_SELF_CHECK", "0")  # the self-check has its own tests
+
+
+class _Triton(torch.autograd.Function):
+    """The module's forward / backward, called directly."""
+
+    @staticmethod
+    def forward(ctx, value, shapes, starts, loc, attn):
+        ctx.save_for_backward(value, shapes, starts, loc, attn)
+        return triton_kernel.forward(value, shapes, starts, loc, attn)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_value, grad_loc, grad_attn = triton_kernel.backward(grad_output, *ctx.saved_tensors)
+        return grad_value, None, None, grad_loc, grad_attn
+
+
+def check_against_reference(inputs, dtype):
+    actual = forward_and_grads(_Triton.apply, inputs)
+    # the reference in float64 on the very inputs the kernel got (rounded to dtype)
+    expected = forward_and_grads(ms_deform_attn_pytorch, [t.double() if t.is_floating_point() else t for t in inputs])
+    for what, a, e, t in zip(RESULTS, actual, expected, (inputs[0], inputs[0], inputs[3], inputs[4])):
+        assert a.shape == e.shape and a.dtype == t.dtype, what
+        assert torch.isfinite(a).all(), what
+        assert max_relative_error(a, e) <= TOLERANCES[dtype], what
+
+
+# (levels, M, D, P, N, Lq): every D of {8, 24, 32, 48, 64, 71, 256}, L of {1, 4, 5} and K of {1, 4, 8}, not their product
+CASES = [
+    ([(5, 7)], 2, 8, 1, 2, 13),
+    (ODD_LEVELS[:4], 2, 24, 4, 1, 9),
+    (ODD_LEVELS, 2, 32, 8, 1, 7),
+    (ODD_LEVELS[:4], 1, 48, 4, 2, 5),
+    ([(6, 3)], 3, 64, 8, 1, 6),
+    (ODD_LEVELS, 1, 71, 4, 1, 9),
+    (ODD_LEVELS[:4], 1, 256, 1, 1, 4),
+]
+
+
+@pytest.mark.parametrize("levels,M,D,P,N,Lq", CASES, ids=[f"L{len(c[0])}_D{c[2]}_K{c[3]}" for c in CASES])
+def test_matches_reference_float32(levels, M, D, P, N, Lq):
+    check_against_reference(make_inputs(levels, M=M, D=D, P=P, N=N, Lq=Lq, dtype=torch.float32), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_matches_reference_other_dtypes(dtype):
+    check_against_reference(make_inputs(ODD_LEVELS[:4], M=2, D=32, P=4, N=2, Lq=9, dtype=dtype), dtype)
+
+
+def test_half_values_with_float32_locations():
+    value, shapes, starts, loc, attn = make_inputs(ODD_LEVELS[:2], M=2, D=16, P=2, N=1, Lq=6, dtype=torch.float32)
+    actual = forward_and_grads(_Triton.apply, (value.half(), shapes, starts, loc, attn))
+    expected = forward_and_grads(ms_deform_attn_pytorch, (value.half().double(), shapes, starts, loc.double(),
+                                                          attn.double()))
+    # output and grad_value in value's dtype, the other gradients in their inputs' (float32)
+    assert [t.dtype for t in actual] == [torch.float16, torch.float16, torch.float32, torch.float32]
+    for a, e in zip(actual, expected):
+        assert max_relative_error(a, e) <= TOLERANCES[torch.float16]
+
+
+def test_gradcheck_float64():
+    value, shapes, starts, loc, attn = make_inputs([(3, 4), (2, 3)], M=2, D=5, P=2, N=1, Lq=3)
+    for t in (value, loc, attn):
+        t.requires_grad_(True)
+    assert torch.autograd.gradcheck(_Triton.apply, (value, shapes, starts, loc, attn), eps=1e-6, atol=1e-7)
+
+
+def test_points_on_and_past_the_borders():
+    """Pixel coordinates x * W - 0.5 on every case of the bounds (-1 exactly, between the border and the first
+    centre, the last centre, past the end), NaN, and points so far out that they overflow int32."""
+    H, W = 3, 4
+    shapes, starts = torch.tensor([[H, W]]), torch.tensor([0])
+    pixel = torch.tensor([-1.5, -1.0, -0.75, -0.5, 0.0, 0.25, W - 1.0, W - 0.5, W - 0.0, W + 0.5], dtype=torch.float64)
+    grid = torch.cartesian_prod((pixel + 0.5) / W, (pixel + 0.5) / H)  # all (x, y) pairs
+    loc = torch.cat([grid, torch.tensor([[1e12, 0.5], [0.5, -1e12]], dtype=torch.float64)])
+    loc = loc.view(1, -1, 1, 1, 1, 2)
+    value = torch.randn(1, H * W, 1, 8, dtype=torch.float64)
+    attn = torch.rand(loc.shape[:-1], dtype=torch.float64)
+    inputs = (value, shapes, starts, loc, attn)
+    actual = forward_and_grads(_Triton.apply, inputs)
+    expected = forward_and_grads(ms_deform_attn_pytorch, inputs)
+    for what, a, e in zip(RESULTS, actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12, msg=what)
+    # a NaN location reads nothing and gets no gradient (grid_sample would propagate the NaN)
+    loc_nan = loc.clone()
+    loc_nan[0, 0, 0, 0, 0, 0] = float("nan")
+    out, _, grad_loc, _ = forward_and_grads(_Triton.apply, (value, shapes, starts, loc_nan, attn))
+    torch.testing.assert_close(out[0, 1:], expected[0][0, 1:])
+    assert out[0, 0].eq(0).all() and grad_loc[0, 0].eq(0).all()
+
+
+@pytest.mark.parametrize("N,Lq,L,P", [(0, 5, 2, 2), (2, 0, 2, 2), (1, 3, 2, 0)])
+def test_empty(N, Lq, L, P):
+    value, shapes, starts, loc, attn = make_inputs(ODD_LEVELS[:max(L, 1)], M=2, D=8, P=max(P, 1), N=max(N, 1), Lq=Lq)
+    value, loc, attn = value[:N], loc[:N, :, :, :L, :P], attn[:N, :, :, :L, :P]
+    out, grad_value, grad_loc, grad_attn = forward_and_grads(_Triton.apply, (value, shapes, starts, loc, attn))
+    assert out.shape == (N, Lq, 16) and not out.any()
+    assert grad_value.shape == value.shape and not grad_value.any()
+    assert grad_loc.shape == loc.shape and grad_attn.shape == attn.shape
+
+
+def test_every_access_stays_inside_its_tensor(monkeypatch):
+    """The interpreter, watched: every load, store and atomic that its mask lets through lands inside one of the
+    tensors given to the kernel (a corner outside the map is masked, never read at a clamped address)."""
+    interpreter = pytest.importorskip("triton.runtime.interpreter")
+    builder = interpreter.InterpreterBuilder
+    if not all(hasattr(builder, f) for f in ("create_masked_load", "create_masked_store", "create_atomic_rmw")):
+        pytest.skip("this Triton's interpreter has other internals")
+    inputs = make_inputs(ODD_LEVELS, M=2, D=24, P=4, N=2, Lq=9, dtype=torch.float32)
+    grad_output = torch.randn(2, 9, 48)
+    spans, checked = [], []
+
+    def inside(ptrs, mask):
+        import numpy as np
+
+        addresses = ptrs.data[np.broadcast_to(mask.data, ptrs.data.shape)]
+        ok = np.zeros(addresses.shape, dtype=bool)
+        for start, end in spans:
+            ok |= (addresses >= start) & (addresses < end)
+        checked.append(addresses.size)
+        assert ok.all(), "a masked-in access outside every tensor"
+
+    def watch(name, ptr_index, mask_index):
+        original = getattr(builder, name)
+
+        def watched(self, *args):
+            inside(args[ptr_index], args[mask_index])
+            return original(self, *args)
+        monkeypatch.setattr(builder, name, watched)
+
+    watch("create_masked_load", 0, 1)
+    watch("create_masked_store", 0, 2)
+    watch("create_atomic_rmw", 1, 3)
+    real_zeros, real_empty_like = torch.zeros, torch.empty_like
+
+    def record(t):
+        spans.append((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()))
+        return t
+    monkeypatch.setattr(triton_kernel.torch, "zeros", lambda *a, **k: record(real_zeros(*a, **k)))
+    monkeypatch.setattr(triton_kernel.torch, "empty_like", lambda *a, **k: record(real_empty_like(*a, **k)))
+    for t in (*inputs, grad_output):
+        record(t)
+    record(triton_kernel.forward(*inputs))
+    triton_kernel.backward(grad_output, *inputs)
+    assert sum(checked) > 0
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    inputs = make_inputs([(3, 4)], dtype=torch.float32)
+    ok, reason = triton_kernel.available("cpu")
+    assert not ok and "TRITON_INTERPRET=1" in reason
+    with pytest.raises(RuntimeError, match="need CUDA tensors.*TRITON_INTERPRET=1"):
+        triton_kernel.forward(*inputs)
+    with pytest.raises(Exception, match="TRITON_INTERPRET=1"):
+        ms_deform_attn(*inputs, impl="triton")
+
+
+def test_bad_inputs():
+    value, shapes, starts, loc, attn = make_inputs([(3, 4)], dtype=torch.float32)
+    with pytest.raises(ValueError, match="attention_weights"):
+        triton_kernel.forward(value, shapes, starts, loc, attn[..., :1])
+    with pytest.raises(TypeError, match="float32, float16, bfloat16 or float64"):
+        triton_kernel.forward(value.int(), shapes, starts, loc, attn)
+    with pytest.raises(ValueError, match="int64"):
+        triton_kernel.forward(value, shapes.int(), starts, loc, attn)
+
+
+def test_dispatcher_op_compile_and_flops():
+    """impl="triton": the dispatcher op's Triton twin, with the same fake implementation (torch.compile with a
+    full graph), autograd and FLOP count as the other implementations."""
+    inputs = make_inputs(ODD_LEVELS[:4], M=2, D=16, P=2, N=1, Lq=5, dtype=torch.float32)
+    expected = forward_and_grads(ms_deform_attn_pytorch, inputs)
+    actual = forward_and_grads(lambda *a: ms_deform_attn(*a, impl="triton"), inputs)
+    for a, e in zip(actual, expected):
+        assert max_relative_error(a, e) <= TOLERANCES[torch.float32]
+    compiled = torch.compile(lambda *a: ms_deform_attn(*a, impl="triton") * 2, backend="aot_eager", fullgraph=True)
+    for a, e in zip(forward_and_grads(compiled, inputs), expected):
+        assert max_relative_error(a, 2 * e) <= TOLERANCES[torch.float32]
+    torch.library.opcheck(torch.ops.deformable_detr.ms_deform_attn_triton.default,
+                          tuple(t.requires_grad_(t.is_floating_point()) for t in inputs))
+
+    fvcore = pytest.importorskip("fvcore.nn")
+
+    class Attention(torch.nn.Module):
+        def __init__(self, impl):
+            super().__init__()
+            self.impl = impl
+
+        def forward(self, *args):
+            return ms_deform_attn(*args, impl=self.impl)
+
+    counts = {}
+    for impl in ("pytorch", "triton"):
+        analysis = fvcore.FlopCountAnalysis(Attention(impl), tuple(t.detach() for t in inputs))
+        analysis.set_op_handle(**ops.flop_handles())
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        counts[impl] = analysis.total()
+    N, Lq, M, L, P, _ = inputs[3].shape
+    assert counts["triton"] == counts["pytorch"] == 4 * N * Lq * M * 16 * L * P
+
+
+@pytest.mark.parametrize("backward,dtype", [(False, torch.float32), (True, torch.bfloat16)], ids=["forward", "backward"])
+def test_compiles_for_hopper_with_vector_accesses(monkeypatch, backward, dtype):
+    """Without a GPU: the kernels compile for sm_90 at the decoder preset's sizes (D = 32, M = 8, L = 4, K = 4),
+    each corner is one 16-byte load per thread and, in the backward, one vector atomic add of float32."""
+    pytest.importorskip("triton.backends.nvidia")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    monkeypatch.delenv("TRITON_INTERPRET")
+    jit = triton_kernel._kernels()
+    BLOCK_G, BLOCK_D, num_warps = triton_kernel.block_config(4 * 300 * 8, 32, dtype, backward)
+    assert (BLOCK_G, BLOCK_D) == (16, 32)
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    pointers = ["value_ptr", "shapes_ptr", "starts_ptr", "loc_ptr", "attn_ptr"]
+    pointers = (["grad_out_ptr"] + pointers + ["grad_value_ptr", "grad_loc_ptr", "grad_attn_ptr"] if backward
+                else pointers + ["out_ptr"])
+    types = {"grad_out_ptr": name, "value_ptr": name, "out_ptr": name, "shapes_ptr": "i64", "starts_ptr": "i64"}
+    signature = {p: "*" + types.get(p, "fp32") for p in pointers}
+    signature.update({s: "i32" for s in ("num_groups", "Lq", "S", "L")})
+    constants = dict(M=8, D=32, P=4, BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D, ACC=triton.language.float32, INDEX_64=False)
+    signature.update({c: "constexpr" for c in constants})
+    kernel = jit.ms_deform_attn_backward_kernel if backward else jit.ms_deform_attn_forward_kernel
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constants,
+                       attrs={(i,): [["tt.divisibility", 16]] for i in range(len(pointers))})
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm["ptx"]
+    corners = 4 * 4  # K points x 4 corners, unrolled
+    assert len(re.findall(r"ld\.global(\.\w+)*\.v4\.b32", ptx)) >= corners
+    if backward:
+        assert len(re.findall(r"(atom|red)\.global(\.\w+)*\.add(\.\w+)*\.v4\.f32", ptx)) >= corners
+        assert not re.search(r"(atom|red)\.global(\.\w+)*\.add(\.\w+)*\.(bf16|f16)", ptx)
