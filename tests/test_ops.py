@@ -3,6 +3,7 @@ dispatcher registration (torch.compile, torch.export, opcheck, traces), the FLOP
 
 The first run compiles the CPU kernel (about a minute); later runs load it from the cache.
 """
+import re
 import subprocess
 import sys
 import warnings
@@ -266,4 +267,8 @@ def test_doctor(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert doctor.main(["--no-build"]) == 0
     report = capsys.readouterr().out
-    assert "[cpu] kernel loaded" in report and "impl=cpu" in report and "gradcheck ok" in report
+    assert "[cpu] CPU (" in report
+    assert re.search(r"\n  cpu +yes +not needed", report) and re.search(r"\n  pytorch +yes +not needed", report)
+    assert re.search(r"\n  triton +(yes|NO)", report)  # listed with its reason
+    assert "impl='auto' uses: float64 -> cpu, float32 -> cpu, float16 -> pytorch, bfloat16 -> pytorch" in report
+    assert "impl=cpu" in report and "gradcheck ok" in report
