@@ -5,8 +5,9 @@ The first run compiles the CUDA kernel (several minutes); `python -m model.ops.b
 import pytest
 import torch
 
-from model.ops import build, ms_deform_attn, ms_deform_attn_pytorch
-from model.ops.testing import CASES, forward_and_grads, make_inputs, max_relative_error
+from model.ops import build, implementation_info, ms_deform_attn, ms_deform_attn_pytorch
+from model.ops.selfcheck import TOLERANCES
+from model.ops.testing import CASES, forward_and_grads, make_inputs, max_relative_error, misaligned
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -106,3 +107,44 @@ def test_opcheck_cuda():
     for t in (value, loc, attn):
         t.requires_grad_(True)
     torch.library.opcheck(torch.ops.deformable_detr.ms_deform_attn.default, (value, shapes, starts, loc, attn))
+
+
+# The host emulator's sweep (tests/test_ops_emulated.py), on the GPU.
+@pytest.mark.parametrize("layout", ["contiguous", "misaligned"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+                         ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("D", [1, 8, 12, 24, 48, 71, 256, 300])
+def test_cuda_kernel_sweep(D, dtype, layout):
+    inputs = make_inputs([(5, 7), (3, 1), (2, 4)], M=2, D=D, P=2, N=2, Lq=5, dtype=dtype, device="cuda")
+    if layout == "misaligned":
+        inputs = [misaligned(t) if t.is_floating_point() else t for t in inputs]
+    actual = forward_and_grads(cuda_kernel, inputs)
+    expected = forward_and_grads(ms_deform_attn_pytorch, as_float64([t.cpu() for t in inputs]))
+    for what, a, e in zip(("output", "grad_value", "grad_sampling_locations", "grad_attention_weights"),
+                          actual, expected):
+        assert a.dtype == dtype and a.is_cuda, what
+        assert max_relative_error(a, e) <= TOLERANCES[dtype], what
+
+
+def test_cuda_kernel_checks_levels_given_on_the_cpu():
+    value, shapes, starts, loc, attn = make_inputs(CASES[2][1], M=2, D=8, P=1, device="cuda")
+    with pytest.raises(RuntimeError, match="does not fit in value"):
+        cuda_kernel(value[:, :5], shapes.cpu(), starts.cpu(), loc, attn)
+
+
+def test_cuda_backward_is_flagged_nondeterministic():
+    inputs = make_inputs(CASES[2][1], M=2, D=8, P=1, device="cuda")
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match="ms_deform_attn_backward"):
+            forward_and_grads(cuda_kernel, inputs)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def test_cuda_kernel_passes_its_self_check():
+    info = implementation_info("cuda", torch.float16, impl="cuda")
+    assert info["impl"] == "cuda" and info["self_check"].startswith("passed"), info
+    auto = implementation_info("cuda", torch.float32)
+    assert auto["impl"] == "cuda" and auto["fallbacks"] == [], auto
