@@ -25,6 +25,18 @@ import triton.language as tl
 _NOT_SPECIALISED = ["num_groups", "Lq", "S", "L"]
 
 
+# Only builtins of triton.language and functions of this file in the kernels: the functions that
+# triton.language itself defines with triton.jit (tl.zeros, tl.sum, ...) do not run in the interpreter when
+# Triton was imported before TRITON_INTERPRET=1 was set. Sums are tl.reduce with tl.sum's own combine
+# function, which the interpreter recognises and runs as one numpy sum (any other runs element by element).
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+_sum_combine = getattr(tl.standard, "_sum_combine", _add)
+
+
 @triton.jit
 def _bilinear(loc_ptr, k, g_mask, H, W, ACC: tl.constexpr):
     """One sampling point per group, in grid_sample's convention (align_corners=False, zero padding).
@@ -89,7 +101,7 @@ def ms_deform_attn_forward_kernel(
     # [BLOCK_G] pointers to value[n, 0, m, 0]
     value_n = value_ptr + n * S * (M * D) + m * D
     g64 = g.to(tl.int64)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=ACC)
+    acc = tl.full([BLOCK_G, BLOCK_D], 0.0, ACC)
     for l in range(L):
         H = tl.load(shapes_ptr + 2 * l).to(tl.int32)
         W = tl.load(shapes_ptr + 2 * l + 1).to(tl.int32)
@@ -148,19 +160,19 @@ def ms_deform_attn_backward_kernel(
             # per corner: <grad_output, value row> for the location / weight gradients, and the
             # share a * w * grad_output of the corner's value row
             mask = v00[:, None] & d_mask[None, :]
-            dot00 = tl.sum(go * tl.load(value_l[:, None] + o00[:, None] + d[None, :], mask=mask, other=0.0).to(ACC), 1)
+            dot00 = tl.reduce(go * tl.load(value_l[:, None] + o00[:, None] + d[None, :], mask=mask, other=0.0).to(ACC), 1, _sum_combine)
             tl.atomic_add(grad_value_l[:, None] + o00[:, None] + d[None, :], (a * w00)[:, None] * go, mask=mask,
                           sem="relaxed")
             mask = v01[:, None] & d_mask[None, :]
-            dot01 = tl.sum(go * tl.load(value_l[:, None] + o01[:, None] + d[None, :], mask=mask, other=0.0).to(ACC), 1)
+            dot01 = tl.reduce(go * tl.load(value_l[:, None] + o01[:, None] + d[None, :], mask=mask, other=0.0).to(ACC), 1, _sum_combine)
             tl.atomic_add(grad_value_l[:, None] + o01[:, None] + d[None, :], (a * w01)[:, None] * go, mask=mask,
                           sem="relaxed")
             mask = v10[:, None] & d_mask[None, :]
-            dot10 = tl.sum(go * tl.load(value_l[:, None] + o10[:, None] + d[None, :], mask=mask, other=0.0).to(ACC), 1)
+            dot10 = tl.reduce(go * tl.load(value_l[:, None] + o10[:, None] + d[None, :], mask=mask, other=0.0).to(ACC), 1, _sum_combine)
             tl.atomic_add(grad_value_l[:, None] + o10[:, None] + d[None, :], (a * w10)[:, None] * go, mask=mask,
                           sem="relaxed")
             mask = v11[:, None] & d_mask[None, :]
-            dot11 = tl.sum(go * tl.load(value_l[:, None] + o11[:, None] + d[None, :], mask=mask, other=0.0).to(ACC), 1)
+            dot11 = tl.reduce(go * tl.load(value_l[:, None] + o11[:, None] + d[None, :], mask=mask, other=0.0).to(ACC), 1, _sum_combine)
             tl.atomic_add(grad_value_l[:, None] + o11[:, None] + d[None, :], (a * w11)[:, None] * go, mask=mask,
                           sem="relaxed")
             # d(sample)/d(pixel x, y); corners outside the map have dot = 0

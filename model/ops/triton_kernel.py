@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from . import library
+
 __all__ = ["available", "forward", "backward", "interpreting"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -205,3 +207,11 @@ def backward(grad_output, value, spatial_shapes, level_start_index, sampling_loc
                 grad_output, value, shapes, starts, loc, attn, grad_value, grad_loc, grad_attn,
                 N * Lq * M, Lq, S, L, P=P, **meta)
     return grad_value.to(value.dtype), grad_loc, grad_attn
+
+
+# The Triton twins of the dispatcher ops (schema, fake implementation, autograd: model/ops/library.py) run these
+# launchers; CPU tensors reach them only to be run by the interpreter, or to get forward's clear error.
+_lib = torch.library.Library(library.NAMESPACE, "IMPL")
+for _dispatch_key in ("CUDA", "CPU"):
+    _lib.impl(library.TRITON.split("::")[1], forward, _dispatch_key)
+    _lib.impl(library.TRITON_BACKWARD.split("::")[1], backward, _dispatch_key)
