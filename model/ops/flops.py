@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from math import prod
 
-from .library import FORWARD
+from .library import FORWARD, TRITON
 
 
 def _shape(value) -> list[int]:
@@ -34,4 +34,4 @@ def ms_deform_attn_flop_jit(inputs, outputs) -> int:
 
 def flop_handles() -> dict:
     """{registered op name: fvcore handle}, for ``FlopCountAnalysis.set_op_handle``."""
-    return {FORWARD: ms_deform_attn_flop_jit}
+    return {FORWARD: ms_deform_attn_flop_jit, TRITON: ms_deform_attn_flop_jit}

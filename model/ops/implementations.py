@@ -102,22 +102,6 @@ class Reference(Implementation):
         return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
-class _TritonFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-        from . import triton_kernel
-
-        ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-        return triton_kernel.forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        from . import triton_kernel
-
-        grad_value, grad_loc, grad_attn = triton_kernel.backward(grad_output, *ctx.saved_tensors)
-        return grad_value, None, None, grad_loc, grad_attn
-
-
 class TritonKernel(Implementation):
     """The Triton kernels of :mod:`model.ops.triton_kernel` (forward / backward with the compiled ops' arguments);
     on CPU tensors too when TRITON_INTERPRET=1 (Triton's interpreter)."""
@@ -138,7 +122,10 @@ class TritonKernel(Implementation):
             raise Unavailable(reason)
 
     def forward(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-        return _TritonFunction.apply(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        # the dispatcher op's Triton twin (model/ops/library.py): the same fake implementation (torch.compile sees
+        # an opaque op), autograd and FLOP handle; its kernels are registered by importing triton_kernel (prepare)
+        return torch.ops.deformable_detr.ms_deform_attn_triton(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
     def build_id(self):
         h = hashlib.sha256()
