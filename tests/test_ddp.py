@@ -1,5 +1,6 @@
 """Distributed data parallel with 2 CPU processes (gloo): the same weights on both ranks after training."""
 import os
+from unittest import mock
 import socket
 
 import pytest
@@ -20,7 +21,7 @@ def _worker(rank, world_size, port, data_root, output_dir, result_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from harness.run import engine
-    from test_engine import tiny_run_config
+    from runs_helpers import tiny_run_config
     info = dist_utils.init_distributed()
     assert info["world_size"] == world_size and dist_utils.get_rank() == rank
     built = {}
@@ -30,7 +31,8 @@ def _worker(rank, world_size, port, data_root, output_dir, result_dir):
         built["model"], criterion, post = build(run_cfg, device)
         built["initial"] = {k: v.clone() for k, v in built["model"].state_dict().items()}
         return built["model"], criterion, post
-    engine._build_model = keep
+    patch = mock.patch.object(engine, "_build_model", keep)      # a spawned worker: no monkeypatch fixture
+    patch.start()
     # 8 images, 2 per process and step, total batch 8: two accumulation steps (the first without all-reduce)
     cfg = tiny_run_config(data_root, epochs=1, train=dict(total_batch_size=8),
                           data=dict(synthetic_train_images=8))
@@ -77,22 +79,3 @@ def test_missing_master_address_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     with pytest.raises(RuntimeError, match="MASTER_ADDR is not set"):
         dist_utils.init_distributed()
-
-
-def test_environment_from_submitit(monkeypatch):
-    import sys
-    import types
-
-    class JobEnvironment:
-        global_rank, num_tasks, local_rank = 3, 8, 1
-        hostnames = ["node-a", "node-b"]
-        job_id = "12345_7"
-
-    monkeypatch.setitem(sys.modules, "submitit", types.SimpleNamespace(JobEnvironment=JobEnvironment))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
-    assert dist_utils.env_from_submitit()
-    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("3", "8", "1")
-    assert os.environ["MASTER_ADDR"] == "node-a"
-    assert 20000 <= int(os.environ["MASTER_PORT"]) < 40000
-

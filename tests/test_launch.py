@@ -188,6 +188,24 @@ def test_distributed_env_outside_a_job(monkeypatch):
     assert os.environ["WORLD_SIZE"] == "1" and os.environ["MASTER_ADDR"] == "127.0.0.1"
 
 
+def test_distributed_env_inside_a_job(monkeypatch):
+    import types
+
+    from harness.launch import environment
+
+    class JobEnvironment:
+        global_rank, num_tasks, local_rank, num_nodes = 3, 8, 1, 2
+        hostnames = ["node-a", "node-b"]
+        job_id = "12345_7"
+
+    monkeypatch.setattr(environment, "submitit", types.SimpleNamespace(JobEnvironment=JobEnvironment))
+    _clean_job_environment(monkeypatch)
+    env = environment.distributed_env_from_submitit(export=True)
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("3", "8", "1")
+    assert os.environ["LOCAL_WORLD_SIZE"] == "4" and os.environ["MASTER_ADDR"] == "node-a"
+    assert os.environ["MASTER_PORT"] == "32345" and env.job_id == "12345_7"
+
+
 def test_checkpoint_resubmits_the_same_call():
     job = launch.ResumableJob(task_info, workdir="/tmp")
     delayed = job.checkpoint({"row": 3})

@@ -102,7 +102,7 @@ def test_encoder_without_ms_attention_keeps_levels_apart():
     assert src.grad[0, :48].abs().sum() > 0
 
 
-def test_decoder_without_ms_attention_normalises_each_level():
+def test_decoder_without_ms_attention_normalises_each_level(monkeypatch):
     model, _, _ = build_model(ModelConfig(**TINY, ms_attention=False))
     attn = model.transformer.decoder.layers[0].cross_attn
     assert attn.per_level_softmax and attn.n_levels == 4
@@ -114,14 +114,11 @@ def test_decoder_without_ms_attention_normalises_each_level():
         captured["weights"] = weights
         return original(value, shapes, start, locations, weights, impl=impl)
 
-    module.ms_deform_attn = spy
-    try:
-        images, mask, _ = _batch()
-        model.eval()
-        with torch.no_grad():
-            model(images, mask)
-    finally:
-        module.ms_deform_attn = original
+    monkeypatch.setattr(module, "ms_deform_attn", spy)
+    images, mask, _ = _batch()
+    model.eval()
+    with torch.no_grad():
+        model(images, mask)
     per_level = captured["weights"].sum(-1)  # N x Lq x M x L
     assert torch.allclose(per_level, torch.full_like(per_level, 0.25))
 
