@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from model.ops import kernel_available, ms_deform_attn  # noqa: E402
+from model.ops.triton_kernel import available as triton_available  # noqa: E402
 from harness.provenance import device_name  # noqa: E402
 
 SPATIAL_SHAPES = [(100, 150), (50, 75), (25, 38), (13, 19)]
@@ -152,8 +153,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", nargs="+", choices=["cpu", "cuda"],
                         default=["cuda"] if torch.cuda.is_available() else ["cpu"])
-    parser.add_argument("--impl", nargs="+", choices=["pytorch", "cpu", "cuda"],
-                        help="implementations (default: the reference and the device's kernel)")
+    parser.add_argument("--impl", nargs="+", choices=["pytorch", "cpu", "cuda", "triton"],
+                        help="implementations (default: the reference and the device's kernels)")
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--stage", nargs="+", choices=list(STAGES), default=list(STAGES))
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
@@ -169,8 +170,10 @@ def main(argv=None):
         if device_type == "cuda" and not torch.cuda.is_available():
             print("cuda: no GPU, skipped")
             continue
-        impls = [i for i in (args.impl or ["pytorch", device_type]) if i in ("pytorch", device_type)]
-        impls = [i for i in impls if i == "pytorch" or kernel_available(i)]
+        kernels = (device_type, "triton") if device_type == "cuda" else (device_type,)
+        impls = [i for i in (args.impl or ["pytorch", *kernels]) if i in ("pytorch", *kernels)]
+        impls = [i for i in impls if i == "pytorch" or (triton_available(device)[0] if i == "triton"
+                                                         else kernel_available(i))]
         repeat = args.repeat or (20 if device_type == "cuda" else 3)
         print(f"{device_name(device)}, torch {torch.__version__}, {args.dtype}")
         result = run(device, impls, args.batch, args.stage, dtype, repeat)
