@@ -53,7 +53,7 @@ def test_given_batch_tensors_are_used_as_they_are(tiny):
 def test_precisions_on_cpu(tiny):
     bf16 = speed.measure_fps(tiny, _images()[:1], iters=1, warmup=0, device="cpu", precision="bf16")
     assert bf16["precision"] == "bf16" and bf16["fps"] > 0
-    assert "pytorch reference" in bf16["attn_impl"]         # no bf16 CPU kernel
+    assert "PyTorch reference" in bf16["attn_impl"]         # no bf16 CPU kernel
     tf32 = speed.measure_fps(tiny, _images()[:1], iters=1, warmup=0, device="cpu", precision="tf32")
     assert tf32["precision"].startswith("fp32") and "CUDA only" in tf32["precision"]
     with pytest.raises(ValueError, match="precision"):
@@ -74,7 +74,12 @@ def test_precision_context_restores_tf32_switches():
 
 def test_attention_labels():
     set_pytorch = build_for_complexity(ModelConfig(**TINY, attn_impl="pytorch"))
-    assert speed.attention_impl(set_pytorch, "cpu") == "ms_deform_attn pytorch reference (grid_sample)"
+    assert speed.attention_impl(set_pytorch, "cpu") == "ms_deform_attn pure-PyTorch reference (grid_sample)"
+    auto = build_for_complexity(ModelConfig(**{**TINY, "attn_impl": "auto"}))
+    assert speed.attention_impl(auto, "cpu").startswith("ms_deform_attn compiled cpu kernel (auto)")
+    assert speed.attention_of_config(auto_cfg := ModelConfig(**{**TINY, "attn_impl": "auto"}), "cpu") == \
+        speed.attention_impl(auto, "cpu")
+    assert "PyTorch reference" in speed.attention_of_config(auto_cfg, "cpu", amp="bf16")   # no bf16 CPU kernel
     detr = build_for_complexity(ModelConfig(**{**TINY, **arch_defaults("detr"), "num_queries": 10,
                                                "dim_feedforward": 64}))
     assert speed.attention_impl(detr, "cpu") == "dense (torch.nn.MultiheadAttention)"

@@ -109,7 +109,7 @@ def deformops_side_by_side(device: torch.device) -> dict:
 
 def model_speed(device: torch.device, quick: bool) -> dict:
     from harness.config import RunConfig
-    from harness.speed import measure_run_speed, measure_run_train_step
+    from harness.measure.speed import measure_run_speed, measure_run_train_step
 
     run_cfg = RunConfig()
     run_cfg = dataclasses.replace(run_cfg, benchmark=dataclasses.replace(run_cfg.benchmark, fps_batch_sizes=(1, 4)))

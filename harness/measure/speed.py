@@ -25,6 +25,7 @@ from harness.measure.complexity import build_for_complexity
 from harness.measure.inputs import evaluation_images, fixed_size_input, make_batches, synthetic_targets
 from harness.provenance import device_name
 from model import build_model
+from model import ops
 from model.ms_deform_attn import MSDeformAttn
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -63,27 +64,37 @@ def precision_label(precision: str, device) -> str:
 
 
 def attention_impl(model: torch.nn.Module, device, precision: str = "fp32") -> str:
-    """Which attention implementation runs: the compiled kernel of the device, the pure-PyTorch reference,
-    dense attention (DETR) or none (Faster R-CNN)."""
-    device = torch.device(device)
+    """Which attention implementation runs in ``model``: see :func:`describe_attention`."""
     impls = {m.impl for m in model.modules() if isinstance(m, MSDeformAttn)}
     if not impls:
         if any(isinstance(m, torch.nn.MultiheadAttention) for m in model.modules()):
             return "dense (torch.nn.MultiheadAttention)"
         return "none"
-    from model import ops
+    return describe_attention(impls, device, torch.bfloat16 if precision == "bf16" else torch.float32)
 
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+
+def attention_of_config(model_cfg, device, amp: str = "off") -> str:
+    """Which attention implementation a run of ``model_cfg`` trains with (``train.amp`` sets the dtype)."""
+    if model_cfg.arch == "detr":
+        return "dense (torch.nn.MultiheadAttention)"
+    if model_cfg.arch != "deformable_detr":
+        return "none"
+    return describe_attention({model_cfg.attn_impl}, device, amp_dtype(amp) or torch.float32)
+
+
+def describe_attention(impls, device, dtype: torch.dtype) -> str:
+    """``ms_deform_attn <implementation>`` for each requested implementation, as the first call resolves it
+    (:func:`model.ops.implementation_info`): what ``auto`` passed over and why, and the self-check verdict.
+    A table line built on the slow reference says so here."""
     names = []
     for impl in sorted(impls):
-        if impl == "pytorch":
-            names.append("ms_deform_attn pytorch reference (grid_sample)")
-        elif impl in ("cpu", "cuda"):
-            names.append(f"ms_deform_attn compiled {impl} kernel")
-        elif dtype in ops.KERNEL_DTYPES.get(device.type, ()) and ops.kernel_available(device.type):
-            names.append(f"ms_deform_attn compiled {device.type} kernel (auto)")
-        else:
-            names.append("ms_deform_attn pytorch reference (grid_sample; auto, no kernel for this device/dtype)")
+        info = ops.implementation_info(torch.device(device), dtype, impl)
+        text = f"ms_deform_attn {info['description']}"
+        if impl == "auto":
+            text += " (auto" + "".join(f"; {f['impl']} passed over: {f['reason']}" for f in info["fallbacks"]) + ")"
+        if info["self_check"] != "not needed":
+            text += f", self-check {info['self_check']}"
+        names.append(text)
     return ", ".join(names)
 
 

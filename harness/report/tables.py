@@ -129,6 +129,8 @@ def build_table(experiment: Experiment, df: pd.DataFrame, style: Style):
             device = r["device"]
             if r["fps_device"] and r["fps_device"] != r["device"]:
                 device = f"{device}; FPS: {r['fps_device']}" if device else f"FPS: {r['fps_device']}"
+            if "reference" in r["attn_impl"]:      # never hide that a line ran the slow fallback
+                device = f"{device}; attention: pure-PyTorch reference" if device else "attention: pure-PyTorch reference"
             commits = ", ".join(c[:7] for c in str(r["commit"]).split(", ") if c)
             dates = ", ".join(sorted({d[:10] for d in str(r["date"]).split(", ") if d}))
             source_text = f"ours ({scale})" + (f", {r['n_runs']} seeds" if r["n_runs"] > 1 else "")

@@ -107,13 +107,16 @@ def run_job(request: JobRequest) -> dict:
             print("measuring parameters, FLOPs and FPS", flush=True)
             measured = measure(cfg, str(out_dir))
             world = info["world_size"]
-            gpus = world if torch.cuda.is_available() else 0
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            gpus = world if device.type == "cuda" else 0
+            if "attn_impl" in measured:           # the implementation the FPS measurement ran
+                measured["fps_attn_impl"] = measured.pop("attn_impl")
             metrics.update(measured)
-            metrics.setdefault("attn_impl", cfg.model.attn_impl)
             metrics.update(
+                attn_impl=speed.attention_of_config(cfg.model, device, cfg.train.amp),   # what training ran
                 label=spec.label, seed=spec.seed, run_id=run_id, scale=spec.scale, dataset=cfg.data.dataset,
                 epochs_trained=metrics.pop("epochs", cfg.train.epochs), num_detections=cfg.eval.num_detections,
-                device=device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+                device=device_name(device),
                 world_size=world,
                 gpu_hours=round(gpus * (time.time() - started) / 3600, 4) if gpus else None,
                 commit=request.commit, date=datetime.date.today().isoformat(), torch=torch.__version__)
