@@ -85,6 +85,21 @@ def _corner_offsets(x0, y0, W, MD: tl.constexpr, INDEX_64: tl.constexpr):
     return o00, o00 + MD, o00 + W * MD, o00 + (W + 1) * MD
 
 
+@triton.jit
+def _gather(value_l, offset, valid, d, d_mask, ACC: tl.constexpr):
+    """[BLOCK_G, BLOCK_D] corner rows (D contiguous channels each); a corner outside the map is not read."""
+    rows = tl.load(value_l[:, None] + offset[:, None] + d[None, :], mask=valid[:, None] & d_mask[None, :], other=0.0)
+    return rows.to(ACC)
+
+
+@triton.jit
+def _corner_backward(value_l, grad_value_l, offset, valid, d, d_mask, go, coeff, ACC: tl.constexpr):
+    """Adds coeff * grad_output to the corner's grad_value rows; returns <grad_output, value row> per group."""
+    tl.atomic_add(grad_value_l[:, None] + offset[:, None] + d[None, :], coeff[:, None] * go,
+                  mask=valid[:, None] & d_mask[None, :], sem="relaxed")
+    return tl.reduce(go * _gather(value_l, offset, valid, d, d_mask, ACC), 1, _sum_combine)
+
+
 @triton.jit(do_not_specialize=_NOT_SPECIALISED)
 def ms_deform_attn_forward_kernel(
     value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr,
@@ -112,13 +127,10 @@ def ms_deform_attn_forward_kernel(
             x0, y0, lx, ly, w00, w01, w10, w11, v00, v01, v10, v11, inside = _bilinear(
                 loc_ptr, k, g_mask, H, W, ACC)
             o00, o01, o10, o11 = _corner_offsets(x0, y0, W, M * D, INDEX_64)
-            # four gathers of [BLOCK_G, BLOCK_D]; rows of a corner outside the map are not read
-            c00 = tl.load(value_l[:, None] + o00[:, None] + d[None, :], mask=v00[:, None] & d_mask[None, :], other=0.0)
-            c01 = tl.load(value_l[:, None] + o01[:, None] + d[None, :], mask=v01[:, None] & d_mask[None, :], other=0.0)
-            c10 = tl.load(value_l[:, None] + o10[:, None] + d[None, :], mask=v10[:, None] & d_mask[None, :], other=0.0)
-            c11 = tl.load(value_l[:, None] + o11[:, None] + d[None, :], mask=v11[:, None] & d_mask[None, :], other=0.0)
-            acc += ((a * w00)[:, None] * c00.to(ACC) + (a * w01)[:, None] * c01.to(ACC)
-                    + (a * w10)[:, None] * c10.to(ACC) + (a * w11)[:, None] * c11.to(ACC))
+            acc += ((a * w00)[:, None] * _gather(value_l, o00, v00, d, d_mask, ACC)
+                    + (a * w01)[:, None] * _gather(value_l, o01, v01, d, d_mask, ACC)
+                    + (a * w10)[:, None] * _gather(value_l, o10, v10, d, d_mask, ACC)
+                    + (a * w11)[:, None] * _gather(value_l, o11, v11, d, d_mask, ACC))
     out = out_ptr + g64[:, None] * D + d[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
 
@@ -157,31 +169,20 @@ def ms_deform_attn_backward_kernel(
             x0, y0, lx, ly, w00, w01, w10, w11, v00, v01, v10, v11, inside = _bilinear(
                 loc_ptr, k, g_mask, H, W, ACC)
             o00, o01, o10, o11 = _corner_offsets(x0, y0, W, M * D, INDEX_64)
-            # per corner: <grad_output, value row> for the location / weight gradients, and the
-            # share a * w * grad_output of the corner's value row
-            mask = v00[:, None] & d_mask[None, :]
-            dot00 = tl.reduce(go * tl.load(value_l[:, None] + o00[:, None] + d[None, :], mask=mask, other=0.0).to(ACC), 1, _sum_combine)
-            tl.atomic_add(grad_value_l[:, None] + o00[:, None] + d[None, :], (a * w00)[:, None] * go, mask=mask,
-                          sem="relaxed")
-            mask = v01[:, None] & d_mask[None, :]
-            dot01 = tl.reduce(go * tl.load(value_l[:, None] + o01[:, None] + d[None, :], mask=mask, other=0.0).to(ACC), 1, _sum_combine)
-            tl.atomic_add(grad_value_l[:, None] + o01[:, None] + d[None, :], (a * w01)[:, None] * go, mask=mask,
-                          sem="relaxed")
-            mask = v10[:, None] & d_mask[None, :]
-            dot10 = tl.reduce(go * tl.load(value_l[:, None] + o10[:, None] + d[None, :], mask=mask, other=0.0).to(ACC), 1, _sum_combine)
-            tl.atomic_add(grad_value_l[:, None] + o10[:, None] + d[None, :], (a * w10)[:, None] * go, mask=mask,
-                          sem="relaxed")
-            mask = v11[:, None] & d_mask[None, :]
-            dot11 = tl.reduce(go * tl.load(value_l[:, None] + o11[:, None] + d[None, :], mask=mask, other=0.0).to(ACC), 1, _sum_combine)
-            tl.atomic_add(grad_value_l[:, None] + o11[:, None] + d[None, :], (a * w11)[:, None] * go, mask=mask,
-                          sem="relaxed")
-            # d(sample)/d(pixel x, y); corners outside the map have dot = 0
+            # per corner: the share a * w * grad_output of its value rows, and <grad_output, value row>
+            # for the location and weight gradients (0 for a corner outside the map)
+            dot00 = _corner_backward(value_l, grad_value_l, o00, v00, d, d_mask, go, a * w00, ACC)
+            dot01 = _corner_backward(value_l, grad_value_l, o01, v01, d, d_mask, go, a * w01, ACC)
+            dot10 = _corner_backward(value_l, grad_value_l, o10, v10, d, d_mask, go, a * w10, ACC)
+            dot11 = _corner_backward(value_l, grad_value_l, o11, v11, d, d_mask, go, a * w11, ACC)
+            # d(sample)/d(pixel x, y)
             grad_x = (1.0 - ly) * (dot01 - dot00) + ly * (dot11 - dot10)
             grad_y = (1.0 - lx) * (dot10 - dot00) + lx * (dot11 - dot01)
             grad_a = w00 * dot00 + w01 * dot01 + w10 * dot10 + w11 * dot11
             # pixel -> normalised coordinates: x = loc_x * W - 0.5
             grad_loc_x = tl.where(inside, a * grad_x * W, 0.0)
             grad_loc_y = tl.where(inside, a * grad_y * H, 0.0)
-            tl.store(grad_attn_ptr + k, tl.where(inside, grad_a, 0.0).to(grad_attn_ptr.dtype.element_ty), mask=g_mask)
+            grad_a = tl.where(inside, grad_a, 0.0)
+            tl.store(grad_attn_ptr + k, grad_a.to(grad_attn_ptr.dtype.element_ty), mask=g_mask)
             tl.store(grad_loc_ptr + 2 * k, grad_loc_x.to(grad_loc_ptr.dtype.element_ty), mask=g_mask)
             tl.store(grad_loc_ptr + 2 * k + 1, grad_loc_y.to(grad_loc_ptr.dtype.element_ty), mask=g_mask)

@@ -77,30 +77,31 @@ def _kernels():
     return module
 
 
-def block_config(num_groups: int, D: int, dtype: torch.dtype, backward: bool, interpret: bool = False):
+def block_config(num_groups: int, D: int, dtype: torch.dtype, backward: bool, interpret: bool = False,
+                 num_sms: int = 132):
     """(BLOCK_G, BLOCK_D, num_warps): groups per program, padded channels, warps.
 
     A program holds BLOCK_G x BLOCK_D elements (of the output, or of grad_output in the backward). On a GPU:
     the largest tile, up to 2048 elements (1024 in the backward, which holds grad_output and a corner at
-    once), that still gives 4 programs per SM of an H100 (132 SMs): the decoder preset (N * Lq * M = 9,600
-    groups of 32 channels) gets 16 groups per program, the encoder preset (711,136 groups) 64 (32 in the
-    backward). Warps: one 16-byte vector per thread and row piece. In the interpreter, large tiles, since
-    its cost is per program and per operation, not per element.
+    once), that still gives 4 programs per SM (down to 512 elements): on an H100 (132 SMs) the decoder
+    preset (N * Lq * M = 9,600 groups of 32 channels) gets 16 groups per program, the encoder preset
+    (711,136 groups) 64 (32 in the backward). Warps: one 16-byte vector per thread and row piece. In the
+    interpreter, large tiles, since its cost is per program and per operation, not per element.
     """
-    BLOCK_D = triton_next_power_of_2(max(D, 1))
+    BLOCK_D = _next_power_of_2(max(D, 1))
     if interpret:
         tile = 1 << 14
     else:
         tile = 1024 if backward else 2048
-        while tile > 512 and -(-num_groups * BLOCK_D // tile) < 4 * 132:
+        while tile > 512 and -(-num_groups * BLOCK_D // tile) < 4 * num_sms:
             tile //= 2
-    BLOCK_G = max(1, min(tile // BLOCK_D, triton_next_power_of_2(max(num_groups, 1))))
+    BLOCK_G = max(1, min(tile // BLOCK_D, _next_power_of_2(max(num_groups, 1))))
     vector = 16 // torch.empty((), dtype=dtype).element_size()  # elements per 16-byte load
     num_warps = max(1, min(8, BLOCK_G * BLOCK_D // (32 * vector)))
     return BLOCK_G, BLOCK_D, num_warps
 
 
-def triton_next_power_of_2(n: int) -> int:
+def _next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
@@ -152,7 +153,8 @@ def _on(device):
 def _launch_args(value, num_groups, backward):
     N, S, M, D = value.shape
     interpret = interpreting()
-    BLOCK_G, BLOCK_D, num_warps = block_config(num_groups, D, value.dtype, backward, interpret)
+    num_sms = torch.cuda.get_device_properties(value.device).multi_processor_count if value.is_cuda else 132
+    BLOCK_G, BLOCK_D, num_warps = block_config(num_groups, D, value.dtype, backward, interpret, num_sms)
     import triton.language as tl
 
     acc = tl.float64 if value.dtype == torch.float64 else tl.float32
