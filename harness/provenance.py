@@ -7,7 +7,6 @@ the rest without loading it.
 from __future__ import annotations
 
 import calendar
-import platform
 import subprocess
 import time
 from pathlib import Path
@@ -47,19 +46,7 @@ def parse_utc(text: Optional[str]) -> Optional[float]:
 
 
 def device_name(device) -> str:
-    """``NVIDIA H100 80GB HBM3`` or ``CPU (<model name>, <threads> threads)``."""
-    import torch
-
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"CPU ({name}, {torch.get_num_threads()} threads)"
+    """``NVIDIA H100 80GB HBM3`` or ``CPU (<model name>, <threads> threads)``: the naming of
+    :func:`model.ops.environment.device_name`, which the attention self-check verdicts are keyed by too."""
+    from model.ops.environment import device_name as name_of   # loads torch: only where a device is named
+    return name_of(device)

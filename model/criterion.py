@@ -9,8 +9,6 @@ from torchvision.ops import sigmoid_focal_loss
 
 from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
-LOSSES = ("loss_ce", "loss_bbox", "loss_giou")
-
 
 class SetCriterion(nn.Module):
     """Losses of DETR (softmax cross-entropy with a down-weighted no-object class) or Deformable DETR

@@ -6,3 +6,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+# the localhost SLURM cluster fixture (slurm_cluster), for the tests that need one
+pytest_plugins = ["conftest_slurm"]

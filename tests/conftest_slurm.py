@@ -1,6 +1,6 @@
 """A real one-node SLURM cluster on localhost for the tests (``tests/slurm/start.sh`` / ``stop.sh``).
 
-Use the ``slurm_cluster`` fixture (import it into the test module, or list this module in
+Tests take the ``slurm_cluster`` fixture as an argument (tests/conftest.py lists this module in
 ``pytest_plugins``). It starts the cluster once per session (installing Debian's ``slurm-wlm`` +
 ``munge`` if needed, as root) and stops it at the end if it started it. The tests are skipped, with
 the reason, only where SLURM cannot be installed or run here (not root, no apt, a real cluster's

@@ -42,6 +42,7 @@ def _worker(rank, world_size, port, data_root, output_dir, result_dir):
     dist_utils.cleanup()
 
 
+@pytest.mark.slow
 def test_two_process_gloo_training(tmp_path):
     result_dir = tmp_path / "results"
     result_dir.mkdir()

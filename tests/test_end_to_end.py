@@ -7,15 +7,17 @@
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest_slurm import slurm_cluster  # noqa: F401  (the fixture)
-from harness import cli
+from harness import cli, launch
 from harness.grid import expand, load_experiment
 from harness.store import ResultsStore
+
+pytestmark = pytest.mark.slow    # trains rows end to end
 
 TINY = Path(__file__).parent / "fixtures" / "tiny_experiment.yaml"
 
@@ -44,8 +46,12 @@ def test_local_grid_end_to_end(tmp_path, capsys):
     assert store.read_status("tiny", spec.run_id).state == "done"
     assert [r["epoch"] for r in store.read_log("tiny", spec.run_id)] == [0, 1, 2]
     report = (tmp_path / "reports" / "tiny.md").read_text()
-    assert "K=1" not in report or "ours" in report
-    assert f"{metrics['AP']:.1f}" in report
+    lines = report.splitlines()
+    k1 = lines.index(next(line for line in lines if line.startswith("| 1 | paper | 39.0 | 59.0 |")))
+    ours = lines[k1 + 1]                              # the row's own line under its paper line
+    assert ours.startswith("|  | ours (full) | ") and f"{metrics['AP']:.1f} ({metrics['AP'] - 39.0:+.1f})" in ours
+    k2 = lines.index(next(line for line in lines if line.startswith("| 2 | paper | 40.0 | 60.0 |")))
+    assert lines[k2 + 1].startswith("|  | ours: not run |")    # the row that was not selected
 
     # a second submission runs nothing; --status shows the row as done
     assert cli.main(_argv(tmp_path, "--executor", "local", "--rows", "K=1")) == 0
@@ -72,28 +78,36 @@ def test_bad_experiment_exits_with_a_message(tmp_path, capsys):
 
 
 @pytest.mark.slurm
-def test_slurm_requeue_resumes_with_identical_results(slurm_cluster, tmp_path, capsys):  # noqa: F811
-    experiment = load_experiment(str(TINY), rows=["K=2"])
+def test_slurm_requeue_mid_epoch_resumes_with_identical_results(slurm_cluster, tmp_path, capsys):
+    """``scontrol requeue`` in the middle of an epoch: the job stops at the next iteration with a mid-epoch
+    checkpoint, the requeued attempt resumes at that iteration, and the result equals an uninterrupted run's."""
+    longer = tmp_path / "tiny.yaml"      # 24 training images: 6 iterations per epoch on each of the 2 tasks
+    longer.write_text(TINY.read_text().replace("synthetic_train_images: 8", "synthetic_train_images: 24"))
+    experiment = load_experiment(str(longer), rows=["K=2"])
     spec = expand(experiment)[0]
 
+    def argv(root, *extra):
+        return [str(longer), "--results", str(root / "results"), "--reports", str(root / "reports"), *extra]
+
     # uninterrupted
-    rc = cli.main(_argv(tmp_path / "a", "--rows", "K=2", "--executor", "slurm", "--wait"))
+    rc = cli.main(argv(tmp_path / "a", "--rows", "K=2", "--executor", "slurm", "--wait"))
     assert rc == 0, capsys.readouterr().out
     store_a = ResultsStore(tmp_path / "a" / "results")
     metrics_a = store_a.read_metrics("tiny", spec.run_id)
     assert metrics_a["world_size"] == 2
 
-    # requeued after its first epoch
+    # requeued in the middle of its second epoch
     store_b = ResultsStore(tmp_path / "b" / "results")
     store_b.check_writable()
     specs, jobs, outcomes = cli.submit(experiment, store_b, "slurm")
     assert outcomes is None and len(jobs) == 1
     job_id = str(jobs[0].job_id)
+    stdout, _ = launch.log_paths(store_b.root / "tiny" / ".submitit", job_id)
     try:
-        slurm_cluster.wait_for(lambda: len(store_b.read_log("tiny", spec.run_id)) >= 1, 300, "the first epoch")
+        slurm_cluster.wait_for(lambda: stdout.is_file() and "epoch 1 [2/6]" in stdout.read_text(), 300,
+                               "the second iteration of the second epoch")
         slurm_cluster.requeue(job_id)
         slurm_cluster.start_when_requeued(job_id)
-        from harness import launch
         (outcome, value), = launch.wait(jobs, timeout_s=400)
     except BaseException:
         slurm_cluster.cancel_all([job_id])
@@ -102,6 +116,8 @@ def test_slurm_requeue_resumes_with_identical_results(slurm_cluster, tmp_path, c
     assert slurm_cluster.restarts(job_id) >= 1
     status = store_b.read_status("tiny", spec.run_id)
     assert status.state == "done" and status.attempts >= 2
+    resumed = re.search(r"resumed from \S+ at epoch (\d), iteration (\d+)", stdout.read_text())
+    assert resumed and 1 <= int(resumed.group(2)) < 6, stdout.read_text()[-3000:]    # mid-epoch
 
     metrics_b = store_b.read_metrics("tiny", spec.run_id)
     for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "params", "gflops"):
@@ -111,9 +127,8 @@ def test_slurm_requeue_resumes_with_identical_results(slurm_cluster, tmp_path, c
     assert weights_a.keys() == weights_b.keys()
     for k in weights_a:
         assert torch.equal(weights_a[k], weights_b[k]), k
-    # the resumed run logged each epoch once after the resume point
-    epochs = [r["epoch"] for r in store_b.read_log("tiny", spec.run_id)]
-    assert epochs[-1] == 2 and sorted(set(epochs)) == [0, 1, 2]
+    # each epoch logged once: the interrupted epoch was finished by the requeued attempt
+    assert [r["epoch"] for r in store_b.read_log("tiny", spec.run_id)] == [0, 1, 2]
 
 
 def test_crashed_row_is_marked_failed_and_rerun(tmp_path, capsys):

@@ -305,3 +305,23 @@ def test_gpu_hour_estimates():
     assert estimate_gpu_hours(spec.config) == pytest.approx(6.5 * 50)
     smoke = expand(load_experiment(EXPERIMENTS / "table1.yaml", smoke=True))[0]
     assert estimate_gpu_hours(smoke.config) == 0.0
+
+
+def test_a_new_field_with_a_default_renames_no_run(monkeypatch):
+    """Run ids hash the fields that differ from their defaults (and a schema version): adding a field with
+    a default keeps every existing id, setting it to another value gives a new one."""
+    import dataclasses
+
+    from harness.config import TrainConfig
+    from harness.grid import schema
+
+    specs = expand(load_experiment(EXPERIMENTS / "table2.yaml", check_data=False))
+    before = [s.run_id for s in specs]
+    extended = dataclasses.make_dataclass("TrainConfig", [("new_knob", int, dataclasses.field(default=3))],
+                                          bases=(TrainConfig,), frozen=True)
+    monkeypatch.setitem(schema.SECTION_CLASSES, "train", extended)
+    configs = [dataclasses.replace(s.config, train=extended(**dataclasses.asdict(s.config.train))) for s in specs]
+    assert [run_id(c) for c in configs] == before
+    changed = dataclasses.replace(configs[0], train=dataclasses.replace(configs[0].train, new_knob=4))
+    assert run_id(changed) not in before
+    assert len(set(before)) == len(before)          # the rows still differ from each other

@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.skipif(torch.version.cuda is None, reason="this PyTorch has no CUDA support")
 @pytest.mark.skipif(build._find_cuda_home() is None, reason="no CUDA toolkit (nvcc) installed")
+@pytest.mark.slow
 def test_cuda_sources_compile():
     # a separate process: it loads the library it builds, which this process need not do
     result = subprocess.run([sys.executable, "-m", "model.ops.build", "--cuda"], cwd=REPO,

@@ -8,6 +8,7 @@ cores); the test evaluates every 5 epochs from epoch 20 on and stops as soon as 
 """
 import time
 
+import pytest
 import torch
 
 from harness.run import engine, loaders
@@ -30,6 +31,7 @@ def overfit_config(root):
     return RunConfig(model=model, data=data, train=train, eval=EvalConfig(save_detections=False))
 
 
+@pytest.mark.slow
 def test_overfit_eight_images_reaches_ap50_90(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(min(2, threads))

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("submitit")
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-from conftest_slurm import slurm_cluster  # noqa: F401,E402  (the fixture)
 from harness import launch  # noqa: E402
 from harness.config import LauncherConfig  # noqa: E402
 
@@ -36,7 +36,7 @@ def _git(cwd: Path, *args: str) -> None:
     subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
 
 
-def test_snapshot_and_arrays(slurm_cluster, tmp_path, monkeypatch):  # noqa: F811
+def test_snapshot_and_arrays(slurm_cluster, tmp_path, monkeypatch):
     # a throwaway repository whose module says which version of the code ran
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -94,7 +94,7 @@ def _toy_cfg():
     return LauncherConfig(tasks_per_node=2, max_requeues=3, **{**CPU_JOB, "timeout_min": 30})
 
 
-def test_two_tasks_gloo_uninterrupted(slurm_cluster, tmp_path):  # noqa: F811
+def test_two_tasks_gloo_uninterrupted(slurm_cluster, tmp_path):
     pytest.importorskip("torch")
     from harness.launch.check import expected_state, toy_train
 
@@ -115,7 +115,7 @@ def test_two_tasks_gloo_uninterrupted(slurm_cluster, tmp_path):  # noqa: F811
     assert value["state"] == pytest.approx(expected_state(7, 3, 2), abs=1e-12)
 
 
-def test_requeue_and_preemption_resume(slurm_cluster, tmp_path):  # noqa: F811
+def test_requeue_and_preemption_resume(slurm_cluster, tmp_path):
     """scontrol requeue mid-run, then submitit's pre-emption signal: the run resumes both times."""
     pytest.importorskip("torch")
     from harness.launch.check import expected_state, toy_train

@@ -18,6 +18,8 @@ from harness.grid.schema import SECTION_CLASSES, coerce, hints
 # Fields that say where or how a run is launched, not what it computes: left out of the run id so that
 # moving the dataset or changing the partition does not rerun finished rows.
 HASH_EXCLUDE = ("data.root", "data.num_workers", "train.print_freq", "launcher")
+# bumped when a field changes meaning (not when one is added: new fields with defaults change no id)
+SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -68,14 +70,19 @@ def config_to_dict(cfg: RunConfig) -> dict:
 
 
 def canonical_json(cfg: RunConfig) -> str:
-    """The JSON the run id hashes: sorted keys, :data:`HASH_EXCLUDE` left out."""
-    d = config_to_dict(cfg)
-    for key in HASH_EXCLUDE:
-        parts = key.split(".")
-        node = d
-        for part in parts[:-1]:
-            node = node[part]
-        node.pop(parts[-1], None)
+    """The JSON the run id hashes: the schema version and, per section, only the fields whose value differs
+    from the field's default (sorted keys; :data:`HASH_EXCLUDE` left out). A new field with a default thus
+    leaves every existing run id as it is; a change in what a field means bumps :data:`SCHEMA_VERSION`."""
+    d: dict = {"schema": SCHEMA_VERSION}
+    for section, cls in SECTION_CLASSES.items():
+        values = json.loads(json.dumps(dataclasses.asdict(getattr(cfg, section))))
+        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                    for f in dataclasses.fields(cls)}
+        defaults = json.loads(json.dumps(defaults))
+        changed = {k: v for k, v in values.items()
+                   if v != defaults.get(k) and f"{section}.{k}" not in HASH_EXCLUDE and section not in HASH_EXCLUDE}
+        if changed:
+            d[section] = changed
     return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
 

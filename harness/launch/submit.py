@@ -3,7 +3,7 @@
 One job per spec (one array task when several specs share the same resources), arrays split under the
 cluster's ``MaxArraySize``, a snapshot of the code per submission, and requeue on preemption or time-out.
 
-* :func:`submit` is the one entry point: ``submit(specs, fn, launcher, log_dir, executor="auto")`` runs
+* :func:`submit` is the one entry point: ``submit(specs, fn, launcher, log_dir, executor=None)`` runs
   ``fn(spec)`` for each spec and returns submitit job handles, in the order of ``specs``.
 * ``fn`` is wrapped in :class:`~harness.launch.wrapper.ResumableJob`, a ``submitit.helpers.Checkpointable``: when SLURM signals a
   pre-emption or an imminent time-out, submitit calls its ``checkpoint()``, which resubmits the same call,

@@ -3,6 +3,7 @@ and asks submitit to requeue the same call on pre-emption or time-out."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -36,14 +37,40 @@ def _forget_previous_attempt() -> None:
         pass
 
 
-def _watch_stop_signals() -> Callable[[], bool]:
-    """Note SIGTERM and submitit's pre-emption signal, keeping the handlers submitit installed."""
-    import signal
-    seen: List[int] = []
+# After submitit's pre-emption / time-out signal, how long the job may take to stop on its own (polling
+# stop_requested(), saving a mid-epoch checkpoint) before submitit's own handler requeues it regardless.
+STOP_GRACE_S = 30
+
+_stop_signals: List[int] = []        # signals that asked this process to stop
+_deferred_requeue: List[Callable[[], Any]] = []   # submitit's requeue, held back while the job stops itself
+
+
+def stop_requested() -> bool:
+    """True once this job has been asked to stop: SLURM's SIGTERM (cancel, ``scontrol requeue``, pre-emption)
+    or submitit's pre-emption / time-out signal. Long work polls it, saves its state and raises
+    ``SystemExit``; the job is then requeued and resumes from that state."""
+    return bool(_stop_signals)
+
+
+def _requeue_now() -> None:
+    """Run submitit's held-back requeue handler (checkpoint the call, ``scontrol requeue``, exit)."""
+    signal.alarm(0)
+    while _deferred_requeue:
+        _deferred_requeue.pop()()
+
+
+def _watch_stop_signals() -> None:
+    """Note SIGTERM and submitit's signal. SIGTERM goes on to submitit's handler at once; submitit's requeue
+    handler is held back until the job has stopped itself, or :data:`STOP_GRACE_S` seconds have passed."""
+    usr_sig = getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG, None)
 
     def chain(signum: int, previous: Any) -> Callable[..., Any]:
         def handler(num: int, frame: Any) -> Any:
-            seen.append(num)
+            _stop_signals.append(num)
+            if num == usr_sig and callable(previous):
+                _deferred_requeue.append(lambda: previous(num, frame))
+                signal.alarm(STOP_GRACE_S)
+                return None
             if callable(previous):
                 return previous(num, frame)
             if previous == signal.SIG_DFL:
@@ -53,14 +80,11 @@ def _watch_stop_signals() -> Callable[[], bool]:
         return handler
 
     try:
-        names = {"SIGTERM", "SIG" + submitit.JobEnvironment.USR_SIG}
-        for name in names:
-            signum = getattr(signal, name, None)
-            if signum is not None:
-                signal.signal(signum, chain(signum, signal.getsignal(signum)))
+        for signum in {signal.SIGTERM, usr_sig} - {None}:
+            signal.signal(signum, chain(signum, signal.getsignal(signum)))
+        signal.signal(signal.SIGALRM, lambda num, frame: _requeue_now())
     except ValueError:   # not the main thread (a debug job run from a worker thread)
         pass
-    return lambda: bool(seen)
 
 
 class ResumableJob(submitit.helpers.Checkpointable):
@@ -83,17 +107,23 @@ class ResumableJob(submitit.helpers.Checkpointable):
     stop_grace_s: float = 180.0
 
     def __call__(self, spec: Any) -> Any:
-        stopping: Callable[[], bool] = lambda: False    # noqa: E731
         if _job_cluster() in ("slurm", "local"):           # not for debug jobs: they run in the caller
             _forget_previous_attempt()
-            stopping = _watch_stop_signals()
+            _watch_stop_signals()
         try:
-            return self._run(spec)
+            result = self._run(spec)
+        except SystemExit:                 # the job stopped itself after a stop signal: requeue it now
+            _log("stopped on request; requeueing" if _deferred_requeue else "stopped on request")
+            _requeue_now()
+            raise
         except Exception:
-            if stopping():
+            if stop_requested():
                 _log(f"failed after a stop signal; waiting up to {self.stop_grace_s:.0f} s to be requeued or killed")
                 time.sleep(self.stop_grace_s)
             raise
+        signal.alarm(0)                    # finished before the signal's grace ran out: nothing to requeue
+        _deferred_requeue.clear()
+        return result
 
     def _run(self, spec: Any) -> Any:
         if self.snapshot_dir:

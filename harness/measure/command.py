@@ -89,11 +89,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ExperimentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.rows:
-        unknown = sorted(set(args.rows) - {row.label for row in experiment.rows})
-        if unknown:
-            print(f"error: no row labelled {', '.join(map(repr, unknown))} in {args.experiment}", file=sys.stderr)
-            return 2
     specs = unique_runs(expand(experiment))
     def has_dataset(cfg) -> bool:
         root = args.root or cfg.data.root

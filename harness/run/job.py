@@ -2,7 +2,8 @@
 
 :func:`run_job` is what the launcher submits (pickled by name, so queued jobs run the code snapshot of
 their submission). It always resumes from the run folder's latest checkpoint, so a requeued job (pre-empted,
-timed out, ``scontrol requeue``) carries on from its last finished epoch. Rank 0 owns the results store:
+timed out, ``scontrol requeue``) carries on from where it stopped: on a stop signal the engine writes a
+mid-epoch checkpoint at the next iteration, so a pre-emption loses seconds, not an epoch. Rank 0 owns the results store:
 it claims the run, keeps the claim alive, appends ``log.jsonl``, writes ``metrics.json`` and the status.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from harness.grid import RunSpec
 from harness.launch.environment import distributed_env_from_submitit
+from harness.launch.wrapper import stop_requested
 from harness.measure import complexity, speed
 from harness.provenance import device_name
 from harness.run import distributed as dist_utils
@@ -99,7 +101,9 @@ def run_job(request: JobRequest) -> dict:
                   flush=True)
         dist_utils.barrier()
         log_fn = (lambda record: store.append_log(exp, run_id, record)) if main else None
-        metrics = train(cfg, str(out_dir), log_fn=log_fn)
+        # a stop signal (pre-emption, time-out, scontrol requeue) ends training at the next iteration with a
+        # mid-epoch checkpoint; the requeued job resumes at that iteration
+        metrics = train(cfg, str(out_dir), log_fn=log_fn, should_stop=stop_requested)
         dist_utils.barrier()
         dist_utils.cleanup()  # what follows runs on rank 0 alone
         if main:

@@ -193,8 +193,9 @@ class ResultsStore:
 
     # -- benchmark.json
     def write_benchmark(self, experiment: str, run_id: str, measured: dict) -> None:
-        """Params, FLOPs and FPS of a run's configuration measured without training it (the same
-        fields as metrics.json). The report shows them; the run's status is not touched."""
+        """Parameters and FLOPs (and FPS where measured) of a run's configuration measured without training
+        it, in metrics.json's fields (``python -m harness.measure``). The report shows them where the run
+        has no metrics of its own; the run's status is not touched."""
         folder = self.run_dir(experiment, run_id)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(folder / BENCHMARK, measured)
