@@ -20,6 +20,7 @@ Every problem is reported as one :class:`ExperimentError` naming the file, the r
         cells: {ms_inputs: true, K: 1, fpn: w/o}
         overrides: {model: {ms_attention: false, enc_n_points: 1, dec_n_points: 1}}
         paper: {AP: 41.4, AP50: 60.9}
+        official: {AP: 42.0}        # optional: the official code's README for the same model
         seeds: [1, 2, 3]            # optional: one run per seed (mean and std in the report)
         cited: true                 # optional: the paper's numbers only, never run
     axes: {model.enc_n_points: [1, 2, 4]}   # optional: one extra row per combination
@@ -46,7 +47,7 @@ from model.config import ConfigError, ModelConfig, arch_defaults
 
 TOP_KEYS = ("name", "table", "caption", "description", "columns", "metrics", "reference_row", "base",
             "rows", "axes", "smoke")
-ROW_KEYS = ("label", "cells", "overrides", "paper", "cited", "seeds", "notes")
+ROW_KEYS = ("label", "cells", "overrides", "paper", "official", "cited", "seeds", "notes")
 # Paper metrics an experiment may compare, in the units of paper_tables.yaml.
 SCALES = ("full", "smoke")
 
@@ -81,6 +82,7 @@ class Row:
     seeds: Tuple[int, ...] = ()
     notes: str = ""
     configs: Mapping[str, RunConfig] = dataclasses.field(default_factory=dict)   # scale -> resolved
+    official: Mapping[str, Optional[float]] = dataclasses.field(default_factory=dict)  # official code's README
 
 
 @dataclass(frozen=True)
@@ -173,11 +175,7 @@ def _parse_row(path, index, raw, base, smoke_profile, columns, metrics, check_da
     label = expect(path, where, "label", raw["label"], str)
     cells = expect(path, label, "cells", raw.get("cells") or {}, dict)
     check_keys(path, label, "cells.", cells, columns)
-    paper = expect(path, label, "paper", raw.get("paper") or {}, dict)
-    check_keys(path, label, "paper.", paper, metrics)
-    for key, value in paper.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ExperimentError(path, label, f"paper.{key}", f"got {value!r}, expected a number or null")
+    paper, official = (_reference_numbers(path, label, key, raw, metrics) for key in ("paper", "official"))
     cited = expect(path, label, "cited", raw.get("cited", False), bool)
     seeds = expect(path, label, "seeds", raw.get("seeds", []), list)
     for i, s in enumerate(seeds):
@@ -188,7 +186,7 @@ def _parse_row(path, index, raw, base, smoke_profile, columns, metrics, check_da
         if overrides or seeds:
             raise ExperimentError(path, label, "overrides" if overrides else "seeds",
                                   "a cited row has the paper's numbers only; expected no overrides or seeds")
-        return Row(label, dict(cells), dict(paper), {}, True, (), notes, {})
+        return Row(label, dict(cells), paper, {}, True, (), notes, {}, official)
     check_sections(path, label, overrides)
     full = resolve(path, label, base, overrides, None, check_data)
     try:
@@ -196,7 +194,17 @@ def _parse_row(path, index, raw, base, smoke_profile, columns, metrics, check_da
     except ExperimentError as e:
         raise ExperimentError(path, label, e.key, f"with the smoke profile: {e.message}") from None
     configs = {"full": full, "smoke": smoke}
-    return Row(label, dict(cells), dict(paper), overrides, False, tuple(seeds), notes, configs)
+    return Row(label, dict(cells), paper, overrides, False, tuple(seeds), notes, configs, official)
+
+
+def _reference_numbers(path, label, key, raw, metrics) -> dict:
+    """A row's ``paper:`` or ``official:`` numbers: metrics of the experiment, each a number or null."""
+    numbers = expect(path, label, key, raw.get(key) or {}, dict)
+    check_keys(path, label, f"{key}.", numbers, metrics)
+    for metric, value in numbers.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ExperimentError(path, label, f"{key}.{metric}", f"got {value!r}, expected a number or null")
+    return dict(numbers)
 
 
 def _axes_rows(path, axes) -> List[dict]:
