@@ -70,6 +70,13 @@ class ModelConfig:
     def __post_init__(self):
         validate(self)
 
+    @classmethod
+    def for_arch(cls, arch: str = "deformable_detr", **fields) -> "ModelConfig":
+        """A config that starts from ``arch``'s own defaults (:func:`arch_defaults`: DETR's 100 queries,
+        softmax loss and one feature level, Faster R-CNN's FPN), then ``fields``:
+        ``ModelConfig.for_arch("detr", dilation=True)`` is DETR-DC5."""
+        return cls(**{**arch_defaults(arch), **fields})
+
 
 def arch_defaults(arch: str) -> dict:
     """Field values that differ from the Deformable DETR defaults for ``arch`` (official recipes)."""

@@ -178,7 +178,7 @@ def test_unknown_row_key_and_top_key(tmp_path):
 
 def test_unknown_key_in_base(tmp_path):
     err, message = error(tmp_path, BASIC.replace("data: {root: ROOT}", "data: {root: ROOT, num_worker: 2}"))
-    assert err.row == "base" and err.key == "data.num_worker" and "did you mean 'num_workers'" in message
+    assert err.row == "(base)" and err.key == "data.num_worker" and "did you mean 'num_workers'" in message
 
 
 def test_unknown_paper_metric(tmp_path):
@@ -240,7 +240,7 @@ def test_duplicate_key_is_an_error(tmp_path):
 
 def test_missing_dataset_for_a_full_run(tmp_path):
     err, message = error(tmp_path, BASIC.replace("data: {root: ROOT}", "data: {root: /nonexistent/coco}"))
-    assert err.key == "data.root" and err.row == "base" and "/nonexistent/coco" in message and "--smoke" in message
+    assert err.key == "data.root" and err.row == "(base)" and "/nonexistent/coco" in message and "--smoke" in message
     err, message = error(tmp_path, BASIC.replace("data: {root: ROOT}", "data: {root: '${NO_SUCH_VAR_FOR_TEST}'}"))
     assert err.key == "data.root" and "environment variable" in message
     # reports and status need no data

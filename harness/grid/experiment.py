@@ -27,7 +27,7 @@ Every problem is reported as one :class:`ExperimentError` naming the file, the r
     smoke: {train: {epochs: 1}}     # optional: refines SMOKE_DEFAULTS
 
 A row's config is ``base`` <- ``overrides`` (<- the smoke profile), with ``model`` starting from
-``arch_defaults(arch)``; its run id hashes that resolved config (less :data:`HASH_EXCLUDE`), so rows
+``ModelConfig.for_arch(arch)``; its run id hashes that resolved config (less :data:`HASH_EXCLUDE`), so rows
 that resolve to the same config share one run.
 """
 from __future__ import annotations
@@ -36,14 +36,14 @@ import dataclasses
 import itertools
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from harness.config import RunConfig
-from harness.grid.schema import (SECTION_CLASSES, ExperimentError, check_keys, check_sections, coerce, expect,
-                                 hints, merge, read_yaml, unknown)
+from harness.grid.schema import (BASE, COMMAND_LINE, PLACES, SECTION_CLASSES, SMOKE, ExperimentError, check_keys, check_sections, coerce, expect,
+                                 hints, merge, parse_overrides, read_yaml, unknown, yaml_line)
 from harness.grid.validate import check_dataset, check_run_config
 from harness.metrics import PAPER_METRICS
-from model.config import ConfigError, ModelConfig, arch_defaults
+from model.config import ConfigError, ModelConfig
 
 TOP_KEYS = ("name", "table", "caption", "description", "columns", "metrics", "reference_row", "base",
             "rows", "axes", "smoke")
@@ -112,16 +112,19 @@ class Experiment:
 
 
 
-def load_experiment(path: str, smoke: bool = False, rows: Optional[Sequence[str]] = None,
-                    check_data: bool = True) -> Experiment:
+def load_experiment(path: str, smoke: bool = False, rows: Optional[Sequence[Union[str, int]]] = None,
+                    check_data: bool = True, overrides: Sequence[str] = ()) -> Experiment:
     """Load and validate an experiment file.
 
     ``smoke`` picks the scale :func:`expand` produces (both scales are always resolved and validated);
-    ``rows`` selects row labels for :func:`expand`; ``check_data`` checks that a full-scale run's
-    dataset root exists (turn off for reports and status, which need no data).
+    ``rows`` selects rows for :func:`expand`, by label or by 0-based index; ``check_data`` checks that a
+    full-scale run's dataset root exists (turn off for reports and status, which need no data);
+    ``overrides`` (``SECTION.FIELD=VALUE``, as on the command line) apply last, to the selected rows (all
+    rows without a selection), and are part of their run ids.
     """
     path = str(path)
     data = read_yaml(path)
+    cli_overrides = parse_overrides(path, overrides)
     check_keys(path, None, "", data, TOP_KEYS)
     for key in ("name", "rows"):
         if key not in data:
@@ -135,27 +138,29 @@ def load_experiment(path: str, smoke: bool = False, rows: Optional[Sequence[str]
         if m not in PAPER_METRICS:
             raise ExperimentError(path, None, f"metrics[{i}]", unknown(m, PAPER_METRICS))
     columns = tuple(str(c) for c in expect(path, None, "columns", data.get("columns", []), list))
-    base = expect(path, "base", "base", data.get("base") or {}, dict)
-    check_sections(path, "base", base)
-    smoke_profile = merge(SMOKE_DEFAULTS, expect(path, "smoke", "smoke", data.get("smoke") or {}, dict))
-    check_sections(path, "smoke", smoke_profile)
+    base = expect(path, BASE, "base", data.get("base") or {}, dict)
+    check_sections(path, BASE, base)
+    smoke_profile = merge(SMOKE_DEFAULTS, expect(path, SMOKE, "smoke", data.get("smoke") or {}, dict))
+    check_sections(path, SMOKE, smoke_profile)
 
     raw_rows = list(expect(path, None, "rows", data["rows"], list)) + _axes_rows(path, data.get("axes"))
     if not raw_rows:
         raise ExperimentError(path, None, "rows", "empty; expected at least one row")
+    labels = [str(raw.get("label", f"rows[{i}]")) if isinstance(raw, dict) else f"rows[{i}]"
+              for i, raw in enumerate(raw_rows)]
+    selected = _select(path, rows, labels) if rows else None
     parsed: List[Row] = []
     for i, raw in enumerate(raw_rows):
-        parsed.append(_parse_row(path, i, raw, base, smoke_profile, columns, metrics, check_data and not smoke))
-    labels = [r.label for r in parsed]
+        applies = selected is None or labels[i] in selected
+        try:
+            parsed.append(_parse_row(path, i, raw, base, smoke_profile, columns, metrics, check_data and not smoke,
+                                     cli_overrides if applies else {}))
+        except ExperimentError as err:
+            raise _blame(path, err, base, smoke_profile, cli_overrides, check_data and not smoke, i) from None
     for i, label in enumerate(labels):
         if labels.index(label) != i:
-            raise ExperimentError(path, label, "label", "given to two rows; expected unique labels")
-    selected = None
-    if rows:
-        for label in rows:
-            if label not in labels:
-                raise ExperimentError(path, label, None, "no such row; " + unknown(label, labels, "row"))
-        selected = tuple(rows)
+            raise ExperimentError(path, label, "label", "given to two rows; expected unique labels",
+                                  yaml_line(path, ["rows", i, "label"]))
     reference = data.get("reference_row")
     if reference is not None and reference not in labels:
         raise ExperimentError(path, None, "reference_row", unknown(reference, labels, "row"))
@@ -165,13 +170,51 @@ def load_experiment(path: str, smoke: bool = False, rows: Optional[Sequence[str]
                       description=str(data.get("description", "")))
 
 
-def _parse_row(path, index, raw, base, smoke_profile, columns, metrics, check_data) -> Row:
+def _select(path, rows: Sequence[Union[str, int]], labels: List[str]) -> Tuple[str, ...]:
+    """Row labels chosen by label or by 0-based index (``--rows 0 2`` or ``--rows "MS inputs, K=1"``)."""
+    chosen = []
+    for item in rows:
+        if item in labels:
+            chosen.append(item)
+        elif isinstance(item, int) or str(item).isdigit():
+            index = int(item)
+            if not 0 <= index < len(labels):
+                raise ExperimentError(path, None, "rows", f"no row {index}; expected an index from 0 to "
+                                      f"{len(labels) - 1} or a label")
+            chosen.append(labels[index])
+        else:
+            raise ExperimentError(path, str(item), None, "no such row; " + unknown(item, labels, "row"))
+    return tuple(dict.fromkeys(chosen))
+
+
+def _blame(path, err: ExperimentError, base, smoke_profile, cli_overrides, check_data, index) -> ExperimentError:
+    """A row's error that the base (or the command line) alone already has is reported there, with its line,
+    not on the first row; an error of a row without a label gets its line."""
+    if err.row in PLACES or err.key is None:
+        return err
+    for where, section_overrides in ((BASE, {}), (COMMAND_LINE, cli_overrides)):
+        if where == COMMAND_LINE and not cli_overrides:
+            continue
+        try:
+            resolve(path, where, base, section_overrides, None, check_data, {})
+        except ExperimentError as own:
+            if own.key == err.key:
+                line = yaml_line(path, ["base"] + own.key.split(".")) if where == BASE else None
+                return ExperimentError(path, where, own.key, own.message, line)
+    if err.row is not None and err.row.startswith("rows["):
+        return ExperimentError(path, err.row, err.key, err.message, yaml_line(path, ["rows", index]))
+    return err
+
+
+def _parse_row(path, index, raw, base, smoke_profile, columns, metrics, check_data, cli_overrides) -> Row:
     if not isinstance(raw, dict):
-        raise ExperimentError(path, f"rows[{index}]", None, f"expected a mapping, got {type(raw).__name__}")
+        raise ExperimentError(path, f"rows[{index}]", None, f"expected a mapping, got {type(raw).__name__}",
+                              yaml_line(path, ["rows", index]))
     where = str(raw.get("label", f"rows[{index}]"))
     check_keys(path, where, "", raw, ROW_KEYS)
     if "label" not in raw:
-        raise ExperimentError(path, where, "label", "missing; expected a short name for the row")
+        raise ExperimentError(path, where, "label", "missing; expected a short name for the row",
+                              yaml_line(path, ["rows", index]))
     label = expect(path, where, "label", raw["label"], str)
     cells = expect(path, label, "cells", raw.get("cells") or {}, dict)
     check_keys(path, label, "cells.", cells, columns)
@@ -180,6 +223,9 @@ def _parse_row(path, index, raw, base, smoke_profile, columns, metrics, check_da
     seeds = expect(path, label, "seeds", raw.get("seeds", []), list)
     for i, s in enumerate(seeds):
         expect(path, label, f"seeds[{i}]", s, int)
+        if s in seeds[:i]:
+            raise ExperimentError(path, label, f"seeds[{i}]", f"seed {s} is given twice; expected distinct seeds "
+                                  "(a repeated seed would count one run twice in the mean)")
     overrides = expect(path, label, "overrides", raw.get("overrides") or {}, dict)
     notes = str(raw.get("notes", ""))
     if cited:
@@ -188,9 +234,9 @@ def _parse_row(path, index, raw, base, smoke_profile, columns, metrics, check_da
                                   "a cited row has the paper's numbers only; expected no overrides or seeds")
         return Row(label, dict(cells), paper, {}, True, (), notes, {}, official)
     check_sections(path, label, overrides)
-    full = resolve(path, label, base, overrides, None, check_data)
+    full = resolve(path, label, base, overrides, None, check_data, cli_overrides)
     try:
-        smoke = resolve(path, label, base, overrides, smoke_profile, False)
+        smoke = resolve(path, label, base, overrides, smoke_profile, False, cli_overrides)
     except ExperimentError as e:
         raise ExperimentError(path, label, e.key, f"with the smoke profile: {e.message}") from None
     configs = {"full": full, "smoke": smoke}
@@ -249,12 +295,13 @@ def _yaml_scalar(value) -> str:
 # ------------------------------------------------------------------------------------------- resolving
 
 def resolve(path: str, label: str, base: Mapping, overrides: Mapping, smoke_profile: Optional[Mapping],
-            check_data: bool) -> RunConfig:
-    """base <- row overrides <- smoke profile, typed and validated; ``model`` starts from
-    :func:`arch_defaults` of the resolved ``arch``."""
+            check_data: bool, cli_overrides: Mapping = ()) -> RunConfig:
+    """base <- row overrides <- smoke profile <- command-line overrides, typed and validated; ``model``
+    starts from the defaults of the resolved ``arch`` (:meth:`ModelConfig.for_arch`)."""
     merged = merge(base, overrides)
     if smoke_profile is not None:
         merged = merge(merged, smoke_profile)
+    merged = merge(merged, dict(cli_overrides))
     sections = {}
     for section, cls in SECTION_CLASSES.items():
         values = dict(merged.get(section) or {})
@@ -262,10 +309,9 @@ def resolve(path: str, label: str, base: Mapping, overrides: Mapping, smoke_prof
             arch = values.get("arch", ModelConfig.arch)
             if not isinstance(arch, str):
                 raise ExperimentError(path, label, "model.arch", f"got {arch!r}, expected a string")
-            values = {**arch_defaults(arch), **values}
         typed = {k: coerce(path, label, f"{section}.{k}", v, hints(cls)[k]) for k, v in values.items()}
         try:
-            sections[section] = cls(**typed)
+            sections[section] = ModelConfig.for_arch(**typed) if section == "model" else cls(**typed)
         except ConfigError as e:
             raise ExperimentError(path, label, f"{section}.{e.key}", e.message) from None
     if sections["data"].root is not None:

@@ -17,17 +17,24 @@ SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "train": TrainConfi
                    "benchmark": BenchmarkConfig, "launcher": LauncherConfig}
 
 
-class ExperimentError(Exception):
-    """A problem in an experiment file: names the file, the row and the dotted key."""
+# places in an experiment that are not rows, as ExperimentError's ``row``
+BASE, SMOKE, COMMAND_LINE = "(base)", "(smoke)", "(command line)"
+PLACES = {BASE: "base", SMOKE: "smoke", COMMAND_LINE: "command line"}
 
-    def __init__(self, path: str, row: Optional[str], key: Optional[str], message: str):
-        where = [str(path)]
+
+class ExperimentError(Exception):
+    """A problem in an experiment file: names the file (and the line, where known), the row and the dotted
+    key. ``row`` is a row's label or one of :data:`PLACES` (the base, the smoke profile, the command line)."""
+
+    def __init__(self, path: str, row: Optional[str], key: Optional[str], message: str,
+                 line: Optional[int] = None):
+        where = [f"{path}:{line}" if line else str(path)]
         if row is not None:
-            where.append(f"row {row!r}")
+            where.append(PLACES.get(row, f"row {row!r}"))
         if key:
             where.append(key)
         super().__init__(": ".join(where + [message]))
-        self.path, self.row, self.key, self.message = str(path), row, key, message
+        self.path, self.row, self.key, self.message, self.line = str(path), row, key, message, line
 
 
 
@@ -70,6 +77,49 @@ def read_yaml(path: str) -> dict:
         raise ExperimentError(path, None, None, f"expected a mapping at the top level, got {type(data).__name__}")
     return data
 
+
+
+def yaml_line(path: str, keys: Sequence) -> Optional[int]:
+    """The 1-based line of ``keys`` (mapping keys and list indices, outermost first) in the YAML file at
+    ``path``: the deepest of them that exists. None if the file cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            node = yaml.compose(f, Loader=yaml.SafeLoader)
+    except (OSError, yaml.YAMLError):
+        return None
+    line = None
+    for key in keys:
+        if isinstance(node, yaml.MappingNode):
+            match = [(k, v) for k, v in node.value if k.value == str(key)]
+            if not match:
+                break
+            line, node = match[0][0].start_mark.line + 1, match[0][1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and 0 <= key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def parse_overrides(path: str, items: Sequence[str]) -> dict:
+    """``["model.enc_n_points=8", "launcher.partition=gpu"]`` -> nested overrides; values read as YAML
+    (``true``, ``8``, ``[1, 4]``), keys checked against the config sections."""
+    nested: dict = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or "." not in key:
+            raise ExperimentError(path, COMMAND_LINE, item, "expected SECTION.FIELD=VALUE, e.g. "
+                                  "model.enc_n_points=8 or launcher.partition=gpu")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as e:
+            raise ExperimentError(path, COMMAND_LINE, key, f"cannot read the value {text!r} ({e})") from None
+        section, _, field = key.partition(".")
+        nested.setdefault(section, {})[field] = value
+    check_sections(path, COMMAND_LINE, nested)
+    return nested
 
 
 def hints(cls) -> dict:

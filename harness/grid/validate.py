@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import os
 
-from harness.config import (AMP_MODES, AUGMENTATIONS, DATASETS, EXECUTORS, PRECISIONS, DataConfig, LauncherConfig,
-                            RunConfig)
+from harness.config import (AMP_MODES, AUGMENTATIONS, DATASETS, EXECUTORS, LR_SCHEDULES, OPTIMIZERS, PRECISIONS,
+                            DataConfig, LauncherConfig, RunConfig, TrainConfig)
 from harness.grid.schema import ExperimentError
 from model.config import ConfigError, check_choice
 
@@ -19,6 +19,8 @@ def check_run_config(cfg: RunConfig) -> None:
     check_choice("data.dataset", d.dataset, DATASETS)
     check_choice("data.augmentation", d.augmentation, AUGMENTATIONS)
     check_choice("train.amp", t.amp, tuple(AMP_MODES))
+    check_choice("train.optimizer", t.optimizer, OPTIMIZERS)
+    check_choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
     check_choice("benchmark.precision", b.precision, PRECISIONS)
     check_choice("launcher.executor", l.executor, EXECUTORS)
     for key, value in (("train.epochs", t.epochs), ("train.batch_size_per_gpu", t.batch_size_per_gpu),
@@ -34,7 +36,8 @@ def check_run_config(cfg: RunConfig) -> None:
             raise ConfigError(key, f"got {value!r}, expected an integer >= 1")
     for key, value in (("train.lr_drop", t.lr_drop), ("data.num_workers", d.num_workers),
                        ("benchmark.fps_warmup", b.fps_warmup), ("launcher.gpus_per_node", l.gpus_per_node),
-                       ("launcher.max_requeues", l.max_requeues), ("data.synthetic_seed", d.synthetic_seed)):
+                       ("launcher.max_requeues", l.max_requeues), ("data.synthetic_seed", d.synthetic_seed),
+                       ("train.warmup_iters", t.warmup_iters)):
         if value < 0:
             raise ConfigError(key, f"got {value!r}, expected an integer >= 0")
     for key, value in (("train.lr", t.lr), ("train.lr_linear_proj_mult", t.lr_linear_proj_mult)):
@@ -44,6 +47,10 @@ def check_run_config(cfg: RunConfig) -> None:
                        ("train.clip_max_norm", t.clip_max_norm)):
         if value < 0:
             raise ConfigError(key, f"got {value!r}, expected a number >= 0")
+    check_recipe(t)
+    if e.batch_size_per_gpu is not None and e.batch_size_per_gpu < 1:
+        raise ConfigError("eval.batch_size_per_gpu", f"got {e.batch_size_per_gpu!r}, expected null (the training "
+                          "batch per GPU) or an integer >= 1")
     if t.max_iters_per_epoch is not None and t.max_iters_per_epoch < 1:
         raise ConfigError("train.max_iters_per_epoch", f"got {t.max_iters_per_epoch!r}, expected null or >= 1")
     if l.mem_gb is not None and l.mem_gb < 1:
@@ -69,6 +76,31 @@ def check_run_config(cfg: RunConfig) -> None:
         raise ConfigError("eval.checkpoint", "eval_only: true needs a checkpoint to evaluate")
     if e.tta and cfg.model.arch == "faster_rcnn":
         raise ConfigError("eval.tta", "test-time augmentation is implemented for the DETR family only")
+
+
+def check_recipe(t: TrainConfig) -> None:
+    """The optimiser and schedule fields: ranges, and no field set that the chosen recipe would ignore."""
+    if not 0.0 <= t.momentum < 1.0:
+        raise ConfigError("train.momentum", f"got {t.momentum!r}, expected 0 <= momentum < 1")
+    if t.optimizer != "sgd" and t.momentum != TrainConfig.momentum:
+        raise ConfigError("train.momentum", f"applies to optimizer 'sgd' only, not {t.optimizer!r}; "
+                          f"leave it at {TrainConfig.momentum}")
+    if not 0.0 < t.warmup_factor <= 1.0:
+        raise ConfigError("train.warmup_factor", f"got {t.warmup_factor!r}, expected 0 < warmup_factor <= 1")
+    if t.lr_reference_batch is not None and t.lr_reference_batch < 1:
+        raise ConfigError("train.lr_reference_batch", f"got {t.lr_reference_batch!r}, expected null (no scaling) "
+                          "or the total batch the learning rates are stated for (>= 1)")
+    milestones = list(t.lr_milestones)
+    if t.lr_schedule == "multistep":
+        if not milestones:
+            raise ConfigError("train.lr_milestones", "empty; lr_schedule 'multistep' needs the epochs at which "
+                              "the learning rate drops, e.g. [8, 11]")
+        if milestones != sorted(set(milestones)) or milestones[0] < 1 or milestones[-1] >= t.epochs:
+            raise ConfigError("train.lr_milestones", f"got {milestones}, expected increasing epochs in "
+                              f"1..{t.epochs - 1} (train.epochs is {t.epochs})")
+    elif milestones:
+        raise ConfigError("train.lr_milestones", f"applies to lr_schedule 'multistep' only, not "
+                          f"{t.lr_schedule!r} (which drops every lr_drop epochs); expected []")
 
 
 def world_size(launcher: LauncherConfig) -> int:

@@ -81,6 +81,11 @@ def run_job(request: JobRequest) -> dict:
     """Train, evaluate and measure one run; returns its metrics (on every rank)."""
     spec, store = request.spec, ResultsStore(request.results_root)
     exp, run_id, cfg = spec.experiment, spec.run_id, spec.config
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if cpus and cpus.isdigit():
+        # torch's threads default to every core of the node: with one task per GPU (or several CPU tasks)
+        # on a node they would oversubscribe it; each task uses the CPUs SLURM gave it
+        torch.set_num_threads(int(cpus))
     distributed_env_from_submitit(export=True)
     info = dist_utils.init_distributed()
     main = info["rank"] == 0
