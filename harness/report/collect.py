@@ -1,16 +1,24 @@
 """Results folder -> pandas DataFrame: one row per run of an experiment, and per row the mean and standard
-deviation over seeds. The only reader of ``results/`` for reports; missing fields become NaN."""
+deviation over seeds. The only reader of ``results/`` for reports; missing fields become NaN.
+
+The DataFrame is also the results as data (``export`` writes it as CSV or Parquet): per run its state and
+provenance, every metrics.json field, the row's table cells (``cell.<column>``), the resolved config fields that
+differ between runs (dotted, ``model.enc_n_points``: an ``axes`` sweep groups by its swept key) and the
+paper's and official code's numbers (``paper_AP``, ``official_AP``, ...).
+"""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
-from typing import List
+from pathlib import Path
+from typing import Dict, List, Tuple, Union
 
 import pandas as pd
 
-from harness.grid import SCALES, Experiment, expand
+from harness.grid import SCALES, Experiment, config_to_dict, expand, load_experiment
 from harness.metrics import BY_NAME, NUMERIC_FIELDS
-from harness.store import CorruptFileError, ResultsStore
+from harness.store import CorruptFileError, ResultsError, ResultsStore
 
 # Text fields of metrics.json (the numeric ones: harness.metrics).
 TEXT_FIELDS = ("fps_device", "device", "commit", "date", "dataset", "attn_impl", "precision")
@@ -23,48 +31,120 @@ def _number(value) -> float:
     return float(value)
 
 
-def collect(results_root, experiment: Experiment) -> pd.DataFrame:
+def collect(results_root: Union[str, Path], experiment: Union[Experiment, str, Path]) -> pd.DataFrame:
     """One row per run (every non-cited row, both scales, every seed), whether it ran or not:
     ``state`` is new/queued/running/done/failed/corrupt and metrics are NaN where missing.
-    Values come from metrics.json, completed by benchmark.json (complexity measured alone)."""
+    Values come from metrics.json, completed by benchmark.json (complexity measured alone).
+
+    ``experiment`` is a loaded :class:`Experiment` or the path of its YAML file. A ``results_root`` that does
+    not exist is an error (a mistyped path would otherwise report every run as new)."""
+    if not isinstance(experiment, Experiment):
+        experiment = load_experiment(str(experiment), check_data=False)
+    if not Path(results_root).is_dir():
+        raise ResultsError(results_root, "no such results folder; expected the folder holding "
+                           f"<experiment>/<run_id>/ (here {experiment.name}/...), e.g. results/")
     store = ResultsStore(results_root)
     full = dataclasses.replace(experiment, selected=None)     # reports cover every row
-    records: List[dict] = []
-    for scale in SCALES:
-        for spec in expand(full, scale):
-            record = dict.fromkeys(COLUMNS)
-            record.update(experiment=spec.experiment, label=spec.label, row_index=spec.row_index,
-                          scale=scale, seed=spec.seed, run_id=spec.run_id, state="new", error="")
-            try:
-                status = store.read_status(spec.experiment, spec.run_id)
-                if status is not None:
-                    record["state"] = status.state
-                    if status.state == "failed":
-                        record["error"] = status.reason or ""
-            except CorruptFileError as e:
-                record.update(state="corrupt", error=str(e))
-            metrics = None
-            try:
-                metrics = store.read_metrics(spec.experiment, spec.run_id)
-            except CorruptFileError as e:
-                record.update(state="corrupt", error=str(e))
-            try:       # complexity/speed measured alone fills what the run has not measured (yet)
-                benchmark = store.read_benchmark(spec.experiment, spec.run_id)
-                if benchmark is not None:
-                    metrics = {**benchmark, **(metrics or {})}
-            except CorruptFileError as e:
-                record["error"] = "; ".join(filter(None, [record["error"], str(e)]))
-            for key in NUMERIC_FIELDS:
-                record[key] = _number((metrics or {}).get(key))
-            for key in TEXT_FIELDS:
-                value = (metrics or {}).get(key)
-                record[key] = "" if value is None else str(value)
-            record["has_metrics"] = metrics is not None
-            records.append(record)
-    df = pd.DataFrame.from_records(records, columns=list(COLUMNS) + ["has_metrics"])
-    df = df.astype({k: "float64" for k in NUMERIC_FIELDS})
+    specs = [spec for scale in SCALES for spec in expand(full, scale)]
+    flat = [_flatten(config_to_dict(spec.config)) for spec in specs]
+    differing = _differing_fields([(spec.scale, fields) for spec, fields in zip(specs, flat)])
+    references = [f"{ref}_{m}" for ref in ("paper", "official") for m in experiment.metrics]
+    extra_columns = [f"cell.{c}" for c in experiment.columns] + differing + references
+    records = []
+    for spec, fields in zip(specs, flat):
+        row = experiment.rows[spec.row_index]
+        record = dict.fromkeys(COLUMNS)
+        record.update(experiment=spec.experiment, label=spec.label, row_index=spec.row_index,
+                      scale=spec.scale, seed=spec.seed, run_id=spec.run_id)
+        record.update(_read_run(store, spec.experiment, spec.run_id))
+        record.update({f"cell.{c}": row.cells.get(c) for c in experiment.columns})
+        record.update({key: fields.get(key) for key in differing})
+        for ref, numbers in (("paper", row.paper), ("official", row.official)):
+            record.update({f"{ref}_{m}": _number(numbers.get(m)) for m in experiment.metrics})
+        records.append(record)
+    df = pd.DataFrame.from_records(records, columns=list(COLUMNS) + ["has_metrics"] + extra_columns)
+    df = df.astype({k: "float64" for k in list(NUMERIC_FIELDS) + references})
     df = df.astype({k: object for k in RUN_FIELDS + TEXT_FIELDS if k not in ("row_index", "seed")})
     return df
+
+
+def _read_run(store: ResultsStore, experiment: str, run_id: str) -> dict:
+    """state, error, the numeric and text fields of one run, and whether it has any metrics."""
+    record = {"state": "new", "error": ""}
+    try:
+        status = store.read_status(experiment, run_id)
+        if status is not None:
+            record["state"] = status.state
+            if status.state == "failed":
+                record["error"] = status.reason or ""
+    except CorruptFileError as e:
+        record.update(state="corrupt", error=str(e))
+    metrics = None
+    try:
+        metrics = store.read_metrics(experiment, run_id)
+    except CorruptFileError as e:
+        record.update(state="corrupt", error=str(e))
+    try:       # complexity/speed measured alone fills what the run has not measured (yet)
+        benchmark = store.read_benchmark(experiment, run_id)
+        if benchmark is not None:
+            metrics = {**benchmark, **(metrics or {})}
+    except CorruptFileError as e:
+        record["error"] = "; ".join(filter(None, [record["error"], str(e)]))
+    for key in NUMERIC_FIELDS:
+        record[key] = _number((metrics or {}).get(key))
+    for key in TEXT_FIELDS:
+        value = (metrics or {}).get(key)
+        record[key] = "" if value is None else str(value)
+    record["has_metrics"] = metrics is not None
+    return record
+
+
+def _flatten(tree: dict, prefix: str = "") -> Dict[str, object]:
+    """{"model": {"enc_n_points": 4}} -> {"model.enc_n_points": 4}; lists become tuples (hashable: groupby)."""
+    out: Dict[str, object] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+# the seed has its own column; the launcher says where a run went, not what it computed
+_NOT_COMPARED = ("train.seed", "launcher.")
+
+
+def _differing_fields(runs: List[Tuple[str, Dict[str, object]]]) -> List[str]:
+    """Config fields whose value is not the same in every run of a scale (scales compared separately, so the
+    smoke profile's own fields do not count), in config order."""
+    keys: Dict[str, None] = {}
+    for _, fields in runs:
+        keys.update(dict.fromkeys(fields))
+    return [key for key in keys if not key.startswith(_NOT_COMPARED) and any(
+        len({repr(fields.get(key)) for s, fields in runs if s == scale}) > 1 for scale in SCALES)]
+
+
+def export(df: pd.DataFrame, path: Union[str, Path]) -> Path:
+    """Write ``df`` (from :func:`collect`) as CSV (``.csv``) or Parquet (``.parquet``, ``.pq``; needs pyarrow),
+    by the file's suffix; returns the path written. Tuple values (list-valued config fields) are written as
+    text in both formats, so that the two files hold the same table."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".parquet", ".pq"):
+        raise ValueError(f"{path}: unknown export format {suffix or '(no suffix)'!r}; expected .csv or .parquet")
+    if suffix != ".csv" and importlib.util.find_spec("pyarrow") is None:
+        raise ValueError(f"{path}: writing Parquet needs pyarrow (pip install pyarrow); or export to a .csv file")
+    out = df.copy()
+    for column in out.columns:
+        if out[column].dtype == object:
+            out[column] = out[column].map(lambda v: str(list(v)) if isinstance(v, tuple) else v)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".csv":
+        out.to_csv(path, index=False)
+    else:
+        out.to_parquet(path, index=False)
+    return path
 
 
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:
