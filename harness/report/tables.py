@@ -1,180 +1,128 @@
-"""Render an experiment's results as the paper's table, in Markdown and LaTeX (booktabs).
+"""Render an experiment's results as the paper's table: Markdown here, LaTeX in :mod:`.latex`; ``write_report``.
 
-Pure: the output depends only on the experiment and the collected DataFrame, so regenerating gives the
-same files. Every paper row is printed with the paper's numbers; under it one line per scale that has
-results ("ours (full)", "ours (smoke)") with each value and its difference to the paper, and the
-provenance of those numbers. A row without results gets an empty line saying so; nothing is made up.
+Pure: the output depends only on the experiment and the collected DataFrame, so regenerating gives the same
+files. Every row of the experiment is printed with the paper's and the official code's numbers where it has
+them, and under them one line per scale that has results ("ours (full)", "ours (smoke)") with each value, its
+differences to both references, a noise marker and the provenance of the numbers (:mod:`.groups`). With a
+``reference_row``, a second table gives each row's AP difference to it and whether that exceeds the noise.
+Nothing is made up: a cell without a measured number stays empty.
 """
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass
+import os
+import shlex
 from pathlib import Path
-from typing import Callable, List
+from typing import List, Optional
 
 import pandas as pd
 
-from harness.grid import SCALES, Experiment
-from harness.metrics import BY_NAME
-from harness.report.collect import aggregate, collect, reproduced, run_states
+from harness.grid import Experiment
+from harness.metrics import BY_NAME, NOISE_BAND_AP
+from harness.report import noise
+from harness.report.ablation import ablation_rows, columns_with_values
+from harness.report.collect import aggregate, collect
 from harness.report.figures import write_figures
+from harness.report.groups import LABEL, PROVENANCE, Style, build_groups, has_official, markers_shown
+from harness.report.latex import render_latex, render_latex_compact
 from harness.store import atomic_write_text
 
 COLUMN_TITLES = {"method": "Method", "epochs": "Epochs", "ms_inputs": "MS inputs",
                  "ms_attention": "MS attention", "K": "K", "fpn": "FPNs", "backbone": "Backbone",
-                 "tta": "TTA"}
-PROVENANCE = ("scale", "dataset", "epochs trained", "device", "commit", "date")
-
-
-@dataclass(frozen=True)
-class Style:
-    check: str
-    pm: str
-    escape: Callable[[str], str]
+                 "tta": "TTA", LABEL: "Row"}
+MARKERS_MD = {noise.WITHIN: "≈", noise.ABOVE: "↑", noise.BELOW: "↓"}
 
 
 def _md_escape(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-_TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                "|": r"\textbar{}", "<": r"\textless{}", ">": r"\textgreater{}"}
+MD = Style(check="✓", pm="±", dash="–", markers=MARKERS_MD, escape=_md_escape)
+
+__all__ = ["MD", "render_latex", "render_latex_compact", "render_markdown", "write_report", "command_path"]
 
 
-def tex_escape(text: str) -> str:
-    return "".join(_TEX_SPECIAL.get(c, c) for c in text)
+# ------------------------------------------------------------------------------------------- Markdown
 
-
-def tex_text(text: str) -> str:
-    """Escaped prose with "quoted" words as LaTeX quotes."""
-    return re.sub(r'"([^"]*)"', r"``\1''", tex_escape(text))
-
-
-MD = Style(check="✓", pm="±", escape=_md_escape)
-TEX = Style(check=r"$\surd$", pm=r"$\pm$", escape=tex_escape)
-
-
-# ------------------------------------------------------------------------------------------ formatting
-
-def _is_nan(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def _paper_cell(metric: str, value) -> str:
-    if _is_nan(value):
-        return ""
-    if BY_NAME[metric].paper_as_given:
-        return f"{value:g}"
-    return f"{float(value):.1f}"
-
-
-def _ours_cell(metric: str, mean: float, std: float, paper, style: Style) -> str:
-    if _is_nan(mean):
-        return ""
-    decimals = BY_NAME[metric].decimals
-    text = f"{mean:.{decimals}f}"
-    if not _is_nan(std):
-        text += f"{style.pm}{std:.{decimals}f}"
-    if not _is_nan(paper):
-        delta = mean - float(paper)
-        text += f" ({delta:+.{decimals}f})"
-    return text
-
-
-def _descriptive_cell(value, style: Style) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return style.check if value else ""
-    return style.escape(str(value))
-
-
-# ------------------------------------------------------------------------------------------ the table
-
-@dataclass(frozen=True)
-class Line:
-    cells: List[str]
-    first_of_group: bool
-
-
-def _lead_columns(experiment: Experiment) -> List[str]:
-    return list(experiment.columns) or ["label"]
-
-
-def build_table(experiment: Experiment, df: pd.DataFrame, style: Style):
-    """(header, lines): the descriptive columns, a source column, the metrics, the provenance."""
-    lead = _lead_columns(experiment)
-    agg = aggregate(df)
-    lines: List[Line] = []
-    for row in experiment.rows:
-        lead_cells = [_descriptive_cell(row.label if c == "label" else row.cells.get(c), style) for c in lead]
-        source = "paper (cited)" if row.cited else "paper"
-        paper_cells = [_paper_cell(m, row.paper.get(m)) for m in experiment.metrics]
-        lines.append(Line(lead_cells + [source] + paper_cells + [""] * len(PROVENANCE), True))
-        if row.cited:
-            continue
-        shown = False
-        for scale in SCALES:
-            sub = agg[(agg["label"] == row.label) & (agg["scale"] == scale)]
-            if not len(sub):
-                continue
-            shown = True
-            r = sub.iloc[0]
-            metric_cells = []
-            for m in experiment.metrics:
-                mean, std = reproduced(agg, row.label, scale, m)
-                metric_cells.append(_ours_cell(m, mean, std, row.paper.get(m), style))
-            device = r["device"]
-            if r["fps_device"] and r["fps_device"] != r["device"]:
-                device = f"{device}; FPS: {r['fps_device']}" if device else f"FPS: {r['fps_device']}"
-            if "reference" in r["attn_impl"]:      # never hide that a line ran the slow fallback
-                device = f"{device}; attention: pure-PyTorch reference" if device else "attention: pure-PyTorch reference"
-            commits = ", ".join(c[:7] for c in str(r["commit"]).split(", ") if c)
-            dates = ", ".join(sorted({d[:10] for d in str(r["date"]).split(", ") if d}))
-            source_text = f"ours ({scale})" + (f", {r['n_runs']} seeds" if r["n_runs"] > 1 else "")
-            provenance = [scale, r["dataset"], r["epochs_range"], device, commits, dates]
-            lines.append(Line([""] * len(lead) + [source_text] + metric_cells +
-                              [style.escape(str(p)) for p in provenance], False))
-        if not shown:
-            lines.append(Line([""] * len(lead) + [f"ours: {_state_text(df, row.label)}"] +
-                              [""] * len(experiment.metrics) + [""] * len(PROVENANCE), False))
-    return lead, lines
-
-
-def _state_text(df: pd.DataFrame, label: str) -> str:
-    for scale in SCALES:
-        states = [s for s in run_states(df, label, scale) if s != "new"]
-        if states:
-            return f"{scale} {'/'.join(states)}"
-    return "not run"
-
-
-# ------------------------------------------------------------------------------------------- renderers
-
-def render_markdown(experiment: Experiment, df: pd.DataFrame) -> str:
-    lead, lines = build_table(experiment, df, MD)
-    header = [COLUMN_TITLES.get(c, c) if c != "label" else "Row" for c in lead] + ["source"] + \
+def render_markdown(experiment: Experiment, df: pd.DataFrame, command: Optional[str] = None) -> str:
+    """The report in Markdown; ``command`` is the experiment file as the regenerate hint names it
+    (default: :func:`command_path`)."""
+    lead, groups = build_groups(experiment, df, MD, lambda cells: [_md_escape(str(c)) for c in cells])
+    header = [_md_escape(COLUMN_TITLES.get(c, c)) for c in lead] + ["source"] + \
         [BY_NAME[m].title_md for m in experiment.metrics] + list(PROVENANCE)
-    out = [f"# Table {experiment.table} (`{experiment.name}`)", "", experiment.caption.strip(), ""]
+    n_lead, n_metrics = len(lead), len(experiment.metrics)
+    out = [f"# Table {_md_escape(experiment.table)} (`{experiment.name}`)", "", experiment.caption.strip(), ""]
     if experiment.description.strip():
         out += [experiment.description.strip(), ""]
     out.append("| " + " | ".join(header) + " |")
-    out.append("|" + "|".join(":--" if i < len(lead) + 1 else "--:" if i < len(lead) + 1 + len(experiment.metrics)
-                             else ":--" for i in range(len(header))) + "|")
-    for line in lines:
-        out.append("| " + " | ".join(line.cells) + " |")
-    for paragraph in _legend(experiment):
+    out.append("|" + "|".join(":--" if i <= n_lead else "--:" if i <= n_lead + n_metrics else ":--"
+                             for i in range(len(header))) + "|")
+    for group in groups:
+        for i, line in enumerate(group.lines):
+            lead_cells = group.lead if i == 0 else [""] * n_lead
+            provenance = line.provenance or [""] * len(PROVENANCE)
+            out.append("| " + " | ".join(lead_cells + [line.source] + line.metrics + provenance) + " |")
+    *guide, generated = _legend(experiment, groups, command)
+    for paragraph in guide:
         out += ["", paragraph]
-    out.append("")
+    out += _ablation_markdown(experiment, df)
+    out += ["", generated, ""]
     return "\n".join(out)
 
 
-def _legend(experiment: Experiment) -> List[str]:
-    return [
-        "Lines `ours`: our value (difference to the paper's value); `a±b` is the mean and standard "
-        "deviation over seeds. An empty cell was not measured; no number is filled in.",
+def _delta_text(delta, markers) -> str:
+    if math.isnan(delta.value):
+        return ""
+    text = f"{delta.value:+.1f}"
+    if delta.verdict is not None:
+        text += f" {markers[delta.verdict]} (±{delta.band:.2f})"
+    return text
+
+
+def _ablation_markdown(experiment: Experiment, df: pd.DataFrame) -> List[str]:
+    rows = [r for r in ablation_rows(experiment, aggregate(df))
+            if any(not math.isnan(d.value) for d in r.deltas.values())]      # no line without a number
+    columns = columns_with_values(rows)
+    if not rows or not columns:
+        return []
+    titles = {"paper": "paper", "full": "ours (full)", "smoke": "ours (smoke)"}
+    out = ["", f"## Ablation deltas: AP minus AP of `{experiment.reference_row}`", "",
+           "| Row | " + " | ".join(titles[c] for c in columns) + " |",
+           "|:--|" + "|".join("--:" for _ in columns) + "|"]
+    for r in rows:
+        out.append(f"| {_md_escape(r.row.label)} | " +
+                   " | ".join(_delta_text(r.deltas[c], MARKERS_MD) for c in columns) + " |")
+    out += ["", f"A difference is ≈ within noise when it is no larger than the noise of a difference of two "
+            f"numbers, shown beside it: ±{noise.combined(NOISE_BAND_AP, NOISE_BAND_AP):.2f} AP for two single "
+            f"runs (√2 × {NOISE_BAND_AP} AP), the seeds' spreads where a row has >= 2 seeds; ↑ / ↓ exceed it. "
+            "Smoke-scale differences without seeds have no stated band and no marker."]
+    return out
+
+
+def _legend(experiment: Experiment, groups, command: Optional[str]) -> List[str]:
+    official = any(has_official(g.row) for g in groups)
+    guide = ("Each row: `paper` is the paper's line" +
+             ("; `official code` the same model trained with the released code, as its README reports (where "
+              "the README has the row)" if official else "") +
+             "; `ours (scale)` our numbers: the mean±standard deviation over seeds (with >= 2 seeds), then in "
+             "parentheses the difference to the paper" +
+             (" / to the official code (for a row with official numbers; – where that reference has no "
+              "number)" if official else "") +
+             ". A cell without a measured number stays empty; a row that has no numbers of ours says its state "
+             "(`not run`, `full failed`) in its source cell.")
+    held = ("Which reference: a reproduction is held to the official code's numbers where the row has them "
+            "(the released code lands about 0.7 AP above the paper for Deformable DETR: 44.5 against 43.8 AP), "
+            "and to the paper's otherwise." if official else
+            "Which reference: a reproduction is held to the paper's numbers (no row here has official "
+            "code numbers).")
+    paragraphs = [guide, held]
+    if markers_shown(groups, MD):
+        paragraphs.append(
+            f"Noise: ≈ marks an AP number of ours at full scale that lies within the noise of the reference it "
+            f"is held to: |ours - reference| no larger than the standard deviation over its seeds (>= 2 seeds) "
+            f"or ±{NOISE_BAND_AP} AP, COCO's run-to-run noise for a single run (`harness.metrics.NOISE_BAND_AP`); "
+            "↑ / ↓: above / below beyond it. Smoke lines are not compared.")
+    paragraphs += [
         "Provenance: `full` is the paper's setting (COCO 2017); `smoke` is laptop scale on a synthetic "
         "COCO-format dataset and is not comparable with the paper's numbers. `epochs trained` counts the "
         "epochs actually run; `device` is where the run trained (and where FPS was measured, if "
@@ -183,53 +131,32 @@ def _legend(experiment: Experiment) -> List[str]:
         "one 3x800x1199 image, where the paper averages COCO val images (smaller after resizing), so "
         "compare ratios between rows.",
         f"Generated by `harness.report` from `results/{experiment.name}/`; regenerate with "
-        f"`python run_experiment.py {_short_path(experiment.path)} --report`.",
+        f"`python run_experiment.py {shlex.quote(command or command_path(experiment.path))} --report`.",
     ]
+    return paragraphs
 
 
-def _short_path(path: str) -> str:
-    """``experiments/table2.yaml`` however the file was named when loaded (keeps output stable)."""
-    p = Path(path)
-    return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
+def command_path(path: str) -> str:
+    """The experiment file as a command typed here would name it: relative to the current directory when it
+    lies below it (``experiments/table2.yaml`` from the repository root), else as given."""
+    if os.path.isabs(path):
+        relative = os.path.relpath(path)
+        return path if relative.startswith("..") else relative
+    return os.path.normpath(path)
 
 
-def render_latex(experiment: Experiment, df: pd.DataFrame) -> str:
-    """A booktabs table (needs only ``\\usepackage{booktabs}``), ready to ``\\input``."""
-    lead, lines = build_table(experiment, df, TEX)
-    n_metrics, n_prov = len(experiment.metrics), len(PROVENANCE)
-    spec = "l" * (len(lead) + 1) + "r" * n_metrics + "l" * n_prov
-    first_metric = len(lead) + 2                      # 1-based column of the first metric
-    first_prov = first_metric + n_metrics
-    header = [tex_escape(COLUMN_TITLES.get(c, c) if c != "label" else "Row") for c in lead] + ["Source"] + \
-        [BY_NAME[m].title_tex for m in experiment.metrics] + [tex_escape(p.capitalize()) for p in PROVENANCE]
-    groups = [""] * (first_metric - 1) + [
-        f"\\multicolumn{{{n_metrics}}}{{c}}{{paper / ours (difference)}}",
-        f"\\multicolumn{{{n_prov}}}{{c}}{{provenance of ours}}"]
-    out = [f"% Table {tex_escape(experiment.table)} ({experiment.name}), generated by harness.report from "
-           f"results/{experiment.name}/; do not edit. Needs \\usepackage{{booktabs}}.",
-           "\\begin{table}[t]", "\\centering", "\\scriptsize", "\\setlength{\\tabcolsep}{3pt}",
-           f"\\begin{{tabular}}{{{spec}}}", "\\toprule",
-           " & ".join(groups) + " \\\\",
-           f"\\cmidrule(lr){{{first_metric}-{first_prov - 1}}}\\cmidrule(lr){{{first_prov}-{first_prov + n_prov - 1}}}",
-           " & ".join(header) + " \\\\", "\\midrule"]
-    for i, line in enumerate(lines):
-        if line.first_of_group and i > 0:
-            out.append("\\addlinespace")
-        out.append(" & ".join(line.cells) + " \\\\")
-    out += ["\\bottomrule", "\\end{tabular}",
-            f"\\caption{{{tex_text(experiment.caption.strip())} Lines ``ours'': our value (difference to "
-            f"the paper). Smoke scale: a synthetic dataset at laptop scale, not comparable with the paper.}}",
-            f"\\label{{tab:{experiment.name}}}", "\\end{table}", ""]
-    return "\n".join(out)
-
+# ------------------------------------------------------------------------------------------- files
 
 def write_report(experiment: Experiment, results_root, reports_dir, figures: bool = True) -> List[Path]:
-    """Write ``<reports_dir>/<name>.md`` and ``.tex`` (and the figures); returns the paths written."""
+    """Write ``<reports_dir>/<name>.md``, ``<name>.tex`` (the full table), ``<name>_compact.tex`` (the paper-ready
+    one) and the figures; returns the paths written (every file, changed or not)."""
     reports_dir = Path(reports_dir)
-    reports_dir.mkdir(parents=True, exist_ok=True)
     df = collect(results_root, experiment)
+    texts = {".md": render_markdown(experiment, df), ".tex": render_latex(experiment, df),
+             "_compact.tex": render_latex_compact(experiment, df)}      # all rendered before anything is written
+    reports_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for suffix, text in ((".md", render_markdown(experiment, df)), (".tex", render_latex(experiment, df))):
+    for suffix, text in texts.items():
         path = reports_dir / f"{experiment.name}{suffix}"
         _write_if_changed(path, text)
         written.append(path)

@@ -1,0 +1,222 @@
+"""An experiment's table as row groups of formatted lines, shared by the Markdown and LaTeX renderers (pure).
+
+Per row of the experiment, in order: the paper's line (if the row has paper numbers), the official code's line
+(if it has official numbers), and one line per scale at which we have numbers ("ours (full)", "ours (smoke)").
+A line with no number is not printed; a row with no line of ours says its state ("not run", "full failed") in
+the source cell of its last line, or on a line of its own when it has no other. Our cells read
+``mean±std (Δ paper / Δ official) marker``: the std only over >= 2 seeds, the second difference only for a
+row with official numbers, and the marker only for the AP columns at full scale (:mod:`.noise`).
+
+The descriptive cells come from the row's ``cells``; a column the row leaves out is filled from the row's
+override of the same key (``axes`` rows: the swept value). Whenever the cells do not tell every row apart, a
+"Row" column with the labels comes first.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import pandas as pd
+
+from harness.grid import SCALES, Experiment, Row
+from harness.metrics import BY_NAME
+from harness.report import noise
+from harness.report.collect import aggregate, reproduced, run_states
+
+PROVENANCE = ("scale", "dataset", "epochs trained", "device", "commit", "date")
+LABEL = "label"             # the lead column holding row labels
+
+
+@dataclass(frozen=True)
+class Style:
+    check: str              # a true boolean cell
+    pm: str
+    dash: str               # a missing difference
+    markers: Dict[str, str]  # noise verdict -> symbol
+    escape: Callable[[str], str]
+
+
+@dataclass(frozen=True)
+class Line:
+    kind: str               # paper | official | ours | state
+    source: str
+    metrics: List[str]
+    provenance: List[str] = field(default_factory=list)   # ours lines only
+    scale: str = ""
+
+
+@dataclass(frozen=True)
+class Group:
+    row: Row
+    lead: List[str]
+    lines: List[Line]
+
+
+# ------------------------------------------------------------------------------------------ cells
+
+def missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def reference_cell(metric: str, value) -> str:
+    """The paper's or the official code's number, as the paper prints it."""
+    if missing(value):
+        return ""
+    if BY_NAME[metric].paper_as_given:
+        return f"{value:g}"
+    return f"{float(value):.1f}"
+
+
+def ours_cell(metric: str, mean: float, std: float, n_runs: int, scale: str, row: Row, style: Style) -> str:
+    if missing(mean):
+        return ""
+    decimals = BY_NAME[metric].decimals
+    text = f"{mean:.{decimals}f}"
+    if n_runs >= 2 and not missing(std):
+        text += f"{style.pm}{std:.{decimals}f}"
+    references = [row.paper.get(metric)] + ([row.official.get(metric)] if has_official(row) else [])
+    if any(not missing(r) for r in references):
+        deltas = [style.dash if missing(r) else f"{mean - float(r):+.{decimals}f}" for r in references]
+        text += f" ({' / '.join(deltas)})"
+    if scale == "full":
+        _, held = noise.held_reference(row.paper, row.official, metric)
+        verdict = noise.verdict(metric, mean - held if held is not None else math.nan,
+                                noise.band(metric, std, n_runs, scale))
+        if verdict is not None:
+            text += f" {style.markers[verdict]}"
+    return text
+
+
+def has_official(row: Row) -> bool:
+    return any(not missing(v) for v in row.official.values())
+
+
+def _has_paper(row: Row) -> bool:
+    return any(not missing(v) for v in row.paper.values())
+
+
+# ------------------------------------------------------------------------------------------ lead columns
+
+def _flat_overrides(tree, prefix="") -> Dict[str, object]:
+    out: Dict[str, object] = {}
+    for key, value in (tree or {}).items():
+        if isinstance(value, dict):
+            out.update(_flat_overrides(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def cell_value(row: Row, column: str):
+    """The row's cell, else its override whose dotted key or last part is the column's name."""
+    if column in row.cells:
+        return row.cells[column]
+    for key, value in _flat_overrides(row.overrides).items():
+        if key == column or key.rsplit(".", 1)[-1] == column:
+            return value
+    return None
+
+
+def _cell_text(value, style: Style) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return style.check if value else ""
+    return style.escape(str(value))
+
+
+def lead_columns(experiment: Experiment) -> List[str]:
+    """The experiment's columns, preceded by the labels whenever two rows read the same (or a row reads
+    nothing at all) in them."""
+    if not experiment.columns:
+        return [LABEL]
+    seen = set()
+    for row in experiment.rows:
+        key = tuple(_cell_text(cell_value(row, c), _PLAIN) for c in experiment.columns)
+        if key in seen or not any(key):
+            return [LABEL] + list(experiment.columns)
+        seen.add(key)
+    return list(experiment.columns)
+
+
+_PLAIN = Style(check="x", pm="+-", dash="-", markers={}, escape=str)
+
+
+# ------------------------------------------------------------------------------------------ groups
+
+def build_groups(experiment: Experiment, df: pd.DataFrame, style: Style,
+                 format_provenance: Callable[[Sequence[str]], List[str]] = list) -> Tuple[List[str], List[Group]]:
+    """(lead column keys, one :class:`Group` per row of the experiment)."""
+    lead = lead_columns(experiment)
+    agg = aggregate(df)
+    groups = []
+    for row in experiment.rows:
+        cells = [style.escape(row.label) if c == LABEL else _cell_text(cell_value(row, c), style) for c in lead]
+        lines: List[Line] = []
+        if _has_paper(row) or row.cited:
+            lines.append(Line("paper", "paper (cited)" if row.cited else "paper",
+                              [reference_cell(m, row.paper.get(m)) for m in experiment.metrics]))
+        if has_official(row):
+            lines.append(Line("official", "official code",
+                              [reference_cell(m, row.official.get(m)) for m in experiment.metrics]))
+        if not row.cited:
+            ours = [line for scale in SCALES for line in _ours_lines(experiment, agg, row, scale, style,
+                                                                     format_provenance)]
+            if ours:
+                lines += ours
+            else:
+                state = _state_text(df, row.label)
+                if lines:
+                    last = lines[-1]
+                    lines[-1] = Line(last.kind, f"{last.source}; ours: {state}", last.metrics)
+                else:
+                    lines.append(Line("state", f"ours: {state}", [""] * len(experiment.metrics)))
+        groups.append(Group(row, cells, lines))
+    return lead, groups
+
+
+def _ours_lines(experiment, agg, row, scale, style, format_provenance) -> List[Line]:
+    sub = agg[(agg["label"] == row.label) & (agg["scale"] == scale)]
+    if not len(sub):
+        return []
+    r = sub.iloc[0]
+    n_runs = int(r["n_runs"])
+    cells = []
+    for m in experiment.metrics:
+        mean, std = reproduced(agg, row.label, scale, m)
+        cells.append(ours_cell(m, mean, std, n_runs, scale, row, style))
+    if not any(cells):                     # measured, but none of this table's columns
+        return []
+    source = f"ours ({scale})" + (f", {n_runs} seeds" if n_runs > 1 else "")
+    return [Line("ours", source, cells, format_provenance(provenance(r, scale)), scale)]
+
+
+def provenance(r, scale: str) -> List[str]:
+    """scale, dataset, epochs trained, device, commit, date of an aggregated line."""
+    device = r["device"]
+    if r["fps_device"] and r["fps_device"] != r["device"]:
+        device = f"{device}; FPS: {r['fps_device']}" if device else f"FPS: {r['fps_device']}"
+    if "reference" in r["attn_impl"]:      # never hide that a line ran the slow fallback
+        device = f"{device}; attention: pure-PyTorch reference" if device else "attention: pure-PyTorch reference"
+    commits = ", ".join(c[:7] for c in str(r["commit"]).split(", ") if c)
+    dates = ", ".join(sorted({d[:10] for d in str(r["date"]).split(", ") if d}))
+    return [scale, r["dataset"], r["epochs_range"], device, commits, dates]
+
+
+def _state_text(df: pd.DataFrame, label: str) -> str:
+    for scale in SCALES:
+        states = [s for s in run_states(df, label, scale) if s != "new"]
+        if states:
+            return f"{scale} {'/'.join(states)}"
+    return "not run"
+
+
+def scales_shown(groups: Sequence[Group]) -> List[str]:
+    return [s for s in SCALES if any(line.scale == s for g in groups for line in g.lines)]
+
+
+def markers_shown(groups: Sequence[Group], style: Style) -> bool:
+    symbols = set(style.markers.values())
+    return any(cell.endswith(tuple(symbols)) for g in groups for line in g.lines if line.kind == "ours"
+               for cell in line.metrics if cell) if symbols else False
