@@ -13,6 +13,8 @@ from model.config import ConfigError, ModelConfig
 
 DATASETS = ("coco", "synthetic")
 AUGMENTATIONS = ("official", "none")
+OPTIMIZERS = ("adamw", "sgd")                     # train.optimizer
+LR_SCHEDULES = ("step", "multistep")              # train.lr_schedule
 # train.amp -> the torch dtype autocast runs in (by name, so that this module needs no torch)
 AMP_MODES: Dict[str, Optional[str]] = {"off": None, "bf16": "bfloat16", "fp16": "float16"}
 
@@ -52,8 +54,15 @@ class TrainConfig:
     lr_backbone: float = 2e-5
     lr_linear_proj_mult: float = 0.1         # sampling_offsets and reference_points
     weight_decay: float = 1e-4
-    lr_drop: int = 40
-    clip_max_norm: float = 0.1
+    lr_drop: int = 40                        # step schedule: x0.1 every lr_drop epochs
+    clip_max_norm: float = 0.1               # 0: no clipping
+    optimizer: str = "adamw"                 # adamw | sgd
+    momentum: float = 0.9                    # sgd only
+    lr_schedule: str = "step"                # step (lr_drop) | multistep (lr_milestones)
+    lr_milestones: Tuple[int, ...] = ()      # multistep: the epochs at whose start the lr drops x0.1
+    warmup_iters: int = 0                    # linear warm-up over this many optimiser steps (0: none)
+    warmup_factor: float = 0.001             # lr x this at the first step of the warm-up
+    lr_reference_batch: Optional[int] = None   # lrs are for this total batch; scaled linearly to the actual one
     batch_size_per_gpu: int = 2
     total_batch_size: int = 32               # the paper's; gradient accumulation keeps it on fewer GPUs
     accumulate_to_total: bool = True
@@ -68,6 +77,7 @@ class TrainConfig:
 class EvalConfig:
     eval_only: bool = False
     checkpoint: Optional[str] = None         # an official or our checkpoint to evaluate / start from
+    batch_size_per_gpu: Optional[int] = None   # images per process at evaluation; None: train.batch_size_per_gpu
     num_detections: int = 100                # detections kept per image (official: 100)
     tta: bool = False                        # horizontal flip + multi-scale testing (Table 3)
     tta_sizes: Tuple[int, ...] = (600, 700, 800, 900, 1000)
@@ -114,5 +124,5 @@ class RunConfig:
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
-__all__ = ["AMP_MODES", "AUGMENTATIONS", "DATASETS", "EXECUTORS", "PRECISIONS", "ConfigError", "DataConfig", "TrainConfig", "EvalConfig", "BenchmarkConfig",
+__all__ = ["AMP_MODES", "AUGMENTATIONS", "DATASETS", "EXECUTORS", "LR_SCHEDULES", "OPTIMIZERS", "PRECISIONS", "ConfigError", "DataConfig", "TrainConfig", "EvalConfig", "BenchmarkConfig",
            "LauncherConfig", "RunConfig", "ModelConfig"]

@@ -5,6 +5,7 @@ network and ``backbone.1.*`` for the (learned) position encoding.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 
 import torch
@@ -14,9 +15,11 @@ from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from .config import is_weights_name
 from .position_encoding import build_position_encoding
 
-# torchvision constructor and its ImageNet weights (the ones the official code loads via pretrained=True)
+# torchvision constructor and its default ImageNet weights (the ones the official code loads via
+# pretrained=True; resnext101_64x4d has only torchvision's 2022 weights)
 _BACKBONES = {
     "resnet50": ("resnet50", "ResNet50_Weights", "IMAGENET1K_V1"),
     "resnet101": ("resnet101", "ResNet101_Weights", "IMAGENET1K_V1"),
@@ -61,11 +64,55 @@ def _use_dcn(resnet: nn.Module, layers=("layer2", "layer3", "layer4")):
             block.conv2 = ModulatedDeformConv3x3(block.conv2)
 
 
+def _weights_enum(name: str, choice: str | None):
+    """torchvision's weights enum member for backbone ``name``: ``choice`` when it names one, else V1."""
+    _, enum_name, member = _BACKBONES[name]
+    if choice is not None and is_weights_name(choice):
+        member = choice
+    return getattr(getattr(torchvision.models, enum_name), member)
+
+
+def _cached_path(weights) -> str:
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_info(cfg) -> dict:
+    """Which ImageNet weights a model config starts its trunk from, without downloading anything.
+
+    ``name``: torchvision's enum member (``ResNet50_Weights.IMAGENET1K_V1``) or the file of
+    ``model.backbone_weights``; ``file``: where the weights are read from; ``sha256``: of that file when it
+    is present here (else None); ``imagenet_top1``: the ImageNet-1K top-1 torchvision states for its weights
+    (None for a file of one's own); ``pretrained``: False for a trunk trained from scratch (then nothing else
+    is filled in). Faster R-CNN's trunk comes from the same weights.
+    """
+    info = dict(pretrained=bool(cfg.pretrained_backbone), backbone=cfg.backbone, name=None, file=None,
+                sha256=None, imagenet_top1=None)
+    if not cfg.pretrained_backbone:
+        return info
+    choice = cfg.backbone_weights
+    if choice is not None and not is_weights_name(choice):
+        info.update(name=choice, file=choice)
+    else:
+        weights = _weights_enum(cfg.backbone, choice)
+        info.update(name=f"{type(weights).__name__}.{weights.name}", file=_cached_path(weights),
+                    imagenet_top1=weights.meta["_metrics"]["ImageNet-1K"]["acc@1"])
+    if os.path.isfile(info["file"]):
+        info["sha256"] = _sha256(info["file"])
+    return info
+
+
 def _load_imagenet_weights(net: nn.Module, name: str, weights_path: str | None):
-    fn, enum_name, member = _BACKBONES[name]
-    weights = getattr(getattr(torchvision.models, enum_name), member)
-    if weights_path is None:
-        weights_path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    weights = _weights_enum(name, weights_path)
+    if weights_path is None or is_weights_name(weights_path):
+        weights_path = _cached_path(weights)
         if not os.path.exists(weights_path):
             try:
                 state = weights.get_state_dict(progress=False)
@@ -77,7 +124,8 @@ def _load_imagenet_weights(net: nn.Module, name: str, weights_path: str | None):
             return net.load_state_dict(state, strict=False)
     if not os.path.exists(weights_path):
         raise BackboneWeightsError(f"model.backbone_weights: {weights_path} does not exist "
-                                   f"(expected torchvision's {os.path.basename(weights.url)})")
+                                   f"(expected ImageNet weights of {name} with torchvision's key names, e.g. "
+                                   f"{os.path.basename(weights.url)})")
     state = torch.load(weights_path, map_location="cpu", weights_only=True)
     return net.load_state_dict(state, strict=False)
 

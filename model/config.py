@@ -14,6 +14,11 @@ ARCHS = ("deformable_detr", "detr", "faster_rcnn")
 BACKBONES = ("resnet50", "resnet101", "resnext101_32x8d", "resnext101_64x4d")
 NECKS = ("none", "fpn", "bifpn")
 ATTN_IMPLS = ("auto", "cuda", "triton", "cpu", "pytorch")
+RCNN_BOX_LOSSES = ("smooth_l1", "giou")          # Faster R-CNN's box-head regression loss
+# torchvision's ImageNet weights per backbone, by enum member (model.backbone_weights may name one);
+# V1 are the classic recipe's, V2 torchvision's 2021-2022 recipes (stronger: higher ImageNet top-1)
+BACKBONE_WEIGHTS = {"resnet50": ("IMAGENET1K_V1", "IMAGENET1K_V2"), "resnet101": ("IMAGENET1K_V1", "IMAGENET1K_V2"),
+                    "resnext101_32x8d": ("IMAGENET1K_V1", "IMAGENET1K_V2"), "resnext101_64x4d": ("IMAGENET1K_V1",)}
 
 
 class ConfigError(ValueError):
@@ -31,7 +36,8 @@ class ModelConfig:
     # backbone
     backbone: str = "resnet50"
     pretrained_backbone: bool = True
-    backbone_weights: Optional[str] = None  # local .pth of ImageNet weights; None: torchvision's cache
+    backbone_weights: Optional[str] = None  # None: the official choice (torchvision's IMAGENET1K_V1), a member
+                                            # of BACKBONE_WEIGHTS (IMAGENET1K_V2), or a local .pth of ImageNet weights
     dilation: bool = False                  # DC5: dilation instead of stride in res5
     dcn: bool = False                       # deformable convolution v2 in res3-res5 (3x3 convs)
     train_backbone: bool = True             # official: lr_backbone > 0
@@ -66,6 +72,7 @@ class ModelConfig:
     giou_loss_coef: float = 2.0
     focal_alpha: float = 0.25
     eos_coef: float = 0.1                   # weight of the no-object class (softmax loss only)
+    rcnn_box_loss: str = "smooth_l1"        # Faster R-CNN box head: smooth_l1 (torchvision) | giou
 
     def __post_init__(self):
         validate(self)
@@ -86,6 +93,11 @@ def arch_defaults(arch: str) -> dict:
     if arch == "faster_rcnn":
         return dict(arch="faster_rcnn", num_feature_levels=1, neck="fpn")
     return dict(arch=arch)
+
+
+def is_weights_name(value: str) -> bool:
+    """True when ``model.backbone_weights`` names torchvision weights (IMAGENET1K_V2) rather than a file."""
+    return value.startswith("IMAGENET")
 
 
 def check_choice(key, value, choices):
@@ -115,6 +127,12 @@ def validate(cfg: ModelConfig) -> None:
     check_choice("backbone", cfg.backbone, BACKBONES)
     check_choice("neck", cfg.neck, NECKS)
     check_choice("attn_impl", cfg.attn_impl, ATTN_IMPLS)
+    check_choice("rcnn_box_loss", cfg.rcnn_box_loss, RCNN_BOX_LOSSES)
+    if cfg.rcnn_box_loss != "smooth_l1" and cfg.arch != "faster_rcnn":
+        raise ConfigError("rcnn_box_loss", f"applies to arch 'faster_rcnn' only, not {cfg.arch!r} (the DETR family "
+                          "always uses L1 + GIoU)")
+    if cfg.backbone_weights is not None and is_weights_name(cfg.backbone_weights):
+        check_choice("backbone_weights", cfg.backbone_weights, BACKBONE_WEIGHTS[cfg.backbone])
     check_choice("position_embedding", cfg.position_embedding, ("sine", "learned"))
     _positive(cfg, "num_feature_levels", "enc_n_points", "dec_n_points", "num_queries", "num_classes",
               "hidden_dim", "dim_feedforward", "nheads", "enc_layers", "dec_layers")

@@ -1,9 +1,11 @@
 """The DETR baseline (Carion et al., 2020) with dense attention, keyed like facebookresearch/detr.
 
 DETR-DC5 is ``dilation: true``; DETR-DC5+ is ``focal_loss: true, num_queries: 300`` (sigmoid class
-head without the no-object class, like Deformable DETR).
+head without the no-object class, initialised to the focal-loss prior, like Deformable DETR).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -138,6 +140,11 @@ class DETR(nn.Module):
         self.input_proj = nn.Conv2d(backbone.num_channels[-1], hidden_dim, kernel_size=1)
         self.backbone = backbone
         self.aux_loss = aux_loss
+        if focal_loss:
+            # sigmoid focal loss: start every class at probability 0.01, as Deformable DETR's head does, so
+            # the many background queries do not swamp the first iterations
+            prior_prob = 0.01
+            nn.init.constant_(self.class_embed.bias, -math.log((1 - prior_prob) / prior_prob))
 
     def forward(self, images, mask):
         features, masks, pos = self.backbone(images, mask)

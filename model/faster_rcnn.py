@@ -12,6 +12,7 @@ from torch import nn
 import torchvision
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.faster_rcnn import FasterRCNN
+from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -69,6 +70,66 @@ class DetectionsPostProcess(nn.Module):
         return results
 
 
+def giou_loss_from_deltas(pred_deltas, target_deltas, weights, clip: float):
+    """Summed GIoU loss between the boxes that two sets of encoded deltas describe relative to the same
+    proposals.
+
+    Decoding a delta relative to a proposal is a per-axis scaling plus a shift, and GIoU does not change
+    under such a map (every area it compares scales by the same factor), so decoding both relative to one
+    unit box gives the GIoU of the real boxes without the proposals."""
+    wx, wy, ww, wh = weights
+
+    def to_box(d):
+        cx, cy = d[:, 0] / wx, d[:, 1] / wy
+        w = torch.exp(torch.clamp(d[:, 2] / ww, max=clip))
+        h = torch.exp(torch.clamp(d[:, 3] / wh, max=clip))
+        return torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), dim=1)
+    return torchvision.ops.generalized_box_iou_loss(to_box(pred_deltas), to_box(target_deltas), reduction="sum")
+
+
+class GIoURoIHeads(RoIHeads):
+    """torchvision's box head with the GIoU box loss instead of smooth L1 (Detectron2's
+    ``ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE: giou``, weight 1, summed over foreground proposals and divided by all
+    sampled proposals, as the smooth-L1 loss it replaces). torchvision's forward pass runs unchanged; the
+    sampled labels, regression targets and predicted deltas are kept on the way and ``loss_box_reg`` is
+    recomputed from them."""
+
+    @classmethod
+    def from_heads(cls, heads: RoIHeads) -> "GIoURoIHeads":
+        # the same sub-modules (keys, parameters and their initial values) and settings
+        return cls(heads.box_roi_pool, heads.box_head, heads.box_predictor, heads.proposal_matcher.high_threshold,
+                   heads.proposal_matcher.low_threshold, heads.fg_bg_sampler.batch_size_per_image,
+                   heads.fg_bg_sampler.positive_fraction, heads.box_coder.weights, heads.score_thresh,
+                   heads.nms_thresh, heads.detections_per_img)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._kept = {}
+        self.box_predictor.register_forward_hook(self._keep_predictions)
+
+    def _keep_predictions(self, module, inputs, outputs):
+        if self.training:
+            self._kept["class_logits"], self._kept["box_regression"] = outputs
+
+    def select_training_samples(self, proposals, targets):
+        proposals, matched_idxs, labels, regression_targets = super().select_training_samples(proposals, targets)
+        self._kept["labels"], self._kept["regression_targets"] = labels, regression_targets
+        return proposals, matched_idxs, labels, regression_targets
+
+    def forward(self, features, proposals, image_shapes, targets=None):
+        result, losses = super().forward(features, proposals, image_shapes, targets)
+        if self.training:
+            kept, self._kept = self._kept, {}
+            labels = torch.cat(kept["labels"])
+            targets_ = torch.cat(kept["regression_targets"])
+            box_regression = kept["box_regression"].reshape(labels.shape[0], -1, 4)
+            positive = torch.where(labels > 0)[0]
+            pred = box_regression[positive, labels[positive]]
+            losses["loss_box_reg"] = giou_loss_from_deltas(pred, targets_[positive], self.box_coder.weights,
+                                                           self.box_coder.bbox_xform_clip) / labels.numel()
+        return result, losses
+
+
 class _BatchingOnly(GeneralizedRCNNTransform):
     """The images arrive resized and normalised by the data pipeline: only batch them."""
 
@@ -88,6 +149,8 @@ def build(cfg, num_detections=100):
     As in torchvision, an ImageNet-initialised trunk has frozen BN with the stem and res2 frozen
     (trainable_layers=3), and a trunk trained from scratch has ordinary BatchNorm and trains every layer
     (41,808,406 parameters; with frozen BN its 53,120 affine values are buffers instead).
+    ``rcnn_box_loss: giou`` replaces the box head's smooth-L1 loss with GIoU (DETR's Faster R-CNN+ baseline);
+    the RPN keeps smooth L1, as in Detectron2.
     """
     if cfg.backbone != "resnet50" or cfg.dcn or cfg.dilation:
         raise ValueError("model.backbone: the Faster R-CNN row is built with a plain resnet50 "
@@ -99,5 +162,7 @@ def build(cfg, num_detections=100):
     trainable_layers = (3 if pretrained else 5) if cfg.train_backbone else 0
     backbone = _resnet_fpn_extractor(trunk, trainable_layers=trainable_layers)
     detector = FasterRCNN(backbone, num_classes=cfg.num_classes, box_detections_per_img=num_detections)
+    if cfg.rcnn_box_loss == "giou":
+        detector.roi_heads = GIoURoIHeads.from_heads(detector.roi_heads)
     detector.transform = _BatchingOnly()
     return FasterRCNNDetector(detector), PassThroughCriterion(), DetectionsPostProcess(num_detections)

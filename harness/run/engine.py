@@ -1,4 +1,4 @@
-"""Training and evaluation of one run: data -> model -> AdamW -> checkpoints -> COCO AP.
+"""Training and evaluation of one run: data -> model -> optimiser -> checkpoints -> COCO AP.
 
 :func:`train` runs a whole training (resuming from the run folder's checkpoint when there is one),
 :func:`evaluate` an evaluation-only run. Both work on one CPU process or under torch.distributed
@@ -90,6 +90,13 @@ def accumulation_steps(train_cfg, world_size: int, warn: bool = True) -> int:
     return steps
 
 
+def steps_per_epoch(loader_len: int, train_cfg, accum_steps: int) -> int:
+    """Optimiser steps in one epoch: loader steps (cut at ``max_iters_per_epoch``) in groups of
+    ``accum_steps``, the last group possibly shorter (as :func:`train_one_epoch` steps)."""
+    n_iters = loader_len if train_cfg.max_iters_per_epoch is None else min(loader_len, train_cfg.max_iters_per_epoch)
+    return max(1, math.ceil(n_iters / accum_steps))
+
+
 def _model_num_classes(run_cfg) -> Optional[int]:
     return getattr(run_cfg.model, "num_classes", None)
 
@@ -138,9 +145,12 @@ def _fmt_eta(seconds: float) -> str:
 
 def train_one_epoch(model, criterion, loader, optimizer, device, epoch: int, train_cfg, accum_steps: int = 1,
                     scaler=None, amp_dtype=None, max_iters: Optional[int] = None, print_fn=print,
-                    should_stop: Optional[Callable[[], bool]] = None, resume_from: Optional[dict] = None
-                    ) -> Dict[str, float]:
+                    should_stop: Optional[Callable[[], bool]] = None, resume_from: Optional[dict] = None,
+                    scheduler=None) -> Dict[str, float]:
     """One pass over ``loader``; returns the epoch means of the weighted loss and its terms (all ranks).
+
+    ``scheduler`` (if given) is stepped after every optimiser step: warm-up changes the learning rate
+    within an epoch, and the schedule's step count is what checkpoints save.
 
     ``should_stop()`` is asked after every optimiser step (any rank saying yes stops all); the pass then
     ends with ``_Stop``. ``resume_from`` (``iteration``, this rank's ``rng`` state there, loss ``sums``)
@@ -199,6 +209,8 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch: int, tra
             else:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if scheduler is not None:
+                scheduler.step()
         for k, v in values.items():
             sums[k] = sums.get(k, 0.0) + v
         if last_of_group and should_stop is not None and it + 1 < n_iters:
@@ -272,10 +284,12 @@ def train(run_cfg, output_dir: str, log_fn: Optional[Callable[[dict], None]] = N
         n_params = sum(p.numel() for p in model.parameters())
         print_fn(f"model: {n_params:,} parameters; train {len(train_set)} images, eval {len(val_set)} images; "
                  f"world size {world}, device {device}")
-    optimizer = build_optimizer(model, train_cfg)
-    scheduler = build_scheduler(optimizer, train_cfg)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     accum = accumulation_steps(train_cfg, world)
+    total_batch = train_cfg.batch_size_per_gpu * world * accum
+    optimizer = build_optimizer(model, train_cfg, total_batch)
+    scheduler = build_scheduler(optimizer, train_cfg, steps_per_epoch(len(train_loader), train_cfg, accum),
+                                total_batch)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
     start_epoch, partial = 0, None
     found = checkpointing.load_latest(output_dir, log=print_fn if main else None) if resume else None
@@ -283,6 +297,9 @@ def train(run_cfg, output_dir: str, log_fn: Optional[Callable[[dict], None]] = N
         state, path = found
         load_state(model, state["model"], path)
         optimizer.load_state_dict(state["optimizer"])
+        if "lr_lambdas" not in state["lr_scheduler"]:     # an epoch-stepped StepLR of an earlier version
+            raise checkpointing.CheckpointError(path, "its learning-rate schedule was stepped per epoch; this "
+                                                "version steps per optimiser step: start the run afresh")
         scheduler.load_state_dict(state["lr_scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
@@ -318,7 +335,7 @@ def train(run_cfg, output_dir: str, log_fn: Optional[Callable[[dict], None]] = N
         try:
             losses = train_one_epoch(model, criterion, train_loader, optimizer, device, epoch, train_cfg, accum,
                                      scaler, amp_dtype, train_cfg.max_iters_per_epoch, print_fn if verbose else None,
-                                     should_stop=should_stop, resume_from=resume_from)
+                                     should_stop=should_stop, resume_from=resume_from, scheduler=scheduler)
         except _Stop as stop:
             rngs = dist_utils.all_gather_object(checkpointing.rng_state())
             if main:
@@ -333,7 +350,6 @@ def train(run_cfg, output_dir: str, log_fn: Optional[Callable[[dict], None]] = N
             raise TrainingInterrupted(f"training stopped at epoch {epoch}, iteration {stop.iteration}; "
                                       f"a checkpoint was saved in {output_dir}") from None
         partial = None
-        scheduler.step()
         train_time = time.time() - t0
         if main:
             checkpointing.save_checkpoint(output_dir, dict(

@@ -1,4 +1,11 @@
-"""The training and evaluation loaders: sharded over the process group, batched as the official code."""
+"""The training and evaluation loaders: sharded over the process group, batched as the official code.
+
+Training drops the last incomplete batch of each process (``drop_last=True``, as the official loader), so
+every optimiser step sees the full batch; a training set too small for one full batch is an error.
+Evaluation keeps every image, ``eval.batch_size_per_gpu`` per process (default: the training batch; DETR's
+DC5 models were trained with one image per GPU and lose AP when evaluated with more, because padding
+changes their features).
+"""
 from __future__ import annotations
 
 from typing import Optional
@@ -24,6 +31,12 @@ class ShardSampler(torch.utils.data.Sampler):
         return len(self.indices)
 
 
+def eval_batch_size(run_cfg) -> int:
+    """Images per process at evaluation: ``eval.batch_size_per_gpu``, or the training batch when unset."""
+    size = run_cfg.eval.batch_size_per_gpu
+    return run_cfg.train.batch_size_per_gpu if size is None else size
+
+
 def build_eval_loader(run_cfg, root: str, split: Optional[str] = None, num_classes: Optional[int] = None):
     data_cfg, eval_cfg = run_cfg.data, run_cfg.eval
     split = split or data_cfg.val_split
@@ -35,7 +48,7 @@ def build_eval_loader(run_cfg, root: str, split: Optional[str] = None, num_class
         dataset = build_dataset(root, split, train=False, data_cfg=data_cfg, num_classes=num_classes)
         collate = collate_fn
     sampler = ShardSampler(dataset, dist_utils.get_rank(), dist_utils.get_world_size())
-    loader = torch.utils.data.DataLoader(dataset, batch_size=run_cfg.train.batch_size_per_gpu, sampler=sampler,
+    loader = torch.utils.data.DataLoader(dataset, batch_size=eval_batch_size(run_cfg), sampler=sampler,
                                          collate_fn=collate, num_workers=data_cfg.num_workers,
                                          pin_memory=torch.cuda.is_available())
     return dataset, loader
@@ -47,6 +60,11 @@ def build_train_loader(run_cfg, root: str, num_classes: Optional[int] = None):
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=dist_utils.get_world_size(),
                                                   rank=dist_utils.get_rank(), shuffle=True, seed=train_cfg.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=train_cfg.batch_size_per_gpu, sampler=sampler,
-                                         collate_fn=collate_fn, num_workers=data_cfg.num_workers, drop_last=False,
+                                         collate_fn=collate_fn, num_workers=data_cfg.num_workers, drop_last=True,
                                          pin_memory=torch.cuda.is_available())
+    if len(loader) == 0:
+        raise ValueError(f"the training split {data_cfg.train_split!r} has {len(dataset)} images: "
+                         f"{len(sampler)} per process, fewer than one full batch (train.batch_size_per_gpu "
+                         f"{train_cfg.batch_size_per_gpu}, {sampler.num_replicas} processes); use more images "
+                         "(data.synthetic_train_images for the synthetic set) or a smaller batch")
     return dataset, sampler, loader
