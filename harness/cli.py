@@ -1,4 +1,4 @@
-"""``run_experiment.py``: plan, submit, follow and report an experiment grid (argument parsing and wiring)."""
+"""``run_experiment.py``: plan, submit, follow, cancel and report an experiment grid (argument parsing and wiring)."""
 from __future__ import annotations
 
 import argparse
@@ -9,69 +9,166 @@ from typing import List, Optional
 
 from harness import launch
 from harness.config import EXECUTORS, ConfigError
-from harness.grid import ExperimentError, expand, load_experiment, unique_runs
-from harness.launch.slurm import PENDING_STATES, RUNNING_STATES
+from harness.grid import ExperimentError, check_unique_name, expand, find_experiment, load_experiment, unique_runs
+from harness.grid.feasibility import config_warnings
 from harness.provenance import git_commit
-from harness.store import ResultsError, ResultsStore, dry_run_plan
+from harness.store import ResultsError, ResultsStore, dry_run_plan, tail_text
+from harness.store.progress import progress
 
 ROOT = Path(__file__).resolve().parent.parent
+LOG_LINES = 40
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="run_experiment.py", description=__doc__.split(":")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
                                     "examples:\n"
-                                    "  run_experiment.py experiments/table2.yaml            submit the grid\n"
-                                    "  run_experiment.py experiments/table2.yaml --dry-run  plan, GPU-hours\n"
-                                    "  run_experiment.py experiments/table2.yaml --status   state of each row\n"
-                                    "  run_experiment.py experiments/table2.yaml --report   regenerate reports\n"
-                                    "  run_experiment.py experiments/table2.yaml --smoke    laptop scale, end to end"))
-    p.add_argument("experiment", help="experiment YAML (experiments/table{1,2,3}.yaml or your own)")
+                                    "  run_experiment.py table2                           submit the grid\n"
+                                    "  run_experiment.py table2 --dry-run                 plan, resources, GPU-hours\n"
+                                    "  run_experiment.py table2 --status                  progress of each row\n"
+                                    "  run_experiment.py table2 --report                  regenerate reports\n"
+                                    "  run_experiment.py table2 --smoke                   laptop scale, end to end\n"
+                                    "  run_experiment.py table2 model.enc_n_points=8 --rows 5 --partition gpu\n"
+                                    "  run_experiment.py table2 --cancel --rows 0 1       cancel two rows' jobs"))
+    p.add_argument("experiment", help="experiment YAML, or its name in experiments/ (table1, table2, table3, ...)")
+    p.add_argument("overrides", nargs="*", metavar="SECTION.FIELD=VALUE",
+                   help="override a config field for the selected rows (all rows without --rows); part of the "
+                        "run id and recorded in each run's config; give the same overrides to --status/--report")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--dry-run", action="store_true", help="print the plan (run ids, resources, GPU-hours); submit nothing")
-    mode.add_argument("--status", action="store_true", help="show each row's state and job ids")
+    mode.add_argument("--dry-run", action="store_true",
+                      help="print the plan (run ids, executor, sbatch parameters, GPU-hours); submit nothing")
+    mode.add_argument("--status", action="store_true", help="each row's state, progress, ETA and log")
     mode.add_argument("--report", action="store_true", help="regenerate reports/<experiment>.{md,tex} and figures")
+    mode.add_argument("--cancel", action="store_true",
+                      help="cancel the queued and running jobs of the selected rows (their checkpoints stay; a "
+                           "later submission resumes them)")
+    mode.add_argument("--logs", metavar="ROW", help="the tail of a row's job log (a label or an index)")
+    mode.add_argument("--export", metavar="FILE", help="the collected results as a table (.csv or .parquet)")
     p.add_argument("--smoke", action="store_true",
                    help="laptop scale on a generated dataset, local processes; waits and reports")
-    p.add_argument("--rows", nargs="+", metavar="LABEL", help="only these rows (labels as in the YAML)")
+    p.add_argument("--rows", nargs="+", metavar="ROW", help="only these rows (labels as in the YAML, or 0-based indices)")
     p.add_argument("--executor", choices=EXECUTORS,
                    help="override the launcher config's executor (auto: slurm where sbatch exists)")
+    for key in ("partition", "account", "qos"):
+        p.add_argument(f"--{key}", help=f"SLURM {key} (the same as launcher.{key}=...)")
     p.add_argument("--wait", action="store_true", help="after submitting, wait for the jobs, then report")
     p.add_argument("--rerun", action="store_true",
                    help="run the selected rows again from scratch even where they are done (their run folders "
                         "are replaced); queued and running rows are still left alone")
     p.add_argument("--results", default=str(ROOT / "results"), help="results store (default: %(default)s)")
     p.add_argument("--reports", default=str(ROOT / "reports"), help="reports folder (default: %(default)s)")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)   # overrides may come before or after the options
 
 
-def _status(experiment, store) -> str:
-    entries = store.plan(unique_runs(expand(experiment)), job_alive=_job_alive())
-    lines = [f"{experiment.name} ({experiment.scale} scale): {len(entries)} run(s)"]
-    width = max([len(e.spec.label) for e in entries] + [3])
+# ------------------------------------------------------------------------------------------- following
+
+def _job_states(store, specs) -> dict:
+    """The SLURM state of every job the runs' status files name, asked in one batch (None: unknown)."""
+    if not launch.slurm_available():
+        return {}
+    ids = []
+    for spec in specs:
+        try:
+            status = store.read_status(spec.experiment, spec.run_id)
+        except ResultsError:
+            continue
+        if status is not None and status.state in ("queued", "running") and status.job_ids:
+            ids.append(status.job_ids[-1])
+    return launch.slurm_job_states(ids)
+
+
+def _job_alive(states: dict):
+    """``job_alive(job_id)`` for the plan: True/False from the batch of states, None when not asked."""
+    if not states:
+        return None
+    return lambda job_id: None if states.get(job_id) is None else states[job_id].split()[0] in launch.ALIVE_STATES
+
+
+def _log_file(store, spec, job_id: str) -> Path:
+    return launch.log_paths(Path(store.root) / spec.experiment / ".submitit", job_id)[0]
+
+
+def status_text(experiment, store) -> str:
+    specs = unique_runs(expand(experiment))
+    entries = store.plan(specs, job_alive=_job_alive(_job_states(store, specs)))
+    seeded = any(len(row.seeds) > 1 for row in experiment.rows)
+    header = ["row"] + (["seed"] if seeded else []) + ["run id", "state", "job", "progress"]
+    table, notes, reasons = [], [], {}
     for e in entries:
-        status = store.read_status(e.spec.experiment, e.spec.run_id) if e.state != "corrupt" else None
-        jobs = ",".join(e.job_ids) or "-"
-        line = f"  {e.spec.label.ljust(width)}  {e.spec.run_id}  {e.state:<8}  job {jobs}"
-        if e.reason:
-            line += f"  ({e.reason})"
-        if status is not None and status.state == "failed" and status.reason:
-            line += f"\n      failed: {status.reason}"
-        lines.append(line)
+        spec = e.spec
+        job = e.job_ids[-1] if e.job_ids else "-"
+        records = store.read_log(spec.experiment, spec.run_id) if e.state in ("running", "done", "failed",
+                                                                               "cancelled", "stale", "lost") else []
+        done = progress(records, spec.config.train.epochs)
+        state = e.state + (f" ({e.reason})" if e.reason and e.state not in ("failed",) else "")
+        table.append([spec.label] + ([str(spec.seed)] if seeded else []) +
+                     [spec.run_id, state, job, done.text() if records or e.state == "running" else ""])
+        if e.state in ("running", "failed", "stale", "lost") and e.job_ids:
+            notes.append(f"  {spec.label}: log {_log_file(store, spec, job)}")
+        if e.state == "failed":
+            reasons.setdefault(e.reason or "failed", []).append(spec.label)
+    widths = [max(len(r[i]) for r in table + [header]) for i in range(len(header))]
+    lines = [f"{experiment.name} ({experiment.scale} scale, {experiment.path}): {len(entries)} run(s)", ""]
+    for r in [header] + table:
+        lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    if notes:
+        lines += [""] + notes
+    for reason, labels in reasons.items():       # one line per failure reason, whatever the number of rows
+        lines += ["", f"failed ({len(labels)}): {reason}", "  rows: " + ", ".join(labels)]
     return "\n".join(lines)
 
 
-def _job_alive():
-    if not launch.slurm_available():
-        return None
+def logs_text(experiment, store, row: str) -> str:
+    """The tail of the newest job log of ``row`` (and of its stderr), or why there is none."""
+    label = experiment.selected[0] if experiment.selected else row
+    out = []
+    for spec in (s for s in unique_runs(expand(experiment)) if s.label == label):
+        status = store.read_status(spec.experiment, spec.run_id)
+        if status is None or not status.job_ids:
+            out.append(f"{label} ({spec.run_id}): no job has run it yet")
+            continue
+        stdout, stderr = launch.log_paths(Path(store.root) / spec.experiment / ".submitit", status.job_ids[-1])
+        for path in (stdout, stderr):
+            text = tail_text(path, LOG_LINES) if path.is_file() else ""
+            out.append(f"==> {path} <==\n{text or '(empty or not written yet)'}")
+        if status.state == "failed" and status.log_tail and not stdout.is_file():
+            out.append(f"==> the failure, as recorded in status.json <==\n{status.log_tail}")
+    return "\n".join(out)
 
-    def alive(job_id: str):
-        state = launch.slurm_job_state(job_id)
-        if state is None:
-            return None
-        return state.split()[0] in PENDING_STATES | RUNNING_STATES
-    return alive
 
+def cancel(experiment, store) -> List[str]:
+    """Cancel the queued and running jobs of the selected rows in one ``scancel``; mark the runs cancelled."""
+    specs = unique_runs(expand(experiment))
+    entries = [e for e in store.plan(specs, job_alive=_job_alive(_job_states(store, specs)))
+               if e.state in ("queued", "running") and e.job_ids]
+    launch.cancel([e.job_ids[-1] for e in entries])
+    for e in entries:
+        store.mark_cancelled(e.spec.experiment, e.spec.run_id)
+    return [f"cancelled {e.spec.label!r} ({e.spec.run_id}, job {e.job_ids[-1]})" for e in entries]
+
+
+# ------------------------------------------------------------------------------------------- planning
+
+def launch_plan(experiment, executor: Optional[str]) -> str:
+    """The executor that will run the rows and why, and the parameters submitit gives it (sbatch options)."""
+    specs = unique_runs(expand(experiment))
+    if not specs:
+        return ""
+    lines = []
+    groups = {}
+    for spec in specs:
+        groups.setdefault(spec.config.launcher, []).append(spec.label)
+    for launcher, labels in groups.items():
+        kind, why = launch.explain_executor(executor or launcher.executor)
+        launch.check_launcher(launcher, kind)
+        params = launch.executor_parameters(launcher, kind, job_name=experiment.name)
+        shown = ", ".join(f"{k}={v}" for k, v in params.items() if k != "slurm_setup")
+        lines.append(f"executor {kind} ({why}) for {len(labels)} run(s): {shown}")
+    warnings = sorted({w for spec in specs for w in config_warnings(spec.config)})
+    return "\n".join(lines + [f"warning: {w}" for w in warnings]) + "\n"
+
+
+# ------------------------------------------------------------------------------------------- submitting
 
 def submit(experiment, store, executor=None, rerun=False):
     """Submit every row that is not done, queued or running; returns (specs, jobs, outcomes).
@@ -84,12 +181,17 @@ def submit(experiment, store, executor=None, rerun=False):
 
     store.check_writable()
     specs = unique_runs(expand(experiment))
-    entries = store.plan(specs, job_alive=_job_alive())
+    kind = launch.resolve_executor(executor or specs[0].config.launcher.executor) if specs else "local"
+    for spec in specs:
+        launch.check_launcher(spec.config.launcher, kind)
+    entries = store.plan(specs, job_alive=_job_alive(_job_states(store, specs)))
     if rerun:
         for e in entries:
             if e.state == "done":
                 shutil.rmtree(store.run_dir(e.spec.experiment, e.spec.run_id))
-        entries = store.plan(specs, job_alive=_job_alive())
+        entries = store.plan(specs, job_alive=_job_alive(_job_states(store, specs)))
+    for warning in sorted({w for spec in specs for w in config_warnings(spec.config)}):
+        print(f"warning: {warning}")
     for e in entries:
         if e.action != "run":
             print(f"skip  {e.spec.label!r} ({e.spec.run_id}): {e.state}")
@@ -115,7 +217,6 @@ def submit(experiment, store, executor=None, rerun=False):
         print(f"submitted {spec.label!r} ({spec.run_id}) as job {job.job_id}", flush=True)
 
     exp_root = Path(store.root) / experiment.name
-    kind = launch.resolve_executor(executor or specs[0].config.launcher.executor)
     batches = [[r] for r in requests] if kind == "local" else [requests]
     jobs, outcomes = [], [] if kind == "local" else None
     try:
@@ -139,20 +240,42 @@ def _report(experiment, args) -> None:
         print(f"wrote {path}")
 
 
+def _export(experiment, args) -> None:
+    from harness.report.collect import collect, export  # pandas: loaded only for exports
+    path = export(collect(args.results, experiment), args.export)
+    print(f"wrote {path}")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     try:
-        needs_data = not (args.status or args.report or args.dry_run)
-        experiment = load_experiment(args.experiment, smoke=args.smoke, rows=args.rows, check_data=needs_data)
+        path = find_experiment(args.experiment, ROOT / "experiments")
+        overrides = list(args.overrides) + [f"launcher.{k}={getattr(args, k)}" for k in ("partition", "account", "qos")
+                                            if getattr(args, k)]
+        rows = [args.logs] if args.logs else args.rows
+        # a dry run checks what a submission would (data, checkpoints); following and reporting need no data
+        needs_data = not (args.status or args.report or args.cancel or args.logs or args.export)
+        experiment = load_experiment(path, smoke=args.smoke, rows=rows, check_data=needs_data, overrides=overrides)
+        check_unique_name(experiment, ROOT / "experiments")
         store = ResultsStore(args.results)
         if args.dry_run:
-            print(dry_run_plan(experiment, store), end="")
+            print(dry_run_plan(experiment, store, _job_alive(_job_states(store, expand(experiment)))), end="")
+            print(launch_plan(experiment, args.executor), end="")
             return 0
         if args.status:
-            print(_status(experiment, store))
+            print(status_text(experiment, store))
+            return 0
+        if args.logs:
+            print(logs_text(experiment, store, args.logs))
+            return 0
+        if args.cancel:
+            print("\n".join(cancel(experiment, store)) or "nothing queued or running to cancel")
             return 0
         if args.report:
             _report(experiment, args)
+            return 0
+        if args.export:
+            _export(experiment, args)
             return 0
         specs, jobs, outcomes = submit(experiment, store, args.executor, rerun=args.rerun)
         if outcomes is None and not (args.wait or args.smoke):
@@ -168,10 +291,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"FAILED {spec.label!r} ({spec.run_id}): {reason}\n  log: {value}")
         _report(experiment, args)
         return 1 if failed else 0
-    except (ExperimentError, ResultsError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except launch.LaunchError as err:  # no sbatch, submission refused: the message, without a traceback
+    except (ExperimentError, ResultsError, ConfigError, launch.LaunchError) as err:
+        # the message names the file, row and key, or what to change: no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
 

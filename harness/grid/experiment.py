@@ -41,6 +41,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 from harness.config import RunConfig
 from harness.grid.schema import (BASE, COMMAND_LINE, PLACES, SECTION_CLASSES, SMOKE, ExperimentError, check_keys, check_sections, coerce, expect,
                                  hints, merge, parse_overrides, read_yaml, unknown, yaml_line)
+from harness.grid.feasibility import check_files, check_resources
 from harness.grid.validate import check_dataset, check_run_config
 from harness.metrics import PAPER_METRICS
 from model.config import ConfigError, ModelConfig
@@ -324,5 +325,43 @@ def resolve(path: str, label: str, base: Mapping, overrides: Mapping, smoke_prof
         raise ExperimentError(path, label, e.key, e.message) from None
     if check_data:
         check_dataset(path, label, cfg.data)
+        check_files(path, label, cfg)
+        check_resources(path, label, cfg)
     return cfg
 
+
+def find_experiment(name_or_path: str, experiments_dir) -> str:
+    """The experiment file ``name_or_path`` names: a path, or a name in ``experiments_dir`` (``table2`` ->
+    ``experiments/table2.yaml``)."""
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    for candidate in (os.path.join("experiments", f"{name_or_path}.yaml"),
+                      os.path.join(str(experiments_dir), f"{name_or_path}.yaml"), f"{name_or_path}.yaml"):
+        if os.path.isfile(candidate):
+            return candidate
+    known = sorted(f[:-5] for f in os.listdir(experiments_dir) if f.endswith(".yaml")) \
+        if os.path.isdir(experiments_dir) else []
+    raise ExperimentError(name_or_path, None, None, "no such file, and no experiment of that name in "
+                          f"{experiments_dir}; expected a YAML path or one of: {', '.join(known) or 'none'}")
+
+
+def check_unique_name(experiment: Experiment, experiments_dir) -> None:
+    """An experiment's name must be its own: two files with one name would share ``results/<name>/`` and
+    overwrite each other's ``reports/<name>.*``. Looks at the YAML files beside it and in ``experiments_dir``."""
+    here = os.path.realpath(experiment.path)
+    folders = {os.path.dirname(here), os.path.realpath(str(experiments_dir))}
+    for folder in sorted(folders):
+        if not os.path.isdir(folder):
+            continue
+        for entry in sorted(os.listdir(folder)):
+            other = os.path.join(folder, entry)
+            if not entry.endswith((".yaml", ".yml")) or os.path.realpath(other) == here:
+                continue
+            try:
+                data = read_yaml(other)
+            except ExperimentError:
+                continue                       # not an experiment file (or a broken one): not this check's business
+            if data.get("name") == experiment.name and "rows" in data:
+                raise ExperimentError(experiment.path, None, "name", f"{experiment.name!r} is already the name of "
+                                      f"{other}: the two would share results/{experiment.name}/ and overwrite "
+                                      f"reports/{experiment.name}.*; give this experiment a name of its own")

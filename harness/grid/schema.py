@@ -6,6 +6,7 @@ suggestion for a misspelt key.
 from __future__ import annotations
 
 import difflib
+import functools
 from typing import Mapping, Optional, Sequence, Tuple, Union, get_args, get_origin, get_type_hints
 
 import yaml
@@ -122,7 +123,10 @@ def parse_overrides(path: str, items: Sequence[str]) -> dict:
     return nested
 
 
+@functools.lru_cache(maxsize=None)
 def hints(cls) -> dict:
+    """The resolved type of each field of a config class (cached: resolving them is slow, and a grid of a
+    thousand rows asks tens of thousands of times)."""
     return get_type_hints(cls)
 
 

@@ -9,13 +9,13 @@
     check.py        a toy distributed job that checks a cluster end to end
 """
 from harness.launch.environment import ENV_SNAPSHOT, ENV_WORKDIR, distributed_env_from_submitit, master_port_for
-from harness.launch.executors import (LaunchError, executor_parameters, make_executor, resolve_executor,
-                                      slurm_available, tasks_per_node)
-from harness.launch.slurm import log_paths, slurm_job_state, wait
+from harness.launch.executors import (LaunchError, check_launcher, executor_parameters, explain_executor,
+                                      make_executor, resolve_executor, slurm_available, tasks_per_node)
+from harness.launch.slurm import ALIVE_STATES, cancel, log_paths, slurm_job_state, slurm_job_states, wait
 from harness.launch.snapshot import SNAPSHOT_INFO, snapshot_code
 from harness.launch.submit import submit
 from harness.launch.wrapper import ResumableJob
 
-__all__ = ["ENV_SNAPSHOT", "ENV_WORKDIR", "LaunchError", "ResumableJob", "SNAPSHOT_INFO", "distributed_env_from_submitit",
-           "executor_parameters", "log_paths", "make_executor", "master_port_for", "resolve_executor",
-           "slurm_available", "slurm_job_state", "snapshot_code", "submit", "tasks_per_node", "wait"]
+__all__ = ["ALIVE_STATES", "ENV_SNAPSHOT", "ENV_WORKDIR", "LaunchError", "ResumableJob", "SNAPSHOT_INFO", "cancel",
+           "check_launcher", "distributed_env_from_submitit", "executor_parameters", "explain_executor", "log_paths", "make_executor", "master_port_for", "resolve_executor",
+           "slurm_available", "slurm_job_state", "slurm_job_states", "snapshot_code", "submit", "tasks_per_node", "wait"]

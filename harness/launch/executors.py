@@ -6,7 +6,7 @@ import shlex
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import submitit
 
@@ -24,13 +24,28 @@ def slurm_available() -> bool:
 
 def resolve_executor(name: str = "auto") -> str:
     """``auto`` is ``slurm`` where ``sbatch`` exists, ``local`` elsewhere."""
+    return explain_executor(name)[0]
+
+
+def explain_executor(name: str = "auto") -> Tuple[str, str]:
+    """(the executor that will run, why): ``auto`` is ``slurm`` where ``sbatch`` exists, ``local`` elsewhere."""
     if name not in EXECUTORS:
         raise LaunchError(f"unknown executor {name!r}; expected one of {', '.join(EXECUTORS)}")
     if name == "auto":
-        return "slurm" if slurm_available() else "local"
+        if slurm_available():
+            return "slurm", f"auto: sbatch found at {shutil.which('sbatch')}"
+        return "local", "auto: no sbatch on PATH, so local processes on this machine"
     if name == "slurm" and not slurm_available():
         raise LaunchError("executor 'slurm' asked for, but sbatch/srun are not on PATH")
-    return name
+    return name, "asked for"
+
+
+def check_launcher(launcher: LauncherConfig, kind: str) -> None:
+    """Settings the executor cannot honour, as a :class:`LaunchError` that says what to change."""
+    if kind == "local" and launcher.nodes > 1:
+        raise LaunchError(f"the local executor runs on this machine only, but launcher.nodes is {launcher.nodes}; "
+                          "run with launcher.nodes=1 (and launcher.gpus_per_node set to this machine's GPUs: "
+                          "gradient accumulation keeps the total batch), or submit where sbatch exists")
 
 
 def tasks_per_node(launcher: LauncherConfig) -> int:
@@ -109,6 +124,7 @@ def make_executor(kind: str, log_dir: Union[str, Path], launcher: LauncherConfig
     """A configured submitit executor (``kind`` already resolved: slurm | local | debug)."""
     if kind not in ("slurm", "local", "debug"):
         raise LaunchError(f"unknown executor {kind!r}")
+    check_launcher(launcher, kind)
     init: Dict[str, Any] = {}
     if kind in ("slurm", "local"):
         init[f"{kind}_max_num_timeout"] = int(launcher.max_requeues)

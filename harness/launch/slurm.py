@@ -1,7 +1,6 @@
 """Following jobs: SLURM states (squeue/scontrol; accounting may be off), log paths, results, waiting."""
 from __future__ import annotations
 
-import re
 import subprocess
 import time
 from pathlib import Path
@@ -9,31 +8,76 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import submitit
 
+from harness.launch.executors import LaunchError
+
 # SLURM job states, as squeue/scontrol print them
 PENDING_STATES = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESV_DEL_HOLD",
                   "SUSPENDED", "RESIZING"}
 RUNNING_STATES = {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING"}
 FINISHED_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
                    "BOOT_FAIL", "DEADLINE", "REVOKED", "SPECIAL_EXIT"}
+ALIVE_STATES = PENDING_STATES | RUNNING_STATES
 
+
+def _run(cmd: List[str]) -> Optional[str]:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def slurm_job_states(job_ids: Sequence[str]) -> Dict[str, Optional[str]]:
+    """The state of every job id (``123`` or an array task ``123_4``), None where SLURM no longer knows it.
+
+    Batched, whatever the number of jobs (cluster administrators forbid a query per job): one ``squeue``
+    for all of them; for those it does not list, one ``sacct`` (accounting may be off), then one
+    ``scontrol show job`` over the jobs the controller still remembers.
+    """
+    states: Dict[str, Optional[str]] = dict.fromkeys(sorted({str(j) for j in job_ids}))
+    if not states:
+        return states
+    text = _run(["squeue", "-h", "-r", "-j", ",".join(states), "-o", "%i %T"])
+    for line in (text or "").splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[0] in states:
+            states[fields[0]] = fields[1]
+    missing = [j for j, state in states.items() if state is None]
+    if missing:
+        text = _run(["sacct", "-n", "-X", "-P", "-j", ",".join(missing), "-o", "JobID,State"])
+        for line in (text or "").splitlines():
+            fields = line.split("|")
+            if len(fields) >= 2 and fields[0] in states and fields[1]:
+                states[fields[0]] = fields[1].split()[0]          # "CANCELLED by 0" -> CANCELLED
+    missing = [j for j, state in states.items() if state is None]
+    if missing:
+        for record in (_run(["scontrol", "-o", "show", "job"]) or "").splitlines():
+            fields = dict(f.split("=", 1) for f in record.split() if "=" in f)
+            names = {fields.get("JobId")}
+            if fields.get("ArrayJobId") and fields.get("ArrayTaskId"):
+                names.add(f"{fields['ArrayJobId']}_{fields['ArrayTaskId']}")
+            for name in names & set(missing):
+                states[name] = fields.get("JobState")
+    return states
 
 
 def slurm_job_state(job_id: str) -> Optional[str]:
-    """The job's state from squeue, or scontrol for recently finished jobs; None when SLURM forgot it."""
-    for cmd in (["squeue", "-h", "-j", str(job_id), "-o", "%T"],
-                ["scontrol", "-o", "show", "job", str(job_id)]):
-        try:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if out.returncode != 0 or not out.stdout.strip():
-            continue
-        if cmd[0] == "squeue":
-            return out.stdout.split()[0].strip()
-        match = re.search(r"\bJobState=(\S+)", out.stdout)
-        if match:
-            return match.group(1)
-    return None
+    """The state of one job (see :func:`slurm_job_states`)."""
+    return slurm_job_states([job_id])[str(job_id)]
+
+
+def cancel(job_ids: Sequence[str]) -> None:
+    """``scancel`` every job id in one call; SLURM sends SIGTERM first, so running jobs stop at their next
+    iteration with a checkpoint."""
+    ids = sorted({str(j) for j in job_ids})
+    if not ids:
+        return
+    try:
+        out = subprocess.run(["scancel", *ids], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise LaunchError(f"scancel failed: {err}") from None
+    if out.returncode != 0:
+        raise LaunchError(f"scancel {' '.join(ids)} failed: {out.stderr.strip() or out.returncode}")
 
 
 def log_paths(log_dir: Union[str, Path], job_id: str, task: int = 0) -> Tuple[Path, Path]:
@@ -70,11 +114,14 @@ def wait(jobs: Sequence[submitit.Job], timeout_s: Optional[float] = None, poll_s
     outcome: Dict[int, Tuple[str, Any]] = {}
     gone_since: Dict[int, float] = {}
     while len(outcome) < len(jobs):
+        waiting = [str(job.job_id) for i, job in enumerate(jobs)
+                   if i not in outcome and isinstance(job, submitit.SlurmJob) and not has_result(job)]
+        states = slurm_job_states(waiting) if waiting else {}     # one query per poll for all jobs
         for i, job in enumerate(jobs):
             if i in outcome:
                 continue
-            if isinstance(job, submitit.SlurmJob) and not has_result(job):
-                state = slurm_job_state(job.job_id)
+            if isinstance(job, submitit.SlurmJob) and str(job.job_id) in states:
+                state = states[str(job.job_id)]
                 if state is None or state.split()[0] in FINISHED_STATES:
                     first = gone_since.setdefault(i, time.monotonic())
                     if time.monotonic() - first > grace_s:

@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 from harness.grid import RunSpec
 from harness.store.claims import STALE_AFTER_S
 
-STATES = ("queued", "running", "done", "failed")
+STATES = ("queued", "running", "done", "failed", "cancelled")
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,8 @@ def decide(status: Optional[Status], status_error: Optional[str] = None, metrics
         return "done", "skip", ""
     if status.state == "failed":
         return "failed", "run", status.reason or "failed"
+    if status.state == "cancelled":
+        return "cancelled", "run", "cancelled; resumes from its checkpoint"
     # queued or running
     if job_alive is False:
         return "lost", "run", f"job {', '.join(status.job_ids) or '?'} is no longer known to the scheduler"

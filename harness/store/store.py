@@ -150,6 +150,10 @@ class ResultsStore:
     def mark_failed(self, experiment: str, run_id: str, reason: str, log_tail: str = "") -> Status:
         return self.write_status(experiment, run_id, "failed", reason=reason, log_tail=log_tail)
 
+    def mark_cancelled(self, experiment: str, run_id: str) -> Status:
+        """Cancelled by the user; its checkpoints stay, and the next submission resumes from them."""
+        return self.write_status(experiment, run_id, "cancelled", reason="cancelled by the user")
+
     # -- log.jsonl
     def append_log(self, experiment: str, run_id: str, record: dict) -> None:
         """Append one record to the run's log.jsonl (see :func:`~harness.store.files.append_jsonl`)."""
