@@ -1,0 +1,83 @@
+"""The generated LaTeX compiles with a real LaTeX and fits the text width (harness.report.preview).
+
+Debian's texlive-latex-base and texlive-latex-recommended (booktabs) and poppler-utils (pdftoppm) are installed
+once per session with apt-get when missing and running as root, the way tests/conftest_slurm.py installs
+SLURM; the tests are skipped, with the reason, only where they cannot be installed. Slow: the first install
+takes minutes.
+"""
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from harness.grid import load_experiment
+from harness.report.collect import collect
+from harness.report.preview import LatexBuildError, compile_table, render_png
+from harness.report.tables import render_latex, render_latex_compact
+from tests.test_report import FIXTURE, RESULTS, ROOT
+
+pytestmark = pytest.mark.slow
+PACKAGES = ("texlive-latex-base", "texlive-latex-recommended", "poppler-utils")
+
+
+def _have_latex() -> bool:
+    if not (shutil.which("pdflatex") and shutil.which("pdftoppm") and shutil.which("kpsewhich")):
+        return False
+    found = subprocess.run(["kpsewhich", "booktabs.sty"], capture_output=True, text=True)
+    return found.returncode == 0 and bool(found.stdout.strip())
+
+
+@pytest.fixture(scope="session")
+def latex():
+    """pdflatex with booktabs and graphicx, and pdftoppm; installed with apt-get when missing (as root)."""
+    if _have_latex():
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        pytest.skip(f"LaTeX is not installed and cannot be installed here (needs root and apt-get): "
+                    f"apt-get install {' '.join(PACKAGES)}")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "-o", "DPkg::Lock::Timeout=600",
+               *PACKAGES]
+    out = subprocess.run(install, capture_output=True, text=True, env=env, timeout=1800)
+    if out.returncode != 0:       # a stale package list: refresh it once
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, env=env, timeout=600)
+        out = subprocess.run(install, capture_output=True, text=True, env=env, timeout=1800)
+    if out.returncode != 0:
+        pytest.skip(f"apt-get install {' '.join(PACKAGES)} failed: {out.stderr.strip()[-500:]}")
+    assert _have_latex(), "installed LaTeX, but pdflatex, pdftoppm or booktabs.sty is still missing"
+
+
+def _experiment(name):
+    if name == "small":
+        return load_experiment(FIXTURE / "experiment.yaml", check_data=False), RESULTS
+    return load_experiment(ROOT / "experiments" / f"{name}.yaml", check_data=False), ROOT / "results"
+
+
+@pytest.mark.parametrize("render", [render_latex, render_latex_compact], ids=["full", "compact"])
+@pytest.mark.parametrize("name", ["table1", "table2", "table3", "small"])
+def test_report_compiles_and_fits_the_text_width(latex, tmp_path, name, render):
+    exp, results = _experiment(name)
+    tex = tmp_path / "t.tex"
+    tex.write_text(render(exp, collect(results, exp)))
+    pdf = compile_table(tex, tmp_path / "build")          # raises on LaTeX errors and Overfull \hbox
+    assert pdf.stat().st_size > 1000
+
+
+def test_compact_table_renders_to_png(latex, tmp_path):
+    exp, results = _experiment("table2")
+    tex = tmp_path / "table2_compact.tex"
+    tex.write_text(render_latex_compact(exp, collect(results, exp)))
+    png = render_png(compile_table(tex, tmp_path / "build"), tmp_path / "table2_compact.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_errors_and_overfull_tables_are_caught(latex, tmp_path):
+    bad = tmp_path / "bad.tex"
+    bad.write_text("\\begin{tabular}{l}\nA_b \\\\\n\\end{tabular}\n")       # an unescaped _ outside math
+    with pytest.raises(LatexBuildError, match="pdflatex failed"):
+        compile_table(bad, tmp_path / "a")
+    wide = tmp_path / "wide.tex"
+    wide.write_text("\\begin{tabular}{" + "l" * 40 + "}\n" + " & ".join(["column"] * 40) + " \\\\\n\\end{tabular}\n")
+    with pytest.raises(LatexBuildError, match="wider than the text"):
+        compile_table(wide, tmp_path / "b")
