@@ -284,3 +284,17 @@ def test_dry_run_plan(tmp_path):
     assert "11770 in total" in total and "11445 to spend now" in total
     smoke = dry_run_plan(load_experiment(ROOT / "experiments" / "table2.yaml", smoke=True))
     assert "CPU process" in smoke and "0 in total" in smoke
+
+
+def test_gpu_hours_sum_every_attempt(tmp_path):
+    """A run pre-empted after 2 h on 8 GPUs and requeued for 1 h more cost 24 GPU-hours, not the last 8."""
+    now = [1000.0]
+    store = ResultsStore(tmp_path, clock=lambda: now[0])
+    store.record_attempt("t", "r", "1", started=1000.0, gpus=8)
+    now[0] += 2 * 3600                          # heartbeats until the pre-emption
+    store.record_attempt("t", "r", "1", started=1000.0, gpus=8)
+    restart = now[0] + 600                      # queued again for 10 minutes: not counted
+    now[0] = restart + 3600
+    store.record_attempt("t", "r", "2", started=restart, gpus=8)
+    assert store.gpu_hours("t", "r") == pytest.approx(24.0)
+    assert ResultsStore(tmp_path / "elsewhere").gpu_hours("t", "r") == 0.0

@@ -51,13 +51,17 @@ def _job_id() -> Optional[str]:
 
 
 class _Heartbeat(threading.Thread):
-    def __init__(self, store, claim, period_s=HEARTBEAT_S):
+    """Keeps the claim alive and the attempt's GPU time recorded while the run works."""
+
+    def __init__(self, store, claim, on_beat=None, period_s=HEARTBEAT_S):
         super().__init__(daemon=True)
-        self.store, self.claim, self.period_s = store, claim, period_s
+        self.store, self.claim, self.on_beat, self.period_s = store, claim, on_beat, period_s
         self.stopped = threading.Event()
 
     def run(self):
         while not self.stopped.wait(self.period_s):
+            if self.on_beat is not None:
+                self.on_beat()
             self.store.heartbeat(self.claim)
 
 
@@ -91,17 +95,23 @@ def run_job(request: JobRequest) -> dict:
     main = info["rank"] == 0
     job_id = _job_id()
     out_dir = store.run_dir(exp, run_id)
-    claim = heartbeat = None
+    claim = heartbeat = attempt = None
     started = time.time()
+    gpus = info["world_size"] if torch.cuda.is_available() else 0
+
+    def record_attempt():
+        store.record_attempt(exp, run_id, attempt, started, gpus)
+
     try:
         if main:
             store.prepare(spec)
             claim = store.claim(exp, run_id, job_id=job_id)
             if claim is None:
                 raise RunClaimedElsewhere(f"{out_dir}: run is claimed by another live job; not running it twice")
-            heartbeat = _Heartbeat(store, claim)
+            attempt = f"{store.mark_running(exp, run_id, job_id=job_id).attempts}"
+            record_attempt()
+            heartbeat = _Heartbeat(store, claim, on_beat=record_attempt)
             heartbeat.start()
-            store.mark_running(exp, run_id, job_id=job_id)
             print(f"run {exp}/{run_id} ({spec.label!r}, seed {spec.seed}, {spec.scale} scale) in {out_dir}",
                   flush=True)
         dist_utils.barrier()
@@ -117,7 +127,7 @@ def run_job(request: JobRequest) -> dict:
             measured = measure(cfg, str(out_dir))
             world = info["world_size"]
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            gpus = world if device.type == "cuda" else 0
+            record_attempt()
             if "attn_impl" in measured:           # the implementation the FPS measurement ran
                 measured["fps_attn_impl"] = measured.pop("attn_impl")
             metrics.update(measured)
@@ -127,7 +137,8 @@ def run_job(request: JobRequest) -> dict:
                 epochs_trained=metrics.pop("epochs", cfg.train.epochs), num_detections=cfg.eval.num_detections,
                 device=device_name(device),
                 world_size=world,
-                gpu_hours=round(gpus * (time.time() - started) / 3600, 4) if gpus else None,
+                # every attempt's GPU time: a pre-empted and requeued run costs what all its attempts cost
+                gpu_hours=round(store.gpu_hours(exp, run_id), 4) if gpus else None,
                 commit=request.commit, date=datetime.date.today().isoformat(), torch=torch.__version__)
             store.write_metrics(exp, run_id, metrics)
             store.mark_done(exp, run_id)
@@ -137,6 +148,8 @@ def run_job(request: JobRequest) -> dict:
             store.mark_failed(exp, run_id, f"{type(err).__name__}: {err}", traceback.format_exc()[-4000:])
         raise
     finally:
+        if attempt is not None:
+            record_attempt()             # the attempt's end, whatever ended it
         if heartbeat is not None:
             heartbeat.stopped.set()
         if claim is not None:

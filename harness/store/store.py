@@ -28,6 +28,7 @@ from harness.store.files import (CorruptFileError, ResultsError, append_jsonl, a
 from harness.store.status import STATES, PlanEntry, Status, decide
 
 CONFIG, STATUS, LOG, METRICS = "config.yaml", "status.json", "log.jsonl", "metrics.json"
+ATTEMPTS = "attempts.json"     # the time and GPUs of every attempt of a run (requeues, resumes)
 BENCHMARK = "benchmark.json"   # complexity/speed measured alone (no training): never marks a run done
 
 
@@ -194,6 +195,27 @@ class ResultsStore:
     def read_metrics(self, experiment: str, run_id: str) -> Optional[dict]:
         """metrics.json, None if absent; :class:`CorruptFileError` if truncated or corrupt."""
         return read_json(self.run_dir(experiment, run_id) / METRICS)
+
+    # -- attempts.json
+    def record_attempt(self, experiment: str, run_id: str, attempt: str, started: float, gpus: int) -> None:
+        """This attempt has run from ``started`` until now on ``gpus`` GPUs. Called when it starts, on every
+        heartbeat and when it ends, so a job killed without warning loses at most one heartbeat."""
+        path = self.run_dir(experiment, run_id) / ATTEMPTS
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            attempts = read_json(path) or {}
+        except CorruptFileError:
+            attempts = {}
+        attempts[str(attempt)] = {"started": started, "seen": self.clock(), "gpus": int(gpus)}
+        atomic_write_json(path, attempts)
+
+    def gpu_hours(self, experiment: str, run_id: str) -> float:
+        """GPU-hours over every attempt of the run (0 for CPU runs)."""
+        try:
+            attempts = read_json(self.run_dir(experiment, run_id) / ATTEMPTS) or {}
+        except CorruptFileError:
+            return 0.0
+        return sum(max(a["seen"] - a["started"], 0.0) * a["gpus"] for a in attempts.values()) / 3600
 
     # -- benchmark.json
     def write_benchmark(self, experiment: str, run_id: str, measured: dict) -> None:
