@@ -1,6 +1,11 @@
 """From the results store to the paper's tables: collect (a DataFrame), tables (Markdown, LaTeX), figures.
 
-    collect.py  results/ -> pandas, one row per run; means and spreads over seeds
-    figures.py  AP per epoch, AP against GFLOPs and FPS, ablation deltas
-    tables.py   the paper's table with our lines beside its rows; write_report
+    collect.py   results/ -> pandas, one row per run; means and spreads over seeds; export to CSV/Parquet
+    noise.py     the reference a number is held to, and whether it lies within the noise
+    groups.py    per row of the experiment: paper, official code and our lines, formatted
+    ablation.py  each row's AP difference to the reference row, against its noise
+    tables.py    Markdown report; write_report (.md, .tex, _compact.tex, figures)
+    latex.py     full and compact LaTeX tables, escaping
+    figures.py   AP per epoch, AP against GFLOPs and FPS, ablation deltas
+    preview.py   compile a table with pdflatex and render it to PNG (checks, README)
 """
