@@ -234,10 +234,18 @@ def submit(experiment, store, executor=None, rerun=False):
     return specs, jobs, outcomes
 
 
-def _report(experiment, args) -> None:
-    from harness.report.tables import write_report  # pandas and matplotlib: loaded only for reports
-    for path in write_report(experiment, args.results, args.reports):
+def _report(experiment, args) -> int:
+    # pandas and matplotlib: loaded only for reports
+    from harness.report.latex import LatexError
+    from harness.report.tables import write_report
+    try:
+        paths = write_report(experiment, args.results, args.reports)
+    except LatexError as err:           # a string of a run's record that LaTeX cannot take: named, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for path in paths:
         print(f"wrote {path}")
+    return 0
 
 
 def _export(experiment, args) -> None:
@@ -272,8 +280,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print("\n".join(cancel(experiment, store)) or "nothing queued or running to cancel")
             return 0
         if args.report:
-            _report(experiment, args)
-            return 0
+            return _report(experiment, args)
         if args.export:
             _export(experiment, args)
             return 0
@@ -289,8 +296,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 status = store.read_status(spec.experiment, spec.run_id)
                 reason = status.reason if status is not None and status.reason else str(value).strip()
                 print(f"FAILED {spec.label!r} ({spec.run_id}): {reason}\n  log: {value}")
-        _report(experiment, args)
-        return 1 if failed else 0
+        return max(_report(experiment, args), 1 if failed else 0)
     except (ExperimentError, ResultsError, ConfigError, launch.LaunchError) as err:
         # the message names the file, row and key, or what to change: no traceback
         print(f"error: {err}", file=sys.stderr)
