@@ -9,7 +9,8 @@ from typing import List, Optional
 
 from harness import launch
 from harness.config import EXECUTORS, ConfigError
-from harness.grid import ExperimentError, check_unique_name, expand, find_experiment, load_experiment, unique_runs
+from harness.grid import (ExperimentError, check_unique_name, expand, find_experiment, load_experiment, runs_elsewhere,
+                          unique_runs)
 from harness.grid.feasibility import config_warnings
 from harness.provenance import git_commit
 from harness.store import ResultsError, ResultsStore, dry_run_plan, tail_text
@@ -69,7 +70,7 @@ def _job_states(store, specs) -> dict:
     ids = []
     for spec in specs:
         try:
-            status = store.read_status(spec.experiment, spec.run_id)
+            status = store.read_status(spec.run_id)
         except ResultsError:
             continue
         if status is not None and status.state in ("queued", "running") and status.job_ids:
@@ -84,8 +85,11 @@ def _job_alive(states: dict):
     return lambda job_id: None if states.get(job_id) is None else states[job_id].split()[0] in launch.ALIVE_STATES
 
 
-def _log_file(store, spec, job_id: str) -> Path:
-    return launch.log_paths(Path(store.root) / spec.experiment / ".submitit", job_id)[0]
+def _log_paths(store, spec, status):
+    """(stdout, stderr) of the newest job of a run: in the folder of the experiment that submitted it (a run
+    two experiments share was submitted by one of them)."""
+    log_dir = status.log_dir or Path(store.root) / spec.experiment / ".submitit"
+    return launch.log_paths(log_dir, status.job_ids[-1])
 
 
 def status_text(experiment, store) -> str:
@@ -97,14 +101,14 @@ def status_text(experiment, store) -> str:
     for e in entries:
         spec = e.spec
         job = e.job_ids[-1] if e.job_ids else "-"
-        records = store.read_log(spec.experiment, spec.run_id) if e.state in ("running", "done", "failed",
+        records = store.read_log(spec.run_id) if e.state in ("running", "done", "failed",
                                                                                "cancelled", "stale", "lost") else []
         done = progress(records, spec.config.train.epochs)
         state = e.state + (f" ({e.reason})" if e.reason and e.state not in ("failed",) else "")
         table.append([spec.label] + ([str(spec.seed)] if seeded else []) +
                      [spec.run_id, state, job, done.text() if records or e.state == "running" else ""])
         if e.state in ("running", "failed", "stale", "lost") and e.job_ids:
-            notes.append(f"  {spec.label}: log {_log_file(store, spec, job)}")
+            notes.append(f"  {spec.label}: log {_log_paths(store, spec, store.read_status(spec.run_id))[0]}")
         if e.state == "failed":
             reasons.setdefault(e.reason or "failed", []).append(spec.label)
     widths = [max(len(r[i]) for r in table + [header]) for i in range(len(header))]
@@ -123,11 +127,11 @@ def logs_text(experiment, store, row: str) -> str:
     label = experiment.selected[0] if experiment.selected else row
     out = []
     for spec in (s for s in unique_runs(expand(experiment)) if s.label == label):
-        status = store.read_status(spec.experiment, spec.run_id)
+        status = store.read_status(spec.run_id)
         if status is None or not status.job_ids:
             out.append(f"{label} ({spec.run_id}): no job has run it yet")
             continue
-        stdout, stderr = launch.log_paths(Path(store.root) / spec.experiment / ".submitit", status.job_ids[-1])
+        stdout, stderr = _log_paths(store, spec, status)
         for path in (stdout, stderr):
             text = tail_text(path, LOG_LINES) if path.is_file() else ""
             out.append(f"==> {path} <==\n{text or '(empty or not written yet)'}")
@@ -143,7 +147,7 @@ def cancel(experiment, store) -> List[str]:
                if e.state in ("queued", "running") and e.job_ids]
     launch.cancel([e.job_ids[-1] for e in entries])
     for e in entries:
-        store.mark_cancelled(e.spec.experiment, e.spec.run_id)
+        store.mark_cancelled(e.spec.run_id)
     return [f"cancelled {e.spec.label!r} ({e.spec.run_id}, job {e.job_ids[-1]})" for e in entries]
 
 
@@ -188,7 +192,7 @@ def submit(experiment, store, executor=None, rerun=False):
     if rerun:
         for e in entries:
             if e.state == "done":
-                shutil.rmtree(store.run_dir(e.spec.experiment, e.spec.run_id))
+                shutil.rmtree(store.run_dir(e.spec.run_id))
         entries = store.plan(specs, job_alive=_job_alive(_job_states(store, specs)))
     for warning in sorted({w for spec in specs for w in config_warnings(spec.config)}):
         print(f"warning: {warning}")
@@ -212,7 +216,7 @@ def submit(experiment, store, executor=None, rerun=False):
 
     def on_submitted(request, job):
         spec = request.spec
-        store.mark_queued(spec.experiment, spec.run_id, job_id=str(job.job_id))
+        store.mark_queued(spec.run_id, job_id=str(job.job_id), log_dir=exp_root / ".submitit")
         store.release(claims.pop(spec.run_id))
         print(f"submitted {spec.label!r} ({spec.run_id}) as job {job.job_id}", flush=True)
 
@@ -267,7 +271,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         check_unique_name(experiment, ROOT / "experiments")
         store = ResultsStore(args.results)
         if args.dry_run:
-            print(dry_run_plan(experiment, store, _job_alive(_job_states(store, expand(experiment)))), end="")
+            print(dry_run_plan(experiment, store, _job_alive(_job_states(store, expand(experiment))),
+                               runs_elsewhere(experiment, ROOT / "experiments")), end="")
             print(launch_plan(experiment, args.executor), end="")
             return 0
         if args.status:
@@ -293,7 +298,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for spec, (outcome, value) in zip(specs, outcomes if outcomes is not None else launch.wait(jobs)):
             if outcome != "success":
                 failed += 1
-                status = store.read_status(spec.experiment, spec.run_id)
+                status = store.read_status(spec.run_id)
                 reason = status.reason if status is not None and status.reason else str(value).strip()
                 print(f"FAILED {spec.label!r} ({spec.run_id}): {reason}\n  log: {value}")
         return max(_report(experiment, args), 1 if failed else 0)

@@ -103,9 +103,9 @@ def test_status_asks_slurm_once_for_a_thousand_rows(stand_in_slurm, tmp_path, ca
     assert len(specs) == 1000
     store = ResultsStore(tmp_path / "results")
     for i, spec in enumerate(specs):
-        store.mark_queued(spec.experiment, spec.run_id, job_id=f"{5000 + i}")
-    store.mark_running(specs[0].experiment, specs[0].run_id, job_id="5000")
-    store.append_log(specs[0].experiment, specs[0].run_id, {"epoch": 0, "AP": 12.5, "epoch_time_s": 60.0})
+        store.mark_queued(spec.run_id, job_id=f"{5000 + i}")
+    store.mark_running(specs[0].run_id, job_id="5000")
+    store.append_log(specs[0].run_id, {"epoch": 0, "AP": 12.5, "epoch_time_s": 60.0})
     start = time.perf_counter()
     assert cli.main(_argv(tmp_path, "--status", experiment=path)) == 0
     seconds = time.perf_counter() - start
@@ -125,11 +125,11 @@ def test_cancel_marks_runs_and_a_later_submit_resumes_them(stand_in_slurm, tmp_p
     store = ResultsStore(tmp_path / "results")
     specs = expand(experiment)
     for i, spec in enumerate(specs):
-        store.mark_queued(spec.experiment, spec.run_id, job_id=str(700 + i))
+        store.mark_queued(spec.run_id, job_id=str(700 + i))
     assert cli.main(_argv(tmp_path, "--cancel", "--rows", "K=1")) == 0
     assert "cancelled 'K=1'" in capsys.readouterr().out
     assert _calls(stand_in_slurm, "scancel") == ["scancel 701"]
-    states = {s.label: store.read_status(s.experiment, s.run_id).state for s in specs}
+    states = {s.label: store.read_status(s.run_id).state for s in specs}
     assert states == {"K=2": "queued", "K=1": "cancelled"}
     entry = store.plan([specs[1]])[0]
     assert (entry.state, entry.action) == ("cancelled", "run") and "resumes" in entry.reason
@@ -138,7 +138,7 @@ def test_cancel_marks_runs_and_a_later_submit_resumes_them(stand_in_slurm, tmp_p
 def test_logs_prints_the_tail_of_a_rows_job_log(tmp_path, capsys):
     spec = expand(load_experiment(str(TINY), rows=["K=2"]))[0]
     store = ResultsStore(tmp_path / "results")
-    store.mark_queued(spec.experiment, spec.run_id, job_id="42")
+    store.mark_queued(spec.run_id, job_id="42")
     log_dir = tmp_path / "results" / "tiny" / ".submitit"
     log_dir.mkdir(parents=True)
     (log_dir / "42_0_log.out").write_text("".join(f"line {i}\n" for i in range(100)))

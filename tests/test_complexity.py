@@ -174,11 +174,11 @@ def test_command_writes_benchmark_json(tmp_path, capsys):
     label = "MS inputs, K=1"
     spec = _smoke_spec(label)
     store = ResultsStore(tmp_path)
-    store.write_benchmark("table2", spec.run_id, {"fps_bs1": 3.5, "gflops": 1.0})    # kept fields
+    store.write_benchmark(spec.run_id, {"fps_bs1": 3.5, "gflops": 1.0})    # kept fields
     rc = complexity_main(["experiments/table2.yaml", "--smoke", "--rows", label, "--fixed-size", "96x128",
                           "--out", str(tmp_path)])
     assert rc == 0
-    record = store.read_benchmark("table2", spec.run_id)
+    record = store.read_benchmark(spec.run_id)
     assert record["fps_bs1"] == 3.5
     assert record["gflops"] > 1.0 and record["gflops_std"] == 0.0
     assert record["gflops_images"] == 1 and record["gflops_input"] == "3x96x128"

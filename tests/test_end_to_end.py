@@ -37,21 +37,20 @@ def test_local_grid_end_to_end(tmp_path, capsys):
     assert rc == 0, out
     store = ResultsStore(tmp_path / "results")
     spec = expand(load_experiment(str(TINY), rows=["K=1"]))[0]
-    metrics = store.read_metrics("tiny", spec.run_id)
+    metrics = store.read_metrics(spec.run_id)
     for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "params", "gflops", "fps_bs1", "device", "commit",
                 "epochs_trained", "scale", "num_detections"):
         assert key in metrics, key
     assert metrics["epochs_trained"] == 3 and metrics["num_detections"] == 100
     assert metrics["params"] > 20e6 and metrics["gflops"] > 0 and metrics["fps_bs1"] > 0
-    assert store.read_status("tiny", spec.run_id).state == "done"
-    assert [r["epoch"] for r in store.read_log("tiny", spec.run_id)] == [0, 1, 2]
+    assert store.read_status(spec.run_id).state == "done"
+    assert [r["epoch"] for r in store.read_log(spec.run_id)] == [0, 1, 2]
     report = (tmp_path / "reports" / "tiny.md").read_text()
     lines = report.splitlines()
     k1 = lines.index(next(line for line in lines if line.startswith("| 1 | paper | 39.0 | 59.0 |")))
     ours = lines[k1 + 1]                              # the row's own line under its paper line
     assert ours.startswith("|  | ours (full) | ") and f"{metrics['AP']:.1f} ({metrics['AP'] - 39.0:+.1f})" in ours
-    k2 = lines.index(next(line for line in lines if line.startswith("| 2 | paper | 40.0 | 60.0 |")))
-    assert lines[k2 + 1].startswith("|  | ours: not run |")    # the row that was not selected
+    assert any(line.startswith("| 2 | paper; ours: not run | 40.0 | 60.0 |") for line in lines)   # not selected
 
     # a second submission runs nothing; --status shows the row as done
     assert cli.main(_argv(tmp_path, "--executor", "local", "--rows", "K=1")) == 0
@@ -60,12 +59,23 @@ def test_local_grid_end_to_end(tmp_path, capsys):
     status = capsys.readouterr().out
     assert spec.run_id in status and "done" in status
 
+    # another experiment file that needs the same run: its submission reuses it, and its report shows it
+    other = tmp_path / "other.yaml"
+    other.write_text(TINY.read_text().replace("name: tiny", "name: tiny_other"))
+    argv_other = [str(other), "--results", str(tmp_path / "results"), "--reports", str(tmp_path / "reports")]
+    assert cli.main(argv_other + ["--rows", "K=1", "--executor", "local"]) == 0
+    assert f"skip  'K=1' ({spec.run_id}): done" in capsys.readouterr().out
+    assert cli.main(argv_other + ["--dry-run", "--rows", "K=1"]) == 0
+    assert "reuses tiny: 'K=1'" in capsys.readouterr().out
+    assert cli.main(argv_other + ["--report"]) == 0
+    assert f"{metrics['AP']:.1f} ({metrics['AP'] - 39.0:+.1f})" in (tmp_path / "reports" / "tiny_other.md").read_text()
+
     # --rerun trains the done row again from scratch (a fresh log, the same deterministic result)
     assert cli.main(_argv(tmp_path, "--executor", "local", "--rows", "K=1", "--rerun")) == 0
     assert "skip" not in capsys.readouterr().out
-    assert [r["epoch"] for r in store.read_log("tiny", spec.run_id)] == [0, 1, 2]
-    assert store.read_status("tiny", spec.run_id).attempts == 1
-    assert store.read_metrics("tiny", spec.run_id)["AP"] == metrics["AP"]
+    assert [r["epoch"] for r in store.read_log(spec.run_id)] == [0, 1, 2]
+    assert store.read_status(spec.run_id).attempts == 1
+    assert store.read_metrics(spec.run_id)["AP"] == metrics["AP"]
 
 
 def test_bad_experiment_exits_with_a_message(tmp_path, capsys):
@@ -93,7 +103,7 @@ def test_slurm_requeue_mid_epoch_resumes_with_identical_results(slurm_cluster, t
     rc = cli.main(argv(tmp_path / "a", "--rows", "K=2", "--executor", "slurm", "--wait"))
     assert rc == 0, capsys.readouterr().out
     store_a = ResultsStore(tmp_path / "a" / "results")
-    metrics_a = store_a.read_metrics("tiny", spec.run_id)
+    metrics_a = store_a.read_metrics(spec.run_id)
     assert metrics_a["world_size"] == 2
 
     # requeued in the middle of its second epoch
@@ -114,21 +124,21 @@ def test_slurm_requeue_mid_epoch_resumes_with_identical_results(slurm_cluster, t
         raise
     assert outcome == "success", value
     assert slurm_cluster.restarts(job_id) >= 1
-    status = store_b.read_status("tiny", spec.run_id)
+    status = store_b.read_status(spec.run_id)
     assert status.state == "done" and status.attempts >= 2
     resumed = re.search(r"resumed from \S+ at epoch (\d), iteration (\d+)", stdout.read_text())
     assert resumed and 1 <= int(resumed.group(2)) < 4, stdout.read_text()[-3000:]    # mid-epoch
 
-    metrics_b = store_b.read_metrics("tiny", spec.run_id)
+    metrics_b = store_b.read_metrics(spec.run_id)
     for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "params", "gflops"):
         assert metrics_b[key] == metrics_a[key], key
-    weights_a = _final_weights(store_a.run_dir("tiny", spec.run_id))
-    weights_b = _final_weights(store_b.run_dir("tiny", spec.run_id))
+    weights_a = _final_weights(store_a.run_dir(spec.run_id))
+    weights_b = _final_weights(store_b.run_dir(spec.run_id))
     assert weights_a.keys() == weights_b.keys()
     for k in weights_a:
         assert torch.equal(weights_a[k], weights_b[k]), k
     # each epoch logged once: the interrupted epoch was finished by the requeued attempt
-    assert [r["epoch"] for r in store_b.read_log("tiny", spec.run_id)] == [0, 1, 2]
+    assert [r["epoch"] for r in store_b.read_log(spec.run_id)] == [0, 1, 2]
 
 
 def test_crashed_row_is_marked_failed_and_rerun(tmp_path, capsys):
@@ -143,7 +153,7 @@ def test_crashed_row_is_marked_failed_and_rerun(tmp_path, capsys):
     assert "FAILED 'K=1'" in out and "DatasetError" in out and "not found" in out
 
     spec = expand(load_experiment(str(broken), rows=["K=1"]))[0]
-    status = ResultsStore(tmp_path / "results").read_status("tiny", spec.run_id)
+    status = ResultsStore(tmp_path / "results").read_status(spec.run_id)
     assert status.state == "failed" and str(empty_coco) in status.reason and "Traceback" in status.log_tail
     assert cli.main([str(broken), "--results", str(tmp_path / "results"), "--status"]) == 0
     shown = capsys.readouterr().out
@@ -152,4 +162,4 @@ def test_crashed_row_is_marked_failed_and_rerun(tmp_path, capsys):
     # resubmitting reruns the failed row (and only it)
     assert cli.main(argv) == 1
     assert f"skip  'K=1'" not in capsys.readouterr().out
-    assert ResultsStore(tmp_path / "results").read_status("tiny", spec.run_id).attempts == 2
+    assert ResultsStore(tmp_path / "results").read_status(spec.run_id).attempts == 2

@@ -33,7 +33,7 @@ def small_df(small):
 
 
 def test_fixture_run_ids_are_current(small):
-    on_disk = set(ResultsStore(RESULTS).run_ids("small"))
+    on_disk = set(ResultsStore(RESULTS).run_ids())
     expected = {s.run_id for scale in ("full", "smoke") for s in expand(small, scale)}
     assert on_disk <= expected, ("the run ids of tests/fixtures/results_small changed (a config field was "
                                  "added or changed): run python3 tests/fixtures/results_small/make_fixture.py")
@@ -66,7 +66,7 @@ def test_aggregate_over_seeds(small_df):
 def test_collect_reports_a_corrupt_metrics_file(tmp_path, small):
     shutil.copytree(RESULTS, tmp_path / "results")
     spec = [s for s in expand(small, "smoke") if s.label == "K=1"][0]
-    (tmp_path / "results" / "small" / spec.run_id / "metrics.json").write_text('{"AP": 0.')
+    (tmp_path / "results" / "runs" / spec.run_id / "metrics.json").write_text('{"AP": 0.')
     df = collect(tmp_path / "results", small)
     row = df[df.run_id == spec.run_id].iloc[0]
     assert row.state == "corrupt" and "metrics.json" in row.error and math.isnan(row.AP)

@@ -59,60 +59,60 @@ def test_atomic_write_keeps_the_old_file_if_writing_fails(tmp_path):
                                          ("\x00\x00garbage", "corrupt")])
 def test_corrupt_metrics_are_reported_by_path(tmp_path, content, why):
     store = ResultsStore(tmp_path)
-    folder = store.run_dir("exp", "abc")
+    folder = store.run_dir("abc")
     folder.mkdir(parents=True)
     (folder / "metrics.json").write_text(content)
     with pytest.raises(CorruptFileError) as info:
-        store.read_metrics("exp", "abc")
+        store.read_metrics("abc")
     assert str(folder / "metrics.json") in str(info.value) and why in str(info.value)
 
 
 def test_metrics_round_trip_and_missing(tmp_path):
     store = ResultsStore(tmp_path)
-    assert store.read_metrics("exp", "abc") is None
-    store.write_metrics("exp", "abc", {"AP": 43.8, "device": "cpu"})
-    assert store.read_metrics("exp", "abc") == {"AP": 43.8, "device": "cpu"}
+    assert store.read_metrics("abc") is None
+    store.write_metrics("abc", {"AP": 43.8, "device": "cpu"})
+    assert store.read_metrics("abc") == {"AP": 43.8, "device": "cpu"}
 
 
 def test_status_lifecycle(tmp_path):
     clock = Clock()
     store = ResultsStore(tmp_path, clock=clock, host="h1")
-    store.mark_queued("exp", "r1", job_id="11")
+    store.mark_queued("r1", job_id="11")
     clock.t += 60
-    s = store.mark_running("exp", "r1", job_id="11")
+    s = store.mark_running("r1", job_id="11")
     assert s.state == "running" and s.job_ids == ("11",) and s.attempts == 1 and s.host == "h1"
-    s = store.mark_running("exp", "r1", job_id="11_requeued")        # a requeue
+    s = store.mark_running("r1", job_id="11_requeued")        # a requeue
     assert s.attempts == 2 and s.job_ids == ("11", "11_requeued")
-    s = store.mark_failed("exp", "r1", "RuntimeError: boom", log_tail="line 1\nline 2")
+    s = store.mark_failed("r1", "RuntimeError: boom", log_tail="line 1\nline 2")
     assert s.state == "failed" and s.reason == "RuntimeError: boom" and s.finished_at
-    assert store.read_status("exp", "r1") == s
-    s = store.mark_queued("exp", "r1", job_id="12")
+    assert store.read_status("r1") == s
+    s = store.mark_queued("r1", job_id="12")
     assert s.reason is None and s.log_tail is None and s.job_ids[-1] == "12"
 
 
 def test_corrupt_status_is_reported(tmp_path):
     store = ResultsStore(tmp_path)
-    folder = store.run_dir("exp", "r1")
+    folder = store.run_dir("r1")
     folder.mkdir(parents=True)
     (folder / "status.json").write_text('{"state": "runn')
     with pytest.raises(CorruptFileError, match="status.json"):
-        store.read_status("exp", "r1")
+        store.read_status("r1")
     (folder / "status.json").write_text('{"state": "sleeping"}')
     with pytest.raises(CorruptFileError, match="sleeping"):
-        store.read_status("exp", "r1")
+        store.read_status("r1")
 
 
 def test_log_tolerates_a_line_cut_by_a_crash(tmp_path):
     store = ResultsStore(tmp_path)
-    store.append_log("exp", "r1", {"epoch": 0, "AP": 1.0})
-    path = store.run_dir("exp", "r1") / "log.jsonl"
+    store.append_log("r1", {"epoch": 0, "AP": 1.0})
+    path = store.run_dir("r1") / "log.jsonl"
     with open(path, "a") as f:
         f.write('{"epoch": 1, "AP"')                                   # crash mid-write
-    assert store.read_log("exp", "r1") == [{"epoch": 0, "AP": 1.0}]
-    store.append_log("exp", "r1", {"epoch": 1, "AP": 2.0})            # resumed: closes the cut line
-    assert store.read_log("exp", "r1") == [{"epoch": 0, "AP": 1.0}, {"epoch": 1, "AP": 2.0}]
+    assert store.read_log("r1") == [{"epoch": 0, "AP": 1.0}]
+    store.append_log("r1", {"epoch": 1, "AP": 2.0})            # resumed: closes the cut line
+    assert store.read_log("r1") == [{"epoch": 0, "AP": 1.0}, {"epoch": 1, "AP": 2.0}]
     with pytest.raises(CorruptFileError, match="line 2"):
-        store.read_log("exp", "r1", strict=True)
+        store.read_log("r1", strict=True)
 
 
 def test_tail_text(tmp_path):
@@ -130,18 +130,18 @@ def test_config_yaml_is_the_resolved_config(tmp_path, experiment):
     doc = yaml.safe_load((folder / "config.yaml").read_text())
     assert doc["run_id"] == spec.run_id and doc["label"] == "b" and doc["scale"] == "smoke"
     assert doc["config"]["model"]["enc_n_points"] == 1
-    assert store.read_config(spec.experiment, spec.run_id)["seed"] == spec.seed
+    assert store.read_config(spec.run_id)["seed"] == spec.seed
 
 
 # ------------------------------------------------------------------------------------------- claims
 
 def test_claim_is_exclusive(tmp_path):
     store = ResultsStore(tmp_path)
-    first = store.claim("exp", "r1")
+    first = store.claim("r1")
     assert first is not None
-    assert store.claim("exp", "r1") is None                          # this process is alive: not stale
+    assert store.claim("r1") is None                          # this process is alive: not stale
     store.release(first)
-    second = store.claim("exp", "r1")
+    second = store.claim("r1")
     assert second is not None and second.token != first.token
 
 
@@ -149,11 +149,11 @@ def test_claim_of_a_dead_process_is_stale(tmp_path):
     store = ResultsStore(tmp_path)
     proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(proc.stdout)
-    lock = store.run_dir("exp", "r1") / "claim.lock"
+    lock = store.run_dir("r1") / "claim.lock"
     lock.parent.mkdir(parents=True)
     lock.write_text(json.dumps({"token": "old", "host": store.host, "pid": dead_pid, "time": 0, "job_id": None}))
-    assert store.claim_stale("exp", "r1") is True
-    claim = store.claim("exp", "r1")
+    assert store.claim_stale("r1") is True
+    claim = store.claim("r1")
     assert claim is not None and json.loads(lock.read_text())["token"] == claim.token
 
 
@@ -161,15 +161,15 @@ def test_claim_on_another_host_goes_stale_without_heartbeat(tmp_path):
     clock = Clock()
     holder = ResultsStore(tmp_path, clock=clock, host="node1", stale_after_s=600)
     other = ResultsStore(tmp_path, clock=clock, host="node2", stale_after_s=600)
-    claim = holder.claim("exp", "r1")
+    claim = holder.claim("r1")
     os.utime(claim.path, (clock.t, clock.t))
     clock.t += 300
-    assert other.claim("exp", "r1") is None
+    assert other.claim("r1") is None
     assert holder.heartbeat(claim)
     clock.t += 500
-    assert other.claim("exp", "r1") is None                           # heartbeat 500 s ago
+    assert other.claim("r1") is None                           # heartbeat 500 s ago
     clock.t += 200
-    taken = other.claim("exp", "r1")
+    taken = other.claim("r1")
     assert taken is not None
     assert not holder.heartbeat(claim)                                # the old holder learns it lost it
 
@@ -177,9 +177,9 @@ def test_claim_on_another_host_goes_stale_without_heartbeat(tmp_path):
 def test_requeued_job_takes_over_its_own_claim(tmp_path):
     first = ResultsStore(tmp_path, host="node1")
     second = ResultsStore(tmp_path, host="node2")
-    assert first.claim("exp", "r1", job_id="77") is not None
-    assert second.claim("exp", "r1", job_id="78") is None
-    assert second.claim("exp", "r1", job_id="77") is not None
+    assert first.claim("r1", job_id="77") is not None
+    assert second.claim("r1", job_id="78") is None
+    assert second.claim("r1", job_id="77") is not None
 
 
 def test_two_submissions_claim_a_run_once(tmp_path, experiment):
@@ -194,7 +194,7 @@ def test_two_submissions_claim_a_run_once(tmp_path, experiment):
         for spec in expand(load_experiment({experiment.path!r}, smoke=True)):
             claim = store.claim_for_submit(spec)
             if claim is not None:
-                store.mark_queued(spec.experiment, spec.run_id, job_id=str(__import__('os').getpid()))
+                store.mark_queued(spec.run_id, job_id=str(__import__('os').getpid()))
                 store.release(claim)
                 won.append(spec.run_id)
         print(json.dumps(won))
@@ -227,14 +227,14 @@ def test_decide_rules():
 def test_plan_skips_done_and_reruns_failed(tmp_path, experiment):
     store = ResultsStore(tmp_path)
     a, b, c = expand(experiment)
-    store.write_metrics(a.experiment, a.run_id, {"AP": 1.0})
-    store.mark_done(a.experiment, a.run_id)
-    store.mark_failed(b.experiment, b.run_id, "killed")
+    store.write_metrics(a.run_id, {"AP": 1.0})
+    store.mark_done(a.run_id)
+    store.mark_failed(b.run_id, "killed")
     plan = {e.spec.label: e for e in store.plan([a, b, c])}
     assert (plan["a"].state, plan["a"].action) == ("done", "skip")
     assert (plan["b"].state, plan["b"].action, plan["b"].reason) == ("failed", "run", "killed")
     assert (plan["c"].state, plan["c"].action) == ("new", "run")
-    (store.run_dir(a.experiment, a.run_id) / "metrics.json").write_text('{"AP": 1.')
+    (store.run_dir(a.run_id) / "metrics.json").write_text('{"AP": 1.')
     entry = store.plan([a])[0]
     assert entry.state == "corrupt" and entry.action == "run" and "metrics.json" in entry.reason
 
@@ -242,7 +242,7 @@ def test_plan_skips_done_and_reruns_failed(tmp_path, experiment):
 def test_plan_asks_the_scheduler_about_queued_jobs(tmp_path, experiment):
     store = ResultsStore(tmp_path)
     a = expand(experiment)[0]
-    store.mark_queued(a.experiment, a.run_id, job_id="42")
+    store.mark_queued(a.run_id, job_id="42")
     assert store.plan([a])[0].state == "queued"
     assert store.plan([a], job_alive=lambda job: job != "42")[0].state == "lost"
     assert store.plan([a], job_alive=lambda job: None)[0].state == "queued"
@@ -272,8 +272,8 @@ def test_dry_run_plan(tmp_path):
     exp = load_experiment(ROOT / "experiments" / "table1.yaml", check_data=False)
     store = ResultsStore(tmp_path)
     spec = [s for s in expand(exp) if s.label == "Deformable DETR"][0]
-    store.write_metrics(spec.experiment, spec.run_id, {"AP": 43.0})
-    store.mark_done(spec.experiment, spec.run_id)
+    store.write_metrics(spec.run_id, {"AP": 43.0})
+    store.mark_done(spec.run_id)
     text = dry_run_plan(exp, store)
     assert "8 run(s)" in text
     for s in expand(exp):
@@ -290,11 +290,11 @@ def test_gpu_hours_sum_every_attempt(tmp_path):
     """A run pre-empted after 2 h on 8 GPUs and requeued for 1 h more cost 24 GPU-hours, not the last 8."""
     now = [1000.0]
     store = ResultsStore(tmp_path, clock=lambda: now[0])
-    store.record_attempt("t", "r", "1", started=1000.0, gpus=8)
+    store.record_attempt("r", "1", started=1000.0, gpus=8)
     now[0] += 2 * 3600                          # heartbeats until the pre-emption
-    store.record_attempt("t", "r", "1", started=1000.0, gpus=8)
+    store.record_attempt("r", "1", started=1000.0, gpus=8)
     restart = now[0] + 600                      # queued again for 10 minutes: not counted
     now[0] = restart + 3600
-    store.record_attempt("t", "r", "2", started=restart, gpus=8)
-    assert store.gpu_hours("t", "r") == pytest.approx(24.0)
-    assert ResultsStore(tmp_path / "elsewhere").gpu_hours("t", "r") == 0.0
+    store.record_attempt("r", "2", started=restart, gpus=8)
+    assert store.gpu_hours("r") == pytest.approx(24.0)
+    assert ResultsStore(tmp_path / "elsewhere").gpu_hours("r") == 0.0

@@ -8,12 +8,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass
-from typing import List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from harness.config import RunConfig
-from harness.grid.experiment import Experiment
-from harness.grid.schema import SECTION_CLASSES, coerce, hints
+from harness.grid.experiment import Experiment, load_experiment
+from harness.grid.schema import SECTION_CLASSES, ExperimentError, coerce, hints
 
 # Fields that say where or how a run is launched, not what it computes: left out of the run id so that
 # moving the dataset or changing the partition does not rerun finished rows.
@@ -99,3 +100,23 @@ def config_from_dict(d: Mapping) -> RunConfig:
                                    for k, v in values.items() if k in hints(cls)})
     return RunConfig(**sections)
 
+
+def runs_elsewhere(experiment: Experiment, experiments_dir) -> Dict[str, List[Tuple[str, str]]]:
+    """Run id -> [(other experiment, row label)] for the runs of ``experiment`` that other experiment files in
+    ``experiments_dir`` need too (at the same scale): one training serves them all."""
+    mine = {spec.run_id for spec in expand(experiment)}
+    found: Dict[str, List[Tuple[str, str]]] = {}
+    if not os.path.isdir(experiments_dir):
+        return found
+    for entry in sorted(os.listdir(experiments_dir)):
+        other_path = os.path.join(str(experiments_dir), entry)
+        if not entry.endswith((".yaml", ".yml")) or os.path.realpath(other_path) == os.path.realpath(experiment.path):
+            continue
+        try:
+            other = load_experiment(other_path, smoke=experiment.smoke, check_data=False)
+        except ExperimentError:
+            continue                             # not an experiment file, or a broken one: says so when used
+        for spec in expand(other):
+            if spec.run_id in mine:
+                found.setdefault(spec.run_id, []).append((other.name, spec.label))
+    return found

@@ -107,8 +107,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         measured = measure_complexity(spec.config, images=args.images if not args.fixed_size else None,
                                       fixed_size=args.fixed_size, root=args.root, device=args.device)
         record = benchmark_record(spec, measured, time.time() - start)
-        previous = store.read_benchmark(experiment.name, spec.run_id) or {}
-        store.write_benchmark(experiment.name, spec.run_id, {**previous, **record})
+        previous = store.read_benchmark(spec.run_id) or {}
+        store.write_benchmark(spec.run_id, {**previous, **record})
         uncounted = ", ".join(measured["unsupported_ops"]) or "none"
         print(f"  params {record['params']:,}  GFLOPs {record['gflops']:.1f} (+-{record['gflops_std']:.1f}, "
               f"{record['gflops_input']})  uncounted: {uncounted}  [{record['seconds']:.0f} s]", flush=True)

@@ -72,7 +72,7 @@ def _read_run(store: ResultsStore, experiment: str, run_id: str) -> dict:
     """state, error, the numeric and text fields of one run, and whether it has any metrics."""
     record = {"state": "new", "error": ""}
     try:
-        status = store.read_status(experiment, run_id)
+        status = store.read_status(run_id)
         if status is not None:
             record["state"] = status.state
             if status.state == "failed":
@@ -81,11 +81,11 @@ def _read_run(store: ResultsStore, experiment: str, run_id: str) -> dict:
         record.update(state="corrupt", error=str(e))
     metrics = None
     try:
-        metrics = store.read_metrics(experiment, run_id)
+        metrics = store.read_metrics(run_id)
     except CorruptFileError as e:
         record.update(state="corrupt", error=str(e))
     try:       # complexity/speed measured alone fills what the run has not measured (yet)
-        benchmark = store.read_benchmark(experiment, run_id)
+        benchmark = store.read_benchmark(run_id)
         if benchmark is not None:
             metrics = {**benchmark, **(metrics or {})}
     except CorruptFileError as e:

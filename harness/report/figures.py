@@ -57,7 +57,7 @@ def _save(fig: Figure, figures_dir: Path, stem: str) -> List[Path]:
 def ap_per_epoch(experiment: Experiment, df: pd.DataFrame, store: ResultsStore) -> Optional[Figure]:
     curves = []
     for _, run in df.drop_duplicates(["run_id", "label"]).iterrows():
-        records = store.read_log(experiment.name, run["run_id"])
+        records = store.read_log(run["run_id"])
         by_epoch: Dict[int, float] = {}
         for r in records:
             ap = r.get("AP")

@@ -94,28 +94,28 @@ def run_job(request: JobRequest) -> dict:
     info = dist_utils.init_distributed()
     main = info["rank"] == 0
     job_id = _job_id()
-    out_dir = store.run_dir(exp, run_id)
+    out_dir = store.run_dir(run_id)
     claim = heartbeat = attempt = None
     started = time.time()
     gpus = info["world_size"] if torch.cuda.is_available() else 0
 
     def record_attempt():
-        store.record_attempt(exp, run_id, attempt, started, gpus)
+        store.record_attempt(run_id, attempt, started, gpus)
 
     try:
         if main:
             store.prepare(spec)
-            claim = store.claim(exp, run_id, job_id=job_id)
+            claim = store.claim(run_id, job_id=job_id)
             if claim is None:
                 raise RunClaimedElsewhere(f"{out_dir}: run is claimed by another live job; not running it twice")
-            attempt = f"{store.mark_running(exp, run_id, job_id=job_id).attempts}"
+            attempt = f"{store.mark_running(run_id, job_id=job_id).attempts}"
             record_attempt()
             heartbeat = _Heartbeat(store, claim, on_beat=record_attempt)
             heartbeat.start()
             print(f"run {exp}/{run_id} ({spec.label!r}, seed {spec.seed}, {spec.scale} scale) in {out_dir}",
                   flush=True)
         dist_utils.barrier()
-        log_fn = (lambda record: store.append_log(exp, run_id, record)) if main else None
+        log_fn = (lambda record: store.append_log(run_id, record)) if main else None
         # a stop signal (pre-emption, time-out, scontrol requeue) ends training at the next iteration with a
         # mid-epoch checkpoint; the requeued job resumes at that iteration
         metrics = train(cfg, str(out_dir), log_fn=log_fn, should_stop=stop_requested)
@@ -138,14 +138,14 @@ def run_job(request: JobRequest) -> dict:
                 device=device_name(device),
                 world_size=world,
                 # every attempt's GPU time: a pre-empted and requeued run costs what all its attempts cost
-                gpu_hours=round(store.gpu_hours(exp, run_id), 4) if gpus else None,
+                gpu_hours=round(store.gpu_hours(run_id), 4) if gpus else None,
                 commit=request.commit, date=datetime.date.today().isoformat(), torch=torch.__version__)
-            store.write_metrics(exp, run_id, metrics)
-            store.mark_done(exp, run_id)
+            store.write_metrics(run_id, metrics)
+            store.mark_done(run_id)
         return metrics
     except Exception as err:  # a SystemExit (pre-emption, requeue) leaves the run to its next attempt
         if main and not isinstance(err, RunClaimedElsewhere):
-            store.mark_failed(exp, run_id, f"{type(err).__name__}: {err}", traceback.format_exc()[-4000:])
+            store.mark_failed(run_id, f"{type(err).__name__}: {err}", traceback.format_exc()[-4000:])
         raise
     finally:
         if attempt is not None:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from harness.grid import Experiment, estimate_gpu_hours, expand, world_size
 from harness.store.status import PlanEntry
@@ -12,9 +12,14 @@ from harness.store.store import ResultsStore
 # ------------------------------------------------------------------------------------------- dry run
 
 def dry_run_plan(experiment: Experiment, store: Optional[ResultsStore] = None,
-                 job_alive: Optional[Callable[[str], Optional[bool]]] = None) -> str:
+                 job_alive: Optional[Callable[[str], Optional[bool]]] = None,
+                 elsewhere: Optional[Dict[str, List[Tuple[str, str]]]] = None) -> str:
     """The plan as text: per run its row, seed, run id, state, action, resources and estimated GPU-hours
-    (see :func:`harness.grid.cost.estimate_gpu_hours`), then the totals. Submits nothing."""
+    (see :func:`harness.grid.cost.estimate_gpu_hours`), then the totals. Submits nothing.
+
+    A run another experiment already started (its folder names that experiment) is reused, not paid again;
+    ``elsewhere`` (run id -> [(experiment, row)]) names the other experiment files that need the same run,
+    so whichever is submitted first trains it for both."""
     specs = expand(experiment)
     entries = store.plan(specs, job_alive) if store is not None else [
         PlanEntry(s, "new", "run") for s in specs]
@@ -43,6 +48,11 @@ def dry_run_plan(experiment: Experiment, store: Optional[ResultsStore] = None,
         else:
             resources = f"{world_size(l)} CPU process(es), {l.executor}"
         action = "shared" if duplicate else entry.action
+        owner = (store.read_config(spec.run_id) or {}) if store is not None and entry.state != "new" else {}
+        if entry.action == "skip" and owner.get("experiment") not in (None, experiment.name):
+            action = f"reuses {owner['experiment']}: {owner.get('label')!r}"
+        elif entry.action == "run" and (elsewhere or {}).get(spec.run_id):
+            action = "run (also for " + ", ".join(f"{e}: {r!r}" for e, r in elsewhere[spec.run_id]) + ")"
         state = entry.state + (f" ({entry.reason})" if entry.reason and entry.action == "run" else "")
         table.append((spec.label, str(spec.seed), spec.run_id, state, action, resources,
                       f"{hours:.0f}" if hours else "-"))

@@ -24,6 +24,7 @@ class Status:
     log_tail: Optional[str] = None        # the last lines of the job's log when it failed
     host: Optional[str] = None
     attempts: int = 0                     # times it started running (requeues included)
+    log_dir: Optional[str] = None         # where the submitting experiment's jobs write their logs
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -1,4 +1,4 @@
-"""The results store: ``<root>/<experiment>/<run_id>/`` with config.yaml, status.json, log.jsonl,
+"""The results store: ``<root>/runs/<run_id>/`` with config.yaml, status.json, log.jsonl, attempts.json,
 metrics.json, benchmark.json and claim.lock.
 
 Every write is atomic (:mod:`harness.store.files`); a run is claimed before it is submitted or run
@@ -29,11 +29,13 @@ from harness.store.status import STATES, PlanEntry, Status, decide
 
 CONFIG, STATUS, LOG, METRICS = "config.yaml", "status.json", "log.jsonl", "metrics.json"
 ATTEMPTS = "attempts.json"     # the time and GPUs of every attempt of a run (requeues, resumes)
+RUNS = "runs"
 BENCHMARK = "benchmark.json"   # complexity/speed measured alone (no training): never marks a run done
 
 
 class ResultsStore:
-    """``results/<experiment>/<run_id>/``. Methods take the experiment's name and the run id."""
+    """``results/runs/<run_id>/``, shared by every experiment; methods take the run id. An experiment's own
+    folder ``results/<experiment>/`` holds only what its submissions write (job logs, code snapshots)."""
 
     def __init__(self, root, clock: Callable[[], float] = time.time, host: Optional[str] = None,
                  stale_after_s: float = STALE_AFTER_S):
@@ -43,11 +45,13 @@ class ResultsStore:
         self.stale_after_s = stale_after_s
 
     # -- layout
-    def run_dir(self, experiment: str, run_id: str) -> Path:
-        return self.root / experiment / run_id
+    def run_dir(self, run_id: str) -> Path:
+        """``<root>/runs/<run_id>/``: one folder per run whichever experiments (tables) need it, so a
+        training two tables share runs once and both read its results."""
+        return self.root / RUNS / run_id
 
-    def run_ids(self, experiment: str) -> List[str]:
-        folder = self.root / experiment
+    def run_ids(self) -> List[str]:
+        folder = self.root / RUNS
         if not folder.is_dir():
             return []
         return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -76,7 +80,7 @@ class ResultsStore:
     # -- config.yaml
     def prepare(self, spec: RunSpec) -> Path:
         """Create the run folder and write its resolved config.yaml (if not there yet)."""
-        folder = self.run_dir(spec.experiment, spec.run_id)
+        folder = self.run_dir(spec.run_id)
         folder.mkdir(parents=True, exist_ok=True)
         if not (folder / CONFIG).exists():
             doc = {"experiment": spec.experiment, "label": spec.label, "seed": spec.seed,
@@ -84,8 +88,8 @@ class ResultsStore:
             atomic_write_text(folder / CONFIG, yaml.safe_dump(doc, sort_keys=False, default_flow_style=None))
         return folder
 
-    def read_config(self, experiment: str, run_id: str) -> Optional[dict]:
-        path = self.run_dir(experiment, run_id) / CONFIG
+    def read_config(self, run_id: str) -> Optional[dict]:
+        path = self.run_dir(run_id) / CONFIG
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -97,8 +101,8 @@ class ResultsStore:
         return data
 
     # -- status.json
-    def read_status(self, experiment: str, run_id: str) -> Optional[Status]:
-        path = self.run_dir(experiment, run_id) / STATUS
+    def read_status(self, run_id: str) -> Optional[Status]:
+        path = self.run_dir(run_id) / STATUS
         data = read_json(path)
         if data is None:
             return None
@@ -107,15 +111,15 @@ class ResultsStore:
         except (TypeError, ValueError) as e:
             raise CorruptFileError(path, f"corrupt status: {e}") from None
 
-    def write_status(self, experiment: str, run_id: str, state: str, job_id: Optional[str] = None,
+    def write_status(self, run_id: str, state: str, job_id: Optional[str] = None,
                      **fields) -> Status:
         """Merge ``fields`` into the run's status and write it atomically; returns the new status."""
         if state not in STATES:
             raise ValueError(f"state {state!r} is not one of {', '.join(STATES)}")
-        folder = self.run_dir(experiment, run_id)
+        folder = self.run_dir(run_id)
         folder.mkdir(parents=True, exist_ok=True)
         try:
-            old = self.read_status(experiment, run_id)
+            old = self.read_status(run_id)
         except CorruptFileError:
             old = None
         now = utc_now(self.clock)
@@ -139,31 +143,32 @@ class ResultsStore:
         atomic_write_json(folder / STATUS, status.to_dict())
         return status
 
-    def mark_queued(self, experiment: str, run_id: str, job_id: Optional[str] = None) -> Status:
-        return self.write_status(experiment, run_id, "queued", job_id=job_id)
+    def mark_queued(self, run_id: str, job_id: Optional[str] = None, log_dir: Optional[str] = None) -> Status:
+        fields = {} if log_dir is None else {"log_dir": str(log_dir)}
+        return self.write_status(run_id, "queued", job_id=job_id, **fields)
 
-    def mark_running(self, experiment: str, run_id: str, job_id: Optional[str] = None) -> Status:
-        return self.write_status(experiment, run_id, "running", job_id=job_id)
+    def mark_running(self, run_id: str, job_id: Optional[str] = None) -> Status:
+        return self.write_status(run_id, "running", job_id=job_id)
 
-    def mark_done(self, experiment: str, run_id: str) -> Status:
-        return self.write_status(experiment, run_id, "done")
+    def mark_done(self, run_id: str) -> Status:
+        return self.write_status(run_id, "done")
 
-    def mark_failed(self, experiment: str, run_id: str, reason: str, log_tail: str = "") -> Status:
-        return self.write_status(experiment, run_id, "failed", reason=reason, log_tail=log_tail)
+    def mark_failed(self, run_id: str, reason: str, log_tail: str = "") -> Status:
+        return self.write_status(run_id, "failed", reason=reason, log_tail=log_tail)
 
-    def mark_cancelled(self, experiment: str, run_id: str) -> Status:
+    def mark_cancelled(self, run_id: str) -> Status:
         """Cancelled by the user; its checkpoints stay, and the next submission resumes from them."""
-        return self.write_status(experiment, run_id, "cancelled", reason="cancelled by the user")
+        return self.write_status(run_id, "cancelled", reason="cancelled by the user")
 
     # -- log.jsonl
-    def append_log(self, experiment: str, run_id: str, record: dict) -> None:
+    def append_log(self, run_id: str, record: dict) -> None:
         """Append one record to the run's log.jsonl (see :func:`~harness.store.files.append_jsonl`)."""
-        append_jsonl(self.run_dir(experiment, run_id) / LOG, record)
+        append_jsonl(self.run_dir(run_id) / LOG, record)
 
-    def read_log(self, experiment: str, run_id: str, strict: bool = False) -> List[dict]:
+    def read_log(self, run_id: str, strict: bool = False) -> List[dict]:
         """Records of log.jsonl. An unterminated last line (a crash mid-write) is always dropped; other
         bad lines are skipped, or with ``strict`` raise :class:`CorruptFileError` naming the line."""
-        path = self.run_dir(experiment, run_id) / LOG
+        path = self.run_dir(run_id) / LOG
         try:
             text = path.read_text(encoding="utf-8", errors="replace")
         except FileNotFoundError:
@@ -187,20 +192,20 @@ class ResultsStore:
         return records
 
     # -- metrics.json
-    def write_metrics(self, experiment: str, run_id: str, metrics: dict) -> None:
-        folder = self.run_dir(experiment, run_id)
+    def write_metrics(self, run_id: str, metrics: dict) -> None:
+        folder = self.run_dir(run_id)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(folder / METRICS, metrics)
 
-    def read_metrics(self, experiment: str, run_id: str) -> Optional[dict]:
+    def read_metrics(self, run_id: str) -> Optional[dict]:
         """metrics.json, None if absent; :class:`CorruptFileError` if truncated or corrupt."""
-        return read_json(self.run_dir(experiment, run_id) / METRICS)
+        return read_json(self.run_dir(run_id) / METRICS)
 
     # -- attempts.json
-    def record_attempt(self, experiment: str, run_id: str, attempt: str, started: float, gpus: int) -> None:
+    def record_attempt(self, run_id: str, attempt: str, started: float, gpus: int) -> None:
         """This attempt has run from ``started`` until now on ``gpus`` GPUs. Called when it starts, on every
         heartbeat and when it ends, so a job killed without warning loses at most one heartbeat."""
-        path = self.run_dir(experiment, run_id) / ATTEMPTS
+        path = self.run_dir(run_id) / ATTEMPTS
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             attempts = read_json(path) or {}
@@ -209,34 +214,34 @@ class ResultsStore:
         attempts[str(attempt)] = {"started": started, "seen": self.clock(), "gpus": int(gpus)}
         atomic_write_json(path, attempts)
 
-    def gpu_hours(self, experiment: str, run_id: str) -> float:
+    def gpu_hours(self, run_id: str) -> float:
         """GPU-hours over every attempt of the run (0 for CPU runs)."""
         try:
-            attempts = read_json(self.run_dir(experiment, run_id) / ATTEMPTS) or {}
+            attempts = read_json(self.run_dir(run_id) / ATTEMPTS) or {}
         except CorruptFileError:
             return 0.0
         return sum(max(a["seen"] - a["started"], 0.0) * a["gpus"] for a in attempts.values()) / 3600
 
     # -- benchmark.json
-    def write_benchmark(self, experiment: str, run_id: str, measured: dict) -> None:
+    def write_benchmark(self, run_id: str, measured: dict) -> None:
         """Parameters and FLOPs (and FPS where measured) of a run's configuration measured without training
         it, in metrics.json's fields (``python -m harness.measure``). The report shows them where the run
         has no metrics of its own; the run's status is not touched."""
-        folder = self.run_dir(experiment, run_id)
+        folder = self.run_dir(run_id)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(folder / BENCHMARK, measured)
 
-    def read_benchmark(self, experiment: str, run_id: str) -> Optional[dict]:
-        return read_json(self.run_dir(experiment, run_id) / BENCHMARK)
+    def read_benchmark(self, run_id: str) -> Optional[dict]:
+        return read_json(self.run_dir(run_id) / BENCHMARK)
 
     # -- claim.lock
-    def claim(self, experiment: str, run_id: str, job_id: Optional[str] = None) -> Optional[Claim]:
+    def claim(self, run_id: str, job_id: Optional[str] = None) -> Optional[Claim]:
         """Claim the run for this process; None if a live holder has it.
 
         A stale claim (holder process gone on this host, or no heartbeat for ``stale_after_s``) is
         broken; a claim held by the same ``job_id`` (a requeued SLURM job) is taken over.
         """
-        folder = self.run_dir(experiment, run_id)
+        folder = self.run_dir(run_id)
         folder.mkdir(parents=True, exist_ok=True)
         lock = folder / CLAIM
         for _ in range(5):
@@ -269,12 +274,12 @@ class ResultsStore:
         if info is not None and info.get("token") == claim.token:
             break_lock(Path(claim.path), claim.token)
 
-    def read_claim(self, experiment: str, run_id: str) -> Tuple[Optional[dict], Optional[float]]:
-        return read_lock(self.run_dir(experiment, run_id) / CLAIM)
+    def read_claim(self, run_id: str) -> Tuple[Optional[dict], Optional[float]]:
+        return read_lock(self.run_dir(run_id) / CLAIM)
 
-    def claim_stale(self, experiment: str, run_id: str) -> Optional[bool]:
+    def claim_stale(self, run_id: str) -> Optional[bool]:
         """None without a claim; else whether it is stale."""
-        info, mtime = self.read_claim(experiment, run_id)
+        info, mtime = self.read_claim(run_id)
         if mtime is None:
             return None
         if info is None:
@@ -285,7 +290,7 @@ class ResultsStore:
                          ) -> Optional[Claim]:
         """Claim a run to submit it, then check again that no one queued it meanwhile. The caller
         submits, writes ``mark_queued`` and releases. None: skip this run."""
-        claim = self.claim(spec.experiment, spec.run_id)
+        claim = self.claim(spec.run_id)
         if claim is None:
             return None
         entry = self.plan_one(spec, job_alive, ignore_claim=True)     # the claim is ours now
@@ -299,13 +304,13 @@ class ResultsStore:
                  ignore_claim: bool = False) -> PlanEntry:
         status, status_error, metrics_error = None, None, None
         try:
-            status = self.read_status(spec.experiment, spec.run_id)
+            status = self.read_status(spec.run_id)
         except CorruptFileError as e:
             status_error = str(e)
         if status is not None and status.state == "done":
             try:
-                if self.read_metrics(spec.experiment, spec.run_id) is None:
-                    metrics_error = f"{self.run_dir(spec.experiment, spec.run_id) / METRICS}: missing"
+                if self.read_metrics(spec.run_id) is None:
+                    metrics_error = f"{self.run_dir(spec.run_id) / METRICS}: missing"
             except CorruptFileError as e:
                 metrics_error = str(e)
         alive = None
@@ -315,7 +320,7 @@ class ResultsStore:
         if status is not None:
             updated = parse_utc(status.updated_at)
             age = None if updated is None else self.clock() - updated
-        claim_stale = None if ignore_claim else self.claim_stale(spec.experiment, spec.run_id)
+        claim_stale = None if ignore_claim else self.claim_stale(spec.run_id)
         state, action, reason = decide(status, status_error, metrics_error, claim_stale, alive, age,
                                        self.stale_after_s)
         return PlanEntry(spec, state, action, reason, status.job_ids if status else ())
