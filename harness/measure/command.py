@@ -69,7 +69,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m harness.measure",
         description="Parameters and fvcore GFLOPs of every model row of an experiment, at full scale, written to "
-                    "results/<experiment>/<run_id>/benchmark.json.")
+                    "results/runs/<run_id>/benchmark.json.")
     parser.add_argument("experiment", help="experiment YAML, e.g. experiments/table1.yaml")
     parser.add_argument("--rows", nargs="+", metavar="LABEL", help="only these row labels")
     how = parser.add_mutually_exclusive_group()

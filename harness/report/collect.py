@@ -42,7 +42,7 @@ def collect(results_root: Union[str, Path], experiment: Union[Experiment, str, P
         experiment = load_experiment(str(experiment), check_data=False)
     if not Path(results_root).is_dir():
         raise ResultsError(results_root, "no such results folder; expected the folder holding "
-                           f"<experiment>/<run_id>/ (here {experiment.name}/...), e.g. results/")
+                           "runs/<run_id>/, e.g. results/")
     store = ResultsStore(results_root)
     full = dataclasses.replace(experiment, selected=None)     # reports cover every row
     specs = [spec for scale in SCALES for spec in expand(full, scale)]

@@ -3,7 +3,7 @@
     files.py    atomic writes, JSON reads that detect truncation
     claims.py   one live holder per run
     status.py   status.json and the rule run / leave alone
-    store.py    ResultsStore: results/<experiment>/<run_id>/
+    store.py    ResultsStore: results/runs/<run_id>/, shared by every experiment
     plan.py     --dry-run's text
 """
 from harness.store.claims import Claim
