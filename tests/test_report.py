@@ -287,3 +287,14 @@ def test_export_csv_and_parquet(tmp_path, small_df):
         assert len(pd.read_parquet(export(small_df, tmp_path / "small.parquet"))) == len(small_df)
     with pytest.raises(ValueError, match="expected .csv or .parquet"):
         export(small_df, tmp_path / "small.xlsx")
+
+
+def test_backbone_weights_in_the_notes(small, small_df):
+    """Which ImageNet weights the runs started from is shown, since it moves AP by more than the noise."""
+    assert "Backbone weights" not in render_markdown(small, small_df)          # no run recorded any
+    df = small_df.copy()
+    first = df.index[df["state"] == "done"][0]
+    df.loc[first, "backbone_weights"] = "ResNet50_Weights.IMAGENET1K_V1 (76.13% ImageNet top-1)"
+    text = render_markdown(small, df)
+    assert (f"Backbone weights the runs started from: ResNet50_Weights.IMAGENET1K_V1 (76.13% ImageNet top-1): "
+            f"{df.loc[first, 'label']} ({df.loc[first, 'scale']})") in text

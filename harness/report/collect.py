@@ -21,7 +21,7 @@ from harness.metrics import BY_NAME, NUMERIC_FIELDS
 from harness.store import CorruptFileError, ResultsError, ResultsStore
 
 # Text fields of metrics.json (the numeric ones: harness.metrics).
-TEXT_FIELDS = ("fps_device", "device", "commit", "date", "dataset", "attn_impl", "precision")
+TEXT_FIELDS = ("fps_device", "device", "commit", "date", "dataset", "attn_impl", "precision", "backbone_weights")
 RUN_FIELDS = ("experiment", "label", "row_index", "scale", "seed", "run_id", "state", "error")
 COLUMNS = RUN_FIELDS + NUMERIC_FIELDS + TEXT_FIELDS
 

@@ -27,6 +27,7 @@ from harness.provenance import device_name
 from harness.run import distributed as dist_utils
 from harness.run.engine import train
 from harness.store import ResultsStore
+from model.backbone import weights_info
 
 HEARTBEAT_S = 60
 
@@ -81,6 +82,17 @@ def measure(run_cfg, output_dir) -> dict:
     return out
 
 
+def backbone_weights_text(model_cfg) -> str:
+    """The ImageNet weights the run's trunk started from, for its metrics and the report's notes."""
+    info = weights_info(model_cfg)
+    if not info["pretrained"]:
+        return "none (trained from scratch)"
+    parts = [f"{info['imagenet_top1']}% ImageNet top-1"] if info["imagenet_top1"] is not None else []
+    if info["sha256"]:
+        parts.append(f"sha256 {info['sha256'][:12]}")
+    return f"{info['name']}" + (f" ({', '.join(parts)})" if parts else "")
+
+
 def run_job(request: JobRequest) -> dict:
     """Train, evaluate and measure one run; returns its metrics (on every rank)."""
     spec, store = request.spec, ResultsStore(request.results_root)
@@ -133,6 +145,7 @@ def run_job(request: JobRequest) -> dict:
             metrics.update(measured)
             metrics.update(
                 attn_impl=speed.attention_of_config(cfg.model, device, cfg.train.amp),   # what training ran
+                backbone_weights=backbone_weights_text(cfg.model),
                 label=spec.label, seed=spec.seed, run_id=run_id, scale=spec.scale, dataset=cfg.data.dataset,
                 epochs_trained=metrics.pop("epochs", cfg.train.epochs), num_detections=cfg.eval.num_detections,
                 device=device_name(device),
