@@ -182,6 +182,7 @@ def submit(experiment, store, executor=None, rerun=False):
     """
     # the job module imports torch and the model: loaded only when something is submitted
     from harness.run.job import JobRequest, run_job
+    from model.backbone import BackboneWeightsError, fetch_weights
 
     store.check_writable()
     specs = unique_runs(expand(experiment))
@@ -196,6 +197,11 @@ def submit(experiment, store, executor=None, rerun=False):
         entries = store.plan(specs, job_alive=_job_alive(_job_states(store, specs)))
     for warning in sorted({w for spec in specs for w in config_warnings(spec.config)}):
         print(f"warning: {warning}")
+    for model_cfg in dict.fromkeys(e.spec.config.model for e in entries if e.action == "run"):
+        try:
+            fetch_weights(model_cfg)    # here, on the login node: not in a job hours later
+        except BackboneWeightsError as err:
+            raise launch.LaunchError(f"nothing submitted: {err}") from None
     for e in entries:
         if e.action != "run":
             print(f"skip  {e.spec.label!r} ({e.spec.run_id}): {e.state}")

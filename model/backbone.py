@@ -109,6 +109,33 @@ def weights_info(cfg) -> dict:
     return info
 
 
+def _download(weights) -> None:
+    """Into torch's hub cache (``$TORCH_HOME/hub/checkpoints``), where :func:`_load_imagenet_weights` reads it."""
+    weights.get_state_dict(progress=True)
+
+
+def fetch_weights(cfg) -> str | None:
+    """Make sure the ImageNet weights ``cfg`` starts from are on disk, downloading torchvision's file into the
+    hub cache if needed; returns their path (None for a trunk trained from scratch). Meant for the login
+    node at submission: compute nodes often have no network, and a job that fails on this after hours in
+    the queue wastes them. :class:`BackboneWeightsError` says where to put the file when it cannot be had."""
+    info = weights_info(cfg)
+    if not info["pretrained"] or os.path.isfile(info["file"]):
+        return info["file"]
+    if info["imagenet_top1"] is None:      # a file of one's own that is not there
+        raise BackboneWeightsError(f"model.backbone_weights: {info['file']} does not exist (expected ImageNet "
+                                   f"weights of {cfg.backbone} with torchvision's key names)")
+    weights = _weights_enum(cfg.backbone, cfg.backbone_weights)
+    try:
+        _download(weights)
+    except Exception as err:  # noqa: BLE001 - no network here either: say where the file belongs
+        raise BackboneWeightsError(
+            f"ImageNet weights for backbone {cfg.backbone!r} ({info['name']}) cannot be downloaded ({err}). Put "
+            f"{os.path.basename(weights.url)} (from {weights.url}) at {info['file']} (TORCH_HOME must be a folder "
+            f"the compute nodes see), or set model.backbone_weights to a copy") from None
+    return info["file"]
+
+
 def _load_imagenet_weights(net: nn.Module, name: str, weights_path: str | None):
     weights = _weights_enum(name, weights_path)
     if weights_path is None or is_weights_name(weights_path):

@@ -182,3 +182,25 @@ def test_runs_without_git(tmp_path):
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "table2 (smoke scale" in out.stdout
+
+
+def test_backbone_weights_are_fetched_at_submission(tmp_path, capsys, monkeypatch):
+    """A node without network cannot get the ImageNet weights: the submission stops, naming the file, and
+    nothing is queued (instead of a job that dies after hours in the queue)."""
+    import model.backbone as backbone
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    calls = []
+
+    def offline(weights):
+        calls.append(weights)
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(backbone, "_download", offline)
+    argv = _argv(tmp_path, "model.pretrained_backbone=true", "--rows", "K=1", "--executor", "local")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "nothing submitted" in err and "resnet50-0676ba61.pth" in err and str(tmp_path / "torch") in err
+    assert len(calls) == 1
+    spec = expand(load_experiment(str(TINY), rows=["K=1"], overrides=["model.pretrained_backbone=true"]))[0]
+    assert ResultsStore(tmp_path / "results").read_status(spec.run_id) is None
