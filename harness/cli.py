@@ -68,9 +68,9 @@ def _job_states(store, specs) -> dict:
     if not launch.slurm_available():
         return {}
     ids = []
-    for spec in specs:
+    for key in dict.fromkeys(k for spec in specs for k in (spec.run_id, spec.eval_key)):
         try:
-            status = store.read_status(spec.run_id)
+            status = store.read_status(key)
         except ResultsError:
             continue
         if status is not None and status.state in ("queued", "running") and status.job_ids:
@@ -101,14 +101,15 @@ def status_text(experiment, store) -> str:
     for e in entries:
         spec = e.spec
         job = e.job_ids[-1] if e.job_ids else "-"
-        records = store.read_log(spec.run_id) if e.state in ("running", "done", "failed",
-                                                                               "cancelled", "stale", "lost") else []
+        training = e.kind == "train" and e.state in ("running", "done", "failed", "cancelled", "stale", "lost")
+        records = store.read_log(spec.run_id) if training else []
         done = progress(records, spec.config.train.epochs)
-        state = e.state + (f" ({e.reason})" if e.reason and e.state not in ("failed",) else "")
+        state = ("evaluation " if e.kind == "evaluate" and e.state != "evaluate" else "") + e.state + \
+            (f" ({e.reason})" if e.reason and e.state not in ("failed",) else "")
         table.append([spec.label] + ([str(spec.seed)] if seeded else []) +
-                     [spec.run_id, state, job, done.text() if records or e.state == "running" else ""])
+                     [e.key, state, job, done.text() if records or e.state == "running" else ""])
         if e.state in ("running", "failed", "stale", "lost") and e.job_ids:
-            notes.append(f"  {spec.label}: log {_log_paths(store, spec, store.read_status(spec.run_id))[0]}")
+            notes.append(f"  {spec.label}: log {_log_paths(store, spec, store.read_status(e.key))[0]}")
         if e.state == "failed":
             reasons.setdefault(e.reason or "failed", []).append(spec.label)
     widths = [max(len(r[i]) for r in table + [header]) for i in range(len(header))]
@@ -126,10 +127,12 @@ def logs_text(experiment, store, row: str) -> str:
     """The tail of the newest job log of ``row`` (and of its stderr), or why there is none."""
     label = experiment.selected[0] if experiment.selected else row
     out = []
-    for spec in (s for s in unique_runs(expand(experiment)) if s.label == label):
-        status = store.read_status(spec.run_id)
+    specs = [s for s in unique_runs(expand(experiment)) if s.label == label]
+    for entry in store.plan(specs):
+        spec = entry.spec
+        status = store.read_status(entry.key) or store.read_status(spec.run_id)
         if status is None or not status.job_ids:
-            out.append(f"{label} ({spec.run_id}): no job has run it yet")
+            out.append(f"{label} ({entry.key}): no job has run it yet")
             continue
         stdout, stderr = _log_paths(store, spec, status)
         for path in (stdout, stderr):
@@ -147,8 +150,8 @@ def cancel(experiment, store) -> List[str]:
                if e.state in ("queued", "running") and e.job_ids]
     launch.cancel([e.job_ids[-1] for e in entries])
     for e in entries:
-        store.mark_cancelled(e.spec.run_id)
-    return [f"cancelled {e.spec.label!r} ({e.spec.run_id}, job {e.job_ids[-1]})" for e in entries]
+        store.mark_cancelled(e.key)
+    return [f"cancelled {e.spec.label!r} ({e.key}, job {e.job_ids[-1]})" for e in entries]
 
 
 # ------------------------------------------------------------------------------------------- planning
@@ -205,26 +208,32 @@ def submit(experiment, store, executor=None, rerun=False):
     for e in entries:
         if e.action != "run":
             print(f"skip  {e.spec.label!r} ({e.spec.run_id}): {e.state}")
-    claims, specs = {}, []
+    claims, chosen = {}, []
     for e in entries:
-        if e.action == "run":
+        if e.action == "run" and e.key in claims:      # two rows of one training with different evaluations
+            print(f"later {e.spec.label!r}: evaluates {e.spec.run_id} once its training (submitted now) is done; "
+                  "submit again then")
+        elif e.action == "run":
             claim = store.claim_for_submit(e.spec)
             if claim is None:
                 print(f"skip  {e.spec.label!r} ({e.spec.run_id}): claimed by another submission")
                 continue
-            claims[e.spec.run_id] = claim
-            store.prepare(e.spec)
-            specs.append(e.spec)
-    if not specs:
+            claims[e.key] = claim
+            store.prepare(e.spec, e.key)
+            chosen.append(e)
+    if not chosen:
         return [], [], []
     commit = git_commit()
-    requests = [JobRequest(spec, str(store.root), commit) for spec in specs]
+    requests = [JobRequest(e.spec, str(store.root), commit, kind=e.kind) for e in chosen]
+    specs = [e.spec for e in chosen]
 
     def on_submitted(request, job):
         spec = request.spec
-        store.mark_queued(spec.run_id, job_id=str(job.job_id), log_dir=exp_root / ".submitit")
-        store.release(claims.pop(spec.run_id))
-        print(f"submitted {spec.label!r} ({spec.run_id}) as job {job.job_id}", flush=True)
+        key = spec.eval_key if request.kind == "evaluate" else spec.run_id
+        store.mark_queued(key, job_id=str(job.job_id), log_dir=exp_root / ".submitit")
+        store.release(claims.pop(key))
+        what = "evaluation of " if request.kind == "evaluate" else ""
+        print(f"submitted {what}{spec.label!r} ({key}) as job {job.job_id}", flush=True)
 
     exp_root = Path(store.root) / experiment.name
     batches = [[r] for r in requests] if kind == "local" else [requests]
@@ -305,6 +314,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             if outcome != "success":
                 failed += 1
                 status = store.read_status(spec.run_id)
+                if status is not None and status.state == "done":      # the evaluation failed, not the training
+                    status = store.read_status(spec.eval_key)
                 reason = status.reason if status is not None and status.reason else str(value).strip()
                 print(f"FAILED {spec.label!r} ({spec.run_id}): {reason}\n  log: {value}")
         return max(_report(experiment, args), 1 if failed else 0)

@@ -30,15 +30,16 @@ class Metric:
     title_md: str = ""
     title_tex: str = ""
     noise: Optional[float] = None  # the run-to-run band of one run at full scale; None: no noise marker
+    evaluated: bool = False        # measured by evaluating a checkpoint (its evaluation record has it)
 
 
 METRICS: Tuple[Metric, ...] = (
-    Metric("AP", "AP", title_md="AP", title_tex="AP", noise=NOISE_BAND_AP),
-    Metric("AP50", "AP50", title_md="AP50", title_tex="AP$_{50}$", noise=NOISE_BAND_AP),
-    Metric("AP75", "AP75", title_md="AP75", title_tex="AP$_{75}$", noise=NOISE_BAND_AP),
-    Metric("APs", "APs", title_md="APS", title_tex="AP$_{S}$", noise=NOISE_BAND_AP),
-    Metric("APm", "APm", title_md="APM", title_tex="AP$_{M}$", noise=NOISE_BAND_AP),
-    Metric("APl", "APl", title_md="APL", title_tex="AP$_{L}$", noise=NOISE_BAND_AP),
+    Metric("AP", "AP", title_md="AP", title_tex="AP", noise=NOISE_BAND_AP, evaluated=True),
+    Metric("AP50", "AP50", title_md="AP50", title_tex="AP$_{50}$", noise=NOISE_BAND_AP, evaluated=True),
+    Metric("AP75", "AP75", title_md="AP75", title_tex="AP$_{75}$", noise=NOISE_BAND_AP, evaluated=True),
+    Metric("APs", "APs", title_md="APS", title_tex="AP$_{S}$", noise=NOISE_BAND_AP, evaluated=True),
+    Metric("APm", "APm", title_md="APM", title_tex="AP$_{M}$", noise=NOISE_BAND_AP, evaluated=True),
+    Metric("APl", "APl", title_md="APL", title_tex="AP$_{L}$", noise=NOISE_BAND_AP, evaluated=True),
     Metric("params", "params", 1e-6, 2, True, "params (M)", "params (M)"),
     Metric("flops", "gflops", 1.0, 1, True, "FLOPs (G)", "FLOPs (G)"),
     Metric("gpu_hours", "gpu_hours", 1.0, 1, True, "GPU hours", "GPU hours"),
@@ -51,3 +52,5 @@ DEFAULT_METRICS: Tuple[str, ...] = PAPER_METRICS[:6]          # the six AP colum
 # Numeric fields of metrics.json that are collected besides the metrics' own (spread, bookkeeping).
 EXTRA_NUMERIC_FIELDS: Tuple[str, ...] = ("gflops_std", "fps_bs4", "epochs_trained", "num_detections")
 NUMERIC_FIELDS: Tuple[str, ...] = tuple(dict.fromkeys([m.field for m in METRICS] + list(EXTRA_NUMERIC_FIELDS)))
+# The fields an evaluation of a checkpoint measures (its own record, one per split / TTA / detections setting).
+EVALUATED_FIELDS: Tuple[str, ...] = tuple(m.field for m in METRICS if m.evaluated)

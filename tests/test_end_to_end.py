@@ -70,6 +70,18 @@ def test_local_grid_end_to_end(tmp_path, capsys):
     assert cli.main(argv_other + ["--report"]) == 0
     assert f"{metrics['AP']:.1f} ({metrics['AP'] - 39.0:+.1f})" in (tmp_path / "reports" / "tiny_other.md").read_text()
 
+    # an evaluation setting changed: the same training, evaluated again (a job that does not train)
+    log_before = store.read_log(spec.run_id)
+    assert cli.main(_argv(tmp_path, "eval.num_detections=50", "--rows", "K=1", "--executor", "local")) == 0
+    out = capsys.readouterr().out
+    assert f"submitted evaluation of 'K=1' ({spec.run_id}/evaluations/" in out
+    fewer = expand(load_experiment(str(TINY), rows=["K=1"], overrides=["eval.num_detections=50"]))[0]
+    assert fewer.run_id == spec.run_id and fewer.eval_id != spec.eval_id
+    evaluation = store.read_metrics(fewer.eval_key)
+    assert evaluation["num_detections"] == 50 and 0 <= evaluation["AP"] <= metrics["AP"] + 1e-9
+    assert store.read_log(spec.run_id) == log_before                   # no epoch trained again
+    assert store.read_metrics(spec.eval_key)["AP"] == metrics["AP"]    # the first evaluation is kept
+
     # --rerun trains the done row again from scratch (a fresh log, the same deterministic result)
     assert cli.main(_argv(tmp_path, "--executor", "local", "--rows", "K=1", "--rerun")) == 0
     assert "skip" not in capsys.readouterr().out

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.grid import eval_id, run_id
 from harness.grid import expand, load_experiment
 from harness.store import (CorruptFileError, ResultsError, ResultsStore, Status, atomic_write_json, decide,
                           dry_run_plan, tail_text)
@@ -227,8 +228,11 @@ def test_decide_rules():
 def test_plan_skips_done_and_reruns_failed(tmp_path, experiment):
     store = ResultsStore(tmp_path)
     a, b, c = expand(experiment)
-    store.write_metrics(a.run_id, {"AP": 1.0})
+    store.write_metrics(a.run_id, {"epochs_trained": 1})
     store.mark_done(a.run_id)
+    assert (store.plan([a])[0].state, store.plan([a])[0].kind) == ("evaluate", "evaluate")   # trained only
+    store.write_metrics(a.eval_key, {"AP": 1.0})
+    store.mark_done(a.eval_key)
     store.mark_failed(b.run_id, "killed")
     plan = {e.spec.label: e for e in store.plan([a, b, c])}
     assert (plan["a"].state, plan["a"].action) == ("done", "skip")
@@ -272,8 +276,10 @@ def test_dry_run_plan(tmp_path):
     exp = load_experiment(ROOT / "experiments" / "table1.yaml", check_data=False)
     store = ResultsStore(tmp_path)
     spec = [s for s in expand(exp) if s.label == "Deformable DETR"][0]
-    store.write_metrics(spec.run_id, {"AP": 43.0})
+    store.write_metrics(spec.run_id, {"epochs_trained": 50})
     store.mark_done(spec.run_id)
+    store.write_metrics(spec.eval_key, {"AP": 43.0})
+    store.mark_done(spec.eval_key)
     text = dry_run_plan(exp, store)
     assert "8 run(s)" in text
     for s in expand(exp):
@@ -298,3 +304,44 @@ def test_gpu_hours_sum_every_attempt(tmp_path):
     store.record_attempt("r", "2", started=restart, gpus=8)
     assert store.gpu_hours("r") == pytest.approx(24.0)
     assert ResultsStore(tmp_path / "elsewhere").gpu_hours("r") == 0.0
+
+
+def test_rows_that_differ_only_in_evaluation_share_one_training(tmp_path):
+    """Table 3's TTA row evaluates the DCN row's training, and its ResNet-50 row (test-dev) Table 1's
+    two-stage training: no second training, and once the training is done, an evaluation only."""
+    table1 = expand(load_experiment(ROOT / "experiments" / "table1.yaml", check_data=False))
+    table3 = expand(load_experiment(ROOT / "experiments" / "table3.yaml", check_data=False))
+    by_label = {s.label: s for s in table1 + table3}
+    dcn, tta = by_label["Deformable DETR, ResNeXt-101 + DCN"], by_label["Deformable DETR, ResNeXt-101 + DCN, TTA"]
+    two_stage, test_dev = by_label["++ two-stage Deformable DETR"], by_label["Deformable DETR, ResNet-50"]
+    assert dcn.run_id == tta.run_id and dcn.eval_id != tta.eval_id
+    assert two_stage.run_id == test_dev.run_id and two_stage.eval_id != test_dev.eval_id
+    store = ResultsStore(tmp_path)
+    store.write_metrics(dcn.run_id, {"epochs_trained": 50})
+    store.mark_done(dcn.run_id)
+    store.write_metrics(dcn.eval_key, {"AP": 50.1})
+    store.mark_done(dcn.eval_key)
+    plan = {e.spec.label: e for e in store.plan([dcn, tta])}
+    assert (plan[dcn.label].state, plan[dcn.label].action) == ("done", "skip")
+    assert (plan[tta.label].state, plan[tta.label].action, plan[tta.label].kind) == ("evaluate", "run", "evaluate")
+    text = dry_run_plan(load_experiment(ROOT / "experiments" / "table3.yaml", check_data=False), store)
+    line = [l for l in text.splitlines() if tta.eval_key in l][0]
+    assert "evaluate only" in line and line.rstrip().endswith(" 1")      # 0.2 GPU-h x 3 with TTA
+    # changing an evaluation setting of a done row keeps its training
+    import dataclasses
+    more = dataclasses.replace(dcn.config, eval=dataclasses.replace(dcn.config.eval, num_detections=300))
+    assert run_id(more) == dcn.run_id and eval_id(more) != dcn.eval_id
+
+
+def test_test_dev_detections_are_zipped_for_the_evaluation_server(tmp_path):
+    from harness.run.job import server_submission
+
+    detections = tmp_path / "detections_test-dev2017.json"
+    detections.write_text('[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.5}]')
+    zipped = server_submission(detections, tmp_path, "table_3")
+    assert zipped.name == "detections_test-dev2017_table3_results.zip"
+    import zipfile
+    with zipfile.ZipFile(zipped) as archive:
+        assert archive.namelist() == ["detections_test-dev2017_table3_results.json"]
+        assert archive.read(archive.namelist()[0]) == detections.read_bytes()
+    assert server_submission(tmp_path / "missing.json", tmp_path, "t") is None

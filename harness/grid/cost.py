@@ -15,19 +15,20 @@ _BACKBONE_FACTOR = {"resnet50": 1.0, "resnet101": 1.45, "resnext101_32x8d": 2.4,
 
 
 def estimate_gpu_hours(cfg: RunConfig, paper_gpu_hours: Optional[float] = None,
-                       paper_epochs: Optional[float] = None) -> float:
+                       paper_epochs: Optional[float] = None, evaluation_only: bool = False) -> float:
     """Training GPU-hours of one run (V100-equivalent; 0 for smoke runs, which use no GPU).
 
     With the paper's total GPU-hours for the row, that number scaled by epochs / the paper's epochs.
     Otherwise a simple model: hours per epoch of the architecture (official README: Deformable DETR
     6.5 with 4 levels, 3.2 single-scale; DETR 4.0, 14.0 with DC5; Faster R-CNN 3.5), times a backbone
     factor (ResNet-101 1.45, ResNeXt-101 2.4), x1.15 for DCN, x1.05 for two-stage, x1.05 FPN /
-    x1.1 BiFPN, times epochs; an evaluation-only run counts 0.2 (x3 with test-time augmentation).
+    x1.1 BiFPN, times epochs; an evaluation-only run, or the evaluation of a finished training
+    (``evaluation_only``), counts 0.2 (x3 with test-time augmentation).
     """
     if cfg.data.dataset != "coco" or cfg.launcher.gpus_per_node == 0:
         return 0.0
     m = cfg.model
-    if cfg.eval.eval_only:
+    if cfg.eval.eval_only or evaluation_only:
         return 0.2 * (3 if cfg.eval.tta else 1)
     if paper_gpu_hours is not None and paper_epochs:
         return float(paper_gpu_hours) * cfg.train.epochs / float(paper_epochs)

@@ -19,8 +19,17 @@ from harness.grid.schema import SECTION_CLASSES, ExperimentError, coerce, hints
 # Fields that say where or how a run is launched, not what it computes: left out of the run id so that
 # moving the dataset or changing the partition does not rerun finished rows.
 HASH_EXCLUDE = ("data.root", "data.num_workers", "train.print_freq", "launcher")
+# What only evaluates or measures a training, not what changes its weights: left out of the run id (the
+# training's identity) and hashed into the evaluation id instead, so that a row differing from another only
+# there (test-time augmentation, another split, more detections per image) evaluates that training's
+# checkpoint instead of training again. The checkpoint to evaluate or start from and eval_only stay in
+# the run id: they decide the weights.
+EVALUATION_FIELDS = ("eval.tta", "eval.tta_sizes", "eval.num_detections", "eval.batch_size_per_gpu", "data.val_split",
+                     "data.eval_size")
+MEASUREMENT_FIELDS = ("benchmark", "eval.save_detections")
 # bumped when a field changes meaning (not when one is added: new fields with defaults change no id)
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+EVALUATIONS = "evaluations"      # run folder -> evaluations/<eval_id>/
 
 
 @dataclass(frozen=True)
@@ -33,6 +42,12 @@ class RunSpec:
     scale: str
     paper: Mapping[str, Optional[float]]
     row_index: int
+    eval_id: str = ""               # the evaluation of the run's checkpoint this row reports
+
+    @property
+    def eval_key(self) -> str:
+        """The evaluation's record in the store: ``<run_id>/evaluations/<eval_id>``."""
+        return f"{self.run_id}/{EVALUATIONS}/{self.eval_id}"
 
 
 
@@ -51,16 +66,16 @@ def expand(experiment: Experiment, scale: Optional[str] = None) -> List[RunSpec]
                 cfg, train=dataclasses.replace(cfg.train, seed=seed),
                 launcher=dataclasses.replace(cfg.launcher, seeds=()))
             specs.append(RunSpec(experiment.name, row.label, seed, resolved, run_id(resolved), scale,
-                                 row.paper, index))
+                                 row.paper, index, eval_id(resolved)))
     return specs
 
 
 def unique_runs(specs: Sequence[RunSpec]) -> List[RunSpec]:
-    """The specs to launch: the first of each run id."""
+    """The specs to launch: the first of each (run, evaluation); rows that share both share everything."""
     seen, out = set(), []
     for spec in specs:
-        if spec.run_id not in seen:
-            seen.add(spec.run_id)
+        if (spec.run_id, spec.eval_id) not in seen:
+            seen.add((spec.run_id, spec.eval_id))
             out.append(spec)
     return out
 
@@ -70,25 +85,52 @@ def config_to_dict(cfg: RunConfig) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
-def canonical_json(cfg: RunConfig) -> str:
-    """The JSON the run id hashes: the schema version and, per section, only the fields whose value differs
-    from the field's default (sorted keys; :data:`HASH_EXCLUDE` left out). A new field with a default thus
-    leaves every existing run id as it is; a change in what a field means bumps :data:`SCHEMA_VERSION`."""
-    d: dict = {"schema": SCHEMA_VERSION}
+def _changed_fields(cfg: RunConfig) -> dict:
+    """{section: {field: value}} of the fields whose value differs from the field's default."""
+    out: dict = {}
     for section, cls in SECTION_CLASSES.items():
         values = json.loads(json.dumps(dataclasses.asdict(getattr(cfg, section))))
         defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
                     for f in dataclasses.fields(cls)}
         defaults = json.loads(json.dumps(defaults))
-        changed = {k: v for k, v in values.items()
-                   if v != defaults.get(k) and f"{section}.{k}" not in HASH_EXCLUDE and section not in HASH_EXCLUDE}
+        changed = {k: v for k, v in values.items() if v != defaults.get(k)}
         if changed:
-            d[section] = changed
-    return json.dumps(d, sort_keys=True, separators=(",", ":"))
+            out[section] = changed
+    return out
+
+
+def _select(changed: dict, keys, keep: bool) -> dict:
+    """The fields of ``changed`` named by ``keys`` (sections or dotted fields), or all the others."""
+    out: dict = {}
+    for section, fields in changed.items():
+        for name, value in fields.items():
+            named = section in keys or f"{section}.{name}" in keys
+            if named == keep:
+                out.setdefault(section, {})[name] = value
+    return out
+
+
+def canonical_json(cfg: RunConfig) -> str:
+    """The JSON the run id hashes: the schema version and, per section, only the fields whose value differs
+    from the field's default (sorted keys), less :data:`HASH_EXCLUDE` and the evaluation and measurement
+    fields. A new field with a default thus leaves every existing run id as it is; a change in what a
+    field means bumps :data:`SCHEMA_VERSION`."""
+    d = _select(_changed_fields(cfg), HASH_EXCLUDE + EVALUATION_FIELDS + MEASUREMENT_FIELDS, keep=False)
+    return json.dumps({"schema": SCHEMA_VERSION, **d}, sort_keys=True, separators=(",", ":"))
 
 
 def run_id(cfg: RunConfig) -> str:
+    """The training's identity: what changes the weights."""
     return hashlib.sha1(canonical_json(cfg).encode()).hexdigest()[:12]
+
+
+def eval_id(cfg: RunConfig) -> str:
+    """The evaluation's identity within its training: split, input size, test-time augmentation, detections
+    per image (``default`` when all are the defaults)."""
+    d = _select(_changed_fields(cfg), EVALUATION_FIELDS, keep=True)
+    if not d:
+        return "default"
+    return hashlib.sha1(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:8]
 
 
 def config_from_dict(d: Mapping) -> RunConfig:

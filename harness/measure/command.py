@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from harness.grid import ExperimentError, expand, load_experiment, unique_runs
+from harness.grid import ExperimentError, expand, load_experiment
 from harness.measure.complexity import measure_complexity
 from harness.provenance import git_commit, utc_now
 from harness.store import ResultsStore
@@ -89,7 +89,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ExperimentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    specs = unique_runs(expand(experiment))
+    specs, measured = [], set()
+    for spec in expand(experiment):          # one measurement per run, however many rows evaluate it
+        if spec.run_id not in measured:
+            measured.add(spec.run_id)
+            specs.append(spec)
     def has_dataset(cfg) -> bool:
         root = args.root or cfg.data.root
         return cfg.data.dataset == "synthetic" or bool(root and os.path.isdir(root))

@@ -17,7 +17,7 @@ from typing import Dict, List, Tuple, Union
 import pandas as pd
 
 from harness.grid import SCALES, Experiment, config_to_dict, expand, load_experiment
-from harness.metrics import BY_NAME, NUMERIC_FIELDS
+from harness.metrics import BY_NAME, EVALUATED_FIELDS, NUMERIC_FIELDS
 from harness.store import CorruptFileError, ResultsError, ResultsStore
 
 # Text fields of metrics.json (the numeric ones: harness.metrics).
@@ -56,7 +56,7 @@ def collect(results_root: Union[str, Path], experiment: Union[Experiment, str, P
         record = dict.fromkeys(COLUMNS)
         record.update(experiment=spec.experiment, label=spec.label, row_index=spec.row_index,
                       scale=spec.scale, seed=spec.seed, run_id=spec.run_id)
-        record.update(_read_run(store, spec.experiment, spec.run_id))
+        record.update(_read_run(store, spec))
         record.update({f"cell.{c}": row.cells.get(c) for c in experiment.columns})
         record.update({key: fields.get(key) for key in differing})
         for ref, numbers in (("paper", row.paper), ("official", row.official)):
@@ -68,8 +68,12 @@ def collect(results_root: Union[str, Path], experiment: Union[Experiment, str, P
     return df
 
 
-def _read_run(store: ResultsStore, experiment: str, run_id: str) -> dict:
-    """state, error, the numeric and text fields of one run, and whether it has any metrics."""
+def _read_run(store: ResultsStore, spec) -> dict:
+    """state, error, the numeric and text fields of one row's run, and whether it has any metrics. The
+    training's record gives what training and measuring made (epochs, GPU-hours, parameters, FLOPs, FPS,
+    provenance); the row's evaluation record gives the COCO numbers, since rows sharing a training may
+    evaluate it differently (another split, test-time augmentation)."""
+    run_id = spec.run_id
     record = {"state": "new", "error": ""}
     try:
         status = store.read_status(run_id)
@@ -90,6 +94,18 @@ def _read_run(store: ResultsStore, experiment: str, run_id: str) -> dict:
             metrics = {**benchmark, **(metrics or {})}
     except CorruptFileError as e:
         record["error"] = "; ".join(filter(None, [record["error"], str(e)]))
+    if metrics is not None:
+        metrics = {k: v for k, v in metrics.items() if k not in EVALUATED_FIELDS}
+    if record["state"] == "done":
+        try:
+            evaluation = store.read_metrics(spec.eval_key)
+            status = store.read_status(spec.eval_key)
+            record["state"] = status.state if status is not None else "evaluate"
+            if status is not None and status.state == "failed":
+                record["error"] = status.reason or ""
+            metrics = {**(metrics or {}), **{k: v for k, v in (evaluation or {}).items() if k in EVALUATED_FIELDS}}
+        except CorruptFileError as e:
+            record.update(state="corrupt", error=str(e))
     for key in NUMERIC_FIELDS:
         record[key] = _number((metrics or {}).get(key))
     for key in TEXT_FIELDS:

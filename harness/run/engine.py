@@ -277,6 +277,7 @@ def train(run_cfg, output_dir: str, log_fn: Optional[Callable[[dict], None]] = N
     num_classes = _model_num_classes(run_cfg)
     train_set, sampler, train_loader = build_train_loader(run_cfg, root, num_classes)
     val_set, val_loader = build_eval_loader(run_cfg, root, num_classes=num_classes)
+    annotated = getattr(val_set, "has_annotations", True)
 
     model, criterion, postprocessor = _build_model(run_cfg, device)
     if main:
@@ -361,7 +362,9 @@ def train(run_cfg, output_dir: str, log_fn: Optional[Callable[[dict], None]] = N
         record = dict(epoch=epoch, **{f"train_{k}": v for k, v in losses.items()}, **lrs,
                       epoch_time_s=round(train_time, 3))
         last = epoch == train_cfg.epochs - 1
-        if last or (train_cfg.eval_every > 0 and (epoch + 1) % train_cfg.eval_every == 0):
+        # a split without annotations (test-dev) has no metrics to follow: it is evaluated once, at the end
+        periodic = train_cfg.eval_every > 0 and (epoch + 1) % train_cfg.eval_every == 0 and annotated
+        if last or periodic:
             t1 = time.time()
             metrics = run_evaluation(model_without_ddp, postprocessor, val_loader, val_set, device, eval_cfg,
                                      run_cfg.data, _results_file(output_dir, run_cfg, eval_cfg), amp_dtype,

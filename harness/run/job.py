@@ -13,7 +13,9 @@ import os
 import threading
 import time
 import traceback
+import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import submitit
@@ -23,9 +25,11 @@ from harness.grid import RunSpec
 from harness.launch.environment import distributed_env_from_submitit
 from harness.launch.wrapper import stop_requested
 from harness.measure import complexity, speed
+from harness.metrics import METRICS
 from harness.provenance import device_name
 from harness.run import distributed as dist_utils
-from harness.run.engine import train
+from harness.run.checkpointing import CHECKPOINT
+from harness.run.engine import evaluate, train
 from harness.store import ResultsStore
 from model.backbone import weights_info
 
@@ -38,6 +42,7 @@ class JobRequest:
     spec: RunSpec
     results_root: str
     commit: Optional[str] = None
+    kind: str = "train"          # train (then evaluate and measure) | evaluate (the trained checkpoint only)
 
 
 class RunClaimedElsewhere(RuntimeError):
@@ -93,10 +98,34 @@ def backbone_weights_text(model_cfg) -> str:
     return f"{info['name']}" + (f" ({', '.join(parts)})" if parts else "")
 
 
+def evaluation_record(spec: RunSpec, metrics: dict, **provenance) -> dict:
+    """What an evaluation record holds: the COCO numbers and where, how and on what they were measured."""
+    numbers = {m.field: metrics[m.field] for m in METRICS if m.field in metrics and m.field.startswith("AP")}
+    return {**numbers, "run_id": spec.run_id, "eval_id": spec.eval_id, "split": spec.config.data.val_split,
+            "tta": spec.config.eval.tta, "num_detections": spec.config.eval.num_detections, **provenance}
+
+
+def server_submission(detections: Path, folder: Path, name: str) -> Optional[Path]:
+    """The zip the COCO evaluation server expects (``detections_test-dev2017_<name>_results.json`` inside)."""
+    if not detections.is_file():
+        return None
+    alg = "".join(c for c in name if c.isalnum())       # no underscores: the server splits the name on them
+    inner = f"detections_test-dev2017_{alg}_results.json"
+    target = folder / f"{inner[:-5]}.zip"
+    tmp = target.with_suffix(".zip.tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.write(detections, inner)
+    os.replace(tmp, target)
+    return target
+
+
 def run_job(request: JobRequest) -> dict:
-    """Train, evaluate and measure one run; returns its metrics (on every rank)."""
+    """Train, evaluate and measure one run, or (``kind`` evaluate) evaluate its checkpoint; returns the
+    metrics (on every rank)."""
     spec, store = request.spec, ResultsStore(request.results_root)
-    exp, run_id, cfg = spec.experiment, spec.run_id, spec.config
+    exp, cfg = spec.experiment, spec.config
+    evaluating = request.kind == "evaluate"
+    run_id = spec.eval_key if evaluating else spec.run_id          # the record this job fills
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")
     if cpus and cpus.isdigit():
         # torch's threads default to every core of the node: with one task per GPU (or several CPU tasks)
@@ -116,7 +145,7 @@ def run_job(request: JobRequest) -> dict:
 
     try:
         if main:
-            store.prepare(spec)
+            store.prepare(spec, run_id)
             claim = store.claim(run_id, job_id=job_id)
             if claim is None:
                 raise RunClaimedElsewhere(f"{out_dir}: run is claimed by another live job; not running it twice")
@@ -127,6 +156,8 @@ def run_job(request: JobRequest) -> dict:
             print(f"run {exp}/{run_id} ({spec.label!r}, seed {spec.seed}, {spec.scale} scale) in {out_dir}",
                   flush=True)
         dist_utils.barrier()
+        if evaluating:
+            return _evaluate(request, store, run_id, main, record_attempt, gpus)
         log_fn = (lambda record: store.append_log(run_id, record)) if main else None
         # a stop signal (pre-emption, time-out, scontrol requeue) ends training at the next iteration with a
         # mid-epoch checkpoint; the requeued job resumes at that iteration
@@ -154,6 +185,13 @@ def run_job(request: JobRequest) -> dict:
                 gpu_hours=round(store.gpu_hours(run_id), 4) if gpus else None,
                 commit=request.commit, date=datetime.date.today().isoformat(), torch=torch.__version__)
             store.write_metrics(run_id, metrics)
+            # the row's evaluation of this training, as its own record: other rows evaluate it differently
+            eval_dir = store.prepare(spec, spec.eval_key)
+            submission = server_submission(out_dir / f"detections_{cfg.data.val_split}.json", eval_dir, exp)
+            store.write_metrics(spec.eval_key, evaluation_record(
+                spec, metrics, device=metrics["device"], commit=request.commit, date=metrics["date"],
+                server_submission=submission and submission.name))
+            store.mark_done(spec.eval_key)
             store.mark_done(run_id)
         return metrics
     except Exception as err:  # a SystemExit (pre-emption, requeue) leaves the run to its next attempt
@@ -168,3 +206,27 @@ def run_job(request: JobRequest) -> dict:
         if claim is not None:
             store.release(claim)
         dist_utils.cleanup()
+
+
+def _evaluate(request: JobRequest, store: ResultsStore, key: str, main: bool, record_attempt, gpus: int) -> dict:
+    """Evaluate the run's final checkpoint as the row asks (split, TTA, detections per image) into its
+    evaluation record; the training is not touched."""
+    spec, cfg = request.spec, request.spec.config
+    eval_dir = store.run_dir(key)
+    checkpoint = store.run_dir(spec.run_id) / CHECKPOINT
+    metrics = evaluate(cfg, output_dir=str(eval_dir), checkpoint=str(checkpoint))
+    dist_utils.barrier()
+    dist_utils.cleanup()
+    if main:
+        record_attempt()
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        suffix = "_tta" if cfg.eval.tta else ""
+        submission = server_submission(eval_dir / f"detections_{cfg.data.val_split}{suffix}.json", eval_dir,
+                                       spec.experiment)
+        metrics = evaluation_record(
+            spec, metrics, device=device_name(device), commit=request.commit, date=datetime.date.today().isoformat(),
+            gpu_hours=round(store.gpu_hours(key), 4) if gpus else None, checkpoint=str(checkpoint),
+            server_submission=submission and submission.name)
+        store.write_metrics(key, metrics)
+        store.mark_done(key)
+    return metrics

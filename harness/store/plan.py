@@ -29,9 +29,10 @@ def dry_run_plan(experiment: Experiment, store: Optional[ResultsStore] = None,
         spec = entry.spec
         cfg = spec.config
         row = experiment.row(spec.label)
-        hours = estimate_gpu_hours(cfg, row.paper.get("gpu_hours"), row.cells.get("epochs"))
-        duplicate = spec.run_id in seen
-        seen.add(spec.run_id)
+        hours = estimate_gpu_hours(cfg, row.paper.get("gpu_hours"), row.cells.get("epochs"),
+                                   evaluation_only=entry.kind == "evaluate" and entry.state != "done")
+        duplicate = entry.key in seen
+        seen.add(entry.key)
         if not duplicate:
             total += hours
             if entry.action == "run":
@@ -47,14 +48,15 @@ def dry_run_plan(experiment: Experiment, store: Optional[ResultsStore] = None,
             resources += f", ~{wall_h:.0f} h wall" + (f", {parts - 1} requeue(s)" if parts > 1 else "")
         else:
             resources = f"{world_size(l)} CPU process(es), {l.executor}"
-        action = "shared" if duplicate else entry.action
+        action = "shared" if duplicate else "evaluate only" if entry.action == "run" and entry.kind == "evaluate" \
+            else entry.action
         owner = (store.read_config(spec.run_id) or {}) if store is not None and entry.state != "new" else {}
         if entry.action == "skip" and owner.get("experiment") not in (None, experiment.name):
             action = f"reuses {owner['experiment']}: {owner.get('label')!r}"
         elif entry.action == "run" and (elsewhere or {}).get(spec.run_id):
             action = "run (also for " + ", ".join(f"{e}: {r!r}" for e, r in elsewhere[spec.run_id]) + ")"
         state = entry.state + (f" ({entry.reason})" if entry.reason and entry.action == "run" else "")
-        table.append((spec.label, str(spec.seed), spec.run_id, state, action, resources,
+        table.append((spec.label, str(spec.seed), entry.key, state, action, resources,
                       f"{hours:.0f}" if hours else "-"))
     widths = [max(len(r[i]) for r in table + [header]) for i in range(len(header))]
     lines = [f"{experiment.name} ({experiment.scale} scale, {experiment.path}): {len(entries)} run(s)", ""]

@@ -44,10 +44,16 @@ class Status:
 @dataclass(frozen=True)
 class PlanEntry:
     spec: RunSpec
-    state: str          # new | done | queued | running | failed | stale | lost | corrupt | claimed
+    state: str          # new | evaluate | done | queued | running | failed | cancelled | stale | lost | corrupt | claimed
     action: str         # run | skip
     reason: str = ""
     job_ids: Tuple[str, ...] = ()
+    kind: str = "train"  # train: the run's training (and its evaluation); evaluate: the evaluation only
+
+    @property
+    def key(self) -> str:
+        """The record this entry is about: the run, or the row's evaluation of it."""
+        return self.spec.eval_key if self.kind == "evaluate" else self.spec.run_id
 
 
 # ------------------------------------------------------------------------------------------ pure rules

@@ -7,6 +7,7 @@ to what is on disk.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -78,13 +79,14 @@ class ResultsStore:
                                f"{min_free_gb:g} GiB for checkpoints and results")
 
     # -- config.yaml
-    def prepare(self, spec: RunSpec) -> Path:
-        """Create the run folder and write its resolved config.yaml (if not there yet)."""
-        folder = self.run_dir(spec.run_id)
+    def prepare(self, spec: RunSpec, key: Optional[str] = None) -> Path:
+        """Create the record's folder (the run's, or ``key``: its evaluation's) and write the resolved
+        config.yaml of the row that asked for it first (if not there yet)."""
+        folder = self.run_dir(key or spec.run_id)
         folder.mkdir(parents=True, exist_ok=True)
         if not (folder / CONFIG).exists():
-            doc = {"experiment": spec.experiment, "label": spec.label, "seed": spec.seed,
-                   "scale": spec.scale, "run_id": spec.run_id, "config": config_to_dict(spec.config)}
+            doc = {"experiment": spec.experiment, "label": spec.label, "seed": spec.seed, "scale": spec.scale,
+                   "run_id": spec.run_id, "eval_id": spec.eval_id, "config": config_to_dict(spec.config)}
             atomic_write_text(folder / CONFIG, yaml.safe_dump(doc, sort_keys=False, default_flow_style=None))
         return folder
 
@@ -290,7 +292,9 @@ class ResultsStore:
                          ) -> Optional[Claim]:
         """Claim a run to submit it, then check again that no one queued it meanwhile. The caller
         submits, writes ``mark_queued`` and releases. None: skip this run."""
-        claim = self.claim(spec.run_id)
+        entry = self.plan_one(spec, job_alive)
+        key = spec.eval_key if entry.kind == "evaluate" else spec.run_id
+        claim = self.claim(key)
         if claim is None:
             return None
         entry = self.plan_one(spec, job_alive, ignore_claim=True)     # the claim is ours now
@@ -302,15 +306,27 @@ class ResultsStore:
     # -- planning
     def plan_one(self, spec: RunSpec, job_alive: Optional[Callable[[str], Optional[bool]]] = None,
                  ignore_claim: bool = False) -> PlanEntry:
+        """The training first: until it is done, the entry is the training's. Then the row's evaluation of it
+        (``spec.eval_key``): done, queued or running as its own record says, else an evaluation to run."""
+        training = self._plan_record(spec, spec.run_id, job_alive, ignore_claim)
+        if training.state != "done":
+            return training
+        evaluation = self._plan_record(spec, spec.eval_key, job_alive, ignore_claim)
+        if evaluation.state == "new":
+            return dataclasses.replace(evaluation, state="evaluate", kind="evaluate",
+                                       reason="its training is done; its evaluation is not")
+        return dataclasses.replace(evaluation, kind="evaluate")
+
+    def _plan_record(self, spec: RunSpec, key: str, job_alive, ignore_claim: bool) -> PlanEntry:
         status, status_error, metrics_error = None, None, None
         try:
-            status = self.read_status(spec.run_id)
+            status = self.read_status(key)
         except CorruptFileError as e:
             status_error = str(e)
         if status is not None and status.state == "done":
             try:
-                if self.read_metrics(spec.run_id) is None:
-                    metrics_error = f"{self.run_dir(spec.run_id) / METRICS}: missing"
+                if self.read_metrics(key) is None:
+                    metrics_error = f"{self.run_dir(key) / METRICS}: missing"
             except CorruptFileError as e:
                 metrics_error = str(e)
         alive = None
@@ -320,7 +336,7 @@ class ResultsStore:
         if status is not None:
             updated = parse_utc(status.updated_at)
             age = None if updated is None else self.clock() - updated
-        claim_stale = None if ignore_claim else self.claim_stale(spec.run_id)
+        claim_stale = None if ignore_claim else self.claim_stale(key)
         state, action, reason = decide(status, status_error, metrics_error, claim_stale, alive, age,
                                        self.stale_after_s)
         return PlanEntry(spec, state, action, reason, status.job_ids if status else ())
