@@ -14,6 +14,7 @@ from harness.grid import (ExperimentError, check_unique_name, expand, find_exper
 from harness.grid.feasibility import config_warnings
 from harness.provenance import git_commit
 from harness.store import ResultsError, ResultsStore, dry_run_plan, tail_text
+from harness.store.imports import import_server_scores
 from harness.store.progress import progress
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +46,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                            "later submission resumes them)")
     mode.add_argument("--logs", metavar="ROW", help="the tail of a row's job log (a label or an index)")
     mode.add_argument("--export", metavar="FILE", help="the collected results as a table (.csv or .parquet)")
+    mode.add_argument("--import-server", metavar="SCORES", help="the COCO evaluation server's scores (JSON) for "
+                      "the test-dev row given with --rows, as its evaluation")
     p.add_argument("--smoke", action="store_true",
                    help="laptop scale on a generated dataset, local processes; waits and reports")
     p.add_argument("--rows", nargs="+", metavar="ROW", help="only these rows (labels as in the YAML, or 0-based indices)")
@@ -281,7 +284,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                             if getattr(args, k)]
         rows = [args.logs] if args.logs else args.rows
         # a dry run checks what a submission would (data, checkpoints); following and reporting need no data
-        needs_data = not (args.status or args.report or args.cancel or args.logs or args.export)
+        needs_data = not (args.status or args.report or args.cancel or args.logs or args.export or args.import_server)
         experiment = load_experiment(path, smoke=args.smoke, rows=rows, check_data=needs_data, overrides=overrides)
         check_unique_name(experiment, ROOT / "experiments")
         store = ResultsStore(args.results)
@@ -303,6 +306,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _report(experiment, args)
         if args.export:
             _export(experiment, args)
+            return 0
+        if args.import_server:
+            if not experiment.selected or len(experiment.selected) != 1:
+                raise ExperimentError(path, None, "--rows", "--import-server needs the one row the scores are for")
+            for spec in expand(experiment):
+                record = import_server_scores(store, spec, args.import_server)
+                print(f"{spec.label!r} ({spec.eval_key}): AP {record['AP']:.1f} from the evaluation server")
             return 0
         specs, jobs, outcomes = submit(experiment, store, args.executor, rerun=args.rerun)
         if outcomes is None and not (args.wait or args.smoke):

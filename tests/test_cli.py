@@ -204,3 +204,24 @@ def test_backbone_weights_are_fetched_at_submission(tmp_path, capsys, monkeypatc
     assert len(calls) == 1
     spec = expand(load_experiment(str(TINY), rows=["K=1"], overrides=["model.pretrained_backbone=true"]))[0]
     assert ResultsStore(tmp_path / "results").read_status(spec.run_id) is None
+
+
+def test_import_the_evaluation_servers_scores(tmp_path, capsys):
+    """A test-dev row's numbers come from the COCO server: imported into its evaluation record."""
+    table3 = ROOT / "experiments" / "table3.yaml"
+    row = "Deformable DETR, ResNet-50"
+    scores = tmp_path / "scores.json"
+    scores.write_text(json.dumps({"AP": 0.469, "AP50": 0.662, "AP75": 0.507, "AP_small": 0.280,
+                                  "AP_medium": 0.496, "AP_large": 0.610}))
+    argv = [str(table3), "--results", str(tmp_path / "results"), "--rows", row]
+    assert cli.main(argv + ["--import-server", str(scores)]) == 0
+    assert "AP 46.9 from the evaluation server" in capsys.readouterr().out
+    spec = expand(load_experiment(str(table3), rows=[row], check_data=False))[0]
+    record = ResultsStore(tmp_path / "results").read_metrics(spec.eval_key)
+    assert record["source"] == "evaluation server" and record["APs"] == 28.0 and record["split"] == "test-dev2017"
+    scores.write_text('{"AP": 46.9}')
+    assert cli.main(argv + ["--import-server", str(scores)]) == 2
+    assert "no number for AP50" in capsys.readouterr().err
+    assert cli.main(argv[:3] + ["--reports", str(tmp_path / "reports"), "--report"]) == 0
+    report = (tmp_path / "reports" / "table3.md").read_text()
+    assert "46.9" in report and "AP: evaluation server" in report

@@ -96,16 +96,20 @@ def _read_run(store: ResultsStore, spec) -> dict:
         record["error"] = "; ".join(filter(None, [record["error"], str(e)]))
     if metrics is not None:
         metrics = {k: v for k, v in metrics.items() if k not in EVALUATED_FIELDS}
-    if record["state"] == "done":
-        try:
-            evaluation = store.read_metrics(spec.eval_key)
-            status = store.read_status(spec.eval_key)
-            record["state"] = status.state if status is not None else "evaluate"
-            if status is not None and status.state == "failed":
-                record["error"] = status.reason or ""
-            metrics = {**(metrics or {}), **{k: v for k, v in (evaluation or {}).items() if k in EVALUATED_FIELDS}}
-        except CorruptFileError as e:
-            record.update(state="corrupt", error=str(e))
+    try:
+        evaluation = store.read_metrics(spec.eval_key)
+        status = store.read_status(spec.eval_key)
+    except CorruptFileError as e:
+        evaluation, status = None, None
+        record.update(state="corrupt", error=str(e))
+    if record["state"] == "done" or (status is not None and status.state == "done"):
+        record["state"] = status.state if status is not None else "evaluate"
+        if status is not None and status.state == "failed":
+            record["error"] = status.reason or ""
+    if evaluation is not None:
+        metrics = {**(metrics or {}), **{k: v for k, v in evaluation.items() if k in EVALUATED_FIELDS}}
+        if evaluation.get("source"):       # numbers measured elsewhere (the COCO evaluation server) say so
+            metrics["device"] = "; ".join(filter(None, [(metrics or {}).get("device"), f"AP: {evaluation['source']}"]))
     for key in NUMERIC_FIELDS:
         record[key] = _number((metrics or {}).get(key))
     for key in TEXT_FIELDS:
