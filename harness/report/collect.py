@@ -102,7 +102,9 @@ def _read_run(store: ResultsStore, spec) -> dict:
     except CorruptFileError as e:
         evaluation, status = None, None
         record.update(state="corrupt", error=str(e))
-    if record["state"] == "done" or (status is not None and status.state == "done"):
+    if record["state"] == "corrupt":           # the training's record is unusable: it runs again
+        evaluation = None
+    elif record["state"] == "done" or (status is not None and status.state == "done"):
         record["state"] = status.state if status is not None else "evaluate"
         if status is not None and status.state == "failed":
             record["error"] = status.reason or ""
