@@ -158,8 +158,9 @@ def test_dry_run_checks_what_a_submission_needs(tmp_path, capsys, monkeypatch):
                      "launcher.nodes=1"]) == 0
     out = capsys.readouterr().out
     assert "executor local (asked for)" in out and "gpus_per_node=8" in out
-    assert cli.main([str(table1), "--results", str(tmp_path), "--dry-run", "launcher.gpus_per_node=0"]) == 2
-    assert "0 GPUs for training on COCO" in capsys.readouterr().err
+    assert cli.main([str(table1), "--results", str(tmp_path), "--dry-run", "launcher.gpus_per_node=0",
+                     "launcher.nodes=1"]) == 0
+    assert "warning: launcher.gpus_per_node is 0: a COCO training (109 epochs)" in capsys.readouterr().out
     assert cli.main([str(table1), "--results", str(tmp_path), "--dry-run", "eval.checkpoint=/no/such.pth"]) == 2
     assert "/no/such.pth' does not exist" in capsys.readouterr().err
     assert cli.main([str(table1), "--results", str(tmp_path), "--dry-run", "--executor", "local",

@@ -41,7 +41,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 from harness.config import RunConfig
 from harness.grid.schema import (BASE, COMMAND_LINE, PLACES, SECTION_CLASSES, SMOKE, ExperimentError, check_keys, check_sections, coerce, expect,
                                  hints, merge, parse_overrides, read_yaml, unknown, yaml_line)
-from harness.grid.feasibility import check_files, check_resources
+from harness.grid.feasibility import check_files
 from harness.grid.validate import check_dataset, check_run_config
 from harness.metrics import PAPER_METRICS
 from model.config import ConfigError, ModelConfig
@@ -326,7 +326,6 @@ def resolve(path: str, label: str, base: Mapping, overrides: Mapping, smoke_prof
     if check_data:
         check_dataset(path, label, cfg.data)
         check_files(path, label, cfg)
-        check_resources(path, label, cfg)
     return cfg
 
 

@@ -1,5 +1,6 @@
-"""What a config asks of the world: files that must exist, resources that cannot train it, settings that
-would silently do nothing. Errors stop a submission before anything is queued; warnings are printed."""
+"""What a config asks of the world: files that must exist (errors: they stop a submission before anything is
+queued), resources that cannot train it in reasonable time and settings that would silently do nothing
+(warnings, printed by --dry-run and at submission)."""
 from __future__ import annotations
 
 import os
@@ -18,18 +19,13 @@ def check_files(path: str, label: str, cfg: RunConfig) -> None:
                               "file (an official release or one of ours) that the jobs can read")
 
 
-def check_resources(path: str, label: str, cfg: RunConfig) -> None:
-    """Resources that cannot run the config at all."""
-    if cfg.data.dataset == "coco" and not cfg.eval.eval_only and cfg.launcher.gpus_per_node == 0:
-        raise ExperimentError(path, label, "launcher.gpus_per_node",
-                              f"0 GPUs for training on COCO ({cfg.train.epochs} epochs); expected the GPUs per node "
-                              "(8 for the paper's setting), or --smoke for a laptop-scale run")
-
-
 def config_warnings(cfg: RunConfig) -> List[str]:
     """Settings that are valid but almost certainly not meant."""
     out = []
     t = cfg.train
+    if cfg.data.dataset == "coco" and not cfg.eval.eval_only and cfg.launcher.gpus_per_node == 0:
+        out.append(f"launcher.gpus_per_node is 0: a COCO training ({t.epochs} epochs) on CPUs only would take "
+                   "months; set the GPUs per node (8 for the paper's setting), or use --smoke")
     if not cfg.eval.eval_only and t.lr_schedule == "step" and t.lr_drop >= t.epochs:
         out.append(f"train.lr_drop is {t.lr_drop} but training lasts {t.epochs} epochs: the learning rate never drops")
     return out

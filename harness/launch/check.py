@@ -4,7 +4,8 @@
 vectors are summed with a gloo ``all_reduce`` and folded into a state; rank 0 writes a checkpoint after
 every epoch (atomically) and the next attempt resumes from it. The result depends only on the seed,
 the number of epochs and the world size, so a run interrupted and requeued any number of times gives
-what :func:`expected_state` computes.
+what :func:`expected_state` computes. Like the training engine, it stops after an epoch when the job is asked to
+(a stop signal: pre-emption, time-out, requeue), so that the requeued job resumes from that epoch.
 
     python -m harness.launch.check [--executor auto|slurm|local] [--tasks 2] [--epochs 3] DIR
 
@@ -25,6 +26,7 @@ from typing import Any, Dict, List
 from harness.config import EXECUTORS, LauncherConfig
 from harness.launch.slurm import wait
 from harness.launch.submit import submit
+from harness.launch.wrapper import stop_requested
 
 STATE_SIZE = 4
 
@@ -98,6 +100,13 @@ def toy_train(spec: Dict[str, Any]) -> Dict[str, Any]:
                 torch.save({"state": state, "epoch": epoch}, tmp)
                 os.replace(tmp, ckpt)
                 _append(out / "epochs.jsonl", {"epoch": epoch, "time": time.time()})
+            # asked to stop (pre-emption, requeue): every rank agrees, then exits after its checkpoint as the
+            # training engine does; the requeued job resumes from it
+            stop = torch.tensor([float(stop_requested())], dtype=torch.float64)
+            if world_size > 1:
+                dist.all_reduce(stop)
+            if stop.item() > 0 and epoch + 1 < int(spec["epochs"]):
+                raise SystemExit(f"stopped on request after epoch {epoch}")
             if world_size > 1:
                 dist.barrier()
         return {"state": state.tolist(), "world_size": world_size, "rank": rank, "start_epoch": start,

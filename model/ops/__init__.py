@@ -45,8 +45,8 @@ class SelfCheckError(RuntimeError):
 
 # (requested, device, dtype) -> the implementation that runs; filled on first use
 _chosen: dict[tuple, implementations.Implementation] = {}
-# (implementation name, device) -> why it does not run there (announced once); the dtype-independent reasons
-_unavailable: dict[tuple[str, torch.device], BaseException] = {}
+# Implementation.availability_key -> why it does not run there (announced once); the dtype-independent reasons
+_unavailable: dict[tuple, BaseException] = {}
 # (implementation name, device, dtype) -> the failed self-check's or launch's message (announced once)
 _failed: dict[tuple[str, torch.device, torch.dtype], str] = {}
 _warned: set[tuple] = set()  # (implementation name, device, dtype) whose fallback was announced
@@ -61,7 +61,7 @@ def _normalise(device) -> torch.device:
 
 def _prepare(impl: implementations.Implementation, device: torch.device) -> None:
     """impl.prepare(device) once per process and device; its failure is remembered and raised again."""
-    key = (impl.name, device)
+    key = impl.availability_key(device)
     if key in _unavailable:
         if _unavailable[key] is None:
             return

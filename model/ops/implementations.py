@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import os
 from pathlib import Path
 
 import torch
@@ -47,6 +48,10 @@ class Implementation:
     def prepare(self, device: torch.device) -> None:
         """Build / load / import what is needed to run on ``device``; raise :class:`Unavailable` (or the build's
         own error) when it cannot. Nothing is launched."""
+
+    def availability_key(self, device: torch.device) -> tuple:
+        """What :meth:`prepare`'s outcome depends on: the dispatcher remembers it per key, once per process."""
+        return (self.name, device)
 
     def forward(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
         raise NotImplementedError
@@ -111,6 +116,11 @@ class TritonKernel(Implementation):
     device_types = ("cuda", "cpu")
     needs_self_check = True
     MODULES = ("triton_kernel.py", "triton_jit.py")
+
+    def availability_key(self, device):
+        # on CPU tensors the kernels run only in Triton's interpreter, which TRITON_INTERPRET switches on
+        interpreted = os.environ.get("TRITON_INTERPRET", "") if device.type == "cpu" else ""
+        return (self.name, device, interpreted)
 
     def prepare(self, device):
         try:
