@@ -178,3 +178,10 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path):
     path.write_bytes(path.read_bytes()[:1000])  # truncated
     with pytest.raises(CheckpointError, match="truncated"):
         load_checkpoint(str(path), fresh)
+
+
+def test_one_list_of_attention_implementations():
+    """The config's choices are exactly the implementations the dispatcher has (plus auto)."""
+    from model import ops
+    from model.config import ATTN_IMPLS
+    assert set(ATTN_IMPLS) == set(ops.IMPLEMENTATIONS)

@@ -286,6 +286,7 @@ def test_dry_run_plan(tmp_path):
         assert s.run_id in text and s.label in text
     line = [l for l in text.splitlines() if spec.run_id in l][0]
     assert "done" in line and "skip" in line and "2x8 GPU" in line and "325" in line
+    assert "one more seed for every row (seeds: [...] on the rows, for mean and spread): +11770 GPU-hours" in text
     total = [l for l in text.splitlines() if l.startswith("estimated GPU-hours")][0]
     assert "11770 in total" in total and "11445 to spend now" in total
     smoke = dry_run_plan(load_experiment(ROOT / "experiments" / "table2.yaml", smoke=True))

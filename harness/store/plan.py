@@ -24,7 +24,7 @@ def dry_run_plan(experiment: Experiment, store: Optional[ResultsStore] = None,
     entries = store.plan(specs, job_alive) if store is not None else [
         PlanEntry(s, "new", "run") for s in specs]
     header = ("row", "seed", "run id", "state", "action", "resources", "est. GPU-h")
-    table, total, to_spend, seen = [], 0.0, 0.0, set()
+    table, total, to_spend, per_seed, seen, trainings = [], 0.0, 0.0, 0.0, set(), set()
     for entry in entries:
         spec = entry.spec
         cfg = spec.config
@@ -37,6 +37,9 @@ def dry_run_plan(experiment: Experiment, store: Optional[ResultsStore] = None,
             total += hours
             if entry.action == "run":
                 to_spend += hours
+        if spec.run_id not in trainings:       # an extra seed is a new training of every distinct run
+            trainings.add(spec.run_id)
+            per_seed += estimate_gpu_hours(cfg, row.paper.get("gpu_hours"), row.cells.get("epochs"))
         l = cfg.launcher
         if l.gpus_per_node and cfg.data.dataset == "coco":
             gpus = l.nodes * l.gpus_per_node
@@ -57,7 +60,7 @@ def dry_run_plan(experiment: Experiment, store: Optional[ResultsStore] = None,
             action = "run (also for " + ", ".join(f"{e}: {r!r}" for e, r in elsewhere[spec.run_id]) + ")"
         state = entry.state + (f" ({entry.reason})" if entry.reason and entry.action == "run" else "")
         table.append((spec.label, str(spec.seed), entry.key, state, action, resources,
-                      f"{hours:.0f}" if hours else "-"))
+                      f"{hours:.0f}" if hours and not duplicate else "-"))
     widths = [max(len(r[i]) for r in table + [header]) for i in range(len(header))]
     lines = [f"{experiment.name} ({experiment.scale} scale, {experiment.path}): {len(entries)} run(s)", ""]
     for r in [header, tuple("-" * w for w in widths)] + table:
@@ -67,5 +70,8 @@ def dry_run_plan(experiment: Experiment, store: Optional[ResultsStore] = None,
     if cited:
         lines.append(f"cited rows (paper numbers only, not run): {', '.join(cited)}")
     lines.append(f"estimated GPU-hours (V100-equivalent): {total:.0f} in total, {to_spend:.0f} to spend now")
+    if per_seed:
+        lines.append(f"one more seed for every row (seeds: [...] on the rows, for mean and spread): "
+                     f"+{per_seed:.0f} GPU-hours")
     return "\n".join(lines) + "\n"
 
