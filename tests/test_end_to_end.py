@@ -125,6 +125,15 @@ def test_slurm_requeue_mid_epoch_resumes_with_identical_results(slurm_cluster, t
     assert outcomes is None and len(jobs) == 1
     job_id = str(jobs[0].job_id)
     stdout, _ = launch.log_paths(store_b.root / "tiny" / ".submitit", job_id)
+    # a second experiment file needing the same row, submitted meanwhile: no second job, the same one followed
+    other = tmp_path / "other.yaml"
+    other.write_text(longer.read_text().replace("name: tiny", "name: tiny_other"))
+    other_argv = [str(other), "--results", str(tmp_path / "b" / "results"), "--reports", str(tmp_path / "b" / "reports")]
+    capsys.readouterr()
+    assert cli.main(other_argv + ["--rows", "K=2", "--executor", "slurm"]) == 0
+    assert f"skip  'K=2' ({spec.run_id}): " in capsys.readouterr().out
+    assert cli.main(other_argv + ["--status", "--rows", "K=2"]) == 0
+    assert job_id in capsys.readouterr().out
     try:
         slurm_cluster.wait_for(lambda: stdout.is_file() and "epoch 1 [2/4]" in stdout.read_text(), 300,
                                "the second iteration of the second epoch")
@@ -151,6 +160,12 @@ def test_slurm_requeue_mid_epoch_resumes_with_identical_results(slurm_cluster, t
         assert torch.equal(weights_a[k], weights_b[k]), k
     # each epoch logged once: the interrupted epoch was finished by the requeued attempt
     assert [r["epoch"] for r in store_b.read_log(spec.run_id)] == [0, 1, 2]
+    # both experiments' reports show the one job's numbers
+    assert cli.main(argv(tmp_path / "b", "--report")) == 0
+    assert cli.main(other_argv + ["--report"]) == 0
+    shown = f"{metrics_b['AP']:.1f} ({metrics_b['AP'] - 40.0:+.1f})"
+    for name in ("tiny", "tiny_other"):
+        assert shown in (tmp_path / "b" / "reports" / f"{name}.md").read_text(), name
 
 
 def test_crashed_row_is_marked_failed_and_rerun(tmp_path, capsys):

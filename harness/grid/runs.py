@@ -6,6 +6,7 @@ share one run and an unchanged row is never trained twice.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -65,8 +66,9 @@ def expand(experiment: Experiment, scale: Optional[str] = None) -> List[RunSpec]
             resolved = dataclasses.replace(
                 cfg, train=dataclasses.replace(cfg.train, seed=seed),
                 launcher=dataclasses.replace(cfg.launcher, seeds=()))
-            specs.append(RunSpec(experiment.name, row.label, seed, resolved, run_id(resolved), scale,
-                                 row.paper, index, eval_id(resolved)))
+            changed = _changed_fields(resolved)
+            specs.append(RunSpec(experiment.name, row.label, seed, resolved, _run_id(changed), scale,
+                                 row.paper, index, _eval_id(changed)))
     return specs
 
 
@@ -85,14 +87,20 @@ def config_to_dict(cfg: RunConfig) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
+@functools.lru_cache(maxsize=None)
+def _defaults(cls) -> dict:
+    """A config class's field defaults, as JSON values (tuples as lists)."""
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(cls)}
+    return json.loads(json.dumps(defaults))
+
+
 def _changed_fields(cfg: RunConfig) -> dict:
     """{section: {field: value}} of the fields whose value differs from the field's default."""
     out: dict = {}
     for section, cls in SECTION_CLASSES.items():
         values = json.loads(json.dumps(dataclasses.asdict(getattr(cfg, section))))
-        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                    for f in dataclasses.fields(cls)}
-        defaults = json.loads(json.dumps(defaults))
+        defaults = _defaults(cls)
         changed = {k: v for k, v in values.items() if v != defaults.get(k)}
         if changed:
             out[section] = changed
@@ -110,6 +118,19 @@ def _select(changed: dict, keys, keep: bool) -> dict:
     return out
 
 
+def _run_id(changed: dict) -> str:
+    d = _select(changed, HASH_EXCLUDE + EVALUATION_FIELDS + MEASUREMENT_FIELDS, keep=False)
+    text = json.dumps({"schema": SCHEMA_VERSION, **d}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def _eval_id(changed: dict) -> str:
+    d = _select(changed, EVALUATION_FIELDS, keep=True)
+    if not d:
+        return "default"
+    return hashlib.sha1(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:8]
+
+
 def canonical_json(cfg: RunConfig) -> str:
     """The JSON the run id hashes: the schema version and, per section, only the fields whose value differs
     from the field's default (sorted keys), less :data:`HASH_EXCLUDE` and the evaluation and measurement
@@ -120,17 +141,14 @@ def canonical_json(cfg: RunConfig) -> str:
 
 
 def run_id(cfg: RunConfig) -> str:
-    """The training's identity: what changes the weights."""
-    return hashlib.sha1(canonical_json(cfg).encode()).hexdigest()[:12]
+    """The training's identity: what changes the weights (the hash of :func:`canonical_json`)."""
+    return _run_id(_changed_fields(cfg))
 
 
 def eval_id(cfg: RunConfig) -> str:
     """The evaluation's identity within its training: split, input size, test-time augmentation, detections
     per image (``default`` when all are the defaults)."""
-    d = _select(_changed_fields(cfg), EVALUATION_FIELDS, keep=True)
-    if not d:
-        return "default"
-    return hashlib.sha1(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:8]
+    return _eval_id(_changed_fields(cfg))
 
 
 def config_from_dict(d: Mapping) -> RunConfig:

@@ -93,7 +93,8 @@ class ResultsStore:
     def read_config(self, run_id: str) -> Optional[dict]:
         path = self.run_dir(run_id) / CONFIG
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            # libyaml's loader where PyYAML has it: a plan of a thousand runs reads a thousand of these
+            data = yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
         except FileNotFoundError:
             return None
         except yaml.YAMLError as e:
