@@ -107,7 +107,8 @@ def status_text(experiment, store) -> str:
         training = e.kind == "train" and e.state in ("running", "done", "failed", "cancelled", "stale", "lost")
         records = store.read_log(spec.run_id) if training else []
         done = progress(records, spec.config.train.epochs)
-        state = ("evaluation " if e.kind == "evaluate" and e.state != "evaluate" else "") + e.state + \
+        prefix = {"train": "", "evaluate": "evaluation ", "measure": "measurement "}[e.kind]
+        state = (prefix if e.state != e.kind else "") + e.state + \
             (f" ({e.reason})" if e.reason and e.state not in ("failed",) else "")
         table.append([spec.label] + ([str(spec.seed)] if seeded else []) +
                      [e.key, state, job, done.text() if records or e.state == "running" else ""])
@@ -232,10 +233,10 @@ def submit(experiment, store, executor=None, rerun=False):
 
     def on_submitted(request, job):
         spec = request.spec
-        key = spec.eval_key if request.kind == "evaluate" else spec.run_id
+        key = spec.key(request.kind)
         store.mark_queued(key, job_id=str(job.job_id), log_dir=exp_root / ".submitit")
         store.release(claims.pop(key))
-        what = "evaluation of " if request.kind == "evaluate" else ""
+        what = {"train": "", "evaluate": "evaluation of ", "measure": "measurement of "}[request.kind]
         print(f"submitted {what}{spec.label!r} ({key}) as job {job.job_id}", flush=True)
 
     exp_root = Path(store.root) / experiment.name

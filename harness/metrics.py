@@ -54,3 +54,5 @@ EXTRA_NUMERIC_FIELDS: Tuple[str, ...] = ("gflops_std", "fps_bs4", "epochs_traine
 NUMERIC_FIELDS: Tuple[str, ...] = tuple(dict.fromkeys([m.field for m in METRICS] + list(EXTRA_NUMERIC_FIELDS)))
 # The fields an evaluation of a checkpoint measures (its own record, one per split / TTA / detections setting).
 EVALUATED_FIELDS: Tuple[str, ...] = tuple(m.field for m in METRICS if m.evaluated)
+# The fields a measurement of the model gives (its own record, one per benchmark setting).
+MEASURED_FIELDS: Tuple[str, ...] = ("params", "gflops", "gflops_std", "fps_bs1", "fps_bs4")

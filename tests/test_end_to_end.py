@@ -82,6 +82,15 @@ def test_local_grid_end_to_end(tmp_path, capsys):
     assert store.read_log(spec.run_id) == log_before                   # no epoch trained again
     assert store.read_metrics(spec.eval_key)["AP"] == metrics["AP"]    # the first evaluation is kept
 
+    # a measurement setting changed: the trained model measured again (a job that neither trains nor evaluates)
+    assert cli.main(_argv(tmp_path, "benchmark.fps_batch_sizes=[2]", "--rows", "K=1", "--executor", "local")) == 0
+    assert f"submitted measurement of 'K=1' ({spec.run_id}/measurements/" in capsys.readouterr().out
+    remeasured = expand(load_experiment(str(TINY), rows=["K=1"], overrides=["benchmark.fps_batch_sizes=[2]"]))[0]
+    assert remeasured.run_id == spec.run_id and remeasured.eval_id == spec.eval_id
+    measurement = store.read_metrics(remeasured.measure_key)
+    assert measurement["fps_bs2"] > 0 and measurement["params"] == metrics["params"]
+    assert store.read_log(spec.run_id) == log_before
+
     # --rerun trains the done row again from scratch (a fresh log, the same deterministic result)
     assert cli.main(_argv(tmp_path, "--executor", "local", "--rows", "K=1", "--rerun")) == 0
     assert "skip" not in capsys.readouterr().out

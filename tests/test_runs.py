@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.grid import eval_id, run_id
+from harness.grid import eval_id, measure_id, run_id
 from harness.grid import expand, load_experiment
 from harness.store import (CorruptFileError, ResultsError, ResultsStore, Status, atomic_write_json, decide,
                           dry_run_plan, tail_text)
@@ -233,6 +233,9 @@ def test_plan_skips_done_and_reruns_failed(tmp_path, experiment):
     assert (store.plan([a])[0].state, store.plan([a])[0].kind) == ("evaluate", "evaluate")   # trained only
     store.write_metrics(a.eval_key, {"AP": 1.0})
     store.mark_done(a.eval_key)
+    assert (store.plan([a])[0].state, store.plan([a])[0].kind) == ("measure", "measure")     # not measured yet
+    store.write_metrics(a.measure_key, {"params": 10})
+    store.mark_done(a.measure_key)
     store.mark_failed(b.run_id, "killed")
     plan = {e.spec.label: e for e in store.plan([a, b, c])}
     assert (plan["a"].state, plan["a"].action) == ("done", "skip")
@@ -280,6 +283,8 @@ def test_dry_run_plan(tmp_path):
     store.mark_done(spec.run_id)
     store.write_metrics(spec.eval_key, {"AP": 43.0})
     store.mark_done(spec.eval_key)
+    store.write_metrics(spec.measure_key, {"params": 40069665})
+    store.mark_done(spec.measure_key)
     text = dry_run_plan(exp, store)
     assert "8 run(s)" in text
     for s in expand(exp):
@@ -322,6 +327,8 @@ def test_rows_that_differ_only_in_evaluation_share_one_training(tmp_path):
     store.mark_done(dcn.run_id)
     store.write_metrics(dcn.eval_key, {"AP": 50.1})
     store.mark_done(dcn.eval_key)
+    store.write_metrics(dcn.measure_key, {"params": 112_000_000})
+    store.mark_done(dcn.measure_key)
     plan = {e.spec.label: e for e in store.plan([dcn, tta])}
     assert (plan[dcn.label].state, plan[dcn.label].action) == ("done", "skip")
     assert (plan[tta.label].state, plan[tta.label].action, plan[tta.label].kind) == ("evaluate", "run", "evaluate")
@@ -332,6 +339,12 @@ def test_rows_that_differ_only_in_evaluation_share_one_training(tmp_path):
     import dataclasses
     more = dataclasses.replace(dcn.config, eval=dataclasses.replace(dcn.config.eval, num_detections=300))
     assert run_id(more) == dcn.run_id and eval_id(more) != dcn.eval_id
+    # and a measurement setting measures again: no training, no evaluation
+    faster = dataclasses.replace(dcn.config, benchmark=dataclasses.replace(dcn.config.benchmark, fps_batch_sizes=(1, 8)))
+    assert run_id(faster) == dcn.run_id and eval_id(faster) == dcn.eval_id and measure_id(faster) != dcn.measure_id
+    respec = dataclasses.replace(dcn, config=faster, measure_id=measure_id(faster))
+    entry = store.plan([respec])[0]
+    assert (entry.state, entry.action, entry.kind, entry.key) == ("measure", "run", "measure", respec.measure_key)
 
 
 def test_test_dev_detections_are_zipped_for_the_evaluation_server(tmp_path):

@@ -31,6 +31,11 @@ MEASUREMENT_FIELDS = ("benchmark", "eval.save_detections")
 # bumped when a field changes meaning (not when one is added: new fields with defaults change no id)
 SCHEMA_VERSION = 2
 EVALUATIONS = "evaluations"      # run folder -> evaluations/<eval_id>/
+# What a measurement of the trained model (parameters, FLOPs over evaluation images, FPS) depends on besides the
+# model: its own record, so that changing a benchmark setting measures again instead of training again.
+MEASUREMENT_ID_FIELDS = ("benchmark", "data.val_split", "data.eval_size", "data.max_size")
+MEASUREMENTS = "measurements"    # run folder -> measurements/<measure_id>/
+KINDS = ("train", "evaluate", "measure")
 
 
 @dataclass(frozen=True)
@@ -44,11 +49,21 @@ class RunSpec:
     paper: Mapping[str, Optional[float]]
     row_index: int
     eval_id: str = ""               # the evaluation of the run's checkpoint this row reports
+    measure_id: str = ""            # the measurement of the run's model this row reports
 
     @property
     def eval_key(self) -> str:
         """The evaluation's record in the store: ``<run_id>/evaluations/<eval_id>``."""
         return f"{self.run_id}/{EVALUATIONS}/{self.eval_id}"
+
+    @property
+    def measure_key(self) -> str:
+        """The measurement's record in the store: ``<run_id>/measurements/<measure_id>``."""
+        return f"{self.run_id}/{MEASUREMENTS}/{self.measure_id}"
+
+    def key(self, kind: str) -> str:
+        """The record a job of ``kind`` (train | evaluate | measure) fills."""
+        return {"train": self.run_id, "evaluate": self.eval_key, "measure": self.measure_key}[kind]
 
 
 
@@ -68,16 +83,18 @@ def expand(experiment: Experiment, scale: Optional[str] = None) -> List[RunSpec]
                 launcher=dataclasses.replace(cfg.launcher, seeds=()))
             changed = _changed_fields(resolved)
             specs.append(RunSpec(experiment.name, row.label, seed, resolved, _run_id(changed), scale,
-                                 row.paper, index, _eval_id(changed)))
+                                 row.paper, index, _sub_id(changed, EVALUATION_FIELDS),
+                                 _sub_id(changed, MEASUREMENT_ID_FIELDS)))
     return specs
 
 
 def unique_runs(specs: Sequence[RunSpec]) -> List[RunSpec]:
-    """The specs to launch: the first of each (run, evaluation); rows that share both share everything."""
+    """The specs to launch: the first of each (run, evaluation, measurement); rows that share all three share
+    everything."""
     seen, out = set(), []
     for spec in specs:
-        if (spec.run_id, spec.eval_id) not in seen:
-            seen.add((spec.run_id, spec.eval_id))
+        if (spec.run_id, spec.eval_id, spec.measure_id) not in seen:
+            seen.add((spec.run_id, spec.eval_id, spec.measure_id))
             out.append(spec)
     return out
 
@@ -124,8 +141,9 @@ def _run_id(changed: dict) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
-def _eval_id(changed: dict) -> str:
-    d = _select(changed, EVALUATION_FIELDS, keep=True)
+def _sub_id(changed: dict, fields) -> str:
+    """The identity of an evaluation or measurement within its run: ``default`` when ``fields`` are."""
+    d = _select(changed, fields, keep=True)
     if not d:
         return "default"
     return hashlib.sha1(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:8]
@@ -148,7 +166,12 @@ def run_id(cfg: RunConfig) -> str:
 def eval_id(cfg: RunConfig) -> str:
     """The evaluation's identity within its training: split, input size, test-time augmentation, detections
     per image (``default`` when all are the defaults)."""
-    return _eval_id(_changed_fields(cfg))
+    return _sub_id(_changed_fields(cfg), EVALUATION_FIELDS)
+
+
+def measure_id(cfg: RunConfig) -> str:
+    """The measurement's identity within its training: benchmark settings and the images it measures on."""
+    return _sub_id(_changed_fields(cfg), MEASUREMENT_ID_FIELDS)
 
 
 def config_from_dict(d: Mapping) -> RunConfig:

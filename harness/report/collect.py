@@ -106,8 +106,17 @@ def _read_run(store: ResultsStore, spec) -> dict:
         evaluation = None
     elif record["state"] == "done" or (status is not None and status.state == "done"):
         record["state"] = status.state if status is not None else "evaluate"
+        if record["state"] == "done" and store.read_status(spec.measure_key) is None:
+            record["state"] = "measure"
         if status is not None and status.state == "failed":
             record["error"] = status.reason or ""
+    try:
+        measurement = store.read_metrics(spec.measure_key) if evaluation is not None else None
+    except CorruptFileError as e:
+        measurement = None
+        record["error"] = "; ".join(filter(None, [record["error"], str(e)]))
+    if measurement is not None:            # the row's own benchmark settings measured the trained model
+        metrics = {**(metrics or {}), **{k: v for k, v in measurement.items() if k not in EVALUATED_FIELDS}}
     if evaluation is not None:
         metrics = {**(metrics or {}), **{k: v for k, v in evaluation.items() if k in EVALUATED_FIELDS}}
         if evaluation.get("source"):       # numbers measured elsewhere (the COCO evaluation server) say so

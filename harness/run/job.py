@@ -25,7 +25,7 @@ from harness.grid import RunSpec
 from harness.launch.environment import distributed_env_from_submitit
 from harness.launch.wrapper import stop_requested
 from harness.measure import complexity, speed
-from harness.metrics import METRICS
+from harness.metrics import MEASURED_FIELDS, METRICS
 from harness.provenance import device_name
 from harness.run import distributed as dist_utils
 from harness.run.checkpointing import CHECKPOINT
@@ -42,7 +42,7 @@ class JobRequest:
     spec: RunSpec
     results_root: str
     commit: Optional[str] = None
-    kind: str = "train"          # train (then evaluate and measure) | evaluate (the trained checkpoint only)
+    kind: str = "train"          # train (then evaluate and measure) | evaluate | measure (the trained model only)
 
 
 class RunClaimedElsewhere(RuntimeError):
@@ -105,6 +105,14 @@ def evaluation_record(spec: RunSpec, metrics: dict, **provenance) -> dict:
             "tta": spec.config.eval.tta, "num_detections": spec.config.eval.num_detections, **provenance}
 
 
+def measurement_record(spec: RunSpec, measured: dict) -> dict:
+    """What a measurement record holds: parameters, FLOPs and FPS, and on what and where they were measured."""
+    keep = set(MEASURED_FIELDS) | {"gflops_input", "gflops_images", "fps_input", "fps_device", "precision",
+                                   "fps_attn_impl", "device", "commit", "date", "torch", "unsupported_ops"}
+    kept = {k: v for k, v in measured.items() if k in keep or k.startswith("fps_bs") or k == "fps_details"}
+    return {**kept, "run_id": spec.run_id, "measure_id": spec.measure_id}
+
+
 def server_submission(detections: Path, folder: Path, name: str) -> Optional[Path]:
     """The zip the COCO evaluation server expects (``detections_test-dev2017_<name>_results.json`` inside)."""
     if not detections.is_file():
@@ -120,12 +128,11 @@ def server_submission(detections: Path, folder: Path, name: str) -> Optional[Pat
 
 
 def run_job(request: JobRequest) -> dict:
-    """Train, evaluate and measure one run, or (``kind`` evaluate) evaluate its checkpoint; returns the
-    metrics (on every rank)."""
+    """Train, evaluate and measure one run, or (``kind`` evaluate / measure) evaluate its checkpoint or measure
+    its model; returns the metrics (on every rank)."""
     spec, store = request.spec, ResultsStore(request.results_root)
     exp, cfg = spec.experiment, spec.config
-    evaluating = request.kind == "evaluate"
-    run_id = spec.eval_key if evaluating else spec.run_id          # the record this job fills
+    run_id = spec.key(request.kind)          # the record this job fills
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")
     if cpus and cpus.isdigit():
         # torch's threads default to every core of the node: with one task per GPU (or several CPU tasks)
@@ -156,8 +163,10 @@ def run_job(request: JobRequest) -> dict:
             print(f"run {exp}/{run_id} ({spec.label!r}, seed {spec.seed}, {spec.scale} scale) in {out_dir}",
                   flush=True)
         dist_utils.barrier()
-        if evaluating:
+        if request.kind == "evaluate":
             return _evaluate(request, store, run_id, main, record_attempt, gpus)
+        if request.kind == "measure":
+            return _measure(request, store, run_id, main, record_attempt)
         log_fn = (lambda record: store.append_log(run_id, record)) if main else None
         # a stop signal (pre-emption, time-out, scontrol requeue) ends training at the next iteration with a
         # mid-epoch checkpoint; the requeued job resumes at that iteration
@@ -192,6 +201,9 @@ def run_job(request: JobRequest) -> dict:
                 spec, metrics, device=metrics["device"], commit=request.commit, date=metrics["date"],
                 server_submission=submission and submission.name))
             store.mark_done(spec.eval_key)
+            store.prepare(spec, spec.measure_key)
+            store.write_metrics(spec.measure_key, measurement_record(spec, metrics))
+            store.mark_done(spec.measure_key)
             store.mark_done(run_id)
         return metrics
     except Exception as err:  # a SystemExit (pre-emption, requeue) leaves the run to its next attempt
@@ -230,3 +242,24 @@ def _evaluate(request: JobRequest, store: ResultsStore, key: str, main: bool, re
         store.write_metrics(key, metrics)
         store.mark_done(key)
     return metrics
+
+
+def _measure(request: JobRequest, store: ResultsStore, key: str, main: bool, record_attempt) -> dict:
+    """Measure the run's model as the row's benchmark settings ask (parameters, FLOPs, FPS) into its
+    measurement record; the training is not touched. Rank 0 measures; the others only wait."""
+    spec = request.spec
+    dist_utils.barrier()
+    dist_utils.cleanup()
+    if not main:
+        return {}
+    measured = measure(spec.config, str(store.run_dir(spec.run_id)))
+    if "attn_impl" in measured:
+        measured["fps_attn_impl"] = measured.pop("attn_impl")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    measured.update(device=device_name(device), commit=request.commit, date=datetime.date.today().isoformat(),
+                    torch=torch.__version__)
+    record_attempt()
+    record = measurement_record(spec, measured)
+    store.write_metrics(key, record)
+    store.mark_done(key)
+    return record

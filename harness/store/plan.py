@@ -30,7 +30,7 @@ def dry_run_plan(experiment: Experiment, store: Optional[ResultsStore] = None,
         cfg = spec.config
         row = experiment.row(spec.label)
         hours = estimate_gpu_hours(cfg, row.paper.get("gpu_hours"), row.cells.get("epochs"),
-                                   evaluation_only=entry.kind == "evaluate" and entry.state != "done")
+                                   evaluation_only=entry.kind != "train" and entry.state != "done")
         duplicate = entry.key in seen
         seen.add(entry.key)
         if not duplicate:
@@ -51,7 +51,7 @@ def dry_run_plan(experiment: Experiment, store: Optional[ResultsStore] = None,
             resources += f", ~{wall_h:.0f} h wall" + (f", {parts - 1} requeue(s)" if parts > 1 else "")
         else:
             resources = f"{world_size(l)} CPU process(es), {l.executor}"
-        action = "shared" if duplicate else "evaluate only" if entry.action == "run" and entry.kind == "evaluate" \
+        action = "shared" if duplicate else f"{entry.kind} only" if entry.action == "run" and entry.kind != "train" \
             else entry.action
         owner = (store.read_config(spec.run_id) or {}) if store is not None and entry.state != "new" else {}
         if entry.action == "skip" and owner.get("experiment") not in (None, experiment.name):

@@ -44,16 +44,16 @@ class Status:
 @dataclass(frozen=True)
 class PlanEntry:
     spec: RunSpec
-    state: str          # new | evaluate | done | queued | running | failed | cancelled | stale | lost | corrupt | claimed
+    state: str          # new | evaluate | measure | done | queued | running | failed | cancelled | stale | lost | corrupt | claimed
     action: str         # run | skip
     reason: str = ""
     job_ids: Tuple[str, ...] = ()
-    kind: str = "train"  # train: the run's training (and its evaluation); evaluate: the evaluation only
+    kind: str = "train"  # train (then evaluate and measure) | evaluate | measure: what a job of this entry does
 
     @property
     def key(self) -> str:
-        """The record this entry is about: the run, or the row's evaluation of it."""
-        return self.spec.eval_key if self.kind == "evaluate" else self.spec.run_id
+        """The record this entry is about: the run, or the row's evaluation or measurement of it."""
+        return self.spec.key(self.kind)
 
 
 # ------------------------------------------------------------------------------------------ pure rules

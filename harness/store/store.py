@@ -293,9 +293,7 @@ class ResultsStore:
                          ) -> Optional[Claim]:
         """Claim a run to submit it, then check again that no one queued it meanwhile. The caller
         submits, writes ``mark_queued`` and releases. None: skip this run."""
-        entry = self.plan_one(spec, job_alive)
-        key = spec.eval_key if entry.kind == "evaluate" else spec.run_id
-        claim = self.claim(key)
+        claim = self.claim(self.plan_one(spec, job_alive).key)
         if claim is None:
             return None
         entry = self.plan_one(spec, job_alive, ignore_claim=True)     # the claim is ours now
@@ -308,15 +306,18 @@ class ResultsStore:
     def plan_one(self, spec: RunSpec, job_alive: Optional[Callable[[str], Optional[bool]]] = None,
                  ignore_claim: bool = False) -> PlanEntry:
         """The training first: until it is done, the entry is the training's. Then the row's evaluation of it
-        (``spec.eval_key``): done, queued or running as its own record says, else an evaluation to run."""
+        (``spec.eval_key``), then its measurement (``spec.measure_key``): done, queued or running as their own
+        records say, else the one to run."""
         training = self._plan_record(spec, spec.run_id, job_alive, ignore_claim)
         if training.state != "done":
             return training
-        evaluation = self._plan_record(spec, spec.eval_key, job_alive, ignore_claim)
-        if evaluation.state == "new":
-            return dataclasses.replace(evaluation, state="evaluate", kind="evaluate",
-                                       reason="its training is done; its evaluation is not")
-        return dataclasses.replace(evaluation, kind="evaluate")
+        for kind, missing in (("evaluate", "its evaluation"), ("measure", "its measurement")):
+            entry = dataclasses.replace(self._plan_record(spec, spec.key(kind), job_alive, ignore_claim), kind=kind)
+            if entry.state == "new":
+                return dataclasses.replace(entry, state=kind, reason=f"its training is done; {missing} is not")
+            if entry.state != "done":
+                return entry
+        return entry
 
     def _plan_record(self, spec: RunSpec, key: str, job_alive, ignore_claim: bool) -> PlanEntry:
         status, status_error, metrics_error = None, None, None
