@@ -317,7 +317,7 @@ class ResultsStore:
                 return dataclasses.replace(entry, state=kind, reason=f"its training is done; {missing} is not")
             if entry.state != "done":
                 return entry
-        return entry
+        return training                    # all done: the row is its run
 
     def _plan_record(self, spec: RunSpec, key: str, job_alive, ignore_claim: bool) -> PlanEntry:
         status, status_error, metrics_error = None, None, None
