@@ -9,8 +9,8 @@ from typing import List, Optional
 
 from harness import launch
 from harness.config import EXECUTORS, ConfigError
-from harness.grid import (ExperimentError, check_unique_name, expand, find_experiment, load_experiment, runs_elsewhere,
-                          unique_runs)
+from harness.grid import (KINDS, ExperimentError, check_unique_name, expand, find_experiment, load_experiment,
+                          runs_elsewhere, unique_runs)
 from harness.grid.feasibility import config_warnings
 from harness.provenance import git_commit
 from harness.store import ResultsError, ResultsStore, dry_run_plan, tail_text
@@ -71,7 +71,7 @@ def _job_states(store, specs) -> dict:
     if not launch.slurm_available():
         return {}
     ids = []
-    for key in dict.fromkeys(k for spec in specs for k in (spec.run_id, spec.eval_key)):
+    for key in dict.fromkeys(spec.key(kind) for spec in specs for kind in KINDS):
         try:
             status = store.read_status(key)
         except ResultsError:
@@ -88,6 +88,15 @@ def _job_alive(states: dict):
     return lambda job_id: None if states.get(job_id) is None else states[job_id].split()[0] in launch.ALIVE_STATES
 
 
+def _plan(store, specs):
+    """The store's plan, with the scheduler asked once about every job the runs' records name."""
+    return store.plan(specs, job_alive=_job_alive(_job_states(store, specs)))
+
+
+def _warnings(specs) -> List[str]:
+    return sorted({w for spec in specs for w in config_warnings(spec.config)})
+
+
 def _log_paths(store, spec, status):
     """(stdout, stderr) of the newest job of a run: in the folder of the experiment that submitted it (a run
     two experiments share was submitted by one of them)."""
@@ -97,7 +106,7 @@ def _log_paths(store, spec, status):
 
 def status_text(experiment, store) -> str:
     specs = unique_runs(expand(experiment))
-    entries = store.plan(specs, job_alive=_job_alive(_job_states(store, specs)))
+    entries = _plan(store, specs)
     seeded = any(len(row.seeds) > 1 for row in experiment.rows)
     header = ["row"] + (["seed"] if seeded else []) + ["run id", "state", "job", "progress"]
     table, notes, reasons = [], [], {}
@@ -150,7 +159,7 @@ def logs_text(experiment, store, row: str) -> str:
 def cancel(experiment, store) -> List[str]:
     """Cancel the queued and running jobs of the selected rows in one ``scancel``; mark the runs cancelled."""
     specs = unique_runs(expand(experiment))
-    entries = [e for e in store.plan(specs, job_alive=_job_alive(_job_states(store, specs)))
+    entries = [e for e in _plan(store, specs)
                if e.state in ("queued", "running") and e.job_ids]
     launch.cancel([e.job_ids[-1] for e in entries])
     for e in entries:
@@ -175,8 +184,7 @@ def launch_plan(experiment, executor: Optional[str]) -> str:
         params = launch.executor_parameters(launcher, kind, job_name=experiment.name)
         shown = ", ".join(f"{k}={v}" for k, v in params.items() if k != "slurm_setup")
         lines.append(f"executor {kind} ({why}) for {len(labels)} run(s): {shown}")
-    warnings = sorted({w for spec in specs for w in config_warnings(spec.config)})
-    return "\n".join(lines + [f"warning: {w}" for w in warnings]) + "\n"
+    return "\n".join(lines + [f"warning: {w}" for w in _warnings(specs)]) + "\n"
 
 
 # ------------------------------------------------------------------------------------------- submitting
@@ -196,13 +204,13 @@ def submit(experiment, store, executor=None, rerun=False):
     kind = launch.resolve_executor(executor or specs[0].config.launcher.executor) if specs else "local"
     for spec in specs:
         launch.check_launcher(spec.config.launcher, kind)
-    entries = store.plan(specs, job_alive=_job_alive(_job_states(store, specs)))
+    entries = _plan(store, specs)
     if rerun:
         for e in entries:
             if e.state == "done":
                 shutil.rmtree(store.run_dir(e.spec.run_id))
-        entries = store.plan(specs, job_alive=_job_alive(_job_states(store, specs)))
-    for warning in sorted({w for spec in specs for w in config_warnings(spec.config)}):
+        entries = _plan(store, specs)
+    for warning in _warnings(specs):
         print(f"warning: {warning}")
     for model_cfg in dict.fromkeys(e.spec.config.model for e in entries if e.action == "run"):
         try:
@@ -324,10 +332,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         for spec, (outcome, value) in zip(specs, outcomes if outcomes is not None else launch.wait(jobs)):
             if outcome != "success":
                 failed += 1
-                status = store.read_status(spec.run_id)
-                if status is not None and status.state == "done":      # the evaluation failed, not the training
-                    status = store.read_status(spec.eval_key)
-                reason = status.reason if status is not None and status.reason else str(value).strip()
+                # the record that failed: the training, or the evaluation or measurement of a trained run
+                entry = store.plan_one(spec)
+                reason = entry.reason if entry.state == "failed" and entry.reason else str(value).strip()
                 print(f"FAILED {spec.label!r} ({spec.run_id}): {reason}\n  log: {value}")
         return max(_report(experiment, args), 1 if failed else 0)
     except (ExperimentError, ResultsError, ConfigError, launch.LaunchError) as err:

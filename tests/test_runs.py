@@ -275,16 +275,17 @@ def test_read_only_results_root(tmp_path):
         tmp_path.chmod(0o700)
 
 
+def _trained_evaluated_measured(store, spec, training: dict, evaluation: dict, measurement: dict) -> None:
+    """A row whose three records are done, as a training job leaves them."""
+    for key, metrics in ((spec.eval_key, evaluation), (spec.measure_key, measurement), (spec.run_id, training)):
+        store.complete(key, metrics)
+
+
 def test_dry_run_plan(tmp_path):
     exp = load_experiment(ROOT / "experiments" / "table1.yaml", check_data=False)
     store = ResultsStore(tmp_path)
     spec = [s for s in expand(exp) if s.label == "Deformable DETR"][0]
-    store.write_metrics(spec.run_id, {"epochs_trained": 50})
-    store.mark_done(spec.run_id)
-    store.write_metrics(spec.eval_key, {"AP": 43.0})
-    store.mark_done(spec.eval_key)
-    store.write_metrics(spec.measure_key, {"params": 40069665})
-    store.mark_done(spec.measure_key)
+    _trained_evaluated_measured(store, spec, {"epochs_trained": 50}, {"AP": 43.0}, {"params": 40069665})
     text = dry_run_plan(exp, store)
     assert "8 run(s)" in text
     for s in expand(exp):
@@ -323,12 +324,7 @@ def test_rows_that_differ_only_in_evaluation_share_one_training(tmp_path):
     assert dcn.run_id == tta.run_id and dcn.eval_id != tta.eval_id
     assert two_stage.run_id == test_dev.run_id and two_stage.eval_id != test_dev.eval_id
     store = ResultsStore(tmp_path)
-    store.write_metrics(dcn.run_id, {"epochs_trained": 50})
-    store.mark_done(dcn.run_id)
-    store.write_metrics(dcn.eval_key, {"AP": 50.1})
-    store.mark_done(dcn.eval_key)
-    store.write_metrics(dcn.measure_key, {"params": 112_000_000})
-    store.mark_done(dcn.measure_key)
+    _trained_evaluated_measured(store, dcn, {"epochs_trained": 50}, {"AP": 50.1}, {"params": 112_000_000})
     plan = {e.spec.label: e for e in store.plan([dcn, tta])}
     assert (plan[dcn.label].state, plan[dcn.label].action) == ("done", "skip")
     assert (plan[tta.label].state, plan[tta.label].action, plan[tta.label].kind) == ("evaluate", "run", "evaluate")

@@ -69,58 +69,37 @@ def collect(results_root: Union[str, Path], experiment: Union[Experiment, str, P
 
 
 def _read_run(store: ResultsStore, spec) -> dict:
-    """state, error, the numeric and text fields of one row's run, and whether it has any metrics. The
-    training's record gives what training and measuring made (epochs, GPU-hours, parameters, FLOPs, FPS,
-    provenance); the row's evaluation record gives the COCO numbers, since rows sharing a training may
-    evaluate it differently (another split, test-time augmentation)."""
-    run_id = spec.run_id
-    record = {"state": "new", "error": ""}
-    try:
-        status = store.read_status(run_id)
-        if status is not None:
-            record["state"] = status.state
-            if status.state == "failed":
-                record["error"] = status.reason or ""
-    except CorruptFileError as e:
-        record.update(state="corrupt", error=str(e))
-    metrics = None
-    try:
-        metrics = store.read_metrics(run_id)
-    except CorruptFileError as e:
-        record.update(state="corrupt", error=str(e))
-    try:       # complexity/speed measured alone fills what the run has not measured (yet)
-        benchmark = store.read_benchmark(run_id)
-        if benchmark is not None:
-            metrics = {**benchmark, **(metrics or {})}
-    except CorruptFileError as e:
-        record["error"] = "; ".join(filter(None, [record["error"], str(e)]))
-    if metrics is not None:
-        metrics = {k: v for k, v in metrics.items() if k not in EVALUATED_FIELDS}
-    try:
-        evaluation = store.read_metrics(spec.eval_key)
-        status = store.read_status(spec.eval_key)
-    except CorruptFileError as e:
-        evaluation, status = None, None
-        record.update(state="corrupt", error=str(e))
-    if record["state"] == "corrupt":           # the training's record is unusable: it runs again
-        evaluation = None
-    elif record["state"] == "done" or (status is not None and status.state == "done"):
-        record["state"] = status.state if status is not None else "evaluate"
-        if record["state"] == "done" and store.read_status(spec.measure_key) is None:
-            record["state"] = "measure"
-        if status is not None and status.state == "failed":
-            record["error"] = status.reason or ""
-    try:
-        measurement = store.read_metrics(spec.measure_key) if evaluation is not None else None
-    except CorruptFileError as e:
-        measurement = None
-        record["error"] = "; ".join(filter(None, [record["error"], str(e)]))
-    if measurement is not None:            # the row's own benchmark settings measured the trained model
-        metrics = {**(metrics or {}), **{k: v for k, v in measurement.items() if k not in EVALUATED_FIELDS}}
-    if evaluation is not None:
-        metrics = {**(metrics or {}), **{k: v for k, v in evaluation.items() if k in EVALUATED_FIELDS}}
-        if evaluation.get("source"):       # numbers measured elsewhere (the COCO evaluation server) say so
-            metrics["device"] = "; ".join(filter(None, [(metrics or {}).get("device"), f"AP: {evaluation['source']}"]))
+    """state, error, the numeric and text fields of one row's run, and whether it has any metrics.
+
+    The state is the store's plan for the row (training, then its evaluation, then its measurement). The
+    numbers come from, in increasing precedence: a measurement made without training (benchmark.json), the
+    training's record (epochs, GPU-hours, provenance), the row's measurement record (parameters, FLOPs, FPS)
+    and its evaluation record (the COCO numbers: rows sharing a training may evaluate it differently)."""
+    entry = store.plan_one(spec)
+    errors = [entry.reason] if entry.state in ("failed", "corrupt") and entry.reason else []
+
+    def read(reader, key) -> dict:
+        try:
+            return reader(key)
+        except CorruptFileError as e:
+            errors.append(str(e))
+            return None
+
+    def fields(record, evaluated: bool):
+        return None if record is None else {k: v for k, v in record.items() if (k in EVALUATED_FIELDS) == evaluated}
+
+    parts = [fields(read(store.read_benchmark, spec.run_id), False)]
+    evaluation = None
+    if entry.state != "corrupt":              # an unusable record runs again: its numbers are not shown
+        evaluation = read(store.read_metrics, spec.eval_key)
+        parts += [fields(read(store.read_metrics, spec.run_id), False),
+                  fields(read(store.read_metrics, spec.measure_key), False), fields(evaluation, True)]
+    found = [part for part in parts if part is not None]
+    metrics = {k: v for part in found for k, v in part.items()} if found else None
+    source = (evaluation or {}).get("source")
+    if source:                                # numbers measured elsewhere (the COCO evaluation server) say so
+        metrics["device"] = "; ".join(filter(None, [metrics.get("device"), f"AP: {source}"]))
+    record = {"state": entry.state, "error": "; ".join(dict.fromkeys(errors))}
     for key in NUMERIC_FIELDS:
         record[key] = _number((metrics or {}).get(key))
     for key in TEXT_FIELDS:

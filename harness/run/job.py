@@ -25,7 +25,7 @@ from harness.grid import RunSpec
 from harness.launch.environment import distributed_env_from_submitit
 from harness.launch.wrapper import stop_requested
 from harness.measure import complexity, speed
-from harness.metrics import MEASURED_FIELDS, METRICS
+from harness.metrics import EVALUATED_FIELDS, MEASURED_FIELDS
 from harness.provenance import device_name
 from harness.run import distributed as dist_utils
 from harness.run.checkpointing import CHECKPOINT
@@ -71,19 +71,26 @@ class _Heartbeat(threading.Thread):
             self.store.heartbeat(self.claim)
 
 
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def measure(run_cfg, output_dir) -> dict:
     """Parameters, FLOPs (fvcore, over the first evaluation images) and FPS of the run's model."""
     bench = run_cfg.benchmark
     if bench.flops:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        out = complexity.measure_complexity(run_cfg, images=bench.flops_images, output_dir=output_dir, device=device)
+        out = complexity.measure_complexity(run_cfg, images=bench.flops_images, output_dir=output_dir,
+                                            device=_device())
         # the per-image list and per-operator breakdown stay out of metrics.json
         for key in ("gflops_each", "by_operator", "handles"):
             out.pop(key, None)
     else:
         out = {"params": complexity.count_parameters(complexity.build_for_complexity(run_cfg.model))}
     if bench.fps:
-        out.update(speed.measure_run_speed(run_cfg, output_dir=output_dir))
+        fps = speed.measure_run_speed(run_cfg, output_dir=output_dir)
+        if "attn_impl" in fps:      # the implementation the FPS ran (attn_impl is kept for what training ran)
+            fps["fps_attn_impl"] = fps.pop("attn_impl")
+        out.update(fps)
     return out
 
 
@@ -100,7 +107,7 @@ def backbone_weights_text(model_cfg) -> str:
 
 def evaluation_record(spec: RunSpec, metrics: dict, **provenance) -> dict:
     """What an evaluation record holds: the COCO numbers and where, how and on what they were measured."""
-    numbers = {m.field: metrics[m.field] for m in METRICS if m.field in metrics and m.field.startswith("AP")}
+    numbers = {k: metrics[k] for k in EVALUATED_FIELDS if k in metrics}
     return {**numbers, "run_id": spec.run_id, "eval_id": spec.eval_id, "split": spec.config.data.val_split,
             "tta": spec.config.eval.tta, "num_detections": spec.config.eval.num_detections, **provenance}
 
@@ -132,7 +139,7 @@ def run_job(request: JobRequest) -> dict:
     its model; returns the metrics (on every rank)."""
     spec, store = request.spec, ResultsStore(request.results_root)
     exp, cfg = spec.experiment, spec.config
-    run_id = spec.key(request.kind)          # the record this job fills
+    key = spec.key(request.kind)          # the record this job fills: the run, its evaluation or measurement
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")
     if cpus and cpus.isdigit():
         # torch's threads default to every core of the node: with one task per GPU (or several CPU tasks)
@@ -142,32 +149,32 @@ def run_job(request: JobRequest) -> dict:
     info = dist_utils.init_distributed()
     main = info["rank"] == 0
     job_id = _job_id()
-    out_dir = store.run_dir(run_id)
+    out_dir = store.run_dir(key)
     claim = heartbeat = attempt = None
     started = time.time()
     gpus = info["world_size"] if torch.cuda.is_available() else 0
 
     def record_attempt():
-        store.record_attempt(run_id, attempt, started, gpus)
+        store.record_attempt(key, attempt, started, gpus)
 
     try:
         if main:
-            store.prepare(spec, run_id)
-            claim = store.claim(run_id, job_id=job_id)
+            store.prepare(spec, key)
+            claim = store.claim(key, job_id=job_id)
             if claim is None:
                 raise RunClaimedElsewhere(f"{out_dir}: run is claimed by another live job; not running it twice")
-            attempt = f"{store.mark_running(run_id, job_id=job_id).attempts}"
+            attempt = f"{store.mark_running(key, job_id=job_id).attempts}"
             record_attempt()
             heartbeat = _Heartbeat(store, claim, on_beat=record_attempt)
             heartbeat.start()
-            print(f"run {exp}/{run_id} ({spec.label!r}, seed {spec.seed}, {spec.scale} scale) in {out_dir}",
+            print(f"run {exp}/{key} ({spec.label!r}, seed {spec.seed}, {spec.scale} scale) in {out_dir}",
                   flush=True)
         dist_utils.barrier()
         if request.kind == "evaluate":
-            return _evaluate(request, store, run_id, main, record_attempt, gpus)
+            return _evaluate(request, store, key, main, record_attempt, gpus)
         if request.kind == "measure":
-            return _measure(request, store, run_id, main, record_attempt)
-        log_fn = (lambda record: store.append_log(run_id, record)) if main else None
+            return _measure(request, store, key, main, record_attempt)
+        log_fn = (lambda record: store.append_log(key, record)) if main else None
         # a stop signal (pre-emption, time-out, scontrol requeue) ends training at the next iteration with a
         # mid-epoch checkpoint; the requeued job resumes at that iteration
         metrics = train(cfg, str(out_dir), log_fn=log_fn, should_stop=stop_requested)
@@ -178,37 +185,33 @@ def run_job(request: JobRequest) -> dict:
             print("measuring parameters, FLOPs and FPS", flush=True)
             measured = measure(cfg, str(out_dir))
             world = info["world_size"]
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            device = _device()
             record_attempt()
-            if "attn_impl" in measured:           # the implementation the FPS measurement ran
-                measured["fps_attn_impl"] = measured.pop("attn_impl")
             metrics.update(measured)
             metrics.update(
                 attn_impl=speed.attention_of_config(cfg.model, device, cfg.train.amp),   # what training ran
                 backbone_weights=backbone_weights_text(cfg.model),
-                label=spec.label, seed=spec.seed, run_id=run_id, scale=spec.scale, dataset=cfg.data.dataset,
+                label=spec.label, seed=spec.seed, run_id=spec.run_id, scale=spec.scale, dataset=cfg.data.dataset,
                 epochs_trained=metrics.pop("epochs", cfg.train.epochs), num_detections=cfg.eval.num_detections,
                 device=device_name(device),
                 world_size=world,
                 # every attempt's GPU time: a pre-empted and requeued run costs what all its attempts cost
-                gpu_hours=round(store.gpu_hours(run_id), 4) if gpus else None,
+                gpu_hours=round(store.gpu_hours(key), 4) if gpus else None,
                 commit=request.commit, date=datetime.date.today().isoformat(), torch=torch.__version__)
-            store.write_metrics(run_id, metrics)
-            # the row's evaluation of this training, as its own record: other rows evaluate it differently
+            # the row's evaluation and measurement of this training, as their own records (other rows evaluate
+            # or measure it differently); the training is done last, once they are there
             eval_dir = store.prepare(spec, spec.eval_key)
             submission = server_submission(out_dir / f"detections_{cfg.data.val_split}.json", eval_dir, exp)
-            store.write_metrics(spec.eval_key, evaluation_record(
+            store.complete(spec.eval_key, evaluation_record(
                 spec, metrics, device=metrics["device"], commit=request.commit, date=metrics["date"],
                 server_submission=submission and submission.name))
-            store.mark_done(spec.eval_key)
             store.prepare(spec, spec.measure_key)
-            store.write_metrics(spec.measure_key, measurement_record(spec, metrics))
-            store.mark_done(spec.measure_key)
-            store.mark_done(run_id)
+            store.complete(spec.measure_key, measurement_record(spec, metrics))
+            store.complete(key, metrics)
         return metrics
     except Exception as err:  # a SystemExit (pre-emption, requeue) leaves the run to its next attempt
         if main and not isinstance(err, RunClaimedElsewhere):
-            store.mark_failed(run_id, f"{type(err).__name__}: {err}", traceback.format_exc()[-4000:])
+            store.mark_failed(key, f"{type(err).__name__}: {err}", traceback.format_exc()[-4000:])
         raise
     finally:
         if attempt is not None:
@@ -231,16 +234,15 @@ def _evaluate(request: JobRequest, store: ResultsStore, key: str, main: bool, re
     dist_utils.cleanup()
     if main:
         record_attempt()
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         suffix = "_tta" if cfg.eval.tta else ""
         submission = server_submission(eval_dir / f"detections_{cfg.data.val_split}{suffix}.json", eval_dir,
                                        spec.experiment)
         metrics = evaluation_record(
-            spec, metrics, device=device_name(device), commit=request.commit, date=datetime.date.today().isoformat(),
-            gpu_hours=round(store.gpu_hours(key), 4) if gpus else None, checkpoint=str(checkpoint),
+            spec, metrics, device=device_name(_device()), commit=request.commit,
+            date=datetime.date.today().isoformat(), gpu_hours=round(store.gpu_hours(key), 4) if gpus else None,
+            checkpoint=str(checkpoint),
             server_submission=submission and submission.name)
-        store.write_metrics(key, metrics)
-        store.mark_done(key)
+        store.complete(key, metrics)
     return metrics
 
 
@@ -253,13 +255,9 @@ def _measure(request: JobRequest, store: ResultsStore, key: str, main: bool, rec
     if not main:
         return {}
     measured = measure(spec.config, str(store.run_dir(spec.run_id)))
-    if "attn_impl" in measured:
-        measured["fps_attn_impl"] = measured.pop("attn_impl")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    measured.update(device=device_name(device), commit=request.commit, date=datetime.date.today().isoformat(),
+    measured.update(device=device_name(_device()), commit=request.commit, date=datetime.date.today().isoformat(),
                     torch=torch.__version__)
     record_attempt()
     record = measurement_record(spec, measured)
-    store.write_metrics(key, record)
-    store.mark_done(key)
+    store.complete(key, record)
     return record

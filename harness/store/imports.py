@@ -46,6 +46,5 @@ def import_server_scores(store: ResultsStore, spec: RunSpec, path) -> dict:
               "split": spec.config.data.val_split, "tta": spec.config.eval.tta, "source": "evaluation server",
               "scores_file": str(Path(path).resolve())}
     store.prepare(spec, spec.eval_key)
-    store.write_metrics(spec.eval_key, record)
-    store.mark_done(spec.eval_key)
+    store.complete(spec.eval_key, record)
     return record

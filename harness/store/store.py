@@ -156,6 +156,11 @@ class ResultsStore:
     def mark_done(self, run_id: str) -> Status:
         return self.write_status(run_id, "done")
 
+    def complete(self, run_id: str, metrics: dict) -> Status:
+        """Write the record's metrics, then mark it done: a done record always has its numbers."""
+        self.write_metrics(run_id, metrics)
+        return self.mark_done(run_id)
+
     def mark_failed(self, run_id: str, reason: str, log_tail: str = "") -> Status:
         return self.write_status(run_id, "failed", reason=reason, log_tail=log_tail)
 
