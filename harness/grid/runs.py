@@ -66,7 +66,6 @@ class RunSpec:
         return {"train": self.run_id, "evaluate": self.eval_key, "measure": self.measure_key}[kind]
 
 
-
 def expand(experiment: Experiment, scale: Optional[str] = None) -> List[RunSpec]:
     """One :class:`RunSpec` per (selected, non-cited) row and seed, at ``scale`` (default: the
     experiment's). Rows whose resolved configs are identical share a run id (and so one run)."""
@@ -135,10 +134,13 @@ def _select(changed: dict, keys, keep: bool) -> dict:
     return out
 
 
-def _run_id(changed: dict) -> str:
+def _canonical(changed: dict) -> str:
     d = _select(changed, HASH_EXCLUDE + EVALUATION_FIELDS + MEASUREMENT_FIELDS, keep=False)
-    text = json.dumps({"schema": SCHEMA_VERSION, **d}, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha1(text.encode()).hexdigest()[:12]
+    return json.dumps({"schema": SCHEMA_VERSION, **d}, sort_keys=True, separators=(",", ":"))
+
+
+def _run_id(changed: dict) -> str:
+    return hashlib.sha1(_canonical(changed).encode()).hexdigest()[:12]
 
 
 def _sub_id(changed: dict, fields) -> str:
@@ -154,8 +156,7 @@ def canonical_json(cfg: RunConfig) -> str:
     from the field's default (sorted keys), less :data:`HASH_EXCLUDE` and the evaluation and measurement
     fields. A new field with a default thus leaves every existing run id as it is; a change in what a
     field means bumps :data:`SCHEMA_VERSION`."""
-    d = _select(_changed_fields(cfg), HASH_EXCLUDE + EVALUATION_FIELDS + MEASUREMENT_FIELDS, keep=False)
-    return json.dumps({"schema": SCHEMA_VERSION, **d}, sort_keys=True, separators=(",", ":"))
+    return _canonical(_changed_fields(cfg))
 
 
 def run_id(cfg: RunConfig) -> str:
