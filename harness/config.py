@@ -1,7 +1,8 @@
 """Typed configuration of everything a run does besides the model (frozen dataclasses), and the one list
 of each choice a field can take.
 
-One dataclass per concern. YAML maps onto them in :mod:`harness.grid`; the model's own config is
+One dataclass per concern. Every field declares its role beside its default (:func:`model.config.declare`:
+what it changes, so which id it enters); :mod:`harness.grid.identity` computes the ids from them. YAML maps onto them in :mod:`harness.grid`; the model's own config is
 :class:`model.config.ModelConfig`. Nothing here imports torch.
 """
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
-from model.config import ConfigError, ModelConfig
+from model.config import EVALUATION, MEASUREMENT, ConfigError, ModelConfig, declare, recorded, weights
 
 DATASETS = ("coco", "synthetic")
 AUGMENTATIONS = ("official", "none")
@@ -30,88 +31,103 @@ PRECISIONS = ("fp32", "tf32", "bf16")             # benchmark.precision
 EXECUTORS = ("auto", "slurm", "local", "debug")   # launcher.executor; auto: slurm where sbatch exists
 
 
+_SYNTHETIC = dict(active=lambda d: d.dataset == "synthetic")     # the generated set's fields, only when it is used
+_SCHEDULING = "where and how the job is scheduled, not what it computes"
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "coco"                    # coco | synthetic (generated COCO-format set)
-    root: Optional[str] = None               # COCO root: train2017/ val2017/ annotations/
-    train_split: str = "train2017"
-    val_split: str = "val2017"               # val2017 | test-dev2017 (image_info json, no annotations)
-    num_workers: int = 2
-    augmentation: str = "official"           # official | none
-    eval_size: int = 800                     # short side at evaluation
-    max_size: int = 1333
+    dataset: str = weights("coco")                       # coco | synthetic (generated COCO-format set)
+    root: Optional[str] = recorded(None, why="where the same dataset lies")   # COCO root: train2017/ val2017/ annotations/
+    train_split: str = weights("train2017")
+    val_split: str = declare("val2017", EVALUATION, MEASUREMENT)   # val2017 | test-dev2017 (image_info json, no annotations)
+    num_workers: int = recorded(2, why="augmentation is seeded per sample (seed, epoch, index), not per worker")
+    augmentation: str = weights("official")              # official | none
+    train_size: int = weights(800)                       # short side the training scales are set for (official: 800)
+    eval_size: int = declare(800, EVALUATION, MEASUREMENT)   # short side at evaluation
+    max_size: int = weights(1333)                        # long side at most, in training and evaluation
     # synthetic set (smoke runs and tests)
-    synthetic_train_images: int = 32
-    synthetic_val_images: int = 8
-    synthetic_image_size: Tuple[int, int] = (192, 256)   # H x W
-    synthetic_seed: int = 0
+    synthetic_train_images: int = weights(32, **_SYNTHETIC)
+    synthetic_val_images: int = declare(8, EVALUATION, MEASUREMENT, **_SYNTHETIC)
+    synthetic_image_size: Tuple[int, int] = weights((192, 256), **_SYNTHETIC)   # H x W
+    synthetic_seed: int = weights(0, **_SYNTHETIC)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 50
-    lr: float = 2e-4
-    lr_backbone: float = 2e-5
-    lr_linear_proj_mult: float = 0.1         # sampling_offsets and reference_points
-    weight_decay: float = 1e-4
-    lr_drop: int = 40                        # step schedule: x0.1 every lr_drop epochs
-    clip_max_norm: float = 0.1               # 0: no clipping
-    optimizer: str = "adamw"                 # adamw | sgd
-    momentum: float = 0.9                    # sgd only
-    lr_schedule: str = "step"                # step (lr_drop) | multistep (lr_milestones)
-    lr_milestones: Tuple[int, ...] = ()      # multistep: the epochs at whose start the lr drops x0.1
-    warmup_iters: int = 0                    # linear warm-up over this many optimiser steps (0: none)
-    warmup_factor: float = 0.001             # lr x this at the first step of the warm-up
-    lr_reference_batch: Optional[int] = None   # lrs are for this total batch; scaled linearly to the actual one
-    batch_size_per_gpu: int = 2
-    total_batch_size: int = 32               # the paper's; gradient accumulation keeps it on fewer GPUs
-    accumulate_to_total: bool = True
-    amp: str = "off"                         # off | bf16 | fp16
-    seed: int = 42
-    max_iters_per_epoch: Optional[int] = None   # smoke runs: cut an epoch short
-    print_freq: int = 10
-    eval_every: int = 1                      # epochs between evaluations (the last epoch always evaluates)
+    epochs: int = weights(50)
+    lr: float = weights(2e-4)
+    lr_backbone: float = weights(2e-5)
+    lr_linear_proj_mult: float = weights(0.1)            # sampling_offsets and reference_points
+    weight_decay: float = weights(1e-4)
+    lr_drop: int = weights(40, active=lambda t: t.lr_schedule == "step")   # step schedule: x0.1 every lr_drop epochs
+    clip_max_norm: float = weights(0.1)                  # 0: no clipping
+    optimizer: str = weights("adamw")                    # adamw | sgd
+    momentum: float = weights(0.9, active=lambda t: t.optimizer == "sgd")
+    lr_schedule: str = weights("step")                   # step (lr_drop) | multistep (lr_milestones)
+    lr_milestones: Tuple[int, ...] = weights(())         # multistep: the epochs at whose start the lr drops x0.1
+    warmup_iters: int = weights(0)                       # linear warm-up over this many optimiser steps (0: none)
+    warmup_factor: float = weights(0.001, active=lambda t: t.warmup_iters > 0)   # lr x this at the first step
+    lr_reference_batch: Optional[int] = weights(None)    # lrs are for this total batch; scaled linearly to the actual one
+    batch_size_per_gpu: int = weights(2)
+    # the paper's total batch; gradient accumulation keeps it on fewer GPUs. Without accumulation the total is
+    # batch_size_per_gpu x processes, which the run id then holds instead (harness.grid.identity)
+    total_batch_size: int = weights(32, active=lambda t: t.accumulate_to_total)
+    accumulate_to_total: bool = weights(True)
+    amp: str = weights("off")                            # off | bf16 | fp16
+    seed: int = weights(42)                              # a list in an experiment: one run per seed
+    max_iters_per_epoch: Optional[int] = weights(None)   # smoke runs: cut an epoch short
+    print_freq: int = recorded(10, why="console output only")
+    eval_every: int = recorded(1, why="evaluations between epochs do not touch the weights (each epoch reseeds)")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    eval_only: bool = False
-    checkpoint: Optional[str] = None         # an official or our checkpoint to evaluate / start from
-    batch_size_per_gpu: Optional[int] = None   # images per process at evaluation; None: train.batch_size_per_gpu
-    num_detections: int = 100                # detections kept per image (official: 100)
-    tta: bool = False                        # horizontal flip + multi-scale testing (Table 3)
-    tta_sizes: Tuple[int, ...] = (600, 700, 800, 900, 1000)
-    save_detections: bool = True             # COCO results JSON next to the metrics
+    eval_only: bool = weights(False)                     # no training: the weights are eval.checkpoint's
+    checkpoint: Optional[str] = weights(None, content=True)   # an official or our checkpoint to evaluate / start from
+    # images per process at evaluation; None: train.batch_size_per_gpu (padding changes DC5 models' outputs)
+    batch_size_per_gpu: Optional[int] = declare(None, EVALUATION)
+    num_detections: int = declare(100, EVALUATION)       # detections kept per image (official: 100)
+    tta: bool = declare(False, EVALUATION)               # horizontal flip + multi-scale testing (Table 3)
+    tta_sizes: Tuple[int, ...] = declare((600, 700, 800, 900, 1000), EVALUATION, active=lambda e: e.tta)
+    save_detections: bool = recorded(True, why="writes the COCO results JSON; the numbers are the same")
+
+
+def _measured(default):
+    return declare(default, MEASUREMENT)
 
 
 @dataclass(frozen=True)
 class BenchmarkConfig:
-    flops: bool = True
-    flops_images: int = 100                  # the paper: mean over the first 100 val images
-    fps: bool = True
-    fps_images: int = 100
-    fps_warmup: int = 10
-    fps_batch_sizes: Tuple[int, ...] = (1, 4)
-    precision: str = "fp32"                  # fp32 | tf32 | bf16
+    flops: bool = _measured(True)
+    flops_images: int = _measured(100)                   # the paper: mean over the first 100 val images
+    fps: bool = _measured(True)
+    fps_images: int = _measured(100)
+    fps_warmup: int = _measured(10)
+    fps_batch_sizes: Tuple[int, ...] = _measured((1, 4))
+    precision: str = _measured("fp32")                   # fp32 | tf32 | bf16
+
+
+def _scheduling(default):
+    return recorded(default, why=_SCHEDULING)
 
 
 @dataclass(frozen=True)
 class LauncherConfig:
-    executor: str = "auto"                   # auto | slurm | local | debug
-    partition: Optional[str] = None
-    nodes: int = 1
-    gpus_per_node: int = 8
-    cpus_per_task: int = 10
-    mem_gb: Optional[int] = None
-    timeout_min: int = 72 * 60
-    account: Optional[str] = None
-    qos: Optional[str] = None
-    constraint: Optional[str] = None
-    additional_parameters: Tuple[Tuple[str, str], ...] = ()   # extra sbatch args, as (key, value)
-    max_array_size: int = 1000
-    max_requeues: int = 10
-    seeds: Tuple[int, ...] = ()              # several seeds per row: mean and std in the tables
-    tasks_per_node: Optional[int] = None     # default: one per GPU (CPU runs: set explicitly)
+    executor: str = _scheduling("auto")                  # auto | slurm | local | debug
+    partition: Optional[str] = _scheduling(None)
+    nodes: int = _scheduling(1)
+    gpus_per_node: int = _scheduling(8)
+    cpus_per_task: int = _scheduling(10)
+    mem_gb: Optional[int] = _scheduling(None)
+    timeout_min: int = _scheduling(72 * 60)
+    account: Optional[str] = _scheduling(None)
+    qos: Optional[str] = _scheduling(None)
+    constraint: Optional[str] = _scheduling(None)
+    additional_parameters: Tuple[Tuple[str, str], ...] = _scheduling(())   # extra sbatch args, as (key, value)
+    max_array_size: int = _scheduling(1000)
+    max_requeues: int = _scheduling(10)
+    tasks_per_node: Optional[int] = _scheduling(None)    # default: one per GPU (CPU runs: set explicitly)
 
 
 @dataclass(frozen=True)

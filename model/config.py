@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Tuple
 
 ARCHS = ("deformable_detr", "detr", "faster_rcnn")
 BACKBONES = ("resnet50", "resnet101", "resnext101_32x8d", "resnext101_64x4d")
@@ -19,6 +19,64 @@ RCNN_BOX_LOSSES = ("smooth_l1", "giou")          # Faster R-CNN's box-head regre
 # V1 are the classic recipe's, V2 torchvision's 2021-2022 recipes (stronger: higher ImageNet top-1)
 BACKBONE_WEIGHTS = {"resnet50": ("IMAGENET1K_V1", "IMAGENET1K_V2"), "resnet101": ("IMAGENET1K_V1", "IMAGENET1K_V2"),
                     "resnext101_32x8d": ("IMAGENET1K_V1", "IMAGENET1K_V2"), "resnext101_64x4d": ("IMAGENET1K_V1",)}
+
+
+# ------------------------------------------------------------------------------------------ field roles
+# What a config field changes decides which identity it enters (harness.grid.identity hashes them):
+WEIGHTS = "weights"            # the trained weights: the run id (a new training)
+EVALUATION = "evaluation"      # how a checkpoint is evaluated: the evaluation id
+MEASUREMENT = "measurement"    # how a model is measured (params, FLOPs, FPS): the measurement id
+ROLES = (WEIGHTS, EVALUATION, MEASUREMENT)
+# A field with none of them (scheduling, logging, paths, the kernel that computes the same op) enters no id;
+# its value is still recorded in each run's config.yaml.
+
+
+def declare(default, *roles: str, active: Optional[Callable] = None, content: bool = False,
+            canonical: Optional[Callable] = None, why: str = ""):
+    """A config field with its roles (any of :data:`ROLES`; none: it enters no id).
+
+    ``active(section_config)``: the field matters only when this holds (``momentum`` with SGD); otherwise
+    it leaves the ids. ``content``: the value names a file whose bytes, not its path, are the identity.
+    ``canonical(value, section_config)``: the value's canonical form (two spellings of one thing hash
+    alike). ``why``: for a field with no role, what makes that right."""
+    unknown = [r for r in roles if r not in ROLES]
+    if unknown:
+        raise ValueError(f"unknown role {unknown[0]!r}; expected one of {ROLES}")
+    return dataclasses.field(default=default, metadata={"roles": tuple(roles), "active": active,
+                                                        "content": content, "canonical": canonical, "why": why})
+
+
+def weights(default, **kw):
+    """A field that changes the trained weights (it enters the run id)."""
+    return declare(default, WEIGHTS, **kw)
+
+
+def recorded(default, why: str):
+    """A field that changes no number: it enters no id and is recorded with the run."""
+    return declare(default, why=why)
+
+
+def field_roles(cls) -> dict:
+    """``{field name: metadata}`` of a config class; :class:`KeyError` names a field declared without roles."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if "roles" not in f.metadata:
+            raise KeyError(f"{cls.__name__}.{f.name} declares no role (use weights(), declare() or recorded())")
+        out[f.name] = f.metadata
+    return out
+
+
+def _canonical_backbone_weights(value, cfg):
+    # torchvision's IMAGENET1K_V1 is what None means (the official choice): one identity for both spellings
+    return None if value == "IMAGENET1K_V1" else value
+
+
+def _is_pretrained(cfg) -> bool:
+    return cfg.pretrained_backbone
+
+
+def _uses_focal_loss(cfg) -> bool:
+    return cfg.focal_loss
 
 
 class ConfigError(ValueError):
@@ -32,47 +90,49 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str = "deformable_detr"
+    arch: str = weights("deformable_detr")
     # backbone
-    backbone: str = "resnet50"
-    pretrained_backbone: bool = True
-    backbone_weights: Optional[str] = None  # None: the official choice (torchvision's IMAGENET1K_V1), a member
-                                            # of BACKBONE_WEIGHTS (IMAGENET1K_V2), or a local .pth of ImageNet weights
-    dilation: bool = False                  # DC5: dilation instead of stride in res5
-    dcn: bool = False                       # deformable convolution v2 in res3-res5 (3x3 convs)
-    train_backbone: bool = True             # official: lr_backbone > 0
-    position_embedding: str = "sine"        # sine | learned
+    backbone: str = weights("resnet50")
+    pretrained_backbone: bool = weights(True)
+    backbone_weights: Optional[str] = weights(None, active=_is_pretrained, content=True,
+                                              canonical=_canonical_backbone_weights)
+    # backbone_weights: None is the official choice (torchvision's IMAGENET1K_V1), else a member of
+    # BACKBONE_WEIGHTS (IMAGENET1K_V2) or a local .pth of ImageNet weights, identified by its bytes
+    dilation: bool = weights(False)                 # DC5: dilation instead of stride in res5
+    dcn: bool = weights(False)                      # deformable convolution v2 in res3-res5 (3x3 convs)
+    train_backbone: bool = weights(True)            # official: lr_backbone > 0
+    position_embedding: str = weights("sine")       # sine | learned
     # transformer
-    num_feature_levels: int = 4
-    enc_n_points: int = 4
-    dec_n_points: int = 4
-    ms_attention: bool = True
-    neck: str = "none"
-    with_box_refine: bool = False
-    two_stage: bool = False
-    num_queries: int = 300
-    num_classes: int = 91
-    hidden_dim: int = 256
-    dim_feedforward: int = 1024
-    nheads: int = 8
-    enc_layers: int = 6
-    dec_layers: int = 6
-    dropout: float = 0.1
-    pre_norm: bool = False                  # DETR only
-    aux_loss: bool = True
-    focal_loss: bool = True                 # sigmoid focal loss; False: softmax + no-object class (DETR)
-    attn_impl: str = "auto"                 # multi-scale deformable attention implementation
+    num_feature_levels: int = weights(4)
+    enc_n_points: int = weights(4)
+    dec_n_points: int = weights(4)
+    ms_attention: bool = weights(True)
+    neck: str = weights("none")
+    with_box_refine: bool = weights(False)
+    two_stage: bool = weights(False)
+    num_queries: int = weights(300)
+    num_classes: int = weights(91)
+    hidden_dim: int = weights(256)
+    dim_feedforward: int = weights(1024)
+    nheads: int = weights(8)
+    enc_layers: int = weights(6)
+    dec_layers: int = weights(6)
+    dropout: float = weights(0.1)
+    pre_norm: bool = weights(False)                 # DETR only
+    aux_loss: bool = weights(True)
+    focal_loss: bool = weights(True)                # sigmoid focal loss; False: softmax + no-object class (DETR)
+    attn_impl: str = recorded("auto", why="which kernel computes the same op (each run records the one that ran)")
     # matcher costs
-    set_cost_class: float = 2.0
-    set_cost_bbox: float = 5.0
-    set_cost_giou: float = 2.0
+    set_cost_class: float = weights(2.0)
+    set_cost_bbox: float = weights(5.0)
+    set_cost_giou: float = weights(2.0)
     # loss coefficients
-    cls_loss_coef: float = 2.0
-    bbox_loss_coef: float = 5.0
-    giou_loss_coef: float = 2.0
-    focal_alpha: float = 0.25
-    eos_coef: float = 0.1                   # weight of the no-object class (softmax loss only)
-    rcnn_box_loss: str = "smooth_l1"        # Faster R-CNN box head: smooth_l1 (torchvision) | giou
+    cls_loss_coef: float = weights(2.0)
+    bbox_loss_coef: float = weights(5.0)
+    giou_loss_coef: float = weights(2.0)
+    focal_alpha: float = weights(0.25, active=_uses_focal_loss)
+    eos_coef: float = weights(0.1, active=lambda c: not c.focal_loss)   # no-object class weight (softmax loss)
+    rcnn_box_loss: str = weights("smooth_l1")       # Faster R-CNN box head: smooth_l1 (torchvision) | giou
 
     def __post_init__(self):
         validate(self)
