@@ -31,12 +31,13 @@ ROLES = (WEIGHTS, EVALUATION, MEASUREMENT)
 # its value is still recorded in each run's config.yaml.
 
 
-def declare(default, *roles: str, active: Optional[Callable] = None, content: bool = False,
+def declare(default, *roles: str, active: Optional[Callable] = None, content=False,
             canonical: Optional[Callable] = None, why: str = ""):
     """A config field with its roles (any of :data:`ROLES`; none: it enters no id).
 
     ``active(section_config)``: the field matters only when this holds (``momentum`` with SGD); otherwise
-    it leaves the ids. ``content``: the value names a file whose bytes, not its path, are the identity.
+    it leaves the ids. ``content`` (or ``content(value)``): the value names a file whose bytes, not its
+    path, are the identity.
     ``canonical(value, section_config)``: the value's canonical form (two spellings of one thing hash
     alike). ``why``: for a field with no role, what makes that right."""
     unknown = [r for r in roles if r not in ROLES]
@@ -94,7 +95,7 @@ class ModelConfig:
     # backbone
     backbone: str = weights("resnet50")
     pretrained_backbone: bool = weights(True)
-    backbone_weights: Optional[str] = weights(None, active=_is_pretrained, content=True,
+    backbone_weights: Optional[str] = weights(None, active=_is_pretrained, content=lambda v: not is_weights_name(v),
                                               canonical=_canonical_backbone_weights)
     # backbone_weights: None is the official choice (torchvision's IMAGENET1K_V1), else a member of
     # BACKBONE_WEIGHTS (IMAGENET1K_V2) or a local .pth of ImageNet weights, identified by its bytes

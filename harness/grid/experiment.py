@@ -3,7 +3,7 @@
 An experiment YAML has a ``base`` configuration (sections ``model``, ``data``, ``train``, ``eval``,
 ``benchmark``, ``launcher``), ``rows`` that each state only what differs from the base, the paper's
 numbers beside every row, optional ``axes`` that expand into a cartesian grid of extra rows, and an
-optional ``smoke`` profile that shrinks any row to laptop scale (merged over :data:`SMOKE_DEFAULTS`).
+optional ``smoke`` profile that shrinks any row to laptop scale (added to :data:`SMOKE_LAPTOP`).
 
 Every problem is reported as one :class:`ExperimentError` naming the file, the row and the dotted key.
 
@@ -17,18 +17,19 @@ Every problem is reported as one :class:`ExperimentError` naming the file, the r
     base: {model: {...}, data: {...}, train: {...}, eval: {...}, benchmark: {...}, launcher: {...}}
     rows:
       - label: MS inputs, K=1       # unique
-        cells: {ms_inputs: true, K: 1, fpn: w/o}
-        overrides: {model: {ms_attention: false, enc_n_points: 1, dec_n_points: 1}}
+        cells: {ms_inputs: true, K: 1, fpn: w/o}   # cells the config describes (K, epochs...) are derived
+        overrides: {model: {ms_attention: false, enc_n_points: 1, dec_n_points: 1},
+                    train: {seed: [1, 2, 3]}}   # optional list: one run per seed (mean and std in the report)
         paper: {AP: 41.4, AP50: 60.9}
         official: {AP: 42.0}        # optional: the official code's README for the same model
-        seeds: [1, 2, 3]            # optional: one run per seed (mean and std in the report)
         cited: true                 # optional: the paper's numbers only, never run
     axes: {model.enc_n_points: [1, 2, 4]}   # optional: one extra row per combination
-    smoke: {train: {epochs: 1}}     # optional: refines SMOKE_DEFAULTS
+    smoke: {train: {epochs: 1}}     # optional: added to SMOKE_LAPTOP (wins over the rows)
 
-A row's config is ``base`` <- ``overrides`` (<- the smoke profile), with ``model`` starting from
-``ModelConfig.for_arch(arch)``; its run id hashes that resolved config (less :data:`HASH_EXCLUDE`), so rows
-that resolve to the same config share one run.
+A row's config is ``base`` <- ``overrides`` with ``model`` starting from ``ModelConfig.for_arch(arch)``; at
+smoke scale :data:`SMOKE_SMALL` comes before the overrides and :data:`SMOKE_LAPTOP` after them. Its ids
+come from the roles its fields declare (:mod:`harness.grid.identity`): rows that agree on everything that
+changes the weights share one training.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 from harness.config import RunConfig
 from harness.grid.schema import (BASE, COMMAND_LINE, PLACES, SECTION_CLASSES, SMOKE, ExperimentError, check_keys, check_sections, coerce, expect,
                                  hints, merge, parse_overrides, read_yaml, unknown, yaml_line)
+from harness.grid.cells import derive_cells
 from harness.grid.feasibility import check_files
 from harness.grid.validate import check_dataset, check_run_config
 from harness.metrics import PAPER_METRICS
@@ -48,20 +50,26 @@ from model.config import ConfigError, ModelConfig
 
 TOP_KEYS = ("name", "table", "caption", "description", "columns", "metrics", "reference_row", "base",
             "rows", "axes", "smoke")
-ROW_KEYS = ("label", "cells", "overrides", "paper", "official", "cited", "seeds", "notes")
+ROW_KEYS = ("label", "cells", "overrides", "paper", "official", "cited", "notes")
 # Paper metrics an experiment may compare, in the units of paper_tables.yaml.
 SCALES = ("full", "smoke")
 
-# Any row at laptop scale: synthetic COCO-format data, a small transformer, one CPU process.
-SMOKE_DEFAULTS: Dict[str, Dict[str, Any]] = {
-    # small enough that Table 2's six rows train, evaluate and measure in minutes on 2 CPU cores, large
-    # enough that the detector learns the synthetic objects (non-zero AP after a few epochs)
-    "model": {"backbone": "resnet50", "pretrained_backbone": False, "backbone_weights": None,
-              "hidden_dim": 64, "dim_feedforward": 128, "nheads": 8, "enc_layers": 1, "dec_layers": 2,
+# Any row at laptop scale: synthetic COCO-format data, a small transformer, one CPU process; small enough that
+# Table 2's six rows train, evaluate and measure in minutes on 2 CPU cores, large enough that the detector
+# learns the synthetic objects (non-zero AP after a few epochs). Two tiers:
+# - SMOKE_SMALL: a default the row's own overrides win over (a row with enc_layers: 3 keeps 3 layers);
+SMOKE_SMALL: Dict[str, Dict[str, Any]] = {
+    "model": {"hidden_dim": 64, "dim_feedforward": 128, "nheads": 8, "enc_layers": 1, "dec_layers": 2,
               "num_queries": 30, "dropout": 0.0},
+}
+# - SMOKE_LAPTOP: what a laptop cannot do otherwise (COCO, ImageNet trunks, GPUs, 50-epoch schedules): it wins
+#   over the row, and --dry-run names every row setting it changes. An experiment's own ``smoke:`` section
+#   is of this tier too.
+SMOKE_LAPTOP: Dict[str, Dict[str, Any]] = {
+    "model": {"backbone": "resnet50", "pretrained_backbone": False, "backbone_weights": None},
     "data": {"dataset": "synthetic", "root": None, "val_split": "val2017", "augmentation": "none",
-             "num_workers": 0, "eval_size": 128, "max_size": 160, "synthetic_image_size": [128, 160],
-             "synthetic_train_images": 32, "synthetic_val_images": 8},
+             "num_workers": 0, "train_size": 128, "eval_size": 128, "max_size": 160,
+             "synthetic_image_size": [128, 160], "synthetic_train_images": 32, "synthetic_val_images": 8},
     "train": {"epochs": 12, "lr": 1.0e-3, "lr_backbone": 1.0e-4, "lr_drop": 10, "batch_size_per_gpu": 4,
               "total_batch_size": 4, "accumulate_to_total": True, "amp": "off", "print_freq": 4,
               "eval_every": 2},
@@ -70,7 +78,7 @@ SMOKE_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "launcher": {"executor": "local", "partition": None, "nodes": 1, "gpus_per_node": 0,
                  "tasks_per_node": 1, "cpus_per_task": 2, "mem_gb": None, "timeout_min": 60},
 }
-
+SMOKE_DEFAULTS = merge(SMOKE_SMALL, SMOKE_LAPTOP)     # the whole profile (what a row without overrides gets)
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,8 @@ class Row:
     notes: str = ""
     configs: Mapping[str, RunConfig] = dataclasses.field(default_factory=dict)   # scale -> resolved
     official: Mapping[str, Optional[float]] = dataclasses.field(default_factory=dict)  # official code's README
+    # (dotted key, row value, smoke value): the row's settings the smoke profile's laptop tier replaces
+    smoke_changes: Tuple[Tuple[str, Any, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -141,8 +151,9 @@ def load_experiment(path: str, smoke: bool = False, rows: Optional[Sequence[Unio
     columns = tuple(str(c) for c in expect(path, None, "columns", data.get("columns", []), list))
     base = expect(path, BASE, "base", data.get("base") or {}, dict)
     check_sections(path, BASE, base)
-    smoke_profile = merge(SMOKE_DEFAULTS, expect(path, SMOKE, "smoke", data.get("smoke") or {}, dict))
-    check_sections(path, SMOKE, smoke_profile)
+    smoke_profile = SmokeProfile(SMOKE_SMALL, merge(SMOKE_LAPTOP, expect(path, SMOKE, "smoke", data.get("smoke") or {},
+                                                                           dict)))
+    check_sections(path, SMOKE, smoke_profile.laptop)
 
     raw_rows = list(expect(path, None, "rows", data["rows"], list)) + _axes_rows(path, data.get("axes"))
     if not raw_rows:
@@ -221,27 +232,30 @@ def _parse_row(path, index, raw, base, smoke_profile, columns, metrics, check_da
     check_keys(path, label, "cells.", cells, columns)
     paper, official = (_reference_numbers(path, label, key, raw, metrics) for key in ("paper", "official"))
     cited = expect(path, label, "cited", raw.get("cited", False), bool)
-    seeds = expect(path, label, "seeds", raw.get("seeds", []), list)
-    for i, s in enumerate(seeds):
-        expect(path, label, f"seeds[{i}]", s, int)
-        if s in seeds[:i]:
-            raise ExperimentError(path, label, f"seeds[{i}]", f"seed {s} is given twice; expected distinct seeds "
-                                  "(a repeated seed would count one run twice in the mean)")
     overrides = expect(path, label, "overrides", raw.get("overrides") or {}, dict)
     notes = str(raw.get("notes", ""))
     if cited:
-        if overrides or seeds:
-            raise ExperimentError(path, label, "overrides" if overrides else "seeds",
-                                  "a cited row has the paper's numbers only; expected no overrides or seeds")
+        if overrides:
+            raise ExperimentError(path, label, "overrides", "a cited row has the paper's numbers only; expected "
+                                  "no overrides")
         return Row(label, dict(cells), paper, {}, True, (), notes, {}, official)
     check_sections(path, label, overrides)
-    full = resolve(path, label, base, overrides, None, check_data, cli_overrides)
+    full, seeds = resolve(path, label, base, overrides, None, check_data, cli_overrides)
     try:
-        smoke = resolve(path, label, base, overrides, smoke_profile, False, cli_overrides)
+        smoke, smoke_seeds = resolve(path, label, base, overrides, smoke_profile, False, cli_overrides)
     except ExperimentError as e:
         raise ExperimentError(path, label, e.key, f"with the smoke profile: {e.message}") from None
+    if smoke_seeds != seeds or smoke.train.seed != full.train.seed:
+        raise ExperimentError(path, SMOKE, "train.seed", "the smoke profile cannot change a row's seeds; "
+                              "expected no train.seed in smoke:")
+
+    def fail(key, message):
+        raise ExperimentError(path, label, key, message, yaml_line(path, ["rows", index] + key.split(".")))
+    cells = derive_cells(columns, cells, full, fail)
     configs = {"full": full, "smoke": smoke}
-    return Row(label, dict(cells), paper, overrides, False, tuple(seeds), notes, configs, official)
+    command_line = {f"{section}.{key}" for section, values in dict(cli_overrides).items() for key in (values or {})}
+    changes = tuple(c for c in smoke_profile.changes(overrides) if c[0] not in command_line)
+    return Row(label, cells, paper, overrides, False, seeds, notes, configs, official, changes)
 
 
 def _reference_numbers(path, label, key, raw, metrics) -> dict:
@@ -295,14 +309,40 @@ def _yaml_scalar(value) -> str:
 
 # ------------------------------------------------------------------------------------------- resolving
 
-def resolve(path: str, label: str, base: Mapping, overrides: Mapping, smoke_profile: Optional[Mapping],
-            check_data: bool, cli_overrides: Mapping = ()) -> RunConfig:
-    """base <- row overrides <- smoke profile <- command-line overrides, typed and validated; ``model``
-    starts from the defaults of the resolved ``arch`` (:meth:`ModelConfig.for_arch`)."""
-    merged = merge(base, overrides)
-    if smoke_profile is not None:
-        merged = merge(merged, smoke_profile)
+@dataclass(frozen=True)
+class SmokeProfile:
+    """The smoke profile of an experiment: ``small`` yields to a row's overrides, ``laptop`` does not."""
+    small: Mapping[str, Any]
+    laptop: Mapping[str, Any]
+
+    def changes(self, overrides: Mapping) -> Tuple[Tuple[str, Any, Any], ...]:
+        """(dotted key, the row's value, the smoke value) of each row setting the laptop tier replaces."""
+        found = []
+        for section, values in (overrides or {}).items():
+            for key, value in (values or {}).items():
+                forced = (self.laptop.get(section) or {}).get(key, _ABSENT)
+                if forced is not _ABSENT and forced != value:
+                    found.append((f"{section}.{key}", value, forced))
+        return tuple(found)
+
+
+_ABSENT = object()
+
+
+def resolve(path: str, label: str, base: Mapping, overrides: Mapping, smoke: Optional[SmokeProfile],
+            check_data: bool, cli_overrides: Mapping = ()) -> Tuple[RunConfig, Tuple[int, ...]]:
+    """base <- smoke profile's small tier <- row overrides <- smoke profile's laptop tier <- command-line
+    overrides, typed and validated; ``model`` starts from the defaults of the resolved ``arch``
+    (:meth:`ModelConfig.for_arch`). Returns the config and its seeds: ``train.seed`` may be a list (one run
+    per seed), the config then holds the first."""
+    merged = base if smoke is None else merge(base, smoke.small)
+    merged = merge(merged, overrides)
+    if smoke is not None:
+        merged = merge(merged, smoke.laptop)
     merged = merge(merged, dict(cli_overrides))
+    seeds = _seeds(path, label, (merged.get("train") or {}).get("seed"))
+    if seeds:
+        merged = merge(merged, {"train": {"seed": seeds[0]}})
     sections = {}
     for section, cls in SECTION_CLASSES.items():
         values = dict(merged.get(section) or {})
@@ -326,7 +366,21 @@ def resolve(path: str, label: str, base: Mapping, overrides: Mapping, smoke_prof
     if check_data:
         check_dataset(path, label, cfg.data)
         check_files(path, label, cfg)
-    return cfg
+    return cfg, seeds
+
+
+def _seeds(path, label, value) -> Tuple[int, ...]:
+    """``train.seed`` as a list of distinct integers (a single integer: no list; the config holds it)."""
+    if not isinstance(value, list):
+        return ()
+    if not value:
+        raise ExperimentError(path, label, "train.seed", "an empty list; expected a seed or a list of seeds")
+    for i, seed in enumerate(value):
+        expect(path, label, f"train.seed[{i}]", seed, int)
+        if seed in value[:i]:
+            raise ExperimentError(path, label, f"train.seed[{i}]", f"seed {seed} is given twice; expected distinct "
+                                  "seeds (a repeated seed would count one run twice in the mean)")
+    return tuple(value)
 
 
 def find_experiment(name_or_path: str, experiments_dir) -> str:

@@ -137,10 +137,17 @@ def unknown(key, valid: Sequence[str], what: str = "key") -> str:
     return f"unknown {what} {key!r}; {hint}expected one of: {listed}"
 
 
+# keys of earlier versions, and where what they said is written now
+MOVED = {"seeds": "the seeds are one input now: overrides: {train: {seed: [1, 2, 3]}}",
+         "launcher.seeds": "the seeds are one input now: train.seed: [1, 2, 3]"}
+
+
 def check_keys(path, row, prefix, mapping: Mapping, valid: Sequence[str]) -> None:
     for key in mapping:
         if key not in valid:
-            raise ExperimentError(path, row, f"{prefix}{key}", unknown(key, valid))
+            moved = MOVED.get(f"{prefix}{key}")
+            raise ExperimentError(path, row, f"{prefix}{key}", f"no longer a key; {moved}" if moved
+                                  else unknown(key, valid))
 
 
 def check_sections(path, row, overrides: Mapping) -> None:
