@@ -47,7 +47,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     mode.add_argument("--logs", metavar="ROW", help="the tail of a row's job log (a label or an index)")
     mode.add_argument("--export", metavar="FILE", help="the collected results as a table (.csv or .parquet)")
     mode.add_argument("--import-server", metavar="SCORES", help="the COCO evaluation server's scores (JSON) for "
-                      "the test-dev row given with --rows, as its evaluation")
+                      "the test-dev row given with --rows, as its evaluation (its training and evaluation done)")
+    p.add_argument("--scores-unit", choices=("fraction", "percent"),
+                   help="the unit of --import-server's scores (else the file's \"unit\" key; COCOeval's stats "
+                        "list defaults to fraction; a mapping of names needs one); -1 = no value")
     p.add_argument("--smoke", action="store_true",
                    help="laptop scale on a generated dataset, local processes; waits and reports")
     p.add_argument("--rows", nargs="+", metavar="ROW", help="only these rows (labels as in the YAML, or 0-based indices)")
@@ -319,9 +322,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.import_server:
             if not experiment.selected or len(experiment.selected) != 1:
                 raise ExperimentError(path, None, "--rows", "--import-server needs the one row the scores are for")
-            for spec in expand(experiment):
-                record = import_server_scores(store, spec, args.import_server)
-                print(f"{spec.label!r} ({spec.eval_key}): AP {record['AP']:.1f} from the evaluation server")
+            specs = expand(experiment)
+            if len(specs) != 1:    # a cited row has no run; a row with seeds has one upload per seed
+                raise ExperimentError(path, experiment.selected[0], "--rows", f"{len(specs)} runs; --import-server "
+                                      "needs a row with one run (not cited, one seed)")
+            record = import_server_scores(store, specs[0], args.import_server, args.scores_unit)
+            print(f"{specs[0].label!r} ({specs[0].eval_key}): AP {record['AP']:.1f} from the evaluation server")
             return 0
         specs, jobs, outcomes = submit(experiment, store, args.executor, rerun=args.rerun)
         if outcomes is None and not (args.wait or args.smoke):
