@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -14,6 +13,7 @@ from harness.grid import (KINDS, ExperimentError, check_unique_name, expand, fin
 from harness.grid.feasibility import config_warnings
 from harness.provenance import git_commit
 from harness.store import ResultsError, ResultsStore, dry_run_plan, tail_text
+from harness.store.plan import rerun_removals, rerun_text
 from harness.store.imports import import_server_scores
 from harness.store.progress import progress
 
@@ -60,8 +60,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.add_argument(f"--{key}", help=f"SLURM {key} (the same as launcher.{key}=...)")
     p.add_argument("--wait", action="store_true", help="after submitting, wait for the jobs, then report")
     p.add_argument("--rerun", action="store_true",
-                   help="run the selected rows again from scratch even where they are done (their run folders "
-                        "are replaced); queued and running rows are still left alone")
+                   help="run the selected rows again from scratch even where they are done: their trainings' files "
+                        "and their own evaluations and measurements are deleted (other rows' records of a shared "
+                        "training stay, and are redone from the new checkpoint when submitted); queued and running "
+                        "rows are left alone; with --dry-run, lists what would be deleted")
     p.add_argument("--results", default=str(ROOT / "results"), help="results store (default: %(default)s)")
     p.add_argument("--reports", default=str(ROOT / "reports"), help="reports folder (default: %(default)s)")
     return p.parse_intermixed_args(argv)   # overrides may come before or after the options
@@ -209,9 +211,9 @@ def submit(experiment, store, executor=None, rerun=False):
         launch.check_launcher(spec.config.launcher, kind)
     entries = _plan(store, specs)
     if rerun:
-        for e in entries:
-            if e.state == "done":
-                shutil.rmtree(store.run_dir(e.spec.run_id))
+        removals = rerun_removals(store, entries)
+        print(rerun_text(store, removals, experiment, runs_elsewhere(experiment, ROOT / "experiments")), end="")
+        store.remove([path for _, paths in removals for path in paths])
         entries = _plan(store, specs)
     for warning in _warnings(specs):
         print(f"warning: {warning}")
@@ -301,8 +303,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         check_unique_name(experiment, ROOT / "experiments")
         store = ResultsStore(args.results)
         if args.dry_run:
-            print(dry_run_plan(experiment, store, _job_alive(_job_states(store, expand(experiment))),
-                               runs_elsewhere(experiment, ROOT / "experiments")), end="")
+            job_alive = _job_alive(_job_states(store, expand(experiment)))
+            elsewhere = runs_elsewhere(experiment, ROOT / "experiments")
+            if args.rerun:     # exactly what a submission with --rerun deletes first
+                entries = store.plan(unique_runs(expand(experiment)), job_alive)
+                print(rerun_text(store, rerun_removals(store, entries), experiment, elsewhere) or
+                      "--rerun deletes nothing: no selected row has records to redo\n", end="")
+            print(dry_run_plan(experiment, store, job_alive, elsewhere), end="")
             print(launch_plan(experiment, args.executor), end="")
             return 0
         if args.status:

@@ -214,7 +214,12 @@ def test_import_the_evaluation_servers_scores(tmp_path, capsys):
     scores = tmp_path / "scores.json"
     scores.write_text(json.dumps({"AP": 0.469, "AP50": 0.662, "AP75": 0.507, "AP_small": 0.280,
                                   "AP_medium": 0.496, "AP_large": 0.610}))
-    argv = [str(table3), "--results", str(tmp_path / "results"), "--rows", row]
+    argv = [str(table3), "--results", str(tmp_path / "results"), "--rows", row, "--scores-unit", "fraction"]
+    spec = expand(load_experiment(str(table3), rows=[row], check_data=False))[0]
+    store = ResultsStore(tmp_path / "results")
+    for key in (spec.run_id, spec.eval_key):        # trained, and its detections written for the server
+        store.prepare(spec, key)
+        store.complete(key, {})
     assert cli.main(argv + ["--import-server", str(scores)]) == 0
     assert "AP 46.9 from the evaluation server" in capsys.readouterr().out
     spec = expand(load_experiment(str(table3), rows=[row], check_data=False))[0]

@@ -77,11 +77,26 @@ def test_axes_expand_into_a_cartesian_grid(tmp_path):
 
 
 def test_seeds_give_one_run_each(tmp_path):
-    exp = basic(tmp_path, BASIC.replace("    paper: {AP: 43.8}", "    paper: {AP: 43.8}\n    seeds: [1, 2, 3]"))
+    exp = basic(tmp_path, BASIC.replace("    paper: {AP: 43.8}", "    paper: {AP: 43.8}\n    overrides: {train: {seed: [1, 2, 3]}}"))
     specs = [s for s in expand(exp) if s.label == "base"]
     assert [s.seed for s in specs] == [1, 2, 3]
     assert [s.config.train.seed for s in specs] == [1, 2, 3]
     assert len({s.run_id for s in specs}) == 3
+
+
+def test_seeds_are_one_input_and_never_repeat(tmp_path):
+    # the old inputs point to the one that replaced them
+    with pytest.raises(ExperimentError, match=r"row 'base': seeds: no longer a key.*train: \{seed"):
+        basic(tmp_path, BASIC.replace("    paper: {AP: 43.8}", "    paper: {AP: 43.8}\n    seeds: [1, 2]"))
+    with pytest.raises(ExperimentError, match=r"launcher.seeds: no longer a key.*train.seed: \[1, 2, 3\]"):
+        basic(tmp_path, BASIC.replace("data: {root: ROOT}", "data: {root: ROOT}\n  launcher: {seeds: [1, 1]}"))
+    # a repeat is refused wherever the list comes from: the base, a row, the command line
+    with pytest.raises(ExperimentError, match=r"train.seed\[1\]: seed 1 is given twice"):
+        basic(tmp_path, BASIC.replace("data: {root: ROOT}", "data: {root: ROOT}\n  train: {seed: [1, 1]}"))
+    with pytest.raises(ExperimentError, match=r"command line.*train.seed\[2\]: seed 3 is given twice"):
+        basic(tmp_path, overrides=["train.seed=[3, 4, 3]"])
+    exp = basic(tmp_path, overrides=["train.seed=[5, 6]"])
+    assert {s.seed for s in expand(exp)} == {5, 6}
 
 
 def test_run_id_is_stable_and_changes_with_the_row(tmp_path):
@@ -317,7 +332,8 @@ def test_a_new_field_with_a_default_renames_no_run(monkeypatch):
 
     specs = expand(load_experiment(EXPERIMENTS / "table2.yaml", check_data=False))
     before = [s.run_id for s in specs]
-    extended = dataclasses.make_dataclass("TrainConfig", [("new_knob", int, dataclasses.field(default=3))],
+    from model.config import weights
+    extended = dataclasses.make_dataclass("TrainConfig", [("new_knob", int, weights(3))],
                                           bases=(TrainConfig,), frozen=True)
     monkeypatch.setitem(schema.SECTION_CLASSES, "train", extended)
     configs = [dataclasses.replace(s.config, train=extended(**dataclasses.asdict(s.config.train))) for s in specs]

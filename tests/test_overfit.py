@@ -24,7 +24,7 @@ MAX_EPOCHS = 60
 def overfit_config(root):
     model = ModelConfig(pretrained_backbone=False, hidden_dim=64, dim_feedforward=128, enc_layers=1, dec_layers=2,
                         num_queries=20, nheads=4, num_feature_levels=2, dropout=0.0, attn_impl="pytorch")
-    data = DataConfig(dataset="coco", root=root, val_split="train2017", augmentation="none", eval_size=96,
+    data = DataConfig(dataset="coco", root=root, val_split="train2017", augmentation="none", train_size=96, eval_size=96,
                       max_size=128, num_workers=0)
     train = TrainConfig(epochs=MAX_EPOCHS, batch_size_per_gpu=8, total_batch_size=8, lr=2e-3, lr_backbone=2e-4,
                         lr_drop=1000, seed=0, print_freq=1000)

@@ -230,6 +230,11 @@ def test_plan_skips_done_and_reruns_failed(tmp_path, experiment):
     a, b, c = expand(experiment)
     store.write_metrics(a.run_id, {"epochs_trained": 1})
     store.mark_done(a.run_id)
+    # trained, but nothing to evaluate: the plan says so instead of queueing a job that would fail
+    entry = store.plan([a])[0]
+    assert (entry.state, entry.action, entry.kind) == ("no checkpoint", "skip", "evaluate")
+    assert "checkpoint.pth is not there" in entry.reason
+    (store.run_dir(a.run_id) / "checkpoint.pth").write_bytes(b"weights")
     assert (store.plan([a])[0].state, store.plan([a])[0].kind) == ("evaluate", "evaluate")   # trained only
     store.write_metrics(a.eval_key, {"AP": 1.0})
     store.mark_done(a.eval_key)
@@ -276,9 +281,71 @@ def test_read_only_results_root(tmp_path):
 
 
 def _trained_evaluated_measured(store, spec, training: dict, evaluation: dict, measurement: dict) -> None:
-    """A row whose three records are done, as a training job leaves them."""
+    """A row whose three records are done, as a training job leaves them (with a stand-in checkpoint)."""
+    store.prepare(spec)
+    (store.run_dir(spec.run_id) / "checkpoint.pth").write_bytes(b"weights")
     for key, metrics in ((spec.eval_key, evaluation), (spec.measure_key, measurement), (spec.run_id, training)):
-        store.complete(key, metrics)
+        store.prepare(spec, key)
+        store.complete(key, {"checkpoint_sha256": "c0ffee", **metrics})
+
+
+def test_a_retrain_outdates_the_evaluations_of_the_old_checkpoint(tmp_path, experiment):
+    store = ResultsStore(tmp_path)
+    a = expand(experiment)[0]
+    _trained_evaluated_measured(store, a, {}, {"AP": 1.0}, {"params": 10})
+    assert store.plan([a])[0].state == "done"
+    store.complete(a.run_id, {"checkpoint_sha256": "beef"})          # trained again: another checkpoint
+    entry = store.plan([a])[0]
+    assert (entry.state, entry.action, entry.kind) == ("outdated", "run", "evaluate")
+    (store.run_dir(a.run_id) / "checkpoint.pth").unlink()
+    assert store.plan([a])[0].state == "no checkpoint"
+
+
+def test_a_changed_default_is_named_not_taken_as_done(tmp_path, experiment):
+    import dataclasses
+
+    import yaml
+    store = ResultsStore(tmp_path)
+    a = expand(experiment)[0]
+    _trained_evaluated_measured(store, a, {}, {"AP": 1.0}, {"params": 10})
+    # the run's config.yaml says it trained with another learning rate than today's resolution gives
+    path = store.run_dir(a.run_id) / "config.yaml"
+    doc = yaml.safe_load(path.read_text())
+    doc["config"]["train"]["lr"] = 0.0005
+    path.write_text(yaml.safe_dump(doc))
+    entry = store.plan([a])[0]
+    assert (entry.state, entry.action) == ("changed", "skip")
+    assert "train.lr 0.0005 then, " in entry.reason and "--rerun" in entry.reason
+    # a field that changes no number (the data loader's workers) is not a change of the run
+    doc["config"]["train"]["lr"] = a.config.train.lr
+    doc["config"]["data"]["num_workers"] = a.config.data.num_workers + 3
+    path.write_text(yaml.safe_dump(doc))
+    assert store.plan([a])[0].state == "done"
+    # an unreadable config.yaml marks that run corrupt; the other rows plan as usual
+    path.write_text("config: [unclosed")
+    b = dataclasses.replace(expand(experiment)[1])
+    entries = store.plan([a, b])
+    assert entries[0].state == "corrupt" and "config.yaml" in entries[0].reason
+    assert entries[1].state == "new"
+    store.prepare(a)                                   # the next submission writes it again
+    assert store.read_config(a.run_id)["config"]["train"]["lr"] == a.config.train.lr
+
+
+def test_rerun_deletes_only_the_rows_own_records(tmp_path, experiment):
+    import dataclasses
+    store = ResultsStore(tmp_path)
+    a = expand(experiment)[0]
+    other = dataclasses.replace(a, label="other row", eval_id="other", measure_id="other")   # same training
+    _trained_evaluated_measured(store, a, {}, {"AP": 1.0}, {"params": 10})
+    _trained_evaluated_measured(store, other, {}, {"AP": 2.0}, {"params": 10})
+    paths = store.rerun_paths(a)
+    names = {str(p.relative_to(store.run_dir(a.run_id))) for p in paths}
+    assert {"checkpoint.pth", "status.json", "metrics.json", "config.yaml"} <= names
+    assert f"evaluations/{a.eval_id}" in names and f"measurements/{a.measure_id}" in names
+    assert not any("other" in n for n in names)
+    store.remove(paths)
+    assert store.read_metrics(other.eval_key)["AP"] == 2.0           # another row's evaluation stays
+    assert store.plan([a])[0].state == "new"
 
 
 def test_dry_run_plan(tmp_path):
@@ -292,7 +359,7 @@ def test_dry_run_plan(tmp_path):
         assert s.run_id in text and s.label in text
     line = [l for l in text.splitlines() if spec.run_id in l][0]
     assert "done" in line and "skip" in line and "2x8 GPU" in line and "325" in line
-    assert "one more seed for every row (seeds: [...] on the rows, for mean and spread): +11770 GPU-hours" in text
+    assert "one more seed for every row (train.seed: [...] on the rows, for mean and spread): +11770 GPU-hours" in text
     total = [l for l in text.splitlines() if l.startswith("estimated GPU-hours")][0]
     assert "11770 in total" in total and "11445 to spend now" in total
     smoke = dry_run_plan(load_experiment(ROOT / "experiments" / "table2.yaml", smoke=True))

@@ -11,11 +11,11 @@ from harness.grid.cost import estimate_gpu_hours
 from harness.grid.experiment import (SCALES, SMOKE_DEFAULTS, Experiment, Row, check_unique_name, find_experiment,
                                      load_experiment)
 from harness.grid.identity import SCHEMA_VERSION, canonical_json, differences, eval_id, measure_id, run_id
-from harness.grid.runs import (EVALUATIONS, KINDS, RunSpec, config_from_dict, config_to_dict, expand, runs_elsewhere,
+from harness.grid.runs import (EVALUATIONS, KINDS, RunSpec, collapsed_at_smoke, config_from_dict, config_to_dict, expand, runs_elsewhere,
                                unique_runs)
 from harness.grid.schema import ExperimentError
 from harness.grid.validate import check_run_config, world_size
 
 __all__ = ["SCHEMA_VERSION", "differences", "SCALES", "SMOKE_DEFAULTS", "Experiment", "ExperimentError", "Row", "RunSpec",
-           "EVALUATIONS", "KINDS", "canonical_json", "eval_id", "measure_id", "check_run_config", "check_unique_name", "find_experiment", "config_from_dict", "config_to_dict", "estimate_gpu_hours",
+           "EVALUATIONS", "KINDS", "collapsed_at_smoke", "canonical_json", "eval_id", "measure_id", "check_run_config", "check_unique_name", "find_experiment", "config_from_dict", "config_to_dict", "estimate_gpu_hours",
            "expand", "load_experiment", "run_id", "runs_elsewhere", "unique_runs", "world_size"]

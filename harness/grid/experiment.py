@@ -44,6 +44,7 @@ from harness.grid.schema import (BASE, COMMAND_LINE, PLACES, SECTION_CLASSES, SM
                                  hints, merge, parse_overrides, read_yaml, unknown, yaml_line)
 from harness.grid.cells import derive_cells
 from harness.grid.feasibility import check_files
+from harness.grid.identity import roles_of
 from harness.grid.validate import check_dataset, check_run_config
 from harness.metrics import PAPER_METRICS
 from model.config import ConfigError, ModelConfig
@@ -251,7 +252,10 @@ def _parse_row(path, index, raw, base, smoke_profile, columns, metrics, check_da
 
     def fail(key, message):
         raise ExperimentError(path, label, key, message, yaml_line(path, ["rows", index] + key.split(".")))
-    cells = derive_cells(columns, cells, full, fail)
+    # the written cells describe the row as written; a command-line override changes what is derived
+    as_written = resolve(path, label, base, overrides, None, False)[0] if cli_overrides else full
+    derive_cells(columns, cells, as_written, fail)
+    cells = derive_cells(columns, cells, full, lambda key, message: None)
     configs = {"full": full, "smoke": smoke}
     command_line = {f"{section}.{key}" for section, values in dict(cli_overrides).items() for key in (values or {})}
     changes = tuple(c for c in smoke_profile.changes(overrides) if c[0] not in command_line)
@@ -321,7 +325,8 @@ class SmokeProfile:
         for section, values in (overrides or {}).items():
             for key, value in (values or {}).items():
                 forced = (self.laptop.get(section) or {}).get(key, _ABSENT)
-                if forced is not _ABSENT and forced != value:
+                # a scheduling field (launcher.nodes) changes no number: not worth a line
+                if forced is not _ABSENT and forced != value and roles_of(section, key):
                     found.append((f"{section}.{key}", value, forced))
         return tuple(found)
 

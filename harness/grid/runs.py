@@ -116,3 +116,19 @@ def runs_elsewhere(experiment: Experiment, experiments_dir) -> Dict[str, List[Tu
             if spec.run_id in mine:
                 found.setdefault(spec.run_id, []).append((other.name, spec.label))
     return found
+
+
+def collapsed_at_smoke(experiment: Experiment) -> Dict[str, List[str]]:
+    """Smoke-scale run id -> the labels of rows that train differently at full scale but share that one
+    smoke training (the smoke profile replaced what told them apart): their smoke numbers are one run's."""
+    every = dataclasses.replace(experiment, selected=None)
+    full = {}
+    for spec in expand(every, "full"):
+        full.setdefault(spec.label, set()).add(spec.run_id)
+    groups: Dict[str, List[str]] = {}
+    for spec in expand(every, "smoke"):
+        labels = groups.setdefault(spec.run_id, [])
+        if spec.label not in labels:
+            labels.append(spec.label)
+    return {run: labels for run, labels in groups.items()
+            if len(labels) > 1 and len({frozenset(full[label]) for label in labels}) > 1}

@@ -25,7 +25,7 @@ def check_run_config(cfg: RunConfig) -> None:
     check_choice("launcher.executor", l.executor, EXECUTORS)
     for key, value in (("train.epochs", t.epochs), ("train.batch_size_per_gpu", t.batch_size_per_gpu),
                        ("train.total_batch_size", t.total_batch_size), ("train.print_freq", t.print_freq),
-                       ("train.eval_every", t.eval_every), ("data.eval_size", d.eval_size),
+                       ("train.eval_every", t.eval_every), ("data.eval_size", d.eval_size), ("data.train_size", d.train_size),
                        ("data.max_size", d.max_size), ("data.synthetic_train_images", d.synthetic_train_images),
                        ("data.synthetic_val_images", d.synthetic_val_images),
                        ("eval.num_detections", e.num_detections), ("benchmark.flops_images", b.flops_images),
@@ -63,8 +63,9 @@ def check_run_config(cfg: RunConfig) -> None:
         raise ConfigError("eval.tta_sizes", f"got {list(e.tta_sizes)}, expected one or more sizes >= 1")
     if any(s < 1 for s in d.synthetic_image_size):
         raise ConfigError("data.synthetic_image_size", "expected [height, width] >= 1")
-    if d.max_size < d.eval_size:
-        raise ConfigError("data.max_size", f"got {d.max_size}, expected >= data.eval_size ({d.eval_size})")
+    for key, size in (("train_size", d.train_size), ("eval_size", d.eval_size)):
+        if d.max_size < size:
+            raise ConfigError("data.max_size", f"got {d.max_size}, expected >= data.{key} ({size})")
     if l.gpus_per_node < 0:
         raise ConfigError("launcher.gpus_per_node", f"got {l.gpus_per_node}, expected >= 0 (0: a CPU job)")
     per_step = t.batch_size_per_gpu * world_size(l)

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from harness.store.files import fsync_dir
+from harness.store.store import CHECKPOINT
 from model.checkpoint import CheckpointError, checksum, read_file
 
-CHECKPOINT = "checkpoint.pth"
 PREVIOUS = "checkpoint_prev.pth"
 REQUIRED_KEYS = ("model", "optimizer", "lr_scheduler", "epoch")
 FORMAT = 1

@@ -1,10 +1,13 @@
 """``--dry-run``: the plan of an experiment as text, with resources and estimated GPU-hours."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
-from typing import Callable, Dict, List, Optional, Tuple
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from harness.grid import Experiment, estimate_gpu_hours, expand, world_size
+from harness.grid import Experiment, collapsed_at_smoke, estimate_gpu_hours, expand, world_size
 from harness.store.status import PlanEntry
 from harness.store.store import ResultsStore
 
@@ -57,8 +60,9 @@ def dry_run_plan(experiment: Experiment, store: Optional[ResultsStore] = None,
         if entry.action == "skip" and owner.get("experiment") not in (None, experiment.name):
             action = f"reuses {owner['experiment']}: {owner.get('label')!r}"
         elif entry.action == "run" and (elsewhere or {}).get(spec.run_id):
-            action = "run (also for " + ", ".join(f"{e}: {r!r}" for e, r in elsewhere[spec.run_id]) + ")"
-        state = entry.state + (f" ({entry.reason})" if entry.reason and entry.action == "run" else "")
+            action += " (also for " + ", ".join(f"{e}: {r!r}" for e, r in elsewhere[spec.run_id]) + ")"
+        explained = entry.action == "run" or entry.state in ("changed", "no checkpoint")
+        state = entry.state + (f" ({entry.reason})" if entry.reason and explained else "")
         table.append((spec.label, str(spec.seed), entry.key, state, action, resources,
                       f"{hours:.0f}" if hours and not duplicate else "-"))
     widths = [max(len(r[i]) for r in table + [header]) for i in range(len(header))]
@@ -67,11 +71,63 @@ def dry_run_plan(experiment: Experiment, store: Optional[ResultsStore] = None,
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     cited = [r.label for r in experiment.rows if r.cited]
     lines.append("")
+    if experiment.smoke:
+        lines += smoke_notes(experiment)
     if cited:
         lines.append(f"cited rows (paper numbers only, not run): {', '.join(cited)}")
     lines.append(f"estimated GPU-hours (V100-equivalent): {total:.0f} in total, {to_spend:.0f} to spend now")
     if per_seed:
-        lines.append(f"one more seed for every row (seeds: [...] on the rows, for mean and spread): "
+        lines.append(f"one more seed for every row (train.seed: [...] on the rows, for mean and spread): "
                      f"+{per_seed:.0f} GPU-hours")
     return "\n".join(lines) + "\n"
 
+
+
+def smoke_notes(experiment: Experiment) -> List[str]:
+    """The row settings the smoke profile replaces, and the rows that become one run at smoke scale."""
+    lines = []
+    for row in experiment.rows:
+        if row.smoke_changes and (experiment.selected is None or row.label in experiment.selected):
+            shown = ", ".join(f"{k} {json.dumps(a)} -> {json.dumps(b)}" for k, a, b in row.smoke_changes)
+            lines.append(f"smoke profile changes {row.label!r}: {shown}")
+    for run, labels in collapsed_at_smoke(experiment).items():
+        lines.append(f"one run at smoke scale ({run}) for rows that differ at full scale: "
+                     + ", ".join(map(repr, labels)) + "; their smoke numbers are the same training's")
+    return lines + ([""] if lines else [])
+
+
+# ------------------------------------------------------------------------------------------- --rerun
+
+RERUNNABLE = ("done", "changed", "outdated", "no checkpoint", "failed", "cancelled", "corrupt", "stale", "lost",
+              "evaluate", "measure")     # never a queued or running one
+
+
+def rerun_removals(store: ResultsStore, entries: Sequence[PlanEntry]) -> List[Tuple[PlanEntry, List[Path]]]:
+    """Per entry to rerun, the paths ``--rerun`` deletes (:meth:`ResultsStore.rerun_paths`), each path once."""
+    seen, out = set(), []
+    for entry in entries:
+        if entry.state not in RERUNNABLE:
+            continue
+        paths = [p for p in store.rerun_paths(entry.spec) if p not in seen]
+        seen.update(paths)
+        out.append((entry, paths))
+    return out
+
+
+def rerun_text(store: ResultsStore, removals, experiment: Experiment,
+               elsewhere: Optional[Dict[str, List[Tuple[str, str]]]] = None) -> str:
+    """What ``--rerun`` deletes, and who else needs each training it redoes (their records stay and run again
+    from the new checkpoint when their rows are submitted)."""
+    lines = []
+    rerun_labels = {entry.spec.label for entry, _ in removals}
+    for entry, paths in removals:
+        spec = entry.spec
+        shown = ", ".join(str(p.relative_to(store.root)) + ("/" if p.is_dir() else "") for p in paths) or "nothing"
+        lines.append(f"rerun {spec.label!r} ({spec.run_id}): delete {shown}")
+        mine = [f"{experiment.name}: {s.label!r}" for s in expand(dataclasses.replace(experiment, selected=None))
+                if s.run_id == spec.run_id and s.label not in rerun_labels]
+        others = mine + [f"{e}: {r!r}" for e, r in (elsewhere or {}).get(spec.run_id, [])]
+        if others:
+            lines.append(f"  its training is shared with {', '.join(dict.fromkeys(others))}: their evaluations "
+                         "stay, and run again from the new checkpoint when they are submitted")
+    return "\n".join(lines) + ("\n" if lines else "")

@@ -20,13 +20,17 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import yaml
 
-from harness.grid import RunSpec, config_to_dict
+from harness.grid import EVALUATIONS, SCHEMA_VERSION, ExperimentError, RunSpec, config_from_dict, config_to_dict, differences
+from harness.grid.runs import MEASUREMENTS
 from harness.provenance import parse_utc, utc_now
 from harness.store.claims import (CLAIM, STALE_AFTER_S, Claim, break_lock, claim_is_stale, create_lock, pid_alive,
                                   read_lock)
 from harness.store.files import (CorruptFileError, ResultsError, append_jsonl, atomic_write_json, atomic_write_text,
                                  read_json)
 from harness.store.status import STATES, PlanEntry, Status, decide
+from model.config import EVALUATION, MEASUREMENT, WEIGHTS, ConfigError
+
+CHECKPOINT = "checkpoint.pth"  # the training's newest checkpoint (harness.run.checkpointing writes it)
 
 CONFIG, STATUS, LOG, METRICS = "config.yaml", "status.json", "log.jsonl", "metrics.json"
 ATTEMPTS = "attempts.json"     # the time and GPUs of every attempt of a run (requeues, resumes)
@@ -81,12 +85,18 @@ class ResultsStore:
     # -- config.yaml
     def prepare(self, spec: RunSpec, key: Optional[str] = None) -> Path:
         """Create the record's folder (the run's, or ``key``: its evaluation's) and write the resolved
-        config.yaml of the row that asked for it first (if not there yet)."""
+        config.yaml of the row that asked for it first (if not there yet, or unreadable): the full resolved
+        configuration, against which later plans compare today's resolution of the row."""
         folder = self.run_dir(key or spec.run_id)
         folder.mkdir(parents=True, exist_ok=True)
-        if not (folder / CONFIG).exists():
+        try:
+            present = self.read_config(key or spec.run_id) is not None
+        except CorruptFileError:
+            present = False
+        if not present:
             doc = {"experiment": spec.experiment, "label": spec.label, "seed": spec.seed, "scale": spec.scale,
-                   "run_id": spec.run_id, "eval_id": spec.eval_id, "config": config_to_dict(spec.config)}
+                   "schema": SCHEMA_VERSION, "run_id": spec.run_id, "eval_id": spec.eval_id,
+                   "measure_id": spec.measure_id, "config": config_to_dict(spec.config)}
             atomic_write_text(folder / CONFIG, yaml.safe_dump(doc, sort_keys=False, default_flow_style=None))
         return folder
 
@@ -312,22 +322,53 @@ class ResultsStore:
                  ignore_claim: bool = False) -> PlanEntry:
         """The training first: until it is done, the entry is the training's. Then the row's evaluation of it
         (``spec.eval_key``), then its measurement (``spec.measure_key``): done, queued or running as their own
-        records say, else the one to run."""
-        training = self._plan_record(spec, spec.run_id, job_alive, ignore_claim)
+        records say, else the one to run: only where the training's checkpoint is there to evaluate or
+        measure."""
+        training = self._plan_record(spec, spec.run_id, WEIGHTS, job_alive, ignore_claim)
         if training.state != "done":
             return training
-        for kind, missing in (("evaluate", "its evaluation"), ("measure", "its measurement")):
-            entry = dataclasses.replace(self._plan_record(spec, spec.key(kind), job_alive, ignore_claim), kind=kind)
+        trained = self._checkpoint_sha256(spec.run_id)
+        for kind, missing, role in (("evaluate", "its evaluation", EVALUATION), ("measure", "its measurement", MEASUREMENT)):
+            key = spec.key(kind)
+            entry = dataclasses.replace(self._plan_record(spec, key, role, job_alive, ignore_claim), kind=kind)
+            if entry.state == "done" and trained is not None and self._checkpoint_sha256(key) not in (None, trained):
+                entry = dataclasses.replace(entry, state="outdated", action="run",
+                                            reason="made from an earlier checkpoint; the training was redone")
+            if entry.state in ("new", "outdated") and kind == "evaluate" \
+                    and not (self.run_dir(spec.run_id) / CHECKPOINT).is_file():
+                return dataclasses.replace(entry, state="no checkpoint", action="skip", reason=(
+                    f"its training is done but {self.run_dir(spec.run_id) / CHECKPOINT} is not there to evaluate "
+                    "(checkpoints are never committed); --rerun trains it again"))
             if entry.state == "new":
                 return dataclasses.replace(entry, state=kind, reason=f"its training is done; {missing} is not")
             if entry.state != "done":
                 return entry
         return training                    # all done: the row is its run
 
-    def _plan_record(self, spec: RunSpec, key: str, job_alive, ignore_claim: bool) -> PlanEntry:
-        status, status_error, metrics_error = None, None, None
+    def _checkpoint_sha256(self, key: str) -> Optional[str]:
+        """The checkpoint a done record was made from (training: the one it wrote), None where unknown."""
+        try:
+            return (self.read_metrics(key) or {}).get("checkpoint_sha256")
+        except CorruptFileError:
+            return None
+
+    def config_differences(self, spec: RunSpec, key: str, role: str) -> List[Tuple[str, object, object]]:
+        """The fields of ``role`` whose value in the record's config.yaml differs from today's resolution of
+        the row (a changed default or recipe); :class:`CorruptFileError` for an unreadable config.yaml."""
+        stored = self.read_config(key)
+        if stored is None or not isinstance(stored.get("config"), dict):
+            return []
+        try:
+            then = config_from_dict(stored["config"])
+        except (ExperimentError, ConfigError, TypeError) as e:
+            raise CorruptFileError(self.run_dir(key) / CONFIG, f"not a configuration this version reads ({e})") from None
+        return differences(then, spec.config, role)
+
+    def _plan_record(self, spec: RunSpec, key: str, role: str, job_alive, ignore_claim: bool) -> PlanEntry:
+        status, status_error, metrics_error, changed = None, None, None, []
         try:
             status = self.read_status(key)
+            changed = self.config_differences(spec, key, role)
         except CorruptFileError as e:
             status_error = str(e)
         if status is not None and status.state == "done":
@@ -346,6 +387,12 @@ class ResultsStore:
         claim_stale = None if ignore_claim else self.claim_stale(key)
         state, action, reason = decide(status, status_error, metrics_error, claim_stale, alive, age,
                                        self.stale_after_s)
+        if changed and state not in ("corrupt",):
+            # its numbers belong to the configuration it ran with, not to today's resolution of the row
+            shown = "; ".join(f"{k} {json.dumps(a)} then, {json.dumps(b)} now" for k, a, b in changed)
+            state, action, reason = "changed", "skip", (
+                f"{key} ran with another configuration: {shown}; set the old value in the experiment to keep "
+                "its numbers, or --rerun to run it again")
         return PlanEntry(spec, state, action, reason, status.job_ids if status else ())
 
     def plan(self, specs: Sequence[RunSpec], job_alive: Optional[Callable[[str], Optional[bool]]] = None
@@ -354,4 +401,24 @@ class ResultsStore:
         ``job_alive(job_id)`` (True/False/None = unknown) lets a scheduler query mark lost jobs."""
         return [self.plan_one(spec, job_alive) for spec in specs]
 
+    # -- --rerun
+    def rerun_paths(self, spec: RunSpec) -> List[Path]:
+        """What rerunning a row deletes: its training's own files (checkpoints, log, status, numbers) and the
+        row's evaluation and measurement records. Other rows' evaluations and measurements of the same
+        training stay; the new checkpoint makes them outdated, and they run again when their rows are
+        submitted."""
+        folder = self.run_dir(spec.run_id)
+        keep = {EVALUATIONS, MEASUREMENTS, CLAIM}
+        paths = [p for p in sorted(folder.iterdir()) if p.name not in keep] if folder.is_dir() else []
+        for key in (spec.eval_key, spec.measure_key):
+            if self.run_dir(key).is_dir():
+                paths.append(self.run_dir(key))
+        return paths
 
+    @staticmethod
+    def remove(paths: Sequence[Path]) -> None:
+        for path in paths:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()

@@ -1,0 +1,150 @@
+"""Move a results store made before schema 3 to today's ids and records.
+
+    python tools/migrate_store.py --results results [--from-commit COMMIT] [--dry-run] [EXPERIMENT.yaml ...]
+
+Schema 3 computes the ids from the role every config field declares (harness/grid/identity.py), adds
+``data.train_size`` (until then the training sizes followed ``data.eval_size``: the migrated configs get
+``train_size = eval_size``, which is what those runs trained at) and reads the seeds from ``train.seed``
+alone. The old ids cannot be recomputed from a stored config without the old code, so the old ids of every
+row of the experiment files (both scales, every seed) are computed by the code of ``--from-commit`` (the
+last commit of schema 2 by default), in a temporary copy of it, and matched with today's ids row by row.
+
+Each record folder found under an old id moves to the new one, its config.yaml gets the upgraded config
+and the new ids, and its numbers are rewritten into today's records (:func:`split_records`). A record whose
+upgraded config disagrees with today's resolution of its row on a field that changes its numbers is left
+where it is and named. Nothing is deleted; a target that already exists is never overwritten.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import yaml
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPOSITORY))
+
+from harness.grid import SCALES, config_from_dict, differences, expand, load_experiment  # noqa: E402
+from harness.grid.runs import EVALUATIONS, MEASUREMENTS  # noqa: E402
+from model.config import EVALUATION, MEASUREMENT, WEIGHTS  # noqa: E402
+
+LAST_SCHEMA_2 = "ec71d1d"
+Key = Tuple[str, str, str, int]            # experiment, row label, scale, seed
+
+_OLD_IDS = r"""
+import json, sys
+from harness.grid import SCALES, expand, load_experiment
+out = []
+for path in sys.argv[1:]:
+    experiment = load_experiment(path, check_data=False)
+    for scale in SCALES:
+        for s in expand(experiment, scale):
+            out.append([s.experiment, s.label, s.scale, s.seed, s.run_id, s.eval_id, s.measure_id])
+print(json.dumps(out))
+"""
+
+
+def old_ids(commit: str, experiments: List[str]) -> Dict[Key, Tuple[str, str, str]]:
+    """(experiment, label, scale, seed) -> (run id, evaluation id, measurement id) under the code of ``commit``."""
+    with tempfile.TemporaryDirectory(prefix="schema2-") as tmp:
+        archive = subprocess.run(["git", "-C", str(REPOSITORY), "archive", commit], check=True, capture_output=True)
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
+        done = subprocess.run([sys.executable, "-c", _OLD_IDS, *map(os.path.abspath, experiments)], cwd=tmp,
+                              check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": tmp})
+    return {(e, l, sc, int(seed)): (r, ev, m) for e, l, sc, seed, r, ev, m in json.loads(done.stdout)}
+
+
+def upgrade_config(config: dict) -> dict:
+    """A schema-2 config as schema 3 reads it: the training sizes it ran at, no launcher seeds."""
+    config = json.loads(json.dumps(config))
+    data = config.setdefault("data", {})
+    data.setdefault("train_size", data.get("eval_size", 800))
+    (config.get("launcher") or {}).pop("seeds", None)
+    return config
+
+
+def split_records(training: dict) -> Tuple[dict, dict, dict]:
+    """A schema-2 training metrics.json -> (training facts, evaluated numbers, measured numbers): each number
+    in the one record that produced it."""
+    from harness.metrics import EVALUATED_FIELDS, MEASURED_FIELDS
+    evaluated = {k: v for k, v in training.items() if k in EVALUATED_FIELDS}
+    measured = {k: v for k, v in training.items() if k in MEASURED_FIELDS or k.startswith("fps_")}
+    facts = {k: v for k, v in training.items() if k not in evaluated and k not in measured}
+    return facts, evaluated, measured
+
+
+def _rewrite_config(folder: Path, spec, dry: bool) -> List[str]:
+    """Upgrade folder/config.yaml to ``spec``'s ids; the differences from today's resolution, if any."""
+    path = folder / "config.yaml"
+    if not path.is_file():
+        return []
+    doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    doc["config"] = upgrade_config(doc.get("config") or {})
+    role = {EVALUATIONS: EVALUATION, MEASUREMENTS: MEASUREMENT}.get(folder.parent.name, WEIGHTS)
+    changed = differences(config_from_dict(doc["config"]), spec.config, role)
+    if changed:
+        return [f"{k}: {a!r} stored, {b!r} today" for k, a, b in changed]
+    doc.update(schema=3, run_id=spec.run_id, eval_id=spec.eval_id, measure_id=spec.measure_id)
+    if not dry:
+        tmp = path.with_suffix(".yaml.tmp")
+        tmp.write_text(yaml.safe_dump(doc, sort_keys=False, default_flow_style=None), encoding="utf-8")
+        os.replace(tmp, path)
+    return []
+
+
+def migrate(results: Path, experiments: List[str], commit: str, dry: bool = False) -> List[str]:
+    runs = results / "runs"
+    before = old_ids(commit, experiments)
+    report, moved = [], {}
+    for path in experiments:
+        experiment = load_experiment(path, check_data=False)
+        for scale in SCALES:
+            for spec in expand(experiment, scale):
+                old = before.get((spec.experiment, spec.label, spec.scale, spec.seed))
+                if old is None:
+                    continue
+                pairs = [(runs / old[0], runs / spec.run_id)]
+                pairs += [(runs / spec.run_id / EVALUATIONS / old[1], runs / spec.run_id / EVALUATIONS / spec.eval_id),
+                          (runs / spec.run_id / MEASUREMENTS / old[2], runs / spec.run_id / MEASUREMENTS / spec.measure_id)]
+                for source, target in pairs:
+                    source = moved.get(source, source)
+                    if source == target or not source.is_dir():
+                        continue
+                    if target.exists():
+                        report.append(f"kept {source}: {target} exists")
+                        continue
+                    problems = _rewrite_config(source, spec, dry=True)
+                    if problems:
+                        report.append(f"kept {source} ({spec.label!r}, {scale}): " + "; ".join(problems))
+                        continue
+                    report.append(f"{source.relative_to(results)} -> {target.relative_to(results)}")
+                    if not dry:
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.move(str(source), str(target))
+                        _rewrite_config(target, spec, dry=False)
+                    moved[source] = target
+    return report
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("experiments", nargs="*", help="experiment files whose rows name the runs (default: experiments/)")
+    p.add_argument("--results", default=str(REPOSITORY / "results"))
+    p.add_argument("--from-commit", default=LAST_SCHEMA_2, help="the code that made the store (default: %(default)s)")
+    p.add_argument("--dry-run", action="store_true", help="say what would move; change nothing")
+    args = p.parse_args(argv)
+    experiments = args.experiments or sorted(str(p) for p in (REPOSITORY / "experiments").glob("*.yaml"))
+    for line in migrate(Path(args.results), experiments, args.from_commit, args.dry_run):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
