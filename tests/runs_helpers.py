@@ -13,8 +13,9 @@ def tiny_model_config(**kw):
 def tiny_run_config(data_root, epochs=2, model=None, train=None, data=None, eval=None):
     return RunConfig(
         model=model or tiny_model_config(),
-        data=DataConfig(**dict(dict(dataset="synthetic", root=str(data_root), num_workers=0, eval_size=64, max_size=96,
-                                    synthetic_train_images=4, synthetic_val_images=2, synthetic_image_size=(48, 64)),
+        data=DataConfig(**dict(dict(dataset="synthetic", root=str(data_root), num_workers=0, train_size=64,
+                                    eval_size=64, max_size=96, synthetic_train_images=4, synthetic_val_images=2,
+                                    synthetic_image_size=(48, 64)),
                                **(data or {}))),
         train=TrainConfig(**dict(dict(epochs=epochs, batch_size_per_gpu=2, total_batch_size=2, print_freq=1,
                                       lr_drop=1, seed=7), **(train or {}))),

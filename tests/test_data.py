@@ -116,10 +116,8 @@ def test_loader_box_matches_annotation(root):
 
 
 def test_training_transforms_keep_boxes_valid(root):
-    import random
-    random.seed(0)
     ds = build_dataset(root, "train2017", train=True,
-                       transforms=T.make_transforms(True, eval_size=128, max_size=200))
+                       transforms=T.make_transforms(True, size=128, max_size=200))
     for i in range(len(ds)):
         image, target = ds[i]
         h, w = image.shape[1:]
@@ -160,7 +158,7 @@ def test_hflip_resize_crop_normalize():
     assert t["boxes"].tolist() == [[0.25, 0.25, 0.5, 0.5]]
 
 
-def test_official_scales_follow_eval_size():
+def test_official_scales_follow_train_size():
     assert T.scaled(T.OFFICIAL_SCALES, 800) == list(range(480, 801, 32))
     assert T.scaled(T.OFFICIAL_SCALES, 128)[-1] == 128
 

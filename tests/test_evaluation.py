@@ -133,7 +133,7 @@ def test_run_evaluation_with_tta(root):
                                       attn_impl="pytorch"),
                     data=DataConfig(root=root, num_workers=0, eval_size=64, max_size=96),
                     train=TrainConfig(batch_size_per_gpu=2),
-                    eval=EvalConfig(tta=True, tta_sizes=(700, 800), num_detections=30))
+                    eval=EvalConfig(tta=True, tta_sizes=(56, 64), num_detections=30))
     model, _, post = build_model(cfg.model, num_detections=cfg.eval.num_detections)
     dataset, loader = build_eval_loader(cfg, root)
     metrics = evaluation.run_evaluation(model, post, loader, dataset, torch.device("cpu"), cfg.eval, cfg.data,

@@ -146,7 +146,8 @@ class CocoDetection(torch.utils.data.Dataset):
 
     A target holds ``boxes`` (xyxy pixels until :class:`transforms.Normalize`, then normalised cxcywh),
     ``labels`` (category ids, int64), ``area``, ``iscrowd``, ``image_id``, ``orig_size`` and ``size``
-    (h, w). Crowd and degenerate boxes are not in it.
+    (h, w). Crowd and degenerate boxes are not in it. ``transforms`` is called as
+    ``transforms(image, target, rng)`` (the protocol of :mod:`.transforms`).
     """
 
     def __init__(self, img_folder: str, ann_file: str, transforms=None, strict: bool = False):
@@ -202,12 +203,17 @@ class CocoDetection(torch.utils.data.Dataset):
         target["size"] = torch.tensor([h, w])
         return target
 
-    def __getitem__(self, idx):
-        img_id = self.ids[idx]
+    def __getitem__(self, key):
+        """Sample ``key``: a :class:`transforms.SampleKey` ``(index, epoch, seed)`` (what the training sampler
+        yields) or a plain index (taken as epoch 0, seed 0). Random transforms draw from
+        :func:`transforms.sample_rng` of the three, so the sample's augmentation depends on nothing else
+        (not on the data-loader worker that loads it, nor on what was loaded before)."""
+        index, epoch, seed = key if isinstance(key, tuple) else (key, 0, 0)
+        img_id = self.ids[index]
         image = self.load_image(img_id)
         target = self.target(img_id)
         if self.transforms is not None:
-            image, target = self.transforms(image, target)
+            image, target = self.transforms(image, target, T.sample_rng(seed, epoch, index))
         return image, target
 
 
@@ -235,7 +241,8 @@ def check_root(root: Optional[str]) -> str:
 
 def build_dataset(root: str, split: str, train: bool, data_cfg=None, num_classes: Optional[int] = None,
                   strict: bool = False, transforms="default") -> CocoDetection:
-    """The dataset of ``split`` under ``root`` with the official transforms of ``data_cfg``.
+    """The dataset of ``split`` under ``root`` with the official transforms of ``data_cfg``: training
+    (``train``) at the scales of ``data.train_size``, evaluation at ``data.eval_size``.
 
     ``num_classes`` (the model's) is checked against the file's largest category id.
     ``transforms=None`` gives PIL images and xyxy pixel targets (test-time augmentation does its own).
@@ -245,7 +252,8 @@ def build_dataset(root: str, split: str, train: bool, data_cfg=None, num_classes
     if transforms == "default":
         kw = {}
         if data_cfg is not None:
-            kw = dict(eval_size=data_cfg.eval_size, max_size=data_cfg.max_size, augmentation=data_cfg.augmentation)
+            kw = dict(size=data_cfg.train_size if train else data_cfg.eval_size, max_size=data_cfg.max_size,
+                      augmentation=data_cfg.augmentation)
         transforms = T.make_transforms(train, **kw)
     dataset = CocoDetection(img_folder, ann_file, transforms=transforms, strict=strict)
     needed = num_classes_of(dataset.coco)

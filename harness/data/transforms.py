@@ -5,13 +5,19 @@ image (or a 3 x H x W float tensor after :class:`ToTensor`) and ``target["boxes"
 ``x0, y0, x1, y1`` pixel boxes; :class:`Normalize` turns the boxes into ``cx, cy, w, h`` relative to
 the (augmented, unpadded) image, the form the criterion expects.
 
-Randomness comes from Python's :mod:`random` module, which the engine seeds per epoch and per
-data-loader worker, so a resumed run draws the same augmentations as one that never stopped.
+Randomness: a transform's third argument ``rng`` is the :class:`random.Random` it draws from. The
+training dataset gives each sample its own, seeded by :func:`sample_rng` from ``(train.seed, epoch,
+dataset index)`` (the training sampler's :class:`SampleKey`), so a sample's augmentation is the same
+whichever process or data-loader worker loads it, in whatever order, and in a resumed run as in one
+that never stopped; ``data.num_workers`` changes nothing. Without ``rng`` (a transform called on its
+own) they draw from the global :mod:`random`. No transform here draws from torch; one that needs to
+should seed a ``torch.Generator`` from ``rng.getrandbits(63)``, never use torch's global generator.
 """
 from __future__ import annotations
 
+import hashlib
 import random
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torchvision.transforms.functional as F
@@ -19,10 +25,29 @@ import torchvision.transforms.functional as F
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# The official scales are defined for an evaluation short side of 800 (``main.py`` of DETR).
+# The official training scales, defined for a training short side of 800 (``main.py`` of DETR).
 OFFICIAL_SCALES = tuple(range(480, 801, 32))
 OFFICIAL_CROP_RESIZE = (400, 500, 600)
 OFFICIAL_CROP_RANGE = (384, 600)
+
+
+class SampleKey(NamedTuple):
+    """What the training sampler yields for one sample: its dataset index and what seeds its augmentation."""
+    index: int
+    epoch: int
+    seed: int
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of dataset sample ``index`` in ``epoch`` of a run seeded ``seed``: a hash of the
+    three, the same in every process (no dependence on Python's per-process hash salt)."""
+    digest = hashlib.sha256(f"augmentation:{int(seed)}:{int(epoch)}:{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """The generator the transforms of sample ``index`` draw from in ``epoch`` (see the module docs)."""
+    return random.Random(sample_seed(seed, epoch, index))
 
 
 def _image_size(image):
@@ -99,8 +124,8 @@ class RandomHorizontalFlip:
     def __init__(self, p=0.5):
         self.p = p
 
-    def __call__(self, image, target):
-        if random.random() < self.p:
+    def __call__(self, image, target, rng=None):
+        if (rng or random).random() < self.p:
             return hflip(image, target)
         return image, target
 
@@ -112,8 +137,8 @@ class RandomResize:
         self.sizes = list(sizes)
         self.max_size = max_size
 
-    def __call__(self, image, target):
-        return resize(image, target, random.choice(self.sizes), self.max_size)
+    def __call__(self, image, target, rng=None):
+        return resize(image, target, (rng or random).choice(self.sizes), self.max_size)
 
 
 class RandomSizeCrop:
@@ -123,12 +148,13 @@ class RandomSizeCrop:
         self.min_size = min_size
         self.max_size = max_size
 
-    def __call__(self, image, target):
+    def __call__(self, image, target, rng=None):
+        rng = rng or random
         img_w, img_h = _image_size(image)
-        w = random.randint(min(self.min_size, img_w), min(img_w, self.max_size))
-        h = random.randint(min(self.min_size, img_h), min(img_h, self.max_size))
-        top = random.randint(0, img_h - h)
-        left = random.randint(0, img_w - w)
+        w = rng.randint(min(self.min_size, img_w), min(img_w, self.max_size))
+        h = rng.randint(min(self.min_size, img_h), min(img_h, self.max_size))
+        top = rng.randint(0, img_h - h)
+        left = rng.randint(0, img_w - w)
         return crop(image, target, (top, left, h, w))
 
 
@@ -138,14 +164,14 @@ class RandomSelect:
     def __init__(self, first, second, p=0.5):
         self.first, self.second, self.p = first, second, p
 
-    def __call__(self, image, target):
-        if random.random() < self.p:
-            return self.first(image, target)
-        return self.second(image, target)
+    def __call__(self, image, target, rng=None):
+        if (rng or random).random() < self.p:
+            return self.first(image, target, rng)
+        return self.second(image, target, rng)
 
 
 class ToTensor:
-    def __call__(self, image, target):
+    def __call__(self, image, target, rng=None):
         return F.to_tensor(image), target
 
 
@@ -155,7 +181,7 @@ class Normalize:
     def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         self.mean, self.std = list(mean), list(std)
 
-    def __call__(self, image, target):
+    def __call__(self, image, target, rng=None):
         image = F.normalize(image, mean=self.mean, std=self.std)
         if target is None:
             return image, None
@@ -172,43 +198,45 @@ class Compose:
     def __init__(self, transforms):
         self.transforms = list(transforms)
 
-    def __call__(self, image, target):
+    def __call__(self, image, target, rng=None):
         for t in self.transforms:
-            image, target = t(image, target)
+            image, target = t(image, target, rng)
         return image, target
 
     def __repr__(self):
         return "Compose(" + ", ".join(type(t).__name__ for t in self.transforms) + ")"
 
 
-def scaled(sizes: Sequence[int], eval_size: int):
-    """The official sizes (defined for eval_size 800) scaled to another evaluation size."""
-    return [max(1, int(round(s * eval_size / 800))) for s in sizes]
+def scaled(sizes: Sequence[int], train_size: int):
+    """The official training sizes (defined for a training short side of 800) scaled to ``train_size``."""
+    return [max(1, int(round(s * train_size / 800))) for s in sizes]
 
 
-def make_transforms(train: bool, eval_size: int = 800, max_size: int = 1333, augmentation: str = "official"):
-    """The official training / evaluation pipeline.
+def make_transforms(train: bool, size: int = 800, max_size: int = 1333, augmentation: str = "official"):
+    """The official training / evaluation pipeline; ``size`` is ``data.train_size`` for training,
+    ``data.eval_size`` for evaluation.
 
     Training (``augmentation="official"``): random horizontal flip, then with probability 1/2 a
     multi-scale resize of the short side (480..800 step 32, long side <= max_size), otherwise a resize
     to 400/500/600, a random crop with sides in 384..600 and the same multi-scale resize. All sizes are
-    the official ones scaled by ``eval_size / 800``, so smoke runs with small images keep the recipe's
-    proportions. ``augmentation="none"`` trains at the evaluation resize, without flips.
-    Evaluation: resize of the short side to ``eval_size`` (long side <= max_size).
+    the official ones scaled by ``size / 800`` (``data.train_size``; 800 is the official recipe), so smoke
+    runs with small images keep the recipe's proportions. ``augmentation="none"`` trains at short side
+    ``size`` (long side <= max_size), without flips.
+    Evaluation: resize of the short side to ``size`` (long side <= max_size).
     """
     normalize = Compose([ToTensor(), Normalize()])
     if not train or augmentation == "none":
-        return Compose([RandomResize([eval_size], max_size=max_size), normalize])
+        return Compose([RandomResize([size], max_size=max_size), normalize])
     if augmentation != "official":
         raise ValueError(f"augmentation: got {augmentation!r}, expected 'official' or 'none'")
-    scales = scaled(OFFICIAL_SCALES, eval_size)
-    crop_min, crop_max = scaled(OFFICIAL_CROP_RANGE, eval_size)
+    scales = scaled(OFFICIAL_SCALES, size)
+    crop_min, crop_max = scaled(OFFICIAL_CROP_RANGE, size)
     return Compose([
         RandomHorizontalFlip(),
         RandomSelect(
             RandomResize(scales, max_size=max_size),
             Compose([
-                RandomResize(scaled(OFFICIAL_CROP_RESIZE, eval_size)),
+                RandomResize(scaled(OFFICIAL_CROP_RESIZE, size)),
                 RandomSizeCrop(crop_min, crop_max),
                 RandomResize(scales, max_size=max_size),
             ]),

@@ -4,9 +4,11 @@
 :func:`evaluate` an evaluation-only run. Both work on one CPU process or under torch.distributed
 (see :mod:`harness.run.distributed`).
 
-Determinism and exact resume: each epoch starts by seeding Python, NumPy and torch from
-``(train.seed, epoch, rank)``, and the distributed sampler shuffles from ``(train.seed, epoch)``, so
-the data order, the augmentation and dropout of epoch ``e`` do not depend on how many epochs this
+Determinism and exact resume: the distributed sampler shuffles from ``(train.seed, epoch)`` and
+each sample's augmentation is drawn from a generator seeded by ``(train.seed, epoch, dataset index)``
+(:class:`harness.run.loaders.TrainSampler`), so neither depends on ``data.num_workers``; each epoch
+starts by seeding Python, NumPy and torch (dropout, ...) from ``(train.seed, epoch, rank)``. So the
+data order, the augmentation and dropout of epoch ``e`` do not depend on how many epochs this
 process already ran. With the model, optimiser, scheduler and gradient-scaler states restored from
 the checkpoint (which also carries the RNG states and sampler epoch), a run stopped after epoch ``e``
 and resumed ends with the same weights as one that never stopped (bit-identical on CPU; on GPU up to

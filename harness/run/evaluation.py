@@ -6,11 +6,12 @@ computes AP, AP50, AP75, APs, APm, APl in percent with ``maxDets = (1, 10, num_d
 without annotations (test-dev's ``image_info`` file) gets the JSON only, no metrics.
 
 Test-time augmentation (Table 3 of the paper): every image is run at each size of
-``eval.tta_sizes`` (short side, given for ``eval_size`` 800 and scaled like the training sizes),
-each unflipped and horizontally flipped. The detections of all passes are mapped back to the
-original image, pooled, de-duplicated per class by non-maximum suppression (IoU ``TTA_NMS_IOU``,
-``torchvision.ops.batched_nms``), and the ``num_detections`` highest scores are kept. The paper does
-not say how its TTA merges; NMS over the pooled detections is the common choice.
+``eval.tta_sizes`` (short sides in pixels, used as given, not scaled by ``data.eval_size``: the
+official 600..1000, the smoke profile's 112..144; long side <= ``data.max_size``), each unflipped and
+horizontally flipped. The detections of all passes are mapped back to the original image, pooled,
+de-duplicated per class by non-maximum suppression (IoU ``TTA_NMS_IOU``, ``torchvision.ops.batched_nms``),
+and the ``num_detections`` highest scores are kept. The paper does not say how its TTA merges; NMS over
+the pooled detections is the common choice.
 """
 from __future__ import annotations
 
@@ -161,9 +162,8 @@ def run_evaluation(model, postprocessor, loader, dataset, device, eval_cfg, data
     """
     model.eval()
     evaluator = CocoEvaluator(dataset.coco, eval_cfg.num_detections, getattr(dataset, "has_annotations", True))
-    eval_size = data_cfg.eval_size if data_cfg is not None else 800
     max_size = data_cfg.max_size if data_cfg is not None else 1333
-    tta_sizes = T.scaled(eval_cfg.tta_sizes, eval_size)
+    tta_sizes = list(eval_cfg.tta_sizes)      # absolute short sides, not scaled by data.eval_size
     main = dist_utils.is_main_process()
     for i, batch in enumerate(loader):
         if eval_cfg.tta:

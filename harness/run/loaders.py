@@ -2,6 +2,9 @@
 
 Training drops the last incomplete batch of each process (``drop_last=True``, as the official loader), so
 every optimiser step sees the full batch; a training set too small for one full batch is an error.
+Each training item is a :class:`~harness.data.transforms.SampleKey` ``(index, epoch, train.seed)``
+(:class:`TrainSampler`), from which the dataset seeds that sample's augmentation: the augmentation of a
+sample is a function of the three alone, the same with any ``data.num_workers``, process or order.
 Evaluation keeps every image, ``eval.batch_size_per_gpu`` per process (default: the training batch; DETR's
 DC5 models were trained with one image per GPU and lose AP when evaluated with more, because padding
 changes their features).
@@ -31,6 +34,16 @@ class ShardSampler(torch.utils.data.Sampler):
         return len(self.indices)
 
 
+class TrainSampler(torch.utils.data.DistributedSampler):
+    """The :class:`~torch.utils.data.DistributedSampler` (shuffled from ``(seed, epoch)``, set by
+    :meth:`set_epoch`) whose items are ``SampleKey(index, epoch, seed)``: the dataset seeds each sample's
+    augmentation from them (:func:`harness.data.transforms.sample_rng`)."""
+
+    def __iter__(self):
+        epoch, seed = self.epoch, self.seed
+        return (T.SampleKey(int(index), epoch, seed) for index in super().__iter__())
+
+
 def eval_batch_size(run_cfg) -> int:
     """Images per process at evaluation: ``eval.batch_size_per_gpu``, or the training batch when unset."""
     size = run_cfg.eval.batch_size_per_gpu
@@ -57,8 +70,8 @@ def build_eval_loader(run_cfg, root: str, split: Optional[str] = None, num_class
 def build_train_loader(run_cfg, root: str, num_classes: Optional[int] = None):
     data_cfg, train_cfg = run_cfg.data, run_cfg.train
     dataset = build_dataset(root, data_cfg.train_split, train=True, data_cfg=data_cfg, num_classes=num_classes)
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=dist_utils.get_world_size(),
-                                                  rank=dist_utils.get_rank(), shuffle=True, seed=train_cfg.seed)
+    sampler = TrainSampler(dataset, num_replicas=dist_utils.get_world_size(), rank=dist_utils.get_rank(),
+                           shuffle=True, seed=train_cfg.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=train_cfg.batch_size_per_gpu, sampler=sampler,
                                          collate_fn=collate_fn, num_workers=data_cfg.num_workers, drop_last=True,
                                          pin_memory=torch.cuda.is_available())
