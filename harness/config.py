@@ -89,6 +89,7 @@ class EvalConfig:
     batch_size_per_gpu: Optional[int] = declare(None, EVALUATION)
     num_detections: int = declare(100, EVALUATION)       # detections kept per image (official: 100)
     tta: bool = declare(False, EVALUATION)               # horizontal flip + multi-scale testing (Table 3)
+    # test-time short sides, absolute (not scaled with eval_size)
     tta_sizes: Tuple[int, ...] = declare((600, 700, 800, 900, 1000), EVALUATION, active=lambda e: e.tta)
     save_detections: bool = recorded(True, why="writes the COCO results JSON; the numbers are the same")
 
@@ -132,7 +133,7 @@ class LauncherConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything one run needs, fully resolved. Its hash is the run id."""
+    """Everything one run needs, fully resolved; its ids come from the roles its fields declare."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
