@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -10,7 +12,10 @@ from harness import launch
 from harness.config import EXECUTORS, ConfigError
 from harness.grid import (KINDS, ExperimentError, check_unique_name, expand, find_experiment, load_experiment,
                           runs_elsewhere, unique_runs)
-from harness.grid.feasibility import config_warnings
+from harness.grid.experiment import row_provenance
+from harness.grid.feasibility import command_path_problem, config_warnings
+from harness.grid.identity import roles_of
+from harness.grid.schema import SECTION_CLASSES
 from harness.provenance import git_commit
 from harness.store import ResultsError, ResultsStore, dry_run_plan, tail_text
 from harness.store.plan import rerun_removals, rerun_text
@@ -19,6 +24,7 @@ from harness.store.progress import progress
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG_LINES = 40
+OVERRIDE = re.compile(rf"({'|'.join(SECTION_CLASSES)})\.[A-Za-z_]\w*=")   # SECTION.FIELD=VALUE
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -31,11 +37,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                                     "  run_experiment.py table2 --report                  regenerate reports\n"
                                     "  run_experiment.py table2 --smoke                   laptop scale, end to end\n"
                                     "  run_experiment.py table2 model.enc_n_points=8 --rows 5 --partition gpu\n"
+                                    "  run_experiment.py table2 --rows 5 model.enc_n_points=1,2,4  one row per value\n"
+                                    "  run_experiment.py table2 --print-config 5 --smoke  each value and its source\n"
                                     "  run_experiment.py table2 --cancel --rows 0 1       cancel two rows' jobs"))
     p.add_argument("experiment", help="experiment YAML, or its name in experiments/ (table1, table2, table3, ...)")
     p.add_argument("overrides", nargs="*", metavar="SECTION.FIELD=VALUE",
                    help="override a config field for the selected rows (all rows without --rows); part of the "
-                        "run id and recorded in each run's config; give the same overrides to --status/--report")
+                        "run id and recorded in each run's config; give the same overrides to --status/--report; "
+                        "A=1,2 sweeps (one row per value, labelled '<row>, A=1'), A=[1,2] is one list value")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true",
                       help="print the plan (run ids, executor, sbatch parameters, GPU-hours); submit nothing")
@@ -46,6 +55,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                            "later submission resumes them)")
     mode.add_argument("--logs", metavar="ROW", help="the tail of a row's job log (a label or an index)")
     mode.add_argument("--export", metavar="FILE", help="the collected results as a table (.csv or .parquet)")
+    mode.add_argument("--print-config", metavar="ROW", help="a row's config: each value, its source, its id")
     mode.add_argument("--import-server", metavar="SCORES", help="the COCO evaluation server's scores (JSON) for "
                       "the test-dev row given with --rows, as its evaluation (its training and evaluation done)")
     p.add_argument("--scores-unit", choices=("fraction", "percent"),
@@ -66,7 +76,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "rows are left alone; with --dry-run, lists what would be deleted")
     p.add_argument("--results", default=str(ROOT / "results"), help="results store (default: %(default)s)")
     p.add_argument("--reports", default=str(ROOT / "reports"), help="reports folder (default: %(default)s)")
-    return p.parse_intermixed_args(argv)   # overrides may come before or after the options
+    args = p.parse_intermixed_args(argv)   # overrides may come before or after the options
+    if args.rows:     # and after --rows: SECTION.FIELD=VALUE is an override there too (a row so named: by index)
+        args.overrides += [r for r in args.rows if OVERRIDE.match(r)]
+        args.rows = [r for r in args.rows if not OVERRIDE.match(r)] or p.error("--rows: expected a row, then overrides")
+    return args
 
 
 # ------------------------------------------------------------------------------------------- following
@@ -290,15 +304,37 @@ def _export(experiment, args) -> None:
     print(f"wrote {path}")
 
 
+def config_text(experiment) -> str:
+    """--print-config: each selected row's resolved configuration, each value's source and role, and its ids."""
+    out, shown = [], set()
+    for spec in expand(experiment):
+        ids = f"run id {spec.run_id}, evaluation id {spec.eval_id}, measurement id {spec.measure_id}"
+        if spec.label in shown or shown.add(spec.label):       # the row's next seed: its ids
+            out.append(f"  seed {spec.seed}: {ids}")
+            continue
+        out += [f"\n{experiment.name} ({experiment.path}), row {spec.label!r}, {experiment.scale} scale",
+                ids + (f" (seed {spec.seed})" if experiment.row(spec.label).seeds else ""),
+                f"  {'field':36}  {'value':24}  {'from':22}  enters"]
+        for key, (value, source) in row_provenance(experiment, spec.label).items():
+            value = value if isinstance(value, str) else json.dumps(value)
+            out.append(f"  {key:36}  {value:24}  {source:22}  {'+'.join(roles_of(*key.split('.', 1))) or 'no id'}")
+    return "\n".join(out).lstrip("\n")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    follows = args.status or args.report or args.export or args.logs or args.cancel     # read the store
+    problem = command_path_problem(args.results, args.reports, args.export, must_exist=bool(follows))
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         path = find_experiment(args.experiment, ROOT / "experiments")
         overrides = list(args.overrides) + [f"launcher.{k}={getattr(args, k)}" for k in ("partition", "account", "qos")
                                             if getattr(args, k)]
-        rows = [args.logs] if args.logs else args.rows
+        rows = [args.logs or args.print_config] if args.logs or args.print_config else args.rows
         # a dry run checks what a submission would (data, checkpoints); following and reporting need no data
-        needs_data = not (args.status or args.report or args.cancel or args.logs or args.export or args.import_server)
+        needs_data = not (follows or args.import_server or args.print_config)
         experiment = load_experiment(path, smoke=args.smoke, rows=rows, check_data=needs_data, overrides=overrides)
         check_unique_name(experiment, ROOT / "experiments")
         store = ResultsStore(args.results)
@@ -314,6 +350,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         if args.status:
             print(status_text(experiment, store))
+            return 0
+        if args.print_config:
+            print(config_text(experiment) or f"{args.print_config}: a cited row (the paper's numbers only)")
             return 0
         if args.logs:
             print(logs_text(experiment, store, args.logs))

@@ -18,6 +18,7 @@ from harness import cli
 from harness.grid import expand, load_experiment
 from harness.launch import snapshot
 from harness.store import ResultsStore
+from test_experiment import fake_coco
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "fixtures" / "tiny_experiment.yaml"
@@ -148,9 +149,7 @@ def test_logs_prints_the_tail_of_a_rows_job_log(tmp_path, capsys):
 
 
 def test_dry_run_checks_what_a_submission_needs(tmp_path, capsys, monkeypatch):
-    coco = tmp_path / "coco"
-    coco.mkdir()
-    monkeypatch.setenv("COCO_ROOT", str(coco))
+    monkeypatch.setenv("COCO_ROOT", str(fake_coco(tmp_path / "coco")))
     table1 = ROOT / "experiments" / "table1.yaml"
     assert cli.main([str(table1), "--results", str(tmp_path), "--dry-run", "--executor", "local"]) == 2
     assert "launcher.nodes=1" in capsys.readouterr().err        # local cannot run 2 nodes: says what to change

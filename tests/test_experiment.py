@@ -17,6 +17,20 @@ def write(tmp_path, text, name="exp.yaml"):
     return path
 
 
+def fake_coco(root: Path, splits=("train2017", "val2017")) -> Path:
+    """A COCO 2017 folder the checks before queueing accept: each split's annotation file (image info for
+    test-dev) and a non-empty image folder."""
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    for split in splits:
+        test = split.startswith("test")
+        name = f"image_info_{split}.json" if test else f"instances_{split}.json"
+        (root / "annotations" / name).write_text('{"images": [], "categories": []' +
+                                                 ("}" if test else ', "annotations": []}'))
+        (root / ("test2017" if test else split)).mkdir(exist_ok=True)
+        (root / ("test2017" if test else split) / "000000000001.jpg").write_bytes(b"jpeg")
+    return root
+
+
 BASIC = """
 name: t
 columns: [K]
@@ -32,11 +46,11 @@ rows:
 
 
 def basic(tmp_path, text=BASIC, **kwargs):
-    return load_experiment(write(tmp_path, text.replace("ROOT", str(tmp_path))), **kwargs)
+    return load_experiment(write(tmp_path, text.replace("ROOT", str(fake_coco(tmp_path / "coco")))), **kwargs)
 
 
 def error(tmp_path, text, **kwargs):
-    path = write(tmp_path, textwrap.dedent(text).replace("ROOT", str(tmp_path)))
+    path = write(tmp_path, textwrap.dedent(text).replace("ROOT", str(fake_coco(tmp_path / "coco"))))
     with pytest.raises(ExperimentError) as info:
         load_experiment(path, **kwargs)
     message = str(info.value)
@@ -155,7 +169,7 @@ def test_arch_defaults_start_the_model(tmp_path):
 
 
 def test_rows_selection(tmp_path):
-    path = write(tmp_path, BASIC.replace("ROOT", str(tmp_path)))
+    path = write(tmp_path, BASIC.replace("ROOT", str(fake_coco(tmp_path / "coco"))))
     exp = load_experiment(path, rows=["K=1"])
     assert [s.label for s in expand(exp)] == ["K=1"]
     with pytest.raises(ExperimentError, match="did you mean 'K=1'"):

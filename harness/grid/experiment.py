@@ -27,27 +27,31 @@ Every problem is reported as one :class:`ExperimentError` naming the file, the r
     smoke: {train: {epochs: 1}}     # optional: added to SMOKE_LAPTOP (wins over the rows)
 
 A row's config is ``base`` <- ``overrides`` with ``model`` starting from ``ModelConfig.for_arch(arch)``; at
-smoke scale :data:`SMOKE_SMALL` comes before the overrides and :data:`SMOKE_LAPTOP` after them. Its ids
+smoke scale :data:`SMOKE_SMALL` comes before the overrides and :data:`SMOKE_LAPTOP` after them; command-line
+overrides come last (:func:`provenance` names the layer each value comes from). Its ids
 come from the roles its fields declare (:mod:`harness.grid.identity`): rows that agree on everything that
 changes the weights share one training.
 """
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from harness.config import RunConfig
-from harness.grid.schema import (BASE, COMMAND_LINE, PLACES, SECTION_CLASSES, SMOKE, ExperimentError, check_keys, check_sections, coerce, expect,
-                                 hints, merge, parse_overrides, read_yaml, unknown, yaml_line)
 from harness.grid.cells import derive_cells
-from harness.grid.feasibility import check_files
+from harness.grid.feasibility import check_files, check_unique_name, find_experiment
 from harness.grid.identity import roles_of
-from harness.grid.validate import check_dataset, check_run_config
+from harness.grid.schema import (BASE, COMMAND_LINE, PLACES, SECTION_CLASSES, SMOKE, ExperimentError, axes_rows,
+                                 check_keys, check_sections, coerce, combinations, expect, hints, merge,
+                                 parse_overrides, read_yaml, reference_numbers, select_rows, unknown, yaml_line)
+from harness.grid.validate import check_dataset, check_run_config, check_seeds
 from harness.metrics import PAPER_METRICS
-from model.config import ConfigError, ModelConfig
+from model.config import ConfigError, ModelConfig, arch_defaults
+
+__all__ = ["Experiment", "Row", "SmokeProfile", "load_experiment", "resolve", "provenance", "row_provenance",
+           "find_experiment", "check_unique_name", "SMOKE_SMALL", "SMOKE_LAPTOP", "SMOKE_DEFAULTS", "SCALES"]
 
 TOP_KEYS = ("name", "table", "caption", "description", "columns", "metrics", "reference_row", "base",
             "rows", "axes", "smoke")
@@ -95,6 +99,7 @@ class Row:
     official: Mapping[str, Optional[float]] = dataclasses.field(default_factory=dict)  # official code's README
     # (dotted key, row value, smoke value): the row's settings the smoke profile's laptop tier replaces
     smoke_changes: Tuple[Tuple[str, Any, Any], ...] = ()
+    command_line: Mapping[str, Any] = dataclasses.field(default_factory=dict)   # nested: the overrides it got
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,8 @@ class Experiment:
     selected: Optional[Tuple[str, ...]] = None    # labels chosen with rows=...; None: all
     reference_row: Optional[str] = None           # the row ablation deltas are measured against
     description: str = ""
+    base: Mapping[str, Any] = dataclasses.field(default_factory=dict)   # as written (rows resolve over it)
+    smoke_profile: Optional["SmokeProfile"] = None
 
     @property
     def scale(self) -> str:
@@ -122,21 +129,21 @@ class Experiment:
         raise KeyError(label)
 
 
-
-
 def load_experiment(path: str, smoke: bool = False, rows: Optional[Sequence[Union[str, int]]] = None,
                     check_data: bool = True, overrides: Sequence[str] = ()) -> Experiment:
     """Load and validate an experiment file.
 
     ``smoke`` picks the scale :func:`expand` produces (both scales are always resolved and validated);
-    ``rows`` selects rows for :func:`expand`, by label or by 0-based index; ``check_data`` checks that a
-    full-scale run's dataset root exists (turn off for reports and status, which need no data);
+    ``rows`` selects rows for :func:`expand`, by label or by 0-based index; ``check_data`` checks that the
+    selected rows' dataset files exist at full scale (turn off for reports and status, which need no data);
     ``overrides`` (``SECTION.FIELD=VALUE``, as on the command line) apply last, to the selected rows (all
-    rows without a selection), and are part of their run ids.
+    rows without a selection), and are part of their run ids. A comma list (``model.enc_n_points=1,2,4``)
+    sweeps: each selected row is followed by one row per value (per combination of several), labelled like
+    ``axes`` rows (``<label>, enc_n_points=2``), without the paper's numbers; those rows are the selection.
     """
     path = str(path)
     data = read_yaml(path)
-    cli_overrides = parse_overrides(path, overrides)
+    cli_overrides, sweeps = parse_overrides(path, overrides)
     check_keys(path, None, "", data, TOP_KEYS)
     for key in ("name", "rows"):
         if key not in data:
@@ -156,22 +163,23 @@ def load_experiment(path: str, smoke: bool = False, rows: Optional[Sequence[Unio
                                                                            dict)))
     check_sections(path, SMOKE, smoke_profile.laptop)
 
-    raw_rows = list(expect(path, None, "rows", data["rows"], list)) + _axes_rows(path, data.get("axes"))
+    raw_rows = list(expect(path, None, "rows", data["rows"], list)) + axes_rows(path, data.get("axes"))
     if not raw_rows:
         raise ExperimentError(path, None, "rows", "empty; expected at least one row")
     labels = [str(raw.get("label", f"rows[{i}]")) if isinstance(raw, dict) else f"rows[{i}]"
               for i, raw in enumerate(raw_rows)]
-    selected = _select(path, rows, labels) if rows else None
+    selected = select_rows(path, rows, labels) if rows else None
+    entries, selected = _sweep(raw_rows, labels, selected, cli_overrides, sweeps)
     parsed: List[Row] = []
-    for i, raw in enumerate(raw_rows):
-        applies = selected is None or labels[i] in selected
+    for i, raw, row_cli, applies in entries:         # the data only of the rows selected
+        check = check_data and not smoke and applies
         try:
-            parsed.append(_parse_row(path, i, raw, base, smoke_profile, columns, metrics, check_data and not smoke,
-                                     cli_overrides if applies else {}))
+            parsed.append(_parse_row(path, i, raw, base, smoke_profile, columns, metrics, check, row_cli))
         except ExperimentError as err:
-            raise _blame(path, err, base, smoke_profile, cli_overrides, check_data and not smoke, i) from None
-    for i, label in enumerate(labels):
-        if labels.index(label) != i:
+            raise _blame(path, err, base, smoke_profile, row_cli, check, i) from None
+    labels = [row.label for row in parsed]
+    for (i, *_), label in zip(entries, labels):
+        if labels.count(label) > 1:
             raise ExperimentError(path, label, "label", "given to two rows; expected unique labels",
                                   yaml_line(path, ["rows", i, "label"]))
     reference = data.get("reference_row")
@@ -180,24 +188,26 @@ def load_experiment(path: str, smoke: bool = False, rows: Optional[Sequence[Unio
     return Experiment(name=name, path=path, table=str(data.get("table", name)),
                       caption=str(data.get("caption", "")), columns=columns, metrics=metrics,
                       rows=tuple(parsed), smoke=smoke, selected=selected, reference_row=reference,
-                      description=str(data.get("description", "")))
+                      description=str(data.get("description", "")), base=base, smoke_profile=smoke_profile)
 
 
-def _select(path, rows: Sequence[Union[str, int]], labels: List[str]) -> Tuple[str, ...]:
-    """Row labels chosen by label or by 0-based index (``--rows 0 2`` or ``--rows "MS inputs, K=1"``)."""
-    chosen = []
-    for item in rows:
-        if item in labels:
-            chosen.append(item)
-        elif isinstance(item, int) or str(item).isdigit():
-            index = int(item)
-            if not 0 <= index < len(labels):
-                raise ExperimentError(path, None, "rows", f"no row {index}; expected an index from 0 to "
-                                      f"{len(labels) - 1} or a label")
-            chosen.append(labels[index])
-        else:
-            raise ExperimentError(path, str(item), None, "no such row; " + unknown(item, labels, "row"))
-    return tuple(dict.fromkeys(chosen))
+def _sweep(raw_rows, labels, selected, cli_overrides, sweeps):
+    """([(index in the file, raw row, its command-line overrides, selected)], the selection): a selected row gets
+    the command line's overrides; with sweeps it stays as written and its swept copies follow it, selected."""
+    entries, chosen = [], []
+    for i, raw in enumerate(raw_rows):
+        applies = selected is None or labels[i] in selected
+        if not (applies and sweeps and isinstance(raw, dict) and "label" in raw and not raw.get("cited")):
+            entries.append((i, raw, cli_overrides if applies else {}, applies))
+            chosen += [labels[i]] if applies and selected is not None else []
+            continue
+        entries.append((i, raw, {}, False))
+        for suffix, combo in combinations(sweeps):
+            label = f"{raw['label']}, {suffix}"
+            copy = {k: v for k, v in raw.items() if k not in ("paper", "official")}
+            entries.append((i, dict(copy, label=label), merge(cli_overrides, combo), True))
+            chosen.append(label)
+    return entries, (tuple(chosen) if sweeps or selected is not None else None)
 
 
 def _blame(path, err: ExperimentError, base, smoke_profile, cli_overrides, check_data, index) -> ExperimentError:
@@ -231,7 +241,7 @@ def _parse_row(path, index, raw, base, smoke_profile, columns, metrics, check_da
     label = expect(path, where, "label", raw["label"], str)
     cells = expect(path, label, "cells", raw.get("cells") or {}, dict)
     check_keys(path, label, "cells.", cells, columns)
-    paper, official = (_reference_numbers(path, label, key, raw, metrics) for key in ("paper", "official"))
+    paper, official = (reference_numbers(path, label, key, raw, metrics) for key in ("paper", "official"))
     cited = expect(path, label, "cited", raw.get("cited", False), bool)
     overrides = expect(path, label, "overrides", raw.get("overrides") or {}, dict)
     notes = str(raw.get("notes", ""))
@@ -259,56 +269,7 @@ def _parse_row(path, index, raw, base, smoke_profile, columns, metrics, check_da
     configs = {"full": full, "smoke": smoke}
     command_line = {f"{section}.{key}" for section, values in dict(cli_overrides).items() for key in (values or {})}
     changes = tuple(c for c in smoke_profile.changes(overrides) if c[0] not in command_line)
-    return Row(label, cells, paper, overrides, False, seeds, notes, configs, official, changes)
-
-
-def _reference_numbers(path, label, key, raw, metrics) -> dict:
-    """A row's ``paper:`` or ``official:`` numbers: metrics of the experiment, each a number or null."""
-    numbers = expect(path, label, key, raw.get(key) or {}, dict)
-    check_keys(path, label, f"{key}.", numbers, metrics)
-    for metric, value in numbers.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ExperimentError(path, label, f"{key}.{metric}", f"got {value!r}, expected a number or null")
-    return dict(numbers)
-
-
-def _axes_rows(path, axes) -> List[dict]:
-    """``axes: {model.enc_n_points: [1, 4], model.num_feature_levels: [1, 4]}`` -> one row per combination."""
-    if axes is None:
-        return []
-    axes = expect(path, None, "axes", axes, dict)
-    keys = list(axes)
-    value_lists = []
-    for key in keys:
-        section = key.split(".", 1)[0]
-        if "." not in key or section not in SECTION_CLASSES:
-            raise ExperimentError(path, None, f"axes.{key}",
-                                  "expected a dotted key SECTION.FIELD, e.g. model.enc_n_points")
-        values = expect(path, None, f"axes.{key}", axes[key], list)
-        if not values:
-            raise ExperimentError(path, None, f"axes.{key}", "empty; expected at least one value")
-        value_lists.append(values)
-    leaves = [k.rsplit(".", 1)[1] for k in keys]
-    short = len(set(leaves)) == len(leaves)
-    rows = []
-    for combo in itertools.product(*value_lists):
-        overrides: Dict[str, Any] = {}
-        for key, value in zip(keys, combo):
-            node = overrides
-            parts = key.split(".")
-            for part in parts[:-1]:
-                node = node.setdefault(part, {})
-            node[parts[-1]] = value
-        names = leaves if short else keys
-        label = ", ".join(f"{n}={_yaml_scalar(v)}" for n, v in zip(names, combo))
-        rows.append({"label": label, "overrides": overrides})
-    return rows
-
-
-def _yaml_scalar(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
+    return Row(label, cells, paper, overrides, False, seeds, notes, configs, official, changes, dict(cli_overrides))
 
 
 # ------------------------------------------------------------------------------------------- resolving
@@ -345,7 +306,7 @@ def resolve(path: str, label: str, base: Mapping, overrides: Mapping, smoke: Opt
     if smoke is not None:
         merged = merge(merged, smoke.laptop)
     merged = merge(merged, dict(cli_overrides))
-    seeds = _seeds(path, label, (merged.get("train") or {}).get("seed"))
+    seeds = check_seeds(path, label, (merged.get("train") or {}).get("seed"))
     if seeds:
         merged = merge(merged, {"train": {"seed": seeds[0]}})
     sections = {}
@@ -369,57 +330,64 @@ def resolve(path: str, label: str, base: Mapping, overrides: Mapping, smoke: Opt
     except ConfigError as e:
         raise ExperimentError(path, label, e.key, e.message) from None
     if check_data:
-        check_dataset(path, label, cfg.data)
+        check_dataset(path, label, cfg.data, training=not cfg.eval.eval_only)
         check_files(path, label, cfg)
     return cfg, seeds
 
 
-def _seeds(path, label, value) -> Tuple[int, ...]:
-    """``train.seed`` as a list of distinct integers (a single integer: no list; the config holds it)."""
-    if not isinstance(value, list):
-        return ()
-    if not value:
-        raise ExperimentError(path, label, "train.seed", "an empty list; expected a seed or a list of seeds")
-    for i, seed in enumerate(value):
-        expect(path, label, f"train.seed[{i}]", seed, int)
-        if seed in value[:i]:
-            raise ExperimentError(path, label, f"train.seed[{i}]", f"seed {seed} is given twice; expected distinct "
-                                  "seeds (a repeated seed would count one run twice in the mean)")
-    return tuple(value)
+# where a resolved value comes from, in the order :func:`resolve` merges them (the last that sets it wins)
+DEFAULT, ARCH_DEFAULT, FROM_BASE, SMOKE_SMALL_TIER, FROM_ROW, SMOKE_LAPTOP_TIER, FROM_COMMAND_LINE = (
+    "default", "arch default", "base", "smoke profile (small)", "row", "smoke profile (laptop)", "command line")
 
 
-def find_experiment(name_or_path: str, experiments_dir) -> str:
-    """The experiment file ``name_or_path`` names: a path, or a name in ``experiments_dir`` (``table2`` ->
-    ``experiments/table2.yaml``)."""
-    if os.path.isfile(name_or_path):
-        return name_or_path
-    for candidate in (os.path.join("experiments", f"{name_or_path}.yaml"),
-                      os.path.join(str(experiments_dir), f"{name_or_path}.yaml"), f"{name_or_path}.yaml"):
-        if os.path.isfile(candidate):
-            return candidate
-    known = sorted(f[:-5] for f in os.listdir(experiments_dir) if f.endswith(".yaml")) \
-        if os.path.isdir(experiments_dir) else []
-    raise ExperimentError(name_or_path, None, None, "no such file, and no experiment of that name in "
-                          f"{experiments_dir}; expected a YAML path or one of: {', '.join(known) or 'none'}")
-
-
-def check_unique_name(experiment: Experiment, experiments_dir) -> None:
-    """An experiment's name must be its own: two files with one name would share ``results/<name>/`` and
-    overwrite each other's ``reports/<name>.*``. Looks at the YAML files beside it and in ``experiments_dir``."""
-    here = os.path.realpath(experiment.path)
-    folders = {os.path.dirname(here), os.path.realpath(str(experiments_dir))}
-    for folder in sorted(folders):
-        if not os.path.isdir(folder):
-            continue
-        for entry in sorted(os.listdir(folder)):
-            other = os.path.join(folder, entry)
-            if not entry.endswith((".yaml", ".yml")) or os.path.realpath(other) == here:
+def provenance(base: Mapping, overrides: Mapping, smoke: Optional[SmokeProfile], cli_overrides: Mapping = (),
+               path: str = "", label: str = "") -> Dict[str, Tuple[Any, str]]:
+    """``{"section.field": (value, source)}`` for every field of a row's config: the value :func:`resolve`
+    gives it (typed; ``train.seed`` the list where one was given) and the layer it came from, in
+    :func:`resolve`'s order: the field's default or the arch's (:func:`~model.config.arch_defaults`) <- base
+    <- smoke profile's small tier <- the row <- its laptop tier (and the experiment's ``smoke:``) <- command
+    line. A mapping value merges key by key over the layers (source ``"base + row"``)."""
+    layers = [(FROM_BASE, base)] + ([(SMOKE_SMALL_TIER, smoke.small)] if smoke is not None else []) + \
+        [(FROM_ROW, overrides)] + ([(SMOKE_LAPTOP_TIER, smoke.laptop)] if smoke is not None else []) + \
+        [(FROM_COMMAND_LINE, dict(cli_overrides))]
+    given: Dict[str, Tuple[Any, str]] = {}
+    for source, layer in layers:
+        for section, values in (layer or {}).items():
+            if not isinstance(values, dict):            # merge() lets a non-mapping replace the whole section
+                given = {k: v for k, v in given.items() if not k.startswith(section + ".")}
                 continue
-            try:
-                data = read_yaml(other)
-            except ExperimentError:
-                continue                       # not an experiment file (or a broken one): not this check's business
-            if data.get("name") == experiment.name and "rows" in data:
-                raise ExperimentError(experiment.path, None, "name", f"{experiment.name!r} is already the name of "
-                                      f"{other}: the two would share results/{experiment.name}/ and overwrite "
-                                      f"reports/{experiment.name}.*; give this experiment a name of its own")
+            for name, value in values.items():
+                key = f"{section}.{name}"
+                before = given.get(key)
+                if isinstance(value, dict) and before is not None and isinstance(before[0], dict):
+                    value, source_here = merge(before[0], value), f"{before[1]} + {source}"
+                else:
+                    source_here = source
+                given[key] = (value, source_here)
+    arch = given.get("model.arch", (ModelConfig.arch, DEFAULT))[0]
+    out: Dict[str, Tuple[Any, str]] = {}
+    for section, cls in SECTION_CLASSES.items():
+        for f in dataclasses.fields(cls):
+            key = f"{section}.{f.name}"
+            if key in given:
+                value, source = given[key]
+                if key == "train.seed" and isinstance(value, list):
+                    value = list(check_seeds(path, label, value))
+                else:
+                    value = coerce(path, label, key, value, hints(cls)[f.name])
+            elif section == "model" and f.name != "arch" and f.name in arch_defaults(arch):
+                value, source = arch_defaults(arch)[f.name], ARCH_DEFAULT
+            else:
+                value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                source = DEFAULT
+            if key == "data.root" and value is not None:
+                value = os.path.expanduser(os.path.expandvars(value))
+            out[key] = (value, source)
+    return out
+
+
+def row_provenance(experiment: Experiment, label: str, scale: Optional[str] = None) -> Dict[str, Tuple[Any, str]]:
+    """:func:`provenance` of a (non-cited) row of a loaded experiment, at ``scale`` (default: the experiment's)."""
+    row = experiment.row(label)
+    smoke = experiment.smoke_profile if (scale or experiment.scale) == "smoke" else None
+    return provenance(experiment.base, row.overrides, smoke, row.command_line, experiment.path, label)

@@ -1,4 +1,5 @@
-"""Reading experiment YAML and checking its values against the typed configs (pure, no torch).
+"""Reading experiment YAML and command-line overrides and checking their values against the typed configs
+(pure, no torch).
 
 Every problem becomes one :class:`ExperimentError` that names the file, the row and the dotted key, with a
 suggestion for a misspelt key.
@@ -7,7 +8,8 @@ from __future__ import annotations
 
 import difflib
 import functools
-from typing import Mapping, Optional, Sequence, Tuple, Union, get_args, get_origin, get_type_hints
+import itertools
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -103,24 +105,116 @@ def yaml_line(path: str, keys: Sequence) -> Optional[int]:
     return line
 
 
-def parse_overrides(path: str, items: Sequence[str]) -> dict:
-    """``["model.enc_n_points=8", "launcher.partition=gpu"]`` -> nested overrides; values read as YAML
-    (``true``, ``8``, ``[1, 4]``), keys checked against the config sections."""
-    nested: dict = {}
+def parse_overrides(path: str, items: Sequence[str]) -> Tuple[dict, Dict[str, list]]:
+    """``["model.enc_n_points=8", "launcher.partition=gpu"]`` -> (nested overrides, sweeps); values read as
+    YAML (``true``, ``8``, ``[1, 4]``), keys checked against the config sections. A comma list outside
+    brackets and quotes (``model.enc_n_points=1,2,4``) is a sweep: ``{dotted key: [values]}``, one row per
+    value (:func:`combinations`); ``[1, 2]`` stays one list value (``train.seed=[1,2]``: seeds)."""
+    given: Dict[str, object] = {}
     for item in items:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or "." not in key:
             raise ExperimentError(path, COMMAND_LINE, item, "expected SECTION.FIELD=VALUE, e.g. "
                                   "model.enc_n_points=8 or launcher.partition=gpu")
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError as e:
-            raise ExperimentError(path, COMMAND_LINE, key, f"cannot read the value {text!r} ({e})") from None
+        pieces = _top_level_split(text)
+        if len(pieces) > 1 and not all(piece.strip() for piece in pieces):
+            raise ExperimentError(path, COMMAND_LINE, key, f"{text!r} has an empty item; expected VALUE,VALUE,... "
+                                  "(one row per value)")
+        values = [_read_value(path, key, piece) for piece in pieces]
+        given.pop(key, None)                                # the last one given wins, in the order given
+        given[key] = _Sweep(values) if len(pieces) > 1 else values[0]
+    nested: dict = {}
+    for key, value in given.items():
         section, _, field = key.partition(".")
         nested.setdefault(section, {})[field] = value
     check_sections(path, COMMAND_LINE, nested)
-    return nested
+    sweeps = {}
+    for key, value in given.items():
+        if isinstance(value, _Sweep):
+            section, _, field = key.partition(".")
+            del nested[section][field]
+            sweeps[key] = _sweep_values(path, key, value, hints(SECTION_CLASSES[section])[field])
+    return nested, sweeps
+
+
+class _Sweep(list):
+    """The values of a comma list on the command line."""
+
+
+def _top_level_split(text: str) -> list:
+    """``1,2,[3, 4]`` -> ``["1", "2", "[3, 4]"]``: commas outside brackets, braces and quotes."""
+    pieces, depth, quote, start = [], 0, None, 0
+    for i, c in enumerate(text):
+        if quote:
+            quote = None if c == quote else quote
+        elif c in "'\"":
+            quote = c
+        elif c in "[{":
+            depth += 1
+        elif c in "]}":
+            depth -= 1
+        elif c == "," and depth == 0:
+            pieces.append(text[start:i])
+            start = i + 1
+    return pieces + [text[start:]]
+
+
+def _read_value(path, key, text):
+    try:
+        return yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as e:
+        raise ExperimentError(path, COMMAND_LINE, key, f"cannot read the value {text!r} ({e})") from None
+
+
+def _sweep_values(path, key, values: list, tp) -> list:
+    """A sweep's values: distinct, and lists for a list-valued field (``128,160`` there is ambiguous)."""
+    for i, value in enumerate(values):
+        if value in values[:i]:
+            raise ExperimentError(path, COMMAND_LINE, key, f"{value!r} is given twice in the comma list; "
+                                  "expected distinct values (one row per value)")
+    listed = get_origin(tp) in (tuple, Tuple) or any(get_origin(a) in (tuple, Tuple) for a in get_args(tp))
+    if listed and not all(isinstance(v, (list, dict)) for v in values):
+        raise ExperimentError(path, COMMAND_LINE, key, f"takes a list, and a comma list outside brackets sweeps "
+                              f"one row per value; expected [a, b] for one value, or [a, b],[c, d] to sweep")
+    return list(values)
+
+
+def combinations(axes: Mapping[str, list]) -> List[Tuple[str, dict]]:
+    """``{model.enc_n_points: [1, 4], model.num_feature_levels: [1, 4]}`` -> (label, nested overrides) per
+    combination, in order: ``("enc_n_points=1, num_feature_levels=4", {...})`` (full keys where two
+    axes share a field name)."""
+    keys = list(axes)
+    leaves = [k.rsplit(".", 1)[1] for k in keys]
+    names = leaves if len(set(leaves)) == len(leaves) else keys
+    out = []
+    for combo in itertools.product(*(axes[k] for k in keys)):
+        overrides: Dict[str, Any] = {}
+        for key, value in zip(keys, combo):
+            section, _, field = key.partition(".")
+            overrides.setdefault(section, {})[field] = value
+        out.append((", ".join(f"{n}={yaml_scalar(v)}" for n, v in zip(names, combo)), overrides))
+    return out
+
+
+def axes_rows(path, axes) -> List[dict]:
+    """An experiment's ``axes:`` -> one row (label and overrides) per combination."""
+    if axes is None:
+        return []
+    axes = expect(path, None, "axes", axes, dict)
+    for key in axes:
+        if "." not in key or key.split(".", 1)[0] not in SECTION_CLASSES:
+            raise ExperimentError(path, None, f"axes.{key}",
+                                  "expected a dotted key SECTION.FIELD, e.g. model.enc_n_points")
+        if not expect(path, None, f"axes.{key}", axes[key], list):
+            raise ExperimentError(path, None, f"axes.{key}", "empty; expected at least one value")
+    return [{"label": label, "overrides": overrides} for label, overrides in combinations(axes)]
+
+
+def yaml_scalar(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 @functools.lru_cache(maxsize=None)
@@ -252,3 +346,30 @@ def merge(a: Mapping, b: Mapping) -> dict:
         else:
             out[k] = v
     return out
+
+
+def select_rows(path, rows: Sequence[Union[str, int]], labels: List[str]) -> Tuple[str, ...]:
+    """Row labels chosen by label or by 0-based index (``--rows 0 2`` or ``--rows "MS inputs, K=1"``)."""
+    chosen = []
+    for item in rows:
+        if item in labels:
+            chosen.append(item)
+        elif isinstance(item, int) or str(item).isdigit():
+            index = int(item)
+            if not 0 <= index < len(labels):
+                raise ExperimentError(path, None, "rows", f"no row {index}; expected an index from 0 to "
+                                      f"{len(labels) - 1} or a label")
+            chosen.append(labels[index])
+        else:
+            raise ExperimentError(path, str(item), None, "no such row; " + unknown(item, labels, "row"))
+    return tuple(dict.fromkeys(chosen))
+
+
+def reference_numbers(path, label, key, raw, metrics) -> dict:
+    """A row's ``paper:`` or ``official:`` numbers: metrics of the experiment, each a number or null."""
+    numbers = expect(path, label, key, raw.get(key) or {}, dict)
+    check_keys(path, label, f"{key}.", numbers, metrics)
+    for metric, value in numbers.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ExperimentError(path, label, f"{key}.{metric}", f"got {value!r}, expected a number or null")
+    return dict(numbers)

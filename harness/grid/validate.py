@@ -1,15 +1,19 @@
-"""Checks across config sections: ranges, choices and combinations (pure, no torch).
+"""Checks across config sections: ranges, choices and combinations; the dataset a row reads (pure but for
+looking at its files, no torch).
 
 :func:`check_run_config` raises :class:`ConfigError` with a dotted key; the experiment loader turns it into
 an :class:`~harness.grid.schema.ExperimentError` naming the file and row.
 """
 from __future__ import annotations
 
+import functools
+import json
 import os
+from typing import Tuple
 
 from harness.config import (AMP_MODES, AUGMENTATIONS, DATASETS, EXECUTORS, LR_SCHEDULES, OPTIMIZERS, PRECISIONS,
                             DataConfig, LauncherConfig, RunConfig, TrainConfig)
-from harness.grid.schema import ExperimentError
+from harness.grid.schema import ExperimentError, expect
 from model.config import ConfigError, check_choice
 
 
@@ -110,7 +114,11 @@ def world_size(launcher: LauncherConfig) -> int:
     return launcher.nodes * per_node
 
 
-def check_dataset(path, label, data: DataConfig) -> None:
+def check_dataset(path, label, data: DataConfig, training: bool = True) -> None:
+    """A COCO row's dataset: the root, and in it what the row reads (the training split unless it only
+    evaluates, and the evaluation split): each annotation file present, non-empty and a JSON object (parsed,
+    with its keys checked, up to :data:`PARSE_AT_MOST` bytes; COCO's 450 MB train file only opened), each
+    image folder non-empty. One :class:`ExperimentError` names every missing piece and what to put where."""
     if data.dataset != "coco":
         return
     if data.root is None:
@@ -122,3 +130,87 @@ def check_dataset(path, label, data: DataConfig) -> None:
     if not os.path.isdir(data.root):
         raise ExperimentError(path, label, "data.root", f"{data.root!r} does not exist; expected the COCO "
                               "2017 folder (train2017/, val2017/, annotations/), or run with --smoke")
+    problems, archives = [], []
+    for split in dict.fromkeys(([data.train_split] if training else []) + [data.val_split]):
+        test = split.startswith("test")           # test-dev2017: image info only, images in test2017/
+        folder = "test2017" if test else split
+        annotations = f"annotations/image_info_{split}.json" if test else f"annotations/instances_{split}.json"
+        year = split[-4:] if split[-4:].isdigit() else ""
+        for rel, problem, archive in (
+                (annotations, _json_problem(os.path.join(data.root, annotations), ("images",) if test else
+                                            ("images", "annotations")),
+                 f"image_info_test{year}.zip" if test else f"annotations_trainval{year}.zip" if year else None),
+                (folder + "/", _folder_problem(os.path.join(data.root, folder)), f"{folder}.zip")):
+            if problem:
+                problems.append(f"{os.path.join(data.root, rel)} {problem}")
+                archives += [archive] if archive and archive not in archives else []
+    if problems:
+        fix = (f"unzip {', '.join(archives)} (https://cocodataset.org/#download) in {data.root}" if archives
+               else f"put the split's annotations and images in {data.root}")
+        raise ExperimentError(path, label, "data.root", f"{data.root} lacks files the run reads: "
+                              f"{'; '.join(problems)}. Expected the COCO 2017 layout (annotations/, train2017/, "
+                              f"val2017/, test2017/): {fix}, or run with --smoke")
+
+
+PARSE_AT_MOST = 16 * 2 ** 20      # an annotation file larger than this is opened, not parsed (train: 450 MB)
+
+
+def _json_problem(file: str, keys) -> str:
+    """What is wrong with a COCO annotation file ('' if nothing seen)."""
+    if not os.path.exists(file):
+        return "is missing"
+    try:
+        size = os.path.getsize(file)
+        with open(file, "rb") as f:
+            head = f.read(1024).lstrip()
+            f.seek(max(size - 1024, 0))
+            tail = f.read().rstrip()
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if not head:
+        return "is empty"
+    if not head.startswith(b"{") or not tail.endswith(b"}"):
+        return ("is not a JSON object (it does not " + ("start with '{')" if not head.startswith(b"{") else
+                "end with '}': an interrupted download?)"))
+    if size > PARSE_AT_MOST:
+        return ""
+    found = _json_keys(file, size, os.stat(file).st_mtime_ns)
+    if isinstance(found, str):
+        return f"is not valid JSON ({found})"
+    missing = [key for key in keys if key not in found]
+    return f"has no {' or '.join(map(repr, missing))} key; expected a COCO annotation file" if missing else ""
+
+
+@functools.lru_cache(maxsize=64)
+def _json_keys(file: str, size: int, mtime_ns: int):
+    """The top-level keys of a JSON object file, or why it cannot be read as one."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        return str(e)
+    return tuple(data) if isinstance(data, dict) else f"a JSON {type(data).__name__}, not an object"
+
+
+def _folder_problem(folder: str) -> str:
+    if not os.path.isdir(folder):
+        return "is not a folder" if os.path.exists(folder) else "is missing"
+    try:
+        with os.scandir(folder) as entries:
+            return "" if next(entries, None) is not None else "is empty"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+
+
+def check_seeds(path, label, value) -> Tuple[int, ...]:
+    """``train.seed`` as a list of distinct integers (a single integer: no list; the config holds it)."""
+    if not isinstance(value, list):
+        return ()
+    if not value:
+        raise ExperimentError(path, label, "train.seed", "an empty list; expected a seed or a list of seeds")
+    for i, seed in enumerate(value):
+        expect(path, label, f"train.seed[{i}]", seed, int)
+        if seed in value[:i]:
+            raise ExperimentError(path, label, f"train.seed[{i}]", f"seed {seed} is given twice; expected distinct "
+                                  "seeds (a repeated seed would count one run twice in the mean)")
+    return tuple(value)
