@@ -227,6 +227,9 @@ def validate(cfg: ModelConfig) -> None:
     if cfg.pre_norm and cfg.arch != "detr":
         raise ConfigError("pre_norm", f"applies to arch 'detr' only, not {cfg.arch!r}")
     if cfg.arch == "deformable_detr":
+        if not cfg.focal_loss:
+            raise ConfigError("focal_loss", "Deformable DETR's class head has no no-object logit for the softmax "
+                                            "loss; expected true (the softmax loss is DETR's)")
         if cfg.neck != "none" and cfg.num_feature_levels < 2:
             raise ConfigError("neck", f"{cfg.neck!r} needs multi-scale inputs (num_feature_levels >= 2)")
         if cfg.position_embedding != "sine":
