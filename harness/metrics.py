@@ -1,9 +1,11 @@
 """The one registry of the numbers a table can compare with the paper (pure, no torch).
 
-Each :class:`Metric` says where its value comes from in a run's ``metrics.json`` (``field``, times
-``factor`` to the paper's unit), how many decimals our values print with, whether the paper's own numbers
-print as given (``%g``) or with one decimal, its Markdown and LaTeX titles, and, for the COCO AP columns, the
-run-to-run noise band a single run is judged with. Validation (an experiment's ``metrics:``), collection,
+Each :class:`Metric` says where its value comes from (``field`` in the metrics.json of the record that
+produces it: an evaluated metric's evaluation record, a measured one's measurement record, ``gpu_hours`` the
+sum over the training, evaluation and measurement records; times ``factor`` to the paper's unit), how many
+decimals our values print with, whether the paper's own numbers print as given (``%g``) or with one decimal,
+its Markdown and LaTeX titles, and, for the COCO AP columns, the run-to-run noise band a single run is judged
+with. Validation (an experiment's ``metrics:``), collection,
 tables and figures all read this list: a new column is one entry here plus the code that measures its field.
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ NOISE_BAND_AP = 0.3
 @dataclass(frozen=True)
 class Metric:
     name: str                 # the paper's key, as in experiments/*.yaml ``paper:`` and ``metrics:``
-    field: str                # metrics.json / benchmark.json field
+    field: str                # its field in the metrics.json of the record that produces it
     factor: float = 1.0       # field x factor = the paper's unit
     decimals: int = 1         # of our values
     paper_as_given: bool = False   # the paper's numbers print as given (%g) instead of with one decimal

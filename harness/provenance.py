@@ -1,6 +1,6 @@
 """Where and when a number was measured: the code's commit, the device's name, the date.
 
-Every record (metrics.json, benchmark.json, status.json, code snapshots) takes these from here. torch is
+Every record (metrics.json, status.json, code snapshots) takes these from here. torch is
 imported inside :func:`device_name` only, so that the torch-free layers (grid, store, launch) can use
 the rest without loading it.
 """

@@ -168,28 +168,44 @@ def test_measure_complexity_over_the_first_evaluation_images(tmp_path):
         measure_complexity(spec.config, images=1, fixed_size=(64, 64))
 
 
-def test_command_writes_benchmark_json(tmp_path, capsys):
+def test_command_writes_a_measurement_record(tmp_path, capsys):
+    """python -m harness.measure measures without training into the row's measurement record (status done, no
+    trained checkpoint); a record a trained run's job made is kept unless --force."""
     from harness.store import ResultsStore
 
     label = "MS inputs, K=1"
     spec = _smoke_spec(label)
     store = ResultsStore(tmp_path)
-    store.write_benchmark(spec.run_id, {"fps_bs1": 3.5, "gflops": 1.0})    # kept fields
-    rc = complexity_main(["experiments/table2.yaml", "--smoke", "--rows", label, "--fixed-size", "96x128",
-                          "--out", str(tmp_path)])
-    assert rc == 0
-    record = store.read_benchmark(spec.run_id)
+    store.complete(spec.measure_key, {"fps_bs1": 3.5, "gflops": 1.0, "trained": False})   # FPS is kept
+    argv = ["experiments/table2.yaml", "--smoke", "--rows", label, "--fixed-size", "96x128", "--out", str(tmp_path)]
+    assert complexity_main(argv) == 0
+    assert store.read_status(spec.measure_key).state == "done"
+    assert store.read_status(spec.run_id) is None and store.read_metrics(spec.run_id) is None   # no training
+    assert not (store.run_dir(spec.run_id) / "benchmark.json").exists()
+    record = store.read_metrics(spec.measure_key)
     assert record["fps_bs1"] == 3.5
     assert record["gflops"] > 1.0 and record["gflops_std"] == 0.0
-    assert record["gflops_images"] == 1 and record["gflops_input"] == "3x96x128"
+    assert record["gflops_images"] == 1 and record["gflops_input"] == "3x96x128" and record["fixed_size"] == [96, 128]
     assert record["params"] == complexity.count_parameters(build_for_complexity(spec.config.model))
     assert record["label"] == label and record["scale"] == "smoke"
+    assert record["trained"] is False and record["checkpoint_sha256"] is None
+    assert record["run_id"] == spec.run_id and record["measure_id"] == spec.measure_id
+    assert record["benchmark"]["flops_images"] == spec.config.benchmark.flops_images
+    assert record["eval_size"] == spec.config.data.eval_size and record["split"] == spec.config.data.val_split
+    assert len(record["date"]) == 10 and record["gpu_hours"] is None        # on the CPU: no GPU-hours
     for key in ("unsupported_ops", "trivial_unsupported_ops", "device", "torch", "date", "commit", "notes",
                 "gflops_by_operator", "flop_counter"):
         assert key in record
     assert "not the paper's mean" in record["notes"]
     json.dumps(record)
     assert label in capsys.readouterr().out
+    # a trained run's measurement is not replaced by one without training, unless asked
+    store.complete(spec.measure_key, {**record, "trained": True, "checkpoint_sha256": "ab" * 32, "gflops": 2.0})
+    assert complexity_main(argv) == 0
+    assert "kept" in capsys.readouterr().out and store.read_metrics(spec.measure_key)["gflops"] == 2.0
+    assert complexity_main(argv + ["--force"]) == 0
+    replaced = store.read_metrics(spec.measure_key)
+    assert replaced["gflops"] == record["gflops"] and replaced["trained"] is False and "fps_bs1" not in replaced
 
 
 def test_command_errors(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """The whole product: run_experiment.py on a tiny grid, locally and on the localhost SLURM.
 
-* locally: every row trains, evaluates and is measured; metrics.json, log.jsonl and the report appear;
+* locally: every row trains, evaluates and is measured (a training, an evaluation and a measurement
+  record); log.jsonl and the report appear;
   a second submission skips the done rows; --status shows them;
 * on SLURM, 2 tasks per job (gloo): a job requeued with ``scontrol requeue`` mid-run resumes from its
   checkpoint and ends with the weights and metrics of an uninterrupted run.
@@ -37,13 +38,20 @@ def test_local_grid_end_to_end(tmp_path, capsys):
     assert rc == 0, out
     store = ResultsStore(tmp_path / "results")
     spec = expand(load_experiment(str(TINY), rows=["K=1"]))[0]
-    metrics = store.read_metrics(spec.run_id)
-    for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "params", "gflops", "fps_bs1", "device", "commit",
-                "epochs_trained", "scale", "num_detections"):
+    # one record per number: training facts, the row's evaluation (AP), its measurement (params, FLOPs, FPS)
+    training = store.read_metrics(spec.run_id)
+    metrics = store.read_metrics(spec.eval_key)
+    measured = store.read_metrics(spec.measure_key)
+    for key in ("epochs_trained", "device", "commit", "date", "scale", "checkpoint_sha256", "train_loss"):
+        assert key in training, key
+    assert not {"AP", "params", "gflops", "fps_bs1"} & set(training)
+    for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "num_detections", "device", "commit", "split"):
         assert key in metrics, key
-    assert metrics["epochs_trained"] == 3 and metrics["num_detections"] == 100
-    assert metrics["params"] > 20e6 and metrics["gflops"] > 0 and metrics["fps_bs1"] > 0
-    assert store.read_status(spec.run_id).state == "done"
+    assert training["epochs_trained"] == 3 and metrics["num_detections"] == 100
+    assert measured["params"] > 20e6 and measured["gflops"] > 0 and measured["fps_bs1"] > 0
+    assert metrics["checkpoint_sha256"] == measured["checkpoint_sha256"] == training["checkpoint_sha256"]
+    for key in (spec.run_id, spec.eval_key, spec.measure_key):
+        assert store.read_status(key).state == "done", key
     assert [r["epoch"] for r in store.read_log(spec.run_id)] == [0, 1, 2]
     report = (tmp_path / "reports" / "tiny.md").read_text()
     lines = report.splitlines()
@@ -88,7 +96,7 @@ def test_local_grid_end_to_end(tmp_path, capsys):
     remeasured = expand(load_experiment(str(TINY), rows=["K=1"], overrides=["benchmark.fps_batch_sizes=[2]"]))[0]
     assert remeasured.run_id == spec.run_id and remeasured.eval_id == spec.eval_id
     measurement = store.read_metrics(remeasured.measure_key)
-    assert measurement["fps_bs2"] > 0 and measurement["params"] == metrics["params"]
+    assert measurement["fps_bs2"] > 0 and measurement["params"] == measured["params"]
     assert store.read_log(spec.run_id) == log_before
 
     # --rerun trains the done row again from scratch (a fresh log, the same deterministic result)
@@ -96,7 +104,7 @@ def test_local_grid_end_to_end(tmp_path, capsys):
     assert "skip" not in capsys.readouterr().out
     assert [r["epoch"] for r in store.read_log(spec.run_id)] == [0, 1, 2]
     assert store.read_status(spec.run_id).attempts == 1
-    assert store.read_metrics(spec.run_id)["AP"] == metrics["AP"]
+    assert store.read_metrics(spec.eval_key)["AP"] == metrics["AP"]
 
 
 def test_bad_experiment_exits_with_a_message(tmp_path, capsys):
@@ -124,8 +132,8 @@ def test_slurm_requeue_mid_epoch_resumes_with_identical_results(slurm_cluster, t
     rc = cli.main(argv(tmp_path / "a", "--rows", "K=2", "--executor", "slurm", "--wait"))
     assert rc == 0, capsys.readouterr().out
     store_a = ResultsStore(tmp_path / "a" / "results")
-    metrics_a = store_a.read_metrics(spec.run_id)
-    assert metrics_a["world_size"] == 2
+    assert store_a.read_metrics(spec.run_id)["world_size"] == 2
+    metrics_a = {**store_a.read_metrics(spec.eval_key), **store_a.read_metrics(spec.measure_key)}
 
     # requeued in the middle of its second epoch
     store_b = ResultsStore(tmp_path / "b" / "results")
@@ -159,7 +167,7 @@ def test_slurm_requeue_mid_epoch_resumes_with_identical_results(slurm_cluster, t
     resumed = re.search(r"resumed from \S+ at epoch (\d), iteration (\d+)", stdout.read_text())
     assert resumed and 1 <= int(resumed.group(2)) < 4, stdout.read_text()[-3000:]    # mid-epoch
 
-    metrics_b = store_b.read_metrics(spec.run_id)
+    metrics_b = {**store_b.read_metrics(spec.eval_key), **store_b.read_metrics(spec.measure_key)}
     for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "params", "gflops"):
         assert metrics_b[key] == metrics_a[key], key
     weights_a = _final_weights(store_a.run_dir(spec.run_id))

@@ -45,7 +45,7 @@ def test_collect_has_one_row_per_run(small, small_df):
     states = {(r.label, r.scale, r.seed): r.state for r in small_df.itertuples()}
     assert states[("base", "full", 1)] == "done" and states[("base", "full", 2)] == "done"
     assert states[("failed row", "full", 42)] == "failed"
-    assert states[("not run", "full", 42)] == "new"           # benchmark.json alone does not finish a run
+    assert states[("not run", "full", 42)] == "new"           # a measurement alone does not train a run
     spec = [s for s in expand(small, "full") if s.label == "not run"][0]
     assert ResultsStore(RESULTS).plan([spec])[0].action == "run"
     k1 = small_df[(small_df.label == "K=1") & (small_df.scale == "smoke")].iloc[0]
@@ -100,7 +100,7 @@ def test_report_lines(small, small_df):
     # a row of one's own: no paper line, the label tells it from base (same cells), no noise marker
     assert "| 2 levels | Deformable DETR | 4 | ours (full) | 43.1 | 61.6 | 40.07 | 185.6 | 14.2 | full |" in md
     # an axes row that has not run: one line, its label, nothing else
-    assert "| enc_n_points=8 |  |  | ours: not run |  |" in md
+    assert "| enc_n_points=8 |  | 8/4 | ours: not run |  |" in md      # K derived from its config
     assert md.count("enc_n_points=8") == 1
     # the legend says which reference a reproduction is held to, and the band
     assert "held to the official code's numbers" in md and "±0.3 AP" in md
@@ -217,10 +217,10 @@ def test_latex_structure(tmp_path, small, small_df, name, render):
 def test_latex_escapes_symbols_and_rejects_what_it_cannot_spell(tmp_path, small_df):
     tex = render_latex_compact(load_experiment(FIXTURE / "experiment.yaml", check_data=False), small_df)
     assert r"-- $\surd$ marks a switch" in tex and r"caf\'{e}" in tex
-    text = (FIXTURE / "experiment.yaml").read_text().replace("K: 1}", "K: 1 ☃}")
+    text = (FIXTURE / "experiment.yaml").read_text().replace("Deformable DETR, K: 1}", "Deformable DETR ☃, K: 1}")
     (tmp_path / "snow.yaml").write_text(text)
     exp = load_experiment(tmp_path / "snow.yaml", check_data=False)
-    with pytest.raises(ExperimentError, match=r"row 'K=1'.*cells\.K.*U\+2603 SNOWMAN"):
+    with pytest.raises(ExperimentError, match=r"row 'K=1'.*cells\.method.*U\+2603 SNOWMAN"):
         render_latex(exp, small_df)
 
 

@@ -1,8 +1,14 @@
-"""Full-scale complexity of every model row of an experiment, without training: parameters and fvcore GFLOPs
-into each run's benchmark.json (the report shows them beside the paper's).
+"""Complexity of every model row of an experiment without training it: parameters and fvcore GFLOPs into
+each row's measurement record (``runs/<run_id>/measurements/<measure_id>/``, status done), which the report
+reads like any other measurement.
 
     python -m harness.measure experiments/table1.yaml [--rows LABEL ...]
-        [--images N | --fixed-size 800x1199] [--out results] [--root COCO_ROOT]
+        [--images N | --fixed-size 800x1199] [--out results] [--root COCO_ROOT] [--force]
+
+A record made here belongs to no trained checkpoint (``trained: false``, ``checkpoint_sha256: null``):
+parameters and FLOPs do not depend on the weights. A record a trained run's job measured is left alone
+(``--force`` replaces it); one made here before is replaced, keeping the fields this command does not
+measure (FPS).
 """
 from __future__ import annotations
 
@@ -10,18 +16,20 @@ import argparse
 import os
 import sys
 import time
+import traceback
 from typing import Optional, Sequence, Tuple
 
 import torch
 
 from harness.grid import ExperimentError, expand, load_experiment
 from harness.measure.complexity import measure_complexity
+from harness.measure.record import measurement_record
 from harness.provenance import git_commit, utc_now
-from harness.store import ResultsStore
+from harness.store import CorruptFileError, ResultsStore
 
 
-def benchmark_record(spec, measured: dict, seconds: float) -> dict:
-    """The benchmark.json fields of one row from :func:`measure_complexity`'s result."""
+def complexity_fields(spec, measured: dict, seconds: float) -> dict:
+    """The measured fields of one row from :func:`measure_complexity`'s result, with notes on what they count."""
     cfg = spec.config
     notes = []
     if measured["gflops_input"].startswith("3x"):
@@ -34,8 +42,6 @@ def benchmark_record(spec, measured: dict, seconds: float) -> dict:
         notes.append("operators fvcore has no handle for are not counted: " +
                      ", ".join(f"{k} x{v}" for k, v in measured["unsupported_ops"].items()))
     return {
-        "label": spec.label,
-        "scale": spec.scale,
         "params": measured["params"],
         "gflops": round(measured["gflops"], 4),
         "gflops_std": round(measured["gflops_std"], 4),
@@ -46,10 +52,6 @@ def benchmark_record(spec, measured: dict, seconds: float) -> dict:
         "trivial_unsupported_ops": measured["trivial_unsupported_ops"],
         "flop_counter": f"fvcore FlopCountAnalysis, eval mode, no grad; default handles + "
                         f"{', '.join(measured['handles'])}",
-        "device": measured["device"],
-        "torch": torch.__version__,
-        "date": utc_now(),
-        "commit": git_commit(),
         "seconds": round(seconds, 1),
         "notes": "; ".join(notes),
     }
@@ -65,11 +67,57 @@ def _parse_size(text: str) -> Tuple[int, int]:
     return h, w
 
 
+def _previous(store: ResultsStore, key: str) -> Tuple[Optional[dict], bool]:
+    """(the record's numbers, whether a trained run's job made it) of a done measurement record."""
+    try:
+        status, metrics = store.read_status(key), store.read_metrics(key)
+    except CorruptFileError:
+        return None, False
+    if status is None or status.state != "done" or metrics is None:
+        return None, False
+    return metrics, bool(metrics.get("trained") or metrics.get("checkpoint_sha256"))
+
+
+def measure_row(store: ResultsStore, spec, args) -> Optional[dict]:
+    """Measure one row into its measurement record; None when it is left as it is."""
+    key = spec.measure_key
+    previous, trained = _previous(store, key)
+    if trained and not args.force:
+        print(f"  kept: {key} was measured by its trained run's job (--force replaces it)", flush=True)
+        return None
+    store.prepare(spec, key)
+    claim = store.claim(key)
+    if claim is None:
+        print(f"  skipped: {key} is claimed by a running job", flush=True)
+        return None
+    try:
+        attempt = store.mark_running(key).attempts
+        started, gpus = time.time(), int(torch.device(args.device).type == "cuda")
+        store.record_attempt(key, attempt, started, gpus)
+        measured = measure_complexity(spec.config, images=args.images if not args.fixed_size else None,
+                                      fixed_size=args.fixed_size, root=args.root, device=args.device)
+        fields = complexity_fields(spec, measured, time.time() - started)
+        store.record_attempt(key, attempt, started, gpus)
+        kept = {k: v for k, v in (previous or {}).items() if k.startswith("fps_")} if not trained else {}
+        record = measurement_record(
+            spec, {**kept, **fields}, checkpoint_sha256=None, trained=False,
+            gpu_hours=round(store.gpu_hours(key), 4) if gpus else None, device=measured["device"],
+            commit=git_commit(), date=utc_now()[:10], torch=torch.__version__,
+            fixed_size=list(args.fixed_size) if args.fixed_size else None)
+        store.complete(key, record)
+        return record
+    except Exception as err:
+        store.mark_failed(key, f"{type(err).__name__}: {err}", traceback.format_exc()[-4000:])
+        raise
+    finally:
+        store.release(claim)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m harness.measure",
-        description="Parameters and fvcore GFLOPs of every model row of an experiment, at full scale, written to "
-                    "results/runs/<run_id>/benchmark.json.")
+        description="Parameters and fvcore GFLOPs of every model row of an experiment, without training, written "
+                    "to each row's measurement record results/runs/<run_id>/measurements/<measure_id>/.")
     parser.add_argument("experiment", help="experiment YAML, e.g. experiments/table1.yaml")
     parser.add_argument("--rows", nargs="+", metavar="LABEL", help="only these row labels")
     how = parser.add_mutually_exclusive_group()
@@ -81,7 +129,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--root", help="dataset root (overrides data.root)")
     parser.add_argument("--smoke", action="store_true", help="the smoke-scale configs instead of full scale")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dry-run", action="store_true", help="print the rows and run ids, measure nothing")
+    parser.add_argument("--force", action="store_true",
+                        help="replace measurement records that a trained run's job made too")
+    parser.add_argument("--dry-run", action="store_true", help="print the rows and records, measure nothing")
     args = parser.parse_args(argv)
 
     try:
@@ -89,11 +139,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ExperimentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    specs, measured = [], set()
-    for spec in expand(experiment):          # one measurement per run, however many rows evaluate it
-        if spec.run_id not in measured:
-            measured.add(spec.run_id)
+    specs, seen = [], set()
+    for spec in expand(experiment):          # one measurement per record, however many rows report it
+        if spec.measure_key not in seen:
+            seen.add(spec.measure_key)
             specs.append(spec)
+
     def has_dataset(cfg) -> bool:
         root = args.root or cfg.data.root
         return cfg.data.dataset == "synthetic" or bool(root and os.path.isdir(root))
@@ -104,16 +155,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     store = ResultsStore(args.out)
     for spec in specs:
-        print(f"{spec.label} [{spec.run_id}]", flush=True)
+        print(f"{spec.label} [{spec.measure_key}]", flush=True)
         if args.dry_run:
             continue
-        start = time.time()
-        measured = measure_complexity(spec.config, images=args.images if not args.fixed_size else None,
-                                      fixed_size=args.fixed_size, root=args.root, device=args.device)
-        record = benchmark_record(spec, measured, time.time() - start)
-        previous = store.read_benchmark(spec.run_id) or {}
-        store.write_benchmark(spec.run_id, {**previous, **record})
-        uncounted = ", ".join(measured["unsupported_ops"]) or "none"
+        record = measure_row(store, spec, args)
+        if record is None:
+            continue
+        uncounted = ", ".join(record["unsupported_ops"]) or "none"
         print(f"  params {record['params']:,}  GFLOPs {record['gflops']:.1f} (+-{record['gflops_std']:.1f}, "
               f"{record['gflops_input']})  uncounted: {uncounted}  [{record['seconds']:.0f} s]", flush=True)
     return 0

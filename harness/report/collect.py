@@ -1,8 +1,15 @@
 """Results folder -> pandas DataFrame: one row per run of an experiment, and per row the mean and standard
 deviation over seeds. The only reader of ``results/`` for reports; missing fields become NaN.
 
+Each number is read from the record that produced it (DESIGN.md, Records): AP and the other COCO numbers (and
+the detections per image) from the row's evaluation record, parameters, FLOPs and FPS from its measurement
+record, epochs and the training's facts from the training record; ``gpu_hours`` is the sum of the three
+records' GPU-hours (training + the row's evaluation + its measurement). Each record's provenance has its own
+columns (``train_commit``, ``eval_date``, ``measure_device``, ...); ``commit``, ``date`` and ``device`` gather
+them for the tables.
+
 The DataFrame is also the results as data (``export`` writes it as CSV or Parquet): per run its state and
-provenance, every metrics.json field, the row's table cells (``cell.<column>``), the resolved config fields that
+provenance, every record's numbers, the row's table cells (``cell.<column>``), the resolved config fields that
 differ between runs (dotted, ``model.enc_n_points``: an ``axes`` sweep groups by its swept key) and the
 paper's and official code's numbers (``paper_AP``, ``official_AP``, ...).
 """
@@ -12,18 +19,35 @@ import dataclasses
 import importlib.util
 import math
 from pathlib import Path
-from typing import Dict, List, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import pandas as pd
 
 from harness.grid import SCALES, Experiment, config_to_dict, expand, load_experiment
-from harness.metrics import BY_NAME, EVALUATED_FIELDS, NUMERIC_FIELDS
+from harness.metrics import BY_NAME, EVALUATED_FIELDS, MEASURED_FIELDS, NUMERIC_FIELDS
 from harness.store import CorruptFileError, ResultsError, ResultsStore
 
-# Text fields of metrics.json (the numeric ones: harness.metrics).
-TEXT_FIELDS = ("fps_device", "device", "commit", "date", "dataset", "attn_impl", "precision", "backbone_weights")
+# The three records of a row and the prefix of their provenance columns.
+RECORDS = (("training", "train"), ("evaluation", "eval"), ("measurement", "measure"))
+# Text fields, each from one record (the numeric ones: harness.metrics, read as :func:`_record_of` says).
+TEXT_FIELDS = ("fps_device", "device", "commit", "date", "dataset", "attn_impl", "fps_attn_impl", "precision",
+               "backbone_weights", "eval_split", "checkpoint_sha256") + tuple(
+    f"{prefix}_{field}" for _, prefix in RECORDS for field in ("commit", "date", "device"))
+# Each record's own GPU-hours (``gpu_hours`` is their sum).
+RECORD_NUMERIC_FIELDS = tuple(f"{prefix}_gpu_hours" for _, prefix in RECORDS)
 RUN_FIELDS = ("experiment", "label", "row_index", "scale", "seed", "run_id", "state", "error")
-COLUMNS = RUN_FIELDS + NUMERIC_FIELDS + TEXT_FIELDS
+COLUMNS = RUN_FIELDS + NUMERIC_FIELDS + RECORD_NUMERIC_FIELDS + TEXT_FIELDS
+
+
+def _record_of(field: str) -> str:
+    """The record a numeric field is read from: the evaluation's numbers and setting, the measurement's
+    numbers, else the training's."""
+    if field in EVALUATED_FIELDS or field == "num_detections":
+        return "evaluation"
+    if field in MEASURED_FIELDS:
+        return "measurement"
+    return "training"
+
 
 def _number(value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -33,8 +57,9 @@ def _number(value) -> float:
 
 def collect(results_root: Union[str, Path], experiment: Union[Experiment, str, Path]) -> pd.DataFrame:
     """One row per run (every non-cited row, both scales, every seed), whether it ran or not:
-    ``state`` is new/queued/running/done/failed/corrupt and metrics are NaN where missing.
-    Values come from metrics.json, completed by benchmark.json (complexity measured alone).
+    ``state`` is the store's plan for the row and numbers are NaN where missing. Each number comes from the
+    record that produced it (the module's docstring); a measurement made without training
+    (``python -m harness.measure``) shows before the row has run.
 
     ``experiment`` is a loaded :class:`Experiment` or the path of its YAML file. A ``results_root`` that does
     not exist is an error (a mistyped path would otherwise report every run as new)."""
@@ -63,49 +88,76 @@ def collect(results_root: Union[str, Path], experiment: Union[Experiment, str, P
             record.update({f"{ref}_{m}": _number(numbers.get(m)) for m in experiment.metrics})
         records.append(record)
     df = pd.DataFrame.from_records(records, columns=list(COLUMNS) + ["has_metrics"] + extra_columns)
-    df = df.astype({k: "float64" for k in list(NUMERIC_FIELDS) + references})
+    df = df.astype({k: "float64" for k in list(NUMERIC_FIELDS) + list(RECORD_NUMERIC_FIELDS) + references})
     df = df.astype({k: object for k in RUN_FIELDS + TEXT_FIELDS if k not in ("row_index", "seed")})
     return df
 
 
 def _read_run(store: ResultsStore, spec) -> dict:
-    """state, error, the numeric and text fields of one row's run, and whether it has any metrics.
+    """state, error, the numeric and text fields of one row, and whether it has any record with numbers.
 
-    The state is the store's plan for the row (training, then its evaluation, then its measurement). The
-    numbers come from, in increasing precedence: a measurement made without training (benchmark.json), the
-    training's record (epochs, GPU-hours, provenance), the row's measurement record (parameters, FLOPs, FPS)
-    and its evaluation record (the COCO numbers: rows sharing a training may evaluate it differently)."""
+    The state is the store's plan for the row (training, then its evaluation, then its measurement). Each
+    number is read from its own record: the training record (``spec.run_id``), the row's evaluation record
+    (``spec.eval_key``) and its measurement record (``spec.measure_key``). An unusable record (corrupt: it
+    runs again) shows nothing, nor does the evaluation of an unusable training; an evaluation made from
+    another checkpoint than the training's (the training was redone) is not shown either."""
     entry = store.plan_one(spec)
     errors = [entry.reason] if entry.state in ("failed", "corrupt") and entry.reason else []
+    unusable = set()
+    if entry.state == "corrupt":
+        unusable.add(entry.key)
+        if entry.key == spec.run_id:
+            unusable.add(spec.eval_key)
 
-    def read(reader, key) -> dict:
+    def read(key) -> Optional[dict]:
+        if key in unusable:
+            return None
         try:
-            return reader(key)
+            found = store.read_metrics(key)
         except CorruptFileError as e:
             errors.append(str(e))
             return None
+        return found if isinstance(found, dict) else None
 
-    def fields(record, evaluated: bool):
-        return None if record is None else {k: v for k, v in record.items() if (k in EVALUATED_FIELDS) == evaluated}
+    found = {"training": read(spec.run_id), "evaluation": read(spec.eval_key), "measurement": read(spec.measure_key)}
+    trained = (found["training"] or {}).get("checkpoint_sha256")
+    evaluated = (found["evaluation"] or {}).get("checkpoint_sha256")
+    if trained and evaluated and trained != evaluated:
+        found["evaluation"] = None                     # of an earlier checkpoint: outdated
+    records = {kind: part or {} for kind, part in found.items()}
+    training, evaluation, measurement = records["training"], records["evaluation"], records["measurement"]
 
-    parts = [fields(read(store.read_benchmark, spec.run_id), False)]
-    evaluation = None
-    if entry.state != "corrupt":              # an unusable record runs again: its numbers are not shown
-        evaluation = read(store.read_metrics, spec.eval_key)
-        parts += [fields(read(store.read_metrics, spec.run_id), False),
-                  fields(read(store.read_metrics, spec.measure_key), False), fields(evaluation, True)]
-    found = [part for part in parts if part is not None]
-    metrics = {k: v for part in found for k, v in part.items()} if found else None
-    source = (evaluation or {}).get("source")
-    if source:                                # numbers measured elsewhere (the COCO evaluation server) say so
-        metrics["device"] = "; ".join(filter(None, [metrics.get("device"), f"AP: {source}"]))
     record = {"state": entry.state, "error": "; ".join(dict.fromkeys(errors))}
     for key in NUMERIC_FIELDS:
-        record[key] = _number((metrics or {}).get(key))
+        if key == "gpu_hours":
+            continue
+        record[key] = _number(records[_record_of(key)].get(key))
+    hours = [_number(part.get("gpu_hours")) for part in records.values()]
+    hours = [h for h in hours if not math.isnan(h)]
+    record["gpu_hours"] = float(sum(hours)) if hours else math.nan
+    text = {"fps_device": measurement.get("fps_device"), "precision": measurement.get("precision"),
+            "fps_attn_impl": measurement.get("fps_attn_impl"), "attn_impl": training.get("attn_impl"),
+            "backbone_weights": training.get("backbone_weights"), "eval_split": evaluation.get("split"),
+            "checkpoint_sha256": training.get("checkpoint_sha256")}
+    for kind, prefix in RECORDS:
+        record[f"{prefix}_gpu_hours"] = _number(records[kind].get("gpu_hours"))
+        for field in ("commit", "date", "device"):
+            text[f"{prefix}_{field}"] = records[kind].get(field)
+    # the tables' provenance: where the row trained (else where it was evaluated or measured), every commit
+    # and date of its records
+    device = next((text[f"{p}_device"] for _, p in RECORDS if text[f"{p}_device"]), None)
+    source = evaluation.get("source")
+    if source:                                # numbers measured elsewhere (the COCO evaluation server) say so
+        device = "; ".join(filter(None, [device, f"AP: {source}"]))
+    text["device"] = device
+    for field in ("commit", "date"):
+        text[field] = ", ".join(dict.fromkeys(str(text[f"{p}_{field}"]) for _, p in RECORDS if text[f"{p}_{field}"]))
+    has_metrics = any(part is not None for part in found.values())
+    text["dataset"] = spec.config.data.dataset if has_metrics else None
     for key in TEXT_FIELDS:
-        value = (metrics or {}).get(key)
+        value = text.get(key)
         record[key] = "" if value is None else str(value)
-    record["has_metrics"] = metrics is not None
+    record["has_metrics"] = has_metrics
     return record
 
 
@@ -171,7 +223,10 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
             record[key] = float(values.mean()) if len(values) else math.nan
             record[f"{key}_seed_std"] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
         for key in TEXT_FIELDS:
-            record[key] = ", ".join(sorted({v for v in group[key] if v}))
+            if key in ("commit", "date"):          # each run's already lists its records' distinct values
+                record[key] = ", ".join(sorted({p for v in group[key] if v for p in v.split(", ")}))
+            else:
+                record[key] = ", ".join(sorted({v for v in group[key] if v}))
         epochs = group["epochs_trained"].dropna()
         record["epochs_range"] = _range_text(epochs)
         out.append(record)

@@ -197,7 +197,7 @@ def provenance(r, scale: str) -> List[str]:
     device = r["device"]
     if r["fps_device"] and r["fps_device"] != r["device"]:
         device = f"{device}; FPS: {r['fps_device']}" if device else f"FPS: {r['fps_device']}"
-    if "reference" in r["attn_impl"]:      # never hide that a line ran the slow fallback
+    if "reference" in f"{r['attn_impl']} {r['fps_attn_impl']}":   # never hide that a line ran the slow fallback
         device = f"{device}; attention: pure-PyTorch reference" if device else "attention: pure-PyTorch reference"
     commits = ", ".join(c[:7] for c in str(r["commit"]).split(", ") if c)
     dates = ", ".join(sorted({d[:10] for d in str(r["date"]).split(", ") if d}))

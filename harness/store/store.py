@@ -1,5 +1,6 @@
 """The results store: ``<root>/runs/<run_id>/`` with config.yaml, status.json, log.jsonl, attempts.json,
-metrics.json, benchmark.json and claim.lock.
+metrics.json and claim.lock, and the same files in each of its ``evaluations/<eval_id>/`` and
+``measurements/<measure_id>/`` records (one record per number: DESIGN.md, Records).
 
 Every write is atomic (:mod:`harness.store.files`); a run is claimed before it is submitted or run
 (:mod:`harness.store.claims`); :meth:`ResultsStore.plan` applies the rule of :mod:`harness.store.status`
@@ -35,7 +36,6 @@ CHECKPOINT = "checkpoint.pth"  # the training's newest checkpoint (harness.run.c
 CONFIG, STATUS, LOG, METRICS = "config.yaml", "status.json", "log.jsonl", "metrics.json"
 ATTEMPTS = "attempts.json"     # the time and GPUs of every attempt of a run (requeues, resumes)
 RUNS = "runs"
-BENCHMARK = "benchmark.json"   # complexity/speed measured alone (no training): never marks a run done
 
 
 class ResultsStore:
@@ -211,6 +211,8 @@ class ResultsStore:
 
     # -- metrics.json
     def write_metrics(self, run_id: str, metrics: dict) -> None:
+        """The record's numbers (``run_id``: a run, or its ``evaluations/<eval_id>`` or
+        ``measurements/<measure_id>``): each record holds only the numbers it produced."""
         folder = self.run_dir(run_id)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(folder / METRICS, metrics)
@@ -221,8 +223,9 @@ class ResultsStore:
 
     # -- attempts.json
     def record_attempt(self, run_id: str, attempt: str, started: float, gpus: int) -> None:
-        """This attempt has run from ``started`` until now on ``gpus`` GPUs. Called when it starts, on every
-        heartbeat and when it ends, so a job killed without warning loses at most one heartbeat."""
+        """This attempt at the record has run from ``started`` until now on ``gpus`` GPUs. Called when it starts,
+        on every heartbeat and when it ends, so a job killed without warning loses at most one heartbeat. Each
+        record (training, evaluation, measurement) has its own attempts."""
         path = self.run_dir(run_id) / ATTEMPTS
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -233,24 +236,12 @@ class ResultsStore:
         atomic_write_json(path, attempts)
 
     def gpu_hours(self, run_id: str) -> float:
-        """GPU-hours over every attempt of the run (0 for CPU runs)."""
+        """GPU-hours over every attempt at the record (0 for CPU runs)."""
         try:
             attempts = read_json(self.run_dir(run_id) / ATTEMPTS) or {}
         except CorruptFileError:
             return 0.0
         return sum(max(a["seen"] - a["started"], 0.0) * a["gpus"] for a in attempts.values()) / 3600
-
-    # -- benchmark.json
-    def write_benchmark(self, run_id: str, measured: dict) -> None:
-        """Parameters and FLOPs (and FPS where measured) of a run's configuration measured without training
-        it, in metrics.json's fields (``python -m harness.measure``). The report shows them where the run
-        has no metrics of its own; the run's status is not touched."""
-        folder = self.run_dir(run_id)
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(folder / BENCHMARK, measured)
-
-    def read_benchmark(self, run_id: str) -> Optional[dict]:
-        return read_json(self.run_dir(run_id) / BENCHMARK)
 
     # -- claim.lock
     def claim(self, run_id: str, job_id: Optional[str] = None) -> Optional[Claim]:
