@@ -154,3 +154,35 @@ def test_every_field_declares_a_role():
     for cls in (ModelConfig, DataConfig, TrainConfig, EvalConfig, LauncherConfig):
         for f in dataclasses.fields(cls):
             assert f.metadata["roles"] or f.metadata["why"], f"{cls.__name__}.{f.name}: no role and no reason"
+
+
+def test_the_report_marks_collapsed_rows_and_hides_a_changed_run(tmp_path):
+    import yaml
+
+    from harness.report.collect import collect
+    from harness.report.tables import render_markdown
+    from harness.store import ResultsStore
+    path = _copy_of_table2(tmp_path, """
+          - label: longer schedule
+            cells: {ms_inputs: true, ms_attention: true, K: 4, fpn: w/o}
+            overrides: {train: {epochs: 100, lr_drop: 80}}
+        """)
+    exp = load_experiment(str(path), smoke=True, check_data=False)
+    spec = [s for s in expand(exp) if s.label == "longer schedule"][0]
+    store = ResultsStore(tmp_path / "results")
+    for key, numbers in ((spec.run_id, {"epochs_trained": 12}), (spec.eval_key, {"AP": 2.5}),
+                         (spec.measure_key, {"params": 10})):
+        store.prepare(spec, key)
+        store.complete(key, numbers)
+    md = render_markdown(exp, collect(tmp_path / "results", exp))
+    line = [l for l in md.splitlines() if "ours (smoke" in l and "longer schedule" in l]
+    assert line and "2.5" in line[0]
+    assert "one run with 'MS inputs + MS attention, K=4'" in md
+    # its training ran with another learning rate than today's resolution: its numbers are not shown
+    config = store.run_dir(spec.run_id) / "config.yaml"
+    doc = yaml.safe_load(config.read_text())
+    doc["config"]["train"]["lr"] = 0.5
+    config.write_text(yaml.safe_dump(doc))
+    df = collect(tmp_path / "results", exp)
+    row = df[(df["label"] == "longer schedule") & (df["scale"] == "smoke")].iloc[0]
+    assert row["state"] == "changed" and row["AP"] != row["AP"] and "train.lr 0.5 then" in row["error"]

@@ -17,6 +17,7 @@ where it is and named. Nothing is deleted; a target that already exists is never
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -70,14 +71,91 @@ def upgrade_config(config: dict) -> dict:
     return config
 
 
-def split_records(training: dict) -> Tuple[dict, dict, dict]:
-    """A schema-2 training metrics.json -> (training facts, evaluated numbers, measured numbers): each number
-    in the one record that produced it."""
+TRAINING_FACTS = ("run_id", "label", "seed", "scale", "dataset", "epochs_trained", "gpu_hours", "world_size", "device",
+                  "attn_impl", "backbone_weights", "commit", "date", "torch")
+DROPPED = ("gflops_min", "gflops_max", "num_inputs", "input_sizes", "device_type")
+
+
+def _read(path: Path):
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _write(path: Path, data, dry: bool) -> None:
+    if dry:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _done_status(path: Path, dry: bool) -> None:
+    if not path.is_file():
+        stamp = "1970-01-01T00:00:00Z"
+        _write(path, {"state": "done", "job_ids": [], "attempts": 0, "queued_at": None, "started_at": None,
+                      "finished_at": stamp, "updated_at": stamp, "reason": None, "log_tail": None, "host": None,
+                      "log_dir": None}, dry)
+
+
+def split_records(folder: Path, spec, dry: bool) -> List[str]:
+    """A schema-2 run folder -> schema-3 records: the training's metrics.json keeps training facts, its AP goes
+    to the row's evaluation record, its parameters, FLOPs and FPS (and benchmark.json, a measurement made
+    without training) to the measurement record; each number stays in the one record that produced it."""
     from harness.metrics import EVALUATED_FIELDS, MEASURED_FIELDS
-    evaluated = {k: v for k, v in training.items() if k in EVALUATED_FIELDS}
-    measured = {k: v for k, v in training.items() if k in MEASURED_FIELDS or k.startswith("fps_")}
-    facts = {k: v for k, v in training.items() if k not in evaluated and k not in measured}
-    return facts, evaluated, measured
+    done = []
+    cfg = spec.config
+    training = _read(folder / "metrics.json")
+    measure_dir = folder / MEASUREMENTS / spec.measure_id
+    measurement_settings = {"benchmark": json.loads(json.dumps(dataclasses.asdict(cfg.benchmark))),
+                            "split": cfg.data.val_split, "eval_size": cfg.data.eval_size, "max_size": cfg.data.max_size}
+    benchmark = _read(folder / "benchmark.json")
+    if benchmark is not None:
+        target = measure_dir / "metrics.json"
+        if target.is_file():
+            done.append(f"{folder.name}/benchmark.json: a trained measurement is there; kept that one")
+        else:
+            size = (benchmark.get("gflops_input") or "").split("x")
+            record = {**{k: v for k, v in benchmark.items() if k not in DROPPED},
+                      "date": str(benchmark.get("date", ""))[:10] or None, "run_id": spec.run_id,
+                      "measure_id": spec.measure_id, "trained": False, "checkpoint_sha256": None, "gpu_hours": None,
+                      "fixed_size": [int(size[1]), int(size[2])] if len(size) == 3 and all(x.isdigit() for x in size[1:])
+                      else None, **measurement_settings}
+            _write(target, record, dry)
+            _done_status(measure_dir / "status.json", dry)
+            done.append(f"{folder.name}/benchmark.json -> {MEASUREMENTS}/{spec.measure_id}/")
+        if not dry:
+            (folder / "benchmark.json").unlink()
+    if training is None or "AP" not in training and "params" not in training:
+        return done                         # no schema-2 training record here (or already split)
+    status = _read(folder / "status.json") or {}
+    log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines() if line.strip()] \
+        if (folder / "log.jsonl").is_file() else []
+    last = [r for r in log if r.get("epoch") is not None][-1:] or [{}]
+    e = cfg.eval
+    facts = {k: training.get(k) for k in TRAINING_FACTS if k in training}
+    facts.update({k: v for k, v in last[0].items() if k.startswith("train_")}, attempts=status.get("attempts"),
+                 checkpoint_sha256=None, log_evaluation={
+                     "split": cfg.data.val_split, "eval_size": cfg.data.eval_size, "tta": e.tta,
+                     "tta_sizes": list(e.tta_sizes) if e.tta else None, "num_detections": e.num_detections,
+                     "eval_batch_size": e.batch_size_per_gpu or cfg.train.batch_size_per_gpu, "eval_id": spec.eval_id})
+    evaluation_path = folder / EVALUATIONS / spec.eval_id / "metrics.json"
+    evaluation = _read(evaluation_path) or {k: training[k] for k in EVALUATED_FIELDS if k in training}
+    evaluation.update(label=spec.label, num_images=training.get("num_images"), eval_size=cfg.data.eval_size,
+                      tta_sizes=list(e.tta_sizes) if e.tta else None, checkpoint_sha256=None,
+                      eval_batch_size=e.batch_size_per_gpu or cfg.train.batch_size_per_gpu,
+                      reused_training_evaluation="checkpoint" not in evaluation, torch=training.get("torch"),
+                      gpu_hours=evaluation.get("gpu_hours"), run_id=spec.run_id, eval_id=spec.eval_id)
+    measurement_path = measure_dir / "metrics.json"
+    measurement = _read(measurement_path) or {k: v for k, v in training.items()
+                                              if k in MEASURED_FIELDS or k.startswith("fps_")}
+    measurement.update(label=spec.label, scale=spec.scale, trained=True, checkpoint_sha256=None, gpu_hours=None,
+                       run_id=spec.run_id, measure_id=spec.measure_id, **measurement_settings,
+                       **{k: training[k] for k in ("fps_details", "trivial_unsupported_ops") if k in training})
+    _write(evaluation_path, evaluation, dry)
+    _write(measurement_path, measurement, dry)
+    _write(folder / "metrics.json", facts, dry)
+    return done + [f"{folder.name}: training facts kept; AP -> {EVALUATIONS}/{spec.eval_id}, "
+                   f"params/FLOPs/FPS -> {MEASUREMENTS}/{spec.measure_id}"]
 
 
 def _rewrite_config(folder: Path, spec, dry: bool) -> List[str]:
@@ -102,7 +180,7 @@ def _rewrite_config(folder: Path, spec, dry: bool) -> List[str]:
 def migrate(results: Path, experiments: List[str], commit: str, dry: bool = False) -> List[str]:
     runs = results / "runs"
     before = old_ids(commit, experiments)
-    report, moved = [], {}
+    report, moved, split = [], {}, set()
     for path in experiments:
         experiment = load_experiment(path, check_data=False)
         for scale in SCALES:
@@ -130,6 +208,9 @@ def migrate(results: Path, experiments: List[str], commit: str, dry: bool = Fals
                         shutil.move(str(source), str(target))
                         _rewrite_config(target, spec, dry=False)
                     moved[source] = target
+                if (runs / spec.run_id).is_dir() and (runs / spec.run_id) not in split:
+                    split.add(runs / spec.run_id)
+                    report += split_records(runs / spec.run_id, spec, dry)
     return report
 
 

@@ -16,6 +16,8 @@ NECK_NAMES = {"none": "w/o", "fpn": "FPN", "bifpn": "BiFPN"}
 
 def _k(cfg: RunConfig):
     m = cfg.model
+    if m.arch != "deformable_detr":
+        return None                          # no sampling points: dense attention or no attention at all
     return m.enc_n_points if m.enc_n_points == m.dec_n_points else f"{m.enc_n_points}/{m.dec_n_points}"
 
 
@@ -36,6 +38,8 @@ DERIVED: Dict[str, tuple] = {
 
 
 def _same(written: Any, derived: Any) -> bool:
+    if derived is None:
+        return written is None
     if isinstance(written, bool) or isinstance(derived, bool):
         return written is derived
     return written == derived or str(written) == str(derived)

@@ -99,15 +99,16 @@ def _read_run(store: ResultsStore, spec) -> dict:
     The state is the store's plan for the row (training, then its evaluation, then its measurement). Each
     number is read from its own record: the training record (``spec.run_id``), the row's evaluation record
     (``spec.eval_key``) and its measurement record (``spec.measure_key``). An unusable record (corrupt: it
-    runs again) shows nothing, nor does the evaluation of an unusable training; an evaluation made from
+    runs again) or one made under another configuration than today's resolution of the row (changed) shows
+    nothing, nor do the evaluation and measurement of such a training; an evaluation made from
     another checkpoint than the training's (the training was redone) is not shown either."""
     entry = store.plan_one(spec)
-    errors = [entry.reason] if entry.state in ("failed", "corrupt") and entry.reason else []
+    errors = [entry.reason] if entry.state in ("failed", "corrupt", "changed") and entry.reason else []
     unusable = set()
-    if entry.state == "corrupt":
+    if entry.state in ("corrupt", "changed"):     # changed: its numbers are another configuration's
         unusable.add(entry.key)
         if entry.key == spec.run_id:
-            unusable.add(spec.eval_key)
+            unusable.update((spec.eval_key, spec.measure_key))
 
     def read(key) -> Optional[dict]:
         if key in unusable:

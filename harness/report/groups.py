@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
 
-from harness.grid import SCALES, Experiment, Row
+from harness.grid import SCALES, Experiment, Row, collapsed_at_smoke
 from harness.metrics import BY_NAME
 from harness.report import noise
 from harness.report.collect import aggregate, reproduced, run_states
@@ -189,6 +189,11 @@ def _ours_lines(experiment, agg, row, scale, style, format_provenance) -> List[L
     if not any(cells):                     # measured, but none of this table's columns
         return []
     source = f"ours ({scale})" + (f", {n_runs} seeds" if n_runs > 1 else "")
+    if scale == "smoke":         # the smoke profile made this row one training with others: say which
+        twins = [label for labels in collapsed_at_smoke(experiment).values() if row.label in labels
+                 for label in labels if label != row.label]
+        if twins:
+            source += "; one run with " + ", ".join(repr(t) for t in twins)
     return [Line("ours", source, cells, format_provenance(provenance(r, scale)), scale)]
 
 

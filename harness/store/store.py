@@ -325,11 +325,12 @@ class ResultsStore:
             if entry.state == "done" and trained is not None and self._checkpoint_sha256(key) not in (None, trained):
                 entry = dataclasses.replace(entry, state="outdated", action="run",
                                             reason="made from an earlier checkpoint; the training was redone")
-            if entry.state in ("new", "outdated") and kind == "evaluate" \
-                    and not (self.run_dir(spec.run_id) / CHECKPOINT).is_file():
+            weights = Path(spec.config.eval.checkpoint) if spec.config.eval.eval_only else \
+                self.run_dir(spec.run_id) / CHECKPOINT
+            if entry.state in ("new", "outdated") and kind == "evaluate" and not weights.is_file():
                 return dataclasses.replace(entry, state="no checkpoint", action="skip", reason=(
-                    f"its training is done but {self.run_dir(spec.run_id) / CHECKPOINT} is not there to evaluate "
-                    "(checkpoints are never committed); --rerun trains it again"))
+                    f"its training is done but {weights} is not there to evaluate (checkpoints are never "
+                    "committed); --rerun trains it again"))
             if entry.state == "new":
                 return dataclasses.replace(entry, state=kind, reason=f"its training is done; {missing} is not")
             if entry.state != "done":
