@@ -136,7 +136,7 @@ def status_text(experiment, store) -> str:
         records = store.read_log(spec.run_id) if training else []
         done = progress(records, spec.config.train.epochs)
         prefix = {"train": "", "evaluate": "evaluation ", "measure": "measurement "}[e.kind]
-        state = (prefix if e.state != e.kind else "") + e.state + \
+        state = prefix + e.state + \
             (f" ({e.reason})" if e.reason and e.state not in ("failed",) else "")
         table.append([spec.label] + ([str(spec.seed)] if seeded else []) +
                      [e.key, state, job, done.text() if records or e.state == "running" else ""])

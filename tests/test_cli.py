@@ -71,7 +71,7 @@ def test_overrides_rename_runs_and_are_checked(tmp_path, capsys):
     plain = expand(load_experiment(str(TINY), rows=["K=1"]))[0]
     overridden = expand(load_experiment(str(TINY), rows=["K=1"], overrides=["model.enc_n_points=3"]))[0]
     assert overridden.config.model.enc_n_points == 3 and overridden.run_id != plain.run_id
-    assert cli.main(_argv(tmp_path, "model.enc_n_points=3", "--rows", "1", "--dry-run")) == 0
+    assert cli.main(_argv(tmp_path, "model.enc_n_points=3", "--rows", "1", "--dry-run", "--executor", "local")) == 0
     out = capsys.readouterr().out
     assert overridden.run_id in out and plain.run_id not in out
     assert cli.main(_argv(tmp_path, "model.enc_n_pionts=3", "--dry-run")) == 2

@@ -181,7 +181,7 @@ def test_command_writes_a_measurement_record(tmp_path, capsys):
     assert complexity_main(argv) == 0
     assert store.read_status(spec.measure_key).state == "done"
     assert store.read_status(spec.run_id) is None and store.read_metrics(spec.run_id) is None   # no training
-    assert not (store.run_dir(spec.run_id) / "benchmark.json").exists()
+    assert not (store.record_dir(spec.run_id) / "benchmark.json").exists()
     record = store.read_metrics(spec.measure_key)
     assert record["fps_bs1"] == 3.5
     assert record["gflops"] > 1.0 and record["gflops_std"] == 0.0

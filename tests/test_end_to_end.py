@@ -170,8 +170,8 @@ def test_slurm_requeue_mid_epoch_resumes_with_identical_results(slurm_cluster, t
     metrics_b = {**store_b.read_metrics(spec.eval_key), **store_b.read_metrics(spec.measure_key)}
     for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "params", "gflops"):
         assert metrics_b[key] == metrics_a[key], key
-    weights_a = _final_weights(store_a.run_dir(spec.run_id))
-    weights_b = _final_weights(store_b.run_dir(spec.run_id))
+    weights_a = _final_weights(store_a.record_dir(spec.run_id))
+    weights_b = _final_weights(store_b.record_dir(spec.run_id))
     assert weights_a.keys() == weights_b.keys()
     for k in weights_a:
         assert torch.equal(weights_a[k], weights_b[k]), k

@@ -179,7 +179,7 @@ def test_the_report_marks_collapsed_rows_and_hides_a_changed_run(tmp_path):
     assert line and "2.5" in line[0]
     assert "one run with 'MS inputs + MS attention, K=4'" in md
     # its training ran with another learning rate than today's resolution: its numbers are not shown
-    config = store.run_dir(spec.run_id) / "config.yaml"
+    config = store.record_dir(spec.run_id) / "config.yaml"
     doc = yaml.safe_load(config.read_text())
     doc["config"]["train"]["lr"] = 0.5
     config.write_text(yaml.safe_dump(doc))

@@ -89,7 +89,7 @@ def test_percent_from_the_files_unit_key_and_minus_one_is_null(tmp_path, capsys)
     record = store.read_metrics(spec.eval_key)
     assert record["AP"] == 46.9 and record["APl"] == 61.0 and record["scores_unit"] == "percent"
     assert record["APs"] is None
-    assert '"APs": null' in (store.run_dir(spec.eval_key) / "metrics.json").read_text()
+    assert '"APs": null' in (store.record_dir(spec.eval_key) / "metrics.json").read_text()
 
 
 def test_percent_from_the_option(tmp_path, capsys):

@@ -78,7 +78,7 @@ def test_training_job_writes_one_record_per_number(tmp_path, monkeypatch):
 
     training = store.read_metrics(spec.run_id)
     assert not TRAINING_ONLY & set(training), TRAINING_ONLY & set(training)
-    sha = _sha256(store.run_dir(spec.run_id) / "checkpoint.pth")
+    sha = _sha256(store.record_dir(spec.run_id) / "checkpoint.pth")
     assert training["checkpoint_sha256"] == sha
     assert training["epochs_trained"] == 1 and training["attempts"] == 1 and training["world_size"] == 1
     last = store.read_log(spec.run_id)[-1]
@@ -95,7 +95,7 @@ def test_training_job_writes_one_record_per_number(tmp_path, monkeypatch):
     assert evaluation["eval_size"] == 64 and evaluation["num_detections"] == 100 and evaluation["eval_batch_size"] == 2
     assert evaluation["commit"] == "abc1234" and evaluation["gpu_hours"] is None and evaluation["device"]
     assert [c.eval.tta for c in evaluated] == [True]                          # evaluated once more, with TTA
-    assert store.gpu_hours(spec.eval_key) == 0.0 and (store.run_dir(spec.eval_key) / "attempts.json").is_file()
+    assert store.gpu_hours(spec.eval_key) == 0.0 and (store.record_dir(spec.eval_key) / "attempts.json").is_file()
 
     measurement = store.read_metrics(spec.measure_key)
     assert set(MEASURED_FIELDS) - {"fps_bs4"} <= set(measurement) and not set(EVALUATED_FIELDS) & set(measurement)

@@ -60,7 +60,7 @@ def test_atomic_write_keeps_the_old_file_if_writing_fails(tmp_path):
                                          ("\x00\x00garbage", "corrupt")])
 def test_corrupt_metrics_are_reported_by_path(tmp_path, content, why):
     store = ResultsStore(tmp_path)
-    folder = store.run_dir("abc")
+    folder = store.record_dir("abc")
     folder.mkdir(parents=True)
     (folder / "metrics.json").write_text(content)
     with pytest.raises(CorruptFileError) as info:
@@ -93,7 +93,7 @@ def test_status_lifecycle(tmp_path):
 
 def test_corrupt_status_is_reported(tmp_path):
     store = ResultsStore(tmp_path)
-    folder = store.run_dir("r1")
+    folder = store.record_dir("r1")
     folder.mkdir(parents=True)
     (folder / "status.json").write_text('{"state": "runn')
     with pytest.raises(CorruptFileError, match="status.json"):
@@ -106,7 +106,7 @@ def test_corrupt_status_is_reported(tmp_path):
 def test_log_tolerates_a_line_cut_by_a_crash(tmp_path):
     store = ResultsStore(tmp_path)
     store.append_log("r1", {"epoch": 0, "AP": 1.0})
-    path = store.run_dir("r1") / "log.jsonl"
+    path = store.record_dir("r1") / "log.jsonl"
     with open(path, "a") as f:
         f.write('{"epoch": 1, "AP"')                                   # crash mid-write
     assert store.read_log("r1") == [{"epoch": 0, "AP": 1.0}]
@@ -150,7 +150,7 @@ def test_claim_of_a_dead_process_is_stale(tmp_path):
     store = ResultsStore(tmp_path)
     proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(proc.stdout)
-    lock = store.run_dir("r1") / "claim.lock"
+    lock = store.record_dir("r1") / "claim.lock"
     lock.parent.mkdir(parents=True)
     lock.write_text(json.dumps({"token": "old", "host": store.host, "pid": dead_pid, "time": 0, "job_id": None}))
     assert store.claim_stale("r1") is True
@@ -234,11 +234,11 @@ def test_plan_skips_done_and_reruns_failed(tmp_path, experiment):
     entry = store.plan([a])[0]
     assert (entry.state, entry.action, entry.kind) == ("no checkpoint", "skip", "evaluate")
     assert "checkpoint.pth is not there" in entry.reason
-    (store.run_dir(a.run_id) / "checkpoint.pth").write_bytes(b"weights")
-    assert (store.plan([a])[0].state, store.plan([a])[0].kind) == ("evaluate", "evaluate")   # trained only
+    (store.record_dir(a.run_id) / "checkpoint.pth").write_bytes(b"weights")
+    assert (store.plan([a])[0].state, store.plan([a])[0].kind) == ("new", "evaluate")   # trained only
     store.write_metrics(a.eval_key, {"AP": 1.0})
     store.mark_done(a.eval_key)
-    assert (store.plan([a])[0].state, store.plan([a])[0].kind) == ("measure", "measure")     # not measured yet
+    assert (store.plan([a])[0].state, store.plan([a])[0].kind) == ("new", "measure")     # not measured yet
     store.write_metrics(a.measure_key, {"params": 10})
     store.mark_done(a.measure_key)
     store.mark_failed(b.run_id, "killed")
@@ -246,7 +246,7 @@ def test_plan_skips_done_and_reruns_failed(tmp_path, experiment):
     assert (plan["a"].state, plan["a"].action) == ("done", "skip")
     assert (plan["b"].state, plan["b"].action, plan["b"].reason) == ("failed", "run", "killed")
     assert (plan["c"].state, plan["c"].action) == ("new", "run")
-    (store.run_dir(a.run_id) / "metrics.json").write_text('{"AP": 1.')
+    (store.record_dir(a.run_id) / "metrics.json").write_text('{"AP": 1.')
     entry = store.plan([a])[0]
     assert entry.state == "corrupt" and entry.action == "run" and "metrics.json" in entry.reason
 
@@ -283,7 +283,7 @@ def test_read_only_results_root(tmp_path):
 def _trained_evaluated_measured(store, spec, training: dict, evaluation: dict, measurement: dict) -> None:
     """A row whose three records are done, as a training job leaves them (with a stand-in checkpoint)."""
     store.prepare(spec)
-    (store.run_dir(spec.run_id) / "checkpoint.pth").write_bytes(b"weights")
+    (store.record_dir(spec.run_id) / "checkpoint.pth").write_bytes(b"weights")
     for key, metrics in ((spec.eval_key, evaluation), (spec.measure_key, measurement), (spec.run_id, training)):
         store.prepare(spec, key)
         store.complete(key, {"checkpoint_sha256": "c0ffee", **metrics})
@@ -297,7 +297,7 @@ def test_a_retrain_outdates_the_evaluations_of_the_old_checkpoint(tmp_path, expe
     store.complete(a.run_id, {"checkpoint_sha256": "beef"})          # trained again: another checkpoint
     entry = store.plan([a])[0]
     assert (entry.state, entry.action, entry.kind) == ("outdated", "run", "evaluate")
-    (store.run_dir(a.run_id) / "checkpoint.pth").unlink()
+    (store.record_dir(a.run_id) / "checkpoint.pth").unlink()
     assert store.plan([a])[0].state == "no checkpoint"
 
 
@@ -309,7 +309,7 @@ def test_a_changed_default_is_named_not_taken_as_done(tmp_path, experiment):
     a = expand(experiment)[0]
     _trained_evaluated_measured(store, a, {}, {"AP": 1.0}, {"params": 10})
     # the run's config.yaml says it trained with another learning rate than today's resolution gives
-    path = store.run_dir(a.run_id) / "config.yaml"
+    path = store.record_dir(a.run_id) / "config.yaml"
     doc = yaml.safe_load(path.read_text())
     doc["config"]["train"]["lr"] = 0.0005
     path.write_text(yaml.safe_dump(doc))
@@ -339,7 +339,7 @@ def test_rerun_deletes_only_the_rows_own_records(tmp_path, experiment):
     _trained_evaluated_measured(store, a, {}, {"AP": 1.0}, {"params": 10})
     _trained_evaluated_measured(store, other, {}, {"AP": 2.0}, {"params": 10})
     paths = store.rerun_paths(a)
-    names = {str(p.relative_to(store.run_dir(a.run_id))) for p in paths}
+    names = {str(p.relative_to(store.record_dir(a.run_id))) for p in paths}
     assert {"checkpoint.pth", "status.json", "metrics.json", "config.yaml"} <= names
     assert f"evaluations/{a.eval_id}" in names and f"measurements/{a.measure_id}" in names
     assert not any("other" in n for n in names)
@@ -394,7 +394,7 @@ def test_rows_that_differ_only_in_evaluation_share_one_training(tmp_path):
     _trained_evaluated_measured(store, dcn, {"epochs_trained": 50}, {"AP": 50.1}, {"params": 112_000_000})
     plan = {e.spec.label: e for e in store.plan([dcn, tta])}
     assert (plan[dcn.label].state, plan[dcn.label].action) == ("done", "skip")
-    assert (plan[tta.label].state, plan[tta.label].action, plan[tta.label].kind) == ("evaluate", "run", "evaluate")
+    assert (plan[tta.label].state, plan[tta.label].action, plan[tta.label].kind) == ("new", "run", "evaluate")
     text = dry_run_plan(load_experiment(ROOT / "experiments" / "table3.yaml", check_data=False), store)
     line = [l for l in text.splitlines() if tta.eval_key in l][0]
     assert "evaluate only" in line and line.rstrip().endswith(" 1")      # 0.2 GPU-h x 3 with TTA
@@ -407,7 +407,7 @@ def test_rows_that_differ_only_in_evaluation_share_one_training(tmp_path):
     assert run_id(faster) == dcn.run_id and eval_id(faster) == dcn.eval_id and measure_id(faster) != dcn.measure_id
     respec = dataclasses.replace(dcn, config=faster, measure_id=measure_id(faster))
     entry = store.plan([respec])[0]
-    assert (entry.state, entry.action, entry.kind, entry.key) == ("measure", "run", "measure", respec.measure_key)
+    assert (entry.state, entry.action, entry.kind, entry.key) == ("new", "run", "measure", respec.measure_key)
 
 
 def test_test_dev_detections_are_zipped_for_the_evaluation_server(tmp_path):

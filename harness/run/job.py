@@ -143,7 +143,7 @@ def file_sha256(path) -> str:
 def trained_checkpoint(store: ResultsStore, spec: RunSpec) -> Optional[Path]:
     """The checkpoint the run's training left: its ``checkpoint.pth``, or for an evaluation-only run
     (``eval.eval_only``) the file it evaluates; None when there is none."""
-    path = store.run_dir(spec.run_id) / CHECKPOINT
+    path = store.record_dir(spec.run_id) / CHECKPOINT
     if path.is_file():
         return path
     cfg = spec.config
@@ -304,7 +304,7 @@ def run_job(request: JobRequest) -> dict:
     info = dist_utils.init_distributed()
     main = info["rank"] == 0
     job_id = _job_id()
-    out_dir = store.run_dir(key)
+    out_dir = store.record_dir(key)
     claims: List = []
     heartbeat = None
     attempt = _Attempt(store)
@@ -450,14 +450,14 @@ def _evaluate(spec: RunSpec, store: ResultsStore, commit: Optional[str], main: b
     settings (reused, not evaluated again). The training record is not touched."""
     cfg = spec.config
     key = spec.eval_key
-    eval_dir, split = store.run_dir(key), cfg.data.val_split
+    eval_dir, split = store.record_dir(key), cfg.data.val_split
     checkpoint = trained_checkpoint(store, spec)
     reused = metrics is not None
     if reused:
-        detections = store.run_dir(spec.run_id) / f"detections_{split}.json"
+        detections = store.record_dir(spec.run_id) / f"detections_{split}.json"
     else:
         if checkpoint is None:
-            raise FileNotFoundError(f"{store.run_dir(spec.run_id) / CHECKPOINT}: no checkpoint of the training to "
+            raise FileNotFoundError(f"{store.record_dir(spec.run_id) / CHECKPOINT}: no checkpoint of the training to "
                                     "evaluate")
         metrics = evaluate(cfg, output_dir=str(eval_dir), checkpoint=str(checkpoint))
         detections = eval_dir / f"detections_{split}{'_tta' if cfg.eval.tta else ''}.json"
@@ -481,7 +481,7 @@ def _measure(spec: RunSpec, store: ResultsStore, commit: Optional[str], attempt:
              checkpoint_sha256: Optional[str] = None) -> dict:
     """The row's measurement record of the run's model (parameters, FLOPs, FPS) as its benchmark settings ask,
     on rank 0; the training is not touched."""
-    measured = measure(spec.config, str(store.run_dir(spec.run_id)))
+    measured = measure(spec.config, str(store.record_dir(spec.run_id)))
     attempt.beat()
     key = spec.measure_key
     record = measurement_record(spec, measured, checkpoint_sha256=checkpoint_sha256 or training_checkpoint_sha256(

@@ -126,7 +126,7 @@ def _check_row(store: ResultsStore, spec: RunSpec, path) -> None:
     if state != "done":
         raise _refuse(path, spec.label, f"state of its evaluation {spec.eval_key}", state,
                       "done: the row's detections are written by its evaluation and must be uploaded first (the zip "
-                      f"in {store.run_dir(spec.eval_key)}); import the scores the server returns for them")
+                      f"in {store.record_dir(spec.eval_key)}); import the scores the server returns for them")
 
 def import_server_scores(store: ResultsStore, spec: RunSpec, path, unit: Optional[str] = None) -> dict:
     """Write the scores as the row's evaluation record (provenance: the evaluation server), once the row and

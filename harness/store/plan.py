@@ -98,8 +98,8 @@ def smoke_notes(experiment: Experiment) -> List[str]:
 
 # ------------------------------------------------------------------------------------------- --rerun
 
-RERUNNABLE = ("done", "changed", "outdated", "no checkpoint", "failed", "cancelled", "corrupt", "stale", "lost",
-              "evaluate", "measure")     # never a queued or running one
+RERUNNABLE = ("done", "new", "changed", "outdated", "no checkpoint", "failed", "cancelled", "corrupt", "stale",
+              "lost")     # never a queued or running one
 
 
 def rerun_removals(store: ResultsStore, entries: Sequence[PlanEntry]) -> List[Tuple[PlanEntry, List[Path]]]:

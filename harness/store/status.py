@@ -44,7 +44,10 @@ class Status:
 @dataclass(frozen=True)
 class PlanEntry:
     spec: RunSpec
-    state: str          # new | evaluate | measure | done | queued | running | failed | cancelled | stale | lost | corrupt | claimed
+    # the state of the record ``key`` names: new | done | queued | running | failed | cancelled | stale | lost |
+    # corrupt | claimed | changed (ran under another configuration) | outdated (of an earlier checkpoint) |
+    # no checkpoint (an evaluation with nothing to evaluate)
+    state: str
     action: str         # run | skip
     reason: str = ""
     job_ids: Tuple[str, ...] = ()

@@ -39,7 +39,8 @@ RUNS = "runs"
 
 
 class ResultsStore:
-    """``results/runs/<run_id>/``, shared by every experiment; methods take the run id. An experiment's own
+    """``results/runs/<run_id>/``, shared by every experiment; methods take a record's key (a run id, or the
+    key of one of its evaluations or measurements: :meth:`RunSpec.key`). An experiment's own
     folder ``results/<experiment>/`` holds only what its submissions write (job logs, code snapshots)."""
 
     def __init__(self, root, clock: Callable[[], float] = time.time, host: Optional[str] = None,
@@ -50,10 +51,11 @@ class ResultsStore:
         self.stale_after_s = stale_after_s
 
     # -- layout
-    def run_dir(self, run_id: str) -> Path:
-        """``<root>/runs/<run_id>/``: one folder per run whichever experiments (tables) need it, so a
-        training two tables share runs once and both read its results."""
-        return self.root / RUNS / run_id
+    def record_dir(self, key: str) -> Path:
+        """``<root>/runs/<key>/``: the folder of a record, ``key`` a run id (one folder per training whichever
+        experiments need it: a training two tables share runs once) or its ``<run_id>/evaluations/<eval_id>``
+        or ``<run_id>/measurements/<measure_id>``."""
+        return self.root / RUNS / key
 
     def run_ids(self) -> List[str]:
         folder = self.root / RUNS
@@ -87,7 +89,7 @@ class ResultsStore:
         """Create the record's folder (the run's, or ``key``: its evaluation's) and write the resolved
         config.yaml of the row that asked for it first (if not there yet, or unreadable): the full resolved
         configuration, against which later plans compare today's resolution of the row."""
-        folder = self.run_dir(key or spec.run_id)
+        folder = self.record_dir(key or spec.run_id)
         folder.mkdir(parents=True, exist_ok=True)
         try:
             present = self.read_config(key or spec.run_id) is not None
@@ -100,8 +102,8 @@ class ResultsStore:
             atomic_write_text(folder / CONFIG, yaml.safe_dump(doc, sort_keys=False, default_flow_style=None))
         return folder
 
-    def read_config(self, run_id: str) -> Optional[dict]:
-        path = self.run_dir(run_id) / CONFIG
+    def read_config(self, key: str) -> Optional[dict]:
+        path = self.record_dir(key) / CONFIG
         try:
             # libyaml's loader where PyYAML has it: a plan of a thousand runs reads a thousand of these
             data = yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
@@ -114,8 +116,8 @@ class ResultsStore:
         return data
 
     # -- status.json
-    def read_status(self, run_id: str) -> Optional[Status]:
-        path = self.run_dir(run_id) / STATUS
+    def read_status(self, key: str) -> Optional[Status]:
+        path = self.record_dir(key) / STATUS
         data = read_json(path)
         if data is None:
             return None
@@ -124,15 +126,15 @@ class ResultsStore:
         except (TypeError, ValueError) as e:
             raise CorruptFileError(path, f"corrupt status: {e}") from None
 
-    def write_status(self, run_id: str, state: str, job_id: Optional[str] = None,
+    def write_status(self, key: str, state: str, job_id: Optional[str] = None,
                      **fields) -> Status:
         """Merge ``fields`` into the run's status and write it atomically; returns the new status."""
         if state not in STATES:
             raise ValueError(f"state {state!r} is not one of {', '.join(STATES)}")
-        folder = self.run_dir(run_id)
+        folder = self.record_dir(key)
         folder.mkdir(parents=True, exist_ok=True)
         try:
-            old = self.read_status(run_id)
+            old = self.read_status(key)
         except CorruptFileError:
             old = None
         now = utc_now(self.clock)
@@ -156,37 +158,37 @@ class ResultsStore:
         atomic_write_json(folder / STATUS, status.to_dict())
         return status
 
-    def mark_queued(self, run_id: str, job_id: Optional[str] = None, log_dir: Optional[str] = None) -> Status:
+    def mark_queued(self, key: str, job_id: Optional[str] = None, log_dir: Optional[str] = None) -> Status:
         fields = {} if log_dir is None else {"log_dir": str(log_dir)}
-        return self.write_status(run_id, "queued", job_id=job_id, **fields)
+        return self.write_status(key, "queued", job_id=job_id, **fields)
 
-    def mark_running(self, run_id: str, job_id: Optional[str] = None) -> Status:
-        return self.write_status(run_id, "running", job_id=job_id)
+    def mark_running(self, key: str, job_id: Optional[str] = None) -> Status:
+        return self.write_status(key, "running", job_id=job_id)
 
-    def mark_done(self, run_id: str) -> Status:
-        return self.write_status(run_id, "done")
+    def mark_done(self, key: str) -> Status:
+        return self.write_status(key, "done")
 
-    def complete(self, run_id: str, metrics: dict) -> Status:
+    def complete(self, key: str, metrics: dict) -> Status:
         """Write the record's metrics, then mark it done: a done record always has its numbers."""
-        self.write_metrics(run_id, metrics)
-        return self.mark_done(run_id)
+        self.write_metrics(key, metrics)
+        return self.mark_done(key)
 
-    def mark_failed(self, run_id: str, reason: str, log_tail: str = "") -> Status:
-        return self.write_status(run_id, "failed", reason=reason, log_tail=log_tail)
+    def mark_failed(self, key: str, reason: str, log_tail: str = "") -> Status:
+        return self.write_status(key, "failed", reason=reason, log_tail=log_tail)
 
-    def mark_cancelled(self, run_id: str) -> Status:
+    def mark_cancelled(self, key: str) -> Status:
         """Cancelled by the user; its checkpoints stay, and the next submission resumes from them."""
-        return self.write_status(run_id, "cancelled", reason="cancelled by the user")
+        return self.write_status(key, "cancelled", reason="cancelled by the user")
 
     # -- log.jsonl
-    def append_log(self, run_id: str, record: dict) -> None:
+    def append_log(self, key: str, record: dict) -> None:
         """Append one record to the run's log.jsonl (see :func:`~harness.store.files.append_jsonl`)."""
-        append_jsonl(self.run_dir(run_id) / LOG, record)
+        append_jsonl(self.record_dir(key) / LOG, record)
 
-    def read_log(self, run_id: str, strict: bool = False) -> List[dict]:
+    def read_log(self, key: str, strict: bool = False) -> List[dict]:
         """Records of log.jsonl. An unterminated last line (a crash mid-write) is always dropped; other
         bad lines are skipped, or with ``strict`` raise :class:`CorruptFileError` naming the line."""
-        path = self.run_dir(run_id) / LOG
+        path = self.record_dir(key) / LOG
         try:
             text = path.read_text(encoding="utf-8", errors="replace")
         except FileNotFoundError:
@@ -210,23 +212,23 @@ class ResultsStore:
         return records
 
     # -- metrics.json
-    def write_metrics(self, run_id: str, metrics: dict) -> None:
-        """The record's numbers (``run_id``: a run, or its ``evaluations/<eval_id>`` or
+    def write_metrics(self, key: str, metrics: dict) -> None:
+        """The record's numbers (``key``: a run, or its ``evaluations/<eval_id>`` or
         ``measurements/<measure_id>``): each record holds only the numbers it produced."""
-        folder = self.run_dir(run_id)
+        folder = self.record_dir(key)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(folder / METRICS, metrics)
 
-    def read_metrics(self, run_id: str) -> Optional[dict]:
+    def read_metrics(self, key: str) -> Optional[dict]:
         """metrics.json, None if absent; :class:`CorruptFileError` if truncated or corrupt."""
-        return read_json(self.run_dir(run_id) / METRICS)
+        return read_json(self.record_dir(key) / METRICS)
 
     # -- attempts.json
-    def record_attempt(self, run_id: str, attempt: str, started: float, gpus: int) -> None:
+    def record_attempt(self, key: str, attempt: str, started: float, gpus: int) -> None:
         """This attempt at the record has run from ``started`` until now on ``gpus`` GPUs. Called when it starts,
         on every heartbeat and when it ends, so a job killed without warning loses at most one heartbeat. Each
         record (training, evaluation, measurement) has its own attempts."""
-        path = self.run_dir(run_id) / ATTEMPTS
+        path = self.record_dir(key) / ATTEMPTS
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             attempts = read_json(path) or {}
@@ -235,22 +237,22 @@ class ResultsStore:
         attempts[str(attempt)] = {"started": started, "seen": self.clock(), "gpus": int(gpus)}
         atomic_write_json(path, attempts)
 
-    def gpu_hours(self, run_id: str) -> float:
+    def gpu_hours(self, key: str) -> float:
         """GPU-hours over every attempt at the record (0 for CPU runs)."""
         try:
-            attempts = read_json(self.run_dir(run_id) / ATTEMPTS) or {}
+            attempts = read_json(self.record_dir(key) / ATTEMPTS) or {}
         except CorruptFileError:
             return 0.0
         return sum(max(a["seen"] - a["started"], 0.0) * a["gpus"] for a in attempts.values()) / 3600
 
     # -- claim.lock
-    def claim(self, run_id: str, job_id: Optional[str] = None) -> Optional[Claim]:
+    def claim(self, key: str, job_id: Optional[str] = None) -> Optional[Claim]:
         """Claim the run for this process; None if a live holder has it.
 
         A stale claim (holder process gone on this host, or no heartbeat for ``stale_after_s``) is
         broken; a claim held by the same ``job_id`` (a requeued SLURM job) is taken over.
         """
-        folder = self.run_dir(run_id)
+        folder = self.record_dir(key)
         folder.mkdir(parents=True, exist_ok=True)
         lock = folder / CLAIM
         for _ in range(5):
@@ -283,12 +285,12 @@ class ResultsStore:
         if info is not None and info.get("token") == claim.token:
             break_lock(Path(claim.path), claim.token)
 
-    def read_claim(self, run_id: str) -> Tuple[Optional[dict], Optional[float]]:
-        return read_lock(self.run_dir(run_id) / CLAIM)
+    def read_claim(self, key: str) -> Tuple[Optional[dict], Optional[float]]:
+        return read_lock(self.record_dir(key) / CLAIM)
 
-    def claim_stale(self, run_id: str) -> Optional[bool]:
+    def claim_stale(self, key: str) -> Optional[bool]:
         """None without a claim; else whether it is stale."""
-        info, mtime = self.read_claim(run_id)
+        info, mtime = self.read_claim(key)
         if mtime is None:
             return None
         if info is None:
@@ -326,13 +328,13 @@ class ResultsStore:
                 entry = dataclasses.replace(entry, state="outdated", action="run",
                                             reason="made from an earlier checkpoint; the training was redone")
             weights = Path(spec.config.eval.checkpoint) if spec.config.eval.eval_only else \
-                self.run_dir(spec.run_id) / CHECKPOINT
+                self.record_dir(spec.run_id) / CHECKPOINT
             if entry.state in ("new", "outdated") and kind == "evaluate" and not weights.is_file():
                 return dataclasses.replace(entry, state="no checkpoint", action="skip", reason=(
                     f"its training is done but {weights} is not there to evaluate (checkpoints are never "
                     "committed); --rerun trains it again"))
             if entry.state == "new":
-                return dataclasses.replace(entry, state=kind, reason=f"its training is done; {missing} is not")
+                return dataclasses.replace(entry, reason=f"its training is done; {missing} is not")
             if entry.state != "done":
                 return entry
         return training                    # all done: the row is its run
@@ -353,7 +355,7 @@ class ResultsStore:
         try:
             then = config_from_dict(stored["config"])
         except (ExperimentError, ConfigError, TypeError) as e:
-            raise CorruptFileError(self.run_dir(key) / CONFIG, f"not a configuration this version reads ({e})") from None
+            raise CorruptFileError(self.record_dir(key) / CONFIG, f"not a configuration this version reads ({e})") from None
         return differences(then, spec.config, role)
 
     def _plan_record(self, spec: RunSpec, key: str, role: str, job_alive, ignore_claim: bool) -> PlanEntry:
@@ -366,7 +368,7 @@ class ResultsStore:
         if status is not None and status.state == "done":
             try:
                 if self.read_metrics(key) is None:
-                    metrics_error = f"{self.run_dir(key) / METRICS}: missing"
+                    metrics_error = f"{self.record_dir(key) / METRICS}: missing"
             except CorruptFileError as e:
                 metrics_error = str(e)
         alive = None
@@ -399,12 +401,12 @@ class ResultsStore:
         row's evaluation and measurement records. Other rows' evaluations and measurements of the same
         training stay; the new checkpoint makes them outdated, and they run again when their rows are
         submitted."""
-        folder = self.run_dir(spec.run_id)
+        folder = self.record_dir(spec.run_id)
         keep = {EVALUATIONS, MEASUREMENTS, CLAIM}
         paths = [p for p in sorted(folder.iterdir()) if p.name not in keep] if folder.is_dir() else []
         for key in (spec.eval_key, spec.measure_key):
-            if self.run_dir(key).is_dir():
-                paths.append(self.run_dir(key))
+            if self.record_dir(key).is_dir():
+                paths.append(self.record_dir(key))
         return paths
 
     @staticmethod
