@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from harness.store.files import fsync_dir
-from harness.store.store import CHECKPOINT
+from harness.store.planner import CHECKPOINT
 from model.checkpoint import CheckpointError, checksum, read_file
 
 PREVIOUS = "checkpoint_prev.pth"

@@ -8,7 +8,6 @@ to what is on disk.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -21,24 +20,23 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import yaml
 
-from harness.grid import EVALUATIONS, SCHEMA_VERSION, ExperimentError, RunSpec, config_from_dict, config_to_dict, differences
+from harness.grid import EVALUATIONS, SCHEMA_VERSION, RunSpec, config_to_dict
 from harness.grid.runs import MEASUREMENTS
-from harness.provenance import parse_utc, utc_now
+from harness.provenance import utc_now
 from harness.store.claims import (CLAIM, STALE_AFTER_S, Claim, break_lock, claim_is_stale, create_lock, pid_alive,
                                   read_lock)
 from harness.store.files import (CorruptFileError, ResultsError, append_jsonl, atomic_write_json, atomic_write_text,
                                  read_json)
-from harness.store.status import STATES, PlanEntry, Status, decide
-from model.config import EVALUATION, MEASUREMENT, WEIGHTS, ConfigError
+from harness.store.planner import CONFIG, METRICS, Planning
+from harness.store.status import STATES, Status
 
-CHECKPOINT = "checkpoint.pth"  # the training's newest checkpoint (harness.run.checkpointing writes it)
 
-CONFIG, STATUS, LOG, METRICS = "config.yaml", "status.json", "log.jsonl", "metrics.json"
+STATUS, LOG = "status.json", "log.jsonl"
 ATTEMPTS = "attempts.json"     # the time and GPUs of every attempt of a run (requeues, resumes)
 RUNS = "runs"
 
 
-class ResultsStore:
+class ResultsStore(Planning):
     """``results/runs/<run_id>/``, shared by every experiment; methods take a record's key (a run id, or the
     key of one of its evaluations or measurements: :meth:`RunSpec.key`). An experiment's own
     folder ``results/<experiment>/`` holds only what its submissions write (job logs, code snapshots)."""
@@ -309,91 +307,6 @@ class ResultsStore:
             self.release(claim)
             return None
         return claim
-
-    # -- planning
-    def plan_one(self, spec: RunSpec, job_alive: Optional[Callable[[str], Optional[bool]]] = None,
-                 ignore_claim: bool = False) -> PlanEntry:
-        """The training first: until it is done, the entry is the training's. Then the row's evaluation of it
-        (``spec.eval_key``), then its measurement (``spec.measure_key``): done, queued or running as their own
-        records say, else the one to run: only where the training's checkpoint is there to evaluate or
-        measure."""
-        training = self._plan_record(spec, spec.run_id, WEIGHTS, job_alive, ignore_claim)
-        if training.state != "done":
-            return training
-        trained = self._checkpoint_sha256(spec.run_id)
-        for kind, missing, role in (("evaluate", "its evaluation", EVALUATION), ("measure", "its measurement", MEASUREMENT)):
-            key = spec.key(kind)
-            entry = dataclasses.replace(self._plan_record(spec, key, role, job_alive, ignore_claim), kind=kind)
-            if entry.state == "done" and trained is not None and self._checkpoint_sha256(key) not in (None, trained):
-                entry = dataclasses.replace(entry, state="outdated", action="run",
-                                            reason="made from an earlier checkpoint; the training was redone")
-            weights = Path(spec.config.eval.checkpoint) if spec.config.eval.eval_only else \
-                self.record_dir(spec.run_id) / CHECKPOINT
-            if entry.state in ("new", "outdated") and kind == "evaluate" and not weights.is_file():
-                return dataclasses.replace(entry, state="no checkpoint", action="skip", reason=(
-                    f"its training is done but {weights} is not there to evaluate (checkpoints are never "
-                    "committed); --rerun trains it again"))
-            if entry.state == "new":
-                return dataclasses.replace(entry, reason=f"its training is done; {missing} is not")
-            if entry.state != "done":
-                return entry
-        return training                    # all done: the row is its run
-
-    def _checkpoint_sha256(self, key: str) -> Optional[str]:
-        """The checkpoint a done record was made from (training: the one it wrote), None where unknown."""
-        try:
-            return (self.read_metrics(key) or {}).get("checkpoint_sha256")
-        except CorruptFileError:
-            return None
-
-    def config_differences(self, spec: RunSpec, key: str, role: str) -> List[Tuple[str, object, object]]:
-        """The fields of ``role`` whose value in the record's config.yaml differs from today's resolution of
-        the row (a changed default or recipe); :class:`CorruptFileError` for an unreadable config.yaml."""
-        stored = self.read_config(key)
-        if stored is None or not isinstance(stored.get("config"), dict):
-            return []
-        try:
-            then = config_from_dict(stored["config"])
-        except (ExperimentError, ConfigError, TypeError) as e:
-            raise CorruptFileError(self.record_dir(key) / CONFIG, f"not a configuration this version reads ({e})") from None
-        return differences(then, spec.config, role)
-
-    def _plan_record(self, spec: RunSpec, key: str, role: str, job_alive, ignore_claim: bool) -> PlanEntry:
-        status, status_error, metrics_error, changed = None, None, None, []
-        try:
-            status = self.read_status(key)
-            changed = self.config_differences(spec, key, role)
-        except CorruptFileError as e:
-            status_error = str(e)
-        if status is not None and status.state == "done":
-            try:
-                if self.read_metrics(key) is None:
-                    metrics_error = f"{self.record_dir(key) / METRICS}: missing"
-            except CorruptFileError as e:
-                metrics_error = str(e)
-        alive = None
-        if job_alive is not None and status is not None and status.state in ("queued", "running") and status.job_ids:
-            alive = job_alive(status.job_ids[-1])
-        age = None
-        if status is not None:
-            updated = parse_utc(status.updated_at)
-            age = None if updated is None else self.clock() - updated
-        claim_stale = None if ignore_claim else self.claim_stale(key)
-        state, action, reason = decide(status, status_error, metrics_error, claim_stale, alive, age,
-                                       self.stale_after_s)
-        if changed and state not in ("corrupt",):
-            # its numbers belong to the configuration it ran with, not to today's resolution of the row
-            shown = "; ".join(f"{k} {json.dumps(a)} then, {json.dumps(b)} now" for k, a, b in changed)
-            state, action, reason = "changed", "skip", (
-                f"{key} ran with another configuration: {shown}; set the old value in the experiment to keep "
-                "its numbers, or --rerun to run it again")
-        return PlanEntry(spec, state, action, reason, status.job_ids if status else ())
-
-    def plan(self, specs: Sequence[RunSpec], job_alive: Optional[Callable[[str], Optional[bool]]] = None
-             ) -> List[PlanEntry]:
-        """One entry per spec: done/queued/running rows are skipped, new/failed/stale/corrupt ones run.
-        ``job_alive(job_id)`` (True/False/None = unknown) lets a scheduler query mark lost jobs."""
-        return [self.plan_one(spec, job_alive) for spec in specs]
 
     # -- --rerun
     def rerun_paths(self, spec: RunSpec) -> List[Path]:
