@@ -17,6 +17,7 @@ from harness.grid.feasibility import command_path_problem, config_warnings
 from harness.grid.identity import roles_of
 from harness.grid.schema import SECTION_CLASSES
 from harness.provenance import git_commit
+from harness.report.inventory import all_runs_text
 from harness.store import ResultsError, ResultsStore, dry_run_plan, tail_text
 from harness.store.plan import rerun_removals, rerun_text
 from harness.store.imports import import_server_scores
@@ -49,7 +50,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     mode.add_argument("--dry-run", action="store_true",
                       help="print the plan (run ids, executor, sbatch parameters, GPU-hours); submit nothing")
     mode.add_argument("--status", action="store_true", help="each row's state, progress, ETA and log")
-    mode.add_argument("--report", action="store_true", help="regenerate reports/<experiment>.{md,tex} and figures")
+    mode.add_argument("--report", action="store_true", help="regenerate reports/<experiment>.{md,tex} and figures "
+                      "(every row, as written; with overrides: reports/<experiment>+<tag>.*)")
     mode.add_argument("--cancel", action="store_true",
                       help="cancel the queued and running jobs of the selected rows (their checkpoints stay; a "
                            "later submission resumes them)")
@@ -68,6 +70,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="override the launcher config's executor (auto: slurm where sbatch exists)")
     for key in ("partition", "account", "qos"):
         p.add_argument(f"--{key}", help=f"SLURM {key} (the same as launcher.{key}=...)")
+    p.add_argument("--all", action="store_true", help="with --status: every record of the experiment in the store, "
+                   "override variants included: run id, scale, overrides, state, canonical or not")
     p.add_argument("--wait", action="store_true", help="after submitting, wait for the jobs, then report")
     p.add_argument("--rerun", action="store_true",
                    help="run the selected rows again from scratch even where they are done: their trainings' files "
@@ -77,6 +81,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--results", default=str(ROOT / "results"), help="results store (default: %(default)s)")
     p.add_argument("--reports", default=str(ROOT / "reports"), help="reports folder (default: %(default)s)")
     args = p.parse_intermixed_args(argv)   # overrides may come before or after the options
+    if args.all and not args.status:
+        p.error("--all goes with --status")
     if args.rows:     # and after --rows: SECTION.FIELD=VALUE is an override there too (a row so named: by index)
         args.overrides += [r for r in args.rows if OVERRIDE.match(r)]
         args.rows = [r for r in args.rows if not OVERRIDE.match(r)] or p.error("--rows: expected a row, then overrides")
@@ -284,18 +290,10 @@ def submit(experiment, store, executor=None, rerun=False):
     return specs, jobs, outcomes
 
 
-def _report(experiment, args) -> int:
-    # pandas and matplotlib: loaded only for reports
-    from harness.report.latex import LatexError
-    from harness.report.tables import write_report
-    try:
-        paths = write_report(experiment, args.results, args.reports)
-    except LatexError as err:           # a string of a run's record that LaTeX cannot take: named, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    for path in paths:
-        print(f"wrote {path}")
-    return 0
+def _report(experiment, args, submitted: bool = False) -> int:
+    """--report, and the report that ends a submission: canonical or tagged, as harness.report.variant says."""
+    from harness.report.tables import write_invocation_report      # pandas and matplotlib: only for reports
+    return write_invocation_report(experiment, args.results, args.reports, submitted)
 
 
 def _export(experiment, args) -> None:
@@ -349,7 +347,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(launch_plan(experiment, args.executor), end="")
             return 0
         if args.status:
-            print(status_text(experiment, store))
+            print(all_runs_text(experiment, store) if args.all else status_text(experiment, store))
             return 0
         if args.print_config:
             print(config_text(experiment) or f"{args.print_config}: a cited row (the paper's numbers only)")
@@ -388,7 +386,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 entry = store.plan_one(spec)
                 reason = entry.reason if entry.state == "failed" and entry.reason else str(value).strip()
                 print(f"FAILED {spec.label!r} ({spec.run_id}): {reason}\n  log: {value}")
-        return max(_report(experiment, args), 1 if failed else 0)
+        return max(_report(experiment, args, submitted=True), 1 if failed else 0)
     except (ExperimentError, ResultsError, ConfigError, launch.LaunchError) as err:
         # the message names the file, row and key, or what to change: no traceback
         print(f"error: {err}", file=sys.stderr)

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
+import yaml
+
 from harness.config import RunConfig
 from harness.grid.experiment import Experiment, load_experiment
 from harness.grid.identity import Digest, file_digest, ids
@@ -35,6 +37,7 @@ class RunSpec:
     row_index: int
     eval_id: str = ""               # the evaluation of the run's checkpoint this row reports
     measure_id: str = ""            # the measurement of the run's model this row reports
+    overrides: Tuple[str, ...] = ()  # the command-line overrides its row got (SECTION.FIELD=VALUE), recorded
 
     @property
     def eval_key(self) -> str:
@@ -67,8 +70,26 @@ def expand(experiment: Experiment, scale: Optional[str] = None, digest: Digest =
             except ConfigError as e:
                 raise ExperimentError(experiment.path, row.label, e.key, e.message) from None
             specs.append(RunSpec(experiment.name, row.label, seed, resolved, run, scale, row.paper, index,
-                                 evaluation, measurement))
+                                 evaluation, measurement, override_strings(row.command_line)))
     return specs
+
+
+def override_strings(command_line: Mapping) -> Tuple[str, ...]:
+    """A row's command-line overrides (nested, :attr:`Row.command_line`) as ``SECTION.FIELD=VALUE`` strings
+    that read back as given: ``train.epochs=3``, ``train.seed=[1, 2]``, ``data.root=/coco``."""
+    out = []
+    for section, values in (command_line or {}).items():
+        for field, value in (values or {}).items():
+            plain = isinstance(value, str) and "," not in value and _reads_as(value) == value
+            out.append(f"{section}.{field}={value if plain else json.dumps(value)}")
+    return tuple(out)
+
+
+def _reads_as(text: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
 
 
 def unique_runs(specs: Sequence[RunSpec]) -> List[RunSpec]:

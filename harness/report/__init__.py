@@ -4,7 +4,9 @@
     noise.py     the reference a number is held to, and whether it lies within the noise
     groups.py    per row of the experiment: paper, official code and our lines, formatted
     ablation.py  each row's AP difference to the reference row, against its noise
-    tables.py    Markdown report; write_report (.md, .tex, _compact.tex, figures)
+    tables.py    Markdown report; write_report (.md, .tex, _compact.tex, figures); write_invocation_report
+    variant.py   canonical report or <name>+<tag> (command-line overrides): which one an invocation writes
+    inventory.py --status --all: every record of an experiment in the store, override variants included
     latex.py     full and compact LaTeX tables, escaping
     figures.py   AP per epoch, AP against GFLOPs and FPS, ablation deltas
     preview.py   compile a table with pdflatex and render it to PNG (checks, README)

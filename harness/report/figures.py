@@ -7,6 +7,8 @@
 - ``<name>_ablation_deltas``: AP of every row minus AP of the experiment's ``reference_row`` (Table 2), with
   the noise of each difference; paper and full scale on one axis, smoke scale on its own.
 
+A report with command-line overrides names its figures ``<name>+<tag>_*`` (:mod:`.variant`).
+
 Legends sit right of the axes, never over the data.
 
 Files are written with fixed metadata (no dates), so regenerating gives the same bytes for the same
@@ -180,9 +182,11 @@ def ablation_deltas(experiment: Experiment, agg: pd.DataFrame) -> Optional[Figur
     return fig
 
 
-def write_figures(experiment: Experiment, results_root, figures_dir, df: Optional[pd.DataFrame] = None
-                  ) -> List[Path]:
-    """Write every figure that has something to draw; returns the paths written."""
+def write_figures(experiment: Experiment, results_root, figures_dir, df: Optional[pd.DataFrame] = None,
+                  name: Optional[str] = None) -> List[Path]:
+    """Write every figure that has something to draw; returns the paths written. ``name``: the files' stem
+    and a note in each title, for a report of the experiment with command-line overrides
+    (``table2+epochs3-1a2b3c``: :mod:`.variant`); default the experiment's name."""
     figures_dir = Path(figures_dir)
     figures_dir.mkdir(parents=True, exist_ok=True)
     if df is None:
@@ -197,7 +201,9 @@ def write_figures(experiment: Experiment, results_root, figures_dir, df: Optiona
             "ap_vs_fps": ap_versus(experiment, agg, "fps", "FPS"),
             "ablation_deltas": ablation_deltas(experiment, agg),
         }
-        for name, fig in figures.items():
+        for figure, fig in figures.items():
             if fig is not None:
-                written += _save(fig, figures_dir, f"{experiment.name}_{name}")
+                if name and name != experiment.name:
+                    fig.suptitle(f"{fig.get_suptitle()}\n{name}: with command-line overrides")
+                written += _save(fig, figures_dir, f"{name or experiment.name}_{figure}")
     return written

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import shlex
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -24,7 +25,8 @@ from harness.report.ablation import ablation_rows, columns_with_values
 from harness.report.collect import aggregate, collect
 from harness.report.figures import write_figures
 from harness.report.groups import LABEL, PROVENANCE, Style, build_groups, has_official, markers_shown
-from harness.report.latex import render_latex, render_latex_compact
+from harness.report.latex import LatexError, render_latex, render_latex_compact
+from harness.report.variant import Variant, as_written, report_variant
 from harness.store import atomic_write_text
 
 COLUMN_TITLES = {"method": "Method", "epochs": "Epochs", "ms_inputs": "MS inputs",
@@ -39,19 +41,25 @@ def _md_escape(text: str) -> str:
 
 MD = Style(check="✓", pm="±", dash="–", markers=MARKERS_MD, escape=_md_escape)
 
-__all__ = ["MD", "render_latex", "render_latex_compact", "render_markdown", "write_report", "command_path"]
+__all__ = ["MD", "render_latex", "render_latex_compact", "render_markdown", "write_report", "command_path",
+           "write_invocation_report"]
 
 
 # ------------------------------------------------------------------------------------------- Markdown
 
-def render_markdown(experiment: Experiment, df: pd.DataFrame, command: Optional[str] = None) -> str:
+def render_markdown(experiment: Experiment, df: pd.DataFrame, command: Optional[str] = None,
+                    variant: Optional[Variant] = None) -> str:
     """The report in Markdown; ``command`` is the experiment file as the regenerate hint names it
-    (default: :func:`command_path`)."""
+    (default: :func:`command_path`); a ``variant`` (:mod:`.variant`) heads it with its overrides."""
     lead, groups = build_groups(experiment, df, MD, lambda cells: [_md_escape(str(c)) for c in cells])
     header = [_md_escape(COLUMN_TITLES.get(c, c)) for c in lead] + ["source"] + \
         [BY_NAME[m].title_md for m in experiment.metrics] + list(PROVENANCE)
     n_lead, n_metrics = len(lead), len(experiment.metrics)
-    out = [f"# Table {_md_escape(experiment.table)} (`{experiment.name}`)", "", experiment.caption.strip(), ""]
+    out = [f"# Table {_md_escape(experiment.table)} (`{experiment.name}`)" +
+           (f", variant `{variant.name}`" if variant else ""), ""]
+    if variant:
+        out += [_variant_markdown(experiment, variant), ""]
+    out += [experiment.caption.strip(), ""]
     if experiment.description.strip():
         out += [experiment.description.strip(), ""]
     out.append("| " + " | ".join(header) + " |")
@@ -62,7 +70,7 @@ def render_markdown(experiment: Experiment, df: pd.DataFrame, command: Optional[
             lead_cells = group.lead if i == 0 else [""] * n_lead
             provenance = line.provenance or [""] * len(PROVENANCE)
             out.append("| " + " | ".join(lead_cells + [line.source] + line.metrics + provenance) + " |")
-    *guide, generated = _legend(experiment, groups, command)
+    *guide, generated = _legend(experiment, groups, command, variant)
     for paragraph in guide + weights_note(df):
         out += ["", paragraph]
     out += _ablation_markdown(experiment, df)
@@ -99,7 +107,28 @@ def _ablation_markdown(experiment: Experiment, df: pd.DataFrame) -> List[str]:
     return out
 
 
-def _legend(experiment: Experiment, groups, command: Optional[str]) -> List[str]:
+def _variant_markdown(experiment: Experiment, variant: Variant) -> str:
+    code = lambda text: f"`{_md_escape(text)}`"
+    out = "**Not the experiment as written:** command-line overrides, " + "; ".join(variant.description(code)) + "."
+    if not variant.every_row:
+        out += f" Every other row is as `{command_path(experiment.path)}` has it."
+    return out + (" Overrides of fields that enter no id (`launcher.*`, ...) change no number and are not listed. "
+                  f"The canonical report is [`{experiment.name}.md`]({experiment.name}.md).")
+
+
+def _regenerate(experiment: Experiment, command: Optional[str], variant: Optional[Variant]) -> str:
+    path = shlex.quote(command or command_path(experiment.path))
+    if variant is None:
+        return f"regenerate with `python run_experiment.py {path} --report`"
+    groups = variant.groups()
+    if len(groups) == 1 and not variant.swept:
+        overrides, labels = groups[0]
+        rows = "" if variant.every_row else " --rows " + " ".join(shlex.quote(label) for label in labels)
+        return f"regenerate with `python run_experiment.py {path} {shlex.join(overrides)}{rows} --report`"
+    return f"regenerate with `python run_experiment.py {path}`, the same overrides and `--rows`, and `--report`"
+
+
+def _legend(experiment: Experiment, groups, command: Optional[str], variant: Optional[Variant] = None) -> List[str]:
     official = any(has_official(g.row) for g in groups)
     guide = ("Each row: `paper` is the paper's line" +
              ("; `official code` the same model trained with the released code, as its README reports (where "
@@ -132,8 +161,8 @@ def _legend(experiment: Experiment, groups, command: Optional[str]) -> List[str]
         "one 3x800x1199 image, where the paper averages COCO val images (smaller after resizing), so "
         "compare ratios between rows. GPU hours of ours sum every attempt (requeues and resumes) of a row's "
         "training, its evaluation and its measurement.",
-        f"Generated by `harness.report` from the runs of `results/runs/` its rows name; regenerate with "
-        f"`python run_experiment.py {shlex.quote(command or command_path(experiment.path))} --report`.",
+        f"Generated by `harness.report` from the runs of `results/runs/` its rows name; "
+        f"{_regenerate(experiment, command, variant)}.",
     ]
     return paragraphs
 
@@ -161,21 +190,27 @@ def command_path(path: str) -> str:
 
 # ------------------------------------------------------------------------------------------- files
 
-def write_report(experiment: Experiment, results_root, reports_dir, figures: bool = True) -> List[Path]:
+def write_report(experiment: Experiment, results_root, reports_dir, figures: bool = True,
+                 variant: Optional[Variant] = None) -> List[Path]:
     """Write ``<reports_dir>/<name>.md``, ``<name>.tex`` (the full table), ``<name>_compact.tex`` (the paper-ready
-    one) and the figures; returns the paths written (every file, changed or not)."""
+    one) and the figures; returns the paths written (every file, changed or not). With a ``variant`` (the
+    experiment loaded with command-line overrides: :func:`~harness.report.variant.report_variant`) the files
+    are ``<variant.name>.*`` and ``figures/<variant.name>_*``, headed by the overrides; the canonical
+    ``<name>.*`` come only from the experiment as written (the caller's choice: :mod:`.variant`)."""
     reports_dir = Path(reports_dir)
+    name = variant.name if variant else experiment.name
     df = collect(results_root, experiment)
-    texts = {".md": render_markdown(experiment, df), ".tex": render_latex(experiment, df),
-             "_compact.tex": render_latex_compact(experiment, df)}      # all rendered before anything is written
+    texts = {".md": render_markdown(experiment, df, variant=variant), ".tex": render_latex(experiment, df, variant),
+             "_compact.tex": render_latex_compact(experiment, df, variant)}   # all rendered before anything is written
     reports_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for suffix, text in texts.items():
-        path = reports_dir / f"{experiment.name}{suffix}"
+        path = reports_dir / f"{name}{suffix}"
         _write_if_changed(path, text)
         written.append(path)
     if figures:
-        written += write_figures(experiment, results_root, reports_dir / "figures", df=df)
+        written += write_figures(experiment, results_root, reports_dir / "figures", df=df,
+                                 name=variant.name if variant else None)
     return written
 
 
@@ -183,3 +218,32 @@ def _write_if_changed(path: Path, text: str) -> None:
     if path.exists() and path.read_text(encoding="utf-8") == text:
         return
     atomic_write_text(path, text)
+
+
+def write_invocation_report(experiment: Experiment, results_root, reports_dir, submitted: bool = False) -> int:
+    """``--report`` (and the report that ends a submission that waited) for ``experiment`` as the command line
+    loaded it: the variant's ``<name>+<tag>.*`` where it has overrides that change a number; else the canonical
+    ``<name>.*`` rendered from the experiment as written, every row; a submission of some rows writes no report
+    (the canonical one would be rewritten by a submission that did not ask for it). Prints what it does and
+    what it wrote; returns the exit code."""
+    written = as_written(experiment)
+    variant = report_variant(experiment, written)
+    canonical = f"{command_path(str(reports_dir))}/{experiment.name}.*"
+    if variant is not None:
+        print(f"overrides: reporting as {variant.name}; {canonical} stay those of the experiment as written")
+    elif submitted and experiment.selected is not None:
+        print(f"{canonical} not rewritten: this submission was of some rows, and the canonical report covers "
+              f"every row (python run_experiment.py {command_path(experiment.path)} --report)")
+        return 0
+    elif experiment.selected is not None:
+        print("--rows: a report covers every row; writing the canonical report of the whole experiment")
+    if variant is None and any(row.command_line for row in experiment.rows):
+        print("the overrides given enter no id (they change no number): the canonical report")
+    try:
+        paths = write_report(experiment if variant else written, results_root, reports_dir, variant=variant)
+    except LatexError as err:           # a string of a run's record that LaTeX cannot take: named, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(f"wrote {path}")
+    return 0

@@ -86,7 +86,9 @@ class ResultsStore(Planning):
     def prepare(self, spec: RunSpec, key: Optional[str] = None) -> Path:
         """Create the record's folder (the run's, or ``key``: its evaluation's) and write the resolved
         config.yaml of the row that asked for it first (if not there yet, or unreadable): the full resolved
-        configuration, against which later plans compare today's resolution of the row."""
+        configuration, against which later plans compare today's resolution of the row, and the command-line
+        overrides that row was submitted with (``overrides: [train.epochs=3]``; ``[]``: the experiment as
+        written), which ``--status --all`` lists."""
         folder = self.record_dir(key or spec.run_id)
         folder.mkdir(parents=True, exist_ok=True)
         try:
@@ -96,7 +98,8 @@ class ResultsStore(Planning):
         if not present:
             doc = {"experiment": spec.experiment, "label": spec.label, "seed": spec.seed, "scale": spec.scale,
                    "schema": SCHEMA_VERSION, "run_id": spec.run_id, "eval_id": spec.eval_id,
-                   "measure_id": spec.measure_id, "config": config_to_dict(spec.config)}
+                   "measure_id": spec.measure_id, "overrides": list(spec.overrides),
+                   "config": config_to_dict(spec.config)}
             atomic_write_text(folder / CONFIG, yaml.safe_dump(doc, sort_keys=False, default_flow_style=None))
         return folder
 
