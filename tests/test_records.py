@@ -95,7 +95,7 @@ def test_training_job_writes_one_record_per_number(tmp_path, monkeypatch):
     assert evaluation["eval_size"] == 64 and evaluation["num_detections"] == 100 and evaluation["eval_batch_size"] == 2
     assert evaluation["commit"] == "abc1234" and evaluation["gpu_hours"] is None and evaluation["device"]
     assert [c.eval.tta for c in evaluated] == [True]                          # evaluated once more, with TTA
-    assert store.gpu_hours(spec.eval_key) == 0.0 and (store.record_dir(spec.eval_key) / "attempts.json").is_file()
+    assert store.gpu_hours(spec.eval_key) == 0.0 and (store.record_dir(spec.eval_key) / "attempts.jsonl").is_file()
 
     measurement = store.read_metrics(spec.measure_key)
     assert set(MEASURED_FIELDS) - {"fps_bs4"} <= set(measurement) and not set(EVALUATED_FIELDS) & set(measurement)

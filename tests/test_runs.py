@@ -217,7 +217,7 @@ def test_decide_rules():
     assert decide(done, metrics_error="metrics.json: truncated")[:2] == ("corrupt", "run")
     assert decide(Status("failed", reason="OOM")) == ("failed", "run", "OOM")
     assert decide(Status("queued", job_ids=("5",)))[:2] == ("queued", "skip")
-    assert decide(Status("queued", job_ids=("5",)), job_alive=False)[:2] == ("lost", "run")
+    assert decide(Status("queued", job_ids=("5",)), job_alive=False)[:2] == ("stale", "run")
     assert decide(Status("running"), claim_stale=False)[:2] == ("running", "skip")
     assert decide(Status("running"), claim_stale=True)[:2] == ("stale", "run")
     assert decide(Status("running"), status_age_s=10)[:2] == ("running", "skip")
@@ -256,7 +256,7 @@ def test_plan_asks_the_scheduler_about_queued_jobs(tmp_path, experiment):
     a = expand(experiment)[0]
     store.mark_queued(a.run_id, job_id="42")
     assert store.plan([a])[0].state == "queued"
-    assert store.plan([a], job_alive=lambda job: job != "42")[0].state == "lost"
+    assert store.plan([a], job_alive=lambda job: job != "42")[0].state == "stale"
     assert store.plan([a], job_alive=lambda job: None)[0].state == "queued"
 
 

@@ -1,7 +1,9 @@
 """The results store: run folders whose files are complete or absent, claims, and the plan of what to run.
 
     files.py    atomic writes, JSON reads that detect truncation
+    jobs.py     job ids that carry their executor; is a local job's process alive (pid and start time)
     claims.py   one live holder per run
+    attempts.py attempts.jsonl: every attempt's time and GPUs, append-only
     status.py   status.json and the rule run / leave alone
     store.py    ResultsStore: results/runs/<run_id>/, shared by every experiment
     plan.py     --dry-run's text

@@ -2,8 +2,10 @@
 run a row twice.
 
 A claim is a lock file created with ``os.link`` (atomic, fails if it exists) holding its token, host, pid
-and job id; its holder refreshes its mtime (heartbeat). A claim is stale when its process is gone (same
-host) or it has not been refreshed for :data:`STALE_AFTER_S`; a stale claim may be broken.
+(with the process's start time, so a reused pid is not taken for the holder), job id and role (``job``, or
+``submit`` for a submission that holds the run only until its job is queued); its holder refreshes its
+mtime (heartbeat). A claim is stale when its process is gone (same host) or it has not been refreshed for
+:data:`STALE_AFTER_S`; a stale claim may be broken.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Tuple
+
+from harness.store.jobs import process_alive, process_start
 
 CLAIM = "claim.lock"
 STALE_AFTER_S = 30 * 60     # a claim whose holder has not heartbeated for this long is stale
@@ -27,32 +31,31 @@ class Claim:
     pid: int
     time: float
     job_id: Optional[str] = None
+    role: str = "job"           # job | submit (a submission, until its job is queued)
+    start: Optional[str] = None  # the holder process's start time
 
 
 
-def claim_is_stale(info: dict, now: float, mtime: float, host: str, pid_alive: Callable[[int], bool],
+def claim_is_stale(info: dict, now: float, mtime: float, host: str,
+                   alive: Callable[[int, Optional[str]], bool] = process_alive,
                    stale_after_s: float = STALE_AFTER_S) -> bool:
-    """A claim is stale if its process is gone (same host) or it has not heartbeated for too long."""
-    if info.get("host") == host and isinstance(info.get("pid"), int) and not pid_alive(info["pid"]):
+    """A claim is stale if its process is gone (same host: the pid, started when the claim says) or it has not
+    heartbeated for too long."""
+    if info.get("host") == host and isinstance(info.get("pid"), int) and not alive(info["pid"], info.get("start")):
         return True
     return now - mtime > stale_after_s
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def own_start() -> Optional[str]:
+    """This process's start time, as claims record it."""
+    return process_start(os.getpid())
 
 
 
 def create_lock(lock: Path, claim: Claim) -> bool:
     """Create ``lock`` holding ``claim``; False if it exists already."""
     info = {"token": claim.token, "host": claim.host, "pid": claim.pid, "time": claim.time,
-            "job_id": claim.job_id}
+            "job_id": claim.job_id, "role": claim.role, "start": claim.start}
     fd, tmp = tempfile.mkstemp(dir=lock.parent, prefix=".claim.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:

@@ -98,16 +98,16 @@ def smoke_notes(experiment: Experiment) -> List[str]:
 
 # ------------------------------------------------------------------------------------------- --rerun
 
-RERUNNABLE = ("done", "new", "changed", "outdated", "no checkpoint", "failed", "cancelled", "corrupt", "stale",
-              "lost")     # never a queued or running one
+RERUNNABLE = ("done", "new", "changed", "outdated", "no checkpoint", "failed", "cancelled", "interrupted", "corrupt",
+              "stale")     # never a queued or running one
 
 
 def rerun_removals(store: ResultsStore, entries: Sequence[PlanEntry]) -> List[Tuple[PlanEntry, List[Path]]]:
     """Per entry to rerun, the paths ``--rerun`` deletes (:meth:`ResultsStore.rerun_paths`), each path once."""
     seen, out = set(), []
     for entry in entries:
-        if entry.state not in RERUNNABLE:
-            continue
+        if entry.state not in RERUNNABLE or entry.state == "interrupted" and entry.action != "run":
+            continue         # an interrupted record whose job is still stopping is left alone
         paths = [p for p in store.rerun_paths(entry.spec) if p not in seen]
         seen.update(paths)
         out.append((entry, paths))

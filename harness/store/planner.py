@@ -15,27 +15,34 @@ from typing import Callable, List, Optional, Sequence, Tuple
 from harness.grid import ExperimentError, RunSpec, config_from_dict, differences
 from harness.provenance import parse_utc
 from harness.store.files import CorruptFileError
-from harness.store.status import PlanEntry, decide
+from harness.store.jobs import LOCAL, executor_of, local_job_alive
+from harness.store.status import PlanEntry, Status, decide
 from model.config import EVALUATION, MEASUREMENT, WEIGHTS, ConfigError
 
 CHECKPOINT = "checkpoint.pth"  # the training's newest checkpoint (harness.run.checkpointing writes it)
 CONFIG, METRICS = "config.yaml", "metrics.json"
 
 
+ASK = object()      # judge the record's claim.lock as it is on disk
+
+
 class Planning:
     def plan_one(self, spec: RunSpec, job_alive: Optional[Callable[[str], Optional[bool]]] = None,
-                 ignore_claim: bool = False) -> PlanEntry:
-        """The training first: until it is done, the entry is the training's. Then the row's evaluation of it
+                 claim_stale=ASK) -> PlanEntry:
+        """``claim_stale``: the verdict on the records' claims (a submission that has just taken a claim judges
+        the record as it was before); by default each claim.lock as it is.
+
+        The training first: until it is done, the entry is the training's. Then the row's evaluation of it
         (``spec.eval_key``), then its measurement (``spec.measure_key``): done, queued or running as their own
         records say, else the one to run: only where the training's checkpoint is there to evaluate or
         measure."""
-        training = self._plan_record(spec, spec.run_id, WEIGHTS, job_alive, ignore_claim)
+        training = self._plan_record(spec, spec.run_id, WEIGHTS, job_alive, claim_stale)
         if training.state != "done":
             return training
         trained = self._checkpoint_sha256(spec.run_id)
         for kind, missing, role in (("evaluate", "its evaluation", EVALUATION), ("measure", "its measurement", MEASUREMENT)):
             key = spec.key(kind)
-            entry = dataclasses.replace(self._plan_record(spec, key, role, job_alive, ignore_claim), kind=kind)
+            entry = dataclasses.replace(self._plan_record(spec, key, role, job_alive, claim_stale), kind=kind)
             if entry.state == "done" and trained is not None and self._checkpoint_sha256(key) not in (None, trained):
                 entry = dataclasses.replace(entry, state="outdated", action="run",
                                             reason="made from an earlier checkpoint; the training was redone")
@@ -70,7 +77,18 @@ class Planning:
             raise CorruptFileError(self.record_dir(key) / CONFIG, f"not a configuration this version reads ({e})") from None
         return differences(then, spec.config, role)
 
-    def _plan_record(self, spec: RunSpec, key: str, role: str, job_alive, ignore_claim: bool) -> PlanEntry:
+    def job_alive(self, status: Status, ask: Optional[Callable[[str], Optional[bool]]] = None) -> Optional[bool]:
+        """Whether the newest job of a record still exists: a local job's process (pid and start time) when it
+        ran on this host, a SLURM job as ``ask(job_id)`` says (True/False/None = unknown); each executor is
+        asked about its own jobs only."""
+        if not status.job_ids:
+            return None
+        job = status.job_ids[-1]
+        if executor_of(job) == LOCAL:
+            return local_job_alive(job) if status.host in (None, self.host) else None
+        return ask(job) if ask is not None else None
+
+    def _plan_record(self, spec: RunSpec, key: str, role: str, job_alive, claim_stale=ASK) -> PlanEntry:
         status, status_error, metrics_error, changed = None, None, None, []
         try:
             status = self.read_status(key)
@@ -84,13 +102,13 @@ class Planning:
             except CorruptFileError as e:
                 metrics_error = str(e)
         alive = None
-        if job_alive is not None and status is not None and status.state in ("queued", "running") and status.job_ids:
-            alive = job_alive(status.job_ids[-1])
+        if status is not None and status.state in ("queued", "running", "interrupted"):
+            alive = self.job_alive(status, job_alive)
         age = None
         if status is not None:
             updated = parse_utc(status.updated_at)
             age = None if updated is None else self.clock() - updated
-        claim_stale = None if ignore_claim else self.claim_stale(key)
+        claim_stale = self.claim_stale(key) if claim_stale is ASK else claim_stale
         state, action, reason = decide(status, status_error, metrics_error, claim_stale, alive, age,
                                        self.stale_after_s)
         if changed and state not in ("corrupt",):
@@ -103,7 +121,8 @@ class Planning:
 
     def plan(self, specs: Sequence[RunSpec], job_alive: Optional[Callable[[str], Optional[bool]]] = None
              ) -> List[PlanEntry]:
-        """One entry per spec: done/queued/running rows are skipped, new/failed/stale/corrupt ones run.
-        ``job_alive(job_id)`` (True/False/None = unknown) lets a scheduler query mark lost jobs."""
+        """One entry per spec: done/queued/running rows are skipped, new/failed/interrupted/stale/corrupt ones run.
+        ``job_alive(job_id)`` (True/False/None = unknown) is the scheduler's answer about SLURM jobs (local jobs'
+        processes are looked at directly): a job gone makes its record stale."""
         return [self.plan_one(spec, job_alive) for spec in specs]
 

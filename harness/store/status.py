@@ -9,7 +9,8 @@ from typing import Optional, Tuple
 from harness.grid import RunSpec
 from harness.store.claims import STALE_AFTER_S
 
-STATES = ("queued", "running", "done", "failed", "cancelled")
+# the states a record's status.json holds (DESIGN.md, Lifecycle); a plan adds new, stale, corrupt, claimed, ...
+STATES = ("queued", "running", "interrupted", "done", "failed", "cancelled")
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,7 @@ class Status:
     started_at: Optional[str] = None
     finished_at: Optional[str] = None
     updated_at: Optional[str] = None
-    reason: Optional[str] = None          # why it failed
+    reason: Optional[str] = None          # why it failed, was interrupted or cancelled
     log_tail: Optional[str] = None        # the last lines of the job's log when it failed
     host: Optional[str] = None
     attempts: int = 0                     # times it started running (requeues included)
@@ -44,8 +45,8 @@ class Status:
 @dataclass(frozen=True)
 class PlanEntry:
     spec: RunSpec
-    # the state of the record ``key`` names: new | done | queued | running | failed | cancelled | stale | lost |
-    # corrupt | claimed | changed (ran under another configuration) | outdated (of an earlier checkpoint) |
+    # the state of the record ``key`` names: new | done | queued | running | interrupted | failed | cancelled |
+    # stale (its job or process is gone) | corrupt | claimed | changed (ran under another configuration) | outdated (of an earlier checkpoint) |
     # no checkpoint (an evaluation with nothing to evaluate)
     state: str
     action: str         # run | skip
@@ -66,9 +67,10 @@ def decide(status: Optional[Status], status_error: Optional[str] = None, metrics
            status_age_s: Optional[float] = None, stale_after_s: float = STALE_AFTER_S) -> Tuple[str, str, str]:
     """(state, action, reason) of one run from what is on disk.
 
-    ``claim_stale``: None without a claim file; ``job_alive``: None when the scheduler was not asked.
-    Done runs are skipped, failed ones rerun; a run whose files are corrupt, whose job is gone, or whose
-    holder stopped heartbeating is rerun too.
+    ``claim_stale``: None without a claim file; ``job_alive``: whether the job the record names still exists
+    (a local job's process, a SLURM job as the scheduler says), None when unknown.
+    Done runs are skipped; failed, cancelled and interrupted ones run (resuming from their checkpoint); a run
+    whose files are corrupt is rerun, and so is a stale one (:func:`stale_reason`).
     """
     if status_error:
         return "corrupt", "run", status_error
@@ -84,12 +86,26 @@ def decide(status: Optional[Status], status_error: Optional[str] = None, metrics
         return "failed", "run", status.reason or "failed"
     if status.state == "cancelled":
         return "cancelled", "run", "cancelled; resumes from its checkpoint"
-    # queued or running
-    if job_alive is False:
-        return "lost", "run", f"job {', '.join(status.job_ids) or '?'} is no longer known to the scheduler"
-    if status.state == "running":
-        if claim_stale:
-            return "stale", "run", "the running job stopped heartbeating"
-        if claim_stale is None and status_age_s is not None and status_age_s > stale_after_s:
-            return "stale", "run", f"running, but no claim and no update for {status_age_s / 60:.0f} min"
+    if status.state == "interrupted":
+        if job_alive or claim_stale is False:
+            return "interrupted", "skip", "its job is still stopping, or was requeued"
+        return "interrupted", "run", f"{status.reason or 'interrupted'}; resumes from its checkpoint"
+    stale = stale_reason(status, claim_stale, job_alive, status_age_s, stale_after_s)
+    if stale:
+        return "stale", "run", stale
     return status.state, "skip", ""
+
+
+def stale_reason(status: Status, claim_stale: Optional[bool], job_alive: Optional[bool],
+                 status_age_s: Optional[float] = None, stale_after_s: float = STALE_AFTER_S) -> Optional[str]:
+    """Why a queued or running record is stale (the one rule, for plans and submissions alike), None if not:
+    its job or process no longer exists, its holder's process is gone or stopped heartbeating, or it has said
+    running for ``stale_after_s`` with no claim and no update."""
+    job = status.job_ids[-1] if status.job_ids else "?"
+    if job_alive is False:
+        return f"{status.state}, but job {job} no longer exists"
+    if claim_stale:
+        return f"{status.state}, but its holder (job {job}) is gone or stopped heartbeating"
+    if status.state == "running" and claim_stale is None and status_age_s is not None and status_age_s > stale_after_s:
+        return f"running, but no claim and no update for {status_age_s / 60:.0f} min"
+    return None

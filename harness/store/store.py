@@ -1,4 +1,4 @@
-"""The results store: ``<root>/runs/<run_id>/`` with config.yaml, status.json, log.jsonl, attempts.json,
+"""The results store: ``<root>/runs/<run_id>/`` with config.yaml, status.json, log.jsonl, attempts.jsonl,
 metrics.json and claim.lock, and the same files in each of its ``evaluations/<eval_id>/`` and
 ``measurements/<measure_id>/`` records (one record per number: DESIGN.md, Records).
 
@@ -23,16 +23,17 @@ import yaml
 from harness.grid import EVALUATIONS, SCHEMA_VERSION, RunSpec, config_to_dict
 from harness.grid.runs import MEASUREMENTS
 from harness.provenance import utc_now
-from harness.store.claims import (CLAIM, STALE_AFTER_S, Claim, break_lock, claim_is_stale, create_lock, pid_alive,
+from harness.store import attempts as attempt_log
+from harness.store.claims import (CLAIM, STALE_AFTER_S, Claim, break_lock, claim_is_stale, create_lock, own_start,
                                   read_lock)
 from harness.store.files import (CorruptFileError, ResultsError, append_jsonl, atomic_write_json, atomic_write_text,
                                  read_json)
+from harness.store.jobs import LOCAL, executor_of
 from harness.store.planner import CONFIG, METRICS, Planning
 from harness.store.status import STATES, Status
 
 
 STATUS, LOG = "status.json", "log.jsonl"
-ATTEMPTS = "attempts.json"     # the time and GPUs of every attempt of a run (requeues, resumes)
 RUNS = "runs"
 
 
@@ -151,7 +152,8 @@ class ResultsStore(Planning):
         elif state == "running":
             d["started_at"] = now
             d["host"] = fields.get("host", self.host)
-            d["attempts"] = int(d.get("attempts") or 0) + 1
+            # the attempt number from attempts.jsonl too: it survives a lost or corrupt status.json
+            d["attempts"] = max(int(d.get("attempts") or 0), attempt_log.last_attempt(folder)) + 1
             d.update(reason=None, log_tail=None, finished_at=None)
         else:
             d["finished_at"] = now
@@ -161,6 +163,8 @@ class ResultsStore(Planning):
 
     def mark_queued(self, key: str, job_id: Optional[str] = None, log_dir: Optional[str] = None) -> Status:
         fields = {} if log_dir is None else {"log_dir": str(log_dir)}
+        if job_id is not None and executor_of(job_id) == LOCAL:
+            fields["host"] = self.host        # where its process can be looked at
         return self.write_status(key, "queued", job_id=job_id, **fields)
 
     def mark_running(self, key: str, job_id: Optional[str] = None) -> Status:
@@ -180,6 +184,19 @@ class ResultsStore(Planning):
     def mark_cancelled(self, key: str) -> Status:
         """Cancelled by the user; its checkpoints stay, and the next submission resumes from them."""
         return self.write_status(key, "cancelled", reason="cancelled by the user")
+
+    def mark_interrupted(self, key: str, reason: str = "interrupted", job_id: Optional[str] = None) -> Optional[Status]:
+        """Stopped by a signal (Ctrl-C, SIGTERM, a cancel, a pre-emption): its checkpoints stay, and the next
+        submission resumes from them. Only a queued or running record (of ``job_id``, when given) is marked: a
+        cancelled, failed or done one keeps its state. Returns the new status, or None when left as it was."""
+        try:
+            status = self.read_status(key)
+        except CorruptFileError:
+            status = None
+        if status is not None and (status.state not in ("queued", "running") or
+                                   job_id is not None and status.job_ids and status.job_ids[-1] != str(job_id)):
+            return None
+        return self.write_status(key, "interrupted", reason=reason)
 
     # -- log.jsonl
     def append_log(self, key: str, record: dict) -> None:
@@ -224,41 +241,41 @@ class ResultsStore(Planning):
         """metrics.json, None if absent; :class:`CorruptFileError` if truncated or corrupt."""
         return read_json(self.record_dir(key) / METRICS)
 
-    # -- attempts.json
-    def record_attempt(self, key: str, attempt: str, started: float, gpus: int) -> None:
-        """This attempt at the record has run from ``started`` until now on ``gpus`` GPUs. Called when it starts,
-        on every heartbeat and when it ends, so a job killed without warning loses at most one heartbeat. Each
-        record (training, evaluation, measurement) has its own attempts."""
-        path = self.record_dir(key) / ATTEMPTS
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            attempts = read_json(path) or {}
-        except CorruptFileError:
-            attempts = {}
-        attempts[str(attempt)] = {"started": started, "seen": self.clock(), "gpus": int(gpus)}
-        atomic_write_json(path, attempts)
+    # -- attempts.jsonl
+    def record_attempt(self, key: str, attempt, started: float, gpus: int, event: str = "beat",
+                       job_id: Optional[str] = None) -> None:
+        """This attempt at the record has run from ``started`` until now on ``gpus`` GPUs: one line appended to
+        its attempts.jsonl (:mod:`harness.store.attempts`), when it starts, on every heartbeat and when it ends,
+        so a job killed without warning loses at most one heartbeat. Each record (training, evaluation,
+        measurement) has its own attempts."""
+        attempt_log.append_attempt(self.record_dir(key), attempt, started, self.clock(), gpus, event, job_id)
 
     def gpu_hours(self, key: str) -> float:
-        """GPU-hours over every attempt at the record (0 for CPU runs)."""
+        """GPU-hours over every attempt at the record (0 for CPU runs), whatever became of status.json."""
+        return attempt_log.gpu_hours(self.record_dir(key))
+
+    def attempts(self, key: str) -> int:
+        """How many attempts the record has seen (attempts.jsonl, else status.json)."""
         try:
-            attempts = read_json(self.record_dir(key) / ATTEMPTS) or {}
+            status = self.read_status(key)
         except CorruptFileError:
-            return 0.0
-        return sum(max(a["seen"] - a["started"], 0.0) * a["gpus"] for a in attempts.values()) / 3600
+            status = None
+        return max(attempt_log.last_attempt(self.record_dir(key)), status.attempts if status else 0)
 
     # -- claim.lock
-    def claim(self, key: str, job_id: Optional[str] = None) -> Optional[Claim]:
+    def claim(self, key: str, job_id: Optional[str] = None, role: str = "job") -> Optional[Claim]:
         """Claim the run for this process; None if a live holder has it.
 
         A stale claim (holder process gone on this host, or no heartbeat for ``stale_after_s``) is
-        broken; a claim held by the same ``job_id`` (a requeued SLURM job) is taken over.
+        broken; a claim held by the same ``job_id`` (a requeued SLURM job) is taken over. ``role``: job, or
+        submit for a submission that holds it until its job is queued.
         """
         folder = self.record_dir(key)
         folder.mkdir(parents=True, exist_ok=True)
         lock = folder / CLAIM
         for _ in range(5):
             claim = Claim(str(lock), uuid.uuid4().hex, self.host, os.getpid(), self.clock(),
-                          None if job_id is None else str(job_id))
+                          None if job_id is None else str(job_id), role, own_start())
             if create_lock(lock, claim):
                 return claim
             info, mtime = read_lock(lock)
@@ -266,7 +283,7 @@ class ResultsStore(Planning):
                 continue                        # released meanwhile: try again
             same_job = job_id is not None and info is not None and info.get("job_id") == str(job_id)
             stale = info is None and self.clock() - mtime > 60 or info is not None and claim_is_stale(
-                info, self.clock(), mtime, self.host, pid_alive, self.stale_after_s)
+                info, self.clock(), mtime, self.host, stale_after_s=self.stale_after_s)
             if not (same_job or stale):
                 return None
             break_lock(lock, None if info is None else info.get("token"))
@@ -296,16 +313,29 @@ class ResultsStore(Planning):
             return None
         if info is None:
             return self.clock() - mtime > 60
-        return claim_is_stale(info, self.clock(), mtime, self.host, pid_alive, self.stale_after_s)
+        return claim_is_stale(info, self.clock(), mtime, self.host, stale_after_s=self.stale_after_s)
+
+    def claimed_by_submission(self, key: str) -> bool:
+        """A live submission holds the record (it releases it once its job is queued)."""
+        info, _ = self.read_claim(key)
+        return (info or {}).get("role") == "submit" and self.claim_stale(key) is False
 
     def claim_for_submit(self, spec: RunSpec, job_alive: Optional[Callable[[str], Optional[bool]]] = None
                          ) -> Optional[Claim]:
         """Claim a run to submit it, then check again that no one queued it meanwhile. The caller
-        submits, writes ``mark_queued`` and releases. None: skip this run."""
-        claim = self.claim(self.plan_one(spec, job_alive).key)
+        submits, writes ``mark_queued`` and releases. None: skip this run.
+
+        The same rule as the plan (:func:`~harness.store.status.decide`): a record the plan calls stale (its job
+        or process gone, its holder gone) is taken over, its stale claim broken; the check after claiming
+        judges the record as the plan did before the claim was ours."""
+        entry = self.plan_one(spec, job_alive)
+        if entry.action != "run":
+            return None
+        verdict = self.claim_stale(entry.key)
+        claim = self.claim(entry.key, role="submit")
         if claim is None:
             return None
-        entry = self.plan_one(spec, job_alive, ignore_claim=True)     # the claim is ours now
+        entry = self.plan_one(spec, job_alive, claim_stale=verdict)     # the claim is ours now
         if entry.action != "run":
             self.release(claim)
             return None
