@@ -27,7 +27,7 @@ def fresh_dispatch(monkeypatch, tmp_path):
     monkeypatch.setattr(ops, "_warned", set())
     monkeypatch.setattr(selfcheck, "_verdicts", {})
     monkeypatch.delenv("DEFORMABLE_DETR_OPS_SELF_CHECK", raising=False)
-    for impl in (testing.EMULATED, testing.WRONG, testing.CRASHING, testing.UNLAUNCHABLE):
+    for impl in testing.TEST_KERNELS:
         monkeypatch.setattr(impl, "verdict_dir", lambda impl=impl: tmp_path / impl.name)
         monkeypatch.setitem(implementations.REGISTRY, impl.name, impl)
 
@@ -88,13 +88,15 @@ def test_emulated_cuda_kernel_passes_its_self_check(monkeypatch):
     assert set(verdict["max_errors"]) == {"float64", "float32"} and verdict["max_errors"]["float64"] < 1e-12
 
 
-def test_a_crashing_kernel_does_not_kill_the_caller(monkeypatch):
+def test_a_crashing_kernel_does_not_kill_the_caller(monkeypatch, tmp_path):
     use_chain(monkeypatch, "crashing", "pytorch")
     inputs = make_inputs(CASES[0][1], M=2, D=8, P=1)
     with pytest.warns(RuntimeWarning, match=r"crashing kernel .* in case odd_levels_d12 .*killed by signal 6"):
         out = ms_deform_attn(*inputs)
     torch.testing.assert_close(out, ms_deform_attn_pytorch(*inputs))
     assert ops.implementation_info(CPU, torch.float64)["impl"] == "pytorch"
+    # a crash is no comparison: nothing is cached, the next process checks again
+    assert not list((tmp_path / "crashing").glob("*.json"))
 
 
 def test_auto_falls_back_when_a_launch_fails(monkeypatch):
@@ -125,3 +127,153 @@ def test_compute_capability_against_the_build():
     assert not ok and "sm_100" in reason and '--arch "7.5;8.0;9.0;10.0"' in reason
     assert not runs_on(["7.5", "8.0", "9.0+PTX"], (7, 0))[0]  # a V100 with a CUDA 13 build
     assert not runs_on(["9.0a"], (10, 0))[0] and runs_on(["9.0a"], (9, 0))[0]
+
+
+def marks(folder, name):
+    return len(list(folder.glob(f"{name}.*")))
+
+
+def test_a_killed_check_is_reported_and_retried_not_cached(monkeypatch, tmp_path):
+    """The check process killed mid-check (SIGKILL: the OOM killer, a pre-emption): this process falls back with
+    the cause; nothing is cached, so the next process checks again, and caches the verdict once it passes."""
+    folder = tmp_path / "marks"
+    folder.mkdir()
+    monkeypatch.setenv("DEFORMABLE_DETR_OPS_TEST_MARKS", str(folder))
+    use_chain(monkeypatch, "killed", "cpu", "pytorch")
+    inputs = make_inputs(CASES[0][1], M=2, D=8, P=1)
+    with pytest.warns(RuntimeWarning, match=r"killed test kernel .* could not run .* killed by signal 9 \(SIGKILL: "
+                                            r"the out-of-memory killer, or the job was pre-empted"):
+        ms_deform_attn(*inputs)
+    assert ops.implementation_info(CPU, torch.float64)["impl"] == "cpu"
+    assert not list((tmp_path / "killed").glob("*.json")) and marks(folder, "killed") == 1
+    verdict = selfcheck.self_check(testing.KILLED, CPU, torch.float64)
+    assert verdict["compared"] is False and verdict["status"].startswith("could not run: the check process was killed")
+    assert "not cached" in verdict["status"]
+    # the next process: checked again; this time it is not killed, passes, and the verdict is cached
+    monkeypatch.setattr(selfcheck, "_verdicts", {})
+    monkeypatch.setenv("DEFORMABLE_DETR_OPS_TEST_KILL", "0")
+    verdict = selfcheck.self_check(testing.KILLED, CPU, torch.float64)
+    assert verdict["ok"] and verdict["status"] == "passed" and marks(folder, "killed") == 2
+    assert len(list((tmp_path / "killed").glob("*.json"))) == 1
+
+
+@pytest.mark.parametrize("error,cause", [
+    ("CUDA error: all CUDA-capable devices are busy or unavailable", "busy or unavailable"),
+    ("CUDA error: CUDA-capable device(s) is/are busy or unavailable\nCompile with TORCH_USE_CUDA_DSA", "busy"),
+    ("the GPU is in exclusive process mode", "exclusive-process"),
+    ("CUDA out of memory. Tried to allocate 20.00 MiB (GPU 0; 79.1 GiB total capacity)", "out of memory"),
+], ids=["busy", "busy_dsa", "exclusive", "oom"])
+def test_an_environment_error_is_not_cached(monkeypatch, tmp_path, error, cause):
+    """A GPU in exclusive-process mode held by another process, or out of memory: the verdict says so, it is not
+    cached, and a named implementation raises with the cause instead of a FAILED."""
+    monkeypatch.setenv("DEFORMABLE_DETR_OPS_TEST_ERROR", error)
+    use_chain(monkeypatch, "busy", "cpu", "pytorch")
+    inputs = make_inputs(CASES[0][1], M=2, D=8, P=1)
+    with pytest.warns(RuntimeWarning, match=f"could not run .*{cause}") as record:
+        ms_deform_attn(*inputs)
+    assert "FAILED" not in str(record[0].message) and "checked again in the next one" in str(record[0].message)
+    verdict = selfcheck.self_check(testing.BUSY, CPU, torch.float64)
+    assert verdict["compared"] is False and cause in verdict["environment"]
+    assert not list((tmp_path / "busy").glob("*.json"))
+    with pytest.raises(ops.SelfCheckError, match=f"could not run .*{cause}"):
+        ms_deform_attn(*inputs, impl="busy")
+
+
+def test_a_timed_out_check_is_not_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("DEFORMABLE_DETR_OPS_SELF_CHECK_TIMEOUT", "3")
+    monkeypatch.setenv("DEFORMABLE_DETR_OPS_TEST_SLEEP", "5")
+    verdict = selfcheck.self_check(testing.SLOW, CPU, torch.float64)
+    assert verdict["compared"] is False and verdict["environment"].startswith("time-out")
+    assert verdict["case"].startswith("odd_levels_d12") and not list((tmp_path / "slow").glob("*.json"))
+
+
+def test_an_unwritable_cache_checks_in_memory(monkeypatch, tmp_path):
+    """A read-only cache (here: its folder cannot be created, as under a read-only home in a container): the check
+    runs unlocked, its verdict is kept in memory, and impl="auto" neither raises nor warns."""
+    blocker = tmp_path / "read-only"
+    blocker.write_text("a file where the cache folder would be")
+    for impl in (testing.EMULATED, testing.WRONG):
+        monkeypatch.setattr(impl, "verdict_dir", lambda impl=impl: blocker / impl.name)
+    use_chain(monkeypatch, "emulated", "cpu", "pytorch")
+    inputs = make_inputs(CASES[3][1], M=2, D=32, P=4, dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = ms_deform_attn(*inputs)
+    assert torch.allclose(out, ms_deform_attn_pytorch(*inputs), atol=1e-5)
+    verdict = selfcheck.self_check(testing.EMULATED, CPU, torch.float32)
+    assert verdict["status"].startswith("passed (not cached: cannot write") and "cannot create the lock" in verdict["lock"]
+    # a wrong kernel is still caught, in memory
+    use_chain(monkeypatch, "wrong", "cpu", "pytorch")
+    monkeypatch.setattr(ops, "_chosen", {})
+    with pytest.warns(RuntimeWarning, match="FAILED its self-check"):
+        ms_deform_attn(*make_inputs(CASES[0][1], M=2, D=8, P=1, dtype=torch.float32))
+
+
+def test_a_cached_verdict_is_read_from_a_read_only_cache(monkeypatch, tmp_path):
+    first = selfcheck.self_check(testing.RIGHT, CPU, torch.float64)
+    assert first["status"] == "passed"
+    monkeypatch.setattr(selfcheck, "_verdicts", {})
+    monkeypatch.setattr(selfcheck, "_run_child", lambda *a: pytest.fail("the self-check ran again"))
+    monkeypatch.setattr(build, "_open_lock_file", lambda path: (_ for _ in ()).throw(PermissionError(13, "denied")))
+    assert selfcheck.self_check(testing.RIGHT, CPU, torch.float64)["status"].startswith("passed (cached: ")
+
+
+def test_no_flock_and_unwritable_lock_files(monkeypatch, tmp_path, capfd):
+    """A filesystem without flock (ENOLCK), or a lock file that cannot be opened: the check and the build run
+    unlocked, the verdict is still cached where the folder is writable."""
+    import errno
+    import fcntl
+
+    def no_flock(f, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    verdict = selfcheck.self_check(testing.RIGHT, CPU, torch.float64)
+    assert verdict["status"] == "passed" and "No locks available" in verdict["lock"]
+    assert len(list((tmp_path / "right").glob("*.json"))) == 1
+    with build.try_file_lock(tmp_path / "x.lock", "waiting") as no_lock:
+        assert "may not support flock" in no_lock
+    with pytest.raises(OSError):
+        with build._file_lock(tmp_path / "x.lock", "waiting"):
+            pass
+    # an existing lock file that cannot be opened for writing is locked read-only
+    monkeypatch.undo()
+    lock = tmp_path / "ro.lock"
+    lock.touch()
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, mode="r", *a, **k: (_ for _ in ()).throw(
+        PermissionError(13, "Permission denied")) if str(path) == str(lock) and mode != "r" else real_open(path, mode, *a, **k))
+    with build.try_file_lock(lock, "waiting") as no_lock:
+        assert no_lock is None
+
+
+def test_a_build_made_ahead_of_time_for_the_gpu_is_found(monkeypatch, tmp_path):
+    """`python -m model.ops.build --cuda --arch 9.0` on a login node, then a job on an H100 with the default
+    architecture list in force: the job loads the 9.0 build, not a new one; a GPU it has no code for does not."""
+    monkeypatch.setenv("DEFORMABLE_DETR_OPS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("DEFORMABLE_DETR_OPS_NO_BUILD", "1")
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(build, "_LOADED", {})
+    monkeypatch.setattr(build, "_ACTIVE", {})
+    loaded = []
+    monkeypatch.setattr(build, "_load_library", lambda path: loaded.append(path))
+    for archs in (["9.0"], ["8.0", "8.6"]):
+        spec = build.extension_spec("cuda", archs)
+        spec.directory.mkdir(parents=True)
+        (spec.directory / "BUILT").write_text(json.dumps({"library": f"{spec.name}.so",
+                                                          "arch_list": build.spec_arch_list(spec)}))
+    stale = tmp_path / "cache" / "deformable_detr_cuda_0123456789ab"  # other sources: never loaded
+    stale.mkdir()
+    (stale / "BUILT").write_text(json.dumps({"library": "x.so", "arch_list": ["9.0"]}))
+    assert build.spec_arch_list(build.extension_spec("cuda", ["8.0", "9.0+PTX"])) == ["8.0", "9.0+PTX"]
+    assert build.find_prebuilt("cuda", (9, 0)).name == build.extension_spec("cuda", ["9.0"]).name
+    assert build.find_prebuilt("cuda", (8, 9)).name == build.extension_spec("cuda", ["8.0", "8.6"]).name
+    assert build.find_prebuilt("cuda", (7, 5)) is None
+    path = build.load("cuda", capability=(9, 0))
+    assert loaded == [path] and path.parent.name == build.extension_spec("cuda", ["9.0"]).name
+    assert build.loaded_spec("cuda").name == build.extension_spec("cuda", ["9.0"]).name
+    assert build.load("cuda") == path  # one CUDA library per process
+    monkeypatch.setattr(build, "_LOADED", {})
+    monkeypatch.setattr(build, "_ACTIVE", {})
+    with pytest.raises(build.BuildError, match="DEFORMABLE_DETR_OPS_NO_BUILD"):
+        build.load("cuda", capability=(7, 5))  # no build has code for it: the default one, which is not built

@@ -82,6 +82,17 @@ def _verdict(impl: implementations.Implementation, device: torch.device, dtype: 
     return selfcheck.self_check(impl, device, dtype)
 
 
+def _failure(impl, device, verdict: dict) -> str:
+    """Why a self-check verdict rules an implementation out, in words."""
+    if verdict.get("compared") is False:
+        where = f" in case {verdict['case']}" if verdict.get("case") else ""
+        return (f"its self-check could not run on {device_name(device)} ({device}){where}: "
+                f"{verdict.get('environment')}; it is not used in this process and is checked again in the next one "
+                f"(nothing cached)")
+    return (f"it FAILED its self-check against the reference on {device_name(device)} ({device}) in case "
+            f"{verdict.get('case')}: {verdict.get('error')}")
+
+
 def _why_not(impl, device, dtype) -> str | None:
     """None when ``impl`` may run on ``device`` for ``dtype``; otherwise the reason (a failure is recorded)."""
     failed = _failed.get((impl.name, device, dtype))
@@ -92,10 +103,12 @@ def _why_not(impl, device, dtype) -> str | None:
     except Exception as e:  # noqa: BLE001 - a build error, Unavailable, an import error: all mean "not here"
         lines = str(e).strip().splitlines() or [type(e).__name__]
         return lines[0] if len(lines) <= 3 else "\n".join(lines[:1] + ["..."] + lines[-2:])
-    verdict = _verdict(impl, device, dtype)
+    try:
+        verdict = _verdict(impl, device, dtype)
+    except Exception as e:  # noqa: BLE001 - whatever breaks in the check (a cache, a child), auto moves on
+        verdict = {"ok": False, "compared": False, "environment": f"{type(e).__name__}: {e}"}
     if verdict is not None and not verdict["ok"]:
-        reason = (f"it FAILED its self-check against the reference on {device_name(device)} ({device}) in case "
-                  f"{verdict.get('case')}: {verdict.get('error')}")
+        reason = _failure(impl, device, verdict)
         _failed[(impl.name, device, dtype)] = reason
         return reason
     return None
@@ -124,10 +137,9 @@ def _resolve(requested: str, device: torch.device, dtype: torch.dtype) -> implem
         _prepare(impl, device)  # raises the build's or Unavailable's error
         verdict = _verdict(impl, device, dtype)
         if verdict is not None and not verdict["ok"]:
-            _failed[(impl.name, device, dtype)] = verdict["error"]
-            raise SelfCheckError(f"ms_deform_attn(impl={requested!r}) FAILED its self-check against the reference "
-                                 f"on {device_name(device)} ({device}) in case {verdict.get('case')}: "
-                                 f"{verdict.get('error')} (verdict: {verdict.get('file')})")
+            reason = _failure(impl, device, verdict)
+            _failed[(impl.name, device, dtype)] = reason
+            raise SelfCheckError(f"ms_deform_attn(impl={requested!r}): {reason} (verdict: {verdict.get('file')})")
         _chosen[key] = impl
         return impl
     names = implementations.chain(device.type)

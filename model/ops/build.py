@@ -140,17 +140,54 @@ def extension_spec(device_type: str, arch_list: list[str] | None = None) -> Exte
 @contextlib.contextmanager
 def _file_lock(path: Path, waiting_message: str):
     """Holds an exclusive lock on ``path``; prints ``waiting_message`` (stderr) when another process has it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
+    with try_file_lock(path, waiting_message, required=True):
+        yield
+
+
+def _open_lock_file(path: Path):
+    """The lock file, opened for flock: for appending (created if missing), else read-only (an existing lock
+    file that this user cannot write still takes a lock)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "a+")
+    except OSError:
+        if path.exists():
+            return open(path, "r")
+        raise
+
+
+@contextlib.contextmanager
+def try_file_lock(path: Path, waiting_message: str, *, required: bool = False):
+    """An exclusive lock on ``path`` where the filesystem allows one; yields None when locked, else the reason
+    why no lock could be taken (a read-only folder, a filesystem without flock: ENOLCK, EOPNOTSUPP), and the
+    caller goes on unlocked. ``required``: raise that error instead. Prints ``waiting_message`` (stderr) while
+    another process holds the lock (released by the kernel if that process dies)."""
+    f, reason = None, None
+    try:
+        f = _open_lock_file(path)
+    except OSError as e:
+        if required:
+            raise
+        reason = f"cannot create the lock file {path}: {e.strerror or e}"
+    if f is not None:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(waiting_message, file=sys.stderr, flush=True)
-            fcntl.flock(f, fcntl.LOCK_EX)  # released by the kernel if the holder dies
-        try:
-            yield
-        finally:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(waiting_message, file=sys.stderr, flush=True)
+                fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as e:
+            f.close()
+            f = None
+            if required:
+                raise
+            reason = f"cannot lock {path} ({e.strerror or e}; this filesystem may not support flock)"
+    try:
+        yield reason
+    finally:
+        if f is not None:
             fcntl.flock(f, fcntl.LOCK_UN)
+            f.close()
 
 
 def _find_cuda_home() -> str | None:
@@ -191,7 +228,11 @@ def _compile(spec: ExtensionSpec, verbose: bool) -> Path:
     if shutil.which("ninja") is None:
         raise BuildError("ninja is not installed (pip install ninja)")
     cpp_extension = _cpp_extension()
-    spec.directory.mkdir(parents=True, exist_ok=True)
+    try:
+        spec.directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BuildError(f"cannot create the build folder {spec.directory}: {e.strerror or e} (set "
+                         f"DEFORMABLE_DETR_OPS_CACHE to a writable folder)") from e
     start = time.time()
     try:
         path = cpp_extension.load(
@@ -213,6 +254,7 @@ def _compile(spec: ExtensionSpec, verbose: bool) -> Path:
         "library": Path(path).name,
         "cflags": spec.cflags,
         "cuda_cflags": spec.cuda_cflags,
+        "arch_list": spec_arch_list(spec) if spec.device_type == "cuda" else None,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "build_seconds": round(time.time() - start, 1),
@@ -224,40 +266,128 @@ def _compile(spec: ExtensionSpec, verbose: bool) -> Path:
 
 
 _LOADED: dict[str, Path] = {}  # spec name -> library path, loaded in this process
+_ACTIVE: dict[str, ExtensionSpec] = {}  # device type -> the spec of the library loaded for it in this process
 
 
-def load(device_type: str, *, arch_list: list[str] | None = None, verbose: bool = False) -> Path:
+def loaded_spec(device_type: str) -> ExtensionSpec | None:
+    """The library of ``device_type`` loaded in this process (None before :func:`load`)."""
+    return _ACTIVE.get(device_type)
+
+
+def _built_info(directory: Path) -> dict | None:
+    try:
+        return json.loads((directory / "BUILT").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def find_prebuilt(device_type: str, capability: tuple[int, int] | None = None) -> ExtensionSpec | None:
+    """A library of ``device_type`` built ahead of time for other architectures (``--arch``) from these very
+    sources, flags, torch and Python, with code for a GPU of compute ``capability`` (any, when None): machine
+    code preferred to PTX, then the newest build."""
+    from .environment import runs_on
+
+    found = []
+    root = cache_dir()
+    try:
+        directories = sorted(root.glob(f"deformable_detr_{device_type}_*"), key=lambda p: p.stat().st_mtime,
+                             reverse=True)
+    except OSError:
+        return None
+    for directory in directories:
+        info = _built_info(directory)
+        if not info or not isinstance(info.get("arch_list"), list):
+            continue
+        try:
+            spec = extension_spec(device_type, [str(a) for a in info["arch_list"]])
+        except ValueError:
+            continue
+        if spec.name != directory.name:
+            continue  # other sources, flags, torch or Python
+        if capability is None:
+            found.append((0, spec))
+            continue
+        ok, how = runs_on(spec_arch_list(spec), capability)
+        if ok:
+            found.append((0 if how.startswith("machine code") else 1, spec))
+    found.sort(key=lambda item: item[0])  # stable: newest first within a kind
+    return found[0][1] if found else None
+
+
+def spec_arch_list(spec: ExtensionSpec) -> list[str]:
+    """The CUDA architectures of a spec, read back from its -gencode flags ("8.0", "9.0+PTX")."""
+    archs: list[str] = []
+    for flag in spec.cuda_cflags:
+        if not flag.startswith("-gencode=arch=compute_"):
+            continue
+        compute, _, code = flag.removeprefix("-gencode=arch=compute_").partition(",code=")
+        number = f"{compute[:-1]}.{compute[-1]}" if compute[-1:].isdigit() else f"{compute[:-2]}.{compute[-2:]}"
+        if code.startswith("sm_"):
+            archs.append(number)
+        elif code.startswith("compute_"):
+            if number in archs:
+                archs[archs.index(number)] = number + "+PTX"
+            else:
+                archs.append(number + "+PTX")
+    return archs
+
+
+def load(device_type: str, *, arch_list: list[str] | None = None, verbose: bool = False,
+         capability: tuple[int, int] | None = None) -> Path:
     """Load the kernel library for ``device_type`` ("cpu" or "cuda"), compiling it first if needed.
+
+    CUDA without an explicit ``arch_list``: the library for the default architectures (TORCH_CUDA_ARCH_LIST or
+    the default list) when it is built and has code for a GPU of compute ``capability``, else a library built
+    ahead of time with ``--arch`` that has (:func:`find_prebuilt`), else the default one, built now.
 
     Raises :class:`BuildError` when it can be neither found nor built.
     """
     spec = extension_spec(device_type, arch_list)
+    active = _ACTIVE.get(device_type)
+    if active is not None and active.name in _LOADED and (arch_list is None or active.name == spec.name):
+        return _LOADED[active.name]  # one library per device type and process
     if spec.name in _LOADED:
         return _LOADED[spec.name]
+    if device_type == "cuda" and arch_list is None:
+        from .environment import runs_on
+
+        default_fits = (spec.directory / "BUILT").exists() and (
+            capability is None or runs_on(spec_arch_list(spec), capability)[0])
+        if not default_fits:
+            prebuilt = find_prebuilt(device_type, capability)
+            if prebuilt is not None:
+                spec = prebuilt
+    path = _load_spec(spec, verbose)
+    _LOADED[spec.name] = path
+    _ACTIVE[device_type] = spec
+    return path
+
+
+def _load_spec(spec: ExtensionSpec, verbose: bool) -> Path:
+    device_type = spec.device_type
     built = spec.directory / "BUILT"
     if built.exists():
         path = spec.directory / json.loads(built.read_text())["library"]
         _load_library(path)
-    elif os.environ.get("DEFORMABLE_DETR_OPS_NO_BUILD", "0") not in ("", "0"):
+        return path
+    if os.environ.get("DEFORMABLE_DETR_OPS_NO_BUILD", "0") not in ("", "0"):
         raise BuildError(
             f"the {device_type} kernel is not built in {cache_dir()} and DEFORMABLE_DETR_OPS_NO_BUILD is set "
             f"(build it with: python -m model.ops.build --{device_type})"
         )
-    else:
-        lock = cache_dir() / f"{spec.name}.lock"
-        with _file_lock(lock, f"ms_deform_attn: waiting for another process building the {device_type} kernel "
-                              f"{spec.name} (lock {lock})"):
-            if built.exists():  # another process built it while this one waited
-                path = spec.directory / json.loads(built.read_text())["library"]
-                _load_library(path)
-            else:
-                # A first build is silent for minutes: say what it is, so that a job does not look hung.
-                print(f"ms_deform_attn: compiling the {device_type} kernel {spec.name} into {spec.directory} "
-                      f"({BUILD_MINUTES[device_type]}, once per environment); other processes that need it wait "
-                      f"on {lock}", file=sys.stderr, flush=True)
-                path = _compile(spec, verbose)  # also loads it
-    _LOADED[spec.name] = path
-    return path
+    lock = cache_dir() / f"{spec.name}.lock"
+    with try_file_lock(lock, f"ms_deform_attn: waiting for another process building the {device_type} kernel "
+                             f"{spec.name} (lock {lock})") as no_lock:
+        if built.exists():  # another process built it while this one waited
+            path = spec.directory / json.loads(built.read_text())["library"]
+            _load_library(path)
+            return path
+        # A first build is silent for minutes: say what it is, so that a job does not look hung.
+        waiting = (f"other processes that need it wait on {lock}" if no_lock is None else
+                   f"without a lock: {no_lock}")
+        print(f"ms_deform_attn: compiling the {device_type} kernel {spec.name} into {spec.directory} "
+              f"({BUILD_MINUTES[device_type]}, once per environment); {waiting}", file=sys.stderr, flush=True)
+        return _compile(spec, verbose)  # also loads it
 
 
 def _load_library(path: Path) -> None:

@@ -78,9 +78,10 @@ class CompiledKernel(Implementation):
         self.description = f"compiled {device_type} kernel"
 
     def prepare(self, device):
-        build.load(self.name)  # BuildError: not built and cannot be
+        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        build.load(self.name, capability=capability)  # BuildError: not built and cannot be
         if device.type == "cuda":
-            ok, reason = runs_on(build.cuda_arch_list(), torch.cuda.get_device_capability(device))
+            ok, reason = runs_on(build.spec_arch_list(self._spec()), capability)
             if not ok:
                 raise Unavailable(f"{torch.cuda.get_device_name(device)}: {reason}")
 
@@ -88,11 +89,15 @@ class CompiledKernel(Implementation):
         return torch.ops.deformable_detr.ms_deform_attn(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
+    def _spec(self) -> build.ExtensionSpec:
+        """The library loaded in this process (a build made ahead of time for the GPU), else the default one."""
+        return build.loaded_spec(self.name) or build.extension_spec(self.name)
+
     def build_id(self):
-        return build.extension_spec(self.name).name
+        return self._spec().name
 
     def verdict_dir(self):
-        return build.extension_spec(self.name).directory / "self_check"
+        return self._spec().directory / "self_check"
 
 
 class Reference(Implementation):

@@ -8,6 +8,14 @@ illegal memory access poisons the CUDA context for good) cannot take the trainin
 is stored beside the build, keyed by the build, the device name, the driver and the torch version: it is
 computed once per node and kind of GPU, then read from disk. ``DEFORMABLE_DETR_OPS_SELF_CHECK=0`` skips it.
 
+Only a verdict of a comparison that ran is stored: passed, or a result (or an error of the kernel itself)
+that differs from the reference. When the check could not run for a reason of the environment -- the child
+killed by a signal (the out-of-memory killer, a pre-empted job), CUDA out of memory, GPUs in exclusive-process
+mode or busy, a time-out -- the verdict says so (``environment``: the cause), this process does not use the
+implementation, and the next process checks again. Where nothing can be written (a read-only cache, a lock
+file that cannot be created, a filesystem without flock) the check runs unlocked and its verdict is kept in
+memory: a cache problem never makes ``impl="auto"`` raise.
+
     python -m model.ops.selfcheck --impl cuda --device cuda:0 --dtype float16 --json verdict.json
 """
 from __future__ import annotations
@@ -40,6 +48,21 @@ CASES = [
 TOLERANCES = {torch.float64: 1e-8, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 RESULTS = ("output", "grad_value", "grad_sampling_locations", "grad_attention_weights")
 TIMEOUT_S = 900  # a first Triton compilation of every case takes a few minutes
+VERDICT_FORMAT = 2  # part of the key: verdicts of older code (which cached environment failures) are not read
+# Errors that say the check could not run here and now, not that the kernel is wrong: their verdicts are not
+# cached. (text in the error, the cause reported)
+ENVIRONMENT_ERRORS = (
+    ("out of memory", "out of memory"),
+    ("busy or unavailable", "the GPU is busy or unavailable (exclusive-process compute mode, or in use)"),
+    ("exclusive", "the GPU is in exclusive-process compute mode and in use by another process"),
+    ("cudaErrorDevicesUnavailable", "the GPU is busy or unavailable (exclusive-process compute mode)"),
+    ("MemoryError", "out of memory"),
+    ("CUDA driver initialization failed", "the CUDA driver could not be initialised"),
+    ("no CUDA GPUs are available", "no GPU is visible to the check process"),
+    ("system not yet initialized", "the GPU is not ready (system not yet initialised)"),
+    ("ECC error", "an uncorrectable ECC error of the GPU"),
+    ("the launch timed out", "the display watchdog stopped the kernel"),
+)
 
 _verdicts: dict[tuple, dict] = {}  # (implementation, device, dtype) -> verdict, in this process
 
@@ -52,24 +75,36 @@ def checked_dtypes(dtype: torch.dtype) -> list[torch.dtype]:
     return [torch.float64] + ([dtype] if dtype != torch.float64 else [])
 
 
+def environment_cause(text: str) -> str | None:
+    """The environment problem an error message names (out of memory, a busy or exclusive GPU...), else None."""
+    for needle, cause in ENVIRONMENT_ERRORS:
+        if needle.lower() in text.lower():
+            return cause
+    return None
+
+
 def run_cases(impl: implementations.Implementation, device: torch.device, dtype: torch.dtype) -> dict:
     """Run every case in float64 and ``dtype`` here, in this process. A verdict: ``ok``, and for a failure the
-    ``case`` and the ``error``; ``max_errors`` per dtype."""
+    ``case`` and the ``error``; ``max_errors`` per dtype; ``compared`` (False when an error of the environment
+    stopped the comparison: ``environment`` then names it)."""
     max_errors = {}
     for dt in checked_dtypes(dtype):
         worst = 0.0
         for name, shapes, M, D, P, N, Lq in CASES:
             case = f"{name} (N={N}, Lq={Lq}, M={M}, D={D}, P={P}, levels {shapes}), {dtype_name(dt)}"
             print(f"case: {case}", flush=True)  # the last one printed names the case if this process dies
-            inputs = make_inputs(shapes, M=M, D=D, P=P, N=N, Lq=Lq, dtype=dt, device=device)
-            expected = forward_and_grads(ms_deform_attn_pytorch,
-                                         [t.cpu().double() if t.is_floating_point() else t.cpu() for t in inputs])
             try:
+                inputs = make_inputs(shapes, M=M, D=D, P=P, N=N, Lq=Lq, dtype=dt, device=device)
+                expected = forward_and_grads(ms_deform_attn_pytorch,
+                                             [t.cpu().double() if t.is_floating_point() else t.cpu() for t in inputs])
                 actual = forward_and_grads(impl.forward, inputs)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
             except Exception as e:  # noqa: BLE001 - the verdict reports it
-                return {"ok": False, "case": case, "error": f"{type(e).__name__}: {e}".strip(), "max_errors": max_errors}
+                error = f"{type(e).__name__}: {e}".strip()
+                cause = environment_cause(error)
+                return {"ok": False, "case": case, "error": error, "max_errors": max_errors,
+                        "compared": cause is None, "environment": cause}
             for what, a, e in zip(RESULTS, actual, expected):
                 bad_type = a is None or a.shape != e.shape or a.device != device
                 error = float("inf") if bad_type else max_relative_error(a, e)
@@ -78,15 +113,16 @@ def run_cases(impl: implementations.Implementation, device: torch.device, dtype:
                               f"{None if a is None else a.device}" if bad_type else
                               f"{what} differs from the reference by {error:.2e} (relative; accepted: "
                               f"{TOLERANCES[dt]:.0e})")
-                    return {"ok": False, "case": case, "error": detail, "max_errors": max_errors}
+                    return {"ok": False, "case": case, "error": detail, "max_errors": max_errors, "compared": True,
+                            "environment": None}
                 worst = max(worst, error)
         max_errors[dtype_name(dt)] = worst
-    return {"ok": True, "case": None, "error": None, "max_errors": max_errors}
+    return {"ok": True, "case": None, "error": None, "max_errors": max_errors, "compared": True, "environment": None}
 
 
 def verdict_key(impl: implementations.Implementation, device: torch.device) -> dict:
     return {"implementation": impl.name, "build": impl.build_id(), "device": device_name(device),
-            "driver": driver_version(), "torch": torch.__version__}
+            "driver": driver_version(), "torch": torch.__version__, "format": VERDICT_FORMAT}
 
 
 def verdict_path(impl: implementations.Implementation, device: torch.device, dtype: torch.dtype) -> Path:
@@ -94,31 +130,101 @@ def verdict_path(impl: implementations.Implementation, device: torch.device, dty
     return impl.verdict_dir() / f"{digest}_{dtype_name(dtype)}.json"
 
 
-def _run_child(impl: implementations.Implementation, device: torch.device, dtype: torch.dtype) -> dict:
+SIGNALS = {6: "SIGABRT: the process aborted (a crash of the kernel, the driver or the runtime)",
+           11: "SIGSEGV: the process crashed", 9: "SIGKILL: the out-of-memory killer, or the job was pre-empted or cancelled",
+           15: "SIGTERM: the job was pre-empted or cancelled", 2: "SIGINT: interrupted",
+           1: "SIGHUP: the terminal or job went away", 24: "SIGXCPU: the job ran out of CPU time"}
+
+
+def timeout_s() -> float:
+    """How long the check process may take: TIMEOUT_S, or DEFORMABLE_DETR_OPS_SELF_CHECK_TIMEOUT (seconds)."""
+    text = os.environ.get("DEFORMABLE_DETR_OPS_SELF_CHECK_TIMEOUT")
+    try:
+        return float(text) if text else TIMEOUT_S
+    except ValueError:
+        return TIMEOUT_S
+
+
+def _run_child(impl: implementations.Implementation, device: torch.device, dtype: torch.dtype,
+               timeout: float | None = None) -> dict:
+    """The verdict of a check run in a child process. ``compared`` False, ``environment`` the cause, when the
+    child did not finish a comparison for a reason of the environment (killed by a signal, out of memory, a
+    busy GPU, the time-out) or left no verdict."""
+    timeout = timeout_s() if timeout is None else timeout
     package_root = str(Path(__file__).resolve().parents[2])  # the folder holding model/
     env = dict(os.environ, DEFORMABLE_DETR_OPS_NO_BUILD="1",  # the parent built (or failed to build) already
+               DEFORMABLE_DETR_OPS_IN_SELF_CHECK="1",
                PYTHONPATH=os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p))
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "verdict.json"
         command = [sys.executable, "-m", "model.ops.selfcheck", "--impl", impl.spec, "--device", str(device),
                    "--dtype", dtype_name(dtype), "--json", str(out)]
         try:
-            result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+            result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as e:
-            return {"ok": False, "case": None, "error": f"the check process did not finish in {TIMEOUT_S} s",
-                    "cache": False, "output": str(e.stdout or "")[-2000:]}
+            stdout = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+            cases = [line[len("case: "):] for line in stdout.splitlines() if line.startswith("case: ")]
+            return {"ok": False, "case": cases[-1] if cases else None, "compared": False,
+                    "environment": f"time-out: the check process did not finish in {timeout:g} s",
+                    "error": f"the check process did not finish in {timeout:g} s", "output": stdout[-2000:]}
         if result.returncode == 0 and out.exists():
-            return json.loads(out.read_text())
+            try:
+                return json.loads(out.read_text())
+            except ValueError:
+                pass
     cases = [line[len("case: "):] for line in result.stdout.splitlines() if line.startswith("case: ")]
     code = result.returncode
-    how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
     tail = "\n".join(result.stderr.strip().splitlines()[-6:])
-    return {"ok": False, "case": cases[-1] if cases else None, "error": f"the check process {how}: {tail}"}
+    if code < 0:
+        signal_name = SIGNALS.get(-code, f"signal {-code}")
+        how = f"was killed by signal {-code}"
+        cause = f"the check process was killed by signal {-code} ({signal_name})"
+    else:
+        how = f"exited with status {code}"
+        cause = environment_cause(result.stderr) or f"the check process {how} before a comparison finished"
+    return {"ok": False, "case": cases[-1] if cases else None, "error": f"the check process {how}: {tail}",
+            "compared": False, "environment": cause}
+
+
+def _read_verdict(path: Path) -> dict | None:
+    """A cached verdict, or None (absent, unreadable, or not a finished comparison)."""
+    try:
+        verdict = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(verdict, dict) or "ok" not in verdict or verdict.get("compared") is False:
+        return None
+    return verdict
+
+
+def _write_verdict(path: Path, verdict: dict) -> str | None:
+    """Stores a verdict atomically; None, or why it could not be stored."""
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(verdict, indent=2) + "\n")
+        tmp.replace(path)
+    except OSError as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        return f"cannot write {path}: {e.strerror or e}"
+    return None
+
+
+def _status(verdict: dict) -> str:
+    if verdict.get("compared") is False:
+        return (f"could not run: {verdict.get('environment')} (not cached: the next process checks again)")
+    return "passed" if verdict["ok"] else "FAILED"
 
 
 def self_check(impl: implementations.Implementation, device, dtype: torch.dtype) -> dict:
     """The verdict on ``impl`` for tensors of ``dtype`` on ``device``: from this process's memory, else from the
-    cache beside the build, else computed by a child process (and then cached; a time-out is not)."""
+    cache beside the build, else computed by a child process (and then cached, when the comparison ran).
+
+    ``status``: "passed", "FAILED", "passed (cached: ...)", "could not run: <cause> (not cached...)", with
+    "(not cached: <why>)" where the cache could not be written; ``file``: the verdict's path."""
     device = torch.device(device)
     key = (impl.name, impl.spec, device, dtype)
     if key in _verdicts:
@@ -128,29 +234,41 @@ def self_check(impl: implementations.Implementation, device, dtype: torch.dtype)
         _verdicts[key] = verdict
         return verdict
     path = verdict_path(impl, device, dtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from .build import _file_lock  # one check per key at a time: simultaneous ranks wait and read its verdict
+    verdict = _read_verdict(path)
+    if verdict is not None:
+        verdict["status"] = f"{'passed' if verdict['ok'] else 'FAILED'} (cached: {path})"
+    else:
+        from .build import try_file_lock  # one check per key at a time: simultaneous processes wait, then read it
 
-    with _file_lock(path.with_suffix(".lock"), f"ms_deform_attn: waiting for another process's self-check of "
-                                               f"{impl.name} on {device_name(device)} ({path})"):
-        if path.exists():
-            verdict = json.loads(path.read_text())
-            verdict["status"] = f"{'passed' if verdict['ok'] else 'FAILED'} (cached: {path})"
-        else:
-            print(f"ms_deform_attn: self-check of the {impl.description} on {device_name(device)} "
-                  f"({', '.join(dtype_name(d) for d in checked_dtypes(dtype))}) against the reference, once per build and device",
-                  file=sys.stderr, flush=True)
-            start = time.time()
-            verdict = _run_child(impl, device, dtype)
-            verdict.update(verdict_key(impl, device), dtypes=[dtype_name(d) for d in checked_dtypes(dtype)],
-                           seconds=round(time.time() - start, 1))
-            if verdict.pop("cache", True):
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(verdict, indent=2) + "\n")
-                tmp.replace(path)
-            verdict["status"] = "passed" if verdict["ok"] else "FAILED"
+        with try_file_lock(path.with_suffix(".lock"), f"ms_deform_attn: waiting for another process's self-check "
+                                                      f"of {impl.name} on {device_name(device)} ({path})") as no_lock:
+            verdict = _read_verdict(path)  # written by the process this one waited for
+            if verdict is not None:
+                verdict["status"] = f"{'passed' if verdict['ok'] else 'FAILED'} (cached: {path})"
+            else:
+                verdict = _check(impl, device, dtype, path, no_lock)
     verdict["file"] = str(path)
     _verdicts[key] = verdict
+    return verdict
+
+
+def _check(impl, device, dtype, path: Path, no_lock: str | None) -> dict:
+    print(f"ms_deform_attn: self-check of the {impl.description} on {device_name(device)} "
+          f"({', '.join(dtype_name(d) for d in checked_dtypes(dtype))}) against the reference, once per build and "
+          f"device", file=sys.stderr, flush=True)
+    start = time.time()
+    verdict = _run_child(impl, device, dtype)
+    verdict.update(verdict_key(impl, device), dtypes=[dtype_name(d) for d in checked_dtypes(dtype)],
+                   seconds=round(time.time() - start, 1))
+    verdict.setdefault("compared", True)
+    status = _status(verdict)
+    if verdict["compared"]:
+        not_written = _write_verdict(path, verdict)
+        if not_written is not None:
+            status += f" (not cached: {not_written})"
+    if no_lock is not None:
+        verdict["lock"] = f"checked without a lock: {no_lock}"
+    verdict["status"] = status
     return verdict
 
 

@@ -136,4 +136,81 @@ class UnlaunchableKernel(WrongKernel):
         raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
 
 
+class RightKernel(WrongKernel):
+    """The reference, asking for the self-check as a GPU kernel does; DEFORMABLE_DETR_OPS_TEST_MARKS (a folder),
+    when set, gets one file per check process that ran it (to count the checks)."""
+
+    name = "right"
+    spec = "model.ops.testing:RIGHT"
+    description = "correct test kernel"
+
+    def forward(self, *args):
+        _mark(self.name)
+        return Reference.forward(self, *args)
+
+
+def _mark(name):
+    import os
+
+    folder = os.environ.get("DEFORMABLE_DETR_OPS_TEST_MARKS")
+    if folder:
+        from pathlib import Path
+
+        Path(folder, f"{name}.{os.getpid()}").touch()
+
+
+class KilledKernel(RightKernel):
+    """A correct kernel whose check process is killed mid-check (SIGKILL: the out-of-memory killer, a pre-empted
+    job); when DEFORMABLE_DETR_OPS_TEST_KILL is "0" it is not killed."""
+
+    name = "killed"
+    spec = "model.ops.testing:KILLED"
+    description = "killed test kernel"
+
+    def forward(self, *args):
+        import os
+        import signal
+
+        _mark(self.name)
+        if os.environ.get("DEFORMABLE_DETR_OPS_TEST_KILL", "1") != "0":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return Reference.forward(self, *args)
+
+
+class EnvironmentErrorKernel(RightKernel):
+    """A correct kernel whose check meets an error of the environment, given by DEFORMABLE_DETR_OPS_TEST_ERROR (default:
+    the CUDA error of a GPU in exclusive-process mode that another process holds)."""
+
+    name = "busy"
+    spec = "model.ops.testing:BUSY"
+    description = "test kernel on a busy GPU"
+    ERROR = "CUDA error: all CUDA-capable devices are busy or unavailable"
+
+    def forward(self, *args):
+        import os
+
+        _mark(self.name)
+        raise RuntimeError(os.environ.get("DEFORMABLE_DETR_OPS_TEST_ERROR", self.ERROR))
+
+
+class SlowKernel(RightKernel):
+    """A correct kernel whose every call sleeps DEFORMABLE_DETR_OPS_TEST_SLEEP seconds (default 0.5), in the check
+    process only (a slow check)."""
+
+    name = "slow"
+    spec = "model.ops.testing:SLOW"
+    description = "slow test kernel"
+
+    def forward(self, *args):
+        import os
+        import time
+
+        _mark(self.name)
+        if os.environ.get("DEFORMABLE_DETR_OPS_IN_SELF_CHECK") == "1":
+            time.sleep(float(os.environ.get("DEFORMABLE_DETR_OPS_TEST_SLEEP", "0.5")))
+        return Reference.forward(self, *args)
+
+
 EMULATED, WRONG, CRASHING, UNLAUNCHABLE = EmulatedCudaKernel(), WrongKernel(), CrashingKernel(), UnlaunchableKernel()
+RIGHT, KILLED, BUSY, SLOW = RightKernel(), KilledKernel(), EnvironmentErrorKernel(), SlowKernel()
+TEST_KERNELS = (EMULATED, WRONG, CRASHING, UNLAUNCHABLE, RIGHT, KILLED, BUSY, SLOW)
