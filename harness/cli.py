@@ -2,29 +2,30 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
+import shlex
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 from harness import launch
 from harness.config import EXECUTORS, ConfigError
-from harness.grid import (KINDS, ExperimentError, check_unique_name, expand, find_experiment, load_experiment,
+from harness.grid import (ExperimentError, check_unique_name, expand, find_experiment, load_experiment,
                           runs_elsewhere, unique_runs)
 from harness.grid.experiment import row_provenance
 from harness.grid.feasibility import command_path_problem, config_warnings
 from harness.grid.identity import roles_of
 from harness.grid.schema import SECTION_CLASSES
+from harness.launch.follow import cancel, job_alive as _job_alive, job_states as _job_states, logs_text, status_text
 from harness.provenance import git_commit
 from harness.report.inventory import all_runs_text
-from harness.store import ResultsError, ResultsStore, dry_run_plan, tail_text
+from harness.store import ResultsError, ResultsStore, dry_run_plan
 from harness.store.plan import rerun_removals, rerun_text
 from harness.store.imports import import_server_scores
-from harness.store.progress import progress
 
 ROOT = Path(__file__).resolve().parent.parent
-LOG_LINES = 40
 OVERRIDE = re.compile(rf"({'|'.join(SECTION_CLASSES)})\.[A-Za-z_]\w*=")   # SECTION.FIELD=VALUE
 
 
@@ -89,107 +90,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
-# ------------------------------------------------------------------------------------------- following
-
-def _job_states(store, specs) -> dict:
-    """The SLURM state of every job the runs' status files name, asked in one batch (None: unknown)."""
-    if not launch.slurm_available():
-        return {}
-    ids = []
-    for key in dict.fromkeys(spec.key(kind) for spec in specs for kind in KINDS):
-        try:
-            status = store.read_status(key)
-        except ResultsError:
-            continue
-        if status is not None and status.state in ("queued", "running") and status.job_ids:
-            ids.append(status.job_ids[-1])
-    return launch.slurm_job_states(ids)
-
-
-def _job_alive(states: dict):
-    """``job_alive(job_id)`` for the plan: True/False from the batch of states, None when not asked."""
-    if not states:
-        return None
-    return lambda job_id: None if states.get(job_id) is None else states[job_id].split()[0] in launch.ALIVE_STATES
-
-
-def _plan(store, specs):
-    """The store's plan, with the scheduler asked once about every job the runs' records name."""
-    return store.plan(specs, job_alive=_job_alive(_job_states(store, specs)))
-
-
 def _warnings(specs) -> List[str]:
     return sorted({w for spec in specs for w in config_warnings(spec.config)})
-
-
-def _log_paths(store, spec, status):
-    """(stdout, stderr) of the newest job of a run: in the folder of the experiment that submitted it (a run
-    two experiments share was submitted by one of them)."""
-    log_dir = status.log_dir or Path(store.root) / spec.experiment / ".submitit"
-    return launch.log_paths(log_dir, status.job_ids[-1])
-
-
-def status_text(experiment, store) -> str:
-    specs = unique_runs(expand(experiment))
-    entries = _plan(store, specs)
-    seeded = any(len(row.seeds) > 1 for row in experiment.rows)
-    header = ["row"] + (["seed"] if seeded else []) + ["run id", "state", "job", "progress"]
-    table, notes, reasons = [], [], {}
-    for e in entries:
-        spec = e.spec
-        job = e.job_ids[-1] if e.job_ids else "-"
-        training = e.kind == "train" and e.state in ("running", "done", "failed", "cancelled", "stale", "lost")
-        records = store.read_log(spec.run_id) if training else []
-        done = progress(records, spec.config.train.epochs)
-        prefix = {"train": "", "evaluate": "evaluation ", "measure": "measurement "}[e.kind]
-        state = prefix + e.state + \
-            (f" ({e.reason})" if e.reason and e.state not in ("failed",) else "")
-        table.append([spec.label] + ([str(spec.seed)] if seeded else []) +
-                     [e.key, state, job, done.text() if records or e.state == "running" else ""])
-        if e.state in ("running", "failed", "stale", "lost") and e.job_ids:
-            notes.append(f"  {spec.label}: log {_log_paths(store, spec, store.read_status(e.key))[0]}")
-        if e.state == "failed":
-            reasons.setdefault(e.reason or "failed", []).append(spec.label)
-    widths = [max(len(r[i]) for r in table + [header]) for i in range(len(header))]
-    lines = [f"{experiment.name} ({experiment.scale} scale, {experiment.path}): {len(entries)} run(s)", ""]
-    for r in [header] + table:
-        lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-    if notes:
-        lines += [""] + notes
-    for reason, labels in reasons.items():       # one line per failure reason, whatever the number of rows
-        lines += ["", f"failed ({len(labels)}): {reason}", "  rows: " + ", ".join(labels)]
-    return "\n".join(lines)
-
-
-def logs_text(experiment, store, row: str) -> str:
-    """The tail of the newest job log of ``row`` (and of its stderr), or why there is none."""
-    label = experiment.selected[0] if experiment.selected else row
-    out = []
-    specs = [s for s in unique_runs(expand(experiment)) if s.label == label]
-    for entry in store.plan(specs):
-        spec = entry.spec
-        status = store.read_status(entry.key) or store.read_status(spec.run_id)
-        if status is None or not status.job_ids:
-            out.append(f"{label} ({entry.key}): no job has run it yet")
-            continue
-        stdout, stderr = _log_paths(store, spec, status)
-        for path in (stdout, stderr):
-            text = tail_text(path, LOG_LINES) if path.is_file() else ""
-            out.append(f"==> {path} <==\n{text or '(empty or not written yet)'}")
-        if status.state == "failed" and status.log_tail and not stdout.is_file():
-            out.append(f"==> the failure, as recorded in status.json <==\n{status.log_tail}")
-    return "\n".join(out)
-
-
-def cancel(experiment, store) -> List[str]:
-    """Cancel the queued and running jobs of the selected rows in one ``scancel``; mark the runs cancelled."""
-    specs = unique_runs(expand(experiment))
-    entries = [e for e in _plan(store, specs)
-               if e.state in ("queued", "running") and e.job_ids]
-    launch.cancel([e.job_ids[-1] for e in entries])
-    for e in entries:
-        store.mark_cancelled(e.key)
-    return [f"cancelled {e.spec.label!r} ({e.key}, job {e.job_ids[-1]})" for e in entries]
 
 
 # ------------------------------------------------------------------------------------------- planning
@@ -229,12 +131,13 @@ def submit(experiment, store, executor=None, rerun=False):
     kind = launch.resolve_executor(executor or specs[0].config.launcher.executor) if specs else "local"
     for spec in specs:
         launch.check_launcher(spec.config.launcher, kind)
-    entries = _plan(store, specs)
+    alive = _job_alive(_job_states(store, specs))     # the scheduler, asked once: for the plan and the claims
+    entries = store.plan(specs, alive)
     if rerun:
         removals = rerun_removals(store, entries)
         print(rerun_text(store, removals, experiment, runs_elsewhere(experiment, ROOT / "experiments")), end="")
         store.remove([path for _, paths in removals for path in paths])
-        entries = _plan(store, specs)
+        entries = store.plan(specs, alive)
     for warning in _warnings(specs):
         print(f"warning: {warning}")
     for model_cfg in dict.fromkeys(e.spec.config.model for e in entries if e.action == "run"):
@@ -251,7 +154,7 @@ def submit(experiment, store, executor=None, rerun=False):
             print(f"later {e.spec.label!r}: evaluates {e.spec.run_id} once its training (submitted now) is done; "
                   "submit again then")
         elif e.action == "run":
-            claim = store.claim_for_submit(e.spec)
+            claim = store.claim_for_submit(e.spec, alive)
             if claim is None:
                 print(f"skip  {e.spec.label!r} ({e.spec.run_id}): claimed by another submission")
                 continue
@@ -267,27 +170,46 @@ def submit(experiment, store, executor=None, rerun=False):
     def on_submitted(request, job):
         spec = request.spec
         key = spec.key(request.kind)
-        store.mark_queued(key, job_id=str(job.job_id), log_dir=exp_root / ".submitit")
+        job_id = launch.job_id_of(job, kind)       # local:<pid>:<start>, or SLURM's id
+        store.mark_queued(key, job_id=job_id, log_dir=exp_root / ".submitit")
         store.release(claims.pop(key))
+        stopper.add(job_id)
         what = {"train": "", "evaluate": "evaluation of ", "measure": "measurement of "}[request.kind]
-        print(f"submitted {what}{spec.label!r} ({key}) as job {job.job_id}", flush=True)
+        print(f"submitted {what}{spec.label!r} ({key}) as job {job_id}", flush=True)
 
     exp_root = Path(store.root) / experiment.name
     batches = [[r] for r in requests] if kind == "local" else [requests]
     jobs, outcomes = [], [] if kind == "local" else None
+    # local jobs run while this waits: Ctrl-C stops them as a pre-emption would (launch.LocalStopper)
+    stopper = launch.LocalStopper()
     try:
-        for batch in batches:
-            submitted = launch.submit(batch, run_job, lambda r: r.spec.config.launcher, exp_root / ".submitit",
-                                      executor=kind, job_name=experiment.name,
-                                      snapshot_root=exp_root / ".snapshots", repo_root=ROOT,
-                                      on_submitted=on_submitted)
-            jobs += submitted
-            if outcomes is not None:
-                outcomes += launch.wait(submitted)
+        with stopper if kind == "local" else contextlib.nullcontext():
+            for batch in batches:
+                if stopper.stopped:       # Ctrl-C: start nothing more
+                    break
+                submitted = launch.submit(batch, run_job, lambda r: r.spec.config.launcher, exp_root / ".submitit",
+                                          executor=kind, job_name=experiment.name,
+                                          snapshot_root=exp_root / ".snapshots", repo_root=ROOT,
+                                          on_submitted=on_submitted)
+                jobs += submitted
+                if outcomes is not None:
+                    outcomes += launch.wait(submitted)
+                    _mark_if_stopped(store, batch, stopper)
     finally:
         for claim in claims.values():
             store.release(claim)
+    if outcomes is not None:     # rows a Ctrl-C kept from starting
+        outcomes += [("stopped", "not started: the submission was interrupted")] * (len(specs) - len(outcomes))
     return specs, jobs, outcomes
+
+
+def _mark_if_stopped(store, requests, stopper) -> None:
+    """A local job stopped from here whose process ended with its record still queued or running (killed, or
+    stopped before it could say so): interrupted, its last complete checkpoint kept."""
+    for request, job_id in zip(requests, stopper.job_ids[-len(requests):]):
+        if stopper.stopped:
+            store.mark_interrupted(request.spec.key(request.kind), "interrupted before its job could mark it",
+                                   job_id=job_id)
 
 
 def _report(experiment, args, submitted: bool = False) -> int:
@@ -317,6 +239,12 @@ def config_text(experiment) -> str:
             value = value if isinstance(value, str) else json.dumps(value)
             out.append(f"  {key:36}  {value:24}  {source:22}  {'+'.join(roles_of(*key.split('.', 1))) or 'no id'}")
     return "\n".join(out).lstrip("\n")
+
+
+def resume_command(argv: Optional[List[str]] = None) -> str:
+    """The command that resumes what ``argv`` started (the same, without --rerun: it would start over)."""
+    return shlex.join(["python", "run_experiment.py", *[a for a in (sys.argv[1:] if argv is None else argv)
+                                                         if a != "--rerun"]])
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -378,15 +306,23 @@ def main(argv: Optional[List[str]] = None) -> int:
             if jobs:
                 print(f"{len(jobs)} job(s) submitted; follow with --status, then --report")
             return 0
-        failed = 0
+        failed, stopped = 0, []
         for spec, (outcome, value) in zip(specs, outcomes if outcomes is not None else launch.wait(jobs)):
-            if outcome != "success":
+            entry = store.plan_one(spec) if outcome != "success" else None
+            if entry is not None and (outcome == "stopped" or entry.state in ("interrupted", "cancelled")):
+                stopped.append(f"{spec.label!r} ({entry.key}{', cancelled' if entry.state == 'cancelled' else ''})")
+            elif entry is not None:
                 failed += 1
                 # the record that failed: the training, or the evaluation or measurement of a trained run
-                entry = store.plan_one(spec)
                 reason = entry.reason if entry.state == "failed" and entry.reason else str(value).strip()
                 print(f"FAILED {spec.label!r} ({spec.run_id}): {reason}\n  log: {value}")
+        if stopped:      # Ctrl-C: one line, no traceback, no report
+            print(f"interrupted: {', '.join(stopped)}; resume with: {resume_command(argv)}")
+            return 130
         return max(_report(experiment, args, submitted=True), 1 if failed else 0)
+    except KeyboardInterrupt:      # Ctrl-C while planning or submitting: claims released, nothing half-done
+        print(f"\ninterrupted; resume with: {resume_command(argv)}", file=sys.stderr)
+        return 130
     except (ExperimentError, ResultsError, ConfigError, launch.LaunchError) as err:
         # the message names the file, row and key, or what to change: no traceback
         print(f"error: {err}", file=sys.stderr)

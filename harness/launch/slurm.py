@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import submitit
 
 from harness.launch.executors import LaunchError
+from harness.store.jobs import native_id
 
 # SLURM job states, as squeue/scontrol print them
 PENDING_STATES = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESV_DEL_HOLD",
@@ -66,9 +67,9 @@ def slurm_job_state(job_id: str) -> Optional[str]:
     return slurm_job_states([job_id])[str(job_id)]
 
 
-def cancel(job_ids: Sequence[str]) -> None:
-    """``scancel`` every job id in one call; SLURM sends SIGTERM first, so running jobs stop at their next
-    iteration with a checkpoint."""
+def scancel(job_ids: Sequence[str]) -> None:
+    """``scancel`` every SLURM job id in one call; SLURM sends SIGTERM first, so running jobs stop at their next
+    iteration with a checkpoint. (:func:`harness.launch.local.cancel` sends each executor its own jobs.)"""
     ids = sorted({str(j) for j in job_ids})
     if not ids:
         return
@@ -81,8 +82,9 @@ def cancel(job_ids: Sequence[str]) -> None:
 
 
 def log_paths(log_dir: Union[str, Path], job_id: str, task: int = 0) -> Tuple[Path, Path]:
-    """(stdout, stderr) of one task of a job submitted with ``log_dir`` (array task ids as ``123_4``)."""
-    paths = submitit.core.utils.JobPaths(Path(log_dir), job_id=str(job_id), task_id=task)
+    """(stdout, stderr) of one task of a job submitted with ``log_dir`` (array task ids as ``123_4``; a local
+    job's ``local:<pid>:<start>`` by its pid)."""
+    paths = submitit.core.utils.JobPaths(Path(log_dir), job_id=native_id(job_id), task_id=task)
     return paths.stdout, paths.stderr
 
 
@@ -131,6 +133,9 @@ def wait(jobs: Sequence[submitit.Job], timeout_s: Optional[float] = None, poll_s
                     gone_since.pop(i, None)
                 continue
             if isinstance(job, submitit.DebugJob) or has_result(job) or job.done():
+                if isinstance(job, submitit.LocalJob):    # this machine's disk: no result file is coming late
+                    for task in _task_jobs(job) + [job]:
+                        task._results_timeout_s = min(getattr(task, "_results_timeout_s", 15), 1)
                 try:
                     outcome[i] = ("success", job_result(job))
                 except Exception as err:   # noqa: BLE001 - the job raised: submitit carries its traceback

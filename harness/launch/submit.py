@@ -32,6 +32,7 @@ import submitit
 from harness.config import LauncherConfig
 from harness.launch.environment import environment_for_local_jobs, without_job_variables
 from harness.launch.executors import LaunchError, make_executor, max_array_size, resolve_executor
+from harness.launch.local import detached_local_jobs
 from harness.launch.snapshot import snapshot_code
 from harness.launch.wrapper import ResumableJob
 
@@ -91,7 +92,7 @@ def submit(specs: Sequence[Any], fn: Callable[[Any], Any], launcher: LauncherArg
         size = max_array_size(cfg, kind)
         ex = make_executor(kind, log_dir, cfg, job_name=job_name, snapshot_dir=snapshot_dir)
         for chunk in _chunks(indices, size):
-            with without_job_variables(), \
+            with without_job_variables(), detached_local_jobs(), \
                     environment_for_local_jobs(snapshot_dir if kind == "local" else None, workdir):
                 try:
                     with ex.batch():

@@ -1,13 +1,22 @@
 """Inside the job: :class:`ResumableJob` runs ``fn(spec)`` from the code snapshot, notes stop signals,
-and asks submitit to requeue the same call on pre-emption or time-out."""
+and asks submitit to requeue the same call on pre-emption or time-out.
+
+One stop path for every executor (DESIGN.md, Lifecycle): SIGINT (Ctrl-C), SIGTERM (``scancel``, ``--cancel``
+of a local run, ``scontrol requeue``) and submitit's pre-emption / time-out signal set the flag
+:func:`stop_requested`; the work polls it (every optimiser step, every evaluation batch), writes an atomic
+checkpoint and raises a :class:`JobInterrupted`. A SIGINT after a stop was asked for stops harder: it raises
+:class:`HardStop` at once (no checkpoint), except inside :func:`stop_deferred` (a checkpoint being written),
+where it waits until the write is complete.
+"""
 from __future__ import annotations
 
 import os
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Union
+from typing import Any, Callable, Iterator, List, Optional, Union
 
 import submitit
 from submitit.core.utils import DelayedSubmission
@@ -43,13 +52,70 @@ STOP_GRACE_S = 30
 
 _stop_signals: List[int] = []        # signals that asked this process to stop
 _deferred_requeue: List[Callable[[], Any]] = []   # submitit's requeue, held back while the job stops itself
+_deferring: List[bool] = []          # inside stop_deferred(): a hard stop waits
+_hard_pending: List[int] = []        # a hard stop that arrived while deferred
+
+
+class JobInterrupted(SystemExit):
+    """The job stopped on request (a stop signal): its state is saved where it could be, and the record is
+    marked interrupted (or queued again, when the job is being requeued). A ``SystemExit``, so code that marks
+    failures on ``Exception`` leaves it alone."""
+
+
+class HardStop(JobInterrupted):
+    """A second Ctrl-C: stop now, without a checkpoint (the last complete one stays)."""
 
 
 def stop_requested() -> bool:
-    """True once this job has been asked to stop: SLURM's SIGTERM (cancel, ``scontrol requeue``, pre-emption)
-    or submitit's pre-emption / time-out signal. Long work polls it, saves its state and raises
-    ``SystemExit``; the job is then requeued and resumes from that state."""
+    """True once this job has been asked to stop: SIGINT (Ctrl-C), SIGTERM (``scancel``, a cancel of a local
+    run, ``scontrol requeue``) or submitit's pre-emption / time-out signal. Long work polls it, saves its state
+    and raises :class:`JobInterrupted`; the next submission (or the requeued job) resumes from that state."""
     return bool(_stop_signals)
+
+
+def stop_signal_names() -> str:
+    """The signals that asked this job to stop, each once, in order (``SIGTERM, SIGINT``); empty when none did."""
+    names = []
+    for num in _stop_signals:
+        try:
+            names.append(signal.Signals(num).name)
+        except ValueError:
+            names.append(str(num))
+    return ", ".join(dict.fromkeys(names))
+
+
+def requeue_pending() -> bool:
+    """The stop came with submitit's pre-emption / time-out signal: the job is requeued once it has stopped."""
+    return bool(_deferred_requeue)
+
+
+@contextmanager
+def stop_deferred() -> Iterator[None]:
+    """A section a hard stop must not cut (a checkpoint written and renamed): the stop waits for its end."""
+    _deferring.append(True)
+    try:
+        yield
+    finally:
+        _deferring.pop()
+        if not _deferring and _hard_pending:
+            _hard_stop(_hard_pending.pop())
+
+
+def _hard_stop(num: int) -> None:
+    _log(f"{signal.Signals(num).name} again: stopping now, without a checkpoint")
+    raise HardStop(f"stopped by a second {signal.Signals(num).name} (the last complete checkpoint is kept)")
+
+
+def _on_interrupt(num: int, frame: Any) -> None:
+    """SIGINT: the first asks to stop at the next iteration, one after any stop request stops hard."""
+    again = stop_requested()
+    _stop_signals.append(num)
+    if not again:
+        _log("SIGINT: stopping at the next iteration with a checkpoint (again to stop at once)")
+    elif _deferring:
+        _hard_pending.append(num)
+    else:
+        _hard_stop(num)
 
 
 def _requeue_now() -> None:
@@ -60,8 +126,9 @@ def _requeue_now() -> None:
 
 
 def _watch_stop_signals() -> None:
-    """Note SIGTERM and submitit's signal. SIGTERM goes on to submitit's handler at once; submitit's requeue
-    handler is held back until the job has stopped itself, or :data:`STOP_GRACE_S` seconds have passed."""
+    """Note SIGINT, SIGTERM and submitit's signal. SIGTERM goes on to submitit's handler at once; submitit's
+    requeue handler is held back until the job has stopped itself, or :data:`STOP_GRACE_S` seconds have
+    passed. SIGINT is :func:`_on_interrupt`'s."""
     usr_sig = getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG, None)
 
     def chain(signum: int, previous: Any) -> Callable[..., Any]:
@@ -83,6 +150,7 @@ def _watch_stop_signals() -> None:
         for signum in {signal.SIGTERM, usr_sig} - {None}:
             signal.signal(signum, chain(signum, signal.getsignal(signum)))
         signal.signal(signal.SIGALRM, lambda num, frame: _requeue_now())
+        signal.signal(signal.SIGINT, _on_interrupt)
     except ValueError:   # not the main thread (a debug job run from a worker thread)
         pass
 
@@ -107,7 +175,8 @@ class ResumableJob(submitit.helpers.Checkpointable):
     stop_grace_s: float = 180.0
 
     def __call__(self, spec: Any) -> Any:
-        if _job_cluster() in ("slurm", "local"):           # not for debug jobs: they run in the caller
+        cluster = _job_cluster()
+        if cluster in ("slurm", "local"):           # not for debug jobs: they run in the caller
             _forget_previous_attempt()
             _watch_stop_signals()
         try:
@@ -117,7 +186,7 @@ class ResumableJob(submitit.helpers.Checkpointable):
             _requeue_now()
             raise
         except Exception:
-            if stop_requested():
+            if stop_requested() and cluster == "slurm":
                 _log(f"failed after a stop signal; waiting up to {self.stop_grace_s:.0f} s to be requeued or killed")
                 time.sleep(self.stop_grace_s)
             raise

@@ -7,7 +7,8 @@ and the official one alike.
 
 Writing: the new file goes to ``<name>.tmp``, is fsynced and renamed over ``checkpoint.pth``; the
 file it replaces is kept as ``checkpoint_prev.pth``. At every moment at least one complete
-checkpoint is on disk. Reading (:func:`load_latest`) tries ``checkpoint.pth`` then
+checkpoint is on disk. A hard stop (a second Ctrl-C) that arrives while a checkpoint is written waits until it
+is renamed into place (:func:`harness.launch.wrapper.stop_deferred`). Reading (:func:`load_latest`) tries ``checkpoint.pth`` then
 ``checkpoint_prev.pth``, saying which one was unusable and why; if files exist but none is usable it
 raises :class:`CheckpointError` rather than silently starting from scratch.
 """
@@ -22,6 +23,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
+from harness.launch.wrapper import stop_deferred
 from harness.store.files import fsync_dir
 from harness.store.planner import CHECKPOINT
 from model.checkpoint import CheckpointError, checksum, read_file
@@ -64,21 +66,22 @@ def save_checkpoint(output_dir: str, state: dict, name: str = CHECKPOINT, keep_p
     state = dict(state, format=FORMAT)
     state["checksum"] = checksum(state)
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if keep_previous and name == CHECKPOINT and os.path.isfile(path):
-        prev, prev_tmp = os.path.join(output_dir, PREVIOUS), os.path.join(output_dir, PREVIOUS + ".tmp")
-        if os.path.exists(prev_tmp):
-            os.remove(prev_tmp)
-        try:
-            os.link(path, prev_tmp)          # no copy, and checkpoint.pth never disappears
-        except OSError:
-            shutil.copyfile(path, prev_tmp)
-        os.replace(prev_tmp, prev)
-    os.replace(tmp, path)
-    fsync_dir(output_dir)
+    with stop_deferred():                    # never cut in half: a hard stop waits for the rename
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if keep_previous and name == CHECKPOINT and os.path.isfile(path):
+            prev, prev_tmp = os.path.join(output_dir, PREVIOUS), os.path.join(output_dir, PREVIOUS + ".tmp")
+            if os.path.exists(prev_tmp):
+                os.remove(prev_tmp)
+            try:
+                os.link(path, prev_tmp)          # no copy, and checkpoint.pth never disappears
+            except OSError:
+                shutil.copyfile(path, prev_tmp)
+            os.replace(prev_tmp, prev)
+        os.replace(tmp, path)
+        fsync_dir(output_dir)
     return path
 
 

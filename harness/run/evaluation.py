@@ -20,7 +20,7 @@ import copy
 import io
 import json
 import os
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torchvision
@@ -29,10 +29,16 @@ from pycocotools.cocoeval import COCOeval
 
 from harness.data import collate_fn
 from harness.data import transforms as T
+from harness.launch.wrapper import JobInterrupted
 from harness.run import distributed as dist_utils
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 TTA_NMS_IOU = 0.6
+
+
+class EvaluationInterrupted(JobInterrupted):
+    """``should_stop()`` asked to stop between evaluation batches: nothing was written; evaluating again
+    starts over."""
 
 
 def to_coco_detections(image_id: int, result: Dict[str, torch.Tensor]) -> List[dict]:
@@ -155,17 +161,23 @@ def predict_tta(model, postprocessor, raw_images: List[torch.Tensor], orig_sizes
 @torch.no_grad()
 def run_evaluation(model, postprocessor, loader, dataset, device, eval_cfg, data_cfg=None,
                    results_file: Optional[str] = None, amp_dtype=None, verbose: bool = True,
-                   print_freq: int = 50) -> Dict[str, float]:
+                   print_freq: int = 50, should_stop: Optional[Callable[[], bool]] = None) -> Dict[str, float]:
     """Evaluate on the images of ``loader`` (this rank's shard); metrics are the same on every rank.
 
     With ``eval_cfg.tta`` the loader must yield unnormalised images (see :func:`tta_collate`).
+    ``should_stop()`` is asked before every batch; a rank told to stop leaves its loop, and once every rank is
+    out of its loop (shards may differ by a batch) they all raise :class:`EvaluationInterrupted` if any stopped.
     """
     model.eval()
     evaluator = CocoEvaluator(dataset.coco, eval_cfg.num_detections, getattr(dataset, "has_annotations", True))
     max_size = data_cfg.max_size if data_cfg is not None else 1333
     tta_sizes = list(eval_cfg.tta_sizes)      # absolute short sides, not scaled by data.eval_size
     main = dist_utils.is_main_process()
+    stopped, done = False, 0
     for i, batch in enumerate(loader):
+        if should_stop is not None and should_stop():
+            stopped = True
+            break
         if eval_cfg.tta:
             raw_images, targets = batch
             orig_sizes = torch.stack([t["orig_size"] for t in targets])
@@ -176,8 +188,13 @@ def run_evaluation(model, postprocessor, loader, dataset, device, eval_cfg, data
             orig_sizes = torch.stack([t["orig_size"] for t in targets])
             results = predict(model, postprocessor, images, mask, orig_sizes, device, amp_dtype)
         evaluator.update({int(t["image_id"]): r for t, r in zip(targets, results)})
+        done = i + 1
         if verbose and main and print_freq and (i % print_freq == 0 or i == len(loader) - 1):
             print(f"eval [{i + 1}/{len(loader)}]", flush=True)
+    if should_stop is not None:
+        flag = torch.tensor([1.0 if stopped else 0.0], device=device if device.type == "cuda" else None)
+        if float(dist_utils.reduce_sum_tensor(flag)) > 0:
+            raise EvaluationInterrupted(f"evaluation stopped after {done} of {len(loader)} batches")
     evaluator.synchronize()
     return evaluator.summarize(results_file, verbose=verbose)
 

@@ -2,60 +2,42 @@
 records; or, for a training that is done, evaluate its checkpoint or measure its model.
 
 :func:`run_job` is what the launcher submits (pickled by name, so queued jobs run the code snapshot of
-their submission). It always resumes from the run folder's latest checkpoint, so a requeued job (pre-empted,
-timed out, ``scontrol requeue``) carries on from where it stopped: on a stop signal the engine writes a
-mid-epoch checkpoint at the next iteration, so a pre-emption loses seconds, not an epoch. Rank 0 owns the results store:
-it claims the record, keeps the claim alive, appends ``log.jsonl``, writes ``metrics.json`` and the status.
-
-One record per number (DESIGN.md, Records):
-
-* the training record (``runs/<run_id>/metrics.json``): training facts only — epochs trained, the last
-  epoch's losses, attempts, GPU-hours, world size, device, attention implementation, backbone weights,
-  commit, date, torch and ``checkpoint_sha256`` (of the final ``checkpoint.pth``, computed once, when the
-  training completes). Its per-epoch evaluation uses the run's own settings (:func:`training_config`), not
-  those of whichever row submitted it; its AP stays in ``log.jsonl``.
-* the evaluation record (``evaluations/<eval_id>/``): the COCO numbers, the settings that made them, the
-  checkpoint's hash, its own GPU-hours and provenance (:func:`evaluation_record`).
-* the measurement record (``measurements/<measure_id>/``): parameters, FLOPs, FPS
-  (:func:`harness.measure.record.measurement_record`).
+their submission). It always resumes from the run folder's latest checkpoint, so a requeued or resubmitted job
+carries on from where it stopped: on a stop signal (Ctrl-C, ``--cancel``, ``scancel``, a pre-emption) the
+engine writes a mid-epoch checkpoint at the next iteration (or stops between evaluation batches), so a stop
+loses seconds, not an epoch, and the record is marked ``interrupted`` (``queued`` when submitit requeues the
+job). Rank 0 owns the results store: it claims the record, keeps the claim alive, appends ``log.jsonl``,
+writes ``metrics.json`` and the status. What each record holds: :mod:`harness.run.records`.
 
 The training record is completed before the row's evaluation and measurement are made, so a failing
 evaluation of one row never fails a training other rows share.
 """
 from __future__ import annotations
 
-import dataclasses
-import datetime
-import hashlib
 import os
-import threading
-import time
 import traceback
-import zipfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, List, Optional
 
-import submitit
 import torch
 
 from harness.grid import RunSpec, eval_id
-from harness.grid.schema import SECTION_CLASSES
+from harness.launch import current_job_id
 from harness.launch.environment import distributed_env_from_submitit
-from harness.launch.wrapper import stop_requested
-from harness.measure import complexity, speed
+from harness.launch.wrapper import JobInterrupted, requeue_pending, stop_requested, stop_signal_names
+from harness.measure import speed
 from harness.measure.record import measurement_record
-from harness.metrics import EVALUATED_FIELDS
 from harness.provenance import device_name
 from harness.run import distributed as dist_utils
+from harness.run.attempt import Attempt, Heartbeat, RunClaimedElsewhere, claim_when_free
 from harness.run.checkpointing import CHECKPOINT
 from harness.run.engine import evaluate, train
-from harness.run.loaders import eval_batch_size
+from harness.run.records import (annotated, backbone_weights_text, device, evaluation_record, evaluation_settings,
+                                 file_sha256, measure, same_evaluation, server_submission, shown_path, today,
+                                 trained_checkpoint, training_checkpoint_sha256, training_config, training_record)
 from harness.store import CorruptFileError, ResultsStore
-from model.backbone import weights_info
-from model.config import EVALUATION, field_roles
 
-HEARTBEAT_S = 60
+__all__ = ["JobRequest", "RunClaimedElsewhere", "run_job", "server_submission", "training_config"]
 
 
 @dataclass(frozen=True)
@@ -67,217 +49,6 @@ class JobRequest:
     kind: str = "train"          # train (then evaluate and measure) | evaluate | measure (the trained model only)
 
 
-class RunClaimedElsewhere(RuntimeError):
-    pass
-
-
-def _job_id() -> Optional[str]:
-    try:
-        return str(submitit.JobEnvironment().job_id)
-    except RuntimeError:          # not in a submitit job
-        return os.environ.get("SLURM_JOB_ID")
-
-
-class _Attempt:
-    """The attempt this job is making at one record (its key), recorded in that record's attempts.json when it
-    opens, on every heartbeat and when it closes, so each record's GPU-hours are its own."""
-
-    def __init__(self, store: ResultsStore):
-        self.store = store
-        self.key: Optional[str] = None
-        self.lock = threading.Lock()
-
-    def open(self, key: str, attempt, gpus: int) -> None:
-        with self.lock:
-            self.key, self.attempt, self.gpus, self.started = key, str(attempt), int(gpus), time.time()
-        self.beat()
-
-    def beat(self) -> None:
-        with self.lock:
-            if self.key is not None:
-                self.store.record_attempt(self.key, self.attempt, self.started, self.gpus)
-
-    def close(self) -> None:
-        self.beat()
-        with self.lock:
-            self.key = None
-
-    def gpu_hours(self, key: str) -> Optional[float]:
-        """The record's GPU-hours over all its attempts (None for a record made without GPUs)."""
-        return round(self.store.gpu_hours(key), 4) if self.gpus else None
-
-
-class _Heartbeat(threading.Thread):
-    """Keeps the claims alive and the open attempt's GPU time recorded while the job works."""
-
-    def __init__(self, store, claims: List, on_beat=None, period_s=HEARTBEAT_S):
-        super().__init__(daemon=True)
-        self.store, self.claims, self.on_beat, self.period_s = store, claims, on_beat, period_s
-        self.stopped = threading.Event()
-
-    def run(self):
-        while not self.stopped.wait(self.period_s):
-            if self.on_beat is not None:
-                self.on_beat()
-            for claim in list(self.claims):
-                self.store.heartbeat(claim)
-
-
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _today() -> str:
-    return datetime.date.today().isoformat()
-
-
-def file_sha256(path) -> str:
-    """Hex sha256 of a file's bytes (a checkpoint: read in blocks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def trained_checkpoint(store: ResultsStore, spec: RunSpec) -> Optional[Path]:
-    """The checkpoint the run's training left: its ``checkpoint.pth``, or for an evaluation-only run
-    (``eval.eval_only``) the file it evaluates; None when there is none."""
-    path = store.record_dir(spec.run_id) / CHECKPOINT
-    if path.is_file():
-        return path
-    cfg = spec.config
-    if cfg.eval.eval_only and cfg.eval.checkpoint and os.path.isfile(cfg.eval.checkpoint):
-        return Path(cfg.eval.checkpoint)
-    return None
-
-
-def training_checkpoint_sha256(store: ResultsStore, spec: RunSpec) -> Optional[str]:
-    """The training's ``checkpoint_sha256`` as its record says; computed from the checkpoint file where the
-    record has none (a record of an earlier version); None without either."""
-    try:
-        known = (store.read_metrics(spec.run_id) or {}).get("checkpoint_sha256")
-    except CorruptFileError:
-        known = None
-    if known:
-        return known
-    path = trained_checkpoint(store, spec)
-    return file_sha256(path) if path is not None else None
-
-
-def annotated(split: str) -> bool:
-    """Whether a COCO split has public annotations (test-dev / test have image information only)."""
-    return not split.startswith("test")
-
-
-def _training_split(cfg) -> str:
-    """The split the training's per-epoch evaluation uses: the row's when it has annotations; for a test-dev
-    row the annotated val2017 where the dataset has it, else the row's own split (evaluated once, at the end)."""
-    split = cfg.data.val_split
-    if annotated(split):
-        return split
-    if cfg.data.dataset == "synthetic":
-        return "val2017"                       # the generated set is train2017 + val2017
-    from harness.data import split_paths
-    root = cfg.data.root
-    return "val2017" if root and os.path.isfile(split_paths(root, "val2017")[1]) else split
-
-
-def training_config(cfg):
-    """The run's config as its training evaluates itself between epochs: every evaluation-role field at its
-    default, except the split (:func:`_training_split`), the evaluation size (``data.train_size``: the
-    resolution it trains at) and the synthetic set's size (it says what the split holds, like the split).
-    No TTA. It depends on the training alone, not on the evaluation settings of the row that submitted it."""
-    sections = {}
-    for section, cls in SECTION_CLASSES.items():
-        sub, roles = getattr(cfg, section), field_roles(cls)
-        reset = {}
-        for f in dataclasses.fields(cls):
-            if EVALUATION in roles[f.name]["roles"]:
-                reset[f.name] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        sections[section] = dataclasses.replace(sub, **reset) if reset else sub
-    data = dataclasses.replace(sections["data"], val_split=_training_split(cfg), eval_size=cfg.data.train_size,
-                               synthetic_val_images=cfg.data.synthetic_val_images)
-    return dataclasses.replace(cfg, **{**sections, "data": data})
-
-
-def same_evaluation(a, b) -> bool:
-    """Whether two configs evaluate a checkpoint alike (the same evaluation id)."""
-    return eval_id(a) == eval_id(b)
-
-
-def measure(run_cfg, output_dir) -> dict:
-    """Parameters, FLOPs (fvcore, over the first evaluation images) and FPS of the run's model."""
-    bench = run_cfg.benchmark
-    if bench.flops:
-        out = complexity.measure_complexity(run_cfg, images=bench.flops_images, output_dir=output_dir,
-                                            device=_device())
-        # the per-image list and per-operator breakdown stay out of metrics.json
-        for key in ("gflops_each", "by_operator", "handles"):
-            out.pop(key, None)
-    else:
-        out = {"params": complexity.count_parameters(complexity.build_for_complexity(run_cfg.model))}
-    if bench.fps:
-        fps = speed.measure_run_speed(run_cfg, output_dir=output_dir)
-        if "attn_impl" in fps:      # the implementation the FPS ran
-            fps["fps_attn_impl"] = fps.pop("attn_impl")
-        out.update(fps)
-    return out
-
-
-def backbone_weights_text(model_cfg) -> str:
-    """The ImageNet weights the run's trunk started from, for its training record and the report's notes."""
-    info = weights_info(model_cfg)
-    if not info["pretrained"]:
-        return "none (trained from scratch)"
-    parts = [f"{info['imagenet_top1']}% ImageNet top-1"] if info["imagenet_top1"] is not None else []
-    if info["sha256"]:
-        parts.append(f"sha256 {info['sha256'][:12]}")
-    return f"{info['name']}" + (f" ({', '.join(parts)})" if parts else "")
-
-
-def evaluation_settings(cfg) -> dict:
-    """The settings an evaluation of ``cfg`` ran with (the evaluation id's fields, resolved)."""
-    return {"split": cfg.data.val_split, "eval_size": cfg.data.eval_size, "tta": cfg.eval.tta,
-            "tta_sizes": list(cfg.eval.tta_sizes) if cfg.eval.tta else None,
-            "num_detections": cfg.eval.num_detections, "eval_batch_size": eval_batch_size(cfg)}
-
-
-def evaluation_record(spec: RunSpec, metrics: dict, **provenance) -> dict:
-    """What an evaluation record holds: the COCO numbers, the settings that made them, and the checkpoint,
-    device, commit, date and GPU-hours of the evaluation (``provenance``)."""
-    numbers = {k: metrics[k] for k in EVALUATED_FIELDS if k in metrics}
-    if "num_images" in metrics:
-        numbers["num_images"] = metrics["num_images"]
-    return {**numbers, "run_id": spec.run_id, "eval_id": spec.eval_id, "label": spec.label,
-            **evaluation_settings(spec.config), **provenance}
-
-
-def training_record(spec: RunSpec, store: ResultsStore, epochs: int, **facts) -> dict:
-    """What the training record holds: training facts, no AP and no parameters/FLOPs/FPS. The losses are the
-    last epoch's (``train_*`` of log.jsonl)."""
-    last = next((r for r in reversed(store.read_log(spec.run_id)) if r.get("epoch") is not None), {})
-    losses = {k: v for k, v in last.items() if k.startswith("train_")}
-    status = store.read_status(spec.run_id)
-    return {"run_id": spec.run_id, "label": spec.label, "seed": spec.seed, "scale": spec.scale,
-            "dataset": spec.config.data.dataset, "epochs_trained": epochs, **losses,
-            "attempts": status.attempts if status is not None else None, **facts}
-
-
-def server_submission(detections: Path, folder: Path, name: str) -> Optional[Path]:
-    """The zip the COCO evaluation server expects (``detections_test-dev2017_<name>_results.json`` inside)."""
-    if not detections.is_file():
-        return None
-    alg = "".join(c for c in name if c.isalnum())       # no underscores: the server splits the name on them
-    inner = f"detections_test-dev2017_{alg}_results.json"
-    target = folder / f"{inner[:-5]}.zip"
-    tmp = target.with_suffix(".zip.tmp")
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
-        archive.write(detections, inner)
-    os.replace(tmp, target)
-    return target
-
-
 def _training_done(store: ResultsStore, key: str) -> bool:
     """A training record that is complete (done, with its checkpoint's hash): a requeued job does not train
     it again, it only makes the row's evaluation and measurement."""
@@ -286,6 +57,23 @@ def _training_done(store: ResultsStore, key: str) -> bool:
     except CorruptFileError:
         return False
     return status is not None and status.state == "done" and bool((metrics or {}).get("checkpoint_sha256"))
+
+
+def _mark_stopped(store: ResultsStore, key: str, job_id: Optional[str], err: BaseException) -> None:
+    """The record of a job stopped by a signal: queued again when submitit requeues the job (pre-emption,
+    time-out), else interrupted, and the next submission resumes it. A cancelled record stays cancelled."""
+    try:
+        status = store.read_status(key)
+    except CorruptFileError:
+        status = None
+    if requeue_pending() and status is not None and status.state == "running":
+        store.mark_queued(key)
+        return
+    signals = stop_signal_names()
+    what = str(err) if isinstance(err, JobInterrupted) and str(err) else f"{type(err).__name__}: {err}".rstrip(": ")
+    store.mark_interrupted(key, f"interrupted by {signals or 'a stop'}: {what}" if signals else f"interrupted: {what}",
+                           job_id=job_id)
+    print(f"{key}: interrupted; submitting it again resumes from its checkpoint", flush=True)
 
 
 def run_job(request: JobRequest) -> dict:
@@ -303,11 +91,11 @@ def run_job(request: JobRequest) -> dict:
     distributed_env_from_submitit(export=True)
     info = dist_utils.init_distributed()
     main = info["rank"] == 0
-    job_id = _job_id()
+    job_id = current_job_id()
     out_dir = store.record_dir(key)
     claims: List = []
     heartbeat = None
-    attempt = _Attempt(store)
+    attempt = Attempt(store, job_id)
     gpus = info["world_size"] if torch.cuda.is_available() else 0
     completed = False                     # the record of ``key`` is done: a later failure is another record's
 
@@ -315,14 +103,14 @@ def run_job(request: JobRequest) -> dict:
         trained = False
         if main:
             store.prepare(spec, key)
-            claim = store.claim(key, job_id=job_id)
+            claim = claim_when_free(store, key, job_id)      # waits for the submission that queued it
             if claim is None:
                 raise RunClaimedElsewhere(f"{out_dir}: run is claimed by another live job; not running it twice")
             claims.append(claim)
             trained = request.kind == "train" and _training_done(store, key)
             if not trained:
                 attempt.open(key, store.mark_running(key, job_id=job_id).attempts, gpus)
-            heartbeat = _Heartbeat(store, claims, on_beat=attempt.beat)
+            heartbeat = Heartbeat(store, claims, on_beat=attempt.beat)
             heartbeat.start()
             print(f"run {exp}/{key} ({spec.label!r}, seed {spec.seed}, {spec.scale} scale) in {out_dir}",
                   flush=True)
@@ -343,8 +131,8 @@ def run_job(request: JobRequest) -> dict:
         final = None
         if not trained:
             log_fn = (lambda record: store.append_log(key, record)) if main else None
-            # a stop signal (pre-emption, time-out, scontrol requeue) ends training at the next iteration with a
-            # mid-epoch checkpoint; the requeued job resumes at that iteration
+            # a stop signal (Ctrl-C, a cancel, pre-emption, time-out) ends training at the next iteration with a
+            # mid-epoch checkpoint; the next attempt resumes at that iteration
             final = train(own, str(out_dir), log_fn=log_fn, should_stop=stop_requested)
         dist_utils.barrier()
         dist_utils.cleanup()  # what follows runs on rank 0 alone
@@ -356,15 +144,15 @@ def run_job(request: JobRequest) -> dict:
         else:
             attempt.close()
             checkpoint = trained_checkpoint(store, spec)
-            device = _device()
+            dev = device()
             records["train"] = training_record(
                 spec, store, final.get("epochs", cfg.train.epochs),
-                gpu_hours=attempt.gpu_hours(key), world_size=info["world_size"], device=device_name(device),
-                attn_impl=speed.attention_of_config(cfg.model, device, cfg.train.amp),   # what training ran
+                gpu_hours=attempt.gpu_hours(key), world_size=info["world_size"], device=device_name(dev),
+                attn_impl=speed.attention_of_config(cfg.model, dev, cfg.train.amp),   # what training ran
                 backbone_weights=backbone_weights_text(cfg.model),
                 checkpoint_sha256=file_sha256(checkpoint) if checkpoint is not None else None,
                 log_evaluation={**evaluation_settings(own), "eval_id": eval_id(own)},
-                commit=request.commit, date=_today(), torch=torch.__version__)
+                commit=request.commit, date=today(), torch=torch.__version__)
             store.complete(key, records["train"])
         completed = True
         # the row's evaluation and measurement of this training, each its own record (other rows evaluate or
@@ -385,9 +173,16 @@ def run_job(request: JobRequest) -> dict:
         if failures:
             raise failures[0]
         return records
-    except Exception as err:  # a SystemExit (pre-emption, requeue) leaves the run to its next attempt
+    except Exception as err:
         if main and not completed and not isinstance(err, RunClaimedElsewhere):
-            store.mark_failed(key, f"{type(err).__name__}: {err}", traceback.format_exc()[-4000:])
+            if stop_requested():       # a failure caused by the stop (a peer gone mid-collective): not the run's
+                _mark_stopped(store, key, job_id, err)
+            else:
+                store.mark_failed(key, f"{type(err).__name__}: {err}", traceback.format_exc()[-4000:])
+        raise
+    except BaseException as err:       # stopped (JobInterrupted, a hard stop, Ctrl-C in a debug job)
+        if main and not completed:
+            _mark_stopped(store, key, job_id, err)
         raise
     finally:
         attempt.close()                  # the attempt's end, whatever ended it
@@ -399,12 +194,14 @@ def run_job(request: JobRequest) -> dict:
 
 
 def _sub_record(spec: RunSpec, kind: str, store: ResultsStore, job_id, sha: Optional[str], claims: List,
-                attempt: _Attempt, gpus: int, make: Callable[[], dict]):
+                attempt: Attempt, gpus: int, make: Callable[[], dict]):
     """Make the row's evaluation or measurement record (``kind``) after its training, in the training's job:
     claimed, marked running and timed as its own record. Returns the record, None when it was not made (done
     already from this very checkpoint, or claimed by another job), or the exception that failed it (the record
     is marked failed; the training stays done)."""
     key = spec.key(kind)
+    if stop_requested():      # a stop asked for while the training finished: nothing more is started
+        raise JobInterrupted(f"stopped before {key} was made")
     try:
         status, done = store.read_status(key), store.read_metrics(key)
     except CorruptFileError:
@@ -423,7 +220,10 @@ def _sub_record(spec: RunSpec, kind: str, store: ResultsStore, job_id, sha: Opti
         attempt.open(key, store.mark_running(key, job_id=job_id).attempts, gpus)
         print(f"{'evaluating' if kind == 'evaluate' else 'measuring'} {key}", flush=True)
         return make()
-    except Exception as err:
+    except BaseException as err:
+        if not isinstance(err, Exception) or stop_requested():
+            _mark_stopped(store, key, job_id, err)
+            raise
         store.mark_failed(key, f"{type(err).__name__}: {err}", traceback.format_exc()[-4000:])
         traceback.print_exc()
         return err
@@ -433,17 +233,7 @@ def _sub_record(spec: RunSpec, kind: str, store: ResultsStore, job_id, sha: Opti
         store.release(claim)
 
 
-def _shown_path(store: ResultsStore, path: Optional[Path]) -> Optional[str]:
-    """A file as a record names it: relative to the results root when it lies there (records are committed)."""
-    if path is None:
-        return None
-    try:
-        return str(Path(path).resolve().relative_to(store.root.resolve()))
-    except ValueError:
-        return str(path)
-
-
-def _evaluate(spec: RunSpec, store: ResultsStore, commit: Optional[str], main: bool, attempt: _Attempt, gpus: int,
+def _evaluate(spec: RunSpec, store: ResultsStore, commit: Optional[str], main: bool, attempt: Attempt, gpus: int,
               metrics: Optional[dict] = None, checkpoint_sha256: Optional[str] = None) -> dict:
     """The row's evaluation record of the training's final checkpoint, as the row asks (split, size, TTA,
     detections per image). ``metrics``: the training's final-epoch evaluation when it ran with exactly these
@@ -459,7 +249,7 @@ def _evaluate(spec: RunSpec, store: ResultsStore, commit: Optional[str], main: b
         if checkpoint is None:
             raise FileNotFoundError(f"{store.record_dir(spec.run_id) / CHECKPOINT}: no checkpoint of the training to "
                                     "evaluate")
-        metrics = evaluate(cfg, output_dir=str(eval_dir), checkpoint=str(checkpoint))
+        metrics = evaluate(cfg, output_dir=str(eval_dir), checkpoint=str(checkpoint), should_stop=stop_requested)
         detections = eval_dir / f"detections_{split}{'_tta' if cfg.eval.tta else ''}.json"
     dist_utils.barrier()
     dist_utils.cleanup()
@@ -469,15 +259,15 @@ def _evaluate(spec: RunSpec, store: ResultsStore, commit: Optional[str], main: b
     submission = None if annotated(split) else server_submission(detections, eval_dir, spec.experiment)
     record = evaluation_record(
         spec, metrics, reused_training_evaluation=reused,
-        checkpoint=_shown_path(store, checkpoint),
+        checkpoint=shown_path(store, checkpoint),
         checkpoint_sha256=checkpoint_sha256 or training_checkpoint_sha256(store, spec),
         server_submission=submission and submission.name, gpu_hours=attempt.gpu_hours(key),
-        device=device_name(_device()), commit=commit, date=_today(), torch=torch.__version__)
+        device=device_name(device()), commit=commit, date=today(), torch=torch.__version__)
     store.complete(key, record)
     return record
 
 
-def _measure(spec: RunSpec, store: ResultsStore, commit: Optional[str], attempt: _Attempt,
+def _measure(spec: RunSpec, store: ResultsStore, commit: Optional[str], attempt: Attempt,
              checkpoint_sha256: Optional[str] = None) -> dict:
     """The row's measurement record of the run's model (parameters, FLOPs, FPS) as its benchmark settings ask,
     on rank 0; the training is not touched."""
@@ -485,7 +275,7 @@ def _measure(spec: RunSpec, store: ResultsStore, commit: Optional[str], attempt:
     attempt.beat()
     key = spec.measure_key
     record = measurement_record(spec, measured, checkpoint_sha256=checkpoint_sha256 or training_checkpoint_sha256(
-        store, spec), trained=True, gpu_hours=attempt.gpu_hours(key), device=device_name(_device()), commit=commit,
-        date=_today(), torch=torch.__version__)
+        store, spec), trained=True, gpu_hours=attempt.gpu_hours(key), device=device_name(device()), commit=commit,
+        date=today(), torch=torch.__version__)
     store.complete(key, record)
     return record

@@ -1,0 +1,118 @@
+"""Following runs from a terminal: each executor asked about its own jobs (SLURM in one batched query, local
+jobs by their processes, in the store), ``--status``'s table, ``--logs``' tails and ``--cancel``.
+Nothing here imports torch."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List
+
+from harness.grid import KINDS, expand, unique_runs
+from harness.launch.executors import slurm_available
+from harness.launch.local import cancel as cancel_jobs
+from harness.launch.slurm import ALIVE_STATES, log_paths, slurm_job_states
+from harness.store import ResultsError, tail_text
+from harness.store.jobs import slurm_id
+from harness.store.progress import progress
+
+LOG_LINES = 40
+
+
+def job_states(store, specs) -> dict:
+    """The SLURM state of every SLURM job the runs' status files name, asked in one batch (None: unknown);
+    local jobs are not SLURM's to answer for (the store looks at their processes)."""
+    if not slurm_available():
+        return {}
+    ids = []
+    for key in dict.fromkeys(spec.key(kind) for spec in specs for kind in KINDS):
+        try:
+            status = store.read_status(key)
+        except ResultsError:
+            continue
+        if status is not None and status.state in ("queued", "running", "interrupted") and status.job_ids \
+                and slurm_id(status.job_ids[-1]) is not None:
+            ids.append(slurm_id(status.job_ids[-1]))
+    return slurm_job_states(ids)
+
+
+def job_alive(states: dict):
+    """``job_alive(job_id)`` for the plan: True/False from the batch of SLURM states, None when not asked."""
+    if not states:
+        return None
+    return lambda job_id: None if states.get(slurm_id(job_id)) is None else \
+        states[slurm_id(job_id)].split()[0] in ALIVE_STATES
+
+
+def plan(store, specs):
+    """The store's plan, with the scheduler asked once about every job the runs' records name."""
+    return store.plan(specs, job_alive=job_alive(job_states(store, specs)))
+
+
+def run_log_paths(store, spec, status):
+    """(stdout, stderr) of the newest job of a run: in the folder of the experiment that submitted it (a run
+    two experiments share was submitted by one of them)."""
+    log_dir = status.log_dir or Path(store.root) / spec.experiment / ".submitit"
+    return log_paths(log_dir, status.job_ids[-1])
+
+
+def status_text(experiment, store) -> str:
+    specs = unique_runs(expand(experiment))
+    entries = plan(store, specs)
+    seeded = any(len(row.seeds) > 1 for row in experiment.rows)
+    header = ["row"] + (["seed"] if seeded else []) + ["run id", "state", "job", "progress"]
+    table, notes, reasons = [], [], {}
+    for e in entries:
+        spec = e.spec
+        job = e.job_ids[-1] if e.job_ids else "-"
+        training = e.kind == "train" and e.state in ("running", "interrupted", "done", "failed", "cancelled", "stale")
+        records = store.read_log(spec.run_id) if training else []
+        done = progress(records, spec.config.train.epochs)
+        prefix = {"train": "", "evaluate": "evaluation ", "measure": "measurement "}[e.kind]
+        state = prefix + e.state + \
+            (f" ({e.reason})" if e.reason and e.state not in ("failed",) else "")
+        table.append([spec.label] + ([str(spec.seed)] if seeded else []) +
+                     [e.key, state, job, done.text() if records or e.state == "running" else ""])
+        if e.state in ("running", "interrupted", "failed", "stale") and e.job_ids:
+            notes.append(f"  {spec.label}: log {run_log_paths(store, spec, store.read_status(e.key))[0]}")
+        if e.state == "failed":
+            reasons.setdefault(e.reason or "failed", []).append(spec.label)
+    widths = [max(len(r[i]) for r in table + [header]) for i in range(len(header))]
+    lines = [f"{experiment.name} ({experiment.scale} scale, {experiment.path}): {len(entries)} run(s)", ""]
+    for r in [header] + table:
+        lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    if notes:
+        lines += [""] + notes
+    for reason, labels in reasons.items():       # one line per failure reason, whatever the number of rows
+        lines += ["", f"failed ({len(labels)}): {reason}", "  rows: " + ", ".join(labels)]
+    return "\n".join(lines)
+
+
+def logs_text(experiment, store, row: str) -> str:
+    """The tail of the newest job log of ``row`` (and of its stderr), or why there is none."""
+    label = experiment.selected[0] if experiment.selected else row
+    out = []
+    specs = [s for s in unique_runs(expand(experiment)) if s.label == label]
+    for entry in store.plan(specs):
+        spec = entry.spec
+        status = store.read_status(entry.key) or store.read_status(spec.run_id)
+        if status is None or not status.job_ids:
+            out.append(f"{label} ({entry.key}): no job has run it yet")
+            continue
+        stdout, stderr = run_log_paths(store, spec, status)
+        for path in (stdout, stderr):
+            text = tail_text(path, LOG_LINES) if path.is_file() else ""
+            out.append(f"==> {path} <==\n{text or '(empty or not written yet)'}")
+        if status.state == "failed" and status.log_tail and not stdout.is_file():
+            out.append(f"==> the failure, as recorded in status.json <==\n{status.log_tail}")
+    return "\n".join(out)
+
+
+def cancel(experiment, store) -> List[str]:
+    """Stop the queued and running jobs of the selected rows (SLURM's in one ``scancel``, local ones through
+    their process group: each executor its own jobs); mark the runs cancelled."""
+    specs = unique_runs(expand(experiment))
+    entries = [e for e in plan(store, specs)
+               if (e.state in ("queued", "running") or e.state == "interrupted" and e.action == "skip") and e.job_ids]
+    cancel_jobs([e.job_ids[-1] for e in entries])
+    for e in entries:
+        store.mark_cancelled(e.key)
+    return [f"cancelled {e.spec.label!r} ({e.key}, job {e.job_ids[-1]})" for e in entries]
