@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -185,9 +186,23 @@ def test_slurm_requeue_mid_epoch_resumes_with_identical_results(slurm_cluster, t
         assert shown in (tmp_path / "b" / "reports" / f"{name}.md").read_text(), name
 
 
+def _coco_whose_images_are_missing(root: Path) -> Path:
+    """A COCO folder the checks before queueing accept (annotation files, non-empty image folders) whose
+    annotations name an image that is not there: the job fails inside the run, loading the split."""
+    (root / "annotations").mkdir(parents=True)
+    for split in ("train2017", "val2017"):
+        (root / split).mkdir()
+        (root / split / "000000000001.jpg").write_bytes(b"not the image the annotations name")
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps({
+            "images": [{"id": 2, "file_name": "000000000002.jpg", "width": 64, "height": 64}],
+            "annotations": [{"id": 1, "image_id": 2, "category_id": 1, "bbox": [1, 1, 10, 10], "area": 100,
+                             "iscrowd": 0}],
+            "categories": [{"id": 1, "name": "thing"}]}))
+    return root
+
+
 def test_crashed_row_is_marked_failed_and_rerun(tmp_path, capsys):
-    empty_coco = tmp_path / "coco"
-    empty_coco.mkdir()  # exists, so the plan accepts it, but holds no images: the job fails
+    empty_coco = _coco_whose_images_are_missing(tmp_path / "coco")
     broken = tmp_path / "broken.yaml"
     broken.write_text(TINY.read_text().replace("dataset: synthetic,", f"dataset: coco, root: {empty_coco},"))
     argv = [str(broken), "--results", str(tmp_path / "results"), "--reports", str(tmp_path / "reports"),
