@@ -178,7 +178,7 @@ def test_auto_uses_the_kernel_and_impl_errors(fresh_dispatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ms_deform_attn(*inputs, impl="auto")
-    assert ops._chosen[("auto", torch.device("cpu"), torch.float64)].name == "cpu"
+    assert ops._chosen[("auto", torch.device("cpu"), torch.float64, (2, 8, 1, 1))].name == "cpu"
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         ms_deform_attn(*inputs, impl="auto")
     assert "deformable_detr::ms_deform_attn" in {e.key for e in prof.key_averages()}

@@ -53,7 +53,7 @@ def test_wrong_kernel_is_caught_and_auto_falls_back_with_one_warning(monkeypatch
         warnings.simplefilter("error")  # once per process
         ms_deform_attn(*inputs)
     # the verdict is on disk, keyed by build, device, driver and torch version
-    (path,) = (tmp_path / "wrong").glob("*_float64.json")
+    (path,) = (tmp_path / "wrong").glob("*_float64_M2_D8_L1_P1.json")  # keyed by the call's shape too
     verdict = json.loads(path.read_text())
     assert verdict["ok"] is False and verdict["case"].startswith("odd_levels_d12")
     assert {"build", "device", "driver", "torch"} <= set(verdict) and verdict["dtypes"] == ["float64"]
@@ -64,11 +64,12 @@ def test_wrong_kernel_is_caught_and_auto_falls_back_with_one_warning(monkeypatch
 
 def test_cached_verdict_is_read_not_recomputed(monkeypatch):
     inputs = make_inputs(CASES[0][1], M=2, D=8, P=1, dtype=torch.float32)
-    first = selfcheck.self_check(testing.WRONG, CPU, torch.float32)
+    shape = selfcheck.Shape.of(inputs[0], inputs[3])  # what the op's first call checks
+    first = selfcheck.self_check(testing.WRONG, CPU, torch.float32, shape)
     assert first["ok"] is False and first["status"] == "FAILED" and first["dtypes"] == ["float64", "float32"]
     monkeypatch.setattr(selfcheck, "_verdicts", {})  # a new process on the same node
     monkeypatch.setattr(selfcheck, "_run_child", lambda *a: pytest.fail("the self-check ran again"))
-    again = selfcheck.self_check(testing.WRONG, CPU, torch.float32)
+    again = selfcheck.self_check(testing.WRONG, CPU, torch.float32, shape)
     assert again["status"].startswith("FAILED (cached: ") and again["case"] == first["case"]
     use_chain(monkeypatch, "wrong", "pytorch")
     with pytest.warns(RuntimeWarning, match="FAILED its self-check"):
@@ -146,13 +147,14 @@ def test_a_killed_check_is_reported_and_retried_not_cached(monkeypatch, tmp_path
         ms_deform_attn(*inputs)
     assert ops.implementation_info(CPU, torch.float64)["impl"] == "cpu"
     assert not list((tmp_path / "killed").glob("*.json")) and marks(folder, "killed") == 1
-    verdict = selfcheck.self_check(testing.KILLED, CPU, torch.float64)
+    shape = selfcheck.Shape.of(inputs[0], inputs[3])
+    verdict = selfcheck.self_check(testing.KILLED, CPU, torch.float64, shape)  # this process's verdict
     assert verdict["compared"] is False and verdict["status"].startswith("could not run: the check process was killed")
     assert "not cached" in verdict["status"]
     # the next process: checked again; this time it is not killed, passes, and the verdict is cached
     monkeypatch.setattr(selfcheck, "_verdicts", {})
     monkeypatch.setenv("DEFORMABLE_DETR_OPS_TEST_KILL", "0")
-    verdict = selfcheck.self_check(testing.KILLED, CPU, torch.float64)
+    verdict = selfcheck.self_check(testing.KILLED, CPU, torch.float64, shape)
     assert verdict["ok"] and verdict["status"] == "passed" and marks(folder, "killed") == 2
     assert len(list((tmp_path / "killed").glob("*.json"))) == 1
 
@@ -180,11 +182,12 @@ def test_an_environment_error_is_not_cached(monkeypatch, tmp_path, error, cause)
 
 
 def test_a_timed_out_check_is_not_cached(monkeypatch, tmp_path):
-    monkeypatch.setenv("DEFORMABLE_DETR_OPS_SELF_CHECK_TIMEOUT", "3")
-    monkeypatch.setenv("DEFORMABLE_DETR_OPS_TEST_SLEEP", "5")
+    monkeypatch.setenv("DEFORMABLE_DETR_OPS_SELF_CHECK_TIMEOUT", "8")
+    monkeypatch.setenv("DEFORMABLE_DETR_OPS_TEST_SLEEP", "60")
     verdict = selfcheck.self_check(testing.SLOW, CPU, torch.float64)
-    assert verdict["compared"] is False and verdict["environment"].startswith("time-out")
-    assert verdict["case"].startswith("odd_levels_d12") and not list((tmp_path / "slow").glob("*.json"))
+    assert verdict["compared"] is False and verdict["environment"] == "time-out: the check process did not finish in 8 s"
+    assert verdict["case"] in (None, selfcheck.CASES[0][0] + " (N=2, Lq=9, M=2, D=12, P=3, levels [(5, 7), (3, 1), (1, 4)]), float64")
+    assert not list((tmp_path / "slow").glob("*.json"))
 
 
 def test_an_unwritable_cache_checks_in_memory(monkeypatch, tmp_path):
@@ -277,3 +280,60 @@ def test_a_build_made_ahead_of_time_for_the_gpu_is_found(monkeypatch, tmp_path):
     monkeypatch.setattr(build, "_ACTIVE", {})
     with pytest.raises(build.BuildError, match="DEFORMABLE_DETR_OPS_NO_BUILD"):
         build.load("cuda", capability=(7, 5))  # no build has code for it: the default one, which is not built
+
+
+MODEL = selfcheck.Shape(M=8, D=32, L=4, P=4)  # the model's attention: 8 heads of 32 channels, 4 levels, 4 points
+
+
+def test_the_check_runs_the_model_shape_with_every_launch_configuration(monkeypatch):
+    """A kernel wrong only in a tile configuration that small inputs never pick, or only at the model's shape:
+    the fixed cases pass it, the check at the model's shape (every launch configuration forced) does not; the
+    op's first call passes its shape, so auto falls back."""
+    assert selfcheck.self_check(testing.TILED, CPU, torch.float32)["ok"]  # the fixed cases only
+    verdict = selfcheck.self_check(testing.TILED, CPU, torch.float32, MODEL)
+    assert not verdict["ok"] and "model shape M8_D32_L4_P4" in verdict["case"] and "'large'" in verdict["case"]
+    assert verdict["shape"] == MODEL._asdict() and verdict["file"].endswith("_float32_M8_D32_L4_P4.json")
+    use_chain(monkeypatch, "wrong_at_shape", "cpu", "pytorch")
+    small = make_inputs(CASES[3][1], M=2, D=32, P=4, dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ms_deform_attn(*small)  # 2 heads: checked at (2, 32, 4, 4), passes
+    assert ops.implementation_info(CPU, torch.float32, shape=(2, 32, 4, 4))["impl"] == "wrong_at_shape"
+    model = make_inputs(CASES[3][1], M=8, D=32, P=4, N=1, Lq=3, dtype=torch.float32)
+    with pytest.warns(RuntimeWarning, match=r"FAILED its self-check .* in case model shape M8_D32_L4_P4"):
+        out = ms_deform_attn(*model)
+    torch.testing.assert_close(out, ms_deform_attn_pytorch(*model))
+    assert ops.implementation_info(CPU, torch.float32, shape=MODEL)["impl"] == "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_model_shape_cases_in_the_dtype_in_use(dtype):
+    """The emulated CUDA kernel at the model's shape, in float32 and in bfloat16 with float32 locations (autocast),
+    forward and backward, run here in this process."""
+    verdict = selfcheck.run_cases(testing.EMULATED, CPU, dtype, MODEL)
+    assert verdict["ok"], verdict
+    assert verdict["cases"] == 2 * len(selfcheck.CASES) + 1 and set(verdict["max_errors"]) == {"float64", str(dtype)[6:]}
+
+
+def test_triton_check_forces_the_tiles_a_training_launches(monkeypatch):
+    """Triton, in its interpreter: the check at the model's shape launches every (BLOCK_G, num_warps) that
+    block_config picks for the encoder and decoder presets on a GPU, forward and backward."""
+    pytest.importorskip("triton")
+    from model.ops import triton_kernel
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    launched = set()
+    real = triton_kernel._launch_args
+
+    def recording(value, num_groups, backward):
+        grid, meta = real(value, num_groups, backward)
+        launched.add((backward, meta["BLOCK_G"]))
+        return grid, meta
+
+    monkeypatch.setattr(triton_kernel, "_launch_args", recording)
+    monkeypatch.setattr(selfcheck, "CASES", selfcheck.CASES[:1])  # the fixed cases are tested elsewhere
+    configs = triton_kernel.launch_configs(32, torch.float32)
+    assert [c["forward"][0] for c in configs] == [16, 32, 64] and [c["backward"][0] for c in configs] == [16, 32, 32]
+    verdict = selfcheck.run_cases(implementations.REGISTRY["triton"], CPU, torch.float32, MODEL)
+    assert verdict["ok"], verdict
+    assert {(False, 16), (False, 32), (False, 64), (True, 16), (True, 32)} <= launched

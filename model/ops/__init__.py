@@ -31,6 +31,7 @@ from .environment import device_name
 from .flops import flop_handles
 from .implementations import REGISTRY, Unavailable
 from .reference import ms_deform_attn_pytorch
+from .selfcheck import Shape
 
 IMPLEMENTATIONS = ("auto",) + tuple(REGISTRY)
 KERNEL_DTYPES = {name: REGISTRY[name].dtypes for name in ("cpu", "cuda")}
@@ -43,13 +44,15 @@ class SelfCheckError(RuntimeError):
     """A named implementation disagrees with the reference (or crashed) on its device."""
 
 
-# (requested, device, dtype) -> the implementation that runs; filled on first use
+# (requested, device, dtype, shape) -> the implementation that runs; filled on first use (shape: selfcheck.Shape of
+# the call, None for implementation_info without one)
 _chosen: dict[tuple, implementations.Implementation] = {}
 # Implementation.availability_key -> why it does not run there (announced once); the dtype-independent reasons
 _unavailable: dict[tuple, BaseException] = {}
-# (implementation name, device, dtype) -> the failed self-check's or launch's message (announced once)
-_failed: dict[tuple[str, torch.device, torch.dtype], str] = {}
-_warned: set[tuple] = set()  # (implementation name, device, dtype) whose fallback was announced
+# (implementation name, device, dtype, shape) -> the failed self-check's or launch's message (announced once); shape
+# None: for every shape (a launch failure)
+_failed: dict[tuple, str] = {}
+_warned: set[tuple] = set()  # (implementation name, device, dtype, reason) of the fallbacks announced
 
 
 def _normalise(device) -> torch.device:
@@ -74,12 +77,16 @@ def _prepare(impl: implementations.Implementation, device: torch.device) -> None
     _unavailable[key] = None
 
 
-def _verdict(impl: implementations.Implementation, device: torch.device, dtype: torch.dtype) -> dict | None:
+def _verdict(impl: implementations.Implementation, device: torch.device, dtype: torch.dtype, shape=None) -> dict | None:
     if not impl.needs_self_check:
         return None
     from . import selfcheck
 
-    return selfcheck.self_check(impl, device, dtype)
+    return selfcheck.self_check(impl, device, dtype, shape)
+
+
+def _failed_for(name, device, dtype, shape) -> str | None:
+    return _failed.get((name, device, dtype, shape)) or _failed.get((name, device, dtype, None))
 
 
 def _failure(impl, device, verdict: dict) -> str:
@@ -93,9 +100,10 @@ def _failure(impl, device, verdict: dict) -> str:
             f"{verdict.get('case')}: {verdict.get('error')}")
 
 
-def _why_not(impl, device, dtype) -> str | None:
-    """None when ``impl`` may run on ``device`` for ``dtype``; otherwise the reason (a failure is recorded)."""
-    failed = _failed.get((impl.name, device, dtype))
+def _why_not(impl, device, dtype, shape=None) -> str | None:
+    """None when ``impl`` may run on ``device`` for ``dtype`` (and ``shape``); otherwise the reason (a failure is
+    recorded)."""
+    failed = _failed_for(impl.name, device, dtype, shape)
     if failed is not None:
         return failed
     try:
@@ -104,12 +112,12 @@ def _why_not(impl, device, dtype) -> str | None:
         lines = str(e).strip().splitlines() or [type(e).__name__]
         return lines[0] if len(lines) <= 3 else "\n".join(lines[:1] + ["..."] + lines[-2:])
     try:
-        verdict = _verdict(impl, device, dtype)
+        verdict = _verdict(impl, device, dtype, shape)
     except Exception as e:  # noqa: BLE001 - whatever breaks in the check (a cache, a child), auto moves on
         verdict = {"ok": False, "compared": False, "environment": f"{type(e).__name__}: {e}"}
     if verdict is not None and not verdict["ok"]:
         reason = _failure(impl, device, verdict)
-        _failed[(impl.name, device, dtype)] = reason
+        _failed[(impl.name, device, dtype, shape)] = reason
         return reason
     return None
 
@@ -122,8 +130,8 @@ def _warn_fallback(impl, device, reason, next_name) -> None:
         RuntimeWarning, stacklevel=4)
 
 
-def _resolve(requested: str, device: torch.device, dtype: torch.dtype) -> implementations.Implementation:
-    key = (requested, device, dtype)
+def _resolve(requested: str, device: torch.device, dtype: torch.dtype, shape=None) -> implementations.Implementation:
+    key = (requested, device, dtype, shape)
     chosen = _chosen.get(key)
     if chosen is not None:
         return chosen
@@ -132,13 +140,14 @@ def _resolve(requested: str, device: torch.device, dtype: torch.dtype) -> implem
         if device.type not in impl.device_types:
             raise ValueError(f"ms_deform_attn(impl={requested!r}) needs {' or '.join(impl.device_types)} tensors, "
                              f"got value on {device}")
-        if (impl.name, device, dtype) in _failed:
-            raise SelfCheckError(f"ms_deform_attn(impl={requested!r}): {_failed[(impl.name, device, dtype)]}")
+        failed = _failed_for(impl.name, device, dtype, shape)
+        if failed is not None:
+            raise SelfCheckError(f"ms_deform_attn(impl={requested!r}): {failed}")
         _prepare(impl, device)  # raises the build's or Unavailable's error
-        verdict = _verdict(impl, device, dtype)
+        verdict = _verdict(impl, device, dtype, shape)
         if verdict is not None and not verdict["ok"]:
             reason = _failure(impl, device, verdict)
-            _failed[(impl.name, device, dtype)] = reason
+            _failed[(impl.name, device, dtype, shape)] = reason
             raise SelfCheckError(f"ms_deform_attn(impl={requested!r}): {reason} (verdict: {verdict.get('file')})")
         _chosen[key] = impl
         return impl
@@ -147,12 +156,12 @@ def _resolve(requested: str, device: torch.device, dtype: torch.dtype) -> implem
         impl = REGISTRY[name]
         if not impl.supports(device, dtype):
             continue  # no kernel for this dtype: the next one, silently
-        reason = _why_not(impl, device, dtype)
+        reason = _why_not(impl, device, dtype, shape)
         if reason is None:
             _chosen[key] = impl
             return impl
-        if (name, device, dtype) not in _warned:
-            _warned.add((name, device, dtype))
+        if (name, device, dtype, reason) not in _warned:  # the same reason at another shape: not again
+            _warned.add((name, device, dtype, reason))
             following = next((n for n in names[position + 1:] if REGISTRY[n].supports(device, dtype)), "pytorch")
             _warn_fallback(impl, device, reason, following)
     raise RuntimeError(f"ms_deform_attn: no implementation runs {dtype} on {device}")
@@ -160,7 +169,7 @@ def _resolve(requested: str, device: torch.device, dtype: torch.dtype) -> implem
 
 def _drop(impl, device, dtype, error) -> None:
     """A kernel that failed to launch: never again on this device and dtype, for impl='auto'."""
-    _failed[(impl.name, device, dtype)] = f"it failed to launch: {error}"
+    _failed[(impl.name, device, dtype, None)] = f"it failed to launch: {error}"
     for key in [k for k, v in _chosen.items() if k[0] == "auto" and k[1] == device and v is impl]:
         del _chosen[key]
 
@@ -184,7 +193,7 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
         return ms_deform_attn_pytorch(*args)
     if impl != "auto" and impl not in REGISTRY:
         raise ValueError(f"unknown ms_deform_attn implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
-    chosen = _resolve(impl, value.device, value.dtype)
+    chosen = _resolve(impl, value.device, value.dtype, Shape.of(value, sampling_locations))
     if impl != "auto" or torch.compiler.is_compiling():
         return chosen.forward(*args)
     try:
@@ -215,27 +224,33 @@ def kernel_available(device_type: str) -> bool:
         return False
 
 
-def implementation_info(device, dtype=torch.float32, impl: str = "auto") -> dict:
+def implementation_info(device, dtype=torch.float32, impl: str = "auto", shape=None) -> dict:
     """Which implementation runs ``ms_deform_attn(..., impl=impl)`` on tensors of ``dtype`` on ``device``, and its
-    self-check verdict; resolves it as a first call would (building, loading, self-checking if needed).
+    self-check verdict; resolves it as a first call would (building, loading, self-checking if needed). ``shape``:
+    a model's (M, D, L, P) (:class:`model.ops.selfcheck.Shape`), as the op's first call at that shape resolves it;
+    by default the shape of the first call made in this process (for these impl, device and dtype), if any.
 
     Returns ``impl`` (its name), ``description``, ``requested``, ``device`` (the device's name), ``dtype``,
     ``build`` (what identifies the code), ``self_check`` ("passed", "passed (cached: ...)", "not needed",
     "skipped ...") and ``fallbacks``: the implementations ``auto`` passed over and why.
     """
     device = _normalise(device)
+    if shape is not None:
+        shape = Shape(*shape)
+    else:  # the shape of the calls made so far in this process (a model's), if any: what ran
+        shape = next((k[3] for k in _chosen if k[:3] == (impl, device, dtype) and k[3] is not None), None)
     if impl == "pytorch":
         chosen, verdict = REGISTRY["pytorch"], None
     else:
-        chosen = _resolve(impl, device, dtype)
-        verdict = _verdict(chosen, device, dtype)
+        chosen = _resolve(impl, device, dtype, shape)
+        verdict = _verdict(chosen, device, dtype, shape)
     fallbacks = []
     if impl == "auto":
         for name in implementations.chain(device.type):
             if name == chosen.name:
                 break
             if REGISTRY[name].supports(device, dtype):
-                fallbacks.append({"impl": name, "reason": _why_not(REGISTRY[name], device, dtype)})
+                fallbacks.append({"impl": name, "reason": _why_not(REGISTRY[name], device, dtype, shape)})
             else:
                 fallbacks.append({"impl": name, "reason": f"no {str(dtype).removeprefix('torch.')} support"})
     return {

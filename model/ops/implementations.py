@@ -12,6 +12,7 @@ hand the self-check an implementation of their own).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import os
@@ -65,6 +66,16 @@ class Implementation:
 
     def launch_failure(self, error: BaseException) -> bool:
         return any(text in str(error) for text in LAUNCH_FAILURES)
+
+    def launch_configs(self, D: int, dtype: torch.dtype, device: torch.device) -> list[dict | None]:
+        """The launch configurations (tile sizes...) this implementation picks on ``device`` for D channels in
+        ``dtype`` at the sizes of a training; the self-check runs each, forced by :meth:`launch_context`. One
+        (None: the implementation's own choice) where the choice does not depend on the problem size."""
+        return [None]
+
+    def launch_context(self, config: dict | None):
+        """A context in which launches use ``config`` (one of :meth:`launch_configs`)."""
+        return contextlib.nullcontext()
 
 
 class CompiledKernel(Implementation):
@@ -141,6 +152,17 @@ class TritonKernel(Implementation):
         # an opaque op), autograd and FLOP handle; its kernels are registered by importing triton_kernel (prepare)
         return torch.ops.deformable_detr.ms_deform_attn_triton(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+    def launch_configs(self, D, dtype, device):
+        from . import triton_kernel
+
+        num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+        return triton_kernel.launch_configs(D, dtype, num_sms)
+
+    def launch_context(self, config):
+        from . import triton_kernel
+
+        return triton_kernel.forced_blocks(config)
 
     def build_id(self):
         h = hashlib.sha256()

@@ -1,11 +1,16 @@
 """The self-check: before an implementation that needs it (the GPU kernels) is trusted on a device, it runs a
 handful of small cases against the pure-PyTorch reference, forward and the three gradients, in float64 and in
 the dtype in use. The cases have odd level shapes, channel counts that are not powers of two and points
-outside the map.
+outside the map. Then, at the shape the model launches (its heads M, channels D, levels L and points P, taken
+from the op's first call: :class:`Shape`), the op in the dtype in use (float32; bfloat16 under autocast, with
+float32 locations) once per launch configuration the implementation picks at a training's sizes (the Triton
+tile sizes of both presets, forced on small inputs), forward and backward. The check process has a time limit
+(``DEFORMABLE_DETR_OPS_SELF_CHECK_TIMEOUT``, default 900 s; lower under DDP: see :mod:`model.ops.distributed`).
 
 The check runs in a child process (``python -m model.ops.selfcheck``), so that a kernel that crashes (an
 illegal memory access poisons the CUDA context for good) cannot take the training down with it. The verdict
-is stored beside the build, keyed by the build, the device name, the driver and the torch version: it is
+is stored beside the build, keyed by the build, the device name, the driver, the torch version, the dtype and
+the model's shape: it is
 computed once per node and kind of GPU, then read from disk. ``DEFORMABLE_DETR_OPS_SELF_CHECK=0`` skips it.
 
 Only a verdict of a comparison that ran is stored: passed, or a result (or an error of the kernel itself)
@@ -16,11 +21,12 @@ implementation, and the next process checks again. Where nothing can be written 
 file that cannot be created, a filesystem without flock) the check runs unlocked and its verdict is kept in
 memory: a cache problem never makes ``impl="auto"`` raise.
 
-    python -m model.ops.selfcheck --impl cuda --device cuda:0 --dtype float16 --json verdict.json
+    python -m model.ops.selfcheck --impl cuda --device cuda:0 --dtype bfloat16 --shape 8,32,4,4 --json verdict.json
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -29,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -44,6 +51,36 @@ CASES = [
     ("four_levels_d32", [(9, 11), (5, 6), (3, 2), (1, 4)], 3, 32, 4, 2, 11),
     ("d300_one_level", [(4, 3)], 1, 300, 2, 1, 3),  # several rounds of a full group
 ]
+# Levels of the cases at a model's shape: odd sizes, a one-pixel-wide level; one more per level past five.
+MODEL_LEVELS = [(13, 17), (7, 9), (4, 5), (3, 1), (1, 2)]
+
+
+class Shape(NamedTuple):
+    """What a model's attention launches: heads M, channels per head D, levels L, points per level P. The self-check
+    of an implementation for a shape also runs the op at that shape, with every launch configuration (tile sizes)
+    the implementation picks for it at a training's sizes (:meth:`Implementation.launch_configs`)."""
+
+    M: int
+    D: int
+    L: int
+    P: int
+
+    @classmethod
+    def of(cls, value: torch.Tensor, sampling_locations: torch.Tensor) -> "Shape":
+        return cls(int(value.shape[2]), int(value.shape[3]), int(sampling_locations.shape[3]),
+                   int(sampling_locations.shape[4]))
+
+    @classmethod
+    def parse(cls, text: str) -> "Shape":
+        return cls(*(int(x) for x in text.split(",")))
+
+    def tag(self) -> str:
+        return f"M{self.M}_D{self.D}_L{self.L}_P{self.P}"
+
+    def __str__(self) -> str:
+        return f"{self.M},{self.D},{self.L},{self.P}"
+
+
 # dtype -> largest relative error accepted against the float64 reference
 TOLERANCES = {torch.float64: 1e-8, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 RESULTS = ("output", "grad_value", "grad_sampling_locations", "grad_attention_weights")
@@ -83,41 +120,73 @@ def environment_cause(text: str) -> str | None:
     return None
 
 
-def run_cases(impl: implementations.Implementation, device: torch.device, dtype: torch.dtype) -> dict:
-    """Run every case in float64 and ``dtype`` here, in this process. A verdict: ``ok``, and for a failure the
-    ``case`` and the ``error``; ``max_errors`` per dtype; ``compared`` (False when an error of the environment
-    stopped the comparison: ``environment`` then names it)."""
-    max_errors = {}
+def _cases(impl, device: torch.device, dtype: torch.dtype, shape: Shape | None):
+    """(label, inputs factory, launch configuration) of every case of a check, in order."""
     for dt in checked_dtypes(dtype):
-        worst = 0.0
         for name, shapes, M, D, P, N, Lq in CASES:
-            case = f"{name} (N={N}, Lq={Lq}, M={M}, D={D}, P={P}, levels {shapes}), {dtype_name(dt)}"
-            print(f"case: {case}", flush=True)  # the last one printed names the case if this process dies
-            try:
-                inputs = make_inputs(shapes, M=M, D=D, P=P, N=N, Lq=Lq, dtype=dt, device=device)
-                expected = forward_and_grads(ms_deform_attn_pytorch,
-                                             [t.cpu().double() if t.is_floating_point() else t.cpu() for t in inputs])
+            label = f"{name} (N={N}, Lq={Lq}, M={M}, D={D}, P={P}, levels {shapes}), {dtype_name(dt)}"
+            yield label, dt, (lambda shapes=shapes, M=M, D=D, P=P, N=N, Lq=Lq, dt=dt: make_inputs(
+                shapes, M=M, D=D, P=P, N=N, Lq=Lq, dtype=dt, device=device)), None
+    if shape is None:
+        return
+    levels = (MODEL_LEVELS + [(1, 1)] * shape.L)[:shape.L]
+    N = 2
+    for config in impl.launch_configs(shape.D, dtype, device):
+        # enough (query, head) groups for 2-3 programs of the largest tile, and a last one partly empty
+        block = max([1] + [v[0] for v in (config or {}).values()  # groups per program, of a tile configuration
+                           if isinstance(v, (tuple, list)) and v and isinstance(v[0], int)])
+        Lq = max(3, -(-5 * block // (2 * N * shape.M))) | 1
+        label = (f"model shape {shape.tag()} (N={N}, Lq={Lq}, levels {levels}), {dtype_name(dtype)}"
+                 + (f", launch {config}" if config else ""))
+
+        def inputs(Lq=Lq):
+            value, shapes, starts, loc, attn = make_inputs(levels, M=shape.M, D=shape.D, P=shape.P, N=N, Lq=Lq,
+                                                           dtype=dtype, device=device)
+            if dtype in (torch.float16, torch.bfloat16):
+                loc = loc.float()  # as under autocast: reference points in float32
+            return value, shapes, starts, loc, attn
+
+        yield label, dtype, inputs, config
+
+
+def run_cases(impl: implementations.Implementation, device: torch.device, dtype: torch.dtype,
+              shape: Shape | None = None) -> dict:
+    """Run every case here, in this process: the fixed cases in float64 and ``dtype``; with a ``shape``, the op at
+    that shape in ``dtype`` once per launch configuration. Forward and the three gradients, against the
+    reference in float64 on the same (rounded) inputs. A verdict: ``ok``, and for a failure the ``case`` and the
+    ``error``; ``max_errors`` per dtype; ``compared`` (False when an error of the environment stopped the
+    comparison: ``environment`` then names it); ``cases``, how many ran."""
+    max_errors: dict[str, float] = {}
+    count = 0
+    for case, dt, make, config in _cases(impl, device, dtype, shape):
+        print(f"case: {case}", flush=True)  # the last one printed names the case if this process dies
+        try:
+            inputs = make()
+            expected = forward_and_grads(ms_deform_attn_pytorch,
+                                         [t.cpu().double() if t.is_floating_point() else t.cpu() for t in inputs])
+            with impl.launch_context(config) if config is not None else contextlib.nullcontext():
                 actual = forward_and_grads(impl.forward, inputs)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-            except Exception as e:  # noqa: BLE001 - the verdict reports it
-                error = f"{type(e).__name__}: {e}".strip()
-                cause = environment_cause(error)
-                return {"ok": False, "case": case, "error": error, "max_errors": max_errors,
-                        "compared": cause is None, "environment": cause}
-            for what, a, e in zip(RESULTS, actual, expected):
-                bad_type = a is None or a.shape != e.shape or a.device != device
-                error = float("inf") if bad_type else max_relative_error(a, e)
-                if not error <= TOLERANCES[dt]:  # also for NaN
-                    detail = (f"{what} has shape {None if a is None else tuple(a.shape)} on "
-                              f"{None if a is None else a.device}" if bad_type else
-                              f"{what} differs from the reference by {error:.2e} (relative; accepted: "
-                              f"{TOLERANCES[dt]:.0e})")
-                    return {"ok": False, "case": case, "error": detail, "max_errors": max_errors, "compared": True,
-                            "environment": None}
-                worst = max(worst, error)
-        max_errors[dtype_name(dt)] = worst
-    return {"ok": True, "case": None, "error": None, "max_errors": max_errors, "compared": True, "environment": None}
+        except Exception as e:  # noqa: BLE001 - the verdict reports it
+            error = f"{type(e).__name__}: {e}".strip()
+            cause = environment_cause(error)
+            return {"ok": False, "case": case, "error": error, "max_errors": max_errors, "cases": count,
+                    "compared": cause is None, "environment": cause}
+        count += 1
+        for what, a, e in zip(RESULTS, actual, expected):
+            bad_type = a is None or a.shape != e.shape or a.device != device
+            error = float("inf") if bad_type else max_relative_error(a, e)
+            if not error <= TOLERANCES[dt]:  # also for NaN
+                detail = (f"{what} has shape {None if a is None else tuple(a.shape)} on "
+                          f"{None if a is None else a.device}" if bad_type else
+                          f"{what} differs from the reference by {error:.2e} (relative; accepted: "
+                          f"{TOLERANCES[dt]:.0e})")
+                return {"ok": False, "case": case, "error": detail, "max_errors": max_errors, "cases": count,
+                        "compared": True, "environment": None}
+            max_errors[dtype_name(dt)] = max(max_errors.get(dtype_name(dt), 0.0), error)
+    return {"ok": True, "case": None, "error": None, "max_errors": max_errors, "cases": count, "compared": True,
+            "environment": None}
 
 
 def verdict_key(impl: implementations.Implementation, device: torch.device) -> dict:
@@ -125,9 +194,10 @@ def verdict_key(impl: implementations.Implementation, device: torch.device) -> d
             "driver": driver_version(), "torch": torch.__version__, "format": VERDICT_FORMAT}
 
 
-def verdict_path(impl: implementations.Implementation, device: torch.device, dtype: torch.dtype) -> Path:
+def verdict_path(impl: implementations.Implementation, device: torch.device, dtype: torch.dtype,
+                 shape: Shape | None = None) -> Path:
     digest = hashlib.sha256(json.dumps(verdict_key(impl, device), sort_keys=True).encode()).hexdigest()[:16]
-    return impl.verdict_dir() / f"{digest}_{dtype_name(dtype)}.json"
+    return impl.verdict_dir() / f"{digest}_{dtype_name(dtype)}{'' if shape is None else '_' + shape.tag()}.json"
 
 
 SIGNALS = {6: "SIGABRT: the process aborted (a crash of the kernel, the driver or the runtime)",
@@ -146,7 +216,7 @@ def timeout_s() -> float:
 
 
 def _run_child(impl: implementations.Implementation, device: torch.device, dtype: torch.dtype,
-               timeout: float | None = None) -> dict:
+               shape: Shape | None = None, timeout: float | None = None) -> dict:
     """The verdict of a check run in a child process. ``compared`` False, ``environment`` the cause, when the
     child did not finish a comparison for a reason of the environment (killed by a signal, out of memory, a
     busy GPU, the time-out) or left no verdict."""
@@ -158,7 +228,7 @@ def _run_child(impl: implementations.Implementation, device: torch.device, dtype
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "verdict.json"
         command = [sys.executable, "-m", "model.ops.selfcheck", "--impl", impl.spec, "--device", str(device),
-                   "--dtype", dtype_name(dtype), "--json", str(out)]
+                   "--dtype", dtype_name(dtype), "--json", str(out)] + ([] if shape is None else ["--shape", str(shape)])
         try:
             result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as e:
@@ -219,21 +289,24 @@ def _status(verdict: dict) -> str:
     return "passed" if verdict["ok"] else "FAILED"
 
 
-def self_check(impl: implementations.Implementation, device, dtype: torch.dtype) -> dict:
-    """The verdict on ``impl`` for tensors of ``dtype`` on ``device``: from this process's memory, else from the
-    cache beside the build, else computed by a child process (and then cached, when the comparison ran).
+def self_check(impl: implementations.Implementation, device, dtype: torch.dtype, shape: Shape | None = None,
+               timeout: float | None = None) -> dict:
+    """The verdict on ``impl`` for tensors of ``dtype`` on ``device`` (and a model's ``shape``: see
+    :func:`run_cases`): from this process's memory, else from the cache beside the build, else computed by a
+    child process within ``timeout`` seconds (default :func:`timeout_s`), and then cached when the comparison
+    ran.
 
     ``status``: "passed", "FAILED", "passed (cached: ...)", "could not run: <cause> (not cached...)", with
     "(not cached: <why>)" where the cache could not be written; ``file``: the verdict's path."""
     device = torch.device(device)
-    key = (impl.name, impl.spec, device, dtype)
+    key = (impl.name, impl.spec, device, dtype, shape)
     if key in _verdicts:
         return _verdicts[key]
     if os.environ.get("DEFORMABLE_DETR_OPS_SELF_CHECK", "1") == "0":
         verdict = {"ok": True, "status": "skipped (DEFORMABLE_DETR_OPS_SELF_CHECK=0)"}
         _verdicts[key] = verdict
         return verdict
-    path = verdict_path(impl, device, dtype)
+    path = verdict_path(impl, device, dtype, shape)
     verdict = _read_verdict(path)
     if verdict is not None:
         verdict["status"] = f"{'passed' if verdict['ok'] else 'FAILED'} (cached: {path})"
@@ -246,20 +319,21 @@ def self_check(impl: implementations.Implementation, device, dtype: torch.dtype)
             if verdict is not None:
                 verdict["status"] = f"{'passed' if verdict['ok'] else 'FAILED'} (cached: {path})"
             else:
-                verdict = _check(impl, device, dtype, path, no_lock)
+                verdict = _check(impl, device, dtype, shape, timeout, path, no_lock)
     verdict["file"] = str(path)
     _verdicts[key] = verdict
     return verdict
 
 
-def _check(impl, device, dtype, path: Path, no_lock: str | None) -> dict:
+def _check(impl, device, dtype, shape, timeout, path: Path, no_lock: str | None) -> dict:
+    at_shape = "" if shape is None else f", at the model's shape {shape.tag()} with every launch configuration"
     print(f"ms_deform_attn: self-check of the {impl.description} on {device_name(device)} "
-          f"({', '.join(dtype_name(d) for d in checked_dtypes(dtype))}) against the reference, once per build and "
-          f"device", file=sys.stderr, flush=True)
+          f"({', '.join(dtype_name(d) for d in checked_dtypes(dtype))}{at_shape}) against the reference, once per "
+          f"build and device", file=sys.stderr, flush=True)
     start = time.time()
-    verdict = _run_child(impl, device, dtype)
+    verdict = _run_child(impl, device, dtype, shape, timeout)
     verdict.update(verdict_key(impl, device), dtypes=[dtype_name(d) for d in checked_dtypes(dtype)],
-                   seconds=round(time.time() - start, 1))
+                   shape=None if shape is None else shape._asdict(), seconds=round(time.time() - start, 1))
     verdict.setdefault("compared", True)
     status = _status(verdict)
     if verdict["compared"]:
@@ -277,11 +351,12 @@ def main(argv=None) -> int:
     parser.add_argument("--impl", required=True, help="registry name (cuda, triton, ...) or module:attribute")
     parser.add_argument("--device", required=True)
     parser.add_argument("--dtype", default="float32", choices=[dtype_name(d) for d in TOLERANCES])
+    parser.add_argument("--shape", type=Shape.parse, help="a model's M,D,L,P: also run the op at that shape")
     parser.add_argument("--json", type=Path, help="write the verdict here")
     args = parser.parse_args(argv)
     impl, device, dtype = implementations.get(args.impl), torch.device(args.device), getattr(torch, args.dtype)
     impl.prepare(device)
-    verdict = run_cases(impl, device, dtype)
+    verdict = run_cases(impl, device, dtype, args.shape)
     text = json.dumps(verdict, indent=2)
     print(text)
     if args.json:

@@ -211,6 +211,47 @@ class SlowKernel(RightKernel):
         return Reference.forward(self, *args)
 
 
+class TiledKernel(RightKernel):
+    """A kernel with two launch configurations (as Triton's tile sizes), wrong in the second one, which small
+    inputs never pick: only a check that forces every configuration at the model's shape finds it. And wrong
+    with 8 heads of 32 channels (the model's shape), which the fixed cases do not have."""
+
+    name = "tiled"
+    spec = "model.ops.testing:TILED"
+    description = "tiled test kernel"
+    tile = "small"
+    wrong_at = {"tile": "large"}
+
+    def launch_configs(self, D, dtype, device):
+        return [{"tile": "small"}, {"tile": "large"}]
+
+    def launch_context(self, config):
+        import contextlib
+
+        @contextlib.contextmanager
+        def forced():
+            previous, self.tile = self.tile, config["tile"]
+            try:
+                yield
+            finally:
+                self.tile = previous
+        return forced()
+
+    def forward(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        _mark(self.name)
+        wrong = self.tile == self.wrong_at.get("tile") or tuple(value.shape[2:]) == self.wrong_at.get("MD")
+        impl = WrongKernel.forward if wrong else Reference.forward
+        return impl(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+class WrongAtModelShape(TiledKernel):
+    name = "wrong_at_shape"
+    spec = "model.ops.testing:WRONG_AT_SHAPE"
+    description = "test kernel wrong at the model's shape"
+    wrong_at = {"MD": (8, 32)}
+
+
 EMULATED, WRONG, CRASHING, UNLAUNCHABLE = EmulatedCudaKernel(), WrongKernel(), CrashingKernel(), UnlaunchableKernel()
 RIGHT, KILLED, BUSY, SLOW = RightKernel(), KilledKernel(), EnvironmentErrorKernel(), SlowKernel()
-TEST_KERNELS = (EMULATED, WRONG, CRASHING, UNLAUNCHABLE, RIGHT, KILLED, BUSY, SLOW)
+TILED, WRONG_AT_SHAPE = TiledKernel(), WrongAtModelShape()
+TEST_KERNELS = (EMULATED, WRONG, CRASHING, UNLAUNCHABLE, RIGHT, KILLED, BUSY, SLOW, TILED, WRONG_AT_SHAPE)

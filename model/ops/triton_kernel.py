@@ -25,7 +25,7 @@ import torch
 
 from . import library
 
-__all__ = ["available", "forward", "backward", "interpreting"]
+__all__ = ["available", "forward", "backward", "interpreting", "launch_configs", "forced_blocks"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _JIT_FILE = Path(__file__).with_name("triton_jit.py")
@@ -101,6 +101,39 @@ def block_config(num_groups: int, D: int, dtype: torch.dtype, backward: bool, in
     return BLOCK_G, BLOCK_D, num_warps
 
 
+def launch_configs(D: int, dtype: torch.dtype, num_sms: int = 132) -> list[dict]:
+    """Every (forward, backward) pair of (BLOCK_G, num_warps) that :func:`block_config` picks on a GPU of
+    ``num_sms`` SMs for D channels in ``dtype``, over all problem sizes of at least one full tile (the sizes of a
+    training: decoder and encoder alike). The self-check runs each (:func:`forced_blocks`)."""
+    configs = []
+    BLOCK_D = _next_power_of_2(max(D, 1))
+    for k in range(0, 31):
+        num_groups = 1 << k
+        forward_ = block_config(num_groups, D, dtype, False, False, num_sms)
+        backward_ = block_config(num_groups, D, dtype, True, False, num_sms)
+        if num_groups * BLOCK_D < 2048:
+            continue  # a tile capped by a tiny problem, not a configuration of a training
+        config = {"forward": (forward_[0], forward_[2]), "backward": (backward_[0], backward_[2])}
+        if config not in configs:
+            configs.append(config)
+    return configs
+
+
+_FORCED: dict | None = None  # {"forward": (BLOCK_G, num_warps), "backward": (...)}: set by forced_blocks
+
+
+@contextlib.contextmanager
+def forced_blocks(config: dict | None):
+    """Launch with the given (BLOCK_G, num_warps) instead of :func:`block_config`'s (one of
+    :func:`launch_configs`), so that small inputs run the kernels a large training launches."""
+    global _FORCED
+    previous, _FORCED = _FORCED, config
+    try:
+        yield
+    finally:
+        _FORCED = previous
+
+
 def _next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
@@ -155,6 +188,8 @@ def _launch_args(value, num_groups, backward):
     interpret = interpreting()
     num_sms = torch.cuda.get_device_properties(value.device).multi_processor_count if value.is_cuda else 132
     BLOCK_G, BLOCK_D, num_warps = block_config(num_groups, D, value.dtype, backward, interpret, num_sms)
+    if _FORCED is not None:
+        BLOCK_G, num_warps = _FORCED["backward" if backward else "forward"]
     import triton.language as tl
 
     acc = tl.float64 if value.dtype == torch.float64 else tl.float32
