@@ -26,7 +26,7 @@ import warnings
 
 import torch
 
-from . import implementations, library
+from . import distributed, implementations, library
 from .environment import device_name
 from .flops import flop_handles
 from .implementations import REGISTRY, Unavailable
@@ -52,6 +52,7 @@ _unavailable: dict[tuple, BaseException] = {}
 # (implementation name, device, dtype, shape) -> the failed self-check's or launch's message (announced once); shape
 # None: for every shape (a launch failure)
 _failed: dict[tuple, str] = {}
+_shared: set[tuple] = set()  # keys of _chosen decided with every rank of the process group (distributed.py)
 _warned: set[tuple] = set()  # (implementation name, device, dtype, reason) of the fallbacks announced
 
 
@@ -77,12 +78,13 @@ def _prepare(impl: implementations.Implementation, device: torch.device) -> None
     _unavailable[key] = None
 
 
-def _verdict(impl: implementations.Implementation, device: torch.device, dtype: torch.dtype, shape=None) -> dict | None:
+def _verdict(impl: implementations.Implementation, device: torch.device, dtype: torch.dtype, shape=None,
+             timeout: float | None = None) -> dict | None:
     if not impl.needs_self_check:
         return None
     from . import selfcheck
 
-    return selfcheck.self_check(impl, device, dtype, shape)
+    return selfcheck.self_check(impl, device, dtype, shape, timeout)
 
 
 def _failed_for(name, device, dtype, shape) -> str | None:
@@ -100,9 +102,9 @@ def _failure(impl, device, verdict: dict) -> str:
             f"{verdict.get('case')}: {verdict.get('error')}")
 
 
-def _why_not(impl, device, dtype, shape=None) -> str | None:
+def _why_not(impl, device, dtype, shape=None, timeout: float | None = None, check: bool = True) -> str | None:
     """None when ``impl`` may run on ``device`` for ``dtype`` (and ``shape``); otherwise the reason (a failure is
-    recorded)."""
+    recorded). ``check`` False: prepared only (another rank self-checks it); ``timeout``: the check's limit."""
     failed = _failed_for(impl.name, device, dtype, shape)
     if failed is not None:
         return failed
@@ -111,8 +113,10 @@ def _why_not(impl, device, dtype, shape=None) -> str | None:
     except Exception as e:  # noqa: BLE001 - a build error, Unavailable, an import error: all mean "not here"
         lines = str(e).strip().splitlines() or [type(e).__name__]
         return lines[0] if len(lines) <= 3 else "\n".join(lines[:1] + ["..."] + lines[-2:])
+    if not check:
+        return None
     try:
-        verdict = _verdict(impl, device, dtype, shape)
+        verdict = _verdict(impl, device, dtype, shape, timeout)
     except Exception as e:  # noqa: BLE001 - whatever breaks in the check (a cache, a child), auto moves on
         verdict = {"ok": False, "compared": False, "environment": f"{type(e).__name__}: {e}"}
     if verdict is not None and not verdict["ok"]:
@@ -133,8 +137,8 @@ def _warn_fallback(impl, device, reason, next_name) -> None:
 def _resolve(requested: str, device: torch.device, dtype: torch.dtype, shape=None) -> implementations.Implementation:
     key = (requested, device, dtype, shape)
     chosen = _chosen.get(key)
-    if chosen is not None:
-        return chosen
+    if chosen is not None and (key in _shared or requested != "auto" or not distributed.active()):
+        return chosen  # (a choice made alone, under no_grad, is made again with the other ranks for training)
     if requested != "auto":
         impl = implementations.get(requested)
         if device.type not in impl.device_types:
@@ -152,6 +156,8 @@ def _resolve(requested: str, device: torch.device, dtype: torch.dtype, shape=Non
         _chosen[key] = impl
         return impl
     names = implementations.chain(device.type)
+    if distributed.active():
+        return _resolve_shared(key, names, device, dtype, shape)
     for position, name in enumerate(names):
         impl = REGISTRY[name]
         if not impl.supports(device, dtype):
@@ -165,6 +171,31 @@ def _resolve(requested: str, device: torch.device, dtype: torch.dtype, shape=Non
             following = next((n for n in names[position + 1:] if REGISTRY[n].supports(device, dtype)), "pytorch")
             _warn_fallback(impl, device, reason, following)
     raise RuntimeError(f"ms_deform_attn: no implementation runs {dtype} on {device}")
+
+
+def _resolve_shared(key, names, device, dtype, shape) -> implementations.Implementation:
+    """impl="auto" under DDP: the node leaders self-check, all ranks agree (:mod:`model.ops.distributed`)."""
+    group = distributed.group()
+    candidates = [n for n in names if REGISTRY[n].supports(device, dtype)] or ["pytorch"]
+    timeout = distributed.check_timeout(group.pg_timeout)
+    decision = f"{device.type}/{str(dtype).removeprefix('torch.')}/{shape}/{','.join(candidates)}"
+    name, passed_over = group.agree(
+        decision, candidates,
+        leader_check=lambda n: _why_not(REGISTRY[n], device, dtype, shape, timeout=timeout),
+        follower_check=lambda n: _why_not(REGISTRY[n], device, dtype, shape, check=False),
+        describe=lambda n: f"{REGISTRY[n].description} ({n})", checked=lambda n: REGISTRY[n].needs_self_check)
+    if name is None:
+        raise RuntimeError(f"ms_deform_attn: no implementation runs {dtype} on {device} on every rank: {passed_over}")
+    for position, (skipped, reason) in enumerate(passed_over):
+        _failed.setdefault((skipped, device, dtype, shape), reason)
+        if (skipped, device, dtype, reason) not in _warned:
+            _warned.add((skipped, device, dtype, reason))
+            following = passed_over[position + 1][0] if position + 1 < len(passed_over) else name
+            _warn_fallback(REGISTRY[skipped], device, f"{reason} (the same implementation runs on every rank)",
+                           following)
+    _chosen[key] = REGISTRY[name]
+    _shared.add(key)
+    return REGISTRY[name]
 
 
 def _drop(impl, device, dtype, error) -> None:
