@@ -281,3 +281,20 @@ def test_compiles_for_hopper_with_vector_accesses(monkeypatch, dtype):
         assert len(re.findall(r"ld\.global(\.\w+)*\.v4\.b32", kernel.asm["ptx"])) >= corners
     atomics = re.findall(r"(?:atom|red)\.global(?:\.\w+)*\.add(?:\.noftz)?((?:\.v\d)?\.\w+)", backward.asm["ptx"])
     assert atomics and set(atomics) == {".v4.f32"}
+
+
+def test_backward_is_flagged_nondeterministic():
+    """Like the CUDA kernel (and torch's own atomic kernels): torch.use_deterministic_algorithms(True) raises in
+    the backward, warn_only=True warns; the forward is deterministic."""
+    inputs = make_inputs(ODD_LEVELS[:2], M=2, D=8, P=2, N=1, Lq=3, dtype=torch.float32)
+    previous, previous_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        ms_deform_attn(*inputs, impl="triton")
+        with pytest.raises(RuntimeError, match="ms_deform_attn_backward \\(Triton.*does not have a deterministic"):
+            forward_and_grads(lambda *a: ms_deform_attn(*a, impl="triton"), inputs)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="ms_deform_attn_backward \\(Triton"):
+            forward_and_grads(lambda *a: ms_deform_attn(*a, impl="triton"), inputs)
+    finally:
+        torch.use_deterministic_algorithms(previous, warn_only=previous_warn)

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-HEADERS = ("ms_deform_attn.h", "ms_deform_attn_group.h", "ms_deform_attn_launch.h")
+HEADERS = ("ms_deform_attn.h", "ms_deform_attn_group.h", "ms_deform_attn_launch.h", "ms_deform_attn_atomic.h")
 # The CPU library also holds the host emulator of the CUDA kernels (the test-only op ms_deform_attn_emulated).
 SOURCES = {"cpu": ("ms_deform_attn_cpu.cpp", "ms_deform_attn_emulator.cpp"), "cuda": ("ms_deform_attn_cuda.cu",)}
 BUILD_MINUTES = {"cpu": "about a minute", "cuda": "several minutes"}

@@ -33,6 +33,32 @@ TRITON_BACKWARD = f"{NAMESPACE}::ms_deform_attn_triton_backward"
 _lib = torch.library.Library(NAMESPACE, "DEF")
 
 
+def alert_not_deterministic(caller: str) -> None:
+    """What torch's own non-deterministic kernels do: under ``torch.use_deterministic_algorithms(True)`` raise a
+    RuntimeError ("<caller> does not have a deterministic implementation, but you set
+    'torch.use_deterministic_algorithms(True)'..."), with ``warn_only=True`` warn; else nothing. The C++ kernels
+    call at::globalContext().alertNotDeterministic; this is its Python side (torch._C._alert_not_deterministic
+    where torch has it, else torch._prims_common.alert_not_deterministic, else the same check here)."""
+    alert = getattr(torch._C, "_alert_not_deterministic", None)
+    if alert is None:
+        try:
+            from torch._prims_common import alert_not_deterministic as alert
+        except ImportError:
+            alert = None
+    if alert is not None:
+        alert(caller)
+        return
+    if torch.are_deterministic_algorithms_enabled():
+        message = (f"{caller} does not have a deterministic implementation, but you set "
+                   f"'torch.use_deterministic_algorithms(True)'.")
+        if torch.is_deterministic_algorithms_warn_only_enabled():
+            import warnings
+
+            warnings.warn(message, UserWarning, stacklevel=3)
+        else:
+            raise RuntimeError(message)
+
+
 def _forward_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     N, _, M, D = value.shape
     Lq = sampling_locations.shape[1]

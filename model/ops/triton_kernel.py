@@ -221,6 +221,8 @@ def forward(value, spatial_shapes, level_start_index, sampling_locations, attent
 
 def backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     """(grad_value in value's dtype, grad_sampling_locations and grad_attention_weights in their inputs' dtypes)."""
+    # grad_value rows are summed with atomics in whatever order the programs run: the last bits vary between runs
+    library.alert_not_deterministic("ms_deform_attn_backward (Triton kernel: grad_value uses atomic adds)")
     value, shapes, starts, loc, attn = _prepare(value, spatial_shapes, level_start_index, sampling_locations,
                                                 attention_weights)
     N, S, M, D = value.shape

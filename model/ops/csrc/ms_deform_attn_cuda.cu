@@ -5,7 +5,8 @@
 // host emulator (ms_deform_attn_emulator.cpp), which runs them on the CPU. This file adds what only a GPU has:
 // the thread -> group mapping, warp shuffles, atomics, device asserts and the launches.
 //
-// On sm_90 a pack of 4 floats of grad_value is added with one vector atomic.
+// On sm_90 a pack of 4 floats of grad_value is added with one vector atomic, where the toolkit has it (CUDA 12.1
+// and newer: ms_deform_attn_atomic.h).
 #include <tuple>
 
 #include <ATen/ATen.h>
@@ -14,38 +15,12 @@
 #include <c10/cuda/CUDAStream.h>  // (not ATen/cuda/CUDAContext.h: it needs the cuBLAS / cuSPARSE headers)
 #include <torch/library.h>
 
+#include "ms_deform_attn_atomic.h"
 #include "ms_deform_attn_group.h"
 #include "ms_deform_attn_launch.h"
 
 namespace deformable_detr {
 namespace {
-
-// dst[0:V] += val[0:V] atomically (dst aligned to V elements)
-template <int V>
-__device__ __forceinline__ void atomic_add_pack(float* dst, const float (&val)[V]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if constexpr (V % 4 == 0) {
-#pragma unroll
-    for (int i = 0; i < V; i += 4) {
-      atomicAdd(reinterpret_cast<float4*>(dst + i), make_float4(val[i], val[i + 1], val[i + 2], val[i + 3]));
-    }
-  } else
-#endif
-  {
-#pragma unroll
-    for (int i = 0; i < V; ++i) {
-      atomicAdd(dst + i, val[i]);
-    }
-  }
-}
-
-template <int V>
-__device__ __forceinline__ void atomic_add_pack(double* dst, const double (&val)[V]) {
-#pragma unroll
-  for (int i = 0; i < V; ++i) {
-    atomicAdd(dst + i, val[i]);
-  }
-}
 
 // The calling thread, one lane of its group (see the Lanes policy in ms_deform_attn_group.h).
 struct DeviceLanes {
