@@ -4,9 +4,11 @@ Each :class:`Metric` says where its value comes from (``field`` in the metrics.j
 produces it: an evaluated metric's evaluation record, a measured one's measurement record, ``gpu_hours`` the
 sum over the training, evaluation and measurement records; times ``factor`` to the paper's unit), how many
 decimals our values print with, whether the paper's own numbers print as given (``%g``) or with one decimal,
-its Markdown and LaTeX titles, and, for the COCO AP columns, the run-to-run noise band a single run is judged
-with. Validation (an experiment's ``metrics:``), collection,
-tables and figures all read this list: a new column is one entry here plus the code that measures its field.
+its Markdown and LaTeX titles, for the COCO AP columns the run-to-run noise band a single run is judged with, and
+for a number that depends on the machine (FPS, GPU hours) the record field naming the device it was measured on
+and the device class of the references' numbers: ours is set against them only when measured on that class.
+Validation (an experiment's ``metrics:``), collection, tables and figures all read this list: a new column is one
+entry here plus the code that measures its field.
 """
 from __future__ import annotations
 
@@ -21,6 +23,17 @@ from typing import Dict, Optional, Tuple
 # not a significance test.
 NOISE_BAND_AP = 0.3
 
+# The scales whose numbers are set against the paper's: only the paper's setting. A smoke line is another model
+# size on another (synthetic) dataset, so its AP, parameters, FLOPs and FPS carry no difference to the paper's;
+# its differences to the experiment's reference row (ablation deltas) are between like and like and stay.
+COMPARED_SCALES: Tuple[str, ...] = ("full",)
+
+# The machine the paper's and the official code's speed and training time were measured on: "Inference speed is
+# measured on NVIDIA Tesla V100 GPU" (the official repository's README; the paper's Table 1 likewise). A device
+# class is what :func:`harness.report.devices.device_class` makes of a device's name ("V100", "H100", "CPU").
+REFERENCE_DEVICE = "NVIDIA Tesla V100"
+REFERENCE_DEVICE_CLASS = "V100"
+
 
 @dataclass(frozen=True)
 class Metric:
@@ -33,6 +46,7 @@ class Metric:
     title_tex: str = ""
     noise: Optional[float] = None  # the run-to-run band of one run at full scale; None: no noise marker
     evaluated: bool = False        # measured by evaluating a checkpoint (its evaluation record has it)
+    device_field: Optional[str] = None   # the collected column naming the device it was measured on; None: any
 
 
 METRICS: Tuple[Metric, ...] = (
@@ -44,8 +58,8 @@ METRICS: Tuple[Metric, ...] = (
     Metric("APl", "APl", title_md="APL", title_tex="AP$_{L}$", noise=NOISE_BAND_AP, evaluated=True),
     Metric("params", "params", 1e-6, 2, True, "params (M)", "params (M)"),
     Metric("flops", "gflops", 1.0, 1, True, "FLOPs (G)", "FLOPs (G)"),
-    Metric("gpu_hours", "gpu_hours", 1.0, 1, True, "GPU hours", "GPU hours"),
-    Metric("fps", "fps_bs1", 1.0, 1, True, "FPS", "FPS"),
+    Metric("gpu_hours", "gpu_hours", 1.0, 1, True, "GPU hours", "GPU hours", device_field="train_device"),
+    Metric("fps", "fps_bs1", 1.0, 1, True, "FPS", "FPS", device_field="fps_device"),
 )
 BY_NAME: Dict[str, Metric] = {m.name: m for m in METRICS}
 PAPER_METRICS: Tuple[str, ...] = tuple(m.name for m in METRICS)

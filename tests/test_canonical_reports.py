@@ -62,7 +62,7 @@ def test_overrides_and_rows_leave_the_canonical_report_byte_identical(store_with
     reports = tmp_path / "reports"
     assert cli.main(_argv(tmp_path, "--report")) == 0
     canonical = _snapshot(reports)
-    assert "tiny.md" in canonical and "figures/tiny_ap_per_epoch.png" in canonical
+    assert "tiny.md" in canonical and "figures/tiny_convergence.png" in canonical
     assert "31.0" in canonical["tiny.md"].decode() and "7.0" not in canonical["tiny.md"].decode()
     capsys.readouterr()
 
@@ -75,9 +75,9 @@ def test_overrides_and_rows_leave_the_canonical_report_byte_identical(store_with
     now = _snapshot(reports)
     assert {k: v for k, v in now.items() if k in canonical} == canonical          # not a byte changed
     assert set(now) - set(canonical) == {f"{name}.md", f"{name}.tex", f"{name}_compact.tex",
-                                         f"figures/{name}_ap_per_epoch.png", f"figures/{name}_ap_per_epoch.pdf"}
+                                         f"figures/{name}_convergence.png", f"figures/{name}_convergence.pdf"}
     md = now[f"{name}.md"].decode()
-    assert md.startswith(f"# Table 2 (`tiny`), variant `{name}`")
+    assert md.startswith(f"# {name}: End-to-end test grid")     # its own name, not the table: it copies
     assert "**Not the experiment as written:** command-line overrides, `train.epochs=2` on row `K=1`" in md
     assert "7.0" in md and "30.0" in md and "31.0" not in md     # K=1 with 2 epochs beside K=2 as written
     assert "train.epochs=2 --rows K=1 --report`" in md

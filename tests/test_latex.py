@@ -1,4 +1,6 @@
-"""The generated LaTeX compiles with a real LaTeX and fits the text width (harness.report.preview).
+"""The generated LaTeX compiles with a real LaTeX (pdfTeX), fits the text width and renders to PNG
+(harness.report.preview; ``python -m harness.report.preview reports/table2_compact.tex out.png`` renders one
+to look at).
 
 Debian's texlive-latex-base and texlive-latex-recommended (booktabs) and poppler-utils (pdftoppm) are installed
 once per session with apt-get when missing and running as root, the way tests/conftest_slurm.py installs
@@ -24,13 +26,13 @@ PACKAGES = ("texlive-latex-base", "texlive-latex-recommended", "poppler-utils")
 def _have_latex() -> bool:
     if not (shutil.which("pdflatex") and shutil.which("pdftoppm") and shutil.which("kpsewhich")):
         return False
-    found = subprocess.run(["kpsewhich", "booktabs.sty"], capture_output=True, text=True)
-    return found.returncode == 0 and bool(found.stdout.strip())
+    found = subprocess.run(["kpsewhich", "booktabs.sty", "amssymb.sty"], capture_output=True, text=True)
+    return found.returncode == 0 and len(found.stdout.split()) == 2
 
 
 @pytest.fixture(scope="session")
 def latex():
-    """pdflatex with booktabs and graphicx, and pdftoppm; installed with apt-get when missing (as root)."""
+    """pdflatex with booktabs, graphicx and amssymb, and pdftoppm; installed with apt-get when missing (as root)."""
     if _have_latex():
         return
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
@@ -64,12 +66,18 @@ def test_report_compiles_and_fits_the_text_width(latex, tmp_path, name, render):
     assert pdf.stat().st_size > 1000
 
 
-def test_compact_table_renders_to_png(latex, tmp_path):
-    exp, results = _experiment("table2")
-    tex = tmp_path / "table2_compact.tex"
+@pytest.mark.parametrize("name", ["table1", "table2", "table3", "small"])
+def test_compact_table_renders_to_png(latex, tmp_path, name):
+    """The table to paste, as pdfTeX sets it: a PNG of the page cropped to the table (caption above it, notes
+    under it). The small fixture holds a split without large objects (APl -1) and FPS of three devices."""
+    exp, results = _experiment(name)
+    tex = tmp_path / f"{name}_compact.tex"
     tex.write_text(render_latex_compact(exp, collect(results, exp)))
-    png = render_png(compile_table(tex, tmp_path / "build"), tmp_path / "table2_compact.png")
+    png = render_png(compile_table(tex, tmp_path / "build"), tmp_path / f"{name}_compact.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image as mpimg
+    height, width = mpimg.imread(png).shape[:2]
+    assert width > 600 and height > 200, (width, height)          # a table, not an empty page
 
 
 def test_errors_and_overfull_tables_are_caught(latex, tmp_path):

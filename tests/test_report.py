@@ -1,5 +1,7 @@
 """collect -> DataFrame -> Markdown/LaTeX/figures: golden files, every paper row, both references and the
-noise marker, rows of one's own, results as data, LaTeX structure (tests/test_latex.py compiles it)."""
+noise marker, differences only between like and like (no smoke differences, FPS only on the references' device
+class, COCOeval's -1 as "–"), rows of one's own, titles of a copied experiment, results as data, LaTeX structure
+(tests/test_latex.py compiles it and renders it to PNG), figures."""
 import math
 import os
 import re
@@ -12,7 +14,8 @@ import pytest
 from harness.grid import ExperimentError, expand, load_experiment
 from harness.report import noise
 from harness.report.collect import aggregate, collect, export
-from harness.report.figures import ablation_deltas
+from harness.report.devices import classes, comparable, device_class
+from harness.report.figures import ablation_deltas, convergence_curves, reference_points
 from harness.report.tables import command_path, render_latex, render_latex_compact, render_markdown, write_report
 from harness.store import ResultsError, ResultsStore
 
@@ -50,6 +53,7 @@ def test_collect_has_one_row_per_run(small, small_df):
     assert ResultsStore(RESULTS).plan([spec])[0].action == "run"
     k1 = small_df[(small_df.label == "K=1") & (small_df.scale == "smoke")].iloc[0]
     assert k1.AP == 0.75 and math.isnan(k1.AP75)                   # a missing field is NaN
+    assert math.isnan(k1.APl) and k1.undefined == "APl"           # COCOeval's -1 is no number, and says so
 
 
 def test_aggregate_over_seeds(small_df):
@@ -85,20 +89,22 @@ def test_golden_report(small, small_df, suffix, render, monkeypatch):
 
 def test_report_lines(small, small_df):
     md = render_markdown(small, small_df)
-    assert "| base | Deformable DETR | 4 | paper | 43.8 | 62.6 | 40 | 173 | 19 |" in md
-    assert "|  |  |  | official code | 44.5 |  | 40 |  | 15 |" in md
+    assert "| base | Deformable DETR | 4 | paper | 43.8 | 62.6 | 58.0 | 40 | 173 | 19 |" in md
+    assert "|  |  |  | official code | 44.5 |  | 59.6 | 40 |  | 15 |" in md
     # mean±std over 2 seeds, (Δ paper / Δ official), and within the seeds' spread of the official 44.5
     assert "ours (full), 2 seeds | 44.2±0.3 (+0.4 / -0.3) ≈ | 62.7±0.3 (+0.1 / –) ≈ |" in md
     assert "40.07±0.00 (+0.07 / +0.07)" in md                       # params in M beside 40 and 40
-    assert "| 1.2 (-42.5 / -43.2) | 19.8 (-42.9 / –) |" in md      # smoke: no noise marker
+    # smoke: another model on another dataset, so no difference to the paper (nor a noise marker) in any column
+    assert "| ours (smoke) | 1.2 | 19.8 | 15.2 | 1.23 | 0.6 | 14.2 [CPU] | smoke |" in md
     assert "paper; ours: full failed" in md and "not run | DETR |  | paper; ours" not in md
-    # complexity measured alone: params/FLOPs/FPS without AP, and the run is still to be trained
-    assert "|  |  |  | ours (full) |  |  | 41.52 (+0.52) | 89.6 (+3.6) | 27.0 (-1.0) | full | coco |  |" in md
+    # complexity measured alone: params/FLOPs/FPS without AP, and the run is still to be trained; its FPS was
+    # measured on a V100 like the paper's, so it has its difference
+    assert "|  |  |  | ours (full) |  |  |  | 41.52 (+0.52) | 89.6 (+3.6) | 27.0 [V100] (-1.0) | full | coco |  |" in md
     assert "| cited | FCOS (Tian et al., 2019) |  | paper (cited) | 44.7 | 64.1 |" in md
     assert "cpu; FPS: NVIDIA H100 80GB HBM3" in md
     assert "A_row & 50% of a \\| pipe, café" in md
     # a row of one's own: no paper line, the label tells it from base (same cells), no noise marker
-    assert "| 2 levels | Deformable DETR | 4 | ours (full) | 43.1 | 61.6 | 40.07 | 185.6 | 14.2 | full |" in md
+    assert "| 2 levels | Deformable DETR | 4 | ours (full) | 43.1 | 61.6 | – | 40.07 | 185.6 | 14.2 [H100] | full |" in md
     # an axes row that has not run: one line, its label, nothing else
     assert "| enc_n_points=8 |  | 8/4 | ours: not run |  |" in md      # K derived from its config
     assert md.count("enc_n_points=8") == 1
@@ -114,9 +120,9 @@ def test_ablation_deltas_say_whether_they_exceed_the_noise(small, small_df):
     assert "| 2 levels |  | -1.1 ↓ (±0.41) |  |" in section      # one run against base's two seeds
     assert "enc_n_points=8" not in section                         # no line without a number
     fig = ablation_deltas(small, aggregate(small_df))
-    titles = [ax.get_title() for ax in fig.axes]
-    assert titles == ["paper and ours, full scale", "ours, smoke scale (synthetic data)"]   # one scale per axis
-    assert all(ax.get_legend() is not None for ax in fig.axes)
+    assert len(fig.axes) == 1                                      # paper, full and smoke on one shared axis
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [
+        "paper", "ours, full scale", "ours, smoke scale (synthetic)"]
 
 
 def test_noise_verdicts():
@@ -145,12 +151,13 @@ def test_figures_are_written_and_deterministic(tmp_path, small):
     first = write_report(small, RESULTS, tmp_path / "a")
     second = write_report(small, RESULTS, tmp_path / "b")
     figures = sorted(p.name for p in first if p.parent.name == "figures")
-    assert figures == sorted(f"small_{n}.{e}" for n in ("ap_per_epoch", "ap_vs_gflops", "ap_vs_fps",
+    assert figures == sorted(f"small_{n}.{e}" for n in ("convergence", "ap_vs_gflops", "ap_vs_fps",
                                                          "ablation_deltas") for e in ("png", "pdf"))
     for p, q in zip(first, second):
         assert p.read_bytes() == q.read_bytes(), p.name
-    pdf = (tmp_path / "a" / "figures" / "small_ap_per_epoch.pdf").read_bytes()
+    pdf = (tmp_path / "a" / "figures" / "small_convergence.pdf").read_bytes()
     assert b"CreationDate" not in pdf
+    assert b"/FontFile2" in pdf and b"STIX" in pdf           # vector, serif TrueType fonts embedded (not Type 3)
 
 
 # ------------------------------------------------------------------------------------ the paper tables
@@ -200,23 +207,30 @@ def test_latex_structure(tmp_path, small, small_df, name, render):
     for rule in (r"\toprule", r"\midrule", r"\bottomrule"):
         assert tex.count(rule) == 1
     assert r"\hline" not in tex
-    spec = re.search(r"\\begin\{tabular\}\{([lcr]+)\}", tex).group(1)
+    spec = re.search(r"\\begin\{tabular\}\{([lcr@{}\\,]+)\}\n", tex).group(1)
+    n_columns = len(re.findall(r"[lcr]", re.sub(r"@\{[^}]*\}", "", spec)))
     for line in _tabular_rows(tex):
         unescaped = line.replace(r"\&", "")
-        assert unescaped.count("&") == len(spec) - 1, line
+        assert unescaped.count("&") == n_columns - 1, line
+    # as a paper sets it: caption above, a check mark (amssymb), true minus signs (math) in every number
+    assert tex.index(r"\caption{") < tex.index(r"\begin{tabular}")
+    assert r"\surd" not in tex and (r"\checkmark" in tex or name in ("table1", "table3"))
+    body = tex.split(r"\midrule", 1)[1].split(r"\bottomrule", 1)[0]
+    assert re.search(r"(?<![$\w-])-\d", re.sub(r"\$[^$]*\$", "", body)) is None, "a hyphen as a minus sign"
     # braces balance and specials are escaped
     assert tex.count("{") - tex.count(r"\{") == tex.count("}") - tex.count(r"\}")
     text = re.sub(r"(?<!\\)\$[^$]*\$", "", tex.split("\n", 1)[1])        # math is allowed its _
     text = text.replace("{%\n", "{\n")                                  # the resizebox line ends in a comment
     assert re.search(r"(?<!\\)[%#_&$]", text.replace(" & ", " ")) is None
     assert re.search(r"\\label\{tab:" + re.escape(exp.name) + r"(-compact)?\}", tex)
-    assert "provenance of ours" in tex if render is render_latex else "Commit" not in tex
+    assert ("Commit" in tex) == (render is render_latex)          # the provenance columns: the full record only
+    assert len(re.search(r"\\caption\{(.*)\}\n", tex).group(1)) < 600     # short: the notes go under the table
     assert all(ord(c) < 128 for c in tex), "non-ASCII left in the LaTeX"
 
 
 def test_latex_escapes_symbols_and_rejects_what_it_cannot_spell(tmp_path, small_df):
     tex = render_latex_compact(load_experiment(FIXTURE / "experiment.yaml", check_data=False), small_df)
-    assert r"-- $\surd$ marks a switch" in tex and r"caf\'{e}" in tex
+    assert r"-- \checkmark{} marks a switch" in tex and r"caf\'{e}" in tex
     text = (FIXTURE / "experiment.yaml").read_text().replace("Deformable DETR, K: 1}", "Deformable DETR ☃, K: 1}")
     (tmp_path / "snow.yaml").write_text(text)
     exp = load_experiment(tmp_path / "snow.yaml", check_data=False)
@@ -298,3 +312,103 @@ def test_backbone_weights_in_the_notes(small, small_df):
     text = render_markdown(small, df)
     assert (f"Backbone weights the runs started from: ResNet50_Weights.IMAGENET1K_V1 (76.13% ImageNet top-1): "
             f"{df.loc[first, 'label']} ({df.loc[first, 'scale']})") in text
+
+
+# ------------------------------------------------------------------------------------ like with like
+
+def test_device_classes():
+    assert device_class("NVIDIA H100 80GB HBM3") == "H100" and device_class("Tesla V100-SXM2-32GB") == "V100"
+    assert device_class("CPU (AMD EPYC, 2 threads)") == "CPU" == device_class("cpu")
+    assert device_class("NVIDIA GeForce RTX 4090") == "RTX 4090" and device_class("") == ""
+    assert classes("CPU (AMD EPYC, 2 threads), NVIDIA H100 80GB HBM3") == ["CPU", "H100"]    # seeds on two machines
+    assert comparable("fps", "Tesla V100-PCIE-16GB") and not comparable("fps", "NVIDIA A100-SXM4-80GB")
+    assert not comparable("fps", "Tesla V100-SXM2-32GB, NVIDIA H100 80GB HBM3")            # one seed elsewhere
+    assert comparable("AP", "cpu") and not comparable("gpu_hours", "")                     # AP: any machine
+
+
+def test_fps_carries_its_device_and_is_compared_only_on_the_references_class(small, small_df):
+    md = render_markdown(small, small_df)
+    assert "| 14.7±0.7 [H100] | full |" in md                   # H100: no difference to the paper's V100 19
+    assert "| 27.0 [V100] (-1.0) | full |" in md                 # V100: the paper's class, compared
+    tex = render_latex_compact(small, small_df)
+    assert r"27.0 & {\scriptsize $-1.0$}\textsuperscript{c}" in tex
+    assert r"14.7$\pm$0.7 & \textsuperscript{a}" in tex
+    assert r"\textsuperscript{a}Measured on NVIDIA H100 80GB HBM3; not set against the paper's (NVIDIA Tesla V100)." in tex
+    assert r"\textsuperscript{c}Measured on Tesla V100-SXM2-32GB." in tex
+
+
+def test_smoke_lines_are_not_set_against_the_paper(tmp_path, monkeypatch):
+    """Table 1's smoke line: smoke-scale params, FLOPs, FPS (and AP) have no difference to the paper's."""
+    monkeypatch.chdir(ROOT)
+    exp = load_experiment(ROOT / "experiments" / "table1.yaml", check_data=False)
+    md = render_markdown(exp, collect(ROOT / "results", exp))
+    smoke = next(line for line in md.splitlines() if "| ours (smoke)" in line)
+    assert "(" not in smoke.split("| ours (smoke) |")[1].split("| smoke |")[0] and "[CPU]" in smoke, smoke
+    assert "25.07 (-14.93" not in md and "(-8.6" not in md
+
+
+def test_a_coco_number_the_evaluation_could_not_compute_is_a_dash(small, small_df):
+    """A split without large objects: COCOeval's -1 (-100 in percent) or a null reads "–", never 0.0 (-58.1)."""
+    md = render_markdown(small, small_df)
+    assert "| ours (smoke) | 0.8 | 19.2 | – | 1.20 |" in md          # APl -100 in the record
+    assert "| 43.1 | 61.6 | – | 40.07 |" in md                      # APl null in the record
+    assert "COCOeval's -1" in md
+    tex = render_latex_compact(small, small_df)
+    assert "& 19.2 &  & -- &  & 1.20" in tex and "COCOeval's $-1$" in tex
+    agg = aggregate(small_df)
+    assert agg[(agg.label == "2 levels")].iloc[0].undefined == "APl"
+
+
+# ------------------------------------------------------------------------------------ titles of a copy
+
+def test_a_copied_experiment_titles_its_report_and_figures_with_its_own_name(tmp_path, monkeypatch):
+    """A copy of table2.yaml keeps `table: "2"`; its report and figures are titled with its own name and
+    caption, and its files and LaTeX label are its own."""
+    monkeypatch.chdir(ROOT)
+    text = (ROOT / "experiments" / "table2.yaml").read_text()
+    text = text.replace("name: table2", "name: my_ablation").replace(
+        "caption: >-\n  Ablations for deformable attention", "caption: >-\n  My ablations of deformable attention")
+    assert 'table: "2"' in text
+    (tmp_path / "my_ablation.yaml").write_text(text)
+    exp = load_experiment(tmp_path / "my_ablation.yaml", check_data=False)
+    paths = write_report(exp, ROOT / "results", tmp_path / "reports")
+    md = (tmp_path / "reports" / "my_ablation.md").read_text()
+    assert md.startswith("# my_ablation: My ablations of deformable attention on COCO 2017 val set\n")
+    assert "Table 2" not in md.splitlines()[0]
+    assert "the paper's Table 2" in md                          # where its paper numbers come from, as a fact
+    original = render_markdown(load_experiment(ROOT / "experiments" / "table2.yaml", check_data=False),
+                               collect(ROOT / "results", ROOT / "experiments" / "table2.yaml"))
+    assert md.split("| MS inputs |", 1)[1].split("\n\n")[0] == original.split("| MS inputs |", 1)[1].split("\n\n")[0]
+    tex = (tmp_path / "reports" / "my_ablation_compact.tex").read_text()
+    assert r"\label{tab:my-ablation-compact}" in tex and tex.startswith("% my_ablation:")
+    assert r"\caption{My ablations" in tex
+    figures = sorted(p.name for p in paths if p.parent.name == "figures" and p.suffix == ".png")
+    assert figures == ["my_ablation_ablation_deltas.png", "my_ablation_ap_vs_fps.png", "my_ablation_ap_vs_gflops.png",
+                       "my_ablation_convergence.png"]
+    from harness.report.figures import ablation_deltas as deltas_figure
+    fig = deltas_figure(exp, aggregate(collect(ROOT / "results", exp)))
+    assert fig.get_suptitle().startswith("my_ablation: My ablations") and "Table 2" not in fig.get_suptitle()
+
+
+# ------------------------------------------------------------------------------------ convergence
+
+def test_convergence_curves_are_one_based_with_seed_bands_and_reference_points(small, small_df):
+    store = ResultsStore(RESULTS)
+    curves = {(tuple(c.labels), c.scale): c for c in convergence_curves(small, small_df, store)}
+    base = curves[(("base",), "full")]
+    assert base.epochs == [1, 2, 3] and base.ap == pytest.approx([30.5, 40.5, 44.2])   # mean of the two seeds
+    assert base.ap_std[0] == pytest.approx(math.sqrt(0.5)) and len(base.runs) == 2       # the band: their std
+    assert base.loss == [10.0, 9.0, 8.0] and base.lr == [2e-4] * 3
+    assert curves[(("base",), "smoke")].epochs == [1, 2]
+    # paper's final AP at the epochs the row's recipe trains (50), the official code's beside it
+    assert ("base", "paper", 50.0, 43.8) in reference_points(small)
+    assert ("base", "official code", 50.0, 44.5) in reference_points(small)
+    # rows that are one training are one curve, labelled with both
+    twin = small_df[small_df.label == "base"].assign(label="base again")
+    merged = convergence_curves(small, pd.concat([small_df, twin]), store)
+    assert [c.name for c in merged if c.scale == "full"][0] == "base = base again"
+
+
+def test_test_dev_rows_give_no_reference_point():
+    exp = load_experiment(ROOT / "experiments" / "table3.yaml", check_data=False)
+    assert all(label != "Deformable DETR, ResNet-50" for label, *_ in reference_points(exp))

@@ -12,6 +12,10 @@ The DataFrame is also the results as data (``export`` writes it as CSV or Parque
 provenance, every record's numbers, the row's table cells (``cell.<column>``), the resolved config fields that
 differ between runs (dotted, ``model.enc_n_points``: an ``axes`` sweep groups by its swept key) and the
 paper's and official code's numbers (``paper_AP``, ``official_AP``, ...).
+
+A COCO number the evaluation could not compute is no number: COCOeval's -1 (no ground-truth object of that size
+in the evaluated split; -100 once in percent) and a null in the record are read as NaN, and ``undefined`` lists
+those fields (``APl``), so that a table shows "–" there rather than an empty cell or a made-up 0.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from harness.store import CorruptFileError, ResultsError, ResultsStore
 RECORDS = (("training", "train"), ("evaluation", "eval"), ("measurement", "measure"))
 # Text fields, each from one record (the numeric ones: harness.metrics, read as :func:`_record_of` says).
 TEXT_FIELDS = ("fps_device", "device", "commit", "date", "dataset", "attn_impl", "fps_attn_impl", "precision",
-               "backbone_weights", "eval_split", "checkpoint_sha256") + tuple(
+               "backbone_weights", "eval_split", "checkpoint_sha256", "undefined") + tuple(
     f"{prefix}_{field}" for _, prefix in RECORDS for field in ("commit", "date", "device"))
 # Each record's own GPU-hours (``gpu_hours`` is their sum).
 RECORD_NUMERIC_FIELDS = tuple(f"{prefix}_gpu_hours" for _, prefix in RECORDS)
@@ -133,13 +137,16 @@ def _read_run(store: ResultsStore, spec) -> dict:
         if key == "gpu_hours":
             continue
         record[key] = _number(records[_record_of(key)].get(key))
+    undefined = [key for key in EVALUATED_FIELDS if _undefined(evaluation, key)]
+    for key in undefined:
+        record[key] = math.nan
     hours = [_number(part.get("gpu_hours")) for part in records.values()]
     hours = [h for h in hours if not math.isnan(h)]
     record["gpu_hours"] = float(sum(hours)) if hours else math.nan
     text = {"fps_device": measurement.get("fps_device"), "precision": measurement.get("precision"),
             "fps_attn_impl": measurement.get("fps_attn_impl"), "attn_impl": training.get("attn_impl"),
             "backbone_weights": training.get("backbone_weights"), "eval_split": evaluation.get("split"),
-            "checkpoint_sha256": training.get("checkpoint_sha256")}
+            "checkpoint_sha256": training.get("checkpoint_sha256"), "undefined": ", ".join(undefined)}
     for kind, prefix in RECORDS:
         record[f"{prefix}_gpu_hours"] = _number(records[kind].get("gpu_hours"))
         for field in ("commit", "date", "device"):
@@ -160,6 +167,15 @@ def _read_run(store: ResultsStore, spec) -> dict:
         record[key] = "" if value is None else str(value)
     record["has_metrics"] = has_metrics
     return record
+
+
+def _undefined(evaluation: dict, key: str) -> bool:
+    """COCOeval had no value for ``key``: the record holds null, or its -1 (-100 in percent; AP is never
+    negative)."""
+    if key not in evaluation:
+        return False
+    value = evaluation[key]
+    return value is None or (not math.isnan(_number(value)) and _number(value) < 0)
 
 
 def _flatten(tree: dict, prefix: str = "") -> Dict[str, object]:
@@ -224,7 +240,7 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
             record[key] = float(values.mean()) if len(values) else math.nan
             record[f"{key}_seed_std"] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
         for key in TEXT_FIELDS:
-            if key in ("commit", "date"):          # each run's already lists its records' distinct values
+            if key in ("commit", "date", "undefined"):   # each run's lists its records' distinct values
                 record[key] = ", ".join(sorted({p for v in group[key] if v for p in v.split(", ")}))
             else:
                 record[key] = ", ".join(sorted({v for v in group[key] if v}))

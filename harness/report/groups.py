@@ -3,9 +3,14 @@
 Per row of the experiment, in order: the paper's line (if the row has paper numbers), the official code's line
 (if it has official numbers), and one line per scale at which we have numbers ("ours (full)", "ours (smoke)").
 A line with no number is not printed; a row with no line of ours says its state ("not run", "full failed") in
-the source cell of its last line, or on a line of its own when it has no other. Our cells read
-``mean±std (Δ paper / Δ official) marker``: the std only over >= 2 seeds, the second difference only for a
-row with official numbers, and the marker only for the AP columns at full scale (:mod:`.noise`).
+the source cell of its last line, or on a line of its own when it has no other. Each number is a :class:`Cell`:
+ours is ``mean±std`` (the std only over >= 2 seeds) with its differences to the paper and, for a row with official
+numbers, to the official code, the one it is held to, and a noise marker (AP columns, :mod:`.noise`). Differences
+are only between like and like: a smoke line has none (another model size on another dataset:
+:data:`harness.metrics.COMPARED_SCALES`), and a number that depends on the machine (FPS, GPU hours) carries its
+device class and has differences only where it was measured on the references' class (:mod:`.devices`). A COCO
+number the evaluation could not compute (COCOeval's -1: no object of that size in the split) reads as the
+style's dash.
 
 The descriptive cells come from the row's ``cells``; a column the row leaves out is filled from the row's
 override of the same key (``axes`` rows: the swept value). Whenever the cells do not tell every row apart, a
@@ -20,28 +25,45 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import pandas as pd
 
 from harness.grid import SCALES, Experiment, Row, collapsed_at_smoke
-from harness.metrics import BY_NAME
+from harness.metrics import BY_NAME, COMPARED_SCALES, REFERENCE_DEVICE_CLASS
 from harness.report import noise
+from harness.report.devices import classes, comparable, device_class, split_devices
 from harness.report.collect import aggregate, reproduced, run_states
 
 PROVENANCE = ("scale", "dataset", "epochs trained", "device", "commit", "date")
 LABEL = "label"             # the lead column holding row labels
 
 
+def _plain_signed(value: float, decimals: int) -> str:
+    return f"{value:+.{decimals}f}"
+
+
 @dataclass(frozen=True)
 class Style:
     check: str              # a true boolean cell
     pm: str
-    dash: str               # a missing difference
+    dash: str               # a missing difference; a COCO number the evaluation could not compute
     markers: Dict[str, str]  # noise verdict -> symbol
     escape: Callable[[str], str]
+    signed: Callable[[float, int], str] = _plain_signed   # a difference: value, decimals -> "+0.4" / "-0.3"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One number of a line, in a style's spelling; empty (``value == ""``) where nothing was measured."""
+    value: str = ""                  # "44.2±0.3", "43.8", or the style's dash (COCOeval had no value)
+    deltas: Tuple[str, ...] = ()     # to the paper and (a row with official numbers) the official code
+    held: str = ""                   # the difference to the reference the number is held to (compact tables)
+    marker: str = ""                 # noise verdict symbol
+    device: str = ""                 # the device class of a machine-dependent number of ours ("CPU", "V100")
+    devices: Tuple[str, ...] = ()    # the device names it was measured on (notes)
 
 
 @dataclass(frozen=True)
 class Line:
     kind: str               # paper | official | ours | state
     source: str
-    metrics: List[str]
+    metrics: List[Cell]
     provenance: List[str] = field(default_factory=list)   # ours lines only
     scale: str = ""
 
@@ -59,33 +81,42 @@ def missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def reference_cell(metric: str, value) -> str:
+def reference_cell(metric: str, value) -> Cell:
     """The paper's or the official code's number, as the paper prints it."""
     if missing(value):
-        return ""
+        return Cell()
     if BY_NAME[metric].paper_as_given:
-        return f"{value:g}"
-    return f"{float(value):.1f}"
+        return Cell(f"{value:g}")
+    return Cell(f"{float(value):.1f}")
 
 
-def ours_cell(metric: str, mean: float, std: float, n_runs: int, scale: str, row: Row, style: Style) -> str:
+def ours_cell(metric: str, mean: float, std: float, n_runs: int, scale: str, row: Row, style: Style,
+              devices: str = "", undefined: bool = False) -> Cell:
+    """Our number of ``metric`` on a line: ``devices`` the aggregated names of the machines a machine-dependent
+    number was measured on; ``undefined`` that the evaluation had no value for it (COCOeval's -1)."""
     if missing(mean):
-        return ""
+        return Cell(style.dash) if undefined else Cell()
     decimals = BY_NAME[metric].decimals
     text = f"{mean:.{decimals}f}"
     if n_runs >= 2 and not missing(std):
         text += f"{style.pm}{std:.{decimals}f}"
+    device_bound = BY_NAME[metric].device_field is not None
+    found = classes(devices) if device_bound else []
+    device = " / ".join(found)
+    compared = scale in COMPARED_SCALES and comparable(metric, devices)
+    cell = Cell(text, device=device, devices=tuple(split_devices(devices)) if device_bound else ())
+    if not compared:                       # a smoke line, or measured on another device class than the references'
+        return cell
     references = [row.paper.get(metric)] + ([row.official.get(metric)] if has_official(row) else [])
+    deltas: Tuple[str, ...] = ()
     if any(not missing(r) for r in references):
-        deltas = [style.dash if missing(r) else f"{mean - float(r):+.{decimals}f}" for r in references]
-        text += f" ({' / '.join(deltas)})"
-    if scale == "full":
-        _, held = noise.held_reference(row.paper, row.official, metric)
-        verdict = noise.verdict(metric, mean - held if held is not None else math.nan,
-                                noise.band(metric, std, n_runs, scale))
-        if verdict is not None:
-            text += f" {style.markers[verdict]}"
-    return text
+        deltas = tuple(style.dash if missing(r) else style.signed(mean - float(r), decimals) for r in references)
+    _, held = noise.held_reference(row.paper, row.official, metric)
+    held_text = style.signed(mean - held, decimals) if held is not None else ""
+    verdict = noise.verdict(metric, mean - held if held is not None else math.nan,
+                            noise.band(metric, std, n_runs, scale))
+    marker = style.markers[verdict] if verdict is not None else ""
+    return Cell(text, deltas, held_text, marker, device, cell.devices)
 
 
 def has_official(row: Row) -> bool:
@@ -171,7 +202,7 @@ def build_groups(experiment: Experiment, df: pd.DataFrame, style: Style,
                     last = lines[-1]
                     lines[-1] = Line(last.kind, f"{last.source}; ours: {state}", last.metrics)
                 else:
-                    lines.append(Line("state", f"ours: {state}", [""] * len(experiment.metrics)))
+                    lines.append(Line("state", f"ours: {state}", [Cell()] * len(experiment.metrics)))
         groups.append(Group(row, cells, lines))
     return lead, groups
 
@@ -182,11 +213,15 @@ def _ours_lines(experiment, agg, row, scale, style, format_provenance) -> List[L
         return []
     r = sub.iloc[0]
     n_runs = int(r["n_runs"])
+    undefined = set(str(r["undefined"]).split(", ")) if r["undefined"] else set()
     cells = []
     for m in experiment.metrics:
         mean, std = reproduced(agg, row.label, scale, m)
-        cells.append(ours_cell(m, mean, std, n_runs, scale, row, style))
-    if not any(cells):                     # measured, but none of this table's columns
+        device_field = BY_NAME[m].device_field
+        cells.append(ours_cell(m, mean, std, n_runs, scale, row, style,
+                               devices=str(r[device_field] or "") if device_field else "",
+                               undefined=BY_NAME[m].field in undefined))
+    if not any(cell.value and cell.value != style.dash for cell in cells):   # none of this table's columns
         return []
     source = f"ours ({scale})" + (f", {n_runs} seeds" if n_runs > 1 else "")
     if scale == "smoke":         # the smoke profile made this row one training with others: say which
@@ -221,7 +256,51 @@ def scales_shown(groups: Sequence[Group]) -> List[str]:
     return [s for s in SCALES if any(line.scale == s for g in groups for line in g.lines)]
 
 
-def markers_shown(groups: Sequence[Group], style: Style) -> bool:
-    symbols = set(style.markers.values())
-    return any(cell.endswith(tuple(symbols)) for g in groups for line in g.lines if line.kind == "ours"
-               for cell in line.metrics if cell) if symbols else False
+def ours_cells(groups: Sequence[Group]):
+    """Every cell of our lines."""
+    return [cell for g in groups for line in g.lines if line.kind == "ours" for cell in line.metrics]
+
+
+def markers_shown(groups: Sequence[Group], style: Style = None) -> bool:
+    return any(cell.marker for cell in ours_cells(groups))
+
+
+def undefined_shown(groups: Sequence[Group], style: Style) -> bool:
+    """A COCO number the evaluation could not compute is in the table (it reads as ``style.dash``)."""
+    return any(cell.value == style.dash for cell in ours_cells(groups))
+
+
+def devices_shown(groups: Sequence[Group]) -> List[Tuple[str, bool]]:
+    """(device name, whether it is of the references' class) of every machine-dependent number of ours, in
+    table order."""
+    names = dict.fromkeys(name for cell in ours_cells(groups) for name in cell.devices)
+    return [(name, device_class(name) == REFERENCE_DEVICE_CLASS) for name in names]
+
+
+# ------------------------------------------------------------------------------------------ titles
+
+def first_sentence(text: str) -> str:
+    """The caption's first sentence, without its full stop: a title."""
+    text = " ".join((text or "").split())
+    for i, char in enumerate(text):
+        if char == "." and (i + 1 == len(text) or text[i + 1] == " ") and not text[max(0, i - 3):i].endswith(
+                ("e.g", "i.e", "vs", "al", "Fig", "Tab")):
+            return text[:i]
+    return text
+
+
+def title(experiment: Experiment, name: Optional[str] = None) -> str:
+    """A report's or figure's title: the experiment's own name (a variant's, if given) and the first sentence
+    of its own caption; never the paper table its file may have been copied from."""
+    sentence = first_sentence(experiment.caption)
+    return f"{name or experiment.name}: {sentence}" if sentence else (name or experiment.name)
+
+
+def paper_source(experiment: Experiment) -> str:
+    """Where the paper's numbers of the rows come from, ``""`` without any: "the paper's Table 2"."""
+    if not any(_has_paper(row) for row in experiment.rows):
+        return ""
+    table = str(experiment.table or "").strip()
+    if not table or table == experiment.name:
+        return "the paper"
+    return f"the paper's Table {table}"

@@ -1,15 +1,19 @@
-"""The experiment's table in LaTeX (booktabs + graphicx), ready to ``\\input`` (pure).
+"""The experiment's table in LaTeX as a paper sets it, ready to ``\\input`` (pure; booktabs, graphicx, amssymb).
 
 Two files per experiment:
 
-- ``<name>.tex``, the full record: every line of the Markdown report with the provenance of ours as columns;
-- ``<name>_compact.tex``, for a paper: the paper's, the official code's and our lines side by side under each
-  row, without the provenance columns (it follows the table as a note).
+- ``<name>_compact.tex``, the one to paste: the paper's, the official code's and our lines under each row; each
+  number of ours followed, in a smaller font and a column of its own, by its difference to the reference it is
+  held to (the official code's number where the row has one, else the paper's) and the noise marker;
+- ``<name>.tex``, the full record: the same lines with both differences and the provenance of ours as columns.
 
-Both are ``table*`` floats whose tabular is scaled down to the text width only when it is wider. Every string
-that comes from a user (caption, labels, cells) or a run is escaped; common symbols (✓, ±, ≈, arrows, dashes,
-accented Latin letters, ...) become their LaTeX spelling, and any other non-ASCII character is an error that
-names the character and where it is, rather than a file that does not compile.
+Both are ``table*`` floats set as papers set them: caption above (the experiment's own caption and one short
+sentence), booktabs rules, ``\\checkmark`` for a switch that is on, true minus signs, a value column right-aligned
+beside its small difference column, and the long notes (references, noise, devices, provenance) as a footnote
+under the table. The tabular is scaled down to the text width only when it is wider. Every string that comes
+from a user (caption, labels, cells) or a run is escaped; common symbols (✓, ±, ≈, arrows, dashes, accented
+Latin letters, ...) become their LaTeX spelling, and any other non-ASCII character is an error that names the
+character and where it is, rather than a file that does not compile.
 """
 from __future__ import annotations
 
@@ -20,10 +24,10 @@ from typing import Dict, List, Optional, Sequence
 import pandas as pd
 
 from harness.grid import Experiment, ExperimentError
-from harness.metrics import BY_NAME, NOISE_BAND_AP
+from harness.metrics import BY_NAME, NOISE_BAND_AP, REFERENCE_DEVICE
 from harness.report import noise
-from harness.report.groups import (LABEL, PROVENANCE, Group, Style, build_groups, has_official, markers_shown,
-                                   scales_shown)
+from harness.report.groups import (LABEL, PROVENANCE, Cell, Group, Style, build_groups, cell_value, devices_shown,
+                                   has_official, markers_shown, paper_source, scales_shown, undefined_shown)
 from harness.report.variant import Variant
 
 
@@ -34,11 +38,12 @@ class LatexError(ValueError):
 _SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
             "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
             "|": r"$|$", "<": r"$<$", ">": r"$>$"}
-# Symbols users put in cells and captions, spelled with LaTeX's own commands (no package beyond the kernel).
-_SYMBOLS = {"✓": r"$\surd$", "✔": r"$\surd$", "☑": r"$\surd$", "✗": r"$\times$", "✘": r"$\times$",
+# Symbols users put in cells and captions, spelled with LaTeX's own commands (the kernel's, and amssymb's
+# \checkmark).
+_SYMBOLS = {"✓": r"\checkmark{}", "✔": r"\checkmark{}", "☑": r"\checkmark{}", "✗": r"$\times$", "✘": r"$\times$",
             "×": r"$\times$", "±": r"$\pm$", "≈": r"$\approx$", "≤": r"$\leq$", "≥": r"$\geq$", "≠": r"$\neq$",
             "→": r"$\rightarrow$", "←": r"$\leftarrow$", "↑": r"$\uparrow$", "↓": r"$\downarrow$",
-            "–": "--", "—": "---", "−": "-", "‘": "`", "’": "'", "“": "``", "”": "''", "…": r"\ldots{}",
+            "–": "--", "—": "---", "−": r"$-$", "‘": "`", "’": "'", "“": "``", "”": "''", "…": r"\ldots{}",
             "•": r"\textbullet{}", "·": r"$\cdot$", "°": r"$^\circ$", "µ": r"$\mu$", "μ": r"$\mu$",
             "Δ": r"$\Delta$", "α": r"$\alpha$", "β": r"$\beta$", "γ": r"$\gamma$", "λ": r"$\lambda$",
             "σ": r"$\sigma$", "²": r"$^2$", "³": r"$^3$", "√": r"$\surd$", "®": r"\textregistered{}",
@@ -99,10 +104,17 @@ def check_experiment_strings(experiment: Experiment) -> None:
             raise ExperimentError(experiment.path, row, key, str(err)) from None
 
 
-TEX = Style(check=r"$\surd$", pm=r"$\pm$", dash="--", escape=tex_escape,
+def _tex_signed(value: float, decimals: int) -> str:
+    """A difference with a true minus sign (math mode): ``$-0.3$``, ``$+0.4$``."""
+    return f"${value:+.{decimals}f}$"
+
+
+TEX = Style(check=r"\checkmark", pm=r"$\pm$", dash="--", escape=tex_escape, signed=_tex_signed,
             markers={noise.WITHIN: r"$\approx$", noise.ABOVE: r"$\uparrow$", noise.BELOW: r"$\downarrow$"})
 COLUMN_TITLES = {"method": "Method", "epochs": "Epochs", "ms_inputs": "MS inputs", "ms_attention": "MS attention",
                  "K": "$K$", "fpn": "FPNs", "backbone": "Backbone", "tta": "TTA", LABEL: "Row"}
+SOURCES = {"paper": "Paper", "official": "Official code"}
+PACKAGES = "booktabs,graphicx,amssymb"
 
 
 def _title(column: str) -> str:
@@ -113,68 +125,144 @@ def _label(name: str, suffix: str = "") -> str:
     return "tab:" + re.sub(r"[^A-Za-z0-9:.-]", "-", name) + suffix
 
 
-def _tabular(lead: Sequence[str], groups: Sequence[Group], metrics: Sequence[str], provenance: bool) -> List[str]:
-    n_lead, n_metrics, n_prov = len(lead), len(metrics), len(PROVENANCE) if provenance else 0
-    spec = "l" * (n_lead + 1) + "r" * n_metrics + "l" * n_prov
-    first_metric = n_lead + 2                          # 1-based column of the first metric
-    refs = "paper / official code / ours" if any(has_official(g.row) for g in groups) else "paper / ours"
-    spans = [f"\\multicolumn{{{n_metrics}}}{{c}}{{{refs}}}"]
-    rules = f"\\cmidrule(lr){{{first_metric}-{first_metric + n_metrics - 1}}}"
-    if provenance:
-        spans.append(f"\\multicolumn{{{n_prov}}}{{c}}{{provenance of ours}}")
-        rules += f"\\cmidrule(lr){{{first_metric + n_metrics}-{first_metric + n_metrics + n_prov - 1}}}"
-    header = [_title(c) for c in lead] + ["Source"] + [BY_NAME[m].title_tex for m in metrics] + \
-        [tex_escape(p.capitalize()) for p in PROVENANCE[:n_prov]]
-    out = [f"\\begin{{tabular}}{{{spec}}}", "\\toprule", " & ".join([""] * (first_metric - 1) + spans) + " \\\\",
-           rules, " & ".join(header) + " \\\\", "\\midrule"]
+def _note_marks(groups: Sequence[Group]) -> Dict[str, str]:
+    """A footnote letter per device a machine-dependent number of ours was measured on, in table order."""
+    return {name: "abcdefghijklmnopqrstuvwxyz"[i % 26] for i, (name, _) in enumerate(devices_shown(groups))}
+
+
+def _extra(cell: Cell, compact: bool, marks: Dict[str, str]) -> str:
+    """What follows a number in its small column: the difference(s), the noise marker, the device's note."""
+    parts = []
+    if compact and cell.held:
+        parts.append(f"{{\\scriptsize {cell.held}}}")
+    elif not compact and cell.deltas:
+        parts.append("{\\scriptsize (" + "\\,/\\,".join(cell.deltas) + ")}")
+    if cell.marker:
+        parts.append(cell.marker)
+    text = "\\,".join(parts)
+    letters = ",".join(dict.fromkeys(marks[d] for d in cell.devices if d in marks))
+    if letters:
+        text += f"\\textsuperscript{{{letters}}}"
+    return text
+
+
+def _tabular(lead: Sequence[str], groups: Sequence[Group], metrics: Sequence[str], provenance: bool,
+             compact: bool, align: Sequence[str]) -> List[str]:
+    """Per metric a right-aligned value column, and where any line has one a small column beside it
+    (``r@{\\,}l``) for the differences and marks, so that values stay aligned and narrow."""
+    marks = _note_marks(groups)
+    lines = [(g, i, line) for g in groups for i, line in enumerate(g.lines)]
+    extras = {(id(line), k): _extra(cell, compact, marks) for _, _, line in lines
+              for k, cell in enumerate(line.metrics)}
+    paired = [any(extras[(id(line), k)] for _, _, line in lines) for k in range(len(metrics))]
+    n_lead, n_prov = len(lead), len(PROVENANCE) if provenance else 0
+    spec = "".join(align) + "l" + "".join("r@{\\,}l" if pair else "r" for pair in paired) + "l" * n_prov
+    header = [_title(c) for c in lead] + ["Source"] + \
+        [f"\\multicolumn{{2}}{{c}}{{{BY_NAME[m].title_tex}}}" if pair else BY_NAME[m].title_tex
+         for m, pair in zip(metrics, paired)] + [tex_escape(p.capitalize()) for p in PROVENANCE[:n_prov]]
+    out = [f"\\begin{{tabular}}{{{spec}}}", "\\toprule", " & ".join(header) + " \\\\", "\\midrule"]
     for k, group in enumerate(groups):
         if k:
             out.append("\\addlinespace")
         for i, line in enumerate(group.lines):
-            cells = (group.lead if i == 0 else [""] * n_lead) + [tex_escape(line.source)] + line.metrics
+            cells = (group.lead if i == 0 else [""] * n_lead) + [_source(line.source)]
+            for j, cell in enumerate(line.metrics):
+                cells.append(cell.value)
+                if paired[j]:
+                    cells.append(extras[(id(line), j)])
             if provenance:
                 cells += line.provenance or [""] * n_prov
             out.append(" & ".join(cells) + " \\\\")
     return out + ["\\bottomrule", "\\end{tabular}"]
 
 
-def _float(body: List[str], caption: str, label: str, notes: List[str]) -> List[str]:
-    """A ``table*`` whose tabular shrinks to the text width only when it is wider (graphicx's \\resizebox
-    sees the natural \\width in its arguments)."""
-    out = ["\\begin{table*}[t]", "\\centering", "\\small", "\\setlength{\\tabcolsep}{4pt}",
+def _alignment(experiment: Experiment, lead: Sequence[str]) -> List[str]:
+    """``c`` for a lead column of switches and numbers (check marks, K, epochs), as the paper centres them;
+    ``l`` for text."""
+    out = []
+    for column in lead:
+        values = [cell_value(row, column) for row in experiment.rows] if column != LABEL else [""]
+        short = all(v is None or isinstance(v, (bool, int, float)) for v in values)
+        out.append("c" if short and any(v is not None for v in values) else "l")
+    return out
+
+
+def _source(source: str) -> str:
+    return tex_escape(SOURCES.get(source, source[:1].upper() + source[1:]))
+
+
+def _float(body: List[str], caption: str, label: str, notes: List[str], size: str) -> List[str]:
+    """A ``table*`` with its caption above, the tabular shrunk to the text width only when it is wider
+    (graphicx's \\resizebox sees the natural \\width in its arguments), and the notes under it."""
+    out = ["\\begin{table*}[t]", "\\centering", f"\\caption{{{caption}}}", f"\\label{{{label}}}", "\\smallskip", size,
+           "\\setlength{\\tabcolsep}{4pt}",
            "\\resizebox{\\ifdim\\width>\\linewidth\\linewidth\\else\\width\\fi}{!}{%"]
     out += body
     out.append("}")
     if notes:
         out += ["\\par\\smallskip", "{\\footnotesize\\raggedright " + " ".join(notes) + "\\par}"]
-    return out + [f"\\caption{{{caption}}}", f"\\label{{{label}}}", "\\end{table*}", ""]
+    return out + ["\\end{table*}", ""]
 
 
-def _caption(experiment: Experiment, groups: Sequence[Group], what: str, variant: Optional[Variant] = None) -> str:
+def _caption(experiment: Experiment, groups: Sequence[Group], variant: Optional[Variant] = None) -> str:
+    """The experiment's own caption, which lines the table has, and a variant's overrides; the rest is in the
+    notes."""
     official = any(has_official(g.row) for g in groups)
-    scales = scales_shown(groups)
+    ours = bool(scales_shown(groups))
+    paper = any(line.kind == "paper" for g in groups for line in g.lines)
+    kinds = [k for k, shown in (("paper", paper), ("official code", official), ("ours", ours)) if shown]
+    what = "" if len(kinds) < 2 else (", ".join(kinds[:-1]) + " and " + kinds[-1]).capitalize() + "."
     parts = [tex_text(experiment.caption.strip()), what]
     if variant:
         parts.append("Not the experiment as written: command-line overrides " +
                      "; ".join(variant.description(lambda text: f"\\texttt{{{tex_escape(text)}}}")) + ".")
-    if scales:
-        parts.append("Ours: mean$\\pm$std over seeds where there are several, and in parentheses the "
-                     "difference to the paper" + (" / to the official code" if official else "") + ".")
-        if official:
-            parts.append("A reproduction is held to the official code's numbers where given, to the paper's "
-                         "otherwise.")
-    if markers_shown(groups, TEX):
-        parts.append(f"$\\approx$: within the noise of that reference (the seeds' std, or $\\pm${NOISE_BAND_AP} "
-                     "AP for one run); $\\uparrow$/$\\downarrow$: above/below it.")
-    if "smoke" in scales:
-        parts.append("Smoke lines: laptop scale on a synthetic dataset, a check that the pipeline runs, not "
-                     "comparable with the paper.")
     return " ".join(p for p in parts if p)
 
 
+def _notes(experiment: Experiment, groups: Sequence[Group], compact: bool) -> List[str]:
+    """The table's footnote: where the numbers come from and how to read ours."""
+    official = any(has_official(g.row) for g in groups)
+    scales = scales_shown(groups)
+    source = paper_source(experiment)
+    notes = []
+    refs = []
+    if source:
+        refs.append(f"Paper: {tex_escape(source)}")
+    if official:
+        refs.append("official code: the released code's results as its README reports them (same model)")
+    if refs:
+        notes.append("; ".join(refs) + ".")
+    seeds = any(", " in line.source and "seeds" in line.source for g in groups for line in g.lines)
+    spread = "mean$\\pm$std over seeds; " if seeds else ""
+    if "full" in scales:
+        if compact:
+            notes.append(f"Ours: {spread}small numbers: the difference to "
+                         + ("the official code's number where the row has one, else to the paper's."
+                            if official else "the paper's number."))
+        else:
+            notes.append(f"Ours: {spread}in parentheses the difference to "
+                         "the paper" + (" / to the official code (a reproduction is held to the official code's "
+                                        "numbers where given, to the paper's otherwise)" if official else "") + ".")
+    elif seeds:
+        notes.append("Ours: mean$\\pm$std over seeds.")
+    if markers_shown(groups):
+        notes.append(f"$\\approx$: within the noise of that reference (the seeds' std, or $\\pm${NOISE_BAND_AP} "
+                     "AP for one run); $\\uparrow$/$\\downarrow$: above/below it.")
+    if undefined_shown(groups, TEX):
+        notes.append("--: no such number (COCOeval's $-1$: the evaluated split has no object of that size).")
+    if "smoke" in scales:
+        notes.append("Smoke lines: laptop scale on a synthetic dataset, a check that the pipeline runs; not "
+                     "comparable with the paper, so without differences.")
+    marks = _note_marks(groups)
+    for name, same_class in devices_shown(groups):
+        notes.append(f"\\textsuperscript{{{marks[name]}}}Measured on {tex_escape(name)}" +
+                     ("." if same_class else f"; not set against the paper's ({REFERENCE_DEVICE})."))
+    return notes
+
+
 def _header_comment(experiment: Experiment, what: str, variant: Optional[Variant] = None) -> str:
-    lines = [f"% Table {experiment.table} ({experiment.name}), {what}, generated by harness.report from "
-             f"results/{experiment.name}/; do not edit. Needs \\usepackage{{booktabs,graphicx}}."]
+    lines = [f"% {experiment.name}: {what}, generated by harness.report from the records of results/runs/; do not "
+             f"edit. Needs \\usepackage{{{PACKAGES}}}."]
     if variant:
         lines.append(f"% Variant {variant.name}: not the experiment as written; the canonical table is "
                      f"{experiment.name}.tex. Command-line overrides:")
@@ -183,30 +271,29 @@ def _header_comment(experiment: Experiment, what: str, variant: Optional[Variant
 
 
 def render_latex(experiment: Experiment, df: pd.DataFrame, variant: Optional[Variant] = None) -> str:
-    """The full table: every line of the report, the provenance of ours as columns; a ``variant`` names its
-    overrides in the header comment and the caption."""
+    """The full record: every line of the report with both differences and the provenance of ours as columns; a
+    ``variant`` names its overrides in the header comment and the caption."""
     check_experiment_strings(experiment)
     lead, groups = build_groups(experiment, df, TEX, lambda cells: [tex_escape(str(c)) for c in cells])
-    official = any(has_official(g.row) for g in groups)
-    what = ("Lines: the paper's numbers" + (", the official code's (its README, same model)" if official else "")
-            + " and ours, with the provenance of each of our lines.")
-    body = _tabular(lead, groups, experiment.metrics, provenance=True)
+    body = _tabular(lead, groups, experiment.metrics, provenance=True, compact=False,
+                    align=_alignment(experiment, lead))
     name = variant.name if variant else experiment.name
     return "\n".join([_header_comment(experiment, "full record", variant)] +
-                     _float(body, _caption(experiment, groups, what, variant), _label(name), []))
+                     _float(body, _caption(experiment, groups, variant), _label(name),
+                            _notes(experiment, groups, compact=False), "\\footnotesize"))
 
 
 def render_latex_compact(experiment: Experiment, df: pd.DataFrame, variant: Optional[Variant] = None) -> str:
-    """For a paper: the same lines without the provenance columns; the provenance of ours as a note."""
+    """For a paper: the same lines with the difference to the reference each number is held to; the provenance
+    of ours in the notes."""
     check_experiment_strings(experiment)
     lead, groups = build_groups(experiment, df, TEX, lambda cells: [tex_escape(str(c)) for c in cells])
-    body = _tabular(lead, groups, experiment.metrics, provenance=False)
-    official = any(has_official(g.row) for g in groups)
-    what = "Paper" + (", official code (its README, same model)" if official else "") + " and ours."
+    body = _tabular(lead, groups, experiment.metrics, provenance=False, compact=True,
+                    align=_alignment(experiment, lead))
     name = variant.name if variant else experiment.name
-    return "\n".join([_header_comment(experiment, "compact", variant)] +
-                     _float(body, _caption(experiment, groups, what, variant), _label(name, "-compact"),
-                            _provenance_notes(groups)))
+    return "\n".join([_header_comment(experiment, "compact table for a paper", variant)] +
+                     _float(body, _caption(experiment, groups, variant), _label(name, "-compact"),
+                            _notes(experiment, groups, compact=True) + _provenance_notes(groups), "\\small"))
 
 
 def _provenance_notes(groups: Sequence[Group]) -> List[str]:

@@ -3,7 +3,7 @@ the check that a report's LaTeX is ready to paste, and the picture of it in the 
 
     python -m harness.report.preview reports/table2_compact.tex reports/figures/table2_compact.png
 
-Needs Debian's texlive-latex-base and texlive-latex-recommended (booktabs) and poppler-utils; nothing else of
+Needs Debian's texlive-latex-base (amssymb) and texlive-latex-recommended (booktabs) and poppler-utils; nothing else of
 the project. A LaTeX error, or an overfull line (a table wider than the text), is a :class:`LatexBuildError`
 with the log's lines around it.
 """
@@ -22,6 +22,7 @@ from typing import List, Optional
 WRAPPER = r"""\documentclass{article}
 \usepackage{booktabs}
 \usepackage{graphicx}
+\usepackage{amssymb}
 \pagestyle{empty}
 \begin{document}
 \input{table}

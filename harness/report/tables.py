@@ -19,12 +19,13 @@ from typing import List, Optional
 import pandas as pd
 
 from harness.grid import Experiment
-from harness.metrics import BY_NAME, NOISE_BAND_AP
+from harness.metrics import BY_NAME, NOISE_BAND_AP, REFERENCE_DEVICE
 from harness.report import noise
 from harness.report.ablation import ablation_rows, columns_with_values
 from harness.report.collect import aggregate, collect
 from harness.report.figures import write_figures
-from harness.report.groups import LABEL, PROVENANCE, Style, build_groups, has_official, markers_shown
+from harness.report.groups import (LABEL, PROVENANCE, Cell, Style, build_groups, devices_shown, has_official,
+                                   markers_shown, paper_source, title, undefined_shown)
 from harness.report.latex import LatexError, render_latex, render_latex_compact
 from harness.report.variant import Variant, as_written, report_variant
 from harness.store import atomic_write_text
@@ -41,6 +42,19 @@ def _md_escape(text: str) -> str:
 
 MD = Style(check="✓", pm="±", dash="–", markers=MARKERS_MD, escape=_md_escape)
 
+
+def md_cell(cell: Cell) -> str:
+    """``44.2±0.3 [H100] (+0.4 / -0.3) ≈``: the value, the device class of a machine-dependent number, the
+    differences to the references and the noise marker."""
+    text = cell.value
+    if cell.value and cell.device:
+        text += f" [{cell.device}]"
+    if cell.deltas:
+        text += f" ({' / '.join(cell.deltas)})"
+    if cell.marker:
+        text += f" {cell.marker}"
+    return text
+
 __all__ = ["MD", "render_latex", "render_latex_compact", "render_markdown", "write_report", "command_path",
            "write_invocation_report"]
 
@@ -55,8 +69,7 @@ def render_markdown(experiment: Experiment, df: pd.DataFrame, command: Optional[
     header = [_md_escape(COLUMN_TITLES.get(c, c)) for c in lead] + ["source"] + \
         [BY_NAME[m].title_md for m in experiment.metrics] + list(PROVENANCE)
     n_lead, n_metrics = len(lead), len(experiment.metrics)
-    out = [f"# Table {_md_escape(experiment.table)} (`{experiment.name}`)" +
-           (f", variant `{variant.name}`" if variant else ""), ""]
+    out = [f"# {_md_escape(title(experiment, variant.name if variant else None))}", ""]
     if variant:
         out += [_variant_markdown(experiment, variant), ""]
     out += [experiment.caption.strip(), ""]
@@ -69,7 +82,8 @@ def render_markdown(experiment: Experiment, df: pd.DataFrame, command: Optional[
         for i, line in enumerate(group.lines):
             lead_cells = group.lead if i == 0 else [""] * n_lead
             provenance = line.provenance or [""] * len(PROVENANCE)
-            out.append("| " + " | ".join(lead_cells + [line.source] + line.metrics + provenance) + " |")
+            out.append("| " + " | ".join(lead_cells + [line.source] + [md_cell(c) for c in line.metrics] +
+                                         provenance) + " |")
     *guide, generated = _legend(experiment, groups, command, variant)
     for paragraph in guide + weights_note(df):
         out += ["", paragraph]
@@ -130,21 +144,33 @@ def _regenerate(experiment: Experiment, command: Optional[str], variant: Optiona
 
 def _legend(experiment: Experiment, groups, command: Optional[str], variant: Optional[Variant] = None) -> List[str]:
     official = any(has_official(g.row) for g in groups)
-    guide = ("Each row: `paper` is the paper's line" +
+    source = paper_source(experiment)
+    guide = ("Each row: " + (f"`paper` holds the numbers of {source}" if source else "`paper`: the paper's numbers") +
              ("; `official code` the same model trained with the released code, as its README reports (where "
               "the README has the row)" if official else "") +
-             "; `ours (scale)` our numbers: the mean±standard deviation over seeds (with >= 2 seeds), then in "
-             "parentheses the difference to the paper" +
+             "; `ours (scale)` our numbers: the mean±standard deviation over seeds (with >= 2 seeds), then, at "
+             "full scale, in parentheses the difference to the paper" +
              (" / to the official code (for a row with official numbers; – where that reference has no "
               "number)" if official else "") +
-             ". A cell without a measured number stays empty; a row that has no numbers of ours says its state "
-             "(`not run`, `full failed`) in its source cell.")
+             ". A smoke line has no differences: it is another model size on another dataset, not comparable with "
+             "the paper's numbers (its differences to the other rows are below, where the experiment has a "
+             "reference row). A cell without a measured number stays empty; a row that has no numbers of ours says "
+             "its state (`not run`, `full failed`) in its source cell.")
     held = ("Which reference: a reproduction is held to the official code's numbers where the row has them "
             "(the released code lands about 0.7 AP above the paper for Deformable DETR: 44.5 against 43.8 AP), "
             "and to the paper's otherwise." if official else
             "Which reference: a reproduction is held to the paper's numbers (no row here has official "
             "code numbers).")
     paragraphs = [guide, held]
+    if undefined_shown(groups, MD):
+        paragraphs.append("– in a cell of ours: the evaluation has no such number (COCOeval's -1: the evaluated "
+                          "split has no object of that size), not a zero.")
+    if devices_shown(groups):
+        paragraphs.append(
+            f"Devices: FPS and GPU hours depend on the machine. Ours carry the class of the device they were "
+            f"measured on (`[V100]`, `[H100]`, `[CPU]`; FPS on the measurement's device, GPU hours on the "
+            f"training's) and are set against the paper's and the official code's ({REFERENCE_DEVICE}) only "
+            f"when measured on that class; others have no difference.")
     if markers_shown(groups, MD):
         paragraphs.append(
             f"Noise: ≈ marks an AP number of ours at full scale that lies within the noise of the reference it "
