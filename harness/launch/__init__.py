@@ -5,6 +5,7 @@
     environment.py  job variables: rank/rendezvous export, what a submission must not pass on
     wrapper.py      inside the job: ResumableJob, stop signals (soft, then hard), requeue
     local.py        local jobs: detached processes, their ids, stopping them; cancel for every executor
+    follow.py       --status, --logs, --cancel: each executor asked about its own jobs
     submit.py       submit(specs, fn, launcher, log_dir, executor)
     slurm.py        job states, log paths, waiting for results
     check.py        a toy distributed job that checks a cluster end to end

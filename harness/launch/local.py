@@ -120,8 +120,11 @@ class LocalStopper:
         return self.count > 0
 
     def __enter__(self) -> "LocalStopper":
-        for num in (signal.SIGINT, signal.SIGTERM):
-            self._previous[num] = signal.signal(num, self._on_signal)
+        try:
+            for num in (signal.SIGINT, signal.SIGTERM):
+                self._previous[num] = signal.signal(num, self._on_signal)
+        except ValueError:        # not the main thread: signals stay where they were
+            pass
         return self
 
     def __exit__(self, *exc) -> None:

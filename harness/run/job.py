@@ -70,9 +70,8 @@ def _mark_stopped(store: ResultsStore, key: str, job_id: Optional[str], err: Bas
         store.mark_queued(key)
         return
     signals = stop_signal_names()
-    what = str(err) if isinstance(err, JobInterrupted) and str(err) else f"{type(err).__name__}: {err}".rstrip(": ")
-    store.mark_interrupted(key, f"interrupted by {signals or 'a stop'}: {what}" if signals else f"interrupted: {what}",
-                           job_id=job_id)
+    what = str(err) if isinstance(err, JobInterrupted) and str(err) else f"{type(err).__name__}: {err}"
+    store.mark_interrupted(key, f"interrupted by {signals}: {what}" if signals else f"interrupted: {what}", job_id=job_id)
     print(f"{key}: interrupted; submitting it again resumes from its checkpoint", flush=True)
 
 
