@@ -35,8 +35,10 @@ class BackboneWeightsError(FileNotFoundError):
 class ModulatedDeformConv3x3(nn.Module):
     """Deformable convolution v2 replacing a ResNet 3x3 conv: offsets and masks from a zero-initialised conv.
 
-    At initialisation it computes exactly what the replaced conv computed (zero offsets, mask 0.5 is
-    compensated by the factor 2), so ImageNet weights keep their meaning.
+    Modulated as Detectron2's ``DeformBottleneckBlock`` (``deform_modulated``): the mask is the sigmoid of
+    its logits, so at initialisation (zero offsets, mask 0.5) it computes half of what the replaced conv
+    computed. The offset conv is part of the trunk: it trains at ``train.lr_backbone``, as every trunk
+    parameter (Detectron2 gives it no learning rate of its own either).
     """
 
     def __init__(self, conv: nn.Conv2d):
@@ -53,7 +55,7 @@ class ModulatedDeformConv3x3(nn.Module):
     def forward(self, x):
         offset_x, offset_y, mask = self.conv_offset(x).chunk(3, dim=1)
         offset = torch.cat((offset_x, offset_y), dim=1)
-        mask = 2 * torch.sigmoid(mask)
+        mask = torch.sigmoid(mask)
         return torchvision.ops.deform_conv2d(x, offset, self.weight, None, self.stride, self.padding,
                                              self.dilation, mask)
 

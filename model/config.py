@@ -14,7 +14,7 @@ ARCHS = ("deformable_detr", "detr", "faster_rcnn")
 BACKBONES = ("resnet50", "resnet101", "resnext101_32x8d", "resnext101_64x4d")
 NECKS = ("none", "fpn", "bifpn")
 ATTN_IMPLS = ("auto", "cuda", "triton", "cpu", "pytorch")
-RCNN_BOX_LOSSES = ("smooth_l1", "giou")          # Faster R-CNN's box-head regression loss
+RCNN_BOX_LOSSES = ("smooth_l1", "giou")          # Faster R-CNN's box regression losses (box head and RPN)
 # torchvision's ImageNet weights per backbone, by enum member (model.backbone_weights may name one);
 # V1 are the classic recipe's, V2 torchvision's 2021-2022 recipes (stronger: higher ImageNet top-1)
 BACKBONE_WEIGHTS = {"resnet50": ("IMAGENET1K_V1", "IMAGENET1K_V2"), "resnet101": ("IMAGENET1K_V1", "IMAGENET1K_V2"),
@@ -133,7 +133,11 @@ class ModelConfig:
     giou_loss_coef: float = weights(2.0)
     focal_alpha: float = weights(0.25, active=_uses_focal_loss)
     eos_coef: float = weights(0.1, active=lambda c: not c.focal_loss)   # no-object class weight (softmax loss)
-    rcnn_box_loss: str = weights("smooth_l1")       # Faster R-CNN box head: smooth_l1 (torchvision) | giou
+    # Faster R-CNN's box regression, as Detectron2's MODEL.{ROI_BOX_HEAD,RPN}.BBOX_REG_LOSS_{TYPE,WEIGHT}:
+    rcnn_box_loss: str = weights("smooth_l1")       # box head: smooth_l1 (torchvision) | giou
+    rcnn_box_loss_weight: float = weights(1.0)      # box head's regression loss weight
+    rpn_box_loss: str = weights("smooth_l1")        # RPN: smooth_l1 (torchvision's, beta 1/9) | giou
+    rpn_box_loss_weight: float = weights(1.0)       # RPN's regression loss weight
 
     def __post_init__(self):
         validate(self)
@@ -189,9 +193,15 @@ def validate(cfg: ModelConfig) -> None:
     check_choice("neck", cfg.neck, NECKS)
     check_choice("attn_impl", cfg.attn_impl, ATTN_IMPLS)
     check_choice("rcnn_box_loss", cfg.rcnn_box_loss, RCNN_BOX_LOSSES)
-    if cfg.rcnn_box_loss != "smooth_l1" and cfg.arch != "faster_rcnn":
-        raise ConfigError("rcnn_box_loss", f"applies to arch 'faster_rcnn' only, not {cfg.arch!r} (the DETR family "
-                          "always uses L1 + GIoU)")
+    check_choice("rpn_box_loss", cfg.rpn_box_loss, RCNN_BOX_LOSSES)
+    defaults = ModelConfig.__dataclass_fields__
+    for key in ("rcnn_box_loss", "rcnn_box_loss_weight", "rpn_box_loss", "rpn_box_loss_weight"):
+        if getattr(cfg, key) != defaults[key].default and cfg.arch != "faster_rcnn":
+            raise ConfigError(key, f"applies to arch 'faster_rcnn' only, not {cfg.arch!r} (the DETR family "
+                              "always uses L1 + GIoU)")
+    for key in ("rcnn_box_loss_weight", "rpn_box_loss_weight"):
+        if not getattr(cfg, key) > 0:
+            raise ConfigError(key, f"got {getattr(cfg, key)!r}, expected a weight > 0")
     if cfg.backbone_weights is not None and is_weights_name(cfg.backbone_weights):
         check_choice("backbone_weights", cfg.backbone_weights, BACKBONE_WEIGHTS[cfg.backbone])
     check_choice("position_embedding", cfg.position_embedding, ("sine", "learned"))

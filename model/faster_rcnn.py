@@ -8,11 +8,13 @@ the criterion only passes them on.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 import torchvision
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.faster_rcnn import FasterRCNN
 from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -47,9 +49,13 @@ class FasterRCNNDetector(nn.Module):
 
 
 class PassThroughCriterion(nn.Module):
-    """torchvision's own losses (objectness, RPN box, classifier, box regression), each weighted 1."""
+    """torchvision's own losses (objectness, RPN box, classifier, box regression), the box regressions
+    weighted as Detectron2's ``RPN.BBOX_REG_LOSS_WEIGHT`` and ``ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT`` (default 1)."""
 
-    weight_dict = {"loss_objectness": 1.0, "loss_rpn_box_reg": 1.0, "loss_classifier": 1.0, "loss_box_reg": 1.0}
+    def __init__(self, rpn_box_loss_weight: float = 1.0, rcnn_box_loss_weight: float = 1.0):
+        super().__init__()
+        self.weight_dict = {"loss_objectness": 1.0, "loss_rpn_box_reg": rpn_box_loss_weight, "loss_classifier": 1.0,
+                            "loss_box_reg": rcnn_box_loss_weight}
 
     def forward(self, outputs, targets=None):
         return dict(outputs["losses"])
@@ -89,8 +95,8 @@ def giou_loss_from_deltas(pred_deltas, target_deltas, weights, clip: float):
 
 class GIoURoIHeads(RoIHeads):
     """torchvision's box head with the GIoU box loss instead of smooth L1 (Detectron2's
-    ``ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE: giou``, weight 1, summed over foreground proposals and divided by all
-    sampled proposals, as the smooth-L1 loss it replaces). torchvision's forward pass runs unchanged; the
+    ``ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE: giou``, summed over foreground proposals and divided by all sampled
+    proposals, as the smooth-L1 loss it replaces; the criterion weights it, ``rcnn_box_loss_weight``). torchvision's forward pass runs unchanged; the
     sampled labels, regression targets and predicted deltas are kept on the way and ``loss_box_reg`` is
     recomputed from them."""
 
@@ -130,6 +136,35 @@ class GIoURoIHeads(RoIHeads):
         return result, losses
 
 
+class GIoURPN(RegionProposalNetwork):
+    """torchvision's RPN with the GIoU box loss instead of smooth L1 (Detectron2's ``RPN.BBOX_REG_LOSS_TYPE:
+    giou``): the GIoU loss of the boxes the predicted and the target deltas describe relative to their anchors,
+    summed over the sampled positive anchors and divided by all sampled anchors (Detectron2's normaliser, and
+    torchvision's for the smooth-L1 loss it replaces). The objectness loss is torchvision's."""
+
+    @classmethod
+    def from_rpn(cls, rpn: RegionProposalNetwork) -> "GIoURPN":
+        # the same sub-modules (keys, parameters and their initial values) and settings
+        return cls(rpn.anchor_generator, rpn.head, rpn.proposal_matcher.high_threshold,
+                   rpn.proposal_matcher.low_threshold, rpn.fg_bg_sampler.batch_size_per_image,
+                   rpn.fg_bg_sampler.positive_fraction, dict(rpn._pre_nms_top_n), dict(rpn._post_nms_top_n),
+                   rpn.nms_thresh, rpn.score_thresh)
+
+    def compute_loss(self, objectness, pred_bbox_deltas, labels, regression_targets):
+        # torchvision's RegionProposalNetwork.compute_loss with the box loss replaced
+        sampled_pos_inds, sampled_neg_inds = self.fg_bg_sampler(labels)
+        sampled_pos_inds = torch.where(torch.cat(sampled_pos_inds, dim=0))[0]
+        sampled_neg_inds = torch.where(torch.cat(sampled_neg_inds, dim=0))[0]
+        sampled_inds = torch.cat([sampled_pos_inds, sampled_neg_inds], dim=0)
+        objectness = objectness.flatten()
+        labels = torch.cat(labels, dim=0)
+        regression_targets = torch.cat(regression_targets, dim=0)
+        box_loss = giou_loss_from_deltas(pred_bbox_deltas[sampled_pos_inds], regression_targets[sampled_pos_inds],
+                                         self.box_coder.weights, self.box_coder.bbox_xform_clip) / sampled_inds.numel()
+        objectness_loss = F.binary_cross_entropy_with_logits(objectness[sampled_inds], labels[sampled_inds])
+        return objectness_loss, box_loss
+
+
 class _BatchingOnly(GeneralizedRCNNTransform):
     """The images arrive resized and normalised by the data pipeline: only batch them."""
 
@@ -149,8 +184,9 @@ def build(cfg, num_detections=100):
     As in torchvision, an ImageNet-initialised trunk has frozen BN with the stem and res2 frozen
     (trainable_layers=3), and a trunk trained from scratch has ordinary BatchNorm and trains every layer
     (41,808,406 parameters; with frozen BN its 53,120 affine values are buffers instead).
-    ``rcnn_box_loss: giou`` replaces the box head's smooth-L1 loss with GIoU (DETR's Faster R-CNN+ baseline);
-    the RPN keeps smooth L1, as in Detectron2.
+    ``rcnn_box_loss: giou`` and ``rpn_box_loss: giou`` replace the box head's and the RPN's smooth-L1 losses with
+    GIoU, ``rcnn_box_loss_weight`` and ``rpn_box_loss_weight`` weight them (Detectron2's GIoU configuration:
+    giou in both, weights 10 and 2; DETR's Faster R-CNN+ baseline).
     """
     if cfg.backbone != "resnet50" or cfg.dcn or cfg.dilation:
         raise ValueError("model.backbone: the Faster R-CNN row is built with a plain resnet50 "
@@ -164,5 +200,8 @@ def build(cfg, num_detections=100):
     detector = FasterRCNN(backbone, num_classes=cfg.num_classes, box_detections_per_img=num_detections)
     if cfg.rcnn_box_loss == "giou":
         detector.roi_heads = GIoURoIHeads.from_heads(detector.roi_heads)
+    if cfg.rpn_box_loss == "giou":
+        detector.rpn = GIoURPN.from_rpn(detector.rpn)
     detector.transform = _BatchingOnly()
-    return FasterRCNNDetector(detector), PassThroughCriterion(), DetectionsPostProcess(num_detections)
+    criterion = PassThroughCriterion(cfg.rpn_box_loss_weight, cfg.rcnn_box_loss_weight)
+    return FasterRCNNDetector(detector), criterion, DetectionsPostProcess(num_detections)

@@ -78,6 +78,7 @@ BASES: Dict[str, Dict[str, dict]] = {
 CHOICES: Dict[str, Tuple] = {
     "model.arch": mcfg.ARCHS, "model.backbone": mcfg.BACKBONES, "model.neck": mcfg.NECKS,
     "model.attn_impl": mcfg.ATTN_IMPLS, "model.rcnn_box_loss": mcfg.RCNN_BOX_LOSSES,
+    "model.rpn_box_loss": mcfg.RCNN_BOX_LOSSES,
     "model.position_embedding": ("sine", "learned"),      # model.config.validate lists them inline
     "data.dataset": hcfg.DATASETS, "data.augmentation": hcfg.AUGMENTATIONS,
     "train.optimizer": hcfg.OPTIMIZERS, "train.lr_schedule": hcfg.LR_SCHEDULES, "train.amp": tuple(hcfg.AMP_MODES),
@@ -113,6 +114,9 @@ TABLE: Dict[str, Entry] = {
     "model.focal_loss": _e("detr"),
     "model.two_stage": _e("box_refine"),                 # needs with_box_refine
     "model.rcnn_box_loss": _e("faster_rcnn"),
+    "model.rcnn_box_loss_weight": _e("faster_rcnn"),
+    "model.rpn_box_loss": _e("faster_rcnn"),
+    "model.rpn_box_loss_weight": _e("faster_rcnn"),
     "model.attn_impl": _e(value="cpu"),                  # the compiled CPU kernel vs the PyTorch reference
     "model.set_cost_giou": _e(value=20.0),               # x2 (and x4) leave the tiny run's matching unchanged
     "data.root": _e(value=WS + "data-elsewhere"),        # the same generated set in another folder

@@ -1,5 +1,6 @@
 """Training recipes: every row of Tables 1-3 resolves to its paper's recipe, and the optimiser, schedule,
 loaders and initialisations that carry it out do what the recipe says."""
+import dataclasses
 import hashlib
 import math
 import os
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 
 from harness.config import ConfigError, DataConfig, EvalConfig, RunConfig, TrainConfig
 from harness.grid import expand, load_experiment
@@ -52,36 +54,107 @@ def test_deformable_detr_rows_train_with_the_official_recipe():
 
 def test_faster_rcnn_row_trains_with_detectron2s_recipe():
     cfg = rows(1)["Faster R-CNN + FPN"]
-    assert cfg.model.arch == "faster_rcnn" and cfg.model.rcnn_box_loss == "giou"
+    assert cfg.model.arch == "faster_rcnn"
     assert_recipe(cfg, optimizer="sgd", momentum=0.9, lr=0.02, lr_backbone=0.02, weight_decay=1e-4,
-                  clip_max_norm=0.0, lr_schedule="multistep", lr_milestones=(85, 101), epochs=109,
+                  clip_max_norm=0.0, lr_schedule="multistep", lr_milestones=(101, 107), epochs=109,
                   warmup_iters=1000, warmup_factor=0.001, batch_size_per_gpu=2, total_batch_size=16,
                   lr_reference_batch=16)
     assert cfg.data.augmentation == "official"                  # DETR's random crop
     assert cfg.launcher.nodes * cfg.launcher.gpus_per_node * cfg.train.batch_size_per_gpu == 16
-    # 9x Detectron2's 1x (90k iterations at batch 16), with the drops of the 3x schedule stretched 3x
-    steps = COCO_TRAIN_IMAGES // 16
-    assert abs(cfg.train.epochs * steps - 9 * 90_000) < steps
-    for epoch, iteration in zip(cfg.train.lr_milestones, (630_000, 750_000)):
-        assert abs(epoch * steps - iteration) < steps
     assert batch_scale(cfg.train) == 1.0
 
 
+def test_faster_rcnn_9x_drops_for_the_last_60k_and_20k_iterations():
+    """9x = 9 x Detectron2's 90k iterations at batch 16; the lr drops for the last 60k and the last 20k
+    ("Rethinking ImageNet Pre-training"; Detectron2's configs/Misc/scratch_mask_rcnn_R_50_FPN_9x_gn.yaml:
+    STEPS (187500, 197500) of 202500 at batch 64). Drops fall on epoch starts: the nearest ones."""
+    cfg = rows(1)["Faster R-CNN + FPN"]
+    steps = COCO_TRAIN_IMAGES / 16                              # 7,392.9 iterations an epoch
+    total = 9 * 90_000
+    assert abs(cfg.train.epochs * steps - total) < steps
+    for epoch, iteration in zip(cfg.train.lr_milestones, (total - 60_000, total - 20_000)):
+        assert epoch == round(iteration / steps)                # 101.4 -> 101, 106.9 -> 107
+    # Detectron2's 9x config at batch 64 is the same schedule in images
+    assert (187_500 * 64, 197_500 * 64, 202_500 * 64) == ((total - 60_000) * 16, (total - 20_000) * 16, total * 16)
+    # the schedule as the optimiser sees it: lr 0.02 until epoch 101, 0.002 until 107, then 0.0002
+    factor = lr_factor(cfg.train, steps_per_epoch=7392)
+    assert [factor(e * 7392) for e in (100, 101, 106, 107, 108)] == pytest.approx([1, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_faster_rcnn_giou_is_detectron2s_giou_config():
+    """configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_giou.yaml: GIoU in the box head (weight 10)
+    and in the RPN (weight 2); the criterion carries the weights."""
+    cfg = rows(1)["Faster R-CNN + FPN"].model
+    assert (cfg.rcnn_box_loss, cfg.rcnn_box_loss_weight, cfg.rpn_box_loss, cfg.rpn_box_loss_weight) == \
+        ("giou", 10.0, "giou", 2.0)
+    from model.faster_rcnn import GIoURoIHeads, GIoURPN
+    model, criterion, _ = build_model(dataclasses.replace(cfg, pretrained_backbone=False))
+    assert isinstance(model.detector.rpn, GIoURPN) and isinstance(model.detector.roi_heads, GIoURoIHeads)
+    assert criterion.weight_dict == {"loss_objectness": 1.0, "loss_rpn_box_reg": 2.0, "loss_classifier": 1.0,
+                                     "loss_box_reg": 10.0}
+    plain, plain_criterion, _ = build_model(ModelConfig(**{**arch_defaults("faster_rcnn"),
+                                                           "pretrained_backbone": False}))
+    assert set(plain_criterion.weight_dict.values()) == {1.0}
+    assert model.state_dict().keys() == plain.state_dict().keys()
+
+
+def test_giou_rpn_loss_is_giou_of_decoded_anchors_and_keeps_torchvisions_objectness():
+    from torchvision.models.detection.rpn import RegionProposalNetwork
+    from torchvision.ops import generalized_box_iou_loss
+    from model.faster_rcnn import GIoURPN
+    model, _, _ = build_model(ModelConfig(**{**arch_defaults("faster_rcnn"), "pretrained_backbone": False}))
+    rpn = model.detector.rpn
+    giou_rpn = GIoURPN.from_rpn(rpn)
+    assert type(rpn) is RegionProposalNetwork and giou_rpn.head is rpn.head
+    assert giou_rpn.state_dict().keys() == rpn.state_dict().keys()
+    torch.manual_seed(0)
+    n = 600
+    xy = torch.rand(n, 2) * 200
+    anchors = torch.cat([xy, xy + 16 + torch.rand(n, 2) * 100], dim=1)
+    gt = anchors + torch.randn(n, 4) * 6
+    gt[:, 2:] = torch.maximum(gt[:, 2:], gt[:, :2] + 2)
+    targets = rpn.box_coder.encode_single(gt, anchors)
+    deltas = targets + torch.randn(n, 4) * 0.2
+    labels = (torch.rand(n) < 0.3).float()
+    labels[torch.rand(n) < 0.1] = -1.0                          # ignored anchors
+    objectness = torch.randn(n, 1)
+    torch.manual_seed(1)
+    theirs_obj, _ = rpn.compute_loss(objectness, deltas, [labels], [targets])
+    torch.manual_seed(1)                                        # the same sampled anchors
+    sampled_pos, sampled_neg = rpn.fg_bg_sampler([labels])
+    torch.manual_seed(1)
+    ours_obj, ours_box = giou_rpn.compute_loss(objectness, deltas, [labels], [targets])
+    assert ours_obj == theirs_obj
+    pos = torch.where(sampled_pos[0])[0]
+    numel = int(sampled_pos[0].sum() + sampled_neg[0].sum())
+    expected = generalized_box_iou_loss(rpn.box_coder.decode_single(deltas[pos], anchors[pos]), gt[pos],
+                                        reduction="sum") / numel
+    assert ours_box.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
 def test_detr_rows_train_with_detrs_recipe():
+    """The 500-epoch rows: DETR's own recipe (lr 1e-4, backbone 1e-5, total 64). The 50-epoch DC5 rows: the
+    Deformable DETR paper's one stated 50-epoch recipe (lr 2e-4, backbone 2e-5, drop at 40, total 32)."""
     table = rows(1)
     for label in ("DETR", "DETR-DC5 (500 epochs)", "DETR-DC5 (50 epochs)", "DETR-DC5+"):
         cfg = table[label]
         dc5 = cfg.model.dilation
         long = cfg.train.epochs == 500
         assert cfg.model.arch == "detr" and dc5 == (label != "DETR")
-        assert_recipe(cfg, optimizer="adamw", lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4, clip_max_norm=0.1,
-                      lr_schedule="step", warmup_iters=0, lr_reference_batch=None)
+        assert_recipe(cfg, optimizer="adamw", weight_decay=1e-4, clip_max_norm=0.1, lr_schedule="step",
+                      warmup_iters=0, lr_reference_batch=None)
+        assert (cfg.train.lr, cfg.train.lr_backbone) == ((1e-4, 1e-5) if long else (2e-4, 2e-5))
         assert (cfg.train.epochs, cfg.train.lr_drop) == ((500, 400) if long else (50, 40))
         assert cfg.train.total_batch_size == (64 if long else 32)
+        if not long:
+            assert_recipe(cfg, **{k: v for k, v in DEFORMABLE_DETR.items() if k != "batch_size_per_gpu"})
         # DETR's README: non-DC5 trained with 2 images per GPU, DC5 with 1; DC5 evaluates one per GPU
         assert cfg.train.batch_size_per_gpu == (1 if dc5 else 2)
         assert loaders.eval_batch_size(cfg) == (1 if dc5 else 2)
         assert cfg.data.augmentation == "official"
+        # the launcher holds the total batch in one step: no accumulation on the stated GPUs
+        launched = cfg.launcher.nodes * cfg.launcher.gpus_per_node * cfg.train.batch_size_per_gpu
+        assert launched == cfg.train.total_batch_size, label
     plus = table["DETR-DC5+"].model
     assert plus.focal_loss and plus.num_queries == 300 and plus.cls_loss_coef == 2.0
 
@@ -100,6 +173,48 @@ def test_table3_backbones_and_their_weights():
         assert info["name"] == "ResNeXt101_32X8D_Weights.IMAGENET1K_V1"
         assert info["imagenet_top1"] == pytest.approx(79.312)
     assert weights_info(table["Deformable DETR, ResNet-50"].model)["imagenet_top1"] == pytest.approx(76.13)
+
+
+def test_table3_schedule_dcn_and_tta_are_the_documented_ones():
+    table = rows(3)
+    for label, cfg in table.items():
+        assert_recipe(cfg, epochs=50, lr_drop=40, lr=2e-4, lr_backbone=2e-5)      # the assumed schedule
+    tta = table["Deformable DETR, ResNeXt-101 + DCN, TTA"]
+    assert tta.eval.tta and tta.eval.tta_sizes == (600, 700, 800, 900, 1000)
+    assert not any(cfg.eval.tta for label, cfg in table.items() if not label.endswith("TTA"))
+    from harness.grid.identity import run_id
+    assert run_id(tta) == run_id(table["Deformable DETR, ResNeXt-101 + DCN"])       # one training, two evaluations
+
+
+def test_dcn_modulation_is_detectron2s_sigmoid():
+    """Detectron2's DeformBottleneckBlock (deform_modulated): zero-initialised offset conv, mask = sigmoid
+    of its logits. At initialisation the deformable conv computes half of the plain conv (mask 0.5)."""
+    from model.backbone import ModulatedDeformConv3x3
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
+    dcn = ModulatedDeformConv3x3(conv)
+    x = torch.randn(2, 8, 12, 10)
+    torch.testing.assert_close(dcn(x), 0.5 * conv(x), atol=1e-5, rtol=1e-5)
+    # with offsets and mask logits: the sigmoid of the logits multiplies each sampled tap
+    with torch.no_grad():
+        dcn.conv_offset.weight.normal_(std=0.1)
+        dcn.conv_offset.bias.normal_()
+    raw = dcn.conv_offset(x)
+    offset_x, offset_y, logits = raw.chunk(3, dim=1)
+    expected = torchvision.ops.deform_conv2d(x, torch.cat((offset_x, offset_y), 1), conv.weight, None, (2, 2),
+                                             (1, 1), (1, 1), torch.sigmoid(logits))
+    torch.testing.assert_close(dcn(x), expected)
+
+
+def test_dcn_offset_convs_train_at_the_backbone_lr():
+    model, _, _ = build_model(ModelConfig(pretrained_backbone=False, dcn=True, num_feature_levels=1, hidden_dim=32,
+                                          dim_feedforward=64, nheads=2, enc_layers=1, dec_layers=1, num_queries=5,
+                                          attn_impl="pytorch"))
+    cfg = rows(3)["Deformable DETR, ResNeXt-101 + DCN"].train
+    groups = {g["name"]: g for g in build_optimizer(model, cfg).param_groups}
+    offsets = {id(p) for n, p in model.named_parameters() if "conv_offset" in n and p.requires_grad}
+    assert offsets and offsets <= {id(p) for p in groups["backbone"]["params"]}
+    assert groups["backbone"]["lr"] == pytest.approx(2e-5)
 
 
 def test_smoke_scale_keeps_every_row_runnable():
@@ -198,7 +313,7 @@ def test_bad_recipes_name_the_key(fields, key):
 
 
 def test_bad_recipe_in_yaml_names_file_row_and_key(tmp_path):
-    text = (EXPERIMENTS / "table1.yaml").read_text().replace("lr_milestones: [85, 101]", "lr_milestones: [85, 120]")
+    text = (EXPERIMENTS / "table1.yaml").read_text().replace("lr_milestones: [101, 107]", "lr_milestones: [101, 120]")
     path = tmp_path / "t1.yaml"
     path.write_text(text)
     with pytest.raises(ExperimentError) as err:
@@ -298,10 +413,11 @@ def test_giou_from_deltas_equals_giou_of_decoded_boxes():
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_faster_rcnn_giou_box_loss_trains():
+def test_faster_rcnn_giou_box_losses_train():
     torch.manual_seed(0)
     cfg = ModelConfig(**{**arch_defaults("faster_rcnn"), "pretrained_backbone": False, "num_classes": 5,
-                         "rcnn_box_loss": "giou"})
+                         "rcnn_box_loss": "giou", "rcnn_box_loss_weight": 10.0, "rpn_box_loss": "giou",
+                         "rpn_box_loss_weight": 2.0})
     model, criterion, _ = build_model(cfg)
     plain, _, _ = build_model(ModelConfig(**{**arch_defaults("faster_rcnn"), "pretrained_backbone": False,
                                              "num_classes": 5}))
@@ -311,10 +427,16 @@ def test_faster_rcnn_giou_box_loss_trains():
     targets = [{"boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]]), "labels": torch.tensor([2])}]
     losses = criterion(model(images, mask, targets=targets))
     assert set(losses) == set(criterion.weight_dict) and torch.isfinite(losses["loss_box_reg"])
-    sum(losses.values()).backward()
+    assert torch.isfinite(losses["loss_rpn_box_reg"]) and losses["loss_rpn_box_reg"] > 0
+    sum(losses[k] * w for k, w in criterion.weight_dict.items()).backward()
     assert model.detector.roi_heads.box_predictor.bbox_pred.weight.grad is not None
-    with pytest.raises(ConfigError, match="rcnn_box_loss"):
-        ModelConfig(rcnn_box_loss="giou")
+    assert model.detector.rpn.head.bbox_pred.weight.grad.abs().sum() > 0
+    for field, value in (("rcnn_box_loss", "giou"), ("rpn_box_loss", "giou"), ("rcnn_box_loss_weight", 10.0),
+                         ("rpn_box_loss_weight", 2.0)):
+        with pytest.raises(ConfigError, match=field):
+            ModelConfig(**{field: value})                       # Deformable DETR has no such losses
+    with pytest.raises(ConfigError, match="rpn_box_loss_weight"):
+        ModelConfig(**{**arch_defaults("faster_rcnn"), "rpn_box_loss_weight": 0.0})
 
 
 # ----------------------------------------------------------------------------------- backbone weights
