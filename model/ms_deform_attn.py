@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import ms_deform_attn
+from .ops import ms_deform_attn, ms_deform_attn_softmax
 
 
 class MSDeformAttn(nn.Module):
@@ -17,9 +17,14 @@ class MSDeformAttn(nn.Module):
     ``per_level_softmax`` (the decoder with multi-scale attention off): the weights are normalised over
     the points of each level separately and the levels are averaged, so each level is attended by a
     separate single-scale deformable attention and no weight is shared across scales.
+
+    ``fused_softmax`` (default): the softmax over all levels and points is computed inside the op
+    (:func:`~model.ops.ms_deform_attn_softmax`); False computes it here first (the same function, for comparison).
+    The parameters, and so the checkpoints, are the same either way.
     """
 
-    def __init__(self, d_model=256, n_levels=4, n_heads=8, n_points=4, impl="auto", per_level_softmax=False):
+    def __init__(self, d_model=256, n_levels=4, n_heads=8, n_points=4, impl="auto", per_level_softmax=False,
+                 fused_softmax=True):
         super().__init__()
         if d_model % n_heads != 0:
             raise ValueError(f"d_model must be divisible by n_heads, got {d_model} and {n_heads}")
@@ -29,6 +34,7 @@ class MSDeformAttn(nn.Module):
         self.n_points = n_points
         self.impl = impl
         self.per_level_softmax = per_level_softmax
+        self.fused_softmax = fused_softmax
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, d_model)
@@ -72,8 +78,11 @@ class MSDeformAttn(nn.Module):
         value = value.view(N, S, M, self.d_model // M)
         sampling_offsets = self.sampling_offsets(query).view(N, Lq, M, L, P, 2)
         attention_weights = self.attention_weights(query)
+        fused = self.fused_softmax and not self.per_level_softmax
         if self.per_level_softmax:
             attention_weights = F.softmax(attention_weights.view(N, Lq, M, L, P), -1) / L
+        elif fused:
+            attention_weights = attention_weights.view(N, Lq, M, L, P)  # logits: the op normalises them
         else:
             attention_weights = F.softmax(attention_weights.view(N, Lq, M, L * P), -1).view(N, Lq, M, L, P)
         # sampling_locations: N x Lq x M x L x P x 2
@@ -86,6 +95,7 @@ class MSDeformAttn(nn.Module):
                 + sampling_offsets / P * reference_points[:, :, None, :, None, 2:] * 0.5
         else:
             raise ValueError(f"reference_points must end in 2 or 4, got shape {tuple(reference_points.shape)}")
-        output = ms_deform_attn(value, input_spatial_shapes, input_level_start_index, sampling_locations,
-                                attention_weights, impl=self.impl)
+        attend = ms_deform_attn_softmax if fused else ms_deform_attn
+        output = attend(value, input_spatial_shapes, input_level_start_index, sampling_locations, attention_weights,
+                        impl=self.impl)
         return self.output_proj(output)

@@ -178,7 +178,7 @@ def test_auto_uses_the_kernel_and_impl_errors(fresh_dispatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ms_deform_attn(*inputs, impl="auto")
-    assert ops._chosen[("auto", torch.device("cpu"), torch.float64, (2, 8, 1, 1))].name == "cpu"
+    assert ops._chosen[("auto", torch.device("cpu"), torch.float64, (2, 8, 1, 1, False))].name == "cpu"
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         ms_deform_attn(*inputs, impl="auto")
     assert "deformable_detr::ms_deform_attn" in {e.key for e in prof.key_averages()}
@@ -272,3 +272,80 @@ def test_doctor(monkeypatch, capsys):
     assert re.search(r"\n  triton +(yes|NO)", report)  # listed with its reason
     assert "impl='auto' uses: float64 -> cpu, float32 -> cpu, float16 -> pytorch, bfloat16 -> pytorch" in report
     assert "impl=cpu" in report and "gradcheck ok" in report
+
+
+# The fused softmax: attention logits normalised over the L * P points of each (batch, query, head) inside the op.
+
+
+def softmax_first(*args, impl):
+    """The unfused path: the softmax computed outside, then the op on the weights."""
+    value, shapes, starts, loc, logits = args
+    weights = torch.softmax(logits.flatten(-2), -1).view_as(logits)
+    return ms_deform_attn(value, shapes, starts, loc, weights, impl=impl)
+
+
+@pytest.mark.parametrize("name,spatial_shapes,M,D,P", CASES, ids=[c[0] for c in CASES])
+def test_fused_softmax_cpu_kernel_matches_reference(name, spatial_shapes, M, D, P):
+    inputs = make_inputs(spatial_shapes, M=M, D=D, P=P, logits=True)
+    expected = forward_and_grads(lambda *a: softmax_first(*a, impl="pytorch"), inputs)
+    for fn in (lambda *a: ms_deform_attn(*a, impl="cpu", softmax=True), ops.ms_deform_attn_softmax,
+               lambda *a: ms_deform_attn_pytorch(*a, softmax=True)):
+        for what, a, e in zip(("output", "grad_value", "grad_sampling_locations", "grad_logits"),
+                              forward_and_grads(fn, inputs), expected):
+            assert a.dtype == e.dtype and a.shape == e.shape, what
+            assert max_relative_error(a, e) <= 1e-12, what
+
+
+@pytest.mark.parametrize("D", [12, 300])  # no specialised loop; several tasks per level
+def test_fused_softmax_cpu_kernel_float32_and_gradcheck(D):
+    inputs = make_inputs(CASES[2][1], M=3, D=D, P=2, N=1, Lq=70, dtype=torch.float32, logits=True)
+    actual = forward_and_grads(lambda *a: ms_deform_attn(*a, impl="cpu", softmax=True), inputs)
+    expected = forward_and_grads(lambda *a: ms_deform_attn_pytorch(*a, softmax=True),
+                                 [t.double() if t.is_floating_point() else t for t in inputs])
+    for a, e in zip(actual, expected):
+        assert a.dtype == torch.float32 and max_relative_error(a, e) <= 1e-5
+    value, shapes, starts, loc, logits = make_inputs([(3, 4), (2, 3)], M=2, D=8, P=2, N=1, Lq=3, logits=True)
+    leaves = [t.requires_grad_(True) for t in (value, loc, logits)]
+    assert torch.autograd.gradcheck(lambda v, l, a: ms_deform_attn(v, shapes, starts, l, a, impl="cpu", softmax=True),
+                                    leaves, eps=1e-6, atol=1e-6)
+
+
+def test_fused_softmax_opcheck_and_compile():
+    value, shapes, starts, loc, logits = make_inputs(CASES[2][1], M=2, D=8, P=1, N=1, Lq=4, logits=True)
+    for t in (value, loc, logits):
+        t.requires_grad_(True)
+    torch.library.opcheck(torch.ops.deformable_detr.ms_deform_attn.default, (value, shapes, starts, loc, logits, True))
+    inputs = make_inputs(CASES[3][1], M=2, D=32, P=4, dtype=torch.float32, logits=True)
+    expected = forward_and_grads(lambda *a: ms_deform_attn(*a, impl="cpu", softmax=True), inputs)
+    compiled = torch.compile(lambda *a: ms_deform_attn(*a, impl="cpu", softmax=True), backend="aot_eager",
+                             fullgraph=True)
+    for a, e in zip(forward_and_grads(compiled, inputs), expected):
+        torch.testing.assert_close(a, e)
+
+
+def test_attention_module_fused_and_unfused_softmax_agree():
+    """MSDeformAttn with the softmax inside the op (the default) and outside (fused_softmax=False): the same
+    parameters (a checkpoint loads into either), the same output and gradients."""
+    from model.ms_deform_attn import MSDeformAttn
+
+    torch.manual_seed(0)
+    fused = MSDeformAttn(d_model=64, n_levels=3, n_heads=4, n_points=2, impl="cpu").double()
+    unfused = MSDeformAttn(d_model=64, n_levels=3, n_heads=4, n_points=2, impl="cpu", fused_softmax=False).double()
+    with torch.no_grad():
+        for p in fused.parameters():
+            p.normal_(0, 0.2)
+    unfused.load_state_dict(fused.state_dict())
+    assert fused.fused_softmax and not unfused.fused_softmax
+    shapes = torch.tensor([[6, 5], [3, 3], [2, 1]])
+    starts = torch.tensor([0, 30, 39])
+    query = torch.randn(2, 7, 64, dtype=torch.float64)
+    src = torch.randn(2, 41, 64, dtype=torch.float64)
+    ref = torch.rand(2, 7, 3, 2, dtype=torch.float64)
+    outputs = []
+    for module in (fused, unfused):
+        out = module(query, ref, src, shapes, starts)
+        out.square().sum().backward()
+        outputs.append((out.detach(), {k: p.grad.clone() for k, p in module.named_parameters()}))
+    torch.testing.assert_close(outputs[0][0], outputs[1][0], rtol=1e-12, atol=1e-12)
+    for key, grad in outputs[0][1].items():
+        torch.testing.assert_close(grad, outputs[1][1][key], rtol=1e-10, atol=1e-12, msg=key)

@@ -133,3 +133,25 @@ def test_emulated_kernel_empty_inputs():
     value, shapes, starts, loc, attn = make_inputs(LEVELS, M=2, D=8, P=2)
     out = emulated(value, shapes[:0], starts[:0], loc[:, :, :, :0], attn[:, :, :, :0])
     assert out.shape == (2, 13, 16) and not out.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+                         ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("D", [1, 12, 48, 300])  # one element per lane, unvectorised, 16 lanes, several rounds
+def test_emulated_fused_softmax_matches_reference(D, dtype):
+    """The CUDA kernels' fused softmax (every lane computes the group's max and sum; lane 0 rewrites the weights'
+    gradients as the logits' once every round has added to them)."""
+    inputs = make_inputs(LEVELS, M=2, D=D, P=2, N=2, Lq=5, dtype=dtype, logits=True)
+    actual = forward_and_grads(lambda *a: torch.ops.deformable_detr.ms_deform_attn_emulated(*a, True), inputs)
+    expected = forward_and_grads(lambda *a: ms_deform_attn_pytorch(*a, softmax=True), as_float64(inputs))
+    for what, a, e in zip(RESULTS, actual, expected):
+        assert a.dtype == dtype, what
+        assert max_relative_error(a, e) <= TOLERANCES[dtype], what
+
+
+def test_emulated_fused_softmax_gradcheck():
+    value, shapes, starts, loc, logits = make_inputs([(3, 4), (2, 3)], M=2, D=12, P=2, N=1, Lq=3, logits=True)
+    leaves = [t.requires_grad_(True) for t in (value, loc, logits)]
+    assert torch.autograd.gradcheck(
+        lambda v, l, a: torch.ops.deformable_detr.ms_deform_attn_emulated(v, shapes, starts, l, a, True), leaves,
+        eps=1e-6, atol=1e-6)

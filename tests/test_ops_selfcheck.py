@@ -282,7 +282,8 @@ def test_a_build_made_ahead_of_time_for_the_gpu_is_found(monkeypatch, tmp_path):
         build.load("cuda", capability=(7, 5))  # no build has code for it: the default one, which is not built
 
 
-MODEL = selfcheck.Shape(M=8, D=32, L=4, P=4)  # the model's attention: 8 heads of 32 channels, 4 levels, 4 points
+MODEL = selfcheck.Shape(M=8, D=32, L=4, P=4, softmax=True)  # the model's: 8 heads of 32 channels, 4 levels and
+# points, the fused softmax
 
 
 def test_the_check_runs_the_model_shape_with_every_launch_configuration(monkeypatch):
@@ -291,18 +292,18 @@ def test_the_check_runs_the_model_shape_with_every_launch_configuration(monkeypa
     op's first call passes its shape, so auto falls back."""
     assert selfcheck.self_check(testing.TILED, CPU, torch.float32)["ok"]  # the fixed cases only
     verdict = selfcheck.self_check(testing.TILED, CPU, torch.float32, MODEL)
-    assert not verdict["ok"] and "model shape M8_D32_L4_P4" in verdict["case"] and "'large'" in verdict["case"]
-    assert verdict["shape"] == MODEL._asdict() and verdict["file"].endswith("_float32_M8_D32_L4_P4.json")
+    assert not verdict["ok"] and "model shape M8_D32_L4_P4_softmax" in verdict["case"] and "'large'" in verdict["case"]
+    assert verdict["shape"] == MODEL._asdict() and verdict["file"].endswith("_float32_M8_D32_L4_P4_softmax.json")
     use_chain(monkeypatch, "wrong_at_shape", "cpu", "pytorch")
     small = make_inputs(CASES[3][1], M=2, D=32, P=4, dtype=torch.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ms_deform_attn(*small)  # 2 heads: checked at (2, 32, 4, 4), passes
-    assert ops.implementation_info(CPU, torch.float32, shape=(2, 32, 4, 4))["impl"] == "wrong_at_shape"
-    model = make_inputs(CASES[3][1], M=8, D=32, P=4, N=1, Lq=3, dtype=torch.float32)
-    with pytest.warns(RuntimeWarning, match=r"FAILED its self-check .* in case model shape M8_D32_L4_P4"):
-        out = ms_deform_attn(*model)
-    torch.testing.assert_close(out, ms_deform_attn_pytorch(*model))
+    assert ops.implementation_info(CPU, torch.float32, shape=(2, 32, 4, 4, False))["impl"] == "wrong_at_shape"
+    model = make_inputs(CASES[3][1], M=8, D=32, P=4, N=1, Lq=3, dtype=torch.float32, logits=True)
+    with pytest.warns(RuntimeWarning, match=r"FAILED its self-check .* in case model shape M8_D32_L4_P4_softmax"):
+        out = ms_deform_attn(*model, softmax=True)
+    torch.testing.assert_close(out, ms_deform_attn_pytorch(*model, softmax=True))
     assert ops.implementation_info(CPU, torch.float32, shape=MODEL)["impl"] == "cpu"
 
 
@@ -312,7 +313,8 @@ def test_model_shape_cases_in_the_dtype_in_use(dtype):
     forward and backward, run here in this process."""
     verdict = selfcheck.run_cases(testing.EMULATED, CPU, dtype, MODEL)
     assert verdict["ok"], verdict
-    assert verdict["cases"] == 2 * len(selfcheck.CASES) + 1 and set(verdict["max_errors"]) == {"float64", str(dtype)[6:]}
+    fixed = len(selfcheck.CASES) + len(selfcheck.SOFTMAX_CASES)  # in float64 and the dtype
+    assert verdict["cases"] == 2 * fixed + 1 and set(verdict["max_errors"]) == {"float64", str(dtype)[6:]}
 
 
 def test_triton_check_forces_the_tiles_a_training_launches(monkeypatch):
@@ -325,8 +327,8 @@ def test_triton_check_forces_the_tiles_a_training_launches(monkeypatch):
     launched = set()
     real = triton_kernel._launch_args
 
-    def recording(value, num_groups, backward):
-        grid, meta = real(value, num_groups, backward)
+    def recording(value, num_groups, backward, softmax=False):
+        grid, meta = real(value, num_groups, backward, softmax)
         launched.add((backward, meta["BLOCK_G"]))
         return grid, meta
 

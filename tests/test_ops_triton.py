@@ -31,20 +31,22 @@ class _Triton(torch.autograd.Function):
     """The module's forward / backward, called directly."""
 
     @staticmethod
-    def forward(ctx, value, shapes, starts, loc, attn):
+    def forward(ctx, value, shapes, starts, loc, attn, softmax=False):
         ctx.save_for_backward(value, shapes, starts, loc, attn)
-        return triton_kernel.forward(value, shapes, starts, loc, attn)
+        ctx.softmax = softmax
+        return triton_kernel.forward(value, shapes, starts, loc, attn, softmax)
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_value, grad_loc, grad_attn = triton_kernel.backward(grad_output, *ctx.saved_tensors)
-        return grad_value, None, None, grad_loc, grad_attn
+        grad_value, grad_loc, grad_attn = triton_kernel.backward(grad_output, *ctx.saved_tensors, ctx.softmax)
+        return grad_value, None, None, grad_loc, grad_attn, None
 
 
-def check_against_reference(inputs, dtype):
-    actual = forward_and_grads(_Triton.apply, inputs)
+def check_against_reference(inputs, dtype, softmax=False):
+    actual = forward_and_grads(lambda *a: _Triton.apply(*a, softmax), inputs)
     # the reference in float64 on the very inputs the kernel got (rounded to dtype)
-    expected = forward_and_grads(ms_deform_attn_pytorch, [t.double() if t.is_floating_point() else t for t in inputs])
+    expected = forward_and_grads(lambda *a: ms_deform_attn_pytorch(*a, softmax=softmax),
+                                 [t.double() if t.is_floating_point() else t for t in inputs])
     for what, a, e, t in zip(RESULTS, actual, expected, (inputs[0], inputs[0], inputs[3], inputs[4])):
         assert a.shape == e.shape and a.dtype == t.dtype, what
         assert torch.isfinite(a).all(), what
@@ -71,6 +73,27 @@ def test_matches_reference_float32(levels, M, D, P, N, Lq):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
 def test_matches_reference_other_dtypes(dtype):
     check_against_reference(make_inputs(ODD_LEVELS[:4], M=2, D=32, P=4, N=2, Lq=9, dtype=dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("levels,M,D,P,N,Lq", [CASES[2], CASES[5]], ids=["L5_D32_K8", "L5_D71_K4"])
+def test_fused_softmax_matches_reference(levels, M, D, P, N, Lq, dtype):
+    """Logits normalised inside the kernels: forward, and the logits' gradients rewritten from the weights' after
+    the main loop (float32 scratch for bfloat16 logits)."""
+    check_against_reference(make_inputs(levels, M=M, D=D, P=P, N=N, Lq=Lq, dtype=dtype, logits=True), dtype,
+                            softmax=True)
+
+
+def test_fused_softmax_gradcheck_and_dispatcher():
+    value, shapes, starts, loc, logits = make_inputs([(3, 4), (2, 3)], M=2, D=5, P=2, N=1, Lq=3, logits=True)
+    for t in (value, loc, logits):
+        t.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda v, l, a: _Triton.apply(v, shapes, starts, l, a, True),
+                                    (value, loc, logits), eps=1e-6, atol=1e-7, fast_mode=True)
+    inputs = make_inputs(ODD_LEVELS[:4], M=2, D=16, P=2, N=1, Lq=5, dtype=torch.float32, logits=True)
+    expected = forward_and_grads(lambda *a: ms_deform_attn_pytorch(*a, softmax=True), inputs)
+    for a, e in zip(forward_and_grads(lambda *a: ms_deform_attn(*a, impl="triton", softmax=True), inputs), expected):
+        assert max_relative_error(a, e) <= TOLERANCES[torch.float32]
 
 
 def test_half_values_with_float32_locations():
@@ -251,8 +274,9 @@ class _HopperWithoutGPU:
         return GPUTarget("cuda", 90, 32)
 
 
+@pytest.mark.parametrize("softmax", [False, True], ids=["weights", "fused_softmax"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_compiles_for_hopper_with_vector_accesses(monkeypatch, dtype):
+def test_compiles_for_hopper_with_vector_accesses(monkeypatch, dtype, softmax):
     """Without a GPU, through the launchers: at the decoder preset (batch 4, 300 queries, levels of an 800 x 1333
     image, M = 8, D = 32, L = K = 4) the kernels compile for sm_90; each bilinear corner is one 16-byte load per
     thread and, in the backward, one vector atomic add of float32 (into grad_value itself for float32 values,
@@ -271,10 +295,12 @@ def test_compiles_for_hopper_with_vector_accesses(monkeypatch, dtype):
     monkeypatch.setattr(KernelInterface, "__getitem__", lambda kernel, grid: lambda *args, **kwargs: compiled.append(
         (grid, kernel.run(*args, grid=grid, warmup=True, **kwargs))))
     inputs = make_inputs([(100, 167), (50, 84), (25, 42), (13, 21)], M=8, D=32, P=4, N=4, Lq=300, dtype=dtype)
-    triton_kernel.forward(*inputs)
-    triton_kernel.backward(torch.zeros(4, 300, 8 * 32, dtype=dtype), *inputs)
+    triton_kernel.forward(*inputs, softmax)
+    triton_kernel.backward(torch.zeros(4, 300, 8 * 32, dtype=dtype), *inputs, softmax)
 
     (forward_grid, forward), (backward_grid, backward) = compiled
+    if softmax:  # the logits' gradients are rewritten after a CTA barrier
+        assert "bar.sync" in backward.asm["ptx"] or "barrier.sync" in backward.asm["ptx"]
     assert forward_grid == backward_grid == (4 * 300 * 8 // 16,)  # 16 (query, head) groups per program
     corners = 4 * 4  # K points x 4 corners, unrolled
     for kernel in (forward, backward):

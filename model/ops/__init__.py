@@ -1,6 +1,11 @@
 """Multi-scale deformable attention: one function, several implementations.
 
-    ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, impl="auto")
+    ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, impl="auto",
+                   softmax=False)
+
+softmax=True: attention_weights are logits, and every implementation applies the softmax over the L * P points of
+each (batch, query, head) inside the op, forward and backward (the fused softmax of DCNv4's FlashDeformAttn: the
+normalised weights are never written to memory, nor saved for the backward). The model uses it by default.
 
 impl:
     "cuda"     the compiled CUDA kernel (float32/float16/bfloat16/float64)
@@ -36,8 +41,8 @@ from .selfcheck import Shape
 IMPLEMENTATIONS = ("auto",) + tuple(REGISTRY)
 KERNEL_DTYPES = {name: REGISTRY[name].dtypes for name in ("cpu", "cuda")}
 
-__all__ = ["IMPLEMENTATIONS", "ms_deform_attn", "ms_deform_attn_pytorch", "flop_handles", "kernel_available",
-           "implementation_info", "SelfCheckError"]
+__all__ = ["IMPLEMENTATIONS", "ms_deform_attn", "ms_deform_attn_softmax", "ms_deform_attn_pytorch", "flop_handles",
+           "kernel_available", "implementation_info", "SelfCheckError"]
 
 
 class SelfCheckError(RuntimeError):
@@ -205,7 +210,8 @@ def _drop(impl, device, dtype, error) -> None:
         del _chosen[key]
 
 
-def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, impl="auto"):
+def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, impl="auto",
+                   softmax=False):
     """Multi-scale deformable attention.
 
     Args:
@@ -214,26 +220,36 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
         level_start_index:  L (int64), offset of level l in S
         sampling_locations: N x Lq x M x L x P x 2, normalised (x, y); [0, 1] is inside the map,
                             outside reads zeros (grid_sample(align_corners=False, padding_mode="zeros"))
-        attention_weights:  N x Lq x M x L x P
+        attention_weights:  N x Lq x M x L x P (softmax=True: logits)
         impl:               "auto" | "cuda" | "triton" | "cpu" | "pytorch" (see the module docstring)
+        softmax:            normalise attention_weights with a softmax over each (batch, query, head)'s L * P
+                            points inside the op (the fused softmax)
     Returns:
         N x Lq x (M * D)
     """
     args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     if impl == "pytorch":
-        return ms_deform_attn_pytorch(*args)
+        return ms_deform_attn_pytorch(*args, softmax=softmax)
     if impl != "auto" and impl not in REGISTRY:
         raise ValueError(f"unknown ms_deform_attn implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
-    chosen = _resolve(impl, value.device, value.dtype, Shape.of(value, sampling_locations))
+    chosen = _resolve(impl, value.device, value.dtype, Shape.of(value, sampling_locations, softmax))
     if impl != "auto" or torch.compiler.is_compiling():
-        return chosen.forward(*args)
+        return chosen.forward(*args, softmax=softmax)
     try:
-        return chosen.forward(*args)
+        return chosen.forward(*args, softmax=softmax)
     except RuntimeError as e:
         if not chosen.launch_failure(e):
             raise
         _drop(chosen, value.device, value.dtype, e)
-        return ms_deform_attn(*args, impl="auto")  # warns, then the next implementation
+        return ms_deform_attn(*args, impl="auto", softmax=softmax)  # warns, then the next implementation
+
+
+def ms_deform_attn_softmax(value, spatial_shapes, level_start_index, sampling_locations, attention_logits,
+                           impl="auto"):
+    """:func:`ms_deform_attn` with the fused softmax: ``attention_logits`` (N x Lq x M x L x P) are normalised over
+    the L * P points of each (batch, query, head) inside the op, forward and backward."""
+    return ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_logits, impl=impl,
+                          softmax=True)
 
 
 def kernel_available(device_type: str) -> bool:

@@ -26,17 +26,18 @@ RESULTS = ("output", "grad_value", "grad_sampling_locations", "grad_attention_we
 
 
 def check(impl: str, device: str, dtype: torch.dtype) -> tuple[bool, str]:
-    """Worst relative error over the test cases, forward and gradients, against the float64 reference."""
+    """Worst relative error over the test cases (one with the fused softmax), forward and gradients, against the
+    float64 reference."""
     worst, where = 0.0, ""
-    for name, spatial_shapes, M, D, P in CASES:
-        inputs = make_inputs(spatial_shapes, M=M, D=D, P=P, device=device, dtype=dtype)
-        expected = forward_and_grads(ms_deform_attn_pytorch, [t.double() if t.is_floating_point() else t
-                                                              for t in inputs])
-        actual = forward_and_grads(lambda *a: ms_deform_attn(*a, impl=impl), inputs)
+    for (name, spatial_shapes, M, D, P), softmax in [(case, False) for case in CASES] + [(CASES[-1], True)]:
+        inputs = make_inputs(spatial_shapes, M=M, D=D, P=P, device=device, dtype=dtype, logits=softmax)
+        expected = forward_and_grads(lambda *a: ms_deform_attn_pytorch(*a, softmax=softmax),
+                                     [t.double() if t.is_floating_point() else t for t in inputs])
+        actual = forward_and_grads(lambda *a: ms_deform_attn(*a, impl=impl, softmax=softmax), inputs)
         for what, a, e in zip(RESULTS, actual, expected):
             error = max_relative_error(a, e)
             if not error <= worst:
-                worst, where = error, f"{what}, {name}"
+                worst, where = error, f"{what}, {name}{' with the fused softmax' if softmax else ''}"
     ok = worst <= TOLERANCES[dtype]
     return ok, f"max rel. error {worst:.1e} ({where})"
 

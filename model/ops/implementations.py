@@ -54,7 +54,9 @@ class Implementation:
         """What :meth:`prepare`'s outcome depends on: the dispatcher remembers it per key, once per process."""
         return (self.name, device)
 
-    def forward(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    def forward(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                softmax=False):
+        """The op; ``softmax``: attention_weights are logits, normalised over the L * P points inside."""
         raise NotImplementedError
 
     def build_id(self) -> str:
@@ -96,9 +98,10 @@ class CompiledKernel(Implementation):
             if not ok:
                 raise Unavailable(f"{torch.cuda.get_device_name(device)}: {reason}")
 
-    def forward(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    def forward(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                softmax=False):
         return torch.ops.deformable_detr.ms_deform_attn(
-            value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, softmax)
 
     def _spec(self) -> build.ExtensionSpec:
         """The library loaded in this process (a build made ahead of time for the GPU), else the default one."""
@@ -119,8 +122,10 @@ class Reference(Implementation):
     def supports(self, device, dtype):
         return dtype.is_floating_point
 
-    def forward(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-        return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    def forward(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                softmax=False):
+        return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                                      softmax)
 
 
 class TritonKernel(Implementation):
@@ -147,11 +152,12 @@ class TritonKernel(Implementation):
         if not ok:
             raise Unavailable(reason)
 
-    def forward(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    def forward(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                softmax=False):
         # the dispatcher op's Triton twin (model/ops/library.py): the same fake implementation (torch.compile sees
         # an opaque op), autograd and FLOP handle; its kernels are registered by importing triton_kernel (prepare)
         return torch.ops.deformable_detr.ms_deform_attn_triton(
-            value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, softmax)
 
     def launch_configs(self, D, dtype, device):
         from . import triton_kernel

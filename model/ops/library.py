@@ -3,10 +3,13 @@
 Two ops in the ``deformable_detr`` namespace::
 
     deformable_detr::ms_deform_attn(value, spatial_shapes, level_start_index,
-                                    sampling_locations, attention_weights) -> output
+                                    sampling_locations, attention_weights, softmax=False) -> output
     deformable_detr::ms_deform_attn_backward(grad_output, value, spatial_shapes, level_start_index,
-                                             sampling_locations, attention_weights)
+                                             sampling_locations, attention_weights, softmax=False)
         -> (grad_value, grad_sampling_locations, grad_attention_weights)
+
+``softmax=True``: attention_weights are logits, normalised over the L * P points of each (batch, query, head)
+inside the kernels (the fused softmax), and grad_attention_weights is the logits' gradient.
 
 their Triton twins ``deformable_detr::ms_deform_attn_triton`` / ``ms_deform_attn_triton_backward`` (same schema,
 fake implementation, autograd and FLOP count; kernels registered by :mod:`model.ops.triton_kernel` when it is
@@ -59,14 +62,15 @@ def alert_not_deterministic(caller: str) -> None:
             raise RuntimeError(message)
 
 
-def _forward_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+def _forward_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, softmax=False):
     N, _, M, D = value.shape
     Lq = sampling_locations.shape[1]
     # N x Lq x (M * D)
     return value.new_empty((N, Lq, M * D))
 
 
-def _backward_fake(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+def _backward_fake(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                   softmax=False):
     return (
         value.new_empty(value.shape),
         sampling_locations.new_empty(sampling_locations.shape),
@@ -75,7 +79,8 @@ def _backward_fake(grad_output, value, spatial_shapes, level_start_index, sampli
 
 
 def _setup_context(ctx, inputs, output):
-    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = inputs
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, *rest = inputs
+    ctx.softmax = bool(rest[0]) if rest else False
     ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
@@ -84,11 +89,12 @@ def _define(forward: str, backward: str) -> None:
     forward_name, backward_name = forward.split("::")[1], backward.split("::")[1]
     _lib.define(
         f"{forward_name}(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
-        "Tensor sampling_locations, Tensor attention_weights) -> Tensor"
+        "Tensor sampling_locations, Tensor attention_weights, bool softmax=False) -> Tensor"
     )
     _lib.define(
         f"{backward_name}(Tensor grad_output, Tensor value, Tensor spatial_shapes, "
-        "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights) -> (Tensor, Tensor, Tensor)"
+        "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights, bool softmax=False) "
+        "-> (Tensor, Tensor, Tensor)"
     )
     torch.library.register_fake(forward, _forward_fake, lib=_lib)
     torch.library.register_fake(backward, _backward_fake, lib=_lib)
@@ -97,9 +103,9 @@ def _define(forward: str, backward: str) -> None:
     def _backward(ctx, grad_output):
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
         grad_value, grad_sampling_locations, grad_attention_weights = backward_op(
-            grad_output.contiguous(), value, spatial_shapes, level_start_index, sampling_locations, attention_weights
-        )
-        return grad_value, None, None, grad_sampling_locations, grad_attention_weights
+            grad_output.contiguous(), value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+            ctx.softmax)
+        return grad_value, None, None, grad_sampling_locations, grad_attention_weights, None
 
     torch.library.register_autograd(forward, _backward, setup_context=_setup_context, lib=_lib)
 

@@ -5,7 +5,8 @@ Shapes (the official op's):
     spatial_shapes      L x 2 (int64)     (H_l, W_l)
     level_start_index   L (int64)         offset of level l in S
     sampling_locations  N x Lq x M x L x P x 2   normalised (x, y) in [0, 1] (outside: zero padding)
-    attention_weights   N x Lq x M x L x P
+    attention_weights   N x Lq x M x L x P     (softmax=True: logits, normalised over the L * P points of each
+                                               (batch, query, head), as the kernels' fused softmax does)
     output              N x Lq x (M * D)
 """
 from __future__ import annotations
@@ -14,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 
-def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                           softmax=False):
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
     # Mixed dtypes (float16 values, float32 locations, outside autocast) are computed in the widest of them and
@@ -25,6 +27,8 @@ def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_lo
     value = value.to(compute_dtype)
     sampling_locations = sampling_locations.to(compute_dtype)
     attention_weights = attention_weights.to(compute_dtype)
+    if softmax:
+        attention_weights = F.softmax(attention_weights.flatten(-2), -1).view_as(attention_weights)
     # grid_sample wants [-1, 1]; align_corners=False matches the kernels' pixel-centre convention.
     sampling_grids = 2 * sampling_locations - 1
     sampled = []

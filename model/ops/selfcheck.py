@@ -51,34 +51,42 @@ CASES = [
     ("four_levels_d32", [(9, 11), (5, 6), (3, 2), (1, 4)], 3, 32, 4, 2, 11),
     ("d300_one_level", [(4, 3)], 1, 300, 2, 1, 3),  # several rounds of a full group
 ]
+# the same, with logits and the fused softmax
+SOFTMAX_CASES = [
+    ("four_levels_d32_softmax", [(9, 11), (5, 6), (3, 2), (1, 4)], 3, 32, 4, 2, 11),
+    ("d300_one_level_softmax", [(4, 3)], 1, 300, 2, 1, 3),  # the logits' gradients after several rounds
+]
 # Levels of the cases at a model's shape: odd sizes, a one-pixel-wide level; one more per level past five.
 MODEL_LEVELS = [(13, 17), (7, 9), (4, 5), (3, 1), (1, 2)]
 
 
 class Shape(NamedTuple):
-    """What a model's attention launches: heads M, channels per head D, levels L, points per level P. The self-check
-    of an implementation for a shape also runs the op at that shape, with every launch configuration (tile sizes)
-    the implementation picks for it at a training's sizes (:meth:`Implementation.launch_configs`)."""
+    """What a model's attention launches: heads M, channels per head D, levels L, points per level P, and whether
+    with the fused softmax. The self-check of an implementation for a shape also runs the op at that shape, with
+    every launch configuration (tile sizes) the implementation picks for it at a training's sizes
+    (:meth:`Implementation.launch_configs`)."""
 
     M: int
     D: int
     L: int
     P: int
+    softmax: bool = False
 
     @classmethod
-    def of(cls, value: torch.Tensor, sampling_locations: torch.Tensor) -> "Shape":
+    def of(cls, value: torch.Tensor, sampling_locations: torch.Tensor, softmax: bool = False) -> "Shape":
         return cls(int(value.shape[2]), int(value.shape[3]), int(sampling_locations.shape[3]),
-                   int(sampling_locations.shape[4]))
+                   int(sampling_locations.shape[4]), bool(softmax))
 
     @classmethod
     def parse(cls, text: str) -> "Shape":
-        return cls(*(int(x) for x in text.split(",")))
+        numbers = [int(x) for x in text.split(",")]
+        return cls(*numbers[:4], *(bool(x) for x in numbers[4:5]))
 
     def tag(self) -> str:
-        return f"M{self.M}_D{self.D}_L{self.L}_P{self.P}"
+        return f"M{self.M}_D{self.D}_L{self.L}_P{self.P}" + ("_softmax" if self.softmax else "")
 
     def __str__(self) -> str:
-        return f"{self.M},{self.D},{self.L},{self.P}"
+        return f"{self.M},{self.D},{self.L},{self.P}" + (",1" if self.softmax else "")
 
 
 # dtype -> largest relative error accepted against the float64 reference
@@ -123,10 +131,11 @@ def environment_cause(text: str) -> str | None:
 def _cases(impl, device: torch.device, dtype: torch.dtype, shape: Shape | None):
     """(label, inputs factory, launch configuration) of every case of a check, in order."""
     for dt in checked_dtypes(dtype):
-        for name, shapes, M, D, P, N, Lq in CASES:
-            label = f"{name} (N={N}, Lq={Lq}, M={M}, D={D}, P={P}, levels {shapes}), {dtype_name(dt)}"
-            yield label, dt, (lambda shapes=shapes, M=M, D=D, P=P, N=N, Lq=Lq, dt=dt: make_inputs(
-                shapes, M=M, D=D, P=P, N=N, Lq=Lq, dtype=dt, device=device)), None
+        for cases, softmax in ((CASES, False), (SOFTMAX_CASES, True)):
+            for name, shapes, M, D, P, N, Lq in cases:
+                label = f"{name} (N={N}, Lq={Lq}, M={M}, D={D}, P={P}, levels {shapes}), {dtype_name(dt)}"
+                yield label, dt, (lambda shapes=shapes, M=M, D=D, P=P, N=N, Lq=Lq, dt=dt, softmax=softmax: make_inputs(
+                    shapes, M=M, D=D, P=P, N=N, Lq=Lq, dtype=dt, device=device, logits=softmax)), None, softmax
     if shape is None:
         return
     levels = (MODEL_LEVELS + [(1, 1)] * shape.L)[:shape.L]
@@ -141,12 +150,12 @@ def _cases(impl, device: torch.device, dtype: torch.dtype, shape: Shape | None):
 
         def inputs(Lq=Lq):
             value, shapes, starts, loc, attn = make_inputs(levels, M=shape.M, D=shape.D, P=shape.P, N=N, Lq=Lq,
-                                                           dtype=dtype, device=device)
+                                                           dtype=dtype, device=device, logits=shape.softmax)
             if dtype in (torch.float16, torch.bfloat16):
                 loc = loc.float()  # as under autocast: reference points in float32
             return value, shapes, starts, loc, attn
 
-        yield label, dtype, inputs, config
+        yield label, dtype, inputs, config, shape.softmax
 
 
 def run_cases(impl: implementations.Implementation, device: torch.device, dtype: torch.dtype,
@@ -158,14 +167,14 @@ def run_cases(impl: implementations.Implementation, device: torch.device, dtype:
     comparison: ``environment`` then names it); ``cases``, how many ran."""
     max_errors: dict[str, float] = {}
     count = 0
-    for case, dt, make, config in _cases(impl, device, dtype, shape):
+    for case, dt, make, config, softmax in _cases(impl, device, dtype, shape):
         print(f"case: {case}", flush=True)  # the last one printed names the case if this process dies
         try:
             inputs = make()
-            expected = forward_and_grads(ms_deform_attn_pytorch,
+            expected = forward_and_grads(lambda *a: ms_deform_attn_pytorch(*a, softmax=softmax),
                                          [t.cpu().double() if t.is_floating_point() else t.cpu() for t in inputs])
             with impl.launch_context(config) if config is not None else contextlib.nullcontext():
-                actual = forward_and_grads(impl.forward, inputs)
+                actual = forward_and_grads(lambda *a: impl.forward(*a, softmax=softmax), inputs)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
         except Exception as e:  # noqa: BLE001 - the verdict reports it
@@ -351,7 +360,8 @@ def main(argv=None) -> int:
     parser.add_argument("--impl", required=True, help="registry name (cuda, triton, ...) or module:attribute")
     parser.add_argument("--device", required=True)
     parser.add_argument("--dtype", default="float32", choices=[dtype_name(d) for d in TOLERANCES])
-    parser.add_argument("--shape", type=Shape.parse, help="a model's M,D,L,P: also run the op at that shape")
+    parser.add_argument("--shape", type=Shape.parse, help="a model's M,D,L,P[,1 for the fused softmax]: also run "
+                        "the op at that shape")
     parser.add_argument("--json", type=Path, help="write the verdict here")
     args = parser.parse_args(argv)
     impl, device, dtype = implementations.get(args.impl), torch.device(args.device), getattr(torch, args.dtype)

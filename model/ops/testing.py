@@ -12,11 +12,13 @@ CASES = [
 ]
 
 
-def make_inputs(spatial_shapes, M=2, D=8, P=4, N=2, Lq=13, dtype=torch.float64, device="cpu", seed=0):
+def make_inputs(spatial_shapes, M=2, D=8, P=4, N=2, Lq=13, dtype=torch.float64, device="cpu", seed=0,
+                logits=False):
     """value, spatial_shapes, level_start_index, sampling_locations, attention_weights.
 
     Locations are drawn in [-0.3, 1.3] (so some points are partly or wholly outside their map) and a few are
-    set far outside.
+    set far outside. ``logits``: attention logits (for the fused softmax: N(0, 2), a few large), else weights
+    normalised over the L * P points of each (batch, query, head).
     """
     g = torch.Generator().manual_seed(seed)
     shapes = torch.tensor(spatial_shapes, dtype=torch.long)
@@ -28,14 +30,20 @@ def make_inputs(spatial_shapes, M=2, D=8, P=4, N=2, Lq=13, dtype=torch.float64, 
         sampling_locations[:, 0, 0] = torch.tensor([-2.0, 3.0], dtype=torch.float64)  # far outside
         sampling_locations[:, -1, -1, :, :, 1] = 1.01  # just below the bottom edge: half the corners outside
     attention_weights = torch.rand(N, Lq, M, L, P, generator=g, dtype=torch.float64)
-    attention_weights = attention_weights / attention_weights.flatten(-2).sum(-1)[..., None, None]
+    if logits:
+        attention_weights = 2 * torch.randn(N, Lq, M, L, P, generator=g, dtype=torch.float64)
+        if attention_weights.numel():
+            attention_weights.view(-1)[::7] += 8.0  # some dominant points, as a trained model has
+    else:
+        attention_weights = attention_weights / attention_weights.flatten(-2).sum(-1)[..., None, None]
     tensors = [value, sampling_locations, attention_weights]
     value, sampling_locations, attention_weights = (t.to(device=device, dtype=dtype) for t in tensors)
     return value, shapes.to(device), level_start_index.to(device), sampling_locations, attention_weights
 
 
 def forward_and_grads(fn, inputs, grad_output=None):
-    """Output and the gradients of (value, sampling_locations, attention_weights) for a fixed grad_output."""
+    """Output and the gradients of (value, sampling_locations, attention_weights) for a fixed grad_output (fn takes
+    the five op arguments; for the fused softmax, a lambda passing softmax=True)."""
     value, shapes, starts, loc, attn = (t.detach().clone() for t in inputs)
     for t in (value, loc, attn):
         t.requires_grad_(True)
@@ -82,8 +90,8 @@ class EmulatedCudaKernel(Implementation):
 
         build.load("cpu")  # the emulator is built with the CPU kernel
 
-    def forward(self, *args):
-        return torch.ops.deformable_detr.ms_deform_attn_emulated(*args)
+    def forward(self, *args, softmax=False):
+        return torch.ops.deformable_detr.ms_deform_attn_emulated(*args, softmax)
 
     def build_id(self):
         from . import build
@@ -103,11 +111,12 @@ class WrongKernel(Reference):
     def supports(self, device, dtype):
         return device.type == "cpu" and dtype.is_floating_point
 
-    def forward(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    def forward(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                softmax=False):
         shift = torch.zeros_like(sampling_locations)
         shift[..., 0] = 0.5 / spatial_shapes[:, 1].to(sampling_locations)[None, None, None, :, None]
-        return super().forward(value, spatial_shapes, level_start_index, sampling_locations + shift,
-                               attention_weights)
+        return Reference.forward(self, value, spatial_shapes, level_start_index, sampling_locations + shift,
+                                 attention_weights, softmax)
 
 
 class CrashingKernel(WrongKernel):
@@ -117,7 +126,7 @@ class CrashingKernel(WrongKernel):
     spec = "model.ops.testing:CRASHING"
     description = "crashing kernel"
 
-    def forward(self, *args):
+    def forward(self, *args, softmax=False):
         import os
 
         os.abort()
@@ -132,7 +141,7 @@ class UnlaunchableKernel(WrongKernel):
     description = "unlaunchable kernel"
     needs_self_check = False
 
-    def forward(self, *args):
+    def forward(self, *args, softmax=False):
         raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
 
 
@@ -144,9 +153,9 @@ class RightKernel(WrongKernel):
     spec = "model.ops.testing:RIGHT"
     description = "correct test kernel"
 
-    def forward(self, *args):
+    def forward(self, *args, softmax=False):
         _mark(self.name)
-        return Reference.forward(self, *args)
+        return Reference.forward(self, *args, softmax=softmax)
 
 
 def _mark(name):
@@ -167,14 +176,14 @@ class KilledKernel(RightKernel):
     spec = "model.ops.testing:KILLED"
     description = "killed test kernel"
 
-    def forward(self, *args):
+    def forward(self, *args, softmax=False):
         import os
         import signal
 
         _mark(self.name)
         if os.environ.get("DEFORMABLE_DETR_OPS_TEST_KILL", "1") != "0":
             os.kill(os.getpid(), signal.SIGKILL)
-        return Reference.forward(self, *args)
+        return Reference.forward(self, *args, softmax=softmax)
 
 
 class EnvironmentErrorKernel(RightKernel):
@@ -186,7 +195,7 @@ class EnvironmentErrorKernel(RightKernel):
     description = "test kernel on a busy GPU"
     ERROR = "CUDA error: all CUDA-capable devices are busy or unavailable"
 
-    def forward(self, *args):
+    def forward(self, *args, softmax=False):
         import os
 
         _mark(self.name)
@@ -201,14 +210,14 @@ class SlowKernel(RightKernel):
     spec = "model.ops.testing:SLOW"
     description = "slow test kernel"
 
-    def forward(self, *args):
+    def forward(self, *args, softmax=False):
         import os
         import time
 
         if os.environ.get("DEFORMABLE_DETR_OPS_IN_SELF_CHECK") == "1":
             _mark(self.name)
             time.sleep(float(os.environ.get("DEFORMABLE_DETR_OPS_TEST_SLEEP", "0.5")))
-        return Reference.forward(self, *args)
+        return Reference.forward(self, *args, softmax=softmax)
 
 
 class TiledKernel(RightKernel):
@@ -237,11 +246,12 @@ class TiledKernel(RightKernel):
                 self.tile = previous
         return forced()
 
-    def forward(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    def forward(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                softmax=False):
         _mark(self.name)
         wrong = self.tile == self.wrong_at.get("tile") or tuple(value.shape[2:]) == self.wrong_at.get("MD")
         impl = WrongKernel.forward if wrong else Reference.forward
-        return impl(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        return impl(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, softmax)
 
 
 class WrongAtModelShape(TiledKernel):

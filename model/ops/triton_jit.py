@@ -10,6 +10,12 @@ Shapes (the official op's; all contiguous):
     attention_weights   N x Lq x M x L x P
     output              N x Lq x M x D
 
+With SOFTMAX the attention weights are logits: a program first reads each group's L * P logits for their max
+and sum (two passes over 64 bytes per group, in L1) and weighs point k by exp(logit_k - max) / sum; the backward
+writes the weights' gradients (in ACC), then turns them into the logits' gradients, p * (g - sum_j p_j g_j), from
+what it wrote (two more passes over the group's L * P entries, with CTA barriers between a store and the loads of
+other threads holding the same [BLOCK_G] element).
+
 A program owns BLOCK_G "groups" g = (n, q, m) and all their D channels (BLOCK_D = D rounded up to a
 power of two): the locations and weights of a group are read once and used for every channel, a
 bilinear corner is one [BLOCK_G, BLOCK_D] gather of rows of D contiguous channels (vector loads when D
@@ -76,6 +82,29 @@ def _bilinear(loc_ptr, k, g_mask, H, W, ACC: tl.constexpr):
 
 
 @triton.jit
+def _softmax_stats(attn_ptr, g64, g_mask, L, P: tl.constexpr, ACC: tl.constexpr):
+    """[BLOCK_G] max and 1 / sum(exp(logit - max)) of each group's L * P logits."""
+    mx = tl.load(attn_ptr + g64 * L * P, mask=g_mask, other=0.0).to(ACC)
+    for l in range(L):
+        for p in tl.static_range(P):
+            mx = tl.maximum(mx, tl.load(attn_ptr + (g64 * L + l) * P + p, mask=g_mask, other=0.0).to(ACC))
+    total = mx * 0.0
+    for l in range(L):
+        for p in tl.static_range(P):
+            total += tl.exp(tl.load(attn_ptr + (g64 * L + l) * P + p, mask=g_mask, other=0.0).to(ACC) - mx)
+    return mx, 1.0 / total
+
+
+@triton.jit
+def _weight(attn_ptr, k, g_mask, mx, inv, SOFTMAX: tl.constexpr, ACC: tl.constexpr):
+    """[BLOCK_G] weight of point k: the given weight, or the softmax of its logit."""
+    a = tl.load(attn_ptr + k, mask=g_mask, other=0.0).to(ACC)
+    if SOFTMAX:
+        a = tl.exp(a - mx) * inv
+    return a
+
+
+@triton.jit
 def _corner_offsets(x0, y0, W, MD: tl.constexpr, INDEX_64: tl.constexpr):
     """Element offsets, inside one level of one batch element, of the four corner rows: [BLOCK_G] each."""
     row = y0 * W + x0
@@ -105,7 +134,7 @@ def ms_deform_attn_forward_kernel(
     value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr,
     num_groups, Lq, S, L,
     M: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, INDEX_64: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, INDEX_64: tl.constexpr, SOFTMAX: tl.constexpr,
 ):
     g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)  # [BLOCK_G] groups (n, q, m)
     g_mask = g < num_groups
@@ -116,6 +145,10 @@ def ms_deform_attn_forward_kernel(
     # [BLOCK_G] pointers to value[n, 0, m, 0]
     value_n = value_ptr + n * S * (M * D) + m * D
     g64 = g.to(tl.int64)
+    mx = tl.full([BLOCK_G], 0.0, ACC)  # the softmax's max and 1 / sum (unused without SOFTMAX)
+    inv = tl.full([BLOCK_G], 1.0, ACC)
+    if SOFTMAX:
+        mx, inv = _softmax_stats(attn_ptr, g64, g_mask, L, P, ACC)
     acc = tl.full([BLOCK_G, BLOCK_D], 0.0, ACC)
     for l in range(L):
         H = tl.load(shapes_ptr + 2 * l).to(tl.int32)
@@ -123,7 +156,7 @@ def ms_deform_attn_forward_kernel(
         value_l = value_n + tl.load(starts_ptr + l) * (M * D)  # [BLOCK_G]
         for p in tl.static_range(P):
             k = (g64 * L + l) * P + p  # [BLOCK_G] (n, q, m, l, p)
-            a = tl.load(attn_ptr + k, mask=g_mask, other=0.0).to(ACC)
+            a = _weight(attn_ptr, k, g_mask, mx, inv, SOFTMAX, ACC)
             x0, y0, lx, ly, w00, w01, w10, w11, v00, v01, v10, v11, inside = _bilinear(
                 loc_ptr, k, g_mask, H, W, ACC)
             o00, o01, o10, o11 = _corner_offsets(x0, y0, W, M * D, INDEX_64)
@@ -141,11 +174,11 @@ def ms_deform_attn_backward_kernel(
     grad_value_ptr, grad_loc_ptr, grad_attn_ptr,
     num_groups, Lq, S, L,
     M: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, INDEX_64: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, INDEX_64: tl.constexpr, SOFTMAX: tl.constexpr,
 ):
     """grad_value (ACC dtype, zero on entry) accumulates with atomics: a value row is read by many
     queries. The gradients of a point's location and weight are sums over its group's D channels, all
-    in this program: plain stores."""
+    in this program: plain stores (with SOFTMAX, in ACC: rewritten as the logits' gradients at the end)."""
     g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
     g_mask = g < num_groups
     n = (g // (Lq * M)).to(tl.int64)
@@ -154,6 +187,10 @@ def ms_deform_attn_backward_kernel(
     d_mask = d < D
     row_offset = n * S * (M * D) + m * D  # [BLOCK_G] element offset of value[n, 0, m, 0]
     g64 = g.to(tl.int64)
+    mx = tl.full([BLOCK_G], 0.0, ACC)  # the softmax's max and 1 / sum (unused without SOFTMAX)
+    inv = tl.full([BLOCK_G], 1.0, ACC)
+    if SOFTMAX:
+        mx, inv = _softmax_stats(attn_ptr, g64, g_mask, L, P, ACC)
     # [BLOCK_G, BLOCK_D] gradient of the output, read once for all points
     go = tl.load(grad_out_ptr + g64[:, None] * D + d[None, :], mask=g_mask[:, None] & d_mask[None, :],
                  other=0.0).to(ACC)
@@ -165,7 +202,7 @@ def ms_deform_attn_backward_kernel(
         grad_value_l = grad_value_ptr + level_offset
         for p in tl.static_range(P):
             k = (g64 * L + l) * P + p
-            a = tl.load(attn_ptr + k, mask=g_mask, other=0.0).to(ACC)
+            a = _weight(attn_ptr, k, g_mask, mx, inv, SOFTMAX, ACC)
             x0, y0, lx, ly, w00, w01, w10, w11, v00, v01, v10, v11, inside = _bilinear(
                 loc_ptr, k, g_mask, H, W, ACC)
             o00, o01, o10, o11 = _corner_offsets(x0, y0, W, M * D, INDEX_64)
@@ -186,3 +223,20 @@ def ms_deform_attn_backward_kernel(
             tl.store(grad_attn_ptr + k, grad_a.to(grad_attn_ptr.dtype.element_ty), mask=g_mask)
             tl.store(grad_loc_ptr + 2 * k, grad_loc_x.to(grad_loc_ptr.dtype.element_ty), mask=g_mask)
             tl.store(grad_loc_ptr + 2 * k + 1, grad_loc_y.to(grad_loc_ptr.dtype.element_ty), mask=g_mask)
+    if SOFTMAX:
+        # the weights' gradients g -> the logits': p * (g - sum_j p_j g_j); the barrier makes this program's
+        # stores above visible to all its threads (a [BLOCK_G] value is held by several)
+        tl.debug_barrier()
+        dot = tl.full([BLOCK_G], 0.0, ACC)
+        for l in range(L):
+            for p in tl.static_range(P):
+                k = (g64 * L + l) * P + p
+                grad_p = tl.load(grad_attn_ptr + k, mask=g_mask, other=0.0).to(ACC)
+                dot += _weight(attn_ptr, k, g_mask, mx, inv, SOFTMAX, ACC) * grad_p
+        for l in range(L):
+            for p in tl.static_range(P):
+                k = (g64 * L + l) * P + p
+                grad_p = tl.load(grad_attn_ptr + k, mask=g_mask, other=0.0).to(ACC)
+                p_k = _weight(attn_ptr, k, g_mask, mx, inv, SOFTMAX, ACC)
+                tl.debug_barrier()  # every thread holding point k has read it before it is rewritten
+                tl.store(grad_attn_ptr + k, (p_k * (grad_p - dot)).to(grad_attn_ptr.dtype.element_ty), mask=g_mask)

@@ -1,8 +1,8 @@
 """Multi-scale deformable attention in Triton: launchers of the kernels in ``triton_jit.py``.
 
-    forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> output
-    backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-        -> (grad_value, grad_sampling_locations, grad_attention_weights)
+    forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, softmax=False) -> output
+    backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+             softmax=False) -> (grad_value, grad_sampling_locations, grad_attention_weights)
     available(device) -> (bool, reason)
 
 The semantics are the compiled kernels' (``csrc/``): value float32, float16, bfloat16 or float64, output
@@ -183,7 +183,7 @@ def _on(device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _launch_args(value, num_groups, backward):
+def _launch_args(value, num_groups, backward, softmax=False):
     N, S, M, D = value.shape
     interpret = interpreting()
     num_sms = torch.cuda.get_device_properties(value.device).multi_processor_count if value.is_cuda else 132
@@ -195,14 +195,14 @@ def _launch_args(value, num_groups, backward):
     acc = tl.float64 if value.dtype == torch.float64 else tl.float32
     grid = (-(-num_groups // BLOCK_G),)
     meta = dict(M=M, D=D, BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D, ACC=acc,
-                INDEX_64=S * M * D >= 2**31, num_warps=num_warps)
+                INDEX_64=S * M * D >= 2**31, SOFTMAX=bool(softmax), num_warps=num_warps)
     if interpret:
         del meta["num_warps"]  # the interpreter takes no launch options
     return grid, meta
 
 
-def forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    """N x Lq x (M * D) in value's dtype."""
+def forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, softmax=False):
+    """N x Lq x (M * D) in value's dtype. ``softmax``: attention_weights are logits (the fused softmax)."""
     value, shapes, starts, loc, attn = _prepare(value, spatial_shapes, level_start_index, sampling_locations,
                                                 attention_weights)
     N, S, M, D = value.shape
@@ -212,14 +212,15 @@ def forward(value, spatial_shapes, level_start_index, sampling_locations, attent
         return output
     if L == 0 or P == 0:
         return output.zero_()
-    grid, meta = _launch_args(value, N * Lq * M, backward=False)
+    grid, meta = _launch_args(value, N * Lq * M, backward=False, softmax=softmax)
     with _on(value.device):
         _kernels().ms_deform_attn_forward_kernel[grid](
             value, shapes, starts, loc, attn, output, N * Lq * M, Lq, S, L, P=P, **meta)
     return output
 
 
-def backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+def backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+             softmax=False):
     """(grad_value in value's dtype, grad_sampling_locations and grad_attention_weights in their inputs' dtypes)."""
     # grad_value rows are summed with atomics in whatever order the programs run: the last bits vary between runs
     library.alert_not_deterministic("ms_deform_attn_backward (Triton kernel: grad_value uses atomic adds)")
@@ -238,14 +239,17 @@ def backward(grad_output, value, spatial_shapes, level_start_index, sampling_loc
     accumulate_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
     grad_value = torch.zeros(value.shape, dtype=accumulate_dtype, device=value.device)
     grad_loc = torch.zeros_like(loc) if D == 0 or L == 0 or P == 0 else torch.empty_like(loc)
-    grad_attn = torch.zeros_like(attn) if D == 0 or L == 0 or P == 0 else torch.empty_like(attn)
+    # with the fused softmax the weights' gradients are rewritten in place as the logits': kept in ACC meanwhile
+    attn_grad_dtype = accumulate_dtype if softmax and attn.dtype in (torch.float16, torch.bfloat16) else attn.dtype
+    grad_attn = (torch.zeros_like(attn, dtype=attn_grad_dtype) if D == 0 or L == 0 or P == 0
+                 else torch.empty_like(attn, dtype=attn_grad_dtype))
     if grad_loc.numel() > 0 and D > 0:
-        grid, meta = _launch_args(value, N * Lq * M, backward=True)
+        grid, meta = _launch_args(value, N * Lq * M, backward=True, softmax=softmax)
         with _on(value.device):
             _kernels().ms_deform_attn_backward_kernel[grid](
                 grad_output, value, shapes, starts, loc, attn, grad_value, grad_loc, grad_attn,
                 N * Lq * M, Lq, S, L, P=P, **meta)
-    return grad_value.to(value.dtype), grad_loc, grad_attn
+    return grad_value.to(value.dtype), grad_loc, grad_attn.to(attn.dtype)
 
 
 # The Triton twins of the dispatcher ops (schema, fake implementation, autograd: model/ops/library.py) run these

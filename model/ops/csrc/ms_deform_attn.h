@@ -10,6 +10,10 @@
 //
 // output[n, q, m, :] = sum_{l, p} attention_weights[n, q, m, l, p]
 //                      * bilinear(value[n, level l, m, :], sampling_locations[n, q, m, l, p])
+//
+// With softmax = true (the fused softmax, as DCNv4's FlashDeformAttn), attention_weights are logits and the
+// weights are their softmax over the L * P points of each (n, q, m), computed inside the kernels, forward and
+// backward (grad of a logit = p * (grad of its weight - sum_j p_j * grad of weight j)).
 #pragma once
 
 #include <cmath>
@@ -73,6 +77,32 @@ struct BilinearPoint {
   C10_HOST_DEVICE inline void pixel_grad(const acc_t (&dots)[4], acc_t& grad_x, acc_t& grad_y) const {
     grad_x = (acc_t(1) - ly) * (dots[1] - dots[0]) + ly * (dots[3] - dots[2]);
     grad_y = (acc_t(1) - lx) * (dots[2] - dots[0]) + lx * (dots[3] - dots[1]);
+  }
+};
+
+// The softmax over the n >= 1 logits of one (n, q, m), as torch.softmax computes it: p_k = exp(x_k - max) / sum_j
+// exp(x_j - max). `logits(k)` returns logit k in acc_t.
+template <typename acc_t>
+struct SoftmaxStats {
+  acc_t max;
+  acc_t inv_sum;
+
+  template <typename Logits>
+  C10_HOST_DEVICE inline void init(const Logits& logits, int n) {
+    max = logits(0);
+    for (int k = 1; k < n; ++k) {
+      const acc_t x = logits(k);
+      max = x > max ? x : max;
+    }
+    acc_t sum = 0;
+    for (int k = 0; k < n; ++k) {
+      sum += std::exp(logits(k) - max);
+    }
+    inv_sum = acc_t(1) / sum;
+  }
+
+  C10_HOST_DEVICE inline acc_t prob(acc_t logit) const {
+    return std::exp(logit - max) * inv_sum;
   }
 };
 

@@ -4,6 +4,9 @@
 // Backward: parallel over (batch, head, level); a task owns the rows of grad_value of its head and level
 //           and the gradients of the sampling locations / attention weights of its level, so no two
 //           tasks write the same memory: no atomics, no per-thread buffers, deterministic results.
+// softmax:  attention_weights are logits, normalised over the L * P points of each (n, q, m) inside: a first
+//           pass per (n, q, m) computes the softmax's max and 1 / sum (2 numbers per group, not the L * P
+//           weights); the backward turns the weights' gradients into the logits' in a last pass per group.
 #include <algorithm>
 #include <tuple>
 #include <type_traits>
@@ -83,10 +86,33 @@ Sizes check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes, co
   return s;
 }
 
+// softmax statistics (max, 1 / sum) of every (n, q, m)'s L * P logits: stats[2 * group], stats[2 * group + 1]
+template <typename scalar_t>
+void softmax_stats(const scalar_t* logits, scalar_t* stats, const Sizes& s) {
+  const int64_t n = s.L * s.P;
+  at::parallel_for(0, s.N * s.Lq * s.M, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t group = begin; group < end; ++group) {
+      const scalar_t* x = logits + group * n;
+      SoftmaxStats<scalar_t> st;
+      st.init([x](int k) { return x[k]; }, static_cast<int>(n));
+      stats[2 * group] = st.max;
+      stats[2 * group + 1] = st.inv_sum;
+    }
+  });
+}
+
+template <typename scalar_t>
+inline scalar_t weight_of(const scalar_t* attention_weights, const scalar_t* stats, int64_t group, int64_t k) {
+  if (stats == nullptr) {
+    return attention_weights[k];
+  }
+  return std::exp(attention_weights[k] - stats[2 * group]) * stats[2 * group + 1];
+}
+
 template <typename scalar_t, int64_t kD>
 void forward_kernel(const scalar_t* value, const int64_t* spatial_shapes, const int64_t* level_start_index,
-                    const scalar_t* sampling_locations, const scalar_t* attention_weights, scalar_t* output,
-                    const Sizes& s) {
+                    const scalar_t* sampling_locations, const scalar_t* attention_weights, const scalar_t* stats,
+                    scalar_t* output, const Sizes& s) {
   const int64_t D = Channels<kD>{s.D}();
   const int64_t row = s.M * D;  // stride of one spatial position in value
   // One task per (n, m, block of queries), levels in the outer loop: the value rows a task reads are those of
@@ -122,9 +148,10 @@ void forward_kernel(const scalar_t* value, const int64_t* spatial_shapes, const 
             if (!pt.init(sampling_locations[2 * k], sampling_locations[2 * k + 1], H, W)) {
               continue;
             }
+            const scalar_t weight = weight_of(attention_weights, stats, group, k);
             for (int c = 0; c < 4; ++c) {
               if (pt.valid[c]) {
-                const scalar_t coeff = attention_weights[k] * pt.weight[c];
+                const scalar_t coeff = weight * pt.weight[c];
                 const scalar_t* __restrict__ v = value_l + pt.offset[c] * row;
 #pragma omp simd
                 for (int64_t d = 0; d < D; ++d) {
@@ -148,8 +175,8 @@ void forward_kernel(const scalar_t* value, const int64_t* spatial_shapes, const 
 template <typename scalar_t, int64_t kD>
 void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const int64_t* spatial_shapes,
                      const int64_t* level_start_index, const scalar_t* sampling_locations,
-                     const scalar_t* attention_weights, scalar_t* grad_value, scalar_t* grad_sampling_locations,
-                     scalar_t* grad_attention_weights, const Sizes& s) {
+                     const scalar_t* attention_weights, const scalar_t* stats, scalar_t* grad_value,
+                     scalar_t* grad_sampling_locations, scalar_t* grad_attention_weights, const Sizes& s) {
   const int64_t D = Channels<kD>{s.D}();
   const int64_t row = s.M * D;
   // One task per (n, m, l): grad_value rows of level l, head m are written by this task only.
@@ -174,7 +201,7 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const i
             grad_loc[0] = grad_loc[1] = grad_attention_weights[k] = scalar_t(0);
             continue;
           }
-          const scalar_t a = attention_weights[k];
+          const scalar_t a = weight_of(attention_weights, stats, group, k);
           scalar_t dots[4] = {0, 0, 0, 0};
           scalar_t grad_attn = 0;
           for (int c = 0; c < 4; ++c) {
@@ -201,11 +228,45 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const i
       }
     }
   });
+  if (stats == nullptr) {
+    return;
+  }
+  // The weights' gradients g -> the logits': p * (g - sum_j p_j g_j), per (n, q, m).
+  const int64_t n = s.L * s.P;
+  at::parallel_for(0, s.N * s.Lq * s.M, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t group = begin; group < end; ++group) {
+      scalar_t* g = grad_attention_weights + group * n;
+      scalar_t dot = 0;
+      for (int64_t k = 0; k < n; ++k) {
+        dot += weight_of(attention_weights, stats, group, group * n + k) * g[k];
+      }
+      for (int64_t k = 0; k < n; ++k) {
+        g[k] = weight_of(attention_weights, stats, group, group * n + k) * (g[k] - dot);
+      }
+    }
+  });
+}
+
+// (max, 1 / sum) per (n, q, m) when softmax, else an undefined tensor
+at::Tensor stats_of(const at::Tensor& attn, bool softmax, const Sizes& s) {
+  if (!softmax || s.L * s.P == 0 || attn.numel() == 0) {
+    return at::Tensor();
+  }
+  auto stats = at::empty({s.N * s.Lq * s.M, 2}, attn.options());
+  AT_DISPATCH_FLOATING_TYPES(attn.scalar_type(), "ms_deform_attn_softmax_cpu", [&] {
+    softmax_stats<scalar_t>(attn.data_ptr<scalar_t>(), stats.data_ptr<scalar_t>(), s);
+  });
+  return stats;
+}
+
+template <typename scalar_t>
+const scalar_t* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
 }
 
 at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                       const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
-                                      const at::Tensor& attention_weights) {
+                                      const at::Tensor& attention_weights, bool softmax) {
   const Sizes s = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   const auto dtype = value.scalar_type();
   const auto value_c = value.contiguous();
@@ -217,11 +278,13 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
   if (output.numel() == 0) {
     return output;
   }
+  const auto stats = stats_of(attn, softmax, s);
   AT_DISPATCH_FLOATING_TYPES(dtype, "ms_deform_attn_forward_cpu", [&] {
     dispatch_channels(s.D, [&](auto kD) {
       forward_kernel<scalar_t, decltype(kD)::value>(value_c.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(),
                                                     starts.data_ptr<int64_t>(), loc.data_ptr<scalar_t>(),
-                                                    attn.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(), s);
+                                                    attn.data_ptr<scalar_t>(), data_or_null<scalar_t>(stats),
+                                                    output.data_ptr<scalar_t>(), s);
     });
   });
   return output;
@@ -229,7 +292,8 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index, const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
+    const at::Tensor& level_start_index, const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+    bool softmax) {
   const Sizes s = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   TORCH_CHECK(grad_output.numel() == s.N * s.Lq * s.M * s.D, "ms_deform_attn_backward: grad_output has ",
               grad_output.numel(), " elements, expected N x Lq x M*D = ", s.N * s.Lq * s.M * s.D);
@@ -245,12 +309,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   auto grad_loc = at::empty(loc.sizes(), loc.options());
   auto grad_attn = at::empty(attn.sizes(), attn.options());
   if (grad_loc.numel() > 0 && s.D > 0) {
+    const auto stats = stats_of(attn, softmax, s);
     AT_DISPATCH_FLOATING_TYPES(dtype, "ms_deform_attn_backward_cpu", [&] {
       dispatch_channels(s.D, [&](auto kD) {
         backward_kernel<scalar_t, decltype(kD)::value>(
             grad_out.data_ptr<scalar_t>(), value_c.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(),
             starts.data_ptr<int64_t>(), loc.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(),
-            grad_value.data_ptr<scalar_t>(), grad_loc.data_ptr<scalar_t>(), grad_attn.data_ptr<scalar_t>(), s);
+            data_or_null<scalar_t>(stats), grad_value.data_ptr<scalar_t>(), grad_loc.data_ptr<scalar_t>(),
+            grad_attn.data_ptr<scalar_t>(), s);
       });
     });
   } else {

@@ -96,17 +96,19 @@ struct CudaLauncher {
 
 at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                        const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
-                                       const at::Tensor& attention_weights) {
+                                       const at::Tensor& attention_weights, bool softmax) {
   const c10::cuda::CUDAGuard guard(value.device());
-  return forward_op<CudaLauncher>(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  return forward_op<CudaLauncher>(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                                  softmax);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index, const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
+    const at::Tensor& level_start_index, const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+    bool softmax) {
   const c10::cuda::CUDAGuard guard(value.device());
   return backward_op<CudaLauncher>(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
-                                   attention_weights);
+                                   attention_weights, softmax);
 }
 
 }  // namespace

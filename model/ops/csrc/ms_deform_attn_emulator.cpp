@@ -104,16 +104,18 @@ struct EmulatedLauncher {
 
 at::Tensor ms_deform_attn_forward_emulated(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                            const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
-                                           const at::Tensor& attention_weights) {
+                                           const at::Tensor& attention_weights,
+                                           bool softmax) {
   return forward_op<EmulatedLauncher>(value, spatial_shapes, level_start_index, sampling_locations,
-                                      attention_weights);
+                                      attention_weights, softmax);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_emulated(
     const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index, const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
+    const at::Tensor& level_start_index, const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+    bool softmax) {
   return backward_op<EmulatedLauncher>(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
-                                       attention_weights);
+                                       attention_weights, softmax);
 }
 
 }  // namespace

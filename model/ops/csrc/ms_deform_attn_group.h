@@ -16,6 +16,10 @@
 // Running all lanes of a group in lockstep on the host is what lets the emulator execute the same reduction
 // and the same lane/pack split as the GPU, line for line.
 //
+// With d.softmax the attention weights are logits: every lane computes the softmax's max and sum over its
+// group's L * P logits (SoftmaxStats, ms_deform_attn.h) and uses p = exp(logit - max) / sum as the weight; in the
+// backward lane 0 turns the weights' gradients into the logits' once the group's rounds are done.
+//
 // Memory is read and written through Buffer, which checks every access on the host (the emulator reports an
 // out-of-bounds or misaligned access as an error instead of reading a neighbour's memory) and is a bare
 // pointer on the GPU.
@@ -40,7 +44,9 @@ struct Dims {
   int64_t S;
   int Lq, M, D, L, P;
   int group_size;  // threads per (n, q, m)
+  bool softmax;    // attention_weights are logits: softmax over the L * P points of each (n, q, m) inside
 };
+
 
 template <typename T>
 struct Buffer {
@@ -62,6 +68,16 @@ struct Buffer {
 template <typename T, int V>
 struct alignas(sizeof(T) * V) Pack {
   T v[V];
+};
+
+// Logit k of one (n, q, m) in the math type (for SoftmaxStats).
+template <typename acc_t, typename coord_t>
+struct GroupLogits {
+  const Buffer<const coord_t>* weights;
+  int64_t first;
+  C10_HOST_DEVICE inline acc_t operator()(int k) const {
+    return static_cast<acc_t>(*weights->at(first + k));
+  }
 };
 
 // out[0:V] = buf[offset : offset + V] converted to the math type: one 16-byte load when V > 1
@@ -124,6 +140,10 @@ C10_HOST_DEVICE inline void forward_group(const ForwardArgs<scalar_t, coord_t>& 
   const int64_t value_nm = gi.n * d.S * row + static_cast<int64_t>(gi.m) * d.D;
   const int64_t points = group * d.L * d.P;  // first (n, q, m, l=0, p=0)
   const int num_packs = d.D / V;
+  SoftmaxStats<acc_t> softmax;  // every lane computes the same (the group's L * P logits)
+  if (d.softmax) {
+    softmax.init(GroupLogits<acc_t, coord_t>{&a.attention_weights, points}, d.L * d.P);
+  }
 
   // The lanes of a group share nothing in the forward: each owns its packs and writes them.
   for (int j = 0; j < lanes.count(); ++j) {
@@ -149,7 +169,8 @@ C10_HOST_DEVICE inline void forward_group(const ForwardArgs<scalar_t, coord_t>& 
                        static_cast<int>(W))) {
             continue;
           }
-          const acc_t weight = static_cast<acc_t>(*a.attention_weights.at(k));
+          const acc_t logit = static_cast<acc_t>(*a.attention_weights.at(k));
+          const acc_t weight = d.softmax ? softmax.prob(logit) : logit;
 #pragma unroll
           for (int c = 0; c < 4; ++c) {
             if (pt.valid[c]) {
@@ -197,6 +218,10 @@ C10_HOST_DEVICE inline void backward_group(const BackwardArgs<scalar_t, coord_t,
   const int num_packs = d.D / V;
   // grad_value is a fresh buffer and packs start at multiples of V: a pack of atomics is aligned to its size
   constexpr int kGradAlign = V * sizeof(grad_t) < 16 ? V * sizeof(grad_t) : 16;
+  SoftmaxStats<acc_t> softmax;  // every lane computes the same (the group's L * P logits)
+  if (d.softmax) {
+    softmax.init(GroupLogits<acc_t, coord_t>{&a.attention_weights, points}, d.L * d.P);
+  }
 
   // Every lane runs the same number of rounds (the reduction needs the whole group); in the last round lanes
   // past the end of D contribute zeros.
@@ -231,7 +256,8 @@ C10_HOST_DEVICE inline void backward_group(const BackwardArgs<scalar_t, coord_t,
         if (fits && pt.init(static_cast<acc_t>(*a.sampling_locations.at(2 * k)),
                             static_cast<acc_t>(*a.sampling_locations.at(2 * k + 1)), static_cast<int>(H),
                             static_cast<int>(W))) {
-          const acc_t weight = static_cast<acc_t>(*a.attention_weights.at(k));
+          const acc_t logit = static_cast<acc_t>(*a.attention_weights.at(k));
+          const acc_t weight = d.softmax ? softmax.prob(logit) : logit;
           for (int j = 0; j < lanes.count(); ++j) {
             const int pack = first_pack + lanes.lane(j);
             if (pack >= num_packs) {
@@ -286,6 +312,26 @@ C10_HOST_DEVICE inline void backward_group(const BackwardArgs<scalar_t, coord_t,
           }
         }
       }
+    }
+  }
+  if (!d.softmax) {
+    return;
+  }
+  // The weights' gradients g (complete: every round has added to them) -> the logits': p * (g - sum_j p_j g_j).
+  // Lane 0 wrote them and rewrites them: no other thread touches them.
+  for (int j = 0; j < lanes.count(); ++j) {
+    if (lanes.lane(j) != 0) {
+      continue;
+    }
+    acc_t dot = 0;
+    for (int k = 0; k < d.L * d.P; ++k) {
+      const acc_t p = softmax.prob(static_cast<acc_t>(*a.attention_weights.at(points + k)));
+      dot += p * static_cast<acc_t>(*a.grad_attention_weights.at(points + k));
+    }
+    for (int k = 0; k < d.L * d.P; ++k) {
+      const acc_t p = softmax.prob(static_cast<acc_t>(*a.attention_weights.at(points + k)));
+      coord_t* ga = a.grad_attention_weights.at(points + k);
+      *ga = static_cast<coord_t>(p * (static_cast<acc_t>(*ga) - dot));
     }
   }
 }

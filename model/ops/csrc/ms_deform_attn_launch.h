@@ -62,7 +62,7 @@ struct Inputs {
 
 template <typename Launcher>
 Inputs prepare(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
-               const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
+               const at::Tensor& sampling_locations, const at::Tensor& attention_weights, bool softmax) {
   const char* name = Launcher::kName;
   TORCH_CHECK(value.dim() == 4, "ms_deform_attn: value must be N x S x M x D, got ", value.sizes());
   TORCH_CHECK(sampling_locations.dim() == 6 && sampling_locations.size(5) == 2,
@@ -110,7 +110,7 @@ Inputs prepare(const at::Tensor& value, const at::Tensor& spatial_shapes, const 
   const auto device = value.device();
   in.value = value.contiguous();
   in.dims = Dims{N * Lq * M, S, static_cast<int>(Lq), static_cast<int>(M), static_cast<int>(D),
-                 static_cast<int>(L), static_cast<int>(P), 1};
+                 static_cast<int>(L), static_cast<int>(P), 1, softmax};
   choose_layout(in.dims, in.vec, c10::elementSize(dtype), aligned16(in.value));
   num_blocks(in.dims);  // before the copies below: an impossible launch fails without allocating anything
   // tiny; copied to the device when given on the CPU (the official op expects them on the device)
@@ -133,8 +133,9 @@ Buffer<T> write_buffer(at::Tensor& t) {
 
 template <typename Launcher>
 at::Tensor forward_op(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
-                      const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
-  const Inputs in = prepare<Launcher>(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+                      const at::Tensor& sampling_locations, const at::Tensor& attention_weights, bool softmax) {
+  const Inputs in = prepare<Launcher>(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                                      softmax);
   const Dims& d = in.dims;
   auto output = at::empty({value.size(0), d.Lq, static_cast<int64_t>(d.M) * d.D}, in.value.options());
   if (output.numel() == 0) {
@@ -164,10 +165,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& gra
                                                            const at::Tensor& spatial_shapes,
                                                            const at::Tensor& level_start_index,
                                                            const at::Tensor& sampling_locations,
-                                                           const at::Tensor& attention_weights) {
+                                                           const at::Tensor& attention_weights, bool softmax) {
   // grad_value rows are summed with atomics in whatever order the groups run: the last bits vary between runs
   at::globalContext().alertNotDeterministic("ms_deform_attn_backward (CUDA kernel: grad_value uses atomicAdd)");
-  Inputs in = prepare<Launcher>(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  Inputs in = prepare<Launcher>(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                                softmax);
   const int64_t expected = in.dims.num_groups * in.dims.D;
   TORCH_CHECK(grad_output.numel() == expected, "ms_deform_attn_backward: grad_output has ", grad_output.numel(),
               " elements, expected N x Lq x M*D = ", expected);
