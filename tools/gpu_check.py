@@ -7,7 +7,11 @@
 2. every GPU implementation (impl="auto"'s CUDA chain: the CUDA kernel, Triton) against the reference:
    availability, self-check verdict, worst relative error per dtype and a gradcheck;
 3. the kernel benchmark (tests/benchmarks/bench_ms_deform_attn.py) with its ratio to the memory-traffic floor;
-4. the ``deformops`` package side by side, when it is installed;
+4. side by side with ``deformops`` (when installed, through its public entry point ``deformops.registry.msda``,
+   with its own backend selection and each of its GPU backends): our implementations and its at the encoder and
+   decoder presets of an 800 x 1333 image (model/ops/presets.py), float32 and bfloat16, weights as given and
+   logits with the fused softmax; forward and forward+backward times, peak memory, and each one's largest error
+   of the output and the three gradients against the float64 reference;
 5. whole-model FPS at batch 1 and 4 (one 3 x 800 x 1199 image) and training-iteration time with mixed
    precision on (bf16) and off, for the default Deformable DETR configuration.
 
@@ -20,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -78,32 +83,179 @@ def run_benchmark(dtype: str, quick: bool) -> dict:
         return json.loads(out.read_text())
 
 
-def deformops_side_by_side(device: torch.device) -> dict:
-    try:
-        import deformops
-    except ImportError as e:
-        return {"installed": False, "reason": str(e)}
-    record = {"installed": True, "version": getattr(deformops, "__version__", None)}
-    # Its entry point is looked up by name; an unrecognised API is recorded, not guessed at.
-    names = [n for n in dir(deformops) if re.search(r"ms_?deform|multi_?scale", n, re.IGNORECASE)]
-    record["candidates"] = names
-    if not names:
-        record["reason"] = "no multi-scale deformable attention function found by name"
-        return record
-    from model.ops.testing import forward_and_grads, make_inputs, max_relative_error
+# What the side by side measures: both presets, in float32 and bfloat16, with the attention weights as given
+# ("linear") and as logits normalised inside the op ("softmax", the model's default: DCNv4's and deformops'
+# fused softmax).
+SIDE_BY_SIDE_DTYPES = ("float32", "bfloat16")
+METHODS = ("linear", "softmax")
+RESULTS = ("output", "grad_value", "grad_sampling_locations", "grad_attention_weights")
+
+
+def our_entry_points(device: torch.device) -> dict:
+    """name -> fn(value, shapes, starts, loc, weights, softmax) for our implementations that run on ``device``."""
+    from model.ops import ms_deform_attn, triton_kernel
+
+    names = ["pytorch"]
+    if device.type == "cuda":
+        names = ["cuda", "triton", "pytorch"]
+    elif triton_kernel.interpreting():
+        names.append("triton")
+
+    def entry(name):
+        return lambda v, s, st, l, a, softmax: ms_deform_attn(v, s, st, l, a, impl=name, softmax=softmax)
+    return {f"ours_{name}": entry(name) for name in names}
+
+
+def deformops_entry_points() -> tuple[str | None, dict]:
+    """deformops 3.x through its public functional entry point, ``deformops.registry.msda(value, spatial_shapes,
+    level_start_index, sampling_locations, attention_weights, method="linear" | "softmax", backend=...)``: its own
+    backend selection (``backend=None``: Triton, then CUDA, on GPUs), and each GPU backend by name
+    (``deformops.registry.Backend.TRITON`` / ``.CUDA``). Weights in value's dtype, (N, Lq, M, L, P) or flat."""
+    import deformops
+    from deformops.registry import Backend, msda
+
+    def entry(backend):
+        def call(value, shapes, starts, loc, weights, softmax):
+            method = "softmax" if softmax else "linear"
+            if backend is None:
+                return msda(value, shapes, starts, loc, weights, method=method)
+            return msda(value, shapes, starts, loc, weights, method=method, backend=backend)
+        return call
+
+    return getattr(deformops, "__version__", None), {"deformops": entry(None),
+                                                      "deformops_triton": entry(Backend.TRITON),
+                                                      "deformops_cuda": entry(Backend.CUDA)}
+
+
+def _reference(value, shapes, starts, loc, weights, softmax):
     from model.ops.reference import ms_deform_attn_pytorch
 
-    fn = getattr(deformops, names[0])
-    inputs = make_inputs([(9, 11), (5, 6), (3, 2), (1, 4)], M=8, D=32, P=4, N=2, Lq=50, device=device,
-                         dtype=torch.float32)
+    if softmax:
+        weights = weights.flatten(-2).softmax(-1).view_as(weights)
+    return ms_deform_attn_pytorch(value, shapes, starts, loc, weights)
+
+
+def _timer(device: torch.device):
+    def time_ms(fn, repeat: int, warmup: int = 2) -> float:
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeat):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t = time.perf_counter()
+                fn()
+                times.append(1000 * (time.perf_counter() - t))
+        return statistics.median(times)
+    return time_ms
+
+
+def location_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Locations in float32 for 16-bit values, as the model makes them under autocast (reference points in float32;
+    in bfloat16 a location on a 167-pixel-wide level would be off by up to 0.65 pixel)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def max_errors(fn, preset, dtype: torch.dtype, softmax: bool, device: torch.device) -> dict:
+    """Largest error of the output and the three gradients relative to the largest reference value, against the
+    reference in float64 on the same (rounded) inputs."""
+    from model.ops import presets
+    from model.ops.testing import forward_and_grads, max_relative_error
+
+    inputs = presets.make_inputs(preset, device, dtype, softmax=softmax, location_dtype=location_dtype(dtype))
+    grad_output = torch.randn(preset.batch, preset.Lq, preset.M * preset.D, generator=torch.Generator().manual_seed(1),
+                              dtype=torch.float64)
+    actual = forward_and_grads(lambda *a: fn(*a, softmax), inputs, grad_output)
+    expected = forward_and_grads(lambda *a: _reference(*a, softmax),
+                                 [t.double() if t.is_floating_point() else t for t in inputs], grad_output)
+    return {what: max_relative_error(a, e) for what, a, e in zip(RESULTS, actual, expected)}
+
+
+def measure(fn, preset, dtype: torch.dtype, softmax: bool, device: torch.device, repeat: int,
+            error_preset=None, warmup: int = 2) -> dict:
+    """forward and forward+backward time (median, ms), peak memory of forward+backward (CUDA), max errors."""
+    from model.ops import presets
+
+    timer = _timer(device)
+
+    def time_ms(fn_, repeat_):
+        return timer(fn_, repeat_, warmup)
+
+    value, shapes, starts, loc, weights = presets.make_inputs(preset, device, dtype, softmax=softmax,
+                                                              location_dtype=location_dtype(dtype))
+    leaves = [t.detach().requires_grad_(True) for t in (value, loc, weights)]
+    grad_output = torch.randn(preset.batch, preset.Lq, preset.M * preset.D, device=device, dtype=dtype)
+
+    def forward():
+        with torch.no_grad():
+            fn(value, shapes, starts, loc, weights, softmax)
+
+    def forward_backward():
+        out = fn(leaves[0], shapes, starts, leaves[1], leaves[2], softmax)
+        out.backward(grad_output)
+        for t in leaves:
+            t.grad = None
+
+    row = {"forward_ms": time_ms(forward, repeat), "forward_backward_ms": time_ms(forward_backward, repeat)}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        forward_backward()
+        torch.cuda.synchronize(device)
+        row["forward_backward_peak_MB"] = (torch.cuda.max_memory_allocated(device) - base) / 1e6
+    row["max_errors"] = max_errors(fn, error_preset or preset, dtype, softmax, device)
+    return row
+
+
+def side_by_side(device: torch.device, names=("encoder", "decoder"), dtypes=SIDE_BY_SIDE_DTYPES, methods=METHODS,
+                 batch: int = 4, repeat: int = 20, height: int = 800, width: int = 1333,
+                 entry_points: dict | None = None, warmup: int = 2) -> dict:
+    """Ours and deformops (when installed) at the encoder and decoder presets of a ``height`` x ``width`` image:
+    per implementation, preset, dtype and weight method, the times, peak memory and errors against the float64
+    reference (measured at batch 1 of the same preset, to bound the reference's memory). Values, weights (or
+    logits) in the dtype, locations in float32 for bfloat16 (as under autocast). A row that fails records its
+    error."""
+    from model.ops import presets
+
+    record: dict = {"presets": {}, "rows": []}
+    entry_points = dict(our_entry_points(device) if entry_points is None else entry_points)
     try:
-        actual = forward_and_grads(fn, inputs)
-        expected = forward_and_grads(ms_deform_attn_pytorch, [t.double() if t.is_floating_point() else t
-                                                              for t in inputs])
-        record["function"] = names[0]
-        record["max_relative_errors"] = [max_relative_error(a, e) for a, e in zip(actual, expected)]
-    except Exception as e:  # noqa: BLE001 - recorded
-        record["error"] = f"{names[0]}: {type(e).__name__}: {e}"
+        version, theirs = deformops_entry_points()
+        record["deformops"] = {"installed": True, "version": version,
+                               "entry_point": "deformops.registry.msda(..., method=..., backend=None | "
+                                              "Backend.TRITON | Backend.CUDA)"}
+        entry_points.update(theirs)
+    except ImportError as e:
+        record["deformops"] = {"installed": False, "reason": str(e)}
+    for name in names:
+        preset = presets.preset(name, batch=batch, height=height, width=width)
+        record["presets"][name] = preset.as_dict()
+        error_preset = presets.preset(name, batch=1, height=height, width=width)
+        for dtype_name in dtypes:
+            dtype = getattr(torch, dtype_name)
+            for method in methods:
+                for impl, fn in entry_points.items():
+                    row = {"impl": impl, "preset": name, "dtype": dtype_name, "method": method}
+                    try:
+                        row.update(measure(fn, preset, dtype, method == "softmax", device, repeat, error_preset,
+                                           warmup))
+                    except Exception as e:  # noqa: BLE001 - recorded; the other rows go on
+                        row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                    finally:
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                    record["rows"].append(row)
+                    print(f"   {impl:>17} {name:>8} {dtype_name:>9} {method:>7}: " + (
+                        row["error"] if "error" in row else
+                        f"forward {row['forward_ms']:.3f} ms, forward+backward {row['forward_backward_ms']:.3f} ms, "
+                        f"max error {max(row['max_errors'].values()):.1e}"), flush=True)
     return record
 
 
@@ -135,6 +287,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="default: reports/bench/gpu_check_<gpu>.json")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run of this command)")
+    parser.add_argument("--batch", type=int, default=4, help="batch of the side-by-side presets (default 4)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_check: no GPU: torch.cuda.is_available() is False (torch "
@@ -151,7 +304,8 @@ def main(argv=None) -> int:
     part(results, "implementations", check_implementations, device)
     for dtype in ("float32", "bfloat16"):
         part(results, f"benchmark_{dtype}", run_benchmark, dtype, args.quick)
-    part(results, "deformops", deformops_side_by_side, device)
+    part(results, "side_by_side", side_by_side, device, ("encoder", "decoder"), SIDE_BY_SIDE_DTYPES, METHODS,
+         args.batch, 5 if args.quick else 20)
     part(results, "model_speed", model_speed, device, args.quick)
     out = args.out or REPO / "reports" / "bench" / f"gpu_check_{re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
