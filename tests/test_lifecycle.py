@@ -68,6 +68,9 @@ def test_interrupted_resumes_and_gone_jobs_are_stale_at_once():
     assert decide(Status("running", job_ids=("local:1:2",)), job_alive=False, status_age_s=1)[:2] == ("stale", "run")
     assert decide(Status("queued", job_ids=("7",)), job_alive=False)[:2] == ("stale", "run")
     assert decide(Status("running", job_ids=("7",)), job_alive=True, claim_stale=False)[:2] == ("running", "skip")
+    # a dead holder's claim, but the scheduler still has the job (requeued, waiting to start): not resubmitted
+    assert decide(Status("running", job_ids=("7",)), job_alive=True, claim_stale=True)[:2] == ("running", "skip")
+    assert decide(Status("running", job_ids=("7",)), claim_stale=True)[:2] == ("stale", "run")
 
 
 def test_job_ids_carry_their_executor(sleeper):

@@ -99,12 +99,13 @@ def decide(status: Optional[Status], status_error: Optional[str] = None, metrics
 def stale_reason(status: Status, claim_stale: Optional[bool], job_alive: Optional[bool],
                  status_age_s: Optional[float] = None, stale_after_s: float = STALE_AFTER_S) -> Optional[str]:
     """Why a queued or running record is stale (the one rule, for plans and submissions alike), None if not:
-    its job or process no longer exists, its holder's process is gone or stopped heartbeating, or it has said
-    running for ``stale_after_s`` with no claim and no update."""
+    its job or process no longer exists; its holder's process is gone or stopped heartbeating (unless its
+    executor says the job is still there: a requeued job waiting to start again); or it has said running for
+    ``stale_after_s`` with no claim and no update."""
     job = status.job_ids[-1] if status.job_ids else "?"
     if job_alive is False:
         return f"{status.state}, but job {job} no longer exists"
-    if claim_stale:
+    if claim_stale and job_alive is not True:    # a job its executor still has (requeued, pending) is not
         return f"{status.state}, but its holder (job {job}) is gone or stopped heartbeating"
     if status.state == "running" and claim_stale is None and status_age_s is not None and status_age_s > stale_after_s:
         return f"running, but no claim and no update for {status_age_s / 60:.0f} min"
