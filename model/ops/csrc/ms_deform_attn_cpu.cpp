@@ -4,12 +4,16 @@
 // Backward: parallel over (batch, head, level); a task owns the rows of grad_value of its head and level
 //           and the gradients of the sampling locations / attention weights of its level, so no two
 //           tasks write the same memory: no atomics, no per-thread buffers, deterministic results.
-// softmax:  attention_weights are logits, normalised over the L * P points of each (n, q, m) inside: a first
-//           pass per (n, q, m) computes the softmax's max and 1 / sum (2 numbers per group, not the L * P
-//           weights); the backward turns the weights' gradients into the logits' in a last pass per group.
+// softmax:  attention_weights are logits, normalised over the L * P points of each (n, q, m) inside: a forward
+//           task normalises the logits of its block of queries into a buffer of its own (one exp per point;
+//           nothing of size N x Lq x M x L x P is written); the backward, whose tasks are per level while the
+//           softmax spans the levels, first computes each group's max and 1 / sum (2 numbers per group, an
+//           eighth of the weights at L * P = 16), then turns the weights' gradients into the logits' in a last
+//           pass per group.
 #include <algorithm>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -86,45 +90,48 @@ Sizes check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes, co
   return s;
 }
 
-// softmax statistics (max, 1 / sum) of every (n, q, m)'s L * P logits: stats[2 * group], stats[2 * group + 1]
+// p[0, n) = softmax(x[0, n)), as torch.softmax computes it (exp(x - max) / sum)
 template <typename scalar_t>
-void softmax_stats(const scalar_t* logits, scalar_t* stats, const Sizes& s) {
-  const int64_t n = s.L * s.P;
-  at::parallel_for(0, s.N * s.Lq * s.M, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t group = begin; group < end; ++group) {
-      const scalar_t* x = logits + group * n;
-      SoftmaxStats<scalar_t> st;
-      st.init([x](int k) { return x[k]; }, static_cast<int>(n));
-      stats[2 * group] = st.max;
-      stats[2 * group + 1] = st.inv_sum;
-    }
-  });
-}
-
-template <typename scalar_t>
-inline scalar_t weight_of(const scalar_t* attention_weights, const scalar_t* stats, int64_t group, int64_t k) {
-  if (stats == nullptr) {
-    return attention_weights[k];
+inline void softmax_row(const scalar_t* x, scalar_t* p, int64_t n) {
+  scalar_t max = x[0];
+  for (int64_t k = 1; k < n; ++k) {
+    max = x[k] > max ? x[k] : max;
   }
-  return std::exp(attention_weights[k] - stats[2 * group]) * stats[2 * group + 1];
+  scalar_t sum = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    p[k] = std::exp(x[k] - max);
+    sum += p[k];
+  }
+  const scalar_t inv = scalar_t(1) / sum;
+  for (int64_t k = 0; k < n; ++k) {
+    p[k] *= inv;
+  }
 }
 
 template <typename scalar_t, int64_t kD>
 void forward_kernel(const scalar_t* value, const int64_t* spatial_shapes, const int64_t* level_start_index,
-                    const scalar_t* sampling_locations, const scalar_t* attention_weights, const scalar_t* stats,
+                    const scalar_t* sampling_locations, const scalar_t* attention_weights, bool softmax,
                     scalar_t* output, const Sizes& s) {
   const int64_t D = Channels<kD>{s.D}();
   const int64_t row = s.M * D;  // stride of one spatial position in value
   // One task per (n, m, block of queries), levels in the outer loop: the value rows a task reads are those of
   // one head and, at a time, one level, around the (usually neighbouring) locations of a few queries.
   const int64_t num_blocks = (s.Lq + kQueryBlock - 1) / kQueryBlock;
+  const int64_t points = s.L * s.P;
   at::parallel_for(0, s.N * s.M * num_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> probs(softmax ? kQueryBlock * points : 0);  // this task's weights, with softmax
     for (int64_t task = begin; task < end; ++task) {
       const int64_t block = task % num_blocks;
       const int64_t m = (task / num_blocks) % s.M;
       const int64_t n = task / (num_blocks * s.M);
       const int64_t q_begin = block * kQueryBlock;
       const int64_t q_end = std::min(s.Lq, q_begin + kQueryBlock);
+      if (softmax) {
+        for (int64_t q = q_begin; q < q_end; ++q) {
+          const int64_t group = (n * s.Lq + q) * s.M + m;
+          softmax_row(attention_weights + group * points, probs.data() + (q - q_begin) * points, points);
+        }
+      }
       for (int64_t q = q_begin; q < q_end; ++q) {
         scalar_t* out = output + ((n * s.Lq + q) * s.M + m) * D;
         std::fill(out, out + D, scalar_t(0));
@@ -148,7 +155,8 @@ void forward_kernel(const scalar_t* value, const int64_t* spatial_shapes, const 
             if (!pt.init(sampling_locations[2 * k], sampling_locations[2 * k + 1], H, W)) {
               continue;
             }
-            const scalar_t weight = weight_of(attention_weights, stats, group, k);
+            const scalar_t weight =
+                softmax ? probs[(q - q_begin) * points + l * s.P + p] : attention_weights[k];
             for (int c = 0; c < 4; ++c) {
               if (pt.valid[c]) {
                 const scalar_t coeff = weight * pt.weight[c];
@@ -177,6 +185,8 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const i
                      const int64_t* level_start_index, const scalar_t* sampling_locations,
                      const scalar_t* attention_weights, const scalar_t* stats, scalar_t* grad_value,
                      scalar_t* grad_sampling_locations, scalar_t* grad_attention_weights, const Sizes& s) {
+  // stats: with the fused softmax, each group's max and 1 / sum of exp(logit - max) (stats[2 * group], + 1), else
+  // nullptr
   const int64_t D = Channels<kD>{s.D}();
   const int64_t row = s.M * D;
   // One task per (n, m, l): grad_value rows of level l, head m are written by this task only.
@@ -201,7 +211,9 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const i
             grad_loc[0] = grad_loc[1] = grad_attention_weights[k] = scalar_t(0);
             continue;
           }
-          const scalar_t a = weight_of(attention_weights, stats, group, k);
+          const scalar_t a = stats != nullptr
+                                 ? std::exp(attention_weights[k] - stats[2 * group]) * stats[2 * group + 1]
+                                 : attention_weights[k];
           scalar_t dots[4] = {0, 0, 0, 0};
           scalar_t grad_attn = 0;
           for (int c = 0; c < 4; ++c) {
@@ -234,27 +246,45 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const i
   // The weights' gradients g -> the logits': p * (g - sum_j p_j g_j), per (n, q, m).
   const int64_t n = s.L * s.P;
   at::parallel_for(0, s.N * s.Lq * s.M, 256, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> probs(n);
+    scalar_t* p = probs.data();
     for (int64_t group = begin; group < end; ++group) {
       scalar_t* g = grad_attention_weights + group * n;
+      const scalar_t* x = attention_weights + group * n;
+      for (int64_t k = 0; k < n; ++k) {
+        p[k] = std::exp(x[k] - stats[2 * group]) * stats[2 * group + 1];
+      }
       scalar_t dot = 0;
       for (int64_t k = 0; k < n; ++k) {
-        dot += weight_of(attention_weights, stats, group, group * n + k) * g[k];
+        dot += p[k] * g[k];
       }
       for (int64_t k = 0; k < n; ++k) {
-        g[k] = weight_of(attention_weights, stats, group, group * n + k) * (g[k] - dot);
+        g[k] = p[k] * (g[k] - dot);
       }
     }
   });
 }
 
-// (max, 1 / sum) per (n, q, m) when softmax, else an undefined tensor
+// Each (n, q, m)'s max and 1 / sum of exp(logit - max) over its L * P logits, for the backward; undefined without
+// softmax
 at::Tensor stats_of(const at::Tensor& attn, bool softmax, const Sizes& s) {
   if (!softmax || s.L * s.P == 0 || attn.numel() == 0) {
     return at::Tensor();
   }
   auto stats = at::empty({s.N * s.Lq * s.M, 2}, attn.options());
+  const int n = static_cast<int>(s.L * s.P);
   AT_DISPATCH_FLOATING_TYPES(attn.scalar_type(), "ms_deform_attn_softmax_cpu", [&] {
-    softmax_stats<scalar_t>(attn.data_ptr<scalar_t>(), stats.data_ptr<scalar_t>(), s);
+    const scalar_t* x = attn.data_ptr<scalar_t>();
+    scalar_t* out = stats.data_ptr<scalar_t>();
+    at::parallel_for(0, s.N * s.Lq * s.M, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t group = begin; group < end; ++group) {
+        const scalar_t* row = x + group * n;
+        SoftmaxStats<scalar_t> st;
+        st.init([row](int k) { return row[k]; }, n);
+        out[2 * group] = st.max;
+        out[2 * group + 1] = st.inv_sum;
+      }
+    });
   });
   return stats;
 }
@@ -278,12 +308,11 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
   if (output.numel() == 0) {
     return output;
   }
-  const auto stats = stats_of(attn, softmax, s);
   AT_DISPATCH_FLOATING_TYPES(dtype, "ms_deform_attn_forward_cpu", [&] {
     dispatch_channels(s.D, [&](auto kD) {
       forward_kernel<scalar_t, decltype(kD)::value>(value_c.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(),
                                                     starts.data_ptr<int64_t>(), loc.data_ptr<scalar_t>(),
-                                                    attn.data_ptr<scalar_t>(), data_or_null<scalar_t>(stats),
+                                                    attn.data_ptr<scalar_t>(), softmax && s.L * s.P > 0,
                                                     output.data_ptr<scalar_t>(), s);
     });
   });
