@@ -41,6 +41,11 @@ def test_perfect_detections_score_100(root, tmp_path):
     saved = json.load(open(out))
     assert {"image_id", "category_id", "bbox", "score"} <= set(saved[0])
     assert len(saved) == sum(len(r["scores"]) for r in _ground_truth_results(ds.coco, ds.ids).values())
+    # the same detections kept at another number per image: AP is read there, not at COCOeval's 100
+    for kept in (30, 300):
+        other = evaluation.CocoEvaluator(ds.coco, num_detections=kept)
+        other.update(_ground_truth_results(ds.coco, ds.ids))
+        assert other.summarize(verbose=False)["AP"] == pytest.approx(100.0), kept
 
 
 def test_detection_on_crowd_region_is_not_a_false_positive(root):
@@ -140,3 +145,35 @@ def test_run_evaluation_with_tta(root):
                                         verbose=False)
     assert metrics["num_images"] == 4 and metrics["num_detections"] == 30
     assert 0.0 <= metrics["AP"] <= 100.0
+
+
+def test_no_ground_truth_of_a_size_is_no_value_and_tta_scales_keep_their_aspect(monkeypatch):
+    """COCOeval's -1 (no object of that size in the split) is stored as None, never as an AP of 0; AP is read
+    at our detections per image (COCOeval's summary looks for 100 and says -1 otherwise); the TTA long-side
+    cap grows with the scale, so 900 and 1000 do not collapse onto one size."""
+    import numpy as np
+    from harness.run import evaluation
+
+    class FakeEval:
+        def __init__(self, *a, **k):
+            self.params = type("P", (), {})()
+            self.stats = np.array([-1.0, 0.7, 0.4, 0.2, 0.6, -1.0])   # [0]: COCOeval's maxDets-100 lookup
+            self.eval = {"precision": np.full((10, 101, 2, 4, 3), 0.5)}
+
+        def evaluate(self):
+            pass
+
+        accumulate = summarize = evaluate
+
+    monkeypatch.setattr(evaluation, "COCOeval", FakeEval)
+    coco = type("C", (), {"loadRes": lambda self, d: None})()
+    numbers = evaluation.coco_metrics(coco, [{"image_id": 1}], [1], 100)
+    assert numbers["APl"] is None and numbers["AP"] == 50.0
+    sizes = []
+    monkeypatch.setattr(evaluation.T, "resize", lambda img, target, size, max_size: sizes.append(
+        (size, max_size)) or (img, target))
+    monkeypatch.setattr(evaluation, "predict", lambda *a, **k: [
+        {"scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}])
+    evaluation.predict_tta(None, None, [torch.zeros(3, 427, 640)], torch.tensor([[427, 640]]), torch.device("cpu"),
+                           [800, 1000], 1333, 100, flip=False, eval_size=800)
+    assert sizes == [(800, 1333), (1000, 1666)]

@@ -6,9 +6,12 @@ computes AP, AP50, AP75, APs, APm, APl in percent with ``maxDets = (1, 10, num_d
 without annotations (test-dev's ``image_info`` file) gets the JSON only, no metrics.
 
 Test-time augmentation (Table 3 of the paper): every image is run at each size of
-``eval.tta_sizes`` (short sides in pixels, used as given, not scaled by ``data.eval_size``: the
-official 600..1000, the smoke profile's 112..144; long side <= ``data.max_size``), each unflipped and
-horizontally flipped. The detections of all passes are mapped back to the original image, pooled,
+``eval.tta_sizes`` (short sides in pixels, used as given, not scaled by ``data.eval_size``: 600..1000 by
+default, an assumption (neither the paper nor the official code gives its TTA); the smoke profile's
+112..144), each unflipped and
+horizontally flipped. The long side is capped at ``data.max_size`` scaled by ``size / data.eval_size``
+(1333 at 800 allows 1666 at 1000), so that the larger scales keep the aspect ratio the cap allows at the
+evaluation size instead of collapsing onto one size. The detections of all passes are mapped back to the original image, pooled,
 de-duplicated per class by non-maximum suppression (IoU ``TTA_NMS_IOU``, ``torchvision.ops.batched_nms``),
 and the ``num_detections`` highest scores are kept. The paper does not say how its TTA merges; NMS over
 the pooled detections is the common choice.
@@ -67,7 +70,14 @@ def coco_metrics(coco_gt, detections: List[dict], image_ids, num_detections: int
         coco_eval.summarize()
     if verbose:
         print(summary.getvalue(), end="", flush=True)
-    stats = [max(float(v), 0.0) * 100 for v in coco_eval.stats[:6]]   # -1 (no objects of a size) -> 0
+    stats = [float(v) for v in coco_eval.stats[:6]]
+    # COCOeval's summary reads AP over all areas at maxDets 100 whatever maxDets holds (every other stat
+    # uses the last maxDets): with num_detections != 100 it finds nothing and says -1; take it at ours
+    precision = coco_eval.eval["precision"][:, :, :, 0, -1]      # IoU x recall x class, area all, last maxDets
+    found = precision[precision > -1]
+    stats[0] = float(found.mean()) if found.size else -1.0
+    # COCOeval's -1: no ground-truth object of that size in the split, so no value (not an AP of 0)
+    stats = [None if v < 0 else v * 100 for v in stats]
     return dict(zip(METRIC_NAMES, stats))
 
 
@@ -132,11 +142,12 @@ def predict(model, postprocessor, images, mask, orig_sizes, device, amp_dtype=No
 
 @torch.no_grad()
 def predict_tta(model, postprocessor, raw_images: List[torch.Tensor], orig_sizes: torch.Tensor, device, sizes,
-                max_size: int, num_detections: int, amp_dtype=None, flip: bool = True):
+                max_size: int, num_detections: int, amp_dtype=None, flip: bool = True, eval_size: int = 800):
     """Flip + multi-scale test-time augmentation of unnormalised 3 x H x W images (see module docs)."""
     passes = [[] for _ in raw_images]
     for size in sizes:
-        resized = [T.resize(img, None, size, max_size)[0] for img in raw_images]
+        cap = max(max_size, round(max_size * size / eval_size))     # the cap grows with the scale
+        resized = [T.resize(img, None, size, cap)[0] for img in raw_images]
         for flipped in ([False, True] if flip else [False]):
             batch = [(TF.normalize(TF.hflip(img) if flipped else img, T.IMAGENET_MEAN, T.IMAGENET_STD), None)
                      for img in resized]
@@ -171,6 +182,7 @@ def run_evaluation(model, postprocessor, loader, dataset, device, eval_cfg, data
     model.eval()
     evaluator = CocoEvaluator(dataset.coco, eval_cfg.num_detections, getattr(dataset, "has_annotations", True))
     max_size = data_cfg.max_size if data_cfg is not None else 1333
+    eval_size = data_cfg.eval_size if data_cfg is not None else 800
     tta_sizes = list(eval_cfg.tta_sizes)      # absolute short sides, not scaled by data.eval_size
     main = dist_utils.is_main_process()
     stopped, done = False, 0
@@ -182,7 +194,7 @@ def run_evaluation(model, postprocessor, loader, dataset, device, eval_cfg, data
             raw_images, targets = batch
             orig_sizes = torch.stack([t["orig_size"] for t in targets])
             results = predict_tta(model, postprocessor, raw_images, orig_sizes, device, tta_sizes, max_size,
-                                  eval_cfg.num_detections, amp_dtype)
+                                  eval_cfg.num_detections, amp_dtype, eval_size=eval_size)
         else:
             images, mask, targets = batch
             orig_sizes = torch.stack([t["orig_size"] for t in targets])
