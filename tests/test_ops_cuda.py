@@ -148,3 +148,32 @@ def test_cuda_kernel_passes_its_self_check():
     assert info["impl"] == "cuda" and info["self_check"].startswith("passed"), info
     auto = implementation_info("cuda", torch.float32)
     assert auto["impl"] == "cuda" and auto["fallbacks"] == [], auto
+
+
+@pytest.mark.parametrize("impl", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-8), (torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("D", [8, 32, 300])
+def test_fused_softmax_on_the_gpu(impl, dtype, tolerance, D):
+    """Logits normalised inside the CUDA and Triton kernels (the model's default), forward and gradients, at
+    the model's tile sizes (Lq = 300 queries of 8 heads) and a D that needs several rounds."""
+    if impl == "triton":
+        pytest.importorskip("triton")
+    inputs = make_inputs(CASES[-1][1], M=8, D=D, P=4, N=2, Lq=300, device="cuda", dtype=dtype, logits=True)
+    actual = forward_and_grads(lambda *a: ms_deform_attn(*a, impl=impl, softmax=True), inputs)
+    expected = forward_and_grads(lambda *a: ms_deform_attn_pytorch(*a, softmax=True),
+                                 as_float64([t.cpu() for t in inputs]))
+    for what, a, e in zip(("output", "grad_value", "grad_sampling_locations", "grad_logits"), actual, expected):
+        assert a.dtype == dtype and a.is_cuda, what
+        assert max_relative_error(a, e) <= tolerance, what
+
+
+def test_triton_backward_is_flagged_nondeterministic_on_the_gpu():
+    pytest.importorskip("triton")
+    inputs = make_inputs(CASES[2][1], M=2, D=8, P=1, device="cuda", dtype=torch.float32)
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match="ms_deform_attn_backward \\(Triton"):
+            forward_and_grads(lambda *a: ms_deform_attn(*a, impl="triton"), inputs)
+    finally:
+        torch.use_deterministic_algorithms(previous)

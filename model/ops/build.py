@@ -15,7 +15,11 @@ tasks) start at once; the others wait and then load the result. ``DEFORMABLE_DET
 compiling (a missing library is then an error, which ``impl="auto"`` turns into the pure-PyTorch fallback).
 
 CUDA architectures: ``--arch``, else ``TORCH_CUDA_ARCH_LIST``, else 7.0 (where the CUDA toolkit still
-supports it: CUDA 13 dropped sm_70), 7.5, 8.0 and 9.0 with PTX for 9.0, which newer GPUs compile at load.
+supports it: CUDA 13 dropped sm_70), 7.5, 8.0 and 9.0 with PTX for 9.0, which newer GPUs compile at load. At run
+time a library built ahead of time with ``--arch`` is found by the GPU's compute capability
+(:func:`find_prebuilt`: same sources, flags, torch and Python, architectures that run on the GPU), whatever the
+job's ``TORCH_CUDA_ARCH_LIST``. Where the cache folder or its locks cannot be written, a build runs unlocked (or
+fails with a BuildError that names the folder), and loading a built library needs no lock.
 """
 from __future__ import annotations
 
