@@ -54,6 +54,9 @@ def test_local_grid_end_to_end(tmp_path, capsys):
     for key in (spec.run_id, spec.eval_key, spec.measure_key):
         assert store.read_status(key).state == "done", key
     assert [r["epoch"] for r in store.read_log(spec.run_id)] == [0, 1, 2]
+    # a submission of some rows leaves the canonical report alone; --report writes it, of every row
+    assert not (tmp_path / "reports" / "tiny.md").exists()
+    assert cli.main(_argv(tmp_path, "--report")) == 0
     report = (tmp_path / "reports" / "tiny.md").read_text()
     lines = report.splitlines()
     k1 = lines.index(next(line for line in lines if line.startswith("| 1 | paper | 39.0 | 59.0 |")))
@@ -74,7 +77,7 @@ def test_local_grid_end_to_end(tmp_path, capsys):
     argv_other = [str(other), "--results", str(tmp_path / "results"), "--reports", str(tmp_path / "reports")]
     assert cli.main(argv_other + ["--rows", "K=1", "--executor", "local"]) == 0
     assert f"skip  'K=1' ({spec.run_id}): done" in capsys.readouterr().out
-    assert cli.main(argv_other + ["--dry-run", "--rows", "K=1"]) == 0
+    assert cli.main(argv_other + ["--dry-run", "--rows", "K=1", "--executor", "local"]) == 0
     assert "reuses tiny: 'K=1'" in capsys.readouterr().out
     assert cli.main(argv_other + ["--report"]) == 0
     assert f"{metrics['AP']:.1f} ({metrics['AP'] - 39.0:+.1f})" in (tmp_path / "reports" / "tiny_other.md").read_text()
