@@ -1,8 +1,15 @@
-"""A real one-node SLURM cluster on localhost for the tests (``tests/slurm/start.sh`` / ``stop.sh``).
+"""Real SLURM clusters on localhost for the tests (``tests/slurm/start.sh`` / ``stop.sh``).
 
-Tests take the ``slurm_cluster`` fixture as an argument (tests/conftest.py lists this module in
-``pytest_plugins``). It starts the cluster once per session (installing Debian's ``slurm-wlm`` +
-``munge`` if needed, as root) and stops it at the end if it started it. The tests are skipped, with
+* ``slurm_cluster``: one node (this host's name), ``/etc/slurm/slurm.conf``, the standard ports.
+* ``slurm_two_nodes``: two nodes ``nodea`` and ``nodeb`` on this one host (a slurmd each, ``-N <name>``, a
+  port each, NodeAddr 127.0.0.1); their names do not resolve, as on clusters whose node names are not in
+  DNS. Its config lives in its own state directory (never in /etc/slurm) and other ports, so it runs beside
+  the one-node cluster; a test that takes the fixture talks to it through ``SLURM_CONF`` (set for that test
+  only). It is stopped and its state and config removed at the end of the session.
+
+Tests take a fixture as an argument (tests/conftest.py lists this module in ``pytest_plugins``). Each cluster
+is started once per session (installing Debian's ``slurm-wlm`` + ``munge`` if needed, as root) and stopped at
+the end if the session started it. The tests are skipped, with
 the reason, only where SLURM cannot be installed or run here (not root, no apt, a real cluster's
 ``slurm.conf`` in place); a cluster that installs but does not come up is a test error.
 
@@ -16,7 +23,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import pytest
 
@@ -28,14 +35,38 @@ CANNOT_RUN = {3: "SLURM is not installed and cannot be installed here",
               4: "a slurm.conf not written by tests/slurm/start.sh is in place (a real cluster); left alone"}
 
 
-def cluster_is_up() -> bool:
+# the two-node cluster: names that do not resolve, its own config, state, pid files and ports
+TWO_NODES = ("nodea", "nodeb")
+TWO_NODE_STATE = "/var/lib/slurm-local-two"
+TWO_NODE_ENV = {"SLURM_LOCAL_NODES": " ".join(TWO_NODES), "SLURM_LOCAL_STATE": TWO_NODE_STATE,
+                "SLURM_LOCAL_CONF": f"{TWO_NODE_STATE}/slurm.conf", "SLURM_LOCAL_PORT": "6917",
+                "SLURM_LOCAL_CPUS": "2"}
+
+
+def _cluster_env(script_env: Optional[dict]) -> dict:
+    """The environment of start.sh/stop.sh and of the clients that ask a cluster whether it is up."""
+    env = dict(os.environ)
+    if script_env:
+        env = {k: v for k, v in env.items() if not k.startswith("SLURM_LOCAL_")}
+        env.update(script_env, SLURM_CONF=script_env["SLURM_LOCAL_CONF"])
+    elif env.get("SLURM_CONF") == TWO_NODE_ENV["SLURM_LOCAL_CONF"]:
+        env.pop("SLURM_CONF")
+    return env
+
+
+def cluster_is_up(script_env: Optional[dict] = None) -> bool:
     if shutil.which("sinfo") is None:
         return False
+    if script_env and not Path(script_env["SLURM_LOCAL_CONF"]).is_file():
+        return False
     try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10,
+                             env=_cluster_env(script_env))
     except (OSError, subprocess.TimeoutExpired):
         return False
-    return out.returncode == 0 and any(s.startswith(("idle", "mixed", "alloc")) for s in out.stdout.split())
+    states = out.stdout.split()
+    wanted = len(script_env["SLURM_LOCAL_NODES"].split()) if script_env else 1
+    return out.returncode == 0 and sum(s.startswith(("idle", "mixed", "alloc")) for s in states) >= wanted
 
 
 @dataclasses.dataclass
@@ -43,6 +74,9 @@ class SlurmCluster:
     """Handles for tests: the node's name and a few scontrol/squeue wrappers."""
     node: str
     started_here: bool
+    nodes: Tuple[str, ...] = ()
+    conf: Optional[str] = None           # SLURM_CONF of a cluster whose config is not /etc/slurm/slurm.conf
+    script_env: Optional[dict] = None    # the SLURM_LOCAL_* variables start.sh/stop.sh got
 
     @staticmethod
     def state(job_id: str) -> Optional[str]:
@@ -91,24 +125,30 @@ class SlurmCluster:
             subprocess.run(["scancel", *job_ids], capture_output=True, timeout=30)
 
 
-def start_cluster() -> SlurmCluster:
-    was_up = cluster_is_up()
+def start_cluster(script_env: Optional[dict] = None) -> SlurmCluster:
+    env = _cluster_env(script_env)
+    was_up = cluster_is_up(script_env)
     if os.geteuid() != 0 and not was_up:
         pytest.skip("the localhost SLURM cluster needs root to install and start (tests/slurm/start.sh)")
     if not was_up:
-        out = subprocess.run(["bash", str(START)], capture_output=True, text=True, timeout=900)
+        out = subprocess.run(["bash", str(START)], capture_output=True, text=True, timeout=900, env=env)
         if out.returncode in CANNOT_RUN:
             pytest.skip(f"{CANNOT_RUN[out.returncode]}: {out.stderr.strip()[-500:]}")
         if out.returncode != 0:
             pytest.fail(f"tests/slurm/start.sh failed (exit {out.returncode}):\n{out.stderr[-4000:]}",
                         pytrace=False)
-    node = subprocess.run(["sinfo", "-h", "-o", "%N"], capture_output=True, text=True).stdout.split()[0]
-    return SlurmCluster(node=node, started_here=not was_up)
+    listed = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True, env=env).stdout.split()
+    nodes = tuple(dict.fromkeys(listed))
+    return SlurmCluster(node=nodes[0], started_here=not was_up, nodes=nodes,
+                        conf=script_env["SLURM_LOCAL_CONF"] if script_env else None, script_env=script_env)
 
 
 def stop_cluster(cluster: SlurmCluster) -> None:
     if cluster.started_here and os.environ.get("SLURM_LOCAL_KEEP") != "1":
-        subprocess.run(["bash", str(STOP)], capture_output=True, text=True, timeout=120)
+        # a cluster of the tests' own (not /etc/slurm's) leaves no config or state behind
+        args = ["--purge"] if cluster.script_env else []
+        subprocess.run(["bash", str(STOP), *args], capture_output=True, text=True, timeout=120,
+                       env=_cluster_env(cluster.script_env))
 
 
 @pytest.fixture(scope="session")
@@ -119,3 +159,20 @@ def slurm_cluster():
         yield cluster
     finally:
         stop_cluster(cluster)
+
+
+@pytest.fixture(scope="session")
+def _two_node_cluster():
+    cluster = start_cluster(TWO_NODE_ENV)
+    try:
+        yield cluster
+    finally:
+        stop_cluster(cluster)
+
+
+@pytest.fixture
+def slurm_two_nodes(_two_node_cluster, monkeypatch):
+    """A running two-node SLURM (``nodea``, ``nodeb``: names that do not resolve; 2 CPUs each, partition
+    ``debug``); SLURM's clients in this test (and the jobs it submits) talk to it through ``SLURM_CONF``."""
+    monkeypatch.setenv("SLURM_CONF", _two_node_cluster.conf)
+    yield _two_node_cluster

@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import socket
+import subprocess
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, List, Optional
 
 import submitit
 
@@ -67,12 +69,48 @@ class DistributedEnv:
 def master_port_for(job_id: Optional[str]) -> int:
     """A port in [20000, 40000) derived from the job id: concurrent jobs on one node differ.
 
-    The numeric job id (the array's job id for array tasks) gives the port.
+    The numeric job id gives the port: SLURM's own ``SLURM_JOB_ID`` (unique per array task too) where the
+    job has one; for an id ``<array>_<task>``, the array's id.
     """
     digits = "".join(ch for ch in str(job_id or "").split("_")[0] if ch.isdigit())
     if not digits:
         digits = str(int(hashlib.sha256(str(job_id).encode()).hexdigest()[:8], 16))
     return 20000 + int(digits) % 20000
+
+
+def _resolves(name: str) -> bool:
+    try:
+        socket.getaddrinfo(name, None)
+    except (OSError, UnicodeError):
+        return False
+    return True
+
+
+def slurm_node_addr(node: str) -> Optional[str]:
+    """The address SLURM reaches ``node`` at (``scontrol show node``: NodeAddr), None when it does not say."""
+    try:
+        out = subprocess.run(["scontrol", "-o", "show", "node", node], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    for field in out.stdout.split():
+        if field.startswith("NodeAddr="):
+            return field.split("=", 1)[1] or None
+    return None
+
+
+def master_addr_for(hostnames: List[str]) -> str:
+    """The rendezvous address: the job's first node, by name where the name resolves; otherwise the address
+    SLURM itself uses for that node (its NodeAddr), as on clusters whose node names are not in DNS."""
+    first = hostnames[0] if hostnames else "127.0.0.1"
+    if _resolves(first):
+        return first
+    addr = slurm_node_addr(first)
+    if addr and addr != first:
+        return addr
+    launch = os.environ.get("SLURM_LAUNCH_NODE_IPADDR")      # the batch step's node: the job's first
+    return launch or first
 
 
 def distributed_env_from_submitit(export: bool = True) -> DistributedEnv:
@@ -94,9 +132,14 @@ def distributed_env_from_submitit(export: bool = True) -> DistributedEnv:
     else:
         num_tasks = job_env.num_tasks
         hostnames = list(job_env.hostnames) or ["127.0.0.1"]
+        if num_tasks > 1:
+            master_addr = master_addr_for(hostnames)
+        else:        # a single task: no rendezvous over the network
+            master_addr = hostnames[0] if _resolves(hostnames[0]) else "127.0.0.1"
+        port_id = os.environ.get("SLURM_JOB_ID") if getattr(job_env, "cluster", None) == "slurm" else None
         env = DistributedEnv(rank=job_env.global_rank, world_size=num_tasks, local_rank=job_env.local_rank,
                              local_world_size=max(1, num_tasks // max(1, job_env.num_nodes)),
-                             master_addr=hostnames[0], master_port=master_port_for(job_env.job_id),
+                             master_addr=master_addr, master_port=master_port_for(port_id or job_env.job_id),
                              job_id=str(job_env.job_id))
     if export:
         os.environ.update({"RANK": str(env.rank), "WORLD_SIZE": str(env.world_size),

@@ -5,12 +5,25 @@ Ranks come from torch's environment variables (``RANK``, ``WORLD_SIZE``, ``LOCAL
 :func:`harness.launch.environment.distributed_env_from_submitit` fills them from submitit's ``JobEnvironment``
 first. Without them the run is
 a single process and every function here degrades to the identity. NCCL on GPUs, gloo on CPU.
+
+Two time limits keep a multi-node job from waiting until its wall time:
+
+* the rendezvous (``HARNESS_RENDEZVOUS_TIMEOUT_S``, default 600 s): rank 0 opens a TCP store at
+  ``MASTER_ADDR:MASTER_PORT`` and waits for every rank; a rank that cannot reach it, or a rank 0 that
+  some rank never reaches, fails with a :class:`RendezvousError` naming the address, the port and the ranks;
+* collectives (``HARNESS_COLLECTIVE_TIMEOUT_S``, default 1800 s): a collective that a lost rank never joins
+  fails after that time (NCCL: with asynchronous error handling on, the process is ended), and the job
+  ends with the reason in its record instead of hanging.
+
+Both variables pass from the submitting shell to the jobs (sbatch exports the environment).
 """
 from __future__ import annotations
 
 import datetime
 import os
-from typing import Any, Dict, List
+import socket
+import time
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -32,11 +45,71 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
-def init_distributed(backend: str = None, timeout_min: int = 30) -> Dict[str, Any]:
+RENDEZVOUS_TIMEOUT_ENV = "HARNESS_RENDEZVOUS_TIMEOUT_S"
+COLLECTIVE_TIMEOUT_ENV = "HARNESS_COLLECTIVE_TIMEOUT_S"
+DEFAULT_RENDEZVOUS_TIMEOUT_S = 600.0
+DEFAULT_COLLECTIVE_TIMEOUT_S = 1800.0
+
+
+class RendezvousError(RuntimeError):
+    """The ranks of a job could not meet: the address and port tried, and what to check."""
+
+
+def _seconds(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not a number of seconds") from None
+    if seconds <= 0:
+        raise ValueError(f"{name}={value!r} must be positive")
+    return seconds
+
+
+def rendezvous_timeout_s() -> float:
+    return _seconds(RENDEZVOUS_TIMEOUT_ENV, DEFAULT_RENDEZVOUS_TIMEOUT_S)
+
+
+def collective_timeout_s(timeout_min: Optional[float] = None) -> float:
+    """``HARNESS_COLLECTIVE_TIMEOUT_S`` when set, else ``timeout_min`` minutes, else the default."""
+    default = DEFAULT_COLLECTIVE_TIMEOUT_S if timeout_min is None else 60.0 * timeout_min
+    return _seconds(COLLECTIVE_TIMEOUT_ENV, default)
+
+
+def _where() -> str:
+    return f"{socket.gethostname()} ({os.environ.get('SLURMD_NODENAME') or 'no SLURM node name'})"
+
+
+def rendezvous_store(addr: str, port: int, rank: int, world_size: int, timeout_s: float):
+    """The TCP store the ranks meet at: rank 0 serves it and waits for every rank, the others connect; both
+    within ``timeout_s``, else a :class:`RendezvousError` that names the address and port."""
+    start = time.monotonic()
+    try:
+        return dist.TCPStore(addr, port, world_size, rank == 0, timeout=datetime.timedelta(seconds=timeout_s),
+                             wait_for_workers=True, multi_tenant=False)
+    except Exception as err:   # noqa: BLE001 - torch raises RuntimeError / DistStoreError / DistNetworkError
+        waited = time.monotonic() - start
+        if rank == 0:
+            what = (f"rank 0 on {_where()} served the rendezvous at {addr}:{port} but not all {world_size} ranks "
+                    f"reached it within {waited:.0f} s")
+        else:
+            what = (f"rank {rank} on {_where()} could not reach the rendezvous at {addr}:{port} (rank 0's node) "
+                    f"within {waited:.0f} s")
+        raise RendezvousError(
+            f"{what} ({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}); "
+            f"check that {addr} is this job's first node and reachable from every node on port {port} "
+            f"(MASTER_ADDR comes from SLURM's NodeAddr where node names do not resolve); the limit is "
+            f"{RENDEZVOUS_TIMEOUT_ENV}={timeout_s:g}") from err
+
+
+def init_distributed(backend: str = None, timeout_min: Optional[float] = None) -> Dict[str, Any]:
     """Initialise the default process group from the environment (nothing when WORLD_SIZE is unset or 1).
 
     Returns ``{"rank", "world_size", "local_rank", "device"}``. On CUDA the process takes the GPU
-    ``LOCAL_RANK`` and NCCL; on CPU, gloo.
+    ``LOCAL_RANK`` and NCCL; on CPU, gloo. The rendezvous is bounded by :func:`rendezvous_timeout_s`,
+    every collective by :func:`collective_timeout_s` (``timeout_min`` when given and the variable is unset).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -52,8 +125,13 @@ def init_distributed(backend: str = None, timeout_min: int = 30) -> Dict[str, An
                 raise RuntimeError(f"WORLD_SIZE is {world_size} but {key} is not set; "
                                    "set it, or call harness.launch.environment.distributed_env_from_submitit() inside a submitit job")
         backend = backend or ("nccl" if device.type == "cuda" else "gloo")
-        kwargs = dict(backend=backend, init_method="env://", world_size=world_size, rank=rank,
-                      timeout=datetime.timedelta(minutes=timeout_min))
+        if backend == "nccl":
+            # a collective that times out (a lost rank) ends the process instead of hanging in the kernel
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        store = rendezvous_store(addr, port, rank, world_size, rendezvous_timeout_s())
+        kwargs = dict(backend=backend, store=store, world_size=world_size, rank=rank,
+                      timeout=datetime.timedelta(seconds=collective_timeout_s(timeout_min)))
         if device.type == "cuda":
             kwargs["device_id"] = device
         dist.init_process_group(**kwargs)
