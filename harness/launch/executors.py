@@ -5,8 +5,9 @@ from __future__ import annotations
 import shlex
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import submitit
 
@@ -138,3 +139,27 @@ def make_executor(kind: str, log_dir: Union[str, Path], launcher: LauncherConfig
         raise LaunchError(f"launcher settings rejected by submitit: {err}") from err
     return ex
 
+
+
+def layout_text(launcher: LauncherConfig, kind: str) -> str:
+    """``2 node(s) x 8 task(s) = 16 ranks, 8 GPU(s) per node``: what the job asks for."""
+    if kind == "debug":
+        return "1 task, in this process"
+    tasks = tasks_per_node(launcher)
+    gpus = f", {launcher.gpus_per_node} GPU(s) per node" if launcher.gpus_per_node else ", CPU only (gloo)"
+    return f"{launcher.nodes} node(s) x {tasks} task(s) = {launcher.nodes * tasks} rank(s){gpus}"
+
+
+def sbatch_lines(launcher: LauncherConfig, job_name: str = "harness", log_dir: str = "<log dir>") -> List[str]:
+    """The ``#SBATCH`` lines and the ``srun`` line of the batch script submitit writes for this launcher
+    config (``log_dir`` shown in place of the real folder). Submits nothing."""
+    with tempfile.TemporaryDirectory() as folder:
+        ex = submitit.AutoExecutor(folder=folder, cluster="slurm")
+        try:
+            ex.update_parameters(**executor_parameters(launcher, "slurm", job_name=job_name))
+        except ValueError as err:
+            raise LaunchError(f"launcher settings rejected by submitit: {err}") from err
+        text = ex._executor._make_submission_file_text("python -u -m submitit.core._submit <folder>", "<uid>")
+        resolved = str(Path(folder).resolve())
+    lines = [line.replace(resolved, log_dir).replace(folder, log_dir) for line in text.splitlines()]
+    return [line for line in lines if line.startswith(("#SBATCH", "srun"))]

@@ -9,7 +9,7 @@ from typing import List
 from harness.grid import KINDS, expand, unique_runs
 from harness.launch.executors import slurm_available
 from harness.launch.local import cancel as cancel_jobs
-from harness.launch.slurm import ALIVE_STATES, log_paths, slurm_job_states
+from harness.launch.slurm import ALIVE_STATES, first_failure, log_paths, slurm_jobs
 from harness.store import ResultsError, tail_text
 from harness.store.jobs import slurm_id
 from harness.store.progress import progress
@@ -20,6 +20,11 @@ LOG_LINES = 40
 def job_states(store, specs) -> dict:
     """The SLURM state of every SLURM job the runs' status files name, asked in one batch (None: unknown);
     local jobs are not SLURM's to answer for (the store looks at their processes)."""
+    return {job_id: job["state"] for job_id, job in job_infos(store, specs).items()}
+
+
+def job_infos(store, specs) -> dict:
+    """``{"state", "nodes"}`` of every SLURM job the runs' status files name, in one batched query."""
     if not slurm_available():
         return {}
     ids = []
@@ -31,7 +36,7 @@ def job_states(store, specs) -> dict:
         if status is not None and status.state in ("queued", "running", "interrupted") and status.job_ids \
                 and slurm_id(status.job_ids[-1]) is not None:
             ids.append(slurm_id(status.job_ids[-1]))
-    return slurm_job_states(ids)
+    return slurm_jobs(ids)
 
 
 def job_alive(states: dict):
@@ -47,22 +52,48 @@ def plan(store, specs):
     return store.plan(specs, job_alive=job_alive(job_states(store, specs)))
 
 
+def run_log_dir(store, spec, status) -> Path:
+    """The submitit folder of a run's jobs: the experiment's that submitted it (a run two experiments share
+    was submitted by one of them)."""
+    return Path(status.log_dir or Path(store.root) / spec.experiment / ".submitit")
+
+
 def run_log_paths(store, spec, status):
-    """(stdout, stderr) of the newest job of a run: in the folder of the experiment that submitted it (a run
-    two experiments share was submitted by one of them)."""
-    log_dir = status.log_dir or Path(store.root) / spec.experiment / ".submitit"
-    return log_paths(log_dir, status.job_ids[-1])
+    """(stdout, stderr) of the newest job of a run."""
+    return log_paths(run_log_dir(store, spec, status), status.job_ids[-1])
+
+
+def failure_reason(store, entry) -> str:
+    """Why a run failed: in a multi-task job, the rank that failed first (its node and error) when that was
+    not rank 0 (whose own error is then mostly a peer gone mid-collective); else the record's reason."""
+    reason = entry.reason or "failed"
+    if not entry.job_ids:
+        return reason
+    try:
+        status = store.read_status(entry.key)
+    except ResultsError:
+        return reason
+    if status is None:
+        return reason
+    first = first_failure(run_log_dir(store, entry.spec, status), entry.job_ids[-1])
+    if first and not first.startswith("rank 0 "):
+        return f"{first} (rank 0: {reason})" if entry.reason else first
+    return reason
 
 
 def status_text(experiment, store) -> str:
     specs = unique_runs(expand(experiment))
-    entries = plan(store, specs)
+    infos = job_infos(store, specs)          # one batched query: states for the plan, nodes for the table
+    entries = store.plan(specs, job_alive=job_alive({j: info["state"] for j, info in infos.items()}))
     seeded = any(len(row.seeds) > 1 for row in experiment.rows)
     header = ["row"] + (["seed"] if seeded else []) + ["run id", "state", "job", "progress"]
     table, notes, reasons = [], [], {}
     for e in entries:
         spec = e.spec
         job = e.job_ids[-1] if e.job_ids else "-"
+        nodes = (infos.get(slurm_id(job)) or {}).get("nodes") if e.job_ids and slurm_id(job) else None
+        if nodes and e.state == "running":
+            job += f" on {nodes}"
         training = e.kind == "train" and e.state in ("running", "interrupted", "done", "failed", "cancelled", "stale")
         records = store.read_log(spec.run_id) if training else []
         done = progress(records, spec.config.train.epochs)
@@ -74,7 +105,7 @@ def status_text(experiment, store) -> str:
         if e.state in ("running", "interrupted", "failed", "stale") and e.job_ids:
             notes.append(f"  {spec.label}: log {run_log_paths(store, spec, store.read_status(e.key))[0]}")
         if e.state == "failed":
-            reasons.setdefault(e.reason or "failed", []).append(spec.label)
+            reasons.setdefault(failure_reason(store, e), []).append(spec.label)
     widths = [max(len(r[i]) for r in table + [header]) for i in range(len(header))]
     lines = [f"{experiment.name} ({experiment.scale} scale, {experiment.path}): {len(entries)} run(s)", ""]
     for r in [header] + table:

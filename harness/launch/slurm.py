@@ -1,6 +1,8 @@
 """Following jobs: SLURM states (squeue/scontrol; accounting may be off), log paths, results, waiting."""
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -28,29 +30,32 @@ def _run(cmd: List[str]) -> Optional[str]:
     return out.stdout if out.returncode == 0 else None
 
 
-def slurm_job_states(job_ids: Sequence[str]) -> Dict[str, Optional[str]]:
-    """The state of every job id (``123`` or an array task ``123_4``), None where SLURM no longer knows it.
+def slurm_jobs(job_ids: Sequence[str]) -> Dict[str, Dict[str, Optional[str]]]:
+    """``{"state", "nodes"}`` of every job id (``123`` or an array task ``123_4``); state None where SLURM no
+    longer knows the job, nodes None until it has some (pending) or where SLURM does not say.
 
     Batched, whatever the number of jobs (cluster administrators forbid a query per job): one ``squeue``
     for all of them; for those it does not list, one ``sacct`` (accounting may be off), then one
     ``scontrol show job`` over the jobs the controller still remembers.
     """
-    states: Dict[str, Optional[str]] = dict.fromkeys(sorted({str(j) for j in job_ids}))
-    if not states:
-        return states
-    text = _run(["squeue", "-h", "-r", "-j", ",".join(states), "-o", "%i %T"])
+    jobs: Dict[str, Dict[str, Optional[str]]] = {j: {"state": None, "nodes": None}
+                                                  for j in sorted({str(j) for j in job_ids})}
+    if not jobs:
+        return jobs
+    text = _run(["squeue", "-h", "-r", "-j", ",".join(jobs), "-o", "%i %T %N"])
     for line in (text or "").splitlines():
         fields = line.split()
-        if len(fields) >= 2 and fields[0] in states:
-            states[fields[0]] = fields[1]
-    missing = [j for j, state in states.items() if state is None]
+        if len(fields) >= 2 and fields[0] in jobs:
+            jobs[fields[0]] = {"state": fields[1], "nodes": fields[2] if len(fields) > 2 and fields[2] else None}
+    missing = [j for j, job in jobs.items() if job["state"] is None]
     if missing:
-        text = _run(["sacct", "-n", "-X", "-P", "-j", ",".join(missing), "-o", "JobID,State"])
+        text = _run(["sacct", "-n", "-X", "-P", "-j", ",".join(missing), "-o", "JobID,State,NodeList"])
         for line in (text or "").splitlines():
             fields = line.split("|")
-            if len(fields) >= 2 and fields[0] in states and fields[1]:
-                states[fields[0]] = fields[1].split()[0]          # "CANCELLED by 0" -> CANCELLED
-    missing = [j for j, state in states.items() if state is None]
+            if len(fields) >= 2 and fields[0] in jobs and fields[1]:
+                nodes = fields[2] if len(fields) > 2 and fields[2] not in ("", "None assigned") else None
+                jobs[fields[0]] = {"state": fields[1].split()[0], "nodes": nodes}   # "CANCELLED by 0" -> CANCELLED
+    missing = [j for j, job in jobs.items() if job["state"] is None]
     if missing:
         for record in (_run(["scontrol", "-o", "show", "job"]) or "").splitlines():
             fields = dict(f.split("=", 1) for f in record.split() if "=" in f)
@@ -58,8 +63,15 @@ def slurm_job_states(job_ids: Sequence[str]) -> Dict[str, Optional[str]]:
             if fields.get("ArrayJobId") and fields.get("ArrayTaskId"):
                 names.add(f"{fields['ArrayJobId']}_{fields['ArrayTaskId']}")
             for name in names & set(missing):
-                states[name] = fields.get("JobState")
-    return states
+                nodes = fields.get("NodeList")
+                jobs[name] = {"state": fields.get("JobState"), "nodes": None if nodes in (None, "", "(null)") else nodes}
+    return jobs
+
+
+def slurm_job_states(job_ids: Sequence[str]) -> Dict[str, Optional[str]]:
+    """The state of every job id (``123`` or an array task ``123_4``), None where SLURM no longer knows it
+    (one batched query: :func:`slurm_jobs`)."""
+    return {job_id: job["state"] for job_id, job in slurm_jobs(job_ids).items()}
 
 
 def slurm_job_state(job_id: str) -> Optional[str]:
@@ -86,6 +98,34 @@ def log_paths(log_dir: Union[str, Path], job_id: str, task: int = 0) -> Tuple[Pa
     job's ``local:<pid>:<start>`` by its pid)."""
     paths = submitit.core.utils.JobPaths(Path(log_dir), job_id=native_id(job_id), task_id=task)
     return paths.stdout, paths.stderr
+
+
+def rank_errors(log_dir: Union[str, Path], job_id: str) -> List[Dict[str, Any]]:
+    """The errors the tasks of a job wrote as they failed (:func:`harness.launch.wrapper._note_rank_error`),
+    earliest first: in a multi-task job the first is the cause, the others mostly its consequences."""
+    native = native_id(job_id)
+    pattern = re.compile(re.escape(native) + r"_(\d+)_error\.json$")
+    found = []
+    folder = Path(log_dir)
+    if not folder.is_dir():
+        return found
+    for path in folder.glob(f"{native}_*_error.json"):
+        if not pattern.match(path.name):
+            continue
+        try:
+            found.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return sorted(found, key=lambda note: (note.get("time", 0), note.get("rank", 0)))
+
+
+def first_failure(log_dir: Union[str, Path], job_id: str) -> Optional[str]:
+    """The first error of a multi-task job, as ``rank 1 of 2 on nodeb: ValueError: ...``; None without one."""
+    notes = rank_errors(log_dir, job_id)
+    if not notes:
+        return None
+    first = notes[0]
+    return (f"rank {first.get('rank')} of {first.get('world_size')} on {first.get('node')}: {first.get('error')}")
 
 
 def _task_jobs(job: submitit.Job) -> List[submitit.Job]:

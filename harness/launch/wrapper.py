@@ -10,10 +10,13 @@ where it waits until the write is complete.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import sys
 import time
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, List, Optional, Union
@@ -36,13 +39,36 @@ def _job_cluster() -> Optional[str]:
         return None
 
 
+def rank_error_path(result_pickle: Path) -> Path:
+    """Where a task writes the error that ended it, beside submitit's ``<job>_<task>_result.pkl``."""
+    return result_pickle.with_name(result_pickle.name.replace("_result.pkl", "_error.json"))
+
+
 def _forget_previous_attempt() -> None:
     """A requeued job runs again under the same id: drop this task's result file from an earlier
     attempt (an error written while the job was being pre-empted), so only this attempt's counts."""
     try:
         paths = submitit.JobEnvironment().paths
         paths.result_pickle.unlink(missing_ok=True)
+        rank_error_path(paths.result_pickle).unlink(missing_ok=True)
     except Exception:    # noqa: BLE001 - not in a submitit job, or nothing to remove
+        pass
+
+
+def _note_rank_error(err: BaseException) -> None:
+    """Every task that fails writes which rank it is, its node and its error, when: in a multi-node job the
+    first failure is the cause (``--status`` shows it) and the others' (a peer gone mid-collective) follow."""
+    try:
+        job_env = submitit.JobEnvironment()
+        path = rank_error_path(job_env.paths.result_pickle)
+        note = {"rank": job_env.global_rank, "world_size": job_env.num_tasks, "job_id": str(job_env.job_id),
+                "node": os.environ.get("SLURMD_NODENAME") or socket.gethostname(), "time": time.time(),
+                "error": f"{type(err).__name__}: {err}".strip().splitlines()[0][:1000],
+                "traceback": "".join(traceback.format_exception(type(err), err, err.__traceback__))[-4000:]}
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(note))
+        os.replace(tmp, path)
+    except Exception:    # noqa: BLE001 - not in a submitit job, or the folder is not writable: nothing to note
         pass
 
 
@@ -185,7 +211,9 @@ class ResumableJob(submitit.helpers.Checkpointable):
             _log("stopped on request; requeueing" if _deferred_requeue else "stopped on request")
             _requeue_now()
             raise
-        except Exception:
+        except Exception as err:
+            if cluster in ("slurm", "local"):
+                _note_rank_error(err)
             if stop_requested() and cluster == "slurm":
                 _log(f"failed after a stop signal; waiting up to {self.stop_grace_s:.0f} s to be requeued or killed")
                 time.sleep(self.stop_grace_s)

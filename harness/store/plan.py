@@ -53,7 +53,8 @@ def dry_run_plan(experiment: Experiment, store: Optional[ResultsStore] = None,
             parts = math.ceil(wall_h * 60 / l.timeout_min) if wall_h == wall_h and wall_h > 0 else 1
             resources += f", ~{wall_h:.0f} h wall" + (f", {parts - 1} requeue(s)" if parts > 1 else "")
         else:
-            resources = f"{world_size(l)} CPU process(es), {l.executor}"
+            resources = f"{world_size(l)} CPU process(es)" + (f" on {l.nodes} nodes" if l.nodes > 1 else "") + \
+                f", {l.executor}"
         action = "shared" if duplicate else f"{entry.kind} only" if entry.action == "run" and entry.kind != "train" \
             else entry.action
         owner = (store.read_config(spec.run_id) or {}) if store is not None and entry.state != "new" else {}
