@@ -19,6 +19,7 @@ from harness.grid.feasibility import command_path_problem, config_warnings
 from harness.grid.identity import roles_of
 from harness.grid.schema import SECTION_CLASSES
 from harness.launch.follow import cancel, job_alive as _job_alive, job_states as _job_states, logs_text, status_text
+from harness.launch.executors import layout_text, sbatch_lines
 from harness.provenance import git_commit
 from harness.report.inventory import all_runs_text
 from harness.store import ResultsError, ResultsStore, dry_run_plan
@@ -111,6 +112,11 @@ def launch_plan(experiment, executor: Optional[str]) -> str:
         params = launch.executor_parameters(launcher, kind, job_name=experiment.name)
         shown = ", ".join(f"{k}={v}" for k, v in params.items() if k != "slurm_setup")
         lines.append(f"executor {kind} ({why}) for {len(labels)} run(s): {shown}")
+        lines.append(f"  each job: {layout_text(launcher, kind)}")
+        if kind == "slurm":
+            lines.append("  batch script (per job):")
+            lines += ["    " + line for line in sbatch_lines(launcher, experiment.name, "<results>/"
+                                                            f"{experiment.name}/.submitit")]
     return "\n".join(lines + [f"warning: {w}" for w in _warnings(specs)]) + "\n"
 
 
