@@ -110,7 +110,9 @@ def toy_train(spec: Dict[str, Any]) -> Dict[str, Any]:
             if world_size > 1:
                 dist.barrier()
         return {"state": state.tolist(), "world_size": world_size, "rank": rank, "start_epoch": start,
-                "epochs": int(spec["epochs"]), "cwd": os.getcwd(), "module": __file__}
+                "epochs": int(spec["epochs"]), "cwd": os.getcwd(), "module": __file__,
+                "master": f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}",
+                "node": os.environ.get("SLURMD_NODENAME")}
     finally:
         if world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
