@@ -131,7 +131,8 @@ def test_official_defaults():
 def test_tta_sizes_are_used_as_given(root, monkeypatch, tta_sizes, eval_size):
     seen = []
 
-    def fake_tta(model, postprocessor, raw_images, orig_sizes, device, sizes, max_size, num_detections, amp_dtype):
+    def fake_tta(model, postprocessor, raw_images, orig_sizes, device, sizes, max_size, num_detections, amp_dtype,
+                 eval_size=800):
         seen.append((list(sizes), max_size))
         return [dict(scores=torch.zeros(0), labels=torch.zeros(0, dtype=torch.int64), boxes=torch.zeros(0, 4))
                 for _ in raw_images]
