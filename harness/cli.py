@@ -18,10 +18,11 @@ from harness.grid.experiment import row_provenance
 from harness.grid.feasibility import command_path_problem, config_warnings
 from harness.grid.identity import roles_of
 from harness.grid.schema import SECTION_CLASSES
-from harness.launch.follow import cancel, job_alive as _job_alive, job_states as _job_states, logs_text, status_text
+from harness.launch.follow import LOG_LINES, cancel, job_alive as _job_alive, job_states as _job_states, status_text
 from harness.launch.executors import layout_text, sbatch_lines
 from harness.provenance import git_commit
 from harness.report.inventory import all_runs_text
+from harness.run.logs import follow_logs, logs_text, printing_logs
 from harness.store import ResultsError, ResultsStore, dry_run_plan
 from harness.store.plan import rerun_removals, rerun_text
 from harness.store.imports import import_server_scores
@@ -58,6 +59,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                       help="cancel the queued and running jobs of the selected rows (their checkpoints stay; a "
                            "later submission resumes them)")
     mode.add_argument("--logs", metavar="ROW", help="the tail of a row's job log (a label or an index)")
+    p.add_argument("--lines", type=int, metavar="N", help=f"with --logs: the last N lines (default {LOG_LINES})")
+    p.add_argument("--follow", "-f", action="store_true",
+                   help="with --logs: then what the job writes, until it ends (Ctrl-C stops following)")
     mode.add_argument("--export", metavar="FILE", help="the collected results as a table (.csv or .parquet)")
     mode.add_argument("--print-config", metavar="ROW", help="a row's config: each value, its source, its id")
     mode.add_argument("--import-server", metavar="SCORES", help="the COCO evaluation server's scores (JSON) for "
@@ -85,6 +89,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = p.parse_intermixed_args(argv)   # overrides may come before or after the options
     if args.all and not args.status:
         p.error("--all goes with --status")
+    if (args.follow or args.lines is not None) and not args.logs:
+        p.error("--follow and --lines go with --logs")
+    if args.lines is not None and args.lines < 0:
+        p.error("--lines: expected a number >= 0")
     if args.rows:     # and after --rows: SECTION.FIELD=VALUE is an override there too (a row so named: by index)
         args.overrides += [r for r in args.rows if OVERRIDE.match(r)]
         args.rows = [r for r in args.rows if not OVERRIDE.match(r)] or p.error("--rows: expected a row, then overrides")
@@ -198,8 +206,10 @@ def submit(experiment, store, executor=None, rerun=False):
                                           snapshot_root=exp_root / ".snapshots", repo_root=ROOT,
                                           on_submitted=on_submitted)
                 jobs += submitted
-                if outcomes is not None:
-                    outcomes += launch.wait(submitted)
+                if outcomes is not None:        # a local job writes to its log file: shown here as it grows
+                    with printing_logs([launch.log_paths(exp_root / ".submitit", launch.job_id_of(job, kind))
+                                        for job in submitted]):
+                        outcomes += launch.wait(submitted)
                     _mark_if_stopped(store, batch, stopper)
     finally:
         for claim in claims.values():
@@ -287,7 +297,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(config_text(experiment) or f"{args.print_config}: a cited row (the paper's numbers only)")
             return 0
         if args.logs:
-            print(logs_text(experiment, store, args.logs))
+            lines = LOG_LINES if args.lines is None else args.lines
+            if not args.follow:
+                print(logs_text(experiment, store, args.logs, lines))
+                return 0
+            try:
+                follow_logs(experiment, store, args.logs, lines)
+            except KeyboardInterrupt:      # the way to stop following: no traceback, no resume hint
+                print()
             return 0
         if args.cancel:
             print("\n".join(cancel(experiment, store)) or "nothing queued or running to cancel")

@@ -78,6 +78,8 @@ class TrainConfig:
     seed: int = weights(42)                              # a list in an experiment: one run per seed
     max_iters_per_epoch: Optional[int] = weights(None)   # smoke runs: cut an epoch short
     print_freq: int = recorded(10, why="console output only")
+    # Weights & Biases: the run's TensorBoard scalars sent there too, where wandb is installed
+    wandb: bool = recorded(False, why="sends the scalars TensorBoard gets to Weights & Biases; tracking only")
     eval_every: int = recorded(1, why="evaluations between epochs do not touch the weights (each epoch reseeds)")
 
 

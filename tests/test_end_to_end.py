@@ -156,7 +156,7 @@ def test_slurm_requeue_mid_epoch_resumes_with_identical_results(slurm_cluster, t
     assert cli.main(other_argv + ["--status", "--rows", "K=2"]) == 0
     assert job_id in capsys.readouterr().out
     try:
-        slurm_cluster.wait_for(lambda: stdout.is_file() and "epoch 1 [2/4]" in stdout.read_text(), 300,
+        slurm_cluster.wait_for(lambda: stdout.is_file() and "epoch 1/3 [2/4]" in stdout.read_text(), 300,
                                "the second iteration of the second epoch")
         slurm_cluster.requeue(job_id)
         slurm_cluster.start_when_requeued(job_id)

@@ -89,7 +89,8 @@ def test_log_jsonl_and_console(tmp_path, capsys):
     lines = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert len(lines) == 1 and lines[0]["epoch"] == 0 and "train_loss" in lines[0] and "AP" in lines[0]
     printed = capsys.readouterr().out
-    assert "epoch 0 [1/2] loss" in printed and "eta" in printed
+    assert "epoch 0/1 [1/2]  loss" in printed and "eta" in printed and "it/s" in printed
+    assert "epoch 0/1  AP " in printed and "final  AP " in printed
     assert set(metrics) >= {"AP", "AP50", "AP75", "APs", "APm", "APl", "num_detections"}
     assert metrics["num_detections"] == 100
     assert os.path.isfile(os.path.join(out, "detections_val2017.json"))

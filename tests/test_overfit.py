@@ -16,6 +16,7 @@ from harness.config import DataConfig, EvalConfig, RunConfig, TrainConfig
 from harness.data import synthetic
 from harness.run.evaluation import run_evaluation
 from harness.run.optim import build_optimizer, build_scheduler
+from harness.run.step import OptimiserStep
 from model import ModelConfig
 
 MAX_EPOCHS = 60
@@ -51,8 +52,8 @@ def test_overfit_eight_images_reaches_ap50_90(tmp_path):
         for epoch in range(MAX_EPOCHS):
             engine.seed_everything(engine.epoch_seed(cfg.train.seed, epoch, 0))
             sampler.set_epoch(epoch)
-            losses = engine.train_one_epoch(model, criterion, loader, optimizer, device, epoch, cfg.train,
-                                            print_fn=None)
+            step = OptimiserStep(model, criterion, optimizer, clip_max_norm=cfg.train.clip_max_norm, device=device)
+            losses = engine.train_one_epoch(step, loader, epoch)
             scheduler.step()
             if epoch + 1 >= 20 and (epoch + 1) % 5 == 0:
                 metrics = run_evaluation(model, postprocessor, eval_loader, eval_set, device, cfg.eval, cfg.data,

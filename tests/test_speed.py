@@ -2,8 +2,10 @@
 import pytest
 import torch
 
+from harness.config import TrainConfig
 from harness.measure import inputs, speed
 from harness.measure.complexity import build_for_complexity
+from harness.run.step import build_step
 from model import ModelConfig, arch_defaults, build_model
 
 TINY = dict(pretrained_backbone=False, hidden_dim=32, dim_feedforward=64, nheads=4, enc_layers=1, dec_layers=1,
@@ -96,22 +98,47 @@ def test_pad_batch_like_the_evaluation_loader():
 
 @pytest.mark.parametrize("amp", ["off", "bf16"])
 def test_training_iteration_time_on_cpu(amp):
+    """The time of the engine's own optimiser step (harness.run.step), not of a step of its own."""
     torch.manual_seed(0)
     model, criterion, _ = build_model(ModelConfig(**TINY, train_backbone=False))    # no backbone backward: fast
     images = torch.randn(2, 3, 96, 96)
     mask = torch.zeros(2, 96, 96, dtype=torch.bool)
     targets = inputs.synthetic_targets(2, num_classes=91, objects=3)
     before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
-    result = speed.measure_train_step(model, criterion, images, mask, targets, amp=amp, iters=2, warmup=0,
-                                      device="cpu")
+    step = build_step(model, criterion, TrainConfig(amp=amp), "cpu", total_batch=2)
+    result = speed.time_train_step(step, images, mask, targets, amp=amp, iters=2, warmup=0)
     assert result["mean_s"] > 0 and result["iters"] == 2 and result["batch_size"] == 2
     assert result["images_per_s"] == pytest.approx(2 / result["mean_s"])
     assert result["amp"] == amp and result["fps_device"].startswith("CPU")
     assert result["input_size"] == "96x96"
     after = [p for p in model.parameters() if p.requires_grad]
     assert any(not torch.equal(a, b) for a, b in zip(before, after))      # the optimiser stepped
+    assert step.scheduler.last_epoch == 2                                  # and the schedule with it
     with pytest.raises(ValueError, match="amp"):
-        speed.measure_train_step(model, criterion, images, mask, targets, amp="fp8")
+        speed.time_train_step(step, images, mask, targets, amp="fp8")
+
+
+def test_measured_step_is_the_engine_s(monkeypatch):
+    """measure_run_train_step times harness.run.step.OptimiserStep, built with the run's optimiser (its
+    parameter groups and learning rates) and gradient clipping."""
+    from harness.config import RunConfig
+    from harness.run import step as step_module
+
+    calls = []
+    real = step_module.OptimiserStep.__call__
+
+    def counted(self, *args, **kwargs):
+        calls.append(self)
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(step_module.OptimiserStep, "__call__", counted)
+    run_cfg = RunConfig(model=ModelConfig(**TINY, train_backbone=False), train=TrainConfig(lr=1e-3, clip_max_norm=0.5))
+    result = step_module.measure_run_train_step(run_cfg, device="cpu", batch_size=1, image_size=(64, 96), iters=2,
+                                                warmup=1)
+    assert len(calls) == 3 and result["iters"] == 2 and result["input_size"] == "64x96" and result["amp"] == "off"
+    step = calls[0]
+    assert step.clip_max_norm == 0.5
+    groups = {g["name"]: g["lr"] for g in step.optimizer.param_groups}
+    assert groups["default"] == pytest.approx(1e-3) and groups["linear_proj"] == pytest.approx(1e-4)
 
 
 def test_synthetic_targets_look_like_the_loader_s():
@@ -131,7 +158,9 @@ def test_fps_on_gpu(tiny, precision):
     assert result["device_type"] == "cuda" and result["fps_device"] == torch.cuda.get_device_name()
     assert result["precision"] == precision and result["fps"] > 0
     model, criterion, _ = build_model(ModelConfig(**TINY))
-    step = speed.measure_train_step(model, criterion, torch.randn(2, 3, 96, 96), torch.zeros(2, 96, 96, dtype=torch.bool),
-                                    inputs.synthetic_targets(2), amp="bf16" if precision == "bf16" else "off",
-                                    iters=2, warmup=1, device="cuda")
+    amp = "bf16" if precision == "bf16" else "off"
+    model, criterion = model.cuda(), criterion.cuda()
+    step = speed.time_train_step(build_step(model, criterion, TrainConfig(amp=amp), "cuda", total_batch=2),
+                                 torch.randn(2, 3, 96, 96), torch.zeros(2, 96, 96, dtype=torch.bool),
+                                 inputs.synthetic_targets(2), amp=amp, iters=2, warmup=1)
     assert step["peak_memory_mb"] > 0

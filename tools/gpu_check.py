@@ -261,7 +261,8 @@ def side_by_side(device: torch.device, names=("encoder", "decoder"), dtypes=SIDE
 
 def model_speed(device: torch.device, quick: bool) -> dict:
     from harness.config import RunConfig
-    from harness.measure.speed import measure_run_speed, measure_run_train_step
+    from harness.measure.speed import measure_run_speed
+    from harness.run.step import measure_run_train_step
 
     run_cfg = RunConfig()
     run_cfg = dataclasses.replace(run_cfg, benchmark=dataclasses.replace(run_cfg.benchmark, fps_batch_sizes=(1, 4)))

@@ -9,22 +9,25 @@ given tensors, already on the device (data loading is not timed).
 Every result records the device's name (a CPU is measured and labelled as such), the precision
 (``fp32``: TF32 off; ``tf32``: TF32 matmuls and convolutions on Ampere or newer GPUs; ``bf16``: autocast to
 bfloat16), the attention implementation that ran and the torch version.
+
+Training-iteration time: :func:`time_train_step` times the engine's own optimiser step
+(:class:`harness.run.step.OptimiserStep`, with the run's optimiser, schedule, clipping and gradient scaler),
+so the reported time is the training's; :func:`harness.run.step.measure_run_train_step` builds it for a run
+config (the run layer builds optimisers; this module only times).
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import statistics
 import time
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from harness.config import AMP_MODES, PRECISIONS, amp_dtype
 from harness.measure.complexity import build_for_complexity
-from harness.measure.inputs import evaluation_images, fixed_size_input, make_batches, synthetic_targets
+from harness.measure.inputs import evaluation_images, fixed_size_input, make_batches
 from harness.provenance import device_name
-from model import build_model
 from model import ops
 from model.ms_deform_attn import MSDeformAttn
 
@@ -192,52 +195,33 @@ def measure_run_speed(run_cfg, device=None, root: Optional[str] = None, fixed_si
 
 
 
-def measure_train_step(model: torch.nn.Module, criterion: torch.nn.Module, images: torch.Tensor,
-                       mask: torch.Tensor, targets: List[dict], amp: str = "off", iters: int = 10, warmup: int = 3,
-                       device=None, lr: float = 1e-4, clip_max_norm: float = 0.1) -> dict:
-    """Seconds per training iteration (forward, loss, backward, gradient clipping, AdamW step) on one batch.
+def time_train_step(step, images: torch.Tensor, mask: torch.Tensor, targets: List[dict], amp: str = "off",
+                    iters: int = 10, warmup: int = 3) -> dict:
+    """Seconds per training iteration of ``step`` on one batch: ``step(images, mask, targets)`` is the engine's
+    optimiser step (:class:`harness.run.step.OptimiserStep`: forward, loss, backward, gradient clipping,
+    optimiser and schedule steps), each iteration between two device synchronisations, after ``warmup``
+    untimed ones. ``amp`` (``off`` | ``bf16`` | ``fp16``) is the step's, for the record.
 
-    ``amp``: ``off`` | ``bf16`` | ``fp16`` (autocast; fp16 with a gradient scaler), as ``train.amp``. The
-    model's weights are changed by the steps: time a copy if they matter. Returns ``mean_s``, ``median_s``,
-    ``std_s``, ``iters_per_s``, ``images_per_s``, ``batch_size``, ``amp``, ``peak_memory_mb`` (CUDA) and the
-    device, torch version and attention implementation.
+    The model's weights are changed by the steps: time a copy if they matter. Returns ``mean_s``,
+    ``median_s``, ``std_s``, ``iters_per_s``, ``images_per_s``, ``batch_size``, ``amp``, ``peak_memory_mb``
+    (CUDA) and the device, torch version and attention implementation.
     """
     if amp not in AMP_MODES:
         raise ValueError(f"amp {amp!r}: expected one of {', '.join(AMP_MODES)}")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    model, criterion = model.to(device).train(), criterion.to(device).train()
+    if iters < 1 or warmup < 0:
+        raise ValueError("time_train_step: iters must be >= 1 and warmup >= 0")
+    device = step.device
+    model = step.model.train()
+    step.criterion.train()
     images, mask = images.to(device), mask.to(device)
     targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-    autocast_dtype = amp_dtype(amp)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
-    weight_dict = criterion.weight_dict
-    needs_targets = getattr(model, "needs_targets", False)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for it in range(warmup + iters):
         synchronize(device)
         start = time.perf_counter()
-        with (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
-              else contextlib.nullcontext()):
-            outputs = model(images, mask, targets=targets) if needs_targets else model(images, mask)
-            loss_dict = criterion(outputs, targets)
-            loss = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if clip_max_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, clip_max_norm)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        values = step(images, mask, targets)
         synchronize(device)
         if it >= warmup:
             times.append(time.perf_counter() - start)
@@ -246,26 +230,9 @@ def measure_train_step(model: torch.nn.Module, criterion: torch.nn.Module, image
     record = {"mean_s": summary["mean_s"], "median_s": summary["median_s"], "std_s": summary["std_s"],
               "iters": len(times), "warmup": warmup, "iters_per_s": 1.0 / summary["mean_s"],
               "images_per_s": summary["fps"], "batch_size": batch_size, "amp": amp,
-              "input_size": "x".join(map(str, images.shape[-2:])), "loss": float(loss.detach())}
+              "input_size": "x".join(map(str, images.shape[-2:])), "loss": values["loss"]}
     if device.type == "cuda":
         record["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
-    env = environment(device, "bf16" if amp == "bf16" else "fp32", model)
+    env = environment(device, "bf16" if amp == "bf16" else "fp32", getattr(model, "module", model))
     env.pop("precision")
     return {**record, **env}
-
-
-def measure_run_train_step(run_cfg, device=None, amp: Optional[str] = None, batch_size: int = 2,
-                           image_size: Tuple[int, int] = (800, 1199), iters: int = 10, warmup: int = 3) -> dict:
-    """:func:`measure_train_step` for ``run_cfg.model`` on a batch of ``batch_size`` 3 x H x W images with
-    synthetic targets (the paper's training-time measurements use batch 2 per GPU); ``amp`` defaults to
-    ``run_cfg.train.amp``."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model_cfg = dataclasses.replace(run_cfg.model, pretrained_backbone=False, backbone_weights=None)
-    model, criterion, _ = build_model(model_cfg)
-    images = torch.cat([fixed_size_input(*image_size, seed=i)[0][0] for i in range(batch_size)])
-    mask = torch.zeros((batch_size,) + tuple(image_size), dtype=torch.bool)
-    targets = synthetic_targets(batch_size, num_classes=model_cfg.num_classes)
-    return measure_train_step(model, criterion, images, mask, targets, amp=amp or run_cfg.train.amp, iters=iters,
-                              warmup=warmup, device=device, lr=run_cfg.train.lr,
-                              clip_max_norm=run_cfg.train.clip_max_norm)
-

@@ -14,7 +14,12 @@ the checkpoint (which also carries the RNG states and sampler epoch), a run stop
 and resumed ends with the same weights as one that never stopped (bit-identical on CPU; on GPU up to
 the non-determinism of CUDA kernels).
 
-One pass over the data, its batching and gradient accumulation: :mod:`harness.run.epoch`.
+The steps of :func:`train`: set-up (:func:`_set_up`: seeds, data, model, the optimiser step), resume
+(:func:`harness.run.state.resume`), then per epoch: one pass over the data (:func:`_train_epoch`, through
+:func:`harness.run.epoch.train_one_epoch`, its batching and gradient accumulation, and the one optimiser step of
+:mod:`harness.run.step`), its checkpoint (:func:`harness.run.state.checkpoint_epoch`), its evaluation and log
+record (:func:`_finish_epoch`); and the final evaluation. Progress lines, TensorBoard and W&B:
+:mod:`harness.run.tracking`.
 
 Stopping: ``should_stop()`` (a stop signal: :mod:`harness.launch.wrapper`) is polled after every optimiser
 step and before every evaluation batch. Mid-epoch, a checkpoint of the iteration is written; in an
@@ -24,7 +29,6 @@ resumed run that finds that record missing from ``log.jsonl`` evaluates and logs
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import shutil
@@ -36,13 +40,15 @@ import torch
 from harness.config import amp_dtype as amp_dtype_of
 from harness.data import dataset_root
 from harness.launch.wrapper import JobInterrupted
-from harness.run import checkpointing
+from harness.run import checkpointing, state
 from harness.run import distributed as dist_utils
-from harness.run.epoch import (NonFiniteLossError, _fmt_eta, _Stop, accumulation_steps,  # noqa: F401 (re-exported)
-                               epoch_seed, seed_everything, steps_per_epoch, train_one_epoch)
+from harness.run.epoch import _Stop, accumulation_steps, epoch_seed, seed_everything, steps_per_epoch, train_one_epoch
 from harness.run.evaluation import EvaluationInterrupted, run_evaluation
 from harness.run.loaders import build_eval_loader, build_train_loader
-from harness.run.optim import build_optimizer, build_scheduler, current_lrs
+from harness.run.optim import current_lrs
+from harness.run.state import Training, config_dict
+from harness.run.step import NonFiniteLossError, OptimiserStep, build_step  # noqa: F401 (re-exported)
+from harness.run.tracking import Tracker, ap_text
 from harness.store.files import append_jsonl
 from model import build_model
 from model.checkpoint import load_checkpoint, load_state
@@ -106,30 +112,15 @@ def _silent(*args, **kwargs):
     pass
 
 
+def _print(text: str) -> None:
+    print(text, flush=True)        # a job's stdout is its log: each line there as it is printed
+
+
 # --------------------------------------------------------------------------------------- training
 
-def train(run_cfg, output_dir: str, log_fn: Optional[Callable[[dict], None]] = None, resume: bool = True,
-          print_fn: Callable[[str], None] = print, should_stop: Optional[Callable[[], bool]] = None
-          ) -> Dict[str, float]:
-    """Train ``run_cfg`` into ``output_dir`` and evaluate it; returns the final metrics (every rank).
-
-    With ``eval.eval_only`` it only evaluates ``eval.checkpoint`` (see :func:`evaluate`).
-    Resumes from ``output_dir``'s checkpoint when ``resume`` (falling back to the previous one if the
-    newest is corrupt). Without one, ``eval.checkpoint`` (if set) initialises the weights. Writes
-    ``checkpoint.pth`` after every epoch, calls ``log_fn(record)`` on rank 0 once per epoch (default:
-    append to ``<output_dir>/log.jsonl``) and saves the COCO results JSON of each evaluation.
-    ``should_stop`` (e.g. "SLURM sent its pre-emption signal") is polled after every optimiser step and
-    between evaluation batches; when it says yes, a checkpoint is written (mid-epoch) or is there already (in
-    an evaluation) and :class:`TrainingInterrupted` raised; the next call resumes there, with the same final
-    weights as a run that never stopped.
-    Call :func:`harness.run.distributed.init_distributed` first for multi-process runs.
-    """
-    train_cfg, eval_cfg = run_cfg.train, run_cfg.eval
-    if eval_cfg.eval_only:
-        metrics = evaluate(run_cfg, output_dir, checkpoint=eval_cfg.checkpoint, print_fn=print_fn)
-        if dist_utils.is_main_process():
-            (log_fn or _default_log_fn(output_dir))(dict(epoch=None, eval_only=True, **metrics))
-        return dict(metrics, epochs=0)
+def _set_up(run_cfg, output_dir, log_fn, print_fn, should_stop) -> Training:
+    """Seeds, data, model, optimiser step; checks the output folder (rank 0)."""
+    train_cfg = run_cfg.train
     verbose = print_fn is not None
     print_fn = print_fn or _silent
     main = dist_utils.is_main_process()
@@ -139,14 +130,12 @@ def train(run_cfg, output_dir: str, log_fn: Optional[Callable[[dict], None]] = N
         check_output_dir(output_dir)
     if log_fn is None and main:
         log_fn = _default_log_fn(output_dir)
-    amp_dtype = amp_dtype_of(train_cfg.amp)
 
     seed_everything(train_cfg.seed + rank)
     root = dataset_root(run_cfg.data, output_dir)
     num_classes = _model_num_classes(run_cfg)
     train_set, sampler, train_loader = build_train_loader(run_cfg, root, num_classes)
     val_set, val_loader = build_eval_loader(run_cfg, root, num_classes=num_classes)
-    annotated = getattr(val_set, "has_annotations", True)
 
     model, criterion, postprocessor = _build_model(run_cfg, device)
     if main:
@@ -156,126 +145,119 @@ def train(run_cfg, output_dir: str, log_fn: Optional[Callable[[dict], None]] = N
                  f"world size {world}, device {device}")
     accum = accumulation_steps(train_cfg, world)
     total_batch = train_cfg.batch_size_per_gpu * world * accum
-    optimizer = build_optimizer(model, train_cfg, total_batch)
-    scheduler = build_scheduler(optimizer, train_cfg, steps_per_epoch(len(train_loader), train_cfg, accum),
-                                total_batch)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-
-    start_epoch, partial, pending = 0, None, None
-    found = checkpointing.load_latest(output_dir, log=print_fn if main else None) if resume else None
-    if found is not None:
-        state, path = found
-        load_state(model, state["model"], path)
-        optimizer.load_state_dict(state["optimizer"])
-        if "lr_lambdas" not in state["lr_scheduler"]:     # an epoch-stepped StepLR of an earlier version
-            raise checkpointing.CheckpointError(path, "its learning-rate schedule was stepped per epoch; this "
-                                                "version steps per optimiser step: start the run afresh")
-        scheduler.load_state_dict(state["lr_scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        if state.get("rng") is not None:
-            checkpointing.set_rng_state(state["rng"])
-        start_epoch = state["epoch"] + 1
-        partial = state.get("partial")
-        pending = None if partial else state.get("pending")      # the epoch's record, maybe not logged yet
-        if main:
-            where = f"epoch {partial['epoch']}, iteration {partial['iteration']}" if partial else \
-                f"the end of epoch {state['epoch']}"
-            print_fn(f"resumed from {path} at {where}")
-    elif eval_cfg.checkpoint:
-        load_checkpoint(eval_cfg.checkpoint, model)
-
-    model_without_ddp = model
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=getattr(model, "ddp_find_unused_parameters", False))
-
-    def snapshot(epoch: int, rng, sampler_epoch: int, **extra) -> dict:
-        return dict(model=model_without_ddp.state_dict(), optimizer=optimizer.state_dict(),
-                    lr_scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler is not None else None,
-                    epoch=epoch, rng=rng, sampler=dict(epoch=sampler_epoch, seed=train_cfg.seed), world_size=world,
-                    accumulation_steps=accum, config=_config_dict(run_cfg), **extra)
-
-    def finish_epoch(record: dict, evaluate_now: bool) -> Dict[str, float]:
-        """Evaluate (when due) and log an epoch whose checkpoint is written; a stop in the evaluation leaves
-        the epoch to be finished on resume."""
-        epoch_metrics = {}
-        if evaluate_now:
-            t1 = time.time()
-            try:
-                epoch_metrics = run_evaluation(model_without_ddp, postprocessor, val_loader, val_set, device, eval_cfg,
-                                               run_cfg.data, _results_file(output_dir, run_cfg, eval_cfg), amp_dtype,
-                                               verbose=verbose, should_stop=should_stop)
-            except EvaluationInterrupted as stop:
-                raise TrainingInterrupted(f"training stopped in the evaluation of epoch {record['epoch']} ({stop}); "
-                                          f"its checkpoint is in {output_dir}, and resuming evaluates it") from None
-            record = dict(record, **epoch_metrics, eval_time_s=round(time.time() - t1, 3))
-        if main:
-            print_fn(f"epoch {record['epoch']} done in {_fmt_eta(record['epoch_time_s'])}: " +
-                     ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float)))
-            if log_fn is not None:
-                log_fn(record)
-        return epoch_metrics
-
-    metrics: Dict[str, float] = {}
-    last_eval_epoch = -1
-    if pending is not None and dist_utils.all_gather_object(
-            main and pending["record"]["epoch"] not in _logged_epochs(output_dir))[0]:
-        metrics = finish_epoch(pending["record"], pending["evaluate"])    # stopped in its evaluation: finish it
-        last_eval_epoch = pending["record"]["epoch"] if pending["evaluate"] else -1
-    for epoch in range(start_epoch, train_cfg.epochs):
-        seed_everything(epoch_seed(train_cfg.seed, epoch, rank))
-        sampler.set_epoch(epoch)
-        t0 = time.time()
-        lrs = current_lrs(optimizer)
-        resume_from = None
-        if partial is not None and partial["epoch"] == epoch:
-            rngs = partial["rng"]
-            resume_from = dict(iteration=partial["iteration"], sums=partial["sums"],
-                               rng=rngs[rank] if len(rngs) == world else None)
-        try:
-            losses = train_one_epoch(model, criterion, train_loader, optimizer, device, epoch, train_cfg, accum,
-                                     scaler, amp_dtype, train_cfg.max_iters_per_epoch, print_fn if verbose else None,
-                                     should_stop=should_stop, resume_from=resume_from, scheduler=scheduler)
-        except _Stop as stop:
-            rngs = dist_utils.all_gather_object(checkpointing.rng_state())
-            if main:
-                checkpointing.save_checkpoint(output_dir, snapshot(
-                    epoch - 1, rngs[0], epoch, partial=dict(epoch=epoch, iteration=stop.iteration, rng=rngs,
-                                                            sums=stop.sums)))
-                print_fn(f"stopped at epoch {epoch}, iteration {stop.iteration}: checkpoint saved")
-            dist_utils.barrier()
-            raise TrainingInterrupted(f"training stopped at epoch {epoch}, iteration {stop.iteration}; "
-                                      f"a checkpoint was saved in {output_dir}") from None
-        partial = None
-        record = dict(epoch=epoch, **{f"train_{k}": v for k, v in losses.items()}, **lrs,
-                      epoch_time_s=round(time.time() - t0, 3))
-        last = epoch == train_cfg.epochs - 1
-        # a split without annotations (test-dev) has no metrics to follow: it is evaluated once, at the end
-        due = last or train_cfg.eval_every > 0 and (epoch + 1) % train_cfg.eval_every == 0 and annotated
-        if main:
-            checkpointing.save_checkpoint(output_dir, snapshot(epoch, checkpointing.rng_state(), epoch + 1,
-                                                               pending=dict(record=record, evaluate=due)))
-        dist_utils.barrier()
-        epoch_metrics = finish_epoch(record, due)
-        if due:
-            metrics, last_eval_epoch = epoch_metrics, epoch
-    if last_eval_epoch != train_cfg.epochs - 1:      # already finished before (resumed at the end)
-        try:
-            metrics = run_evaluation(model_without_ddp, postprocessor, val_loader, val_set, device, eval_cfg,
-                                     run_cfg.data, _results_file(output_dir, run_cfg, eval_cfg), amp_dtype,
-                                     verbose=verbose, should_stop=should_stop)
-        except EvaluationInterrupted as stop:
-            raise TrainingInterrupted(f"training stopped in its final evaluation ({stop})") from None
-    return dict(metrics, epochs=train_cfg.epochs)
+    step = build_step(model, criterion, train_cfg, device, total_batch,
+                      steps_per_epoch(len(train_loader), train_cfg, accum))
+    return Training(run_cfg, output_dir, device, main, rank, world, model, model, postprocessor, step, sampler,
+                    train_loader, val_set, val_loader, accum, log_fn, print_fn, verbose, should_stop)
 
 
-def _config_dict(run_cfg):
+def _train_epoch(t: Training, epoch: int, partial: Optional[dict]) -> dict:
+    """One epoch (from a mid-epoch checkpoint's iteration when ``partial`` is of this epoch); returns its record.
+    A stop request writes a mid-epoch checkpoint and raises :class:`TrainingInterrupted`."""
+    seed_everything(epoch_seed(t.cfg.train.seed, epoch, t.rank))
+    t.sampler.set_epoch(epoch)
+    t0 = time.time()
+    lrs = current_lrs(t.step.optimizer)
+    resume_from = None
+    if partial is not None and partial["epoch"] == epoch:
+        rngs = partial["rng"]
+        resume_from = dict(iteration=partial["iteration"], sums=partial["sums"],
+                           rng=rngs[t.rank] if len(rngs) == t.world else None)
     try:
-        return dataclasses.asdict(run_cfg)
-    except TypeError:
-        return None
+        losses = train_one_epoch(t.step, t.train_loader, epoch, t.accum, t.cfg.train.max_iters_per_epoch,
+                                 t.tracker, should_stop=t.should_stop, resume_from=resume_from)
+    except _Stop as stop:
+        state.checkpoint_stop(t, epoch, stop.iteration, stop.sums)
+        raise TrainingInterrupted(f"training stopped at epoch {epoch}, iteration {stop.iteration}; "
+                                  f"a checkpoint was saved in {t.output_dir}") from None
+    return dict(epoch=epoch, **{f"train_{k}": v for k, v in losses.items()}, **lrs,
+                epoch_time_s=round(time.time() - t0, 3))
+
+
+def _evaluate(t: Training, what: str, resumed_by_evaluating: bool = False) -> Dict[str, float]:
+    """COCO metrics of the model now; a stop request between batches raises :class:`TrainingInterrupted`
+    (``what`` was stopped; ``resumed_by_evaluating``: its epoch's checkpoint is written, resuming evaluates it)."""
+    try:
+        return run_evaluation(t.model_without_ddp, t.postprocessor, t.val_loader, t.val_set, t.device, t.cfg.eval,
+                              t.cfg.data, _results_file(t.output_dir, t.cfg, t.cfg.eval), t.step.amp_dtype,
+                              verbose=t.verbose, should_stop=t.should_stop)
+    except EvaluationInterrupted as stop:
+        raise TrainingInterrupted(f"training stopped in {what} ({stop})" + (
+            f"; its checkpoint is in {t.output_dir}, and resuming evaluates it" if resumed_by_evaluating else "")) \
+            from None
+
+
+def _finish_epoch(t: Training, record: dict, evaluate: bool) -> Dict[str, float]:
+    """Evaluate (when due) and log an epoch whose checkpoint is written; a stop in the evaluation leaves the
+    epoch to be finished on resume."""
+    metrics = {}
+    if evaluate:
+        t1 = time.time()
+        metrics = _evaluate(t, f"the evaluation of epoch {record['epoch']}", resumed_by_evaluating=True)
+        record = dict(record, **metrics, eval_time_s=round(time.time() - t1, 3))
+    if t.main:
+        t.tracker.epoch_done(record)
+        if t.log_fn is not None:
+            t.log_fn(record)
+    return metrics
+
+
+def train(run_cfg, output_dir: str, log_fn: Optional[Callable[[dict], None]] = None, resume: bool = True,
+          print_fn: Callable[[str], None] = _print, should_stop: Optional[Callable[[], bool]] = None
+          ) -> Dict[str, float]:
+    """Train ``run_cfg`` into ``output_dir`` and evaluate it; returns the final metrics (every rank).
+
+    With ``eval.eval_only`` it only evaluates ``eval.checkpoint`` (see :func:`evaluate`).
+    Resumes from ``output_dir``'s checkpoint when ``resume`` (falling back to the previous one if the
+    newest is corrupt). Without one, ``eval.checkpoint`` (if set) initialises the weights. Writes
+    ``checkpoint.pth`` after every epoch, calls ``log_fn(record)`` on rank 0 once per epoch (default:
+    append to ``<output_dir>/log.jsonl``) and saves the COCO results JSON of each evaluation. Progress lines
+    go to ``print_fn`` (None: silent), scalars to ``<output_dir>/tensorboard/`` (:mod:`harness.run.tracking`).
+    ``should_stop`` (e.g. "SLURM sent its pre-emption signal") is polled after every optimiser step and
+    between evaluation batches; when it says yes, a checkpoint is written (mid-epoch) or is there already (in
+    an evaluation) and :class:`TrainingInterrupted` raised; the next call resumes there, with the same final
+    weights as a run that never stopped.
+    Call :func:`harness.run.distributed.init_distributed` first for multi-process runs.
+    """
+    train_cfg = run_cfg.train
+    if run_cfg.eval.eval_only:
+        metrics = evaluate(run_cfg, output_dir, checkpoint=run_cfg.eval.checkpoint, print_fn=print_fn)
+        if dist_utils.is_main_process():
+            (log_fn or _default_log_fn(output_dir))(dict(epoch=None, eval_only=True, **metrics))
+            if print_fn is not None and "AP" in metrics:
+                print_fn(f"final  {ap_text(metrics)}")
+        return dict(metrics, epochs=0)
+    t = _set_up(run_cfg, output_dir, log_fn, print_fn, should_stop)
+    start_epoch, partial, pending = state.resume(t, resume)
+    state.distribute(t)
+    first_step = start_epoch * t.iters_per_epoch + (partial["iteration"] if partial else 0)
+    t.tracker = Tracker(output_dir, train_cfg, t.iters_per_epoch, main=t.main, print_fn=t.print_fn if t.verbose
+                        else None, first_step=first_step, evaluates=t.evaluates, config=config_dict(run_cfg))
+    if t.main and start_epoch < train_cfg.epochs:
+        t.print_fn(f"training epochs {start_epoch}..{train_cfg.epochs - 1} of {train_cfg.epochs}, {t.iters_per_epoch} "
+                   f"iterations each (batch {train_cfg.batch_size_per_gpu} x {t.world} process(es) x {t.accum} "
+                   f"accumulated); TensorBoard: {os.path.join(output_dir, 'tensorboard')}")
+    try:
+        metrics: Dict[str, float] = {}
+        last_eval_epoch = -1
+        if pending is not None and dist_utils.all_gather_object(
+                t.main and pending["record"]["epoch"] not in _logged_epochs(output_dir))[0]:
+            metrics = _finish_epoch(t, pending["record"], pending["evaluate"])   # stopped in its evaluation
+            last_eval_epoch = pending["record"]["epoch"] if pending["evaluate"] else -1
+        for epoch in range(start_epoch, train_cfg.epochs):
+            record = _train_epoch(t, epoch, partial)
+            partial = None
+            due = t.evaluates(epoch)
+            state.checkpoint_epoch(t, record, due)
+            epoch_metrics = _finish_epoch(t, record, due)
+            if due:
+                metrics, last_eval_epoch = epoch_metrics, epoch
+        if last_eval_epoch != train_cfg.epochs - 1:      # already finished before (resumed at the end)
+            metrics = _evaluate(t, "its final evaluation")
+        t.tracker.final(metrics)
+    finally:
+        t.tracker.close()
+    return dict(metrics, epochs=train_cfg.epochs)
 
 
 def _results_file(output_dir, run_cfg, eval_cfg):
@@ -288,7 +270,7 @@ def _results_file(output_dir, run_cfg, eval_cfg):
 
 def evaluate(run_cfg, output_dir: Optional[str] = None, model: Optional[torch.nn.Module] = None,
              postprocessor=None, checkpoint: Optional[str] = None, split: Optional[str] = None,
-             print_fn: Callable[[str], None] = print, should_stop: Optional[Callable[[], bool]] = None
+             print_fn: Callable[[str], None] = _print, should_stop: Optional[Callable[[], bool]] = None
              ) -> Dict[str, float]:
     """Evaluation-only run: COCO metrics of ``model`` (or a model built from ``run_cfg.model`` with the
     weights of ``checkpoint`` / ``eval.checkpoint`` / ``output_dir``'s latest checkpoint) on ``split``
@@ -312,8 +294,8 @@ def evaluate(run_cfg, output_dir: Optional[str] = None, model: Optional[torch.nn
             if found is None:
                 raise checkpointing.CheckpointError(output_dir or "eval.checkpoint",
                                                     "nothing to evaluate: no checkpoint given or found")
-            state, path = found
-            load_state(model, state["model"], path)
+            saved, path = found
+            load_state(model, saved["model"], path)
         if dist_utils.is_main_process():
             print_fn(f"evaluating {path} on {split or run_cfg.data.val_split}")
     elif postprocessor is None:
@@ -325,4 +307,5 @@ def evaluate(run_cfg, output_dir: Optional[str] = None, model: Optional[torch.nn
                           results_file, amp_dtype_of(run_cfg.train.amp), verbose=verbose, should_stop=should_stop)
 
 
-__all__ = ["train", "evaluate", "train_one_epoch", "accumulation_steps", "NonFiniteLossError", "seed_everything"]
+__all__ = ["train", "evaluate", "train_one_epoch", "accumulation_steps", "NonFiniteLossError", "seed_everything",
+           "OptimiserStep"]

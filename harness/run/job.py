@@ -35,6 +35,7 @@ from harness.run.engine import evaluate, train
 from harness.run.records import (annotated, backbone_weights_text, device, evaluation_record, evaluation_settings,
                                  file_sha256, measure, same_evaluation, server_submission, shown_path, today,
                                  trained_checkpoint, training_checkpoint_sha256, training_config, training_record)
+from harness.run.tracking import METRICS, ap_text
 from harness.store import CorruptFileError, ResultsStore
 
 __all__ = ["JobRequest", "RunClaimedElsewhere", "run_job", "server_submission", "training_config"]
@@ -263,6 +264,8 @@ def _evaluate(spec: RunSpec, store: ResultsStore, commit: Optional[str], main: b
         server_submission=submission and submission.name, gpu_hours=attempt.gpu_hours(key),
         device=device_name(device()), commit=commit, date=today(), torch=torch.__version__)
     store.complete(key, record)
+    if any(k in record for k in METRICS):
+        print(f"{spec.label!r} ({key}): final {ap_text(record)}", flush=True)
     return record
 
 
