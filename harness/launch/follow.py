@@ -10,7 +10,7 @@ from harness.grid import KINDS, expand, unique_runs
 from harness.launch.executors import slurm_available
 from harness.launch.local import cancel as cancel_jobs
 from harness.launch.slurm import ALIVE_STATES, first_failure, log_paths, slurm_jobs
-from harness.store import ResultsError, tail_text
+from harness.store import ResultsError
 from harness.store.jobs import slurm_id
 from harness.store.progress import progress
 
@@ -115,26 +115,6 @@ def status_text(experiment, store) -> str:
     for reason, labels in reasons.items():       # one line per failure reason, whatever the number of rows
         lines += ["", f"failed ({len(labels)}): {reason}", "  rows: " + ", ".join(labels)]
     return "\n".join(lines)
-
-
-def logs_text(experiment, store, row: str) -> str:
-    """The tail of the newest job log of ``row`` (and of its stderr), or why there is none."""
-    label = experiment.selected[0] if experiment.selected else row
-    out = []
-    specs = [s for s in unique_runs(expand(experiment)) if s.label == label]
-    for entry in store.plan(specs):
-        spec = entry.spec
-        status = store.read_status(entry.key) or store.read_status(spec.run_id)
-        if status is None or not status.job_ids:
-            out.append(f"{label} ({entry.key}): no job has run it yet")
-            continue
-        stdout, stderr = run_log_paths(store, spec, status)
-        for path in (stdout, stderr):
-            text = tail_text(path, LOG_LINES) if path.is_file() else ""
-            out.append(f"==> {path} <==\n{text or '(empty or not written yet)'}")
-        if status.state == "failed" and status.log_tail and not stdout.is_file():
-            out.append(f"==> the failure, as recorded in status.json <==\n{status.log_tail}")
-    return "\n".join(out)
 
 
 def cancel(experiment, store) -> List[str]:
