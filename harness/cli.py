@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import re
 import shlex
@@ -15,14 +14,13 @@ from harness.config import EXECUTORS, ConfigError
 from harness.grid import (ExperimentError, check_unique_name, expand, find_experiment, load_experiment,
                           runs_elsewhere, unique_runs)
 from harness.grid.experiment import row_provenance
-from harness.grid.feasibility import command_path_problem, config_warnings
+from harness.grid.feasibility import command_path_problem
 from harness.grid.identity import roles_of
 from harness.grid.schema import SECTION_CLASSES
 from harness.launch.follow import LOG_LINES, cancel, job_alive as _job_alive, job_states as _job_states, status_text
-from harness.launch.executors import layout_text, sbatch_lines
-from harness.provenance import git_commit
 from harness.report.inventory import all_runs_text
-from harness.run.logs import follow_logs, logs_text, printing_logs
+from harness.run.logs import follow_logs, logs_text
+from harness.run.submission import launch_plan, submit
 from harness.store import ResultsError, ResultsStore, dry_run_plan
 from harness.store.plan import rerun_removals, rerun_text
 from harness.store.imports import import_server_scores
@@ -97,135 +95,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         args.overrides += [r for r in args.rows if OVERRIDE.match(r)]
         args.rows = [r for r in args.rows if not OVERRIDE.match(r)] or p.error("--rows: expected a row, then overrides")
     return args
-
-
-def _warnings(specs) -> List[str]:
-    return sorted({w for spec in specs for w in config_warnings(spec.config)})
-
-
-# ------------------------------------------------------------------------------------------- planning
-
-def launch_plan(experiment, executor: Optional[str]) -> str:
-    """The executor that will run the rows and why, and the parameters submitit gives it (sbatch options)."""
-    specs = unique_runs(expand(experiment))
-    if not specs:
-        return ""
-    lines = []
-    groups = {}
-    for spec in specs:
-        groups.setdefault(spec.config.launcher, []).append(spec.label)
-    for launcher, labels in groups.items():
-        kind, why = launch.explain_executor(executor or launcher.executor)
-        launch.check_launcher(launcher, kind)
-        params = launch.executor_parameters(launcher, kind, job_name=experiment.name)
-        shown = ", ".join(f"{k}={v}" for k, v in params.items() if k != "slurm_setup")
-        lines.append(f"executor {kind} ({why}) for {len(labels)} run(s): {shown}")
-        lines.append(f"  each job: {layout_text(launcher, kind)}")
-        if kind == "slurm":
-            lines.append("  batch script (per job):")
-            lines += ["    " + line for line in sbatch_lines(launcher, experiment.name, "<results>/"
-                                                            f"{experiment.name}/.submitit")]
-    return "\n".join(lines + [f"warning: {w}" for w in _warnings(specs)]) + "\n"
-
-
-# ------------------------------------------------------------------------------------------- submitting
-
-def submit(experiment, store, executor=None, rerun=False):
-    """Submit every row that is not done, queued or running; returns (specs, jobs, outcomes).
-
-    Local jobs (one machine, often one GPU or a few CPU cores) run one after the other, so this waits
-    for them and ``outcomes`` holds their results; SLURM jobs are only submitted (``outcomes`` is None).
-    """
-    # the job module imports torch and the model: loaded only when something is submitted
-    from harness.run.job import JobRequest, run_job
-    from model.backbone import BackboneWeightsError, fetch_weights
-
-    store.check_writable()
-    specs = unique_runs(expand(experiment))
-    kind = launch.resolve_executor(executor or specs[0].config.launcher.executor) if specs else "local"
-    for spec in specs:
-        launch.check_launcher(spec.config.launcher, kind)
-    alive = _job_alive(_job_states(store, specs))     # the scheduler, asked once: for the plan and the claims
-    entries = store.plan(specs, alive)
-    if rerun:
-        removals = rerun_removals(store, entries)
-        print(rerun_text(store, removals, experiment, runs_elsewhere(experiment, ROOT / "experiments")), end="")
-        store.remove([path for _, paths in removals for path in paths])
-        entries = store.plan(specs, alive)
-    for warning in _warnings(specs):
-        print(f"warning: {warning}")
-    for model_cfg in dict.fromkeys(e.spec.config.model for e in entries if e.action == "run"):
-        try:
-            fetch_weights(model_cfg)    # here, on the login node: not in a job hours later
-        except BackboneWeightsError as err:
-            raise launch.LaunchError(f"nothing submitted: {err}") from None
-    for e in entries:
-        if e.action != "run":
-            print(f"skip  {e.spec.label!r} ({e.spec.run_id}): {e.state}")
-    claims, chosen = {}, []
-    for e in entries:
-        if e.action == "run" and e.key in claims:      # two rows of one training with different evaluations
-            print(f"later {e.spec.label!r}: evaluates {e.spec.run_id} once its training (submitted now) is done; "
-                  "submit again then")
-        elif e.action == "run":
-            claim = store.claim_for_submit(e.spec, alive)
-            if claim is None:
-                print(f"skip  {e.spec.label!r} ({e.spec.run_id}): claimed by another submission")
-                continue
-            claims[e.key] = claim
-            store.prepare(e.spec, e.key)
-            chosen.append(e)
-    if not chosen:
-        return [], [], []
-    commit = git_commit()
-    requests = [JobRequest(e.spec, str(store.root), commit, kind=e.kind) for e in chosen]
-    specs = [e.spec for e in chosen]
-
-    def on_submitted(request, job):
-        spec = request.spec
-        key = spec.key(request.kind)
-        job_id = launch.job_id_of(job, kind)       # local:<pid>:<start>, or SLURM's id
-        store.mark_queued(key, job_id=job_id, log_dir=exp_root / ".submitit")
-        store.release(claims.pop(key))
-        stopper.add(job_id)
-        what = {"train": "", "evaluate": "evaluation of ", "measure": "measurement of "}[request.kind]
-        print(f"submitted {what}{spec.label!r} ({key}) as job {job_id}", flush=True)
-
-    exp_root = Path(store.root) / experiment.name
-    batches = [[r] for r in requests] if kind == "local" else [requests]
-    jobs, outcomes = [], [] if kind == "local" else None
-    # local jobs run while this waits: Ctrl-C stops them as a pre-emption would (launch.LocalStopper)
-    stopper = launch.LocalStopper()
-    try:
-        with stopper if kind == "local" else contextlib.nullcontext():
-            for batch in batches:
-                if stopper.stopped:       # Ctrl-C: start nothing more
-                    break
-                submitted = launch.submit(batch, run_job, lambda r: r.spec.config.launcher, exp_root / ".submitit",
-                                          executor=kind, job_name=experiment.name,
-                                          snapshot_root=exp_root / ".snapshots", repo_root=ROOT,
-                                          on_submitted=on_submitted)
-                jobs += submitted
-                if outcomes is not None:        # a local job writes to its log file: shown here as it grows
-                    with printing_logs([launch.log_paths(exp_root / ".submitit", launch.job_id_of(job, kind))
-                                        for job in submitted]):
-                        outcomes += launch.wait(submitted)
-                    _mark_if_stopped(store, batch, stopper)
-    finally:
-        for claim in claims.values():
-            store.release(claim)
-    if outcomes is not None:     # rows a Ctrl-C kept from starting
-        outcomes += [("stopped", "not started: the submission was interrupted")] * (len(specs) - len(outcomes))
-    return specs, jobs, outcomes
-
-
-def _mark_if_stopped(store, requests, stopper) -> None:
-    """A local job stopped from here whose process ended with its record still queued or running (killed, or
-    stopped before it could say so): interrupted, its last complete checkpoint kept."""
-    for request, job_id in zip(requests, stopper.job_ids[-len(requests):]):
-        if stopper.stopped:
-            store.mark_interrupted(request.spec.key(request.kind), "interrupted before its job could mark it",
-                                   job_id=job_id)
 
 
 def _report(experiment, args, submitted: bool = False) -> int:
@@ -324,7 +193,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             record = import_server_scores(store, specs[0], args.import_server, args.scores_unit)
             print(f"{specs[0].label!r} ({specs[0].eval_key}): AP {record['AP']:.1f} from the evaluation server")
             return 0
-        specs, jobs, outcomes = submit(experiment, store, args.executor, rerun=args.rerun)
+        specs, jobs, outcomes = submit(experiment, store, args.executor, rerun=args.rerun, root=ROOT)
         if outcomes is None and not (args.wait or args.smoke):
             if jobs:
                 print(f"{len(jobs)} job(s) submitted; follow with --status, then --report")

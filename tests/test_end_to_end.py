@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from harness import cli, launch
+from harness.run import submission
 from harness.grid import expand, load_experiment
 from harness.store import ResultsStore
 
@@ -142,7 +143,7 @@ def test_slurm_requeue_mid_epoch_resumes_with_identical_results(slurm_cluster, t
     # requeued in the middle of its second epoch
     store_b = ResultsStore(tmp_path / "b" / "results")
     store_b.check_writable()
-    specs, jobs, outcomes = cli.submit(experiment, store_b, "slurm")
+    specs, jobs, outcomes = submission.submit(experiment, store_b, "slurm")
     assert outcomes is None and len(jobs) == 1
     job_id = str(jobs[0].job_id)
     stdout, _ = launch.log_paths(store_b.root / "tiny" / ".submitit", job_id)
