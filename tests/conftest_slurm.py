@@ -145,9 +145,9 @@ def start_cluster(script_env: Optional[dict] = None) -> SlurmCluster:
 
 def stop_cluster(cluster: SlurmCluster) -> None:
     if cluster.started_here and os.environ.get("SLURM_LOCAL_KEEP") != "1":
-        # a cluster of the tests' own (not /etc/slurm's) leaves no config or state behind
-        args = ["--purge"] if cluster.script_env else []
-        subprocess.run(["bash", str(STOP), *args], capture_output=True, text=True, timeout=120,
+        # a cluster the tests started leaves no config or state behind (stop.sh purges only a config that
+        # start.sh wrote, never a site's own /etc/slurm/slurm.conf)
+        subprocess.run(["bash", str(STOP), "--purge"], capture_output=True, text=True, timeout=120,
                        env=_cluster_env(cluster.script_env))
 
 
