@@ -181,6 +181,7 @@ def build_groups(experiment: Experiment, df: pd.DataFrame, style: Style,
     """(lead column keys, one :class:`Group` per row of the experiment)."""
     lead = lead_columns(experiment)
     agg = aggregate(df)
+    collapsed = list(collapsed_at_smoke(experiment).values())     # once per report: it expands the grid twice
     groups = []
     for row in experiment.rows:
         cells = [style.escape(row.label) if c == LABEL else _cell_text(cell_value(row, c), style) for c in lead]
@@ -193,7 +194,7 @@ def build_groups(experiment: Experiment, df: pd.DataFrame, style: Style,
                               [reference_cell(m, row.official.get(m)) for m in experiment.metrics]))
         if not row.cited:
             ours = [line for scale in SCALES for line in _ours_lines(experiment, agg, row, scale, style,
-                                                                     format_provenance)]
+                                                                     format_provenance, collapsed)]
             if ours:
                 lines += ours
             else:
@@ -207,7 +208,8 @@ def build_groups(experiment: Experiment, df: pd.DataFrame, style: Style,
     return lead, groups
 
 
-def _ours_lines(experiment, agg, row, scale, style, format_provenance) -> List[Line]:
+def _ours_lines(experiment, agg, row, scale, style, format_provenance, collapsed=()) -> List[Line]:
+    """The row's own line at ``scale``; ``collapsed``: the groups of labels that are one smoke-scale run."""
     sub = agg[(agg["label"] == row.label) & (agg["scale"] == scale)]
     if not len(sub):
         return []
@@ -225,7 +227,7 @@ def _ours_lines(experiment, agg, row, scale, style, format_provenance) -> List[L
         return []
     source = f"ours ({scale})" + (f", {n_runs} seeds" if n_runs > 1 else "")
     if scale == "smoke":         # the smoke profile made this row one training with others: say which
-        twins = [label for labels in collapsed_at_smoke(experiment).values() if row.label in labels
+        twins = [label for labels in collapsed if row.label in labels
                  for label in labels if label != row.label]
         if twins:
             source += "; one run with " + ", ".join(repr(t) for t in twins)
