@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPOSITORY))
 
 from harness.grid import SCALES, config_from_dict, differences, expand, load_experiment  # noqa: E402
 from harness.grid.runs import EVALUATIONS, MEASUREMENTS  # noqa: E402
+from harness.store.files import atomic_write_json, read_json  # noqa: E402
 from model.config import EVALUATION, MEASUREMENT, WEIGHTS  # noqa: E402
 
 LAST_SCHEMA_2 = "ec71d1d"
@@ -53,12 +54,23 @@ print(json.dumps(out))
 
 
 def old_ids(commit: str, experiments: List[str]) -> Dict[Key, Tuple[str, str, str]]:
-    """(experiment, label, scale, seed) -> (run id, evaluation id, measurement id) under the code of ``commit``."""
+    """(experiment, label, scale, seed) -> (run id, evaluation id, measurement id) under the code of ``commit``.
+
+    An experiment file of this repository is read as it was at ``commit`` (the rows that made the store;
+    today's file may use keys the old code does not know); a file elsewhere is read as it is."""
     with tempfile.TemporaryDirectory(prefix="schema2-") as tmp:
         archive = subprocess.run(["git", "-C", str(REPOSITORY), "archive", commit], check=True, capture_output=True)
         subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
-        done = subprocess.run([sys.executable, "-c", _OLD_IDS, *map(os.path.abspath, experiments)], cwd=tmp,
-                              check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": tmp})
+        paths = []
+        for path in map(os.path.abspath, experiments):
+            inside = os.path.relpath(path, REPOSITORY)
+            then = os.path.join(tmp, inside)
+            paths.append(then if not inside.startswith("..") and os.path.isfile(then) else path)
+        done = subprocess.run([sys.executable, "-c", _OLD_IDS, *paths], cwd=tmp, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": tmp})
+    if done.returncode != 0:
+        raise SystemExit(f"error: the code of {commit} could not expand {', '.join(experiments)}:\n"
+                         f"{done.stderr.strip()[-2000:]}")
     return {(e, l, sc, int(seed)): (r, ev, m) for e, l, sc, seed, r, ev, m in json.loads(done.stdout)}
 
 
@@ -76,17 +88,10 @@ TRAINING_FACTS = ("run_id", "label", "seed", "scale", "dataset", "epochs_trained
 DROPPED = ("gflops_min", "gflops_max", "num_inputs", "input_sizes", "device_type")
 
 
-def _read(path: Path):
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
 def _write(path: Path, data, dry: bool) -> None:
-    if dry:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    if not dry:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, data)
 
 
 def _done_status(path: Path, dry: bool) -> None:
@@ -104,11 +109,11 @@ def split_records(folder: Path, spec, dry: bool) -> List[str]:
     from harness.metrics import EVALUATED_FIELDS, MEASURED_FIELDS
     done = []
     cfg = spec.config
-    training = _read(folder / "metrics.json")
+    training = read_json(folder / "metrics.json")
     measure_dir = folder / MEASUREMENTS / spec.measure_id
     measurement_settings = {"benchmark": json.loads(json.dumps(dataclasses.asdict(cfg.benchmark))),
                             "split": cfg.data.val_split, "eval_size": cfg.data.eval_size, "max_size": cfg.data.max_size}
-    benchmark = _read(folder / "benchmark.json")
+    benchmark = read_json(folder / "benchmark.json")
     if benchmark is not None:
         target = measure_dir / "metrics.json"
         if target.is_file():
@@ -127,7 +132,7 @@ def split_records(folder: Path, spec, dry: bool) -> List[str]:
             (folder / "benchmark.json").unlink()
     if training is None or "AP" not in training and "params" not in training:
         return done                         # no schema-2 training record here (or already split)
-    status = _read(folder / "status.json") or {}
+    status = read_json(folder / "status.json") or {}
     log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines() if line.strip()] \
         if (folder / "log.jsonl").is_file() else []
     last = [r for r in log if r.get("epoch") is not None][-1:] or [{}]
@@ -139,14 +144,14 @@ def split_records(folder: Path, spec, dry: bool) -> List[str]:
                      "tta_sizes": list(e.tta_sizes) if e.tta else None, "num_detections": e.num_detections,
                      "eval_batch_size": e.batch_size_per_gpu or cfg.train.batch_size_per_gpu, "eval_id": spec.eval_id})
     evaluation_path = folder / EVALUATIONS / spec.eval_id / "metrics.json"
-    evaluation = _read(evaluation_path) or {k: training[k] for k in EVALUATED_FIELDS if k in training}
+    evaluation = read_json(evaluation_path) or {k: training[k] for k in EVALUATED_FIELDS if k in training}
     evaluation.update(label=spec.label, num_images=training.get("num_images"), eval_size=cfg.data.eval_size,
                       tta_sizes=list(e.tta_sizes) if e.tta else None, checkpoint_sha256=None,
                       eval_batch_size=e.batch_size_per_gpu or cfg.train.batch_size_per_gpu,
                       reused_training_evaluation="checkpoint" not in evaluation, torch=training.get("torch"),
                       gpu_hours=evaluation.get("gpu_hours"), run_id=spec.run_id, eval_id=spec.eval_id)
     measurement_path = measure_dir / "metrics.json"
-    measurement = _read(measurement_path) or {k: v for k, v in training.items()
+    measurement = read_json(measurement_path) or {k: v for k, v in training.items()
                                               if k in MEASURED_FIELDS or k.startswith("fps_")}
     measurement.update(label=spec.label, scale=spec.scale, trained=True, checkpoint_sha256=None, gpu_hours=None,
                        run_id=spec.run_id, measure_id=spec.measure_id, **measurement_settings,
