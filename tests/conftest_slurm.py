@@ -95,15 +95,34 @@ class SlurmCluster:
         self.scontrol("requeue", job_id)
 
     def start_when_requeued(self, job_id: str, timeout_s: float = 60) -> None:
-        """A requeued job waits ~2 minutes (its BeginTime) before it may start; start it now instead."""
+        """A requeued job waits ~2 minutes (its BeginTime) before it may start; start it now instead.
+
+        Only once the previous instance's processes are gone: the job is PENDING as soon as it is requeued,
+        while its old batch script may still be exiting, and slurmctld counts that late exit status against
+        the new instance (it ends FAILED at once). The BeginTime delay is what keeps real clusters clear of it."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if (self.state(job_id) or "").startswith("PENDING"):
+            if (self.state(job_id) or "").startswith("PENDING") and not self.steps_alive(job_id):
                 self.scontrol("update", f"jobid={job_id}", "StartTime=now")
                 return
             time.sleep(0.5)
-        raise TimeoutError(f"job {job_id} did not return to PENDING within {timeout_s} s "
-                           f"(state {self.state(job_id)})")
+        raise TimeoutError(f"job {job_id} did not return to PENDING with no process left within {timeout_s} s "
+                           f"(state {self.state(job_id)}, {self.steps_alive(job_id)} step(s) alive)")
+
+    def steps_alive(self, job_id: str) -> int:
+        """How many ``slurmstepd`` of the job still run on this host (every node of these clusters is this host)."""
+        native = job_id
+        for field in self.scontrol("-o", "show", "job", job_id).split():
+            if field.startswith("JobId="):       # an array task's own id
+                native = field.split("=", 1)[1]
+        title = f"slurmstepd: [{native}.".encode()
+        alive = 0
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                alive += cmdline.read_bytes().startswith(title)
+            except OSError:                      # the process ended while being read
+                pass
+        return alive
 
     def restarts(self, job_id: str) -> int:
         text = self.scontrol("-o", "show", "job", job_id)
