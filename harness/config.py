@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
 from model.config import EVALUATION, MEASUREMENT, ConfigError, ModelConfig, declare, recorded, weights
+from model.released import is_url
 
 DATASETS = ("coco", "synthetic")
 AUGMENTATIONS = ("official", "none")
@@ -86,7 +87,12 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     eval_only: bool = weights(False)                     # no training: the weights are eval.checkpoint's
-    checkpoint: Optional[str] = weights(None, content=True)   # an official or our checkpoint to evaluate / start from
+    # an official or our checkpoint to evaluate / start from: a file (in the ids by its content) or a released
+    # file's URL (model.released: fetched at submission; in the ids by its address and checksum)
+    checkpoint: Optional[str] = weights(None, content=lambda v: not is_url(v))
+    # the URL's published sha256 (or 8+ leading hex digits); None: the file name's (torch.hub's name-<hash>.pth),
+    # else the one recorded at its first download
+    checkpoint_sha256: Optional[str] = weights(None, active=lambda e: is_url(e.checkpoint))
     # images per process at evaluation; None: train.batch_size_per_gpu (padding changes DC5 models' outputs)
     batch_size_per_gpu: Optional[int] = declare(None, EVALUATION)
     num_detections: int = declare(100, EVALUATION)       # detections kept per image (official: 100)
