@@ -119,9 +119,19 @@ def _hint(keys):
     return f" (the checkpoint has keys of a model with {', '.join(hints)})" if hints else ""
 
 
+def _wrapped_layout(own: dict, state: dict) -> dict:
+    """torchvision's released detection models are the bare detector's state dict (``backbone.body...``,
+    ``rpn...``, ``roi_heads...``); our Faster R-CNN holds that detector as ``detector``."""
+    prefix = "detector."
+    if own and state and all(k.startswith(prefix) for k in own) and not any(k.startswith(prefix) for k in state):
+        return {prefix + k: v for k, v in state.items()}
+    return state
+
+
 def load_state(model: torch.nn.Module, state: dict, path: str = "checkpoint") -> None:
     """``model.load_state_dict(state, strict=True)``; a mismatch names the differing keys and shapes."""
     own = model.state_dict()
+    state = _wrapped_layout(own, state)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong_shape = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))

@@ -133,7 +133,7 @@ def _verify(path: Path, url: str, sha256: Optional[str]) -> str:
 
 def cached_path(url: str, sha256: Optional[str] = None) -> Path:
     """The verified local copy of ``url`` (what a job reads; it never downloads)."""
-    path = cache_dir() / file_name(url)
+    path = cache_path(url)
     if not path.is_file():
         raise ReleasedCheckpointError(
             f"checkpoint {url} is not in the cache: expected {path} (fetched at submission on the login node; "
@@ -145,8 +145,8 @@ def cached_path(url: str, sha256: Optional[str] = None) -> Path:
 def fetch(url: str, sha256: Optional[str] = None, progress: bool = True) -> Path:
     """Download ``url`` into the cache unless it is there, verify it, record its sha256 where none is published;
     returns its path. :class:`ReleasedCheckpointError` names the file to put where when it cannot be had."""
-    folder = cache_dir()
-    path = folder / file_name(url)
+    path = cache_path(url)
+    folder = path.parent
     if not path.is_file():
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -175,3 +175,21 @@ def _download(url: str, path: Path, progress: bool) -> None:
             raise ReleasedCheckpointError(f"{url} served a web page, not a checkpoint (a quota or sign-in page); "
                                           f"download the file by hand and put it at {path}")
     os.replace(partial, path)
+
+
+def local_file(checkpoint: Optional[str], sha256: Optional[str] = None) -> Optional[str]:
+    """The file ``eval.checkpoint`` names: a path as given, a URL's verified copy in the cache (never downloads);
+    None for no checkpoint."""
+    if not checkpoint:
+        return None
+    return str(cached_path(checkpoint, sha256)) if is_url(checkpoint) else checkpoint
+
+
+def cache_path(url: str) -> Path:
+    """Where ``url``'s copy lives (or will), unverified: for plans and messages."""
+    return cache_dir() / file_name(url)
+
+
+def location(checkpoint: str) -> Path:
+    """Where the file ``eval.checkpoint`` names is (a URL: its place in the cache), unverified: for plans."""
+    return cache_path(checkpoint) if is_url(checkpoint) else Path(os.path.expanduser(os.path.expandvars(checkpoint)))

@@ -11,12 +11,19 @@ from typing import List, Optional
 
 from harness.config import RunConfig
 from harness.grid.schema import ExperimentError, read_yaml
+from model.released import ReleasedCheckpointError, expected_sha256, is_url
 
 
 def check_files(path: str, label: str, cfg: RunConfig) -> None:
     """The files a full-scale run reads at its start (the dataset root is checked by
     :func:`harness.grid.validate.check_dataset`): a checkpoint to evaluate or start from."""
     checkpoint = cfg.eval.checkpoint
+    if is_url(checkpoint):              # a released file: fetched at submission (model.released)
+        try:
+            expected_sha256(checkpoint, cfg.eval.checkpoint_sha256)
+        except ReleasedCheckpointError as err:
+            raise ExperimentError(path, label, "eval.checkpoint_sha256", str(err)) from None
+        return
     if checkpoint and not os.path.isfile(os.path.expanduser(os.path.expandvars(checkpoint))):
         raise ExperimentError(path, label, "eval.checkpoint", f"{checkpoint!r} does not exist; expected a checkpoint "
                               "file (an official release or one of ours) that the jobs can read")

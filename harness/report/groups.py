@@ -114,9 +114,15 @@ def ours_cell(metric: str, mean: float, std: float, n_runs: int, scale: str, row
     _, held = noise.held_reference(row.paper, row.official, metric)
     held_text = style.signed(mean - held, decimals) if held is not None else ""
     verdict = noise.verdict(metric, mean - held if held is not None else math.nan,
-                            noise.band(metric, std, n_runs, scale))
+                            noise.band(metric, std, n_runs, scale, evaluation_only(row, scale)))
     marker = style.markers[verdict] if verdict is not None else ""
     return Cell(text, deltas, held_text, marker, device, cell.devices)
+
+
+def evaluation_only(row: Row, scale: str) -> bool:
+    """The row evaluates a given checkpoint at ``scale`` (a released one): no training of ours behind it."""
+    cfg = row.configs.get(scale)
+    return cfg is not None and cfg.eval.eval_only
 
 
 def has_official(row: Row) -> bool:
@@ -265,6 +271,11 @@ def ours_cells(groups: Sequence[Group]):
 
 def markers_shown(groups: Sequence[Group], style: Style = None) -> bool:
     return any(cell.marker for cell in ours_cells(groups))
+
+
+def released_shown(groups: Sequence[Group]) -> bool:
+    """A row of the table evaluates a given (released) checkpoint at a compared scale: its band is another."""
+    return any(evaluation_only(g.row, scale) for g in groups for scale in COMPARED_SCALES)
 
 
 def undefined_shown(groups: Sequence[Group], style: Style) -> bool:

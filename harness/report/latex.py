@@ -24,10 +24,11 @@ from typing import Dict, List, Optional, Sequence
 import pandas as pd
 
 from harness.grid import Experiment, ExperimentError
-from harness.metrics import BY_NAME, NOISE_BAND_AP, REFERENCE_DEVICE
+from harness.metrics import BY_NAME, NOISE_BAND_AP, REFERENCE_DEVICE, RELEASED_BAND_AP
 from harness.report import noise
 from harness.report.groups import (LABEL, PROVENANCE, Cell, Group, Style, build_groups, cell_value, devices_shown,
-                                   has_official, markers_shown, paper_source, scales_shown, undefined_shown)
+                                   has_official, markers_shown, paper_source, released_shown, scales_shown,
+                                   undefined_shown)
 from harness.report.variant import Variant
 
 
@@ -247,7 +248,8 @@ def _notes(experiment: Experiment, groups: Sequence[Group], compact: bool) -> Li
         notes.append("Ours: mean$\\pm$std over seeds.")
     if markers_shown(groups):
         notes.append(f"$\\approx$: within the noise of that reference (the seeds' std, or $\\pm${NOISE_BAND_AP} "
-                     "AP for one run); $\\uparrow$/$\\downarrow$: above/below it.")
+                     "AP for one run" + (f"; $\\pm${RELEASED_BAND_AP} AP for a released checkpoint evaluated here"
+                                         if released_shown(groups) else "") + "); $\\uparrow$/$\\downarrow$: above/below it.")
     if undefined_shown(groups, TEX):
         notes.append("--: no such number (COCOeval's $-1$: the evaluated split has no object of that size).")
     if "smoke" in scales:

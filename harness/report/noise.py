@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Mapping, Optional, Tuple
 
-from harness.metrics import BY_NAME
+from harness.metrics import BY_NAME, RELEASED_BAND_AP
 
 WITHIN, ABOVE, BELOW = "within", "above", "below"
 
@@ -31,12 +31,15 @@ def held_reference(paper: Mapping, official: Mapping, metric: str) -> Tuple[Opti
     return None, None
 
 
-def band(metric: str, std: float, n_runs: int, scale: str) -> Optional[float]:
+def band(metric: str, std: float, n_runs: int, scale: str, evaluation_only: bool = False) -> Optional[float]:
     """The noise of one of our numbers: the seeds' standard deviation (>= 2 seeds), else the stated band of a
     single full-scale run; None where neither applies (no band for the column, or one smoke run: the COCO
-    band says nothing about a synthetic dataset)."""
+    band says nothing about a synthetic dataset). A released checkpoint evaluated again (``evaluation_only``)
+    has no training noise: :data:`harness.metrics.RELEASED_BAND_AP`."""
     if BY_NAME[metric].noise is None:
         return None
+    if evaluation_only:
+        return RELEASED_BAND_AP
     if n_runs >= 2 and not _missing(std):
         return float(std)
     return BY_NAME[metric].noise if scale == "full" else None

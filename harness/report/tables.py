@@ -19,13 +19,13 @@ from typing import List, Optional
 import pandas as pd
 
 from harness.grid import Experiment
-from harness.metrics import BY_NAME, NOISE_BAND_AP, REFERENCE_DEVICE
+from harness.metrics import BY_NAME, NOISE_BAND_AP, REFERENCE_DEVICE, RELEASED_BAND_AP
 from harness.report import noise
 from harness.report.ablation import ablation_rows, columns_with_values
 from harness.report.collect import aggregate, collect
 from harness.report.figures import write_figures
 from harness.report.groups import (LABEL, PROVENANCE, Cell, Style, build_groups, devices_shown, has_official,
-                                   markers_shown, paper_source, title, undefined_shown)
+                                   markers_shown, paper_source, released_shown, title, undefined_shown)
 from harness.report.latex import LatexError, render_latex, render_latex_compact
 from harness.report.variant import Variant, as_written, report_variant
 from harness.store import atomic_write_text
@@ -176,7 +176,10 @@ def _legend(experiment: Experiment, groups, command: Optional[str], variant: Opt
             f"Noise: ≈ marks an AP number of ours at full scale that lies within the noise of the reference it "
             f"is held to: |ours - reference| no larger than the standard deviation over its seeds (>= 2 seeds) "
             f"or ±{NOISE_BAND_AP} AP, COCO's run-to-run noise for a single run (`harness.metrics.NOISE_BAND_AP`); "
-            "↑ / ↓: above / below beyond it. Smoke lines are not compared.")
+            "↑ / ↓: above / below beyond it. Smoke lines are not compared." + (
+                f" A released checkpoint evaluated here (an evaluation-only row) is held to ±{RELEASED_BAND_AP} AP "
+                "(`harness.metrics.RELEASED_BAND_AP`): the same weights, so a larger difference means the data, "
+                "the model or the post-processing differ from its publisher's." if released_shown(groups) else ""))
     paragraphs += [
         "Provenance: `full` is the paper's setting (COCO 2017); `smoke` is laptop scale on a synthetic "
         "COCO-format dataset and is not comparable with the paper's numbers. `epochs trained` counts the "

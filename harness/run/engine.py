@@ -52,6 +52,7 @@ from harness.run.tracking import Tracker, ap_text
 from harness.store.files import append_jsonl
 from model import build_model
 from model.checkpoint import load_checkpoint, load_state
+from model.released import local_file
 
 
 class TrainingInterrupted(JobInterrupted):
@@ -221,7 +222,8 @@ def train(run_cfg, output_dir: str, log_fn: Optional[Callable[[dict], None]] = N
     """
     train_cfg = run_cfg.train
     if run_cfg.eval.eval_only:
-        metrics = evaluate(run_cfg, output_dir, checkpoint=run_cfg.eval.checkpoint, print_fn=print_fn)
+        metrics = evaluate(run_cfg, output_dir, checkpoint=local_file(run_cfg.eval.checkpoint, run_cfg.eval.checkpoint_sha256),
+                           print_fn=print_fn)
         if dist_utils.is_main_process():
             (log_fn or _default_log_fn(output_dir))(dict(epoch=None, eval_only=True, **metrics))
             if print_fn is not None and "AP" in metrics:
@@ -286,7 +288,7 @@ def evaluate(run_cfg, output_dir: Optional[str] = None, model: Optional[torch.nn
     dataset, loader = build_eval_loader(run_cfg, root, split, num_classes=_model_num_classes(run_cfg))
     if model is None:
         model, _, postprocessor = _build_model(run_cfg, device)
-        path = checkpoint or run_cfg.eval.checkpoint
+        path = checkpoint or local_file(run_cfg.eval.checkpoint, run_cfg.eval.checkpoint_sha256)
         if path:
             load_checkpoint(path, model)
         else:

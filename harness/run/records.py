@@ -31,6 +31,7 @@ from harness.run.loaders import eval_batch_size
 from harness.store import CorruptFileError, ResultsStore
 from model.backbone import weights_info
 from model.config import EVALUATION, field_roles
+from model.released import location
 
 
 def device() -> torch.device:
@@ -57,8 +58,8 @@ def trained_checkpoint(store: ResultsStore, spec: RunSpec) -> Optional[Path]:
     if path.is_file():
         return path
     cfg = spec.config
-    if cfg.eval.eval_only and cfg.eval.checkpoint and os.path.isfile(cfg.eval.checkpoint):
-        return Path(cfg.eval.checkpoint)
+    if cfg.eval.eval_only and cfg.eval.checkpoint and location(cfg.eval.checkpoint).is_file():
+        return location(cfg.eval.checkpoint)
     return None
 
 

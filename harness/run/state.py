@@ -14,6 +14,7 @@ from harness.run import distributed as dist_utils
 from harness.run.step import OptimiserStep
 from harness.run.tracking import Tracker
 from model.checkpoint import load_checkpoint, load_state
+from model.released import local_file
 
 
 @dataclasses.dataclass
@@ -61,7 +62,7 @@ def resume(t: Training, enabled: bool = True):
     found = checkpointing.load_latest(t.output_dir, log=t.print_fn if t.main else None) if enabled else None
     if found is None:
         if t.cfg.eval.checkpoint:
-            load_checkpoint(t.cfg.eval.checkpoint, t.model_without_ddp)
+            load_checkpoint(local_file(t.cfg.eval.checkpoint, t.cfg.eval.checkpoint_sha256), t.model_without_ddp)
         return 0, None, None
     state, path = found
     load_state(t.model_without_ddp, state["model"], path)

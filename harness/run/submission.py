@@ -18,6 +18,7 @@ from harness.launch.follow import job_alive as _job_alive, job_states as _job_st
 from harness.provenance import git_commit
 from harness.run.logs import printing_logs
 from harness.store.plan import rerun_removals, rerun_text
+from model import released
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -82,6 +83,13 @@ def submit(experiment, store, executor=None, rerun=False, root: Path = PROJECT_R
         try:
             fetch_weights(model_cfg)    # here, on the login node: not in a job hours later
         except BackboneWeightsError as err:
+            raise launch.LaunchError(f"nothing submitted: {err}") from None
+    released_files = [(e.spec.config.eval.checkpoint, e.spec.config.eval.checkpoint_sha256) for e in entries
+                      if e.action == "run" and released.is_url(e.spec.config.eval.checkpoint)]
+    for url, sha256 in dict.fromkeys(released_files):
+        try:
+            print(f"checkpoint {url}: {released.fetch(url, sha256)} (verified)")
+        except released.ReleasedCheckpointError as err:
             raise launch.LaunchError(f"nothing submitted: {err}") from None
     for e in entries:
         if e.action != "run":

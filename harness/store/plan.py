@@ -10,9 +10,17 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from harness.grid import Experiment, collapsed_at_smoke, estimate_gpu_hours, expand, world_size
 from harness.store.status import PlanEntry
 from harness.store.store import ResultsStore
+from model.released import is_url
 
 
 # ------------------------------------------------------------------------------------------- dry run
+
+def _hours(hours: float) -> str:
+    """GPU-hours or wall hours as read: tenths below 10 (an evaluation takes a fraction of one), whole above."""
+    if 0 < hours < 0.05:
+        return "<0.1"
+    return f"{hours:.1f}" if 0 < hours < 10 else f"{hours:.0f}"
+
 
 def dry_run_plan(experiment: Experiment, store: Optional[ResultsStore] = None,
                  job_alive: Optional[Callable[[str], Optional[bool]]] = None,
@@ -40,7 +48,7 @@ def dry_run_plan(experiment: Experiment, store: Optional[ResultsStore] = None,
             total += hours
             if entry.action == "run":
                 to_spend += hours
-        if spec.run_id not in trainings:       # an extra seed is a new training of every distinct run
+        if spec.run_id not in trainings and not cfg.eval.eval_only:   # an extra seed: a new training of each run
             trainings.add(spec.run_id)
             per_seed += estimate_gpu_hours(cfg, row.paper.get("gpu_hours"), row.cells.get("epochs"))
         l = cfg.launcher
@@ -51,12 +59,15 @@ def dry_run_plan(experiment: Experiment, store: Optional[ResultsStore] = None,
             if l.partition:
                 resources += f" ({l.partition})"
             parts = math.ceil(wall_h * 60 / l.timeout_min) if wall_h == wall_h and wall_h > 0 else 1
-            resources += f", ~{wall_h:.0f} h wall" + (f", {parts - 1} requeue(s)" if parts > 1 else "")
+            resources += f", ~{_hours(wall_h)} h wall" + (f", {parts - 1} requeue(s)" if parts > 1 else "")
         else:
             resources = f"{world_size(l)} CPU process(es)" + (f" on {l.nodes} nodes" if l.nodes > 1 else "") + \
                 f", {l.executor}"
         action = "shared" if duplicate else f"{entry.kind} only" if entry.action == "run" and entry.kind != "train" \
             else entry.action
+        if entry.action == "run" and cfg.eval.eval_only and not duplicate:
+            action = ("evaluate released checkpoint" if is_url(cfg.eval.checkpoint) else "evaluate checkpoint") + \
+                (" (TTA)" if cfg.eval.tta else "")
         owner = (store.read_config(spec.run_id) or {}) if store is not None and entry.state != "new" else {}
         if entry.action == "skip" and owner.get("experiment") not in (None, experiment.name):
             action = f"reuses {owner['experiment']}: {owner.get('label')!r}"
@@ -65,7 +76,7 @@ def dry_run_plan(experiment: Experiment, store: Optional[ResultsStore] = None,
         explained = entry.action == "run" or entry.state in ("changed", "no checkpoint")
         state = entry.state + (f" ({entry.reason})" if entry.reason and explained else "")
         table.append((spec.label, str(spec.seed), entry.key, state, action, resources,
-                      f"{hours:.0f}" if hours and not duplicate else "-"))
+                      _hours(hours) if hours and not duplicate else "-"))
     widths = [max(len(r[i]) for r in table + [header]) for i in range(len(header))]
     lines = [f"{experiment.name} ({experiment.scale} scale, {experiment.path}): {len(entries)} run(s)", ""]
     for r in [header, tuple("-" * w for w in widths)] + table:
@@ -76,7 +87,7 @@ def dry_run_plan(experiment: Experiment, store: Optional[ResultsStore] = None,
         lines += smoke_notes(experiment)
     if cited:
         lines.append(f"cited rows (paper numbers only, not run): {', '.join(cited)}")
-    lines.append(f"estimated GPU-hours (V100-equivalent): {total:.0f} in total, {to_spend:.0f} to spend now")
+    lines.append(f"estimated GPU-hours (V100-equivalent): {_hours(total)} in total, {_hours(to_spend)} to spend now")
     if per_seed:
         lines.append(f"one more seed for every row (train.seed: [...] on the rows, for mean and spread): "
                      f"+{per_seed:.0f} GPU-hours")

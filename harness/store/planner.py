@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from harness.grid import ExperimentError, RunSpec, config_from_dict, differences
@@ -18,6 +17,7 @@ from harness.store.files import CorruptFileError
 from harness.store.jobs import LOCAL, executor_of, local_job_alive
 from harness.store.status import PlanEntry, Status, decide
 from model.config import EVALUATION, MEASUREMENT, WEIGHTS, ConfigError
+from model.released import location
 
 CHECKPOINT = "checkpoint.pth"  # the training's newest checkpoint (harness.run.checkpointing writes it)
 CONFIG, METRICS = "config.yaml", "metrics.json"
@@ -46,7 +46,7 @@ class Planning:
             if entry.state == "done" and trained is not None and self._checkpoint_sha256(key) not in (None, trained):
                 entry = dataclasses.replace(entry, state="outdated", action="run",
                                             reason="made from an earlier checkpoint; the training was redone")
-            weights = Path(spec.config.eval.checkpoint) if spec.config.eval.eval_only else \
+            weights = location(spec.config.eval.checkpoint) if spec.config.eval.eval_only else \
                 self.record_dir(spec.run_id) / CHECKPOINT
             if entry.state in ("new", "outdated") and kind == "evaluate" and not weights.is_file():
                 return dataclasses.replace(entry, state="no checkpoint", action="skip", reason=(
