@@ -11,19 +11,28 @@ from typing import List, Optional
 
 from harness import launch
 from harness.config import EXECUTORS, ConfigError
-from harness.grid import (ExperimentError, check_unique_name, expand, find_experiment, load_experiment,
-                          runs_elsewhere, unique_runs)
+from harness.grid import (
+    ExperimentError,
+    check_unique_name,
+    expand,
+    find_experiment,
+    load_experiment,
+    runs_elsewhere,
+    unique_runs,
+)
 from harness.grid.experiment import row_provenance
 from harness.grid.feasibility import command_path_problem
 from harness.grid.identity import roles_of
 from harness.grid.schema import SECTION_CLASSES
-from harness.launch.follow import LOG_LINES, cancel, job_alive as _job_alive, job_states as _job_states, status_text
+from harness.launch.follow import LOG_LINES, cancel, status_text
+from harness.launch.follow import job_alive as _job_alive
+from harness.launch.follow import job_states as _job_states
 from harness.report.inventory import all_runs_text
 from harness.run.logs import follow_logs, logs_text
 from harness.run.submission import launch_plan, submit
 from harness.store import ResultsError, ResultsStore, dry_run_plan
-from harness.store.plan import rerun_removals, rerun_text
 from harness.store.imports import import_server_scores
+from harness.store.plan import rerun_removals, rerun_text
 
 ROOT = Path(__file__).resolve().parent.parent
 OVERRIDE = re.compile(rf"({'|'.join(SECTION_CLASSES)})\.[A-Za-z_]\w*=")   # SECTION.FIELD=VALUE
@@ -99,7 +108,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def _report(experiment, args, submitted: bool = False) -> int:
     """--report, and the report that ends a submission: canonical or tagged, as harness.report.variant says."""
-    from harness.report.tables import write_invocation_report      # pandas and matplotlib: only for reports
+    from harness.report.tables import write_invocation_report  # pandas and matplotlib: only for reports
     return write_invocation_report(experiment, args.results, args.reports, submitted)
 
 

@@ -48,5 +48,5 @@ def parse_utc(text: Optional[str]) -> Optional[float]:
 def device_name(device) -> str:
     """``NVIDIA H100 80GB HBM3`` or ``CPU (<model name>, <threads> threads)``: the naming of
     :func:`model.ops.environment.device_name`, which the attention self-check verdicts are keyed by too."""
-    from model.ops.environment import device_name as name_of   # loads torch: only where a device is named
+    from model.ops.environment import device_name as name_of  # loads torch: only where a device is named
     return name_of(device)

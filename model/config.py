@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional
 
 ARCHS = ("deformable_detr", "detr", "faster_rcnn")
 BACKBONES = ("resnet50", "resnet101", "resnext101_32x8d", "resnext101_64x4d")

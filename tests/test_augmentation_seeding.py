@@ -1,7 +1,8 @@
 """Augmentation is a function of (train.seed, epoch, dataset index) alone; training sizes follow
 data.train_size, evaluation data.eval_size, test-time augmentation eval.tta_sizes as given."""
-import torch
 import pytest
+import torch
+from builders import tiny_run_config
 
 from harness.config import DataConfig, EvalConfig, RunConfig, TrainConfig
 from harness.data import synthetic
@@ -9,7 +10,6 @@ from harness.data import transforms as T
 from harness.data.coco import build_dataset
 from harness.grid.experiment import SMOKE_DEFAULTS
 from harness.run import engine, evaluation, loaders
-from runs_helpers import tiny_run_config
 
 
 @pytest.fixture(scope="module")

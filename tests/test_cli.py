@@ -13,12 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
+from test_experiment import fake_coco
 
 from harness import cli
 from harness.grid import expand, load_experiment
 from harness.launch import snapshot
 from harness.store import ResultsStore
-from test_experiment import fake_coco
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "fixtures" / "tiny_experiment.yaml"

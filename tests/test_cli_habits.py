@@ -9,11 +9,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from test_experiment import fake_coco
 
 from harness import cli
-from harness.grid import ExperimentError, expand, load_experiment
-from harness.grid import validate
-from test_experiment import fake_coco
+from harness.grid import ExperimentError, expand, load_experiment, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "fixtures" / "tiny_experiment.yaml"
@@ -252,3 +251,19 @@ def test_the_dry_run_stops_on_a_missing_piece(tmp_path, capsys, monkeypatch):
     # following needs no data
     (tmp_path / "results").mkdir()
     assert cli.main([str(TABLE2), "--results", str(tmp_path / "results"), "--status", "--rows", "0"]) == 0
+
+
+def test_one_command_family(capsys):
+    """``python -m harness <verb>`` reaches every tool; an unknown verb lists them."""
+    from harness.__main__ import VERBS, main
+
+    assert main([]) == 2
+    listed = capsys.readouterr().out
+    assert all(f"  {verb} " in listed for verb in VERBS)
+    assert main(["nope"]) == 2 and "unknown verb 'nope'" in capsys.readouterr().err
+    for verb in VERBS:
+        with pytest.raises(SystemExit) as done:
+            main([verb, "--help"])
+        assert done.value.code == 0
+        prog = "run_experiment.py" if verb == "run" else f"python -m harness {verb}"
+        assert f"usage: {prog}" in capsys.readouterr().out

@@ -9,8 +9,15 @@ import torch
 
 from harness.data import synthetic
 from harness.data import transforms as T
-from harness.data.coco import (CocoDetection, DatasetError, DegenerateBoxWarning, build_dataset, collate_fn,
-                               num_classes_of, split_paths)
+from harness.data.coco import (
+    CocoDetection,
+    DatasetError,
+    DegenerateBoxWarning,
+    build_dataset,
+    collate_fn,
+    num_classes_of,
+    split_paths,
+)
 
 CATEGORY_IDS = {c[0] for c in synthetic.CATEGORIES}
 

@@ -1,7 +1,7 @@
 """Distributed data parallel with 2 CPU processes (gloo): the same weights on both ranks after training."""
 import os
-from unittest import mock
 import socket
+from unittest import mock
 
 import pytest
 import torch
@@ -20,8 +20,9 @@ def _worker(rank, world_size, port, data_root, output_dir, result_dir):
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from builders import tiny_run_config
+
     from harness.run import engine
-    from runs_helpers import tiny_run_config
     info = dist_utils.init_distributed()
     assert info["world_size"] == world_size and dist_utils.get_rank() == rank
     built = {}

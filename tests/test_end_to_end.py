@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from harness import cli, launch
-from harness.run import submission
 from harness.grid import expand, load_experiment
+from harness.run import submission
 from harness.store import ResultsStore
 
 pytestmark = pytest.mark.slow    # trains rows end to end
@@ -224,5 +224,5 @@ def test_crashed_row_is_marked_failed_and_rerun(tmp_path, capsys):
 
     # resubmitting reruns the failed row (and only it)
     assert cli.main(argv) == 1
-    assert f"skip  'K=1'" not in capsys.readouterr().out
+    assert "skip  'K=1'" not in capsys.readouterr().out
     assert ResultsStore(tmp_path / "results").read_status(spec.run_id).attempts == 2

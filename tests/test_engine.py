@@ -4,19 +4,13 @@ import os
 
 import pytest
 import torch
+from builders import tiny_model_config, tiny_run_config
 
-from harness.run import checkpointing, engine
 from harness.config import EvalConfig, TrainConfig
+from harness.run import checkpointing, engine
 from harness.run.optim import build_optimizer, build_scheduler, param_groups
-from runs_helpers import tiny_model_config, tiny_run_config
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _weights(output_dir):

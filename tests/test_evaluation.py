@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-from harness.run import evaluation
 from harness.config import EvalConfig
 from harness.data import synthetic
 from harness.data.coco import build_dataset
+from harness.run import evaluation
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +109,7 @@ class _OracleModel(torch.nn.Module):
 
 def test_tta_merges_flip_and_scales(root):
     import torchvision.transforms.functional as F
+
     from model.postprocess import PostProcess
     ds = build_dataset(root, "val2017", train=False, transforms=None)
     image, target = ds[1]
@@ -129,13 +130,12 @@ def test_tta_merges_flip_and_scales(root):
 
 
 def test_run_evaluation_with_tta(root):
-    from harness.run.loaders import build_eval_loader
     from harness.config import DataConfig, RunConfig, TrainConfig
-    from model import ModelConfig, build_model
+    from harness.run.loaders import build_eval_loader
+    from builders import tiny_model_config
+    from model import build_model
     torch.manual_seed(0)
-    cfg = RunConfig(model=ModelConfig(pretrained_backbone=False, hidden_dim=32, dim_feedforward=64, enc_layers=1,
-                                      dec_layers=1, num_queries=10, nheads=2, num_feature_levels=2,
-                                      attn_impl="pytorch"),
+    cfg = RunConfig(model=tiny_model_config(dec_layers=1, num_feature_levels=2, enc_n_points=4, dec_n_points=4),
                     data=DataConfig(root=root, num_workers=0, eval_size=64, max_size=96),
                     train=TrainConfig(batch_size_per_gpu=2),
                     eval=EvalConfig(tta=True, tta_sizes=(56, 64), num_detections=30))
@@ -152,6 +152,7 @@ def test_no_ground_truth_of_a_size_is_no_value_and_tta_scales_keep_their_aspect(
     at our detections per image (COCOeval's summary looks for 100 and says -1 otherwise); the TTA long-side
     cap grows with the scale, so 900 and 1000 do not collapse onto one size."""
     import numpy as np
+
     from harness.run import evaluation
 
     class FakeEval:

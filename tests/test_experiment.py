@@ -4,8 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.grid import (ExperimentError, estimate_gpu_hours, expand, load_experiment, run_id,
-                                unique_runs)
+from harness.grid import ExperimentError, estimate_gpu_hours, expand, load_experiment, run_id, unique_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"

@@ -24,10 +24,10 @@ import json
 import os
 import shutil
 
+import field_perturbation as fp
 import pytest
 import torch
 
-import field_perturbation as fp
 from harness.data import synthetic
 from harness.grid.identity import undeclared
 from harness.run import checkpointing, engine
@@ -50,7 +50,7 @@ ROUNDING = {
 }
 ROUNDING_ATOL = 2e-5
 
-pytestmark = [pytest.mark.filterwarnings("ignore:effective total batch"),
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.filterwarnings("ignore:effective total batch"),
               pytest.mark.filterwarnings("ignore:Detected call of")]
 
 
@@ -83,14 +83,6 @@ def test_every_field_has_a_valid_perturbation():
 
 
 # --------------------------------------------------------------------------------------- training
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _digest(t: torch.Tensor):
     t = t.detach().cpu().contiguous()

@@ -16,8 +16,16 @@ import pytest
 import torch
 
 from model import ModelConfig, build_model
-from model.hf_convert import (HFConversionError, config_from_hf, from_hf, from_hf_folder, hf_config, hf_config_dict,
-                              save_hf_folder, to_hf)
+from model.hf_convert import (
+    HFConversionError,
+    config_from_hf,
+    from_hf,
+    from_hf_folder,
+    hf_config,
+    hf_config_dict,
+    save_hf_folder,
+    to_hf,
+)
 
 HAVE_HF = all(importlib.util.find_spec(m) is not None for m in ("transformers", "timm", "safetensors"))
 needs_hf = pytest.mark.skipif(not HAVE_HF, reason="transformers, timm and safetensors are not installed "

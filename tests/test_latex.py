@@ -2,12 +2,9 @@
 (harness.report.preview; ``python -m harness.report.preview reports/table2_compact.tex out.png`` renders one
 to look at).
 
-Debian's texlive-latex-base and texlive-latex-recommended (booktabs) and poppler-utils (pdftoppm) are installed
-once per session with apt-get when missing and running as root, the way tests/conftest_slurm.py installs
-SLURM; the tests are skipped, with the reason, only where they cannot be installed. Slow: the first install
-takes minutes.
+Debian's texlive-latex-base and texlive-latex-recommended (booktabs) and poppler-utils (pdftoppm) come from
+tools/install_system_packages.sh; without them the tests skip, saying so (and fail in CI).
 """
-import os
 import shutil
 import subprocess
 
@@ -17,10 +14,10 @@ from harness.grid import load_experiment
 from harness.report.collect import collect
 from harness.report.preview import LatexBuildError, compile_table, render_png
 from harness.report.tables import render_latex, render_latex_compact
+from conftest import missing_system_package
 from tests.test_report import FIXTURE, RESULTS, ROOT
 
 pytestmark = pytest.mark.slow
-PACKAGES = ("texlive-latex-base", "texlive-latex-recommended", "poppler-utils")
 
 
 def _have_latex() -> bool:
@@ -32,22 +29,9 @@ def _have_latex() -> bool:
 
 @pytest.fixture(scope="session")
 def latex():
-    """pdflatex with booktabs, graphicx and amssymb, and pdftoppm; installed with apt-get when missing (as root)."""
-    if _have_latex():
-        return
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        pytest.skip(f"LaTeX is not installed and cannot be installed here (needs root and apt-get): "
-                    f"apt-get install {' '.join(PACKAGES)}")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "-o", "DPkg::Lock::Timeout=600",
-               *PACKAGES]
-    out = subprocess.run(install, capture_output=True, text=True, env=env, timeout=1800)
-    if out.returncode != 0:       # a stale package list: refresh it once
-        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, env=env, timeout=600)
-        out = subprocess.run(install, capture_output=True, text=True, env=env, timeout=1800)
-    if out.returncode != 0:
-        pytest.skip(f"apt-get install {' '.join(PACKAGES)} failed: {out.stderr.strip()[-500:]}")
-    assert _have_latex(), "installed LaTeX, but pdflatex, pdftoppm or booktabs.sty is still missing"
+    """pdflatex with booktabs, graphicx and amssymb, and pdftoppm (tools/install_system_packages.sh)."""
+    if not _have_latex():
+        missing_system_package("LaTeX (pdflatex with booktabs and amssymb, pdftoppm)")
 
 
 def _experiment(name):

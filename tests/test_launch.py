@@ -14,8 +14,8 @@ import pytest
 submitit = pytest.importorskip("submitit")
 
 from harness import launch  # noqa: E402
-from harness.launch import executors  # noqa: E402
 from harness.config import LauncherConfig  # noqa: E402
+from harness.launch import executors  # noqa: E402
 from harness.launch.check import task_info  # noqa: E402
 
 REPO = Path(launch.__file__).resolve().parents[1]

@@ -19,8 +19,15 @@ import pytest
 from harness import cli
 from harness.grid import expand, load_experiment
 from harness.store import ResultsStore, Status, decide
-from harness.store.jobs import (executor_of, local_job_alive, local_job_id, native_id, process_start, slurm_id,
-                                split_job_id)
+from harness.store.jobs import (
+    executor_of,
+    local_job_alive,
+    local_job_id,
+    native_id,
+    process_start,
+    slurm_id,
+    split_job_id,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "fixtures" / "tiny_experiment.yaml"
@@ -236,8 +243,9 @@ def test_a_stop_in_an_evaluation_resumes_to_the_uninterrupted_weights(tmp_path, 
     resumed run evaluates and logs that epoch first, each epoch is logged once, and the weights are those of a
     run that never stopped."""
     torch = pytest.importorskip("torch")
+    from builders import tiny_run_config
+
     from harness.run import checkpointing, engine, evaluation
-    from runs_helpers import tiny_run_config
 
     cfg = tiny_run_config(tmp_path / "data", epochs=2, train=dict(eval_every=1, total_batch_size=2),
                           data=dict(synthetic_val_images=4), eval=dict(batch_size_per_gpu=1, save_detections=False))

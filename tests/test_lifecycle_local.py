@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from lifecycle_helpers import OVERRIDES, TINY, argv, ctrl_c, environment, start_submission, wait_for
 
 from harness import cli, launch
 from harness.grid import expand, load_experiment
 from harness.run.checkpointing import read_checkpoint
 from harness.store import ResultsStore
 from harness.store.jobs import local_pid
-from lifecycle_helpers import OVERRIDES, TINY, argv, ctrl_c, environment, start_submission, wait_for
 
 pytestmark = pytest.mark.slow
 

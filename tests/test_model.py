@@ -2,12 +2,17 @@
 import pytest
 import torch
 
+from builders import tiny_model_fields
 from model import ModelConfig, arch_defaults, build_model, load_checkpoint
 from model.checkpoint import CheckpointError
 from model.config import ConfigError
 
-TINY = dict(pretrained_backbone=False, hidden_dim=32, dim_feedforward=64, nheads=4, enc_layers=2, dec_layers=2,
-            num_queries=10, num_classes=8, attn_impl="pytorch", dropout=0.0)
+TINY = tiny_model_fields(nheads=4, enc_layers=2, num_classes=8, dropout=0.0, num_feature_levels=4, enc_n_points=4,
+                         dec_n_points=4)
+
+
+def tiny_config(**kw) -> ModelConfig:
+    return ModelConfig(**{**TINY, **kw})
 
 
 def _batch(h=64, w=96):
@@ -82,7 +87,7 @@ def test_faster_rcnn_contract():
 
 def test_encoder_without_ms_attention_keeps_levels_apart():
     """With ms_attention off an encoder query's output does not depend on other levels' values."""
-    model, _, _ = build_model(ModelConfig(**TINY, ms_attention=False))
+    model, _, _ = build_model(tiny_config(ms_attention=False))
     layer = model.transformer.encoder.layers[0]
     shapes = torch.tensor([[6, 8], [3, 4], [2, 2], [1, 1]])
     start = torch.cat([shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]])
@@ -95,7 +100,7 @@ def test_encoder_without_ms_attention_keeps_levels_apart():
     assert grad_per_token[48:60].sum() > 0
     assert grad_per_token[:48].sum() == 0 and grad_per_token[60:].sum() == 0
     # with ms_attention on, the same query reads every level
-    model_ms, _, _ = build_model(ModelConfig(**TINY))
+    model_ms, _, _ = build_model(tiny_config())
     src.grad = None
     out = model_ms.transformer.encoder.layers[0].attend(src, ref, src, shapes, start, None)
     out[0, 50].sum().backward()
@@ -103,7 +108,7 @@ def test_encoder_without_ms_attention_keeps_levels_apart():
 
 
 def test_decoder_without_ms_attention_normalises_each_level(monkeypatch):
-    model, _, _ = build_model(ModelConfig(**TINY, ms_attention=False))
+    model, _, _ = build_model(tiny_config(ms_attention=False))
     attn = model.transformer.decoder.layers[0].cross_attn
     assert attn.per_level_softmax and attn.n_levels == 4
     captured = {}
@@ -124,11 +129,11 @@ def test_decoder_without_ms_attention_normalises_each_level(monkeypatch):
 
 
 def test_two_levels_use_c4_and_c5():
-    model, _, _ = build_model(ModelConfig(**TINY, num_feature_levels=2))
+    model, _, _ = build_model(tiny_config(num_feature_levels=2))
     assert model.backbone[0].num_channels == [1024, 2048] and model.backbone[0].strides == [16, 32]
     images, mask, targets = _batch()
     model.train()
-    _, criterion, _ = build_model(ModelConfig(**TINY, num_feature_levels=2))
+    _, criterion, _ = build_model(tiny_config(num_feature_levels=2))
     losses = criterion(model(images, mask), targets)
     sum(losses[k] * w for k, w in criterion.weight_dict.items()).backward()
     # every trainable parameter takes part (DDP needs it)
@@ -136,7 +141,7 @@ def test_two_levels_use_c4_and_c5():
 
 
 def test_single_scale_uses_c5_only():
-    model, _, _ = build_model(ModelConfig(**TINY, num_feature_levels=1))
+    model, _, _ = build_model(tiny_config(num_feature_levels=1))
     assert model.backbone[0].num_channels == [2048] and model.backbone[0].strides == [32]
     assert len(model.input_proj) == 1
 
@@ -159,15 +164,15 @@ def test_impossible_configs_name_the_field(overrides, key):
 
 
 def test_checkpoint_round_trip_and_mismatch(tmp_path):
-    model, _, _ = build_model(ModelConfig(**TINY))
+    model, _, _ = build_model(tiny_config())
     path = tmp_path / "checkpoint.pth"
     torch.save({"model": {"module." + k: v for k, v in model.state_dict().items()}, "epoch": 3}, path)
-    fresh, _, _ = build_model(ModelConfig(**TINY))
+    fresh, _, _ = build_model(tiny_config())
     load_checkpoint(str(path), fresh)
     for k, v in model.state_dict().items():
         assert torch.equal(v, fresh.state_dict()[k])
 
-    two_stage, _, _ = build_model(ModelConfig(**TINY, with_box_refine=True, two_stage=True))
+    two_stage, _, _ = build_model(tiny_config(with_box_refine=True, two_stage=True))
     torch.save({"model": two_stage.state_dict()}, path)
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(str(path), fresh)

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from golden import apply_deterministic_weights
+
 from model import ModelConfig, arch_defaults, build_model
 from model.build import count_parameters
 

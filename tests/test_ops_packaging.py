@@ -5,6 +5,7 @@ folder, compiles and runs the CPU kernel and its host emulator from the installe
 Slow: builds a wheel and compiles the CPU library (a minute or two).
 """
 import shutil
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -45,8 +46,15 @@ def test_wheel_ships_and_builds_the_kernel(tmp_path):
     (wheel,) = wheels.glob("*.whl")
 
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
+    # torch and the other dependencies from this interpreter's environment, behind the venv's own packages.
+    # Not --system-site-packages: inside a venv or a conda environment that means the base Python's, which
+    # has no torch.
+    venv_site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               check=True, capture_output=True, text=True).stdout.strip()
+    ours = [*site.getsitepackages(), *([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])]
+    (Path(venv_site) / "test-environment.pth").write_text("\n".join(ours) + "\n")
     subprocess.run([python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], check=True,
                    capture_output=True)
     elsewhere = tmp_path / "elsewhere"

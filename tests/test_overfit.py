@@ -11,20 +11,20 @@ import time
 import pytest
 import torch
 
-from harness.run import engine, loaders
 from harness.config import DataConfig, EvalConfig, RunConfig, TrainConfig
 from harness.data import synthetic
+from harness.run import engine, loaders
 from harness.run.evaluation import run_evaluation
 from harness.run.optim import build_optimizer, build_scheduler
 from harness.run.step import OptimiserStep
-from model import ModelConfig
+from builders import tiny_model_config
 
 MAX_EPOCHS = 60
 
 
 def overfit_config(root):
-    model = ModelConfig(pretrained_backbone=False, hidden_dim=64, dim_feedforward=128, enc_layers=1, dec_layers=2,
-                        num_queries=20, nheads=4, num_feature_levels=2, dropout=0.0, attn_impl="pytorch")
+    model = tiny_model_config(hidden_dim=64, dim_feedforward=128, num_queries=20, nheads=4, num_feature_levels=2,
+                              enc_n_points=4, dec_n_points=4, dropout=0.0)
     data = DataConfig(dataset="coco", root=root, val_split="train2017", augmentation="none", train_size=96, eval_size=96,
                       max_size=128, num_workers=0)
     train = TrainConfig(epochs=MAX_EPOCHS, batch_size_per_gpu=8, total_batch_size=8, lr=2e-3, lr_backbone=2e-4,

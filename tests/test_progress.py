@@ -10,26 +10,17 @@ import time
 import types
 
 import pytest
-import torch
+from builders import tiny_run_config
+from test_cli import TINY, _argv
 
 from harness import cli
 from harness.config import TrainConfig
 from harness.grid import expand, load_experiment
 from harness.run import engine, logs, tracking
 from harness.store import ResultsStore
-from runs_helpers import tiny_run_config
-from test_cli import TINY, _argv
 
-pytestmark = [pytest.mark.filterwarnings("ignore:effective total batch"),
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.filterwarnings("ignore:effective total batch"),
               pytest.mark.filterwarnings("ignore:Detected call of")]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ------------------------------------------------------------------------------------ progress lines

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from builders import tiny_model_config, tiny_run_config
 
-from harness.config import ConfigError, DataConfig, EvalConfig, RunConfig, TrainConfig
+from harness.config import ConfigError, EvalConfig, RunConfig, TrainConfig
 from harness.grid import expand, load_experiment
 from harness.grid.schema import ExperimentError
 from harness.grid.validate import check_run_config
@@ -18,7 +19,6 @@ from harness.run import checkpointing, engine, loaders
 from harness.run.optim import batch_scale, build_optimizer, build_scheduler, lr_factor, warmup_steps
 from model import ModelConfig, build_model
 from model.config import BACKBONE_WEIGHTS, arch_defaults
-from runs_helpers import tiny_run_config
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 COCO_TRAIN_IMAGES = 118_287
@@ -101,6 +101,7 @@ def test_faster_rcnn_giou_is_detectron2s_giou_config():
 def test_giou_rpn_loss_is_giou_of_decoded_anchors_and_keeps_torchvisions_objectness():
     from torchvision.models.detection.rpn import RegionProposalNetwork
     from torchvision.ops import generalized_box_iou_loss
+
     from model.faster_rcnn import GIoURPN
     model, _, _ = build_model(ModelConfig(**{**arch_defaults("faster_rcnn"), "pretrained_backbone": False}))
     rpn = model.detector.rpn
@@ -207,9 +208,8 @@ def test_dcn_modulation_is_detectron2s_sigmoid():
 
 
 def test_dcn_offset_convs_train_at_the_backbone_lr():
-    model, _, _ = build_model(ModelConfig(pretrained_backbone=False, dcn=True, num_feature_levels=1, hidden_dim=32,
-                                          dim_feedforward=64, nheads=2, enc_layers=1, dec_layers=1, num_queries=5,
-                                          attn_impl="pytorch"))
+    model, _, _ = build_model(tiny_model_config(dcn=True, num_feature_levels=1, dec_layers=1, num_queries=5,
+                                                enc_n_points=4, dec_n_points=4))
     cfg = rows(3)["Deformable DETR, ResNeXt-101 + DCN"].train
     groups = {g["name"]: g for g in build_optimizer(model, cfg).param_groups}
     offsets = {id(p) for n, p in model.named_parameters() if "conv_offset" in n and p.requires_grad}
@@ -398,6 +398,7 @@ def test_detr_focal_head_starts_from_the_prior():
 def test_giou_from_deltas_equals_giou_of_decoded_boxes():
     from torchvision.models.detection._utils import BoxCoder
     from torchvision.ops import generalized_box_iou_loss
+
     from model.faster_rcnn import giou_loss_from_deltas
     torch.manual_seed(0)
     coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
@@ -443,6 +444,7 @@ def test_faster_rcnn_giou_box_losses_train():
 
 def test_weights_info_never_downloads(tmp_path, monkeypatch):
     import torchvision
+
     from model.backbone import weights_info
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     monkeypatch.setattr(torchvision.models.ResNet50_Weights, "get_state_dict",
@@ -466,6 +468,7 @@ def test_weights_info_never_downloads(tmp_path, monkeypatch):
 
 def test_backbone_weight_names_are_torchvisions():
     import torchvision
+
     from model.backbone import _BACKBONES
     for backbone, members in BACKBONE_WEIGHTS.items():
         enum = getattr(torchvision.models, _BACKBONES[backbone][1])

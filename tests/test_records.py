@@ -8,6 +8,7 @@ import os
 import shutil
 
 import pytest
+from builders import tiny_run_config
 
 from harness.config import BenchmarkConfig
 from harness.grid import RunSpec, eval_id
@@ -16,7 +17,6 @@ from harness.metrics import EVALUATED_FIELDS, MEASURED_FIELDS
 from harness.run import job
 from harness.run.job import JobRequest, run_job, training_config
 from harness.store import ResultsStore
-from runs_helpers import tiny_run_config
 
 TRAINING_ONLY = set(EVALUATED_FIELDS) | set(MEASURED_FIELDS) | {"fps_bs1", "fps_details", "num_detections", "gflops_input"}
 

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_experiment import fake_coco
 
 from harness import cli
 from model import released
-from test_experiment import fake_coco
 
 ROOT = Path(__file__).resolve().parents[1]
 RELEASED = ROOT / "experiments" / "released.yaml"

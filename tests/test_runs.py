@@ -8,10 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from harness.grid import eval_id, measure_id, run_id
-from harness.grid import expand, load_experiment
-from harness.store import (CorruptFileError, ResultsError, ResultsStore, Status, atomic_write_json, decide,
-                          dry_run_plan, tail_text)
+from harness.grid import eval_id, expand, load_experiment, measure_id, run_id
+from harness.store import (
+    CorruptFileError,
+    ResultsError,
+    ResultsStore,
+    Status,
+    atomic_write_json,
+    decide,
+    dry_run_plan,
+    tail_text,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

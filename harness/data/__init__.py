@@ -6,8 +6,16 @@ from typing import Optional
 import torch.distributed as dist
 
 from . import synthetic
-from .coco import (CocoDetection, DatasetError, DegenerateBoxWarning, build_dataset, collate_fn, load_coco,
-                   num_classes_of, split_paths)
+from .coco import (
+    CocoDetection,
+    DatasetError,
+    DegenerateBoxWarning,
+    build_dataset,
+    collate_fn,
+    load_coco,
+    num_classes_of,
+    split_paths,
+)
 
 __all__ = ["CocoDetection", "DatasetError", "DegenerateBoxWarning", "build_dataset", "collate_fn", "dataset_root",
            "load_coco", "num_classes_of", "split_paths"]

@@ -8,11 +8,27 @@
     cost.py        GPU-hour estimates
 """
 from harness.grid.cost import estimate_gpu_hours
-from harness.grid.experiment import (SCALES, SMOKE_DEFAULTS, Experiment, Row, check_unique_name, find_experiment,
-                                     load_experiment)
+from harness.grid.experiment import (
+                                     SCALES,
+                                     SMOKE_DEFAULTS,
+                                     Experiment,
+                                     Row,
+                                     check_unique_name,
+                                     find_experiment,
+                                     load_experiment,
+)
 from harness.grid.identity import SCHEMA_VERSION, canonical_json, differences, eval_id, measure_id, run_id
-from harness.grid.runs import (EVALUATIONS, KINDS, RunSpec, collapsed_at_smoke, config_from_dict, config_to_dict, expand, runs_elsewhere,
-                               unique_runs)
+from harness.grid.runs import (
+                                     EVALUATIONS,
+                                     KINDS,
+                                     RunSpec,
+                                     collapsed_at_smoke,
+                                     config_from_dict,
+                                     config_to_dict,
+                                     expand,
+                                     runs_elsewhere,
+                                     unique_runs,
+)
 from harness.grid.schema import ExperimentError
 from harness.grid.validate import check_run_config, world_size
 

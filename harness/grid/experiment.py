@@ -43,9 +43,28 @@ from harness.config import RunConfig
 from harness.grid.cells import derive_cells
 from harness.grid.feasibility import check_files, check_unique_name, find_experiment
 from harness.grid.identity import roles_of
-from harness.grid.schema import (BASE, COMMAND_LINE, PLACES, SECTION_CLASSES, SMOKE, ExperimentError, axes_rows,
-                                 check_keys, check_sections, coerce, combinations, expect, hints, merge,
-                                 parse_overrides, read_yaml, reference_numbers, select_rows, unknown, yaml_line)
+from harness.grid.schema import (
+    BASE,
+    COMMAND_LINE,
+    PLACES,
+    SECTION_CLASSES,
+    SMOKE,
+    ExperimentError,
+    axes_rows,
+    check_keys,
+    check_sections,
+    coerce,
+    combinations,
+    expect,
+    hints,
+    merge,
+    parse_overrides,
+    read_yaml,
+    reference_numbers,
+    select_rows,
+    unknown,
+    yaml_line,
+)
 from harness.grid.validate import check_dataset, check_run_config, check_seeds
 from harness.metrics import PAPER_METRICS
 from model.config import ConfigError, ModelConfig, arch_defaults

@@ -175,8 +175,8 @@ def _sweep_values(path, key, values: list, tp) -> list:
                                   "expected distinct values (one row per value)")
     listed = get_origin(tp) in (tuple, Tuple) or any(get_origin(a) in (tuple, Tuple) for a in get_args(tp))
     if listed and not all(isinstance(v, (list, dict)) for v in values):
-        raise ExperimentError(path, COMMAND_LINE, key, f"takes a list, and a comma list outside brackets sweeps "
-                              f"one row per value; expected [a, b] for one value, or [a, b],[c, d] to sweep")
+        raise ExperimentError(path, COMMAND_LINE, key, "takes a list, and a comma list outside brackets sweeps "
+                              "one row per value; expected [a, b] for one value, or [a, b],[c, d] to sweep")
     return list(values)
 
 

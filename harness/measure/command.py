@@ -115,7 +115,7 @@ def measure_row(store: ResultsStore, spec, args) -> Optional[dict]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m harness.measure",
+        prog="python -m harness measure",
         description="Parameters and fvcore GFLOPs of every model row of an experiment, without training, written "
                     "to each row's measurement record results/runs/<run_id>/measurements/<measure_id>/.")
     parser.add_argument("experiment", help="experiment YAML, e.g. experiments/table1.yaml")

@@ -17,15 +17,27 @@ from typing import Dict, List, Optional, Tuple
 
 import matplotlib
 import matplotlib.ticker
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from harness.grid import SCALES, Experiment, expand
-from harness.report.figure_style import (COLUMN_WIDTH, MARKERS, SCALE_TITLES, TEXT_WIDTH, Point, colours,
-                                         label_points, new_figure, number, short, suptitle)
+from harness.report.figure_style import (
+    COLUMN_WIDTH,
+    MARKERS,
+    SCALE_TITLES,
+    TEXT_WIDTH,
+    Point,
+    colours,
+    label_points,
+    new_figure,
+    number,
+    short,
+    suptitle,
+)
 from harness.store import ResultsStore
+
 
 @dataclasses.dataclass
 class Curve:

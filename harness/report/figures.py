@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import matplotlib
+import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-import pandas as pd
 
 from harness.grid import SCALES, Experiment
 from harness.metrics import REFERENCE_DEVICE_CLASS
@@ -37,8 +37,20 @@ from harness.report.ablation import ablation_rows, columns_with_values
 from harness.report.collect import aggregate, collect, reproduced
 from harness.report.convergence import convergence, convergence_curves, reference_points  # noqa: F401
 from harness.report.devices import classes
-from harness.report.figure_style import (COLUMN_WIDTH, RC, SCALE_TITLES, TEXT_WIDTH, Point, colours, label_points,
-                                         new_figure, number, save, short, suptitle)
+from harness.report.figure_style import (
+    COLUMN_WIDTH,
+    RC,
+    SCALE_TITLES,
+    TEXT_WIDTH,
+    Point,
+    colours,
+    label_points,
+    new_figure,
+    number,
+    save,
+    short,
+    suptitle,
+)
 from harness.store import ResultsStore
 
 __all__ = ["ablation_deltas", "ap_versus", "convergence", "convergence_curves", "reference_points", "write_figures"]

@@ -27,8 +27,8 @@ import pandas as pd
 from harness.grid import SCALES, Experiment, Row, collapsed_at_smoke
 from harness.metrics import BY_NAME, COMPARED_SCALES, REFERENCE_DEVICE_CLASS
 from harness.report import noise
-from harness.report.devices import classes, comparable, device_class, split_devices
 from harness.report.collect import aggregate, reproduced, run_states
+from harness.report.devices import classes, comparable, device_class, split_devices
 
 PROVENANCE = ("scale", "dataset", "epochs trained", "device", "commit", "date")
 LABEL = "label"             # the lead column holding row labels

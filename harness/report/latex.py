@@ -26,9 +26,22 @@ import pandas as pd
 from harness.grid import Experiment, ExperimentError
 from harness.metrics import BY_NAME, NOISE_BAND_AP, REFERENCE_DEVICE, RELEASED_BAND_AP
 from harness.report import noise
-from harness.report.groups import (LABEL, PROVENANCE, Cell, Group, Style, build_groups, cell_value, devices_shown,
-                                   has_official, markers_shown, paper_source, released_shown, scales_shown,
-                                   undefined_shown)
+from harness.report.groups import (
+    LABEL,
+    PROVENANCE,
+    Cell,
+    Group,
+    Style,
+    build_groups,
+    cell_value,
+    devices_shown,
+    has_official,
+    markers_shown,
+    paper_source,
+    released_shown,
+    scales_shown,
+    undefined_shown,
+)
 from harness.report.variant import Variant
 
 

@@ -24,8 +24,20 @@ from harness.report import noise
 from harness.report.ablation import ablation_rows, columns_with_values
 from harness.report.collect import aggregate, collect
 from harness.report.figures import write_figures
-from harness.report.groups import (LABEL, PROVENANCE, Cell, Style, build_groups, devices_shown, has_official,
-                                   markers_shown, paper_source, released_shown, title, undefined_shown)
+from harness.report.groups import (
+    LABEL,
+    PROVENANCE,
+    Cell,
+    Style,
+    build_groups,
+    devices_shown,
+    has_official,
+    markers_shown,
+    paper_source,
+    released_shown,
+    title,
+    undefined_shown,
+)
 from harness.report.latex import LatexError, render_latex, render_latex_compact
 from harness.report.variant import Variant, as_written, report_variant
 from harness.store import atomic_write_text

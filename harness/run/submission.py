@@ -14,7 +14,8 @@ from harness import launch
 from harness.grid import expand, runs_elsewhere, unique_runs
 from harness.grid.feasibility import config_warnings
 from harness.launch.executors import layout_text, sbatch_lines
-from harness.launch.follow import job_alive as _job_alive, job_states as _job_states
+from harness.launch.follow import job_alive as _job_alive
+from harness.launch.follow import job_states as _job_states
 from harness.provenance import git_commit
 from harness.run.logs import printing_logs
 from harness.store.plan import rerun_removals, rerun_text

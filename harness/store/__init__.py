@@ -9,8 +9,15 @@
     plan.py     --dry-run's text
 """
 from harness.store.claims import Claim
-from harness.store.files import (CorruptFileError, ResultsError, atomic_write_json, atomic_write_text, fsync_dir,
-                                 read_json, tail_text)
+from harness.store.files import (
+                                 CorruptFileError,
+                                 ResultsError,
+                                 atomic_write_json,
+                                 atomic_write_text,
+                                 fsync_dir,
+                                 read_json,
+                                 tail_text,
+)
 from harness.store.plan import dry_run_plan
 from harness.store.status import STATES, PlanEntry, Status, decide
 from harness.store.store import ResultsStore

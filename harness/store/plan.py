@@ -12,7 +12,6 @@ from harness.store.status import PlanEntry
 from harness.store.store import ResultsStore
 from model.released import is_url
 
-
 # ------------------------------------------------------------------------------------------- dry run
 
 def _hours(hours: float) -> str:

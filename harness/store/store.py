@@ -24,14 +24,27 @@ from harness.grid import EVALUATIONS, SCHEMA_VERSION, RunSpec, config_to_dict
 from harness.grid.runs import MEASUREMENTS
 from harness.provenance import utc_now
 from harness.store import attempts as attempt_log
-from harness.store.claims import (CLAIM, STALE_AFTER_S, Claim, break_lock, claim_is_stale, create_lock, own_start,
-                                  read_lock)
-from harness.store.files import (CorruptFileError, ResultsError, append_jsonl, atomic_write_json, atomic_write_text,
-                                 read_json)
+from harness.store.claims import (
+    CLAIM,
+    STALE_AFTER_S,
+    Claim,
+    break_lock,
+    claim_is_stale,
+    create_lock,
+    own_start,
+    read_lock,
+)
+from harness.store.files import (
+    CorruptFileError,
+    ResultsError,
+    append_jsonl,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+)
 from harness.store.jobs import LOCAL, executor_of
 from harness.store.planner import CONFIG, METRICS, Planning
 from harness.store.status import STATES, Status
-
 
 STATUS, LOG = "status.json", "log.jsonl"
 RUNS = "runs"

@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from . import build, implementations, implementation_info, ms_deform_attn, ms_deform_attn_pytorch, selfcheck
+from . import build, implementation_info, implementations, ms_deform_attn, ms_deform_attn_pytorch, selfcheck
 from .environment import device_name, versions
 from .selfcheck import TOLERANCES
 from .testing import CASES, forward_and_grads, make_inputs, max_relative_error

@@ -30,9 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from harness.provenance import device_name  # noqa: E402
 from model.ops import kernel_available, ms_deform_attn  # noqa: E402
 from model.ops.triton_kernel import available as triton_available  # noqa: E402
-from harness.provenance import device_name  # noqa: E402
 
 SPATIAL_SHAPES = [(100, 150), (50, 75), (25, 38), (13, 19)]
 M, D, P = 8, 32, 4

@@ -1,4 +1,4 @@
-"""FPS and training-iteration time (harness.speed) with a tiny model on CPU; on a GPU when there is one."""
+"""FPS and training-iteration time (harness.measure.speed) with a tiny model on CPU; on a GPU when there is one."""
 import pytest
 import torch
 
@@ -6,16 +6,21 @@ from harness.config import TrainConfig
 from harness.measure import inputs, speed
 from harness.measure.complexity import build_for_complexity
 from harness.run.step import build_step
+from builders import tiny_model_fields
 from model import ModelConfig, arch_defaults, build_model
 
-TINY = dict(pretrained_backbone=False, hidden_dim=32, dim_feedforward=64, nheads=4, enc_layers=1, dec_layers=1,
-            num_queries=10)
+TINY = tiny_model_fields(nheads=4, dec_layers=1, num_feature_levels=4, enc_n_points=4, dec_n_points=4,
+                         attn_impl="auto")
+
+
+def tiny_config(**kw) -> ModelConfig:
+    return ModelConfig(**{**TINY, **kw})
 
 
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    return build_for_complexity(ModelConfig(**TINY))
+    return build_for_complexity(tiny_config())
 
 
 def _images():
@@ -75,7 +80,7 @@ def test_precision_context_restores_tf32_switches():
 
 
 def test_attention_labels():
-    set_pytorch = build_for_complexity(ModelConfig(**TINY, attn_impl="pytorch"))
+    set_pytorch = build_for_complexity(tiny_config(attn_impl="pytorch"))
     assert speed.attention_impl(set_pytorch, "cpu") == "ms_deform_attn pure-PyTorch reference (grid_sample)"
     auto = build_for_complexity(ModelConfig(**{**TINY, "attn_impl": "auto"}))
     assert speed.attention_impl(auto, "cpu").startswith("ms_deform_attn compiled cpu kernel (auto)")
@@ -100,7 +105,7 @@ def test_pad_batch_like_the_evaluation_loader():
 def test_training_iteration_time_on_cpu(amp):
     """The time of the engine's own optimiser step (harness.run.step), not of a step of its own."""
     torch.manual_seed(0)
-    model, criterion, _ = build_model(ModelConfig(**TINY, train_backbone=False))    # no backbone backward: fast
+    model, criterion, _ = build_model(tiny_config(train_backbone=False))    # no backbone backward: fast
     images = torch.randn(2, 3, 96, 96)
     mask = torch.zeros(2, 96, 96, dtype=torch.bool)
     targets = inputs.synthetic_targets(2, num_classes=91, objects=3)
@@ -131,7 +136,7 @@ def test_measured_step_is_the_engine_s(monkeypatch):
         calls.append(self)
         return real(self, *args, **kwargs)
     monkeypatch.setattr(step_module.OptimiserStep, "__call__", counted)
-    run_cfg = RunConfig(model=ModelConfig(**TINY, train_backbone=False), train=TrainConfig(lr=1e-3, clip_max_norm=0.5))
+    run_cfg = RunConfig(model=tiny_config(train_backbone=False), train=TrainConfig(lr=1e-3, clip_max_norm=0.5))
     result = step_module.measure_run_train_step(run_cfg, device="cpu", batch_size=1, image_size=(64, 96), iters=2,
                                                 warmup=1)
     assert len(calls) == 3 and result["iters"] == 2 and result["input_size"] == "64x96" and result["amp"] == "off"
@@ -157,7 +162,7 @@ def test_fps_on_gpu(tiny, precision):
     result = speed.measure_fps(tiny, _images(), batch_size=2, iters=3, warmup=2, device="cuda", precision=precision)
     assert result["device_type"] == "cuda" and result["fps_device"] == torch.cuda.get_device_name()
     assert result["precision"] == precision and result["fps"] > 0
-    model, criterion, _ = build_model(ModelConfig(**TINY))
+    model, criterion, _ = build_model(tiny_config())
     amp = "bf16" if precision == "bf16" else "off"
     model, criterion = model.cuda(), criterion.cuda()
     step = speed.time_train_step(build_step(model, criterion, TrainConfig(amp=amp), "cuda", total_batch=2),

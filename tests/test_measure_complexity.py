@@ -1,4 +1,4 @@
-"""Parameters and fvcore FLOPs (harness.complexity), against the official implementation's counts
+"""Parameters and fvcore FLOPs (harness.measure.complexity), against the official implementation's counts
 (tests/fixtures/README.md: one 3x800x1199 image, fvcore's default handles)."""
 import json
 
@@ -7,11 +7,15 @@ import torch
 
 from harness.measure import complexity
 from harness.measure.command import main as complexity_main
-from harness.measure.complexity import (build_for_complexity, count_flops, measure_complexity, set_attention_impl,
-                                        split_unsupported)
+from harness.measure.complexity import (
+    build_for_complexity,
+    count_flops,
+    measure_complexity,
+    set_attention_impl,
+    split_unsupported,
+)
 from harness.measure.inputs import fixed_size_input
-from model import ModelConfig, arch_defaults
-from model import ops
+from model import ModelConfig, arch_defaults, ops
 
 needs_cpu_kernel = pytest.mark.skipif(not ops.kernel_available("cpu"),
                                       reason="the compiled CPU kernel of ms_deform_attn cannot be built here")
