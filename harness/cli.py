@@ -31,7 +31,7 @@ from harness.report.inventory import all_runs_text
 from harness.run.logs import follow_logs, logs_text
 from harness.run.submission import launch_plan, submit
 from harness.store import ResultsError, ResultsStore, dry_run_plan
-from harness.store.imports import import_server_scores
+from harness.store.server_scores import import_server_scores
 from harness.store.plan import rerun_removals, rerun_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,7 +108,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def _report(experiment, args, submitted: bool = False) -> int:
     """--report, and the report that ends a submission: canonical or tagged, as harness.report.variant says."""
-    from harness.report.tables import write_invocation_report  # pandas and matplotlib: only for reports
+    from harness.report.markdown import write_invocation_report  # pandas and matplotlib: only for reports
     return write_invocation_report(experiment, args.results, args.reports, submitted)
 
 

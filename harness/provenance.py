@@ -1,6 +1,7 @@
 """Where and when a number was measured: the code's commit, the device's name, the date.
 
-Every record (metrics.json, status.json, code snapshots) takes these from here. torch is
+Records take these from here: a time is :func:`utc_now` (status.json, claims, attempts), a record's ``date`` is
+:func:`utc_date` (training, evaluation and measurement records). torch is
 imported inside :func:`device_name` only, so that the torch-free layers (grid, store, launch) can use
 the rest without loading it.
 """
@@ -33,6 +34,11 @@ def git_commit(repo: Path = REPOSITORY) -> Optional[str]:
 def utc_now(clock: Callable[[], float] = time.time) -> str:
     """``2026-11-25T18:21:06Z``"""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(clock()))
+
+
+def utc_date(clock: Callable[[], float] = time.time) -> str:
+    """``2026-11-25``: the UTC day of :func:`utc_now`, a record's ``date`` (the same day on every node)."""
+    return utc_now(clock)[:10]
 
 
 def parse_utc(text: Optional[str]) -> Optional[float]:

@@ -160,7 +160,7 @@ def test_the_report_marks_collapsed_rows_and_hides_a_changed_run(tmp_path):
     import yaml
 
     from harness.report.collect import collect
-    from harness.report.tables import render_markdown
+    from harness.report.markdown import render_markdown
     from harness.store import ResultsStore
     path = _copy_of_table2(tmp_path, """
           - label: longer schedule

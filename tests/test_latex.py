@@ -13,7 +13,7 @@ import pytest
 from harness.grid import load_experiment
 from harness.report.collect import collect
 from harness.report.preview import LatexBuildError, compile_table, render_png
-from harness.report.tables import render_latex, render_latex_compact
+from harness.report.markdown import render_latex, render_latex_compact
 from conftest import missing_system_package
 from tests.test_report import FIXTURE, RESULTS, ROOT
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 HARNESS = Path(__file__).resolve().parents[1] / "harness"
 LAYERS = (
-    ("harness.config", "harness.metrics", "harness.provenance"),
+    ("harness.config", "harness.metrics", "harness.provenance", "harness.text"),
     ("harness.grid",),
     ("harness.store",),
     ("harness.launch",),
@@ -104,7 +104,7 @@ def test_modules_stay_small():
 
 def test_planning_and_reporting_do_not_load_torch():
     """--dry-run, --status and --report work on a login node without loading torch (seconds, not minutes)."""
-    code = ("import sys, harness.cli, harness.grid, harness.store, harness.launch, harness.report.tables; "
+    code = ("import sys, harness.cli, harness.grid, harness.store, harness.launch, harness.report.markdown; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=HARNESS.parent, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

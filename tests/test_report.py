@@ -16,7 +16,7 @@ from harness.report import noise
 from harness.report.collect import aggregate, collect, export
 from harness.report.devices import classes, comparable, device_class
 from harness.report.figures import ablation_deltas, convergence_curves, reference_points
-from harness.report.tables import command_path, render_latex, render_latex_compact, render_markdown, write_report
+from harness.report.markdown import command_path, render_latex, render_latex_compact, render_markdown, write_report
 from harness.store import ResultsError, ResultsStore
 
 ROOT = Path(__file__).resolve().parents[1]

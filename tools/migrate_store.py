@@ -33,7 +33,7 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPOSITORY))
 
 from harness.grid import SCALES, config_from_dict, differences, expand, load_experiment  # noqa: E402
-from harness.grid.runs import EVALUATIONS, MEASUREMENTS  # noqa: E402
+from harness.grid.specs import EVALUATIONS, MEASUREMENTS  # noqa: E402
 from harness.store.files import atomic_write_json, read_json  # noqa: E402
 from model.config import EVALUATION, MEASUREMENT, WEIGHTS  # noqa: E402
 

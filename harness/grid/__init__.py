@@ -4,7 +4,7 @@
     validate.py    checks across config sections
     experiment.py  the experiment file: base, rows, axes, smoke profile
     identity.py    the run, evaluation and measurement ids, from each field's declared role
-    runs.py        rows -> RunSpecs
+    specs.py       rows -> RunSpecs
     cost.py        GPU-hour estimates
 """
 from harness.grid.cost import estimate_gpu_hours
@@ -18,7 +18,7 @@ from harness.grid.experiment import (
                                      load_experiment,
 )
 from harness.grid.identity import SCHEMA_VERSION, canonical_json, differences, eval_id, measure_id, run_id
-from harness.grid.runs import (
+from harness.grid.specs import (
                                      EVALUATIONS,
                                      KINDS,
                                      RunSpec,

@@ -5,7 +5,7 @@
     devices.py   device classes: which machines' FPS and GPU hours may be compared
     groups.py    per row of the experiment: paper, official code and our lines (cells), titles
     ablation.py  each row's AP difference to the reference row, against its noise
-    tables.py    Markdown report; write_report (.md, .tex, _compact.tex, figures); write_invocation_report
+    markdown.py  Markdown report; write_report (.md, .tex, _compact.tex, figures); write_invocation_report
     variant.py   canonical report or <name>+<tag> (command-line overrides): which one an invocation writes
     inventory.py --status --all: every record of an experiment in the store, override variants included
     latex.py     full and compact LaTeX tables as a paper sets them, escaping

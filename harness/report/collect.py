@@ -1,5 +1,6 @@
 """Results folder -> pandas DataFrame: one row per run of an experiment, and per row the mean and standard
-deviation over seeds. The only reader of ``results/`` for reports; missing fields become NaN.
+deviation over seeds: the reports' reader of the records in ``results/`` (the convergence figures read each
+run's ``log.jsonl`` themselves, :mod:`.convergence`); missing fields become NaN.
 
 Each number is read from the record that produced it (DESIGN.md, Records): AP and the other COCO numbers (and
 the detections per image) from the row's evaluation record, parameters, FLOPs and FPS from its measurement

@@ -32,6 +32,9 @@ from harness.report.devices import classes, comparable, device_class, split_devi
 
 PROVENANCE = ("scale", "dataset", "epochs trained", "device", "commit", "date")
 LABEL = "label"             # the lead column holding row labels
+# the titles of the descriptive columns an experiment's ``columns`` name (others print as written)
+COLUMN_TITLES = {"method": "Method", "epochs": "Epochs", "ms_inputs": "MS inputs", "ms_attention": "MS attention",
+                 "K": "K", "fpn": "FPNs", "backbone": "Backbone", "tta": "TTA", "source": "Source", LABEL: "Row"}
 
 
 def _plain_signed(value: float, decimals: int) -> str:

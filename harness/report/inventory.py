@@ -14,9 +14,10 @@ import os
 from typing import Dict, List, Optional, Tuple
 
 from harness.grid import EVALUATIONS, SCALES, Experiment, expand
-from harness.grid.runs import MEASUREMENTS
+from harness.grid.specs import MEASUREMENTS
 from harness.report.variant import as_written
 from harness.store import CorruptFileError, ResultsStore
+from harness.text import text_table
 
 CONFIG = "config.yaml"
 KIND = {"": "training", EVALUATIONS: "evaluation", MEASUREMENTS: "measurement"}
@@ -96,8 +97,7 @@ def all_runs_text(experiment: Experiment, store: ResultsStore) -> str:
     lines = [f"{experiment.name}: every record in {store.root} whose config.yaml names it "
              f"(experiment: {experiment.name}): {n} record(s) of {len(labels)} row(s)", ""]
     if table:
-        widths = [max(len(r[i]) for r in table + [header]) for i in range(len(header))]
-        lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + table]
+        lines += text_table(header, table, indent="  ")
     else:
         lines.append("  no record yet")
     lines += ["", "configuration: canonical = the record the experiment as written names for the row (the "

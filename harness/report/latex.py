@@ -27,6 +27,7 @@ from harness.grid import Experiment, ExperimentError
 from harness.metrics import BY_NAME, NOISE_BAND_AP, REFERENCE_DEVICE, RELEASED_BAND_AP
 from harness.report import noise
 from harness.report.groups import (
+    COLUMN_TITLES,
     LABEL,
     PROVENANCE,
     Cell,
@@ -125,14 +126,13 @@ def _tex_signed(value: float, decimals: int) -> str:
 
 TEX = Style(check=r"\checkmark", pm=r"$\pm$", dash="--", escape=tex_escape, signed=_tex_signed,
             markers={noise.WITHIN: r"$\approx$", noise.ABOVE: r"$\uparrow$", noise.BELOW: r"$\downarrow$"})
-COLUMN_TITLES = {"method": "Method", "epochs": "Epochs", "ms_inputs": "MS inputs", "ms_attention": "MS attention",
-                 "K": "$K$", "fpn": "FPNs", "backbone": "Backbone", "tta": "TTA", LABEL: "Row"}
+TEX_COLUMN_TITLES = {**COLUMN_TITLES, "K": "$K$"}
 SOURCES = {"paper": "Paper", "official": "Official code"}
 PACKAGES = "booktabs,graphicx,amssymb"
 
 
 def _title(column: str) -> str:
-    return COLUMN_TITLES.get(column) or tex_escape(column)
+    return TEX_COLUMN_TITLES.get(column) or tex_escape(column)
 
 
 def _label(name: str, suffix: str = "") -> str:

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Tuple
 
 from harness.grid import Experiment, load_experiment
 from harness.grid.identity import roles_of
-from harness.grid.runs import override_strings
+from harness.grid.specs import override_strings
 
 SLUG_CHARS = 32       # the readable part of a tag; the hash tells tags apart
 

@@ -43,13 +43,13 @@ from harness.launch.wrapper import JobInterrupted
 from harness.run import checkpointing, state
 from harness.run import distributed as dist_utils
 from harness.run.epoch import _Stop, accumulation_steps, epoch_seed, seed_everything, steps_per_epoch, train_one_epoch
-from harness.run.evaluation import EvaluationInterrupted, run_evaluation
+from harness.run.evaluation import EvaluationInterrupted, detections_file, run_evaluation
 from harness.run.loaders import build_eval_loader, build_train_loader
 from harness.run.optim import current_lrs
 from harness.run.state import Training, config_dict
 from harness.run.step import NonFiniteLossError, OptimiserStep, build_step  # noqa: F401 (re-exported)
 from harness.run.tracking import Tracker, ap_text
-from harness.store.files import append_jsonl
+from harness.store.files import append_jsonl, probe_writable
 from model import build_model
 from model.checkpoint import load_checkpoint, load_state
 from model.released import local_file
@@ -70,11 +70,7 @@ def _model_num_classes(run_cfg) -> Optional[int]:
 def check_output_dir(output_dir: str, model: Optional[torch.nn.Module] = None) -> None:
     """A clear error now, not after an epoch, for an unwritable folder or one without room for checkpoints."""
     try:
-        os.makedirs(output_dir, exist_ok=True)
-        probe = os.path.join(output_dir, f".write-test-{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        probe_writable(output_dir)
     except OSError as e:
         raise OSError(f"results folder {output_dir} is not writable: {e}") from None
     if model is not None:
@@ -265,7 +261,7 @@ def train(run_cfg, output_dir: str, log_fn: Optional[Callable[[dict], None]] = N
 def _results_file(output_dir, run_cfg, eval_cfg):
     if not eval_cfg.save_detections or output_dir is None:
         return None
-    return os.path.join(output_dir, f"detections_{run_cfg.data.val_split}.json")
+    return detections_file(output_dir, run_cfg.data.val_split)
 
 
 # ------------------------------------------------------------------------------------- evaluation
@@ -302,8 +298,7 @@ def evaluate(run_cfg, output_dir: Optional[str] = None, model: Optional[torch.nn
             print_fn(f"evaluating {path} on {split or run_cfg.data.val_split}")
     elif postprocessor is None:
         raise ValueError("evaluate(model=...) needs its postprocessor too")
-    run_name = split or run_cfg.data.val_split
-    results_file = (os.path.join(output_dir, f"detections_{run_name}{'_tta' if run_cfg.eval.tta else ''}.json")
+    results_file = (detections_file(output_dir, split or run_cfg.data.val_split, run_cfg.eval.tta)
                     if output_dir is not None and run_cfg.eval.save_detections else None)
     return run_evaluation(model.to(device), postprocessor, loader, dataset, device, run_cfg.eval, run_cfg.data,
                           results_file, amp_dtype_of(run_cfg.train.amp), verbose=verbose, should_stop=should_stop)

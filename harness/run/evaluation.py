@@ -170,6 +170,12 @@ def predict_tta(model, postprocessor, raw_images: List[torch.Tensor], orig_sizes
 
 
 @torch.no_grad()
+def detections_file(folder, split: str, tta: bool = False) -> str:
+    """The COCO results JSON an evaluation of ``split`` writes into ``folder`` (``detections_val2017.json``;
+    ``detections_val2017_tta.json`` with test-time augmentation)."""
+    return os.path.join(str(folder), f"detections_{split}{'_tta' if tta else ''}.json")
+
+
 def run_evaluation(model, postprocessor, loader, dataset, device, eval_cfg, data_cfg=None,
                    results_file: Optional[str] = None, amp_dtype=None, verbose: bool = True,
                    print_freq: int = 50, should_stop: Optional[Callable[[], bool]] = None) -> Dict[str, float]:

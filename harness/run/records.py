@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import hashlib
 import os
 import zipfile
@@ -26,6 +25,7 @@ from harness.grid import RunSpec, eval_id
 from harness.grid.schema import SECTION_CLASSES
 from harness.measure import complexity, speed
 from harness.metrics import EVALUATED_FIELDS
+from harness.provenance import utc_date
 from harness.run.checkpointing import CHECKPOINT
 from harness.run.loaders import eval_batch_size
 from harness.store import CorruptFileError, ResultsStore
@@ -39,7 +39,7 @@ def device() -> torch.device:
 
 
 def today() -> str:
-    return datetime.date.today().isoformat()
+    return utc_date()
 
 
 def file_sha256(path) -> str:

@@ -7,6 +7,7 @@
     status.py   status.json and the rule run / leave alone
     store.py    ResultsStore: results/runs/<run_id>/, shared by every experiment
     plan.py     --dry-run's text
+    server_scores.py  the COCO evaluation server's test-dev scores, into a row's evaluation record
 """
 from harness.store.claims import Claim
 from harness.store.files import (

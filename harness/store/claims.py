@@ -21,6 +21,9 @@ from harness.store.jobs import process_alive, process_start
 
 CLAIM = "claim.lock"
 STALE_AFTER_S = 30 * 60     # a claim whose holder has not heartbeated for this long is stale
+# a claim file that cannot be read: its writer died between creating and renaming it, or it is being replaced;
+# a minute is far longer than a write takes
+UNREADABLE_STALE_S = 60
 
 
 @dataclass(frozen=True)
@@ -36,11 +39,13 @@ class Claim:
 
 
 
-def claim_is_stale(info: dict, now: float, mtime: float, host: str,
+def claim_is_stale(info: Optional[dict], now: float, mtime: float, host: str,
                    alive: Callable[[int, Optional[str]], bool] = process_alive,
                    stale_after_s: float = STALE_AFTER_S) -> bool:
     """A claim is stale if its process is gone (same host: the pid, started when the claim says) or it has not
-    heartbeated for too long."""
+    heartbeated for too long. An unreadable claim (``info`` None) is stale after :data:`UNREADABLE_STALE_S`."""
+    if info is None:
+        return now - mtime > UNREADABLE_STALE_S
     if info.get("host") == host and isinstance(info.get("pid"), int) and not alive(info["pid"], info.get("start")):
         return True
     return now - mtime > stale_after_s

@@ -26,6 +26,21 @@ class CorruptFileError(ResultsError):
 
 
 
+def probe_writable(folder) -> None:
+    """Create ``folder`` if needed and write, sync and remove a small file in it: an ``OSError`` now, not after
+    an epoch, for a folder this process cannot write (permissions, a read-only or full file system)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-check.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        os.unlink(probe)
+
+
 def atomic_write_text(path, text: str) -> None:
     """Write ``text`` to ``path`` so that a reader sees the old file or the new one, never a part."""
     path = Path(path)

@@ -10,6 +10,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from harness.grid import Experiment, collapsed_at_smoke, estimate_gpu_hours, expand, world_size
 from harness.store.status import PlanEntry
 from harness.store.store import ResultsStore
+from harness.text import text_table
 from model.released import is_url
 
 # ------------------------------------------------------------------------------------------- dry run
@@ -76,10 +77,8 @@ def dry_run_plan(experiment: Experiment, store: Optional[ResultsStore] = None,
         state = entry.state + (f" ({entry.reason})" if entry.reason and explained else "")
         table.append((spec.label, str(spec.seed), entry.key, state, action, resources,
                       _hours(hours) if hours and not duplicate else "-"))
-    widths = [max(len(r[i]) for r in table + [header]) for i in range(len(header))]
     lines = [f"{experiment.name} ({experiment.scale} scale, {experiment.path}): {len(entries)} run(s)", ""]
-    for r in [header, tuple("-" * w for w in widths)] + table:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    lines += text_table(header, table)
     cited = [r.label for r in experiment.rows if r.cited]
     lines.append("")
     if experiment.smoke:

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import socket
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import yaml
 
 from harness.grid import EVALUATIONS, SCHEMA_VERSION, RunSpec, config_to_dict
-from harness.grid.runs import MEASUREMENTS
+from harness.grid.specs import MEASUREMENTS
 from harness.provenance import utc_now
 from harness.store import attempts as attempt_log
 from harness.store.claims import (
@@ -40,6 +39,7 @@ from harness.store.files import (
     append_jsonl,
     atomic_write_json,
     atomic_write_text,
+    probe_writable,
     read_json,
 )
 from harness.store.jobs import LOCAL, executor_of
@@ -79,15 +79,7 @@ class ResultsStore(Planning):
     def check_writable(self, min_free_gb: float = 1.0) -> None:
         """Raise :class:`ResultsError` if the results root cannot be written or the disk is nearly full."""
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            fd, probe = tempfile.mkstemp(dir=self.root, prefix=".write-check.")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(b"\0" * 4096)
-                    f.flush()
-                    os.fsync(f.fileno())
-            finally:
-                os.unlink(probe)
+            probe_writable(self.root)
         except OSError as e:
             raise ResultsError(self.root, f"the results folder is not writable ({e.strerror or e}); "
                                "expected a folder this user can write, e.g. --results DIR") from None
@@ -295,8 +287,7 @@ class ResultsStore(Planning):
             if info is None and mtime is None:
                 continue                        # released meanwhile: try again
             same_job = job_id is not None and info is not None and info.get("job_id") == str(job_id)
-            stale = info is None and self.clock() - mtime > 60 or info is not None and claim_is_stale(
-                info, self.clock(), mtime, self.host, stale_after_s=self.stale_after_s)
+            stale = claim_is_stale(info, self.clock(), mtime, self.host, stale_after_s=self.stale_after_s)
             if not (same_job or stale):
                 return None
             break_lock(lock, None if info is None else info.get("token"))
@@ -324,8 +315,6 @@ class ResultsStore(Planning):
         info, mtime = self.read_claim(key)
         if mtime is None:
             return None
-        if info is None:
-            return self.clock() - mtime > 60
         return claim_is_stale(info, self.clock(), mtime, self.host, stale_after_s=self.stale_after_s)
 
     def claimed_by_submission(self, key: str) -> bool:

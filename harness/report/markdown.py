@@ -25,6 +25,7 @@ from harness.report.ablation import ablation_rows, columns_with_values
 from harness.report.collect import aggregate, collect
 from harness.report.figures import write_figures
 from harness.report.groups import (
+    COLUMN_TITLES,
     LABEL,
     PROVENANCE,
     Cell,
@@ -42,9 +43,6 @@ from harness.report.latex import LatexError, render_latex, render_latex_compact
 from harness.report.variant import Variant, as_written, report_variant
 from harness.store import atomic_write_text
 
-COLUMN_TITLES = {"method": "Method", "epochs": "Epochs", "ms_inputs": "MS inputs",
-                 "ms_attention": "MS attention", "K": "K", "fpn": "FPNs", "backbone": "Backbone",
-                 "tta": "TTA", LABEL: "Row"}
 MARKERS_MD = {noise.WITHIN: "≈", noise.ABOVE: "↑", noise.BELOW: "↓"}
 
 
