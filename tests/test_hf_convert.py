@@ -367,3 +367,23 @@ def test_hub_style_config_json():
     assert layout == "timm"
     # matcher costs and loss weights stay the official ones (transformers' class_cost is 1, the official 2)
     assert cfg == ModelConfig(pretrained_backbone=False, with_box_refine=True, two_stage=True)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("safetensors") is None, reason="safetensors is not installed")
+def test_a_folder_is_a_checkpoint_a_row_can_name(tmp_path):
+    """eval.checkpoint may name a transformers folder: it loads strictly as ours, and it enters the run id by the
+    content of its files (another file in it is another id)."""
+    from harness.grid.identity import file_digest
+    from model.checkpoint import CheckpointError, load_checkpoint
+
+    cfg, state = _small(with_box_refine=True)
+    folder = tmp_path / "hub-download"
+    save_hf_folder(cfg, state, str(folder))
+    model = build_model(cfg)[0]
+    load_checkpoint(str(folder), model)
+    assert all(torch.equal(model.state_dict()[k], state[k]) for k in state)
+    with pytest.raises(CheckpointError, match="does not match the configured model"):
+        load_checkpoint(str(folder), build_model(ModelConfig(**SMALL))[0])     # no box refinement
+    before = file_digest(str(folder))
+    (folder / "README.md").write_text("a model card")
+    assert file_digest(str(folder)) != before

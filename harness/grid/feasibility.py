@@ -24,9 +24,11 @@ def check_files(path: str, label: str, cfg: RunConfig) -> None:
         except ReleasedCheckpointError as err:
             raise ExperimentError(path, label, "eval.checkpoint_sha256", str(err)) from None
         return
-    if checkpoint and not os.path.isfile(os.path.expanduser(os.path.expandvars(checkpoint))):
+    local = os.path.expanduser(os.path.expandvars(checkpoint)) if checkpoint else None
+    if local and not (os.path.isfile(local) or os.path.isfile(os.path.join(local, "config.json"))):
         raise ExperimentError(path, label, "eval.checkpoint", f"{checkpoint!r} does not exist; expected a checkpoint "
-                              "file (an official release or one of ours) that the jobs can read")
+                              "file (an official release or one of ours), a Hugging Face folder (config.json and "
+                              "its weights) or a URL, that the jobs can read")
 
 
 def config_warnings(cfg: RunConfig) -> List[str]:

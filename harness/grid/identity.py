@@ -29,11 +29,20 @@ Digest = Callable[[str], str]
 
 
 def file_digest(path: str) -> str:
-    """``sha256:<hex>`` of the file's bytes (cached by path, size and modification time)."""
+    """``sha256:<hex>`` of the file's bytes (cached by path, size and modification time); of a folder (a Hugging
+    Face checkpoint folder), of each file's relative name and digest, in name order."""
     try:
         st = os.stat(path)
     except OSError as e:
         raise FileNotFoundError(f"{path}: {e.strerror}") from None
+    if os.path.isdir(path):
+        h = hashlib.sha256()
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
+            for name in sorted(files):
+                full = os.path.join(root, name)
+                h.update(f"{os.path.relpath(full, path)}\0{file_digest(full)}\0".encode())
+        return "sha256:" + h.hexdigest()
     return _sha256(os.path.realpath(path), st.st_size, st.st_mtime_ns)
 
 

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import zipfile
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Optional
 import torch
 
 from harness.grid import RunSpec, eval_id
+from harness.grid.identity import file_digest
 from harness.grid.schema import SECTION_CLASSES
 from harness.measure import complexity, speed
 from harness.metrics import EVALUATED_FIELDS
@@ -43,12 +43,8 @@ def today() -> str:
 
 
 def file_sha256(path) -> str:
-    """Hex sha256 of a file's bytes (a checkpoint: read in blocks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """Hex sha256 of a checkpoint's bytes (of a Hugging Face folder's files: :func:`file_digest`)."""
+    return file_digest(str(path)).split(":", 1)[1]
 
 
 def trained_checkpoint(store: ResultsStore, spec: RunSpec) -> Optional[Path]:
@@ -58,7 +54,7 @@ def trained_checkpoint(store: ResultsStore, spec: RunSpec) -> Optional[Path]:
     if path.is_file():
         return path
     cfg = spec.config
-    if cfg.eval.eval_only and cfg.eval.checkpoint and location(cfg.eval.checkpoint).is_file():
+    if cfg.eval.eval_only and cfg.eval.checkpoint and location(cfg.eval.checkpoint).exists():
         return location(cfg.eval.checkpoint)
     return None
 

@@ -48,7 +48,7 @@ class Planning:
                                             reason="made from an earlier checkpoint; the training was redone")
             weights = location(spec.config.eval.checkpoint) if spec.config.eval.eval_only else \
                 self.record_dir(spec.run_id) / CHECKPOINT
-            if entry.state in ("new", "outdated") and kind == "evaluate" and not weights.is_file():
+            if entry.state in ("new", "outdated") and kind == "evaluate" and not weights.exists():
                 return dataclasses.replace(entry, state="no checkpoint", action="skip", reason=(
                     f"its training is done but {weights} is not there to evaluate (checkpoints are never "
                     "committed); --rerun trains it again"))
