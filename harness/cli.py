@@ -31,8 +31,8 @@ from harness.report.inventory import all_runs_text
 from harness.run.logs import follow_logs, logs_text
 from harness.run.submission import launch_plan, submit
 from harness.store import ResultsError, ResultsStore, dry_run_plan
-from harness.store.server_scores import import_server_scores
 from harness.store.plan import rerun_removals, rerun_text
+from harness.store.server_scores import import_server_scores
 
 ROOT = Path(__file__).resolve().parent.parent
 OVERRIDE = re.compile(rf"({'|'.join(SECTION_CLASSES)})\.[A-Za-z_]\w*=")   # SECTION.FIELD=VALUE

@@ -105,7 +105,7 @@ def read_checkpoint(path: str) -> dict:
     """The model state dict stored at ``path``: an official or our checkpoint file, or a Hugging Face
     transformers folder (``config.json`` and its weights: :func:`model.hf_convert.from_hf_folder`)."""
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
-        from model.hf_convert import from_hf_folder     # its own imports: only for such a folder
+        from model.hf_convert import from_hf_folder  # its own imports: only for such a folder
         return from_hf_folder(path)[1]
     return model_state(read_file(path), path)
 

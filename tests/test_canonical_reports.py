@@ -127,10 +127,10 @@ def test_status_all_lists_canonical_runs_and_override_variants(store_with_varian
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert "9 record(s) of 2 row(s)" in lines[0]
-    line = next(l for l in lines if l.strip().startswith(("K=1", "training")) and plain["K=1"].run_id in l)
+    line = next(text for text in lines if text.strip().startswith(("K=1", "training")) and plain["K=1"].run_id in text)
     assert line.split()[-2:] == ["done", "canonical"] and " - " in line
-    line = next(l for l in lines if variant.run_id in l and "training" in l)
+    line = next(text for text in lines if variant.run_id in text and "training" in text)
     assert "train.epochs=2" in line and line.split()[-2:] == ["done", "variant"]
-    assert sum(variant.run_id in l for l in lines) == 3                  # its training, evaluation, measurement
+    assert sum(variant.run_id in text for text in lines) == 3                  # its training, evaluation, measurement
     with pytest.raises(SystemExit):
         cli.main(_argv(tmp_path, "--all"))                                # only with --status

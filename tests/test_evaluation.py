@@ -130,9 +130,10 @@ def test_tta_merges_flip_and_scales(root):
 
 
 def test_run_evaluation_with_tta(root):
+    from builders import tiny_model_config
+
     from harness.config import DataConfig, RunConfig, TrainConfig
     from harness.run.loaders import build_eval_loader
-    from builders import tiny_model_config
     from model import build_model
     torch.manual_seed(0)
     cfg = RunConfig(model=tiny_model_config(dec_layers=1, num_feature_levels=2, enc_n_points=4, dec_n_points=4),

@@ -175,7 +175,7 @@ def test_the_report_marks_collapsed_rows_and_hides_a_changed_run(tmp_path):
         store.prepare(spec, key)
         store.complete(key, numbers)
     md = render_markdown(exp, collect(tmp_path / "results", exp))
-    line = [l for l in md.splitlines() if "ours (smoke" in l and "longer schedule" in l]
+    line = [text for text in md.splitlines() if "ours (smoke" in text and "longer schedule" in text]
     assert line and "2.5" in line[0]
     assert "one run with 'MS inputs + MS attention, K=4'" in md
     # its training ran with another learning rate than today's resolution: its numbers are not shown

@@ -9,12 +9,12 @@ import shutil
 import subprocess
 
 import pytest
+from conftest import missing_system_package
 
 from harness.grid import load_experiment
 from harness.report.collect import collect
-from harness.report.preview import LatexBuildError, compile_table, render_png
 from harness.report.markdown import render_latex, render_latex_compact
-from conftest import missing_system_package
+from harness.report.preview import LatexBuildError, compile_table, render_png
 from tests.test_report import FIXTURE, RESULTS, ROOT
 
 pytestmark = pytest.mark.slow

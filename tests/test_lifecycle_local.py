@@ -125,7 +125,7 @@ def test_ctrl_c_mid_epoch_then_resume(tmp_path, capsys, uninterrupted):
     assert store.attempts(SPEC.run_id) == 2 == store.read_status(SPEC.run_id).attempts
     assert store.read_metrics(SPEC.run_id)["attempts"] == 2
     lines = [line for line in (store.record_dir(SPEC.run_id) / "attempts.jsonl").read_text().splitlines()]
-    assert {'"attempt": "1"' in line for line in lines} == {True, False} and any('"event": "end"' in l for l in lines)
+    assert {'"attempt": "1"' in line for line in lines} == {True, False} and any('"event": "end"' in text for text in lines)
 
 
 def test_ctrl_c_in_an_evaluation_then_resume(tmp_path, capsys, uninterrupted):

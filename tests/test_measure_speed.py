@@ -1,12 +1,12 @@
 """FPS and training-iteration time (harness.measure.speed) with a tiny model on CPU; on a GPU when there is one."""
 import pytest
 import torch
+from builders import tiny_model_fields
 
 from harness.config import TrainConfig
 from harness.measure import inputs, speed
 from harness.measure.complexity import build_for_complexity
 from harness.run.step import build_step
-from builders import tiny_model_fields
 from model import ModelConfig, arch_defaults, build_model
 
 TINY = tiny_model_fields(nheads=4, dec_layers=1, num_feature_levels=4, enc_n_points=4, dec_n_points=4,

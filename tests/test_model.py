@@ -1,8 +1,8 @@
 """Behaviour of the model's ablation switches, its contract and its checkpoint loading."""
 import pytest
 import torch
-
 from builders import tiny_model_fields
+
 from model import ModelConfig, arch_defaults, build_model, load_checkpoint
 from model.checkpoint import CheckpointError
 from model.config import ConfigError

@@ -306,7 +306,7 @@ def test_fused_softmax_cpu_kernel_float32_and_gradcheck(D):
         assert a.dtype == torch.float32 and max_relative_error(a, e) <= 1e-5
     value, shapes, starts, loc, logits = make_inputs([(3, 4), (2, 3)], M=2, D=8, P=2, N=1, Lq=3, logits=True)
     leaves = [t.requires_grad_(True) for t in (value, loc, logits)]
-    assert torch.autograd.gradcheck(lambda v, l, a: ms_deform_attn(v, shapes, starts, l, a, impl="cpu", softmax=True),
+    assert torch.autograd.gradcheck(lambda v, loc, a: ms_deform_attn(v, shapes, starts, loc, a, impl="cpu", softmax=True),
                                     leaves, eps=1e-6, atol=1e-6)
 
 

@@ -74,7 +74,7 @@ def test_emulated_kernel_matches_cpu_kernel_at_model_sizes():
 def test_emulated_kernel_gradcheck():
     value, shapes, starts, loc, attn = make_inputs([(3, 4), (2, 3)], M=2, D=12, P=2, N=1, Lq=3)
     leaves = [t.requires_grad_(True) for t in (value, loc, attn)]
-    assert torch.autograd.gradcheck(lambda v, l, a: emulated(v, shapes, starts, l, a), leaves, eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(lambda v, loc, a: emulated(v, shapes, starts, loc, a), leaves, eps=1e-6, atol=1e-6)
 
 
 def test_emulated_kernel_half_values_float32_locations():
@@ -153,5 +153,5 @@ def test_emulated_fused_softmax_gradcheck():
     value, shapes, starts, loc, logits = make_inputs([(3, 4), (2, 3)], M=2, D=12, P=2, N=1, Lq=3, logits=True)
     leaves = [t.requires_grad_(True) for t in (value, loc, logits)]
     assert torch.autograd.gradcheck(
-        lambda v, l, a: torch.ops.deformable_detr.ms_deform_attn_emulated(v, shapes, starts, l, a, True), leaves,
+        lambda v, loc, a: torch.ops.deformable_detr.ms_deform_attn_emulated(v, shapes, starts, loc, a, True), leaves,
         eps=1e-6, atol=1e-6)

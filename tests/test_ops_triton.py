@@ -88,7 +88,7 @@ def test_fused_softmax_gradcheck_and_dispatcher():
     value, shapes, starts, loc, logits = make_inputs([(3, 4), (2, 3)], M=2, D=5, P=2, N=1, Lq=3, logits=True)
     for t in (value, loc, logits):
         t.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda v, l, a: _Triton.apply(v, shapes, starts, l, a, True),
+    assert torch.autograd.gradcheck(lambda v, loc, a: _Triton.apply(v, shapes, starts, loc, a, True),
                                     (value, loc, logits), eps=1e-6, atol=1e-7, fast_mode=True)
     inputs = make_inputs(ODD_LEVELS[:4], M=2, D=16, P=2, N=1, Lq=5, dtype=torch.float32, logits=True)
     expected = forward_and_grads(lambda *a: ms_deform_attn_pytorch(*a, softmax=True), inputs)

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from builders import tiny_model_config
 
 from harness.config import DataConfig, EvalConfig, RunConfig, TrainConfig
 from harness.data import synthetic
@@ -17,7 +18,6 @@ from harness.run import engine, loaders
 from harness.run.evaluation import run_evaluation
 from harness.run.optim import build_optimizer, build_scheduler
 from harness.run.step import OptimiserStep
-from builders import tiny_model_config
 
 MAX_EPOCHS = 60
 

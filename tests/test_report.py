@@ -169,9 +169,9 @@ def test_every_paper_row_is_in_the_report(tmp_path, name):
     md = render_markdown(exp, df)
     tex = render_latex(exp, df) + render_latex_compact(exp, df)
     table = md.split("## Ablation deltas")[0].splitlines()
-    paper_lines = [l for l in table if "| paper" in l]
+    paper_lines = [text for text in table if "| paper" in text]
     assert len(paper_lines) == len(exp.rows)
-    official_lines = [l for l in table if "| official code" in l]
+    official_lines = [text for text in table if "| official code" in text]
     assert len(official_lines) == sum(any(v is not None for v in r.official.values()) for r in exp.rows)
     for row, line in zip(exp.rows, paper_lines):
         cells = [c.strip() for c in line.strip("|").split("|")]
@@ -190,7 +190,7 @@ def test_every_paper_row_is_in_the_report(tmp_path, name):
 
 def _tabular_rows(tex):
     body = tex.split(r"\midrule", 1)[1].split(r"\bottomrule", 1)[0]
-    return [l for l in body.splitlines() if l.strip().endswith(r"\\")]
+    return [text for text in body.splitlines() if text.strip().endswith(r"\\")]
 
 
 @pytest.mark.parametrize("render", [render_latex, render_latex_compact])

@@ -364,10 +364,10 @@ def test_dry_run_plan(tmp_path):
     assert "8 run(s)" in text
     for s in expand(exp):
         assert s.run_id in text and s.label in text
-    line = [l for l in text.splitlines() if spec.run_id in l][0]
+    line = [text for text in text.splitlines() if spec.run_id in text][0]
     assert "done" in line and "skip" in line and "2x8 GPU" in line and "325" in line
     assert "one more seed for every row (train.seed: [...] on the rows, for mean and spread): +11770 GPU-hours" in text
-    total = [l for l in text.splitlines() if l.startswith("estimated GPU-hours")][0]
+    total = [text for text in text.splitlines() if text.startswith("estimated GPU-hours")][0]
     assert "11770 in total" in total and "11445 to spend now" in total
     smoke = dry_run_plan(load_experiment(ROOT / "experiments" / "table2.yaml", smoke=True))
     assert "CPU process" in smoke and "0 in total" in smoke
@@ -403,7 +403,7 @@ def test_rows_that_differ_only_in_evaluation_share_one_training(tmp_path):
     assert (plan[dcn.label].state, plan[dcn.label].action) == ("done", "skip")
     assert (plan[tta.label].state, plan[tta.label].action, plan[tta.label].kind) == ("new", "run", "evaluate")
     text = dry_run_plan(load_experiment(ROOT / "experiments" / "table3.yaml", check_data=False), store)
-    line = [l for l in text.splitlines() if tta.eval_key in l][0]
+    line = [text for text in text.splitlines() if tta.eval_key in text][0]
     assert "evaluate only" in line and line.rstrip().endswith(" 0.6")    # 0.2 GPU-h x 3 with TTA
     # changing an evaluation setting of a done row keeps its training
     import dataclasses

@@ -102,7 +102,7 @@ def our_entry_points(device: torch.device) -> dict:
         names.append("triton")
 
     def entry(name):
-        return lambda v, s, st, l, a, softmax: ms_deform_attn(v, s, st, l, a, impl=name, softmax=softmax)
+        return lambda v, s, st, loc, a, softmax: ms_deform_attn(v, s, st, loc, a, impl=name, softmax=softmax)
     return {f"ours_{name}": entry(name) for name in names}
 
 

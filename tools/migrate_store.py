@@ -71,7 +71,7 @@ def old_ids(commit: str, experiments: List[str]) -> Dict[Key, Tuple[str, str, st
     if done.returncode != 0:
         raise SystemExit(f"error: the code of {commit} could not expand {', '.join(experiments)}:\n"
                          f"{done.stderr.strip()[-2000:]}")
-    return {(e, l, sc, int(seed)): (r, ev, m) for e, l, sc, seed, r, ev, m in json.loads(done.stdout)}
+    return {(e, label, sc, int(seed)): (r, ev, m) for e, label, sc, seed, r, ev, m in json.loads(done.stdout)}
 
 
 def upgrade_config(config: dict) -> dict:

@@ -18,6 +18,7 @@ from harness.grid.experiment import (
                                      load_experiment,
 )
 from harness.grid.identity import SCHEMA_VERSION, canonical_json, differences, eval_id, measure_id, run_id
+from harness.grid.schema import ExperimentError
 from harness.grid.specs import (
                                      EVALUATIONS,
                                      KINDS,
@@ -29,7 +30,6 @@ from harness.grid.specs import (
                                      runs_elsewhere,
                                      unique_runs,
 )
-from harness.grid.schema import ExperimentError
 from harness.grid.validate import check_run_config, world_size
 
 __all__ = ["SCHEMA_VERSION", "differences", "SCALES", "SMOKE_DEFAULTS", "Experiment", "ExperimentError", "Row", "RunSpec",

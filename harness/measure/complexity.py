@@ -131,7 +131,9 @@ def _as_pairs(images_and_masks) -> List[Tuple[torch.Tensor, torch.Tensor]]:
 
 def split_unsupported(unsupported: Dict[str, int]) -> Tuple[Dict[str, int], Dict[str, int]]:
     """(operators that may matter, trivial elementwise operators), each {name: calls}, most called first."""
-    order = lambda d: dict(sorted(d.items(), key=lambda kv: (-kv[1], kv[0])))
+    def order(d):
+        return dict(sorted(d.items(), key=lambda kv: (-kv[1], kv[0])))
+
     matter = {k: int(v) for k, v in unsupported.items() if k not in TRIVIAL_OPS}
     trivial = {k: int(v) for k, v in unsupported.items() if k in TRIVIAL_OPS}
     return order(matter), order(trivial)

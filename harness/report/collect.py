@@ -258,7 +258,9 @@ def _range_text(values: pd.Series) -> str:
     if not len(values):
         return ""
     lo, hi = values.min(), values.max()
-    fmt = lambda v: f"{v:g}"
+    def fmt(v):
+        return f"{v:g}"
+
     return fmt(lo) if lo == hi else f"{fmt(lo)}-{fmt(hi)}"
 
 

@@ -26,7 +26,6 @@ from harness.report.collect import aggregate, collect
 from harness.report.figures import write_figures
 from harness.report.groups import (
     COLUMN_TITLES,
-    LABEL,
     PROVENANCE,
     Cell,
     Style,
@@ -132,7 +131,9 @@ def _ablation_markdown(experiment: Experiment, df: pd.DataFrame) -> List[str]:
 
 
 def _variant_markdown(experiment: Experiment, variant: Variant) -> str:
-    code = lambda text: f"`{_md_escape(text)}`"
+    def code(text):
+        return f"`{_md_escape(text)}`"
+
     out = "**Not the experiment as written:** command-line overrides, " + "; ".join(variant.description(code)) + "."
     if not variant.every_row:
         out += f" Every other row is as `{command_path(experiment.path)}` has it."

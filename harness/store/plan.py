@@ -51,18 +51,18 @@ def dry_run_plan(experiment: Experiment, store: Optional[ResultsStore] = None,
         if spec.run_id not in trainings and not cfg.eval.eval_only:   # an extra seed: a new training of each run
             trainings.add(spec.run_id)
             per_seed += estimate_gpu_hours(cfg, row.paper.get("gpu_hours"), row.cells.get("epochs"))
-        l = cfg.launcher
-        if l.gpus_per_node and cfg.data.dataset == "coco":
-            gpus = l.nodes * l.gpus_per_node
+        launcher = cfg.launcher
+        if launcher.gpus_per_node and cfg.data.dataset == "coco":
+            gpus = launcher.nodes * launcher.gpus_per_node
             wall_h = hours / gpus if gpus else math.nan
-            resources = f"{l.nodes}x{l.gpus_per_node} GPU, {l.executor}"
-            if l.partition:
-                resources += f" ({l.partition})"
-            parts = math.ceil(wall_h * 60 / l.timeout_min) if wall_h == wall_h and wall_h > 0 else 1
+            resources = f"{launcher.nodes}x{launcher.gpus_per_node} GPU, {launcher.executor}"
+            if launcher.partition:
+                resources += f" ({launcher.partition})"
+            parts = math.ceil(wall_h * 60 / launcher.timeout_min) if wall_h == wall_h and wall_h > 0 else 1
             resources += f", ~{_hours(wall_h)} h wall" + (f", {parts - 1} requeue(s)" if parts > 1 else "")
         else:
-            resources = f"{world_size(l)} CPU process(es)" + (f" on {l.nodes} nodes" if l.nodes > 1 else "") + \
-                f", {l.executor}"
+            resources = f"{world_size(launcher)} CPU process(es)" + (f" on {launcher.nodes} nodes" if launcher.nodes > 1 else "") + \
+                f", {launcher.executor}"
         action = "shared" if duplicate else f"{entry.kind} only" if entry.action == "run" and entry.kind != "train" \
             else entry.action
         if entry.action == "run" and cfg.eval.eval_only and not duplicate:

@@ -31,10 +31,10 @@ import warnings
 
 import torch
 
-from . import distributed, implementations, library
+from . import distributed, implementations, library  # noqa: F401 - library registers the dispatcher op on import
 from .environment import device_name
 from .flops import flop_handles
-from .implementations import REGISTRY, Unavailable
+from .implementations import REGISTRY
 from .reference import ms_deform_attn_pytorch
 from .selfcheck import Shape
 

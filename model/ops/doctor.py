@@ -46,7 +46,7 @@ def gradcheck(impl: str, device: str) -> tuple[bool, str]:
     value, shapes, starts, loc, attn = make_inputs([(3, 4), (2, 3)], M=2, D=8, P=2, N=1, Lq=3, device=device)
     leaves = [t.requires_grad_(True) for t in (value, loc, attn)]
     try:
-        ok = torch.autograd.gradcheck(lambda v, l, a: ms_deform_attn(v, shapes, starts, l, a, impl=impl),
+        ok = torch.autograd.gradcheck(lambda v, loc, a: ms_deform_attn(v, shapes, starts, loc, a, impl=impl),
                                       leaves, eps=1e-6, atol=1e-6, raise_exception=False)
     except Exception as e:  # noqa: BLE001 - reported, not raised
         return False, f"gradcheck raised {type(e).__name__}: {e}"

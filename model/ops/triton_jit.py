@@ -85,13 +85,13 @@ def _bilinear(loc_ptr, k, g_mask, H, W, ACC: tl.constexpr):
 def _softmax_stats(attn_ptr, g64, g_mask, L, P: tl.constexpr, ACC: tl.constexpr):
     """[BLOCK_G] max and 1 / sum(exp(logit - max)) of each group's L * P logits."""
     mx = tl.load(attn_ptr + g64 * L * P, mask=g_mask, other=0.0).to(ACC)
-    for l in range(L):
+    for lvl in range(L):
         for p in tl.static_range(P):
-            mx = tl.maximum(mx, tl.load(attn_ptr + (g64 * L + l) * P + p, mask=g_mask, other=0.0).to(ACC))
+            mx = tl.maximum(mx, tl.load(attn_ptr + (g64 * L + lvl) * P + p, mask=g_mask, other=0.0).to(ACC))
     total = mx * 0.0
-    for l in range(L):
+    for lvl in range(L):
         for p in tl.static_range(P):
-            total += tl.exp(tl.load(attn_ptr + (g64 * L + l) * P + p, mask=g_mask, other=0.0).to(ACC) - mx)
+            total += tl.exp(tl.load(attn_ptr + (g64 * L + lvl) * P + p, mask=g_mask, other=0.0).to(ACC) - mx)
     return mx, 1.0 / total
 
 
@@ -150,12 +150,12 @@ def ms_deform_attn_forward_kernel(
     if SOFTMAX:
         mx, inv = _softmax_stats(attn_ptr, g64, g_mask, L, P, ACC)
     acc = tl.full([BLOCK_G, BLOCK_D], 0.0, ACC)
-    for l in range(L):
-        H = tl.load(shapes_ptr + 2 * l).to(tl.int32)
-        W = tl.load(shapes_ptr + 2 * l + 1).to(tl.int32)
-        value_l = value_n + tl.load(starts_ptr + l) * (M * D)  # [BLOCK_G]
+    for lvl in range(L):
+        H = tl.load(shapes_ptr + 2 * lvl).to(tl.int32)
+        W = tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
+        value_l = value_n + tl.load(starts_ptr + lvl) * (M * D)  # [BLOCK_G]
         for p in tl.static_range(P):
-            k = (g64 * L + l) * P + p  # [BLOCK_G] (n, q, m, l, p)
+            k = (g64 * L + lvl) * P + p  # [BLOCK_G] (n, q, m, l, p)
             a = _weight(attn_ptr, k, g_mask, mx, inv, SOFTMAX, ACC)
             x0, y0, lx, ly, w00, w01, w10, w11, v00, v01, v10, v11, inside = _bilinear(
                 loc_ptr, k, g_mask, H, W, ACC)
@@ -194,14 +194,14 @@ def ms_deform_attn_backward_kernel(
     # [BLOCK_G, BLOCK_D] gradient of the output, read once for all points
     go = tl.load(grad_out_ptr + g64[:, None] * D + d[None, :], mask=g_mask[:, None] & d_mask[None, :],
                  other=0.0).to(ACC)
-    for l in range(L):
-        H = tl.load(shapes_ptr + 2 * l).to(tl.int32)
-        W = tl.load(shapes_ptr + 2 * l + 1).to(tl.int32)
-        level_offset = row_offset + tl.load(starts_ptr + l) * (M * D)  # [BLOCK_G]
+    for lvl in range(L):
+        H = tl.load(shapes_ptr + 2 * lvl).to(tl.int32)
+        W = tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
+        level_offset = row_offset + tl.load(starts_ptr + lvl) * (M * D)  # [BLOCK_G]
         value_l = value_ptr + level_offset
         grad_value_l = grad_value_ptr + level_offset
         for p in tl.static_range(P):
-            k = (g64 * L + l) * P + p
+            k = (g64 * L + lvl) * P + p
             a = _weight(attn_ptr, k, g_mask, mx, inv, SOFTMAX, ACC)
             x0, y0, lx, ly, w00, w01, w10, w11, v00, v01, v10, v11, inside = _bilinear(
                 loc_ptr, k, g_mask, H, W, ACC)
@@ -228,14 +228,14 @@ def ms_deform_attn_backward_kernel(
         # stores above visible to all its threads (a [BLOCK_G] value is held by several)
         tl.debug_barrier()
         dot = tl.full([BLOCK_G], 0.0, ACC)
-        for l in range(L):
+        for lvl in range(L):
             for p in tl.static_range(P):
-                k = (g64 * L + l) * P + p
+                k = (g64 * L + lvl) * P + p
                 grad_p = tl.load(grad_attn_ptr + k, mask=g_mask, other=0.0).to(ACC)
                 dot += _weight(attn_ptr, k, g_mask, mx, inv, SOFTMAX, ACC) * grad_p
-        for l in range(L):
+        for lvl in range(L):
             for p in tl.static_range(P):
-                k = (g64 * L + l) * P + p
+                k = (g64 * L + lvl) * P + p
                 grad_p = tl.load(grad_attn_ptr + k, mask=g_mask, other=0.0).to(ACC)
                 p_k = _weight(attn_ptr, k, g_mask, mx, inv, SOFTMAX, ACC)
                 tl.debug_barrier()  # every thread holding point k has read it before it is rewritten

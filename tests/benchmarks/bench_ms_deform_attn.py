@@ -136,7 +136,7 @@ def run(device, impls, batches, stages, dtype, repeat):
                         row[f"{key}_floor_ratio"] = row[f"{key}_ms"] / 1000 / (nbytes / bandwidth)
                 rows.append(row)
                 print(format_row(row), flush=True)
-            del inputs, value, loc, attn
+            inputs = value = loc = attn = leaves = None      # this batch's tensors freed before the next's
     return {"device": device_name(device), "device_type": device.type, "bandwidth_GBps":
             None if bandwidth is None else bandwidth / 1e9, "rows": rows}
 
