@@ -34,7 +34,7 @@ PROVENANCE = ("scale", "dataset", "epochs trained", "device", "commit", "date")
 LABEL = "label"             # the lead column holding row labels
 # the titles of the descriptive columns an experiment's ``columns`` name (others print as written)
 COLUMN_TITLES = {"method": "Method", "epochs": "Epochs", "ms_inputs": "MS inputs", "ms_attention": "MS attention",
-                 "K": "K", "fpn": "FPNs", "backbone": "Backbone", "tta": "TTA", "source": "Source", LABEL: "Row"}
+                 "K": "K", "fpn": "FPNs", "backbone": "Backbone", "tta": "TTA", "publisher": "Publisher", LABEL: "Row"}
 
 
 def _plain_signed(value: float, decimals: int) -> str:
