@@ -137,6 +137,10 @@ class LauncherConfig:
     max_array_size: int = _scheduling(1000)
     max_requeues: int = _scheduling(10)
     tasks_per_node: Optional[int] = _scheduling(None)    # default: one per GPU (CPU runs: set explicitly)
+    # a multi-task job's ranks must meet within this, else each fails naming the address and port it tried
+    rendezvous_timeout_min: float = _scheduling(10.0)
+    # a collective that a lost rank never joins fails after this: the job ends with the reason, not at its wall time
+    collective_timeout_min: float = _scheduling(30.0)
 
 
 @dataclass(frozen=True)

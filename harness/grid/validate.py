@@ -44,7 +44,9 @@ def check_run_config(cfg: RunConfig) -> None:
                        ("train.warmup_iters", t.warmup_iters)):
         if value < 0:
             raise ConfigError(key, f"got {value!r}, expected an integer >= 0")
-    for key, value in (("train.lr", t.lr), ("train.lr_linear_proj_mult", t.lr_linear_proj_mult)):
+    for key, value in (("train.lr", t.lr), ("train.lr_linear_proj_mult", t.lr_linear_proj_mult),
+                       ("launcher.rendezvous_timeout_min", l.rendezvous_timeout_min),
+                       ("launcher.collective_timeout_min", l.collective_timeout_min)):
         if value <= 0:
             raise ConfigError(key, f"got {value!r}, expected a number > 0")
     for key, value in (("train.lr_backbone", t.lr_backbone), ("train.weight_decay", t.weight_decay),

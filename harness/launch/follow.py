@@ -65,7 +65,8 @@ def run_log_paths(store, spec, status):
 
 def failure_reason(store, entry) -> str:
     """Why a run failed: in a multi-task job, the rank that failed first (its node and error) when that was
-    not rank 0 (whose own error is then mostly a peer gone mid-collective); else the record's reason."""
+    not rank 0 (whose own error is then mostly a peer gone mid-collective), led by the ranks that reported
+    nothing (a lost node); else the record's reason."""
     reason = entry.reason or "failed"
     if not entry.job_ids:
         return reason
@@ -77,7 +78,8 @@ def failure_reason(store, entry) -> str:
         return reason
     first = first_failure(run_log_dir(store, entry.spec, status), entry.job_ids[-1])
     if first and not first.startswith("rank 0 "):
-        return f"{first} (rank 0: {reason})" if entry.reason else first
+        told = not entry.reason or entry.reason.splitlines()[0][:1000] in first    # rank 0's note is the record's
+        return first if told else f"{first} (rank 0: {reason})"
     return reason
 
 

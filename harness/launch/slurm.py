@@ -119,13 +119,39 @@ def rank_errors(log_dir: Union[str, Path], job_id: str) -> List[Dict[str, Any]]:
     return sorted(found, key=lambda note: (note.get("time", 0), note.get("rank", 0)))
 
 
+def silent_ranks(log_dir: Union[str, Path], job_id: str, notes: List[Dict[str, Any]]) -> List[Tuple[int, str]]:
+    """``(rank, node)`` of the tasks that wrote neither a result nor an error while another wrote an error
+    (``notes``): a rank whose node was lost (its processes killed or frozen with it), or one stuck before it
+    could fail. Its node is the job's ``nodes[rank // tasks per node]`` (SLURM's block distribution)."""
+    if not notes:
+        return []
+    first = notes[0]
+    world_size, nodes = int(first.get("world_size") or 1), list(first.get("nodes") or [])
+    per_node = max(1, world_size // max(1, len(nodes)))
+    noted = {note.get("rank") for note in notes}
+    silent = []
+    for rank in range(world_size):
+        result = submitit.core.utils.JobPaths(Path(log_dir), job_id=native_id(job_id), task_id=rank).result_pickle
+        if rank not in noted and not result.exists():
+            silent.append((rank, nodes[rank // per_node] if rank // per_node < len(nodes) else "an unknown node"))
+    return silent
+
+
 def first_failure(log_dir: Union[str, Path], job_id: str) -> Optional[str]:
-    """The first error of a multi-task job, as ``rank 1 of 2 on nodeb: ValueError: ...``; None without one."""
+    """The first error of a multi-task job, as ``rank 1 of 2 on nodeb: ValueError: ...``; led by the ranks that
+    reported nothing when some did (a lost node: ``rank 1 of 2 on nodeb reported neither a result nor an error
+    ...``, then the first error, mostly a collective timing out); None without any error."""
     notes = rank_errors(log_dir, job_id)
     if not notes:
         return None
     first = notes[0]
-    return (f"rank {first.get('rank')} of {first.get('world_size')} on {first.get('node')}: {first.get('error')}")
+    error = f"rank {first.get('rank')} of {first.get('world_size')} on {first.get('node')}: {first.get('error')}"
+    silent = silent_ranks(log_dir, job_id, notes)
+    if not silent:
+        return error
+    who = ", ".join(f"rank {rank} of {first.get('world_size')} on {node}" for rank, node in silent)
+    return (f"{who} reported neither a result nor an error (its node lost, or the task killed or stuck); "
+            f"then {error}")
 
 
 def _task_jobs(job: submitit.Job) -> List[submitit.Job]:

@@ -63,6 +63,7 @@ def _note_rank_error(err: BaseException) -> None:
         path = rank_error_path(job_env.paths.result_pickle)
         note = {"rank": job_env.global_rank, "world_size": job_env.num_tasks, "job_id": str(job_env.job_id),
                 "node": os.environ.get("SLURMD_NODENAME") or socket.gethostname(), "time": time.time(),
+                "nodes": list(job_env.hostnames),      # whose node a rank that reports nothing was on
                 "error": f"{type(err).__name__}: {err}".strip().splitlines()[0][:1000],
                 "traceback": "".join(traceback.format_exception(type(err), err, err.__traceback__))[-4000:]}
         tmp = path.with_name(path.name + ".tmp")

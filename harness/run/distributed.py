@@ -6,16 +6,16 @@ Ranks come from torch's environment variables (``RANK``, ``WORLD_SIZE``, ``LOCAL
 first. Without them the run is
 a single process and every function here degrades to the identity. NCCL on GPUs, gloo on CPU.
 
-Two time limits keep a multi-node job from waiting until its wall time:
+Two time limits keep a multi-node job from waiting until its wall time; each is the launcher's setting
+(``launcher.rendezvous_timeout_min`` / ``launcher.collective_timeout_min``, passed by the job), and an
+environment variable in the submitting shell overrides it (sbatch exports the environment to the jobs):
 
-* the rendezvous (``HARNESS_RENDEZVOUS_TIMEOUT_S``, default 600 s): rank 0 opens a TCP store at
+* the rendezvous (``HARNESS_RENDEZVOUS_TIMEOUT_S``, default 10 min): rank 0 opens a TCP store at
   ``MASTER_ADDR:MASTER_PORT`` and waits for every rank; a rank that cannot reach it, or a rank 0 that
   some rank never reaches, fails with a :class:`RendezvousError` naming the address, the port and the ranks;
-* collectives (``HARNESS_COLLECTIVE_TIMEOUT_S``, default 1800 s): a collective that a lost rank never joins
+* collectives (``HARNESS_COLLECTIVE_TIMEOUT_S``, default 30 min): a collective that a lost rank never joins
   fails after that time (NCCL: with asynchronous error handling on, the process is ended), and the job
   ends with the reason in its record instead of hanging.
-
-Both variables pass from the submitting shell to the jobs (sbatch exports the environment).
 """
 from __future__ import annotations
 
@@ -23,10 +23,13 @@ import datetime
 import os
 import socket
 import time
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
+
+from harness.config import LauncherConfig
 
 
 def is_dist() -> bool:
@@ -47,47 +50,72 @@ def is_main_process() -> bool:
 
 RENDEZVOUS_TIMEOUT_ENV = "HARNESS_RENDEZVOUS_TIMEOUT_S"
 COLLECTIVE_TIMEOUT_ENV = "HARNESS_COLLECTIVE_TIMEOUT_S"
-DEFAULT_RENDEZVOUS_TIMEOUT_S = 600.0
-DEFAULT_COLLECTIVE_TIMEOUT_S = 1800.0
+_DEFAULTS = LauncherConfig()      # the launcher's defaults, for callers that pass no setting (torchrun, tests)
 
 
 class RendezvousError(RuntimeError):
     """The ranks of a job could not meet: the address and port tried, and what to check."""
 
 
-def _seconds(name: str, default: float) -> float:
-    value = os.environ.get(name)
+@dataclass(frozen=True)
+class Limit:
+    """A time limit in seconds and where it came from (``launcher.x_min=0.5`` or ``HARNESS_X_S=30``)."""
+    seconds: float
+    source: str
+
+
+def _limit(env: str, key: str, minutes: Optional[float], default_min: float) -> Limit:
+    """``env`` (seconds) when the shell sets it, else ``minutes`` (the launcher's ``key``), else the default."""
+    value = os.environ.get(env)
     if not value:
-        return default
+        minutes = default_min if minutes is None else minutes
+        return Limit(60.0 * minutes, f"launcher.{key}={minutes:g}")
     try:
         seconds = float(value)
     except ValueError:
-        raise ValueError(f"{name}={value!r} is not a number of seconds") from None
+        raise ValueError(f"{env}={value!r} is not a number of seconds") from None
     if seconds <= 0:
-        raise ValueError(f"{name}={value!r} must be positive")
-    return seconds
+        raise ValueError(f"{env}={value!r} must be positive")
+    return Limit(seconds, f"{env}={value} (overrides launcher.{key})")
 
 
-def rendezvous_timeout_s() -> float:
-    return _seconds(RENDEZVOUS_TIMEOUT_ENV, DEFAULT_RENDEZVOUS_TIMEOUT_S)
+def rendezvous_limit(minutes: Optional[float] = None) -> Limit:
+    """How long the ranks may take to meet: ``HARNESS_RENDEZVOUS_TIMEOUT_S``, else ``minutes``, else 10 min."""
+    return _limit(RENDEZVOUS_TIMEOUT_ENV, "rendezvous_timeout_min", minutes, _DEFAULTS.rendezvous_timeout_min)
 
 
-def collective_timeout_s(timeout_min: Optional[float] = None) -> float:
-    """``HARNESS_COLLECTIVE_TIMEOUT_S`` when set, else ``timeout_min`` minutes, else the default."""
-    default = DEFAULT_COLLECTIVE_TIMEOUT_S if timeout_min is None else 60.0 * timeout_min
-    return _seconds(COLLECTIVE_TIMEOUT_ENV, default)
+def collective_limit(minutes: Optional[float] = None) -> Limit:
+    """How long a collective may wait for a rank: ``HARNESS_COLLECTIVE_TIMEOUT_S``, else ``minutes``, else 30 min."""
+    return _limit(COLLECTIVE_TIMEOUT_ENV, "collective_timeout_min", minutes, _DEFAULTS.collective_timeout_min)
 
 
 def _where() -> str:
     return f"{socket.gethostname()} ({os.environ.get('SLURMD_NODENAME') or 'no SLURM node name'})"
 
 
-def rendezvous_store(addr: str, port: int, rank: int, world_size: int, timeout_s: float):
+def _wait_until_served(addr: str, port: int, deadline: float) -> None:
+    """Until ``addr:port`` accepts a connection (rank 0 serves the rendezvous there), at most until ``deadline``
+    (``time.monotonic()``); else a TimeoutError. torch's own client would retry a failed connection once with
+    the whole timeout again, failing only after about twice the limit."""
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with socket.create_connection((addr, port), timeout=max(0.5, min(5.0, left))):
+                return
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"nothing accepted a connection at {addr}:{port}: {err}") from err
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+
+def rendezvous_store(addr: str, port: int, rank: int, world_size: int, limit: Limit):
     """The TCP store the ranks meet at: rank 0 serves it and waits for every rank, the others connect; both
-    within ``timeout_s``, else a :class:`RendezvousError` that names the address and port."""
+    within ``limit``, else a :class:`RendezvousError` that names the address and port."""
     start = time.monotonic()
     try:
-        return dist.TCPStore(addr, port, world_size, rank == 0, timeout=datetime.timedelta(seconds=timeout_s),
+        if rank != 0:
+            _wait_until_served(addr, port, start + limit.seconds)
+        return dist.TCPStore(addr, port, world_size, rank == 0, timeout=datetime.timedelta(seconds=limit.seconds),
                              wait_for_workers=True, multi_tenant=False)
     except Exception as err:   # noqa: BLE001 - torch raises RuntimeError / DistStoreError / DistNetworkError
         waited = time.monotonic() - start
@@ -101,15 +129,16 @@ def rendezvous_store(addr: str, port: int, rank: int, world_size: int, timeout_s
             f"{what} ({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}); "
             f"check that {addr} is this job's first node and reachable from every node on port {port} "
             f"(MASTER_ADDR comes from SLURM's NodeAddr where node names do not resolve); the limit is "
-            f"{RENDEZVOUS_TIMEOUT_ENV}={timeout_s:g}") from err
+            f"{limit.source}") from err
 
 
-def init_distributed(backend: str = None, timeout_min: Optional[float] = None) -> Dict[str, Any]:
+def init_distributed(backend: str = None, rendezvous_timeout_min: Optional[float] = None,
+                     collective_timeout_min: Optional[float] = None) -> Dict[str, Any]:
     """Initialise the default process group from the environment (nothing when WORLD_SIZE is unset or 1).
 
     Returns ``{"rank", "world_size", "local_rank", "device"}``. On CUDA the process takes the GPU
-    ``LOCAL_RANK`` and NCCL; on CPU, gloo. The rendezvous is bounded by :func:`rendezvous_timeout_s`,
-    every collective by :func:`collective_timeout_s` (``timeout_min`` when given and the variable is unset).
+    ``LOCAL_RANK`` and NCCL; on CPU, gloo. The rendezvous is bounded by :func:`rendezvous_limit`, every
+    collective by :func:`collective_limit` (the launcher's minutes given here, unless the shell overrides them).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -129,9 +158,9 @@ def init_distributed(backend: str = None, timeout_min: Optional[float] = None) -
             # a collective that times out (a lost rank) ends the process instead of hanging in the kernel
             os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-        store = rendezvous_store(addr, port, rank, world_size, rendezvous_timeout_s())
+        store = rendezvous_store(addr, port, rank, world_size, rendezvous_limit(rendezvous_timeout_min))
         kwargs = dict(backend=backend, store=store, world_size=world_size, rank=rank,
-                      timeout=datetime.timedelta(seconds=collective_timeout_s(timeout_min)))
+                      timeout=datetime.timedelta(seconds=collective_limit(collective_timeout_min).seconds))
         if device.type == "cuda":
             kwargs["device_id"] = device
         dist.init_process_group(**kwargs)

@@ -76,6 +76,19 @@ def _mark_stopped(store: ResultsStore, key: str, job_id: Optional[str], err: Bas
     print(f"{key}: interrupted; submitting it again resumes from its checkpoint", flush=True)
 
 
+def _init_distributed(store: ResultsStore, key: str, launcher, job_id: Optional[str]) -> dict:
+    """The process group within the launcher's time limits; a rendezvous that fails marks the record failed
+    (on rank 0, when the record is still this job's), so that ``--status`` says why instead of "queued"."""
+    try:
+        return dist_utils.init_distributed(rendezvous_timeout_min=launcher.rendezvous_timeout_min,
+                                           collective_timeout_min=launcher.collective_timeout_min)
+    except dist_utils.RendezvousError as err:
+        status = store.read_status(key) if os.environ.get("RANK", "0") == "0" else None
+        if status is not None and status.job_ids and status.job_ids[-1] == job_id:
+            store.mark_failed(key, f"{type(err).__name__}: {err}", traceback.format_exc()[-4000:])
+        raise
+
+
 def run_job(request: JobRequest) -> dict:
     """Train, then complete the training record, then make the row's evaluation and measurement records; or
     (``kind`` evaluate / measure) evaluate the training's checkpoint or measure its model. Returns the records
@@ -89,9 +102,9 @@ def run_job(request: JobRequest) -> dict:
         # on a node they would oversubscribe it; each task uses the CPUs SLURM gave it
         torch.set_num_threads(int(cpus))
     distributed_env_from_submitit(export=True)
-    info = dist_utils.init_distributed()
-    main = info["rank"] == 0
     job_id = current_job_id()
+    info = _init_distributed(store, key, cfg.launcher, job_id)
+    main = info["rank"] == 0
     out_dir = store.record_dir(key)
     claims: List = []
     heartbeat = None

@@ -4,7 +4,7 @@
 # Cancels its jobs, stops its slurmd(s) and slurmctld (only the processes whose pid files it started
 # with), and munged unless another cluster started by start.sh still runs. Leaves the installation and the
 # config in place. Idempotent.
-#   --purge   also remove the state directory and the config it wrote
+#   --purge   also remove the state directory, the config it wrote and the empty pid directory
 set -uo pipefail
 
 MARKER="# one-node localhost cluster written by tests/slurm/start.sh"
@@ -50,5 +50,6 @@ fi
 if [ "${1:-}" = --purge ]; then
     rm -rf "$STATE"
     [ -f "$CONF" ] && rm -f "$CONF"
+    rmdir "$RUN_DIR" 2>/dev/null || true     # its pid files are gone; left only if something else is in it
 fi
 exit 0
