@@ -51,6 +51,14 @@ def parse_utc(text: Optional[str]) -> Optional[float]:
         return None
 
 
+def current_device():
+    """The device this process computes on: its CUDA device (``init_distributed`` sets it from LOCAL_RANK), else
+    the CPU."""
+    import torch  # only where a device is used
+
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def device_name(device) -> str:
     """``NVIDIA H100 80GB HBM3`` or ``CPU (<model name>, <threads> threads)``: the naming of
     :func:`model.ops.environment.device_name`, which the attention self-check verdicts are keyed by too."""

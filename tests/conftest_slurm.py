@@ -10,10 +10,10 @@
   fixture brings it back (``restore_node``) after the test.
 
 Tests take a fixture as an argument (tests/conftest.py lists this module in ``pytest_plugins``). Each cluster
-is started once per session (installing Debian's ``slurm-wlm`` + ``munge`` if needed, as root) and stopped at
-the end if the session started it. The tests are skipped, with
-the reason, only where SLURM cannot be installed or run here (not root, no apt, a real cluster's
-``slurm.conf`` in place); a cluster that installs but does not come up is a test error.
+is started once per session and stopped at the end if the session started it. Nothing is installed here
+(``tools/install_system_packages.sh`` does that): the tests skip, with the reason, where SLURM is missing (and
+fail under HARNESS_TESTS_REQUIRE_SYSTEM=1, as in CI) or cannot run here (not root, a real cluster's
+``slurm.conf`` in place); a cluster that does not come up is a test error.
 
 ``SLURM_LOCAL_KEEP=1`` leaves the cluster running after the session (faster reruns while developing).
 """
@@ -29,12 +29,13 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
+from conftest import missing_system_package
 
 SLURM_DIR = Path(__file__).resolve().parent / "slurm"
 START = SLURM_DIR / "start.sh"
 STOP = SLURM_DIR / "stop.sh"
 # exit codes of start.sh that mean "SLURM cannot run here" (skip) rather than "it broke" (error)
-CANNOT_RUN = {3: "SLURM is not installed and cannot be installed here",
+CANNOT_RUN = {3: "SLURM (slurmctld, slurmd, munge)",
               4: "a slurm.conf not written by tests/slurm/start.sh is in place (a real cluster); left alone"}
 
 
@@ -235,9 +236,11 @@ def start_cluster(script_env: Optional[dict] = None) -> SlurmCluster:
     env = _cluster_env(script_env)
     was_up = cluster_is_up(script_env)
     if os.geteuid() != 0 and not was_up:
-        pytest.skip("the localhost SLURM cluster needs root to install and start (tests/slurm/start.sh)")
+        pytest.skip("the localhost SLURM cluster needs root to start (tests/slurm/start.sh)")
     if not was_up:
         out = subprocess.run(["bash", str(START)], capture_output=True, text=True, timeout=900, env=env)
+        if out.returncode == 3:
+            missing_system_package(CANNOT_RUN[3])
         if out.returncode in CANNOT_RUN:
             pytest.skip(f"{CANNOT_RUN[out.returncode]}: {out.stderr.strip()[-500:]}")
         if out.returncode != 0:

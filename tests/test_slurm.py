@@ -50,7 +50,7 @@ def test_snapshot_and_arrays(slurm_cluster, tmp_path, monkeypatch):
     _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "v1")
     monkeypatch.syspath_prepend(str(repo))
     # the jobs find the harness through PYTHONPATH (sbatch passes the environment on)
-    harness_root = str(Path(launch.__file__).resolve().parents[1])
+    harness_root = str(Path(launch.__file__).resolve().parents[2])   # harness/launch/__init__.py -> the checkout
     monkeypatch.setenv("PYTHONPATH", harness_root)
     import snapmod
 

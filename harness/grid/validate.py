@@ -11,8 +11,19 @@ import json
 import os
 from typing import Tuple
 
-from harness.config import (AMP_MODES, AUGMENTATIONS, DATASETS, EXECUTORS, LR_SCHEDULES, OPTIMIZERS, PRECISIONS,
-                            DataConfig, LauncherConfig, RunConfig, TrainConfig)
+from harness.config import (
+    AMP_MODES,
+    AUGMENTATIONS,
+    DATASETS,
+    EXECUTORS,
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    PRECISIONS,
+    DataConfig,
+    LauncherConfig,
+    RunConfig,
+    TrainConfig,
+)
 from harness.grid.schema import ExperimentError, expect
 from model.config import ConfigError, check_choice
 

@@ -13,6 +13,7 @@ from harness.launch.slurm import ALIVE_STATES, first_failure, log_paths, slurm_j
 from harness.store import ResultsError
 from harness.store.jobs import slurm_id
 from harness.store.progress import progress
+from harness.text import text_table
 
 LOG_LINES = 40
 
@@ -108,10 +109,8 @@ def status_text(experiment, store) -> str:
             notes.append(f"  {spec.label}: log {run_log_paths(store, spec, store.read_status(e.key))[0]}")
         if e.state == "failed":
             reasons.setdefault(failure_reason(store, e), []).append(spec.label)
-    widths = [max(len(r[i]) for r in table + [header]) for i in range(len(header))]
     lines = [f"{experiment.name} ({experiment.scale} scale, {experiment.path}): {len(entries)} run(s)", ""]
-    for r in [header] + table:
-        lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    lines += text_table(header, table, indent="  ")
     if notes:
         lines += [""] + notes
     for reason, labels in reasons.items():       # one line per failure reason, whatever the number of rows

@@ -7,12 +7,11 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
 from harness.launch.executors import LaunchError
-from harness.provenance import git_commit
+from harness.provenance import git_commit, utc_now
 
 SNAPSHOT_INFO = "SNAPSHOT.json"
 
@@ -113,7 +112,7 @@ def snapshot_code(snapshot_root: Union[str, Path], repo_root: Union[str, Path, N
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(root / name, target)
     info = {"source": str(root), "commit": git_commit(root),
-            "files": len(names), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "files": len(names), "created": utc_now()}
     (tmp / SNAPSHOT_INFO).write_text(json.dumps(info, indent=1) + "\n")
     try:
         os.rename(tmp, dest)

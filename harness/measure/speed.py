@@ -27,7 +27,7 @@ import torch
 from harness.config import AMP_MODES, PRECISIONS, amp_dtype
 from harness.measure.complexity import build_for_complexity
 from harness.measure.inputs import evaluation_images, fixed_size_input, make_batches
-from harness.provenance import device_name
+from harness.provenance import current_device, device_name
 from model import ops
 from model.ms_deform_attn import MSDeformAttn
 
@@ -179,7 +179,7 @@ def measure_run_speed(run_cfg, device=None, root: Optional[str] = None, fixed_si
     ``fps_images`` evaluation images, or on one 3 x H x W image (``fixed_size``) when no dataset is at hand.
     ``model``: time this one (for example the trained model) instead of a freshly built one."""
     bench = run_cfg.benchmark
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device) if device else current_device()
     if model is None:
         model = build_for_complexity(run_cfg.model)
     if fixed_size is not None:

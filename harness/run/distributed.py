@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from harness.config import LauncherConfig
+from harness.provenance import current_device
 
 
 def is_dist() -> bool:
@@ -145,9 +146,7 @@ def init_distributed(backend: str = None, rendezvous_timeout_min: Optional[float
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        device = torch.device("cuda", torch.cuda.current_device())
-    else:
-        device = torch.device("cpu")
+    device = current_device()
     if world_size > 1 and not is_dist():
         for key in ("MASTER_ADDR", "MASTER_PORT"):
             if key not in os.environ:

@@ -39,6 +39,7 @@ import torch
 
 from harness.config import amp_dtype as amp_dtype_of
 from harness.data import dataset_root
+from harness.provenance import current_device
 from harness.launch.wrapper import JobInterrupted
 from harness.run import checkpointing, state
 from harness.run import distributed as dist_utils
@@ -122,7 +123,7 @@ def _set_up(run_cfg, output_dir, log_fn, print_fn, should_stop) -> Training:
     print_fn = print_fn or _silent
     main = dist_utils.is_main_process()
     rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = current_device()
     if main:
         check_output_dir(output_dir)
     if log_fn is None and main:
@@ -275,7 +276,7 @@ def evaluate(run_cfg, output_dir: Optional[str] = None, model: Optional[torch.nn
     (default ``data.val_split``). The COCO results JSON goes to ``output_dir``; for a split without
     annotations (test-dev) that file is the result and the metrics are empty. ``should_stop`` is asked before
     every batch (:class:`~harness.run.evaluation.EvaluationInterrupted`)."""
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = current_device()
     verbose = print_fn is not None
     print_fn = print_fn or _silent
     if output_dir is not None and dist_utils.is_main_process():

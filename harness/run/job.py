@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import traceback
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
@@ -32,9 +33,24 @@ from harness.run import distributed as dist_utils
 from harness.run.attempt import Attempt, Heartbeat, RunClaimedElsewhere, claim_when_free
 from harness.run.checkpointing import CHECKPOINT
 from harness.run.engine import evaluate, train
-from harness.run.records import (annotated, backbone_weights_text, device, evaluation_record, evaluation_settings,
-                                 file_sha256, measure, same_evaluation, server_submission, shown_path, today,
-                                 trained_checkpoint, training_checkpoint_sha256, training_config, training_record)
+from harness.run.evaluation import detections_file
+from harness.run.records import (
+    annotated,
+    backbone_weights_text,
+    device,
+    evaluation_record,
+    evaluation_settings,
+    file_sha256,
+    measure,
+    same_evaluation,
+    server_submission,
+    shown_path,
+    today,
+    trained_checkpoint,
+    training_checkpoint_sha256,
+    training_config,
+    training_record,
+)
 from harness.run.tracking import METRICS, ap_text
 from harness.store import CorruptFileError, ResultsStore
 
@@ -162,7 +178,7 @@ def run_job(request: JobRequest) -> dict:
                 spec, store, final.get("epochs", cfg.train.epochs),
                 gpu_hours=attempt.gpu_hours(key), world_size=info["world_size"], device=device_name(dev),
                 attn_impl=speed.attention_of_config(cfg.model, dev, cfg.train.amp),   # what training ran
-                backbone_weights=backbone_weights_text(cfg.model),
+                backbone_weights=backbone_weights_text(cfg),
                 checkpoint_sha256=file_sha256(checkpoint) if checkpoint is not None else None,
                 log_evaluation={**evaluation_settings(own), "eval_id": eval_id(own)},
                 commit=request.commit, date=today(), torch=torch.__version__)
@@ -257,13 +273,13 @@ def _evaluate(spec: RunSpec, store: ResultsStore, commit: Optional[str], main: b
     checkpoint = trained_checkpoint(store, spec)
     reused = metrics is not None
     if reused:
-        detections = store.record_dir(spec.run_id) / f"detections_{split}.json"
+        detections = Path(detections_file(store.record_dir(spec.run_id), split))
     else:
         if checkpoint is None:
             raise FileNotFoundError(f"{store.record_dir(spec.run_id) / CHECKPOINT}: no checkpoint of the training to "
                                     "evaluate")
         metrics = evaluate(cfg, output_dir=str(eval_dir), checkpoint=str(checkpoint), should_stop=stop_requested)
-        detections = eval_dir / f"detections_{split}{'_tta' if cfg.eval.tta else ''}.json"
+        detections = Path(detections_file(eval_dir, split, cfg.eval.tta))
     dist_utils.barrier()
     dist_utils.cleanup()
     if not main:

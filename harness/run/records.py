@@ -25,7 +25,7 @@ from harness.grid.identity import file_digest
 from harness.grid.schema import SECTION_CLASSES
 from harness.measure import complexity, speed
 from harness.metrics import EVALUATED_FIELDS
-from harness.provenance import utc_date
+from harness.provenance import current_device, utc_date
 from harness.run.checkpointing import CHECKPOINT
 from harness.run.loaders import eval_batch_size
 from harness.store import CorruptFileError, ResultsStore
@@ -35,7 +35,7 @@ from model.released import location
 
 
 def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return current_device()
 
 
 def today() -> str:
@@ -132,9 +132,12 @@ def measure(run_cfg, output_dir) -> dict:
     return out
 
 
-def backbone_weights_text(model_cfg) -> str:
-    """The ImageNet weights the run's trunk started from, for its training record and the report's notes."""
-    info = weights_info(model_cfg)
+def backbone_weights_text(cfg) -> str:
+    """The ImageNet weights the run's trunk started from, for its training record and the report's notes; an
+    evaluation-only run's trunk is its checkpoint's."""
+    if cfg.eval.eval_only:
+        return f"the evaluated checkpoint's ({cfg.eval.checkpoint})"
+    info = weights_info(cfg.model)
     if not info["pretrained"]:
         return "none (trained from scratch)"
     parts = [f"{info['imagenet_top1']}% ImageNet top-1"] if info["imagenet_top1"] is not None else []

@@ -21,6 +21,7 @@ import torch
 from harness.config import amp_dtype as amp_dtype_of
 from harness.measure import speed
 from harness.measure.inputs import fixed_size_input, synthetic_targets
+from harness.provenance import current_device
 from harness.run import distributed as dist_utils
 from harness.run.evaluation import autocast
 from harness.run.optim import build_optimizer, build_scheduler
@@ -127,7 +128,7 @@ def measure_run_train_step(run_cfg, device=None, amp: Optional[str] = None, batc
     schedule; no accumulation: one optimiser step per iteration) on a batch of ``batch_size`` 3 x H x W images
     with synthetic targets (the paper's training-time measurements use batch 2 per GPU); ``amp`` defaults to
     ``run_cfg.train.amp``. What :func:`harness.measure.speed.time_train_step` returns."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device) if device else current_device()
     train_cfg = dataclasses.replace(run_cfg.train, amp=amp or run_cfg.train.amp)
     model_cfg = dataclasses.replace(run_cfg.model, pretrained_backbone=False, backbone_weights=None)
     model, criterion, _ = build_model(model_cfg)

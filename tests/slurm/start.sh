@@ -16,7 +16,6 @@
 # script did not write exists (a real cluster: left alone); 1 anything else (see the log lines).
 #
 # Environment:
-#   SLURM_LOCAL_NO_INSTALL=1   never call apt-get
 #   SLURM_LOCAL_STATE=DIR      state, spool and logs (default /var/lib/slurm-local)
 #   SLURM_LOCAL_NODES="a b"    node names (default: this host's short name, one node)
 #   SLURM_LOCAL_CONF=FILE      the config written (default /etc/slurm/slurm.conf)
@@ -46,20 +45,11 @@ if [ "$(id -u)" != 0 ]; then
     exit 3
 fi
 
-# -- install --------------------------------------------------------------------------------------
+# -- installed? (this script installs nothing: tools/install_system_packages.sh does, as root) ---------
 if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v sbatch >/dev/null \
         || ! command -v munged >/dev/null; then
-    if [ "${SLURM_LOCAL_NO_INSTALL:-0}" = 1 ] || ! command -v apt-get >/dev/null; then
-        log "SLURM is not installed (apt-get install slurmctld slurmd slurm-client munge)"
-        exit 3
-    fi
-    log "installing slurmctld slurmd slurm-client munge"
-    export DEBIAN_FRONTEND=noninteractive
-    if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends \
-            slurmctld slurmd slurm-client munge; } >&2; then
-        log "apt-get install failed"
-        exit 3
-    fi
+    log "SLURM is not installed: bash tools/install_system_packages.sh (slurmctld slurmd slurm-client munge)"
+    exit 3
 fi
 
 # -- config ---------------------------------------------------------------------------------------
