@@ -7,6 +7,7 @@
 
 The kernels have their own: ``python -m model.ops.doctor`` (which implementation runs here, and why).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -39,7 +40,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"unknown verb {verb!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(VERBS[verb][0])
-    sys.argv[0] = f"python -m harness {verb}"        # what argparse names in usage lines
+    sys.argv[0] = f"python -m harness {verb}"  # what argparse names in usage lines
     return module.main(rest)
 
 

@@ -10,6 +10,7 @@ and the device class of the references' numbers: ours is set against them only w
 Validation (an experiment's ``metrics:``), collection, tables and figures all read this list: a new column is one
 entry here plus the code that measures its field.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,16 +42,16 @@ REFERENCE_DEVICE_CLASS = "V100"
 
 @dataclass(frozen=True)
 class Metric:
-    name: str                 # the paper's key, as in experiments/*.yaml ``paper:`` and ``metrics:``
-    field: str                # its field in the metrics.json of the record that produces it
-    factor: float = 1.0       # field x factor = the paper's unit
-    decimals: int = 1         # of our values
-    paper_as_given: bool = False   # the paper's numbers print as given (%g) instead of with one decimal
+    name: str  # the paper's key, as in experiments/*.yaml ``paper:`` and ``metrics:``
+    field: str  # its field in the metrics.json of the record that produces it
+    factor: float = 1.0  # field x factor = the paper's unit
+    decimals: int = 1  # of our values
+    paper_as_given: bool = False  # the paper's numbers print as given (%g) instead of with one decimal
     title_md: str = ""
     title_tex: str = ""
     noise: Optional[float] = None  # the run-to-run band of one run at full scale; None: no noise marker
-    evaluated: bool = False        # measured by evaluating a checkpoint (its evaluation record has it)
-    device_field: Optional[str] = None   # the collected column naming the device it was measured on; None: any
+    evaluated: bool = False  # measured by evaluating a checkpoint (its evaluation record has it)
+    device_field: Optional[str] = None  # the collected column naming the device it was measured on; None: any
 
 
 METRICS: Tuple[Metric, ...] = (
@@ -67,7 +68,7 @@ METRICS: Tuple[Metric, ...] = (
 )
 BY_NAME: Dict[str, Metric] = {m.name: m for m in METRICS}
 PAPER_METRICS: Tuple[str, ...] = tuple(m.name for m in METRICS)
-DEFAULT_METRICS: Tuple[str, ...] = PAPER_METRICS[:6]          # the six AP columns
+DEFAULT_METRICS: Tuple[str, ...] = PAPER_METRICS[:6]  # the six AP columns
 
 # Numeric fields of metrics.json that are collected besides the metrics' own (spread, bookkeeping).
 EXTRA_NUMERIC_FIELDS: Tuple[str, ...] = ("gflops_std", "fps_bs4", "epochs_trained", "num_detections")

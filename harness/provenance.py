@@ -5,6 +5,7 @@ Records take these from here: a time is :func:`utc_now` (status.json, claims, at
 imported inside :func:`device_name` only, so that the torch-free layers (grid, store, launch) can use
 the rest without loading it.
 """
+
 from __future__ import annotations
 
 import calendar
@@ -20,12 +21,17 @@ def git_commit(repo: Path = REPOSITORY) -> Optional[str]:
     """The checked-out commit (12 hex digits, ``-dirty`` with uncommitted changes to tracked files); None
     outside a git repository (a release archive, an installed package, a code snapshot)."""
     try:
-        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10
+        )
         if out.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() + ("-dirty" if dirty else "")
@@ -63,4 +69,5 @@ def device_name(device) -> str:
     """``NVIDIA H100 80GB HBM3`` or ``CPU (<model name>, <threads> threads)``: the naming of
     :func:`model.ops.environment.device_name`, which the attention self-check verdicts are keyed by too."""
     from model.ops.environment import device_name as name_of  # loads torch: only where a device is named
+
     return name_of(device)

@@ -1,5 +1,6 @@
 """Plain-text tables for the terminal (``--dry-run``, ``--status``): tabulate's ``simple`` layout, cells as given
 (no number parsing: "0.2" and "-" align alike), no trailing spaces."""
+
 from __future__ import annotations
 
 from typing import List, Sequence

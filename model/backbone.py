@@ -3,6 +3,7 @@
 State-dict keys follow the official implementation: ``backbone.0.body.<resnet keys>`` for the
 network and ``backbone.1.*`` for the (learned) position encoding.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -47,8 +48,9 @@ class ModulatedDeformConv3x3(nn.Module):
         self.weight = conv.weight  # keeps the key `convN.weight`, so ImageNet weights load unchanged
         kh, kw = conv.kernel_size
         # 2*kh*kw offsets and kh*kw modulation scalars per output position
-        self.conv_offset = nn.Conv2d(conv.in_channels, 3 * kh * kw, conv.kernel_size, conv.stride,
-                                     conv.padding, conv.dilation)
+        self.conv_offset = nn.Conv2d(
+            conv.in_channels, 3 * kh * kw, conv.kernel_size, conv.stride, conv.padding, conv.dilation
+        )
         nn.init.zeros_(self.conv_offset.weight)
         nn.init.zeros_(self.conv_offset.bias)
 
@@ -56,8 +58,9 @@ class ModulatedDeformConv3x3(nn.Module):
         offset_x, offset_y, mask = self.conv_offset(x).chunk(3, dim=1)
         offset = torch.cat((offset_x, offset_y), dim=1)
         mask = torch.sigmoid(mask)
-        return torchvision.ops.deform_conv2d(x, offset, self.weight, None, self.stride, self.padding,
-                                             self.dilation, mask)
+        return torchvision.ops.deform_conv2d(
+            x, offset, self.weight, None, self.stride, self.padding, self.dilation, mask
+        )
 
 
 def _use_dcn(resnet: nn.Module, layers=("layer2", "layer3", "layer4")):
@@ -95,8 +98,14 @@ def weights_info(cfg) -> dict:
     (None for a file of one's own); ``pretrained``: False for a trunk trained from scratch (then nothing else
     is filled in). Faster R-CNN's trunk comes from the same weights.
     """
-    info = dict(pretrained=bool(cfg.pretrained_backbone), backbone=cfg.backbone, name=None, file=None,
-                sha256=None, imagenet_top1=None)
+    info = dict(
+        pretrained=bool(cfg.pretrained_backbone),
+        backbone=cfg.backbone,
+        name=None,
+        file=None,
+        sha256=None,
+        imagenet_top1=None,
+    )
     if not cfg.pretrained_backbone:
         return info
     choice = cfg.backbone_weights
@@ -104,8 +113,11 @@ def weights_info(cfg) -> dict:
         info.update(name=choice, file=choice)
     else:
         weights = _weights_enum(cfg.backbone, choice)
-        info.update(name=f"{type(weights).__name__}.{weights.name}", file=_cached_path(weights),
-                    imagenet_top1=weights.meta["_metrics"]["ImageNet-1K"]["acc@1"])
+        info.update(
+            name=f"{type(weights).__name__}.{weights.name}",
+            file=_cached_path(weights),
+            imagenet_top1=weights.meta["_metrics"]["ImageNet-1K"]["acc@1"],
+        )
     if os.path.isfile(info["file"]):
         info["sha256"] = _sha256(info["file"])
     return info
@@ -124,9 +136,11 @@ def fetch_weights(cfg) -> str | None:
     info = weights_info(cfg)
     if not info["pretrained"] or os.path.isfile(info["file"]):
         return info["file"]
-    if info["imagenet_top1"] is None:      # a file of one's own that is not there
-        raise BackboneWeightsError(f"model.backbone_weights: {info['file']} does not exist (expected ImageNet "
-                                   f"weights of {cfg.backbone} with torchvision's key names)")
+    if info["imagenet_top1"] is None:  # a file of one's own that is not there
+        raise BackboneWeightsError(
+            f"model.backbone_weights: {info['file']} does not exist (expected ImageNet "
+            f"weights of {cfg.backbone} with torchvision's key names)"
+        )
     weights = _weights_enum(cfg.backbone, cfg.backbone_weights)
     try:
         _download(weights)
@@ -134,7 +148,8 @@ def fetch_weights(cfg) -> str | None:
         raise BackboneWeightsError(
             f"ImageNet weights for backbone {cfg.backbone!r} ({info['name']}) cannot be downloaded ({err}). Put "
             f"{os.path.basename(weights.url)} (from {weights.url}) at {info['file']} (TORCH_HOME must be a folder "
-            f"the compute nodes see), or set model.backbone_weights to a copy") from None
+            f"the compute nodes see), or set model.backbone_weights to a copy"
+        ) from None
     return info["file"]
 
 
@@ -149,12 +164,15 @@ def _load_imagenet_weights(net: nn.Module, name: str, weights_path: str | None):
                 raise BackboneWeightsError(
                     f"ImageNet weights for backbone {name!r} are not available ({err}). Put "
                     f"{os.path.basename(weights.url)} (from {weights.url}) at {weights_path}, set "
-                    f"model.backbone_weights to its path, or set model.pretrained_backbone: false") from None
+                    f"model.backbone_weights to its path, or set model.pretrained_backbone: false"
+                ) from None
             return net.load_state_dict(state, strict=False)
     if not os.path.exists(weights_path):
-        raise BackboneWeightsError(f"model.backbone_weights: {weights_path} does not exist "
-                                   f"(expected ImageNet weights of {name} with torchvision's key names, e.g. "
-                                   f"{os.path.basename(weights.url)})")
+        raise BackboneWeightsError(
+            f"model.backbone_weights: {weights_path} does not exist "
+            f"(expected ImageNet weights of {name} with torchvision's key names, e.g. "
+            f"{os.path.basename(weights.url)})"
+        )
     state = torch.load(weights_path, map_location="cpu", weights_only=True)
     return net.load_state_dict(state, strict=False)
 
@@ -163,8 +181,7 @@ class Backbone(nn.Module):
     """A ResNet trunk returning its last ``num_outputs`` stages of C3-C5 (3: C3-C5 as in the official
     multi-scale model, 1: C5 alone), each with its downsampled mask."""
 
-    def __init__(self, name, train_backbone, num_outputs, dilation, dcn=False, pretrained=False,
-                 weights_path=None):
+    def __init__(self, name, train_backbone, num_outputs, dilation, dcn=False, pretrained=False, weights_path=None):
         super().__init__()
         fn = getattr(torchvision.models, _BACKBONES[name][0])
         net = fn(weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=FrozenBatchNorm2d)
@@ -178,7 +195,7 @@ class Backbone(nn.Module):
                 parameter.requires_grad_(False)
         if not 1 <= num_outputs <= 3:
             raise ValueError(f"a ResNet backbone gives 1 to 3 feature maps (C3-C5), not {num_outputs}")
-        stages = [("layer2", 8, 512), ("layer3", 16, 1024), ("layer4", 32, 2048)][3 - num_outputs:]
+        stages = [("layer2", 8, 512), ("layer3", 16, 1024), ("layer4", 32, 2048)][3 - num_outputs :]
         # (stage, stride, channels): the same for every bottleneck ResNet/ResNeXt of torchvision
         return_layers = {layer: str(i) for i, (layer, _, _) in enumerate(stages)}
         self.strides = [stride for _, stride, _ in stages]
@@ -211,6 +228,13 @@ class Joiner(nn.Sequential):
 
 
 def build_backbone(cfg, num_outputs: int) -> Joiner:
-    backbone = Backbone(cfg.backbone, cfg.train_backbone, num_outputs, cfg.dilation, cfg.dcn,
-                        cfg.pretrained_backbone, cfg.backbone_weights)
+    backbone = Backbone(
+        cfg.backbone,
+        cfg.train_backbone,
+        num_outputs,
+        cfg.dilation,
+        cfg.dcn,
+        cfg.pretrained_backbone,
+        cfg.backbone_weights,
+    )
     return Joiner(backbone, build_position_encoding(cfg))

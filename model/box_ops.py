@@ -1,4 +1,5 @@
 """Box conversions and generalised IoU (boxes as ``... x 4`` tensors)."""
+
 import torch
 from torchvision.ops import generalized_box_iou  # noqa: F401  (re-exported: N x 4, M x 4 xyxy -> N x M)
 from torchvision.ops.boxes import box_convert

@@ -1,4 +1,5 @@
 """``build_model(cfg) -> (model, criterion, postprocessor)`` for every architecture."""
+
 from __future__ import annotations
 
 from . import deformable_detr, detr, faster_rcnn

@@ -8,6 +8,7 @@ the checksum where there is one; :func:`load_state` and :func:`load_checkpoint` 
 any difference of keys or shapes is a :class:`CheckpointError` that names the keys and, where it can, the
 configuration the checkpoint was trained with.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,6 +39,7 @@ class CheckpointError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------ integrity
+
 
 def _digest(obj, h) -> None:
     if isinstance(obj, torch.Tensor):
@@ -71,6 +73,7 @@ def checksum(state: dict) -> str:
 
 # ------------------------------------------------------------------------------------------- reading
 
+
 def read_file(path: str, map_location="cpu") -> dict:
     """The dict stored at ``path`` (official or ours; a bare state dict too), its checksum verified when it
     has one. :class:`CheckpointError` if it is missing, truncated, corrupt or not a dict."""
@@ -81,8 +84,9 @@ def read_file(path: str, map_location="cpu") -> dict:
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure to read means the file is unusable
-        raise CheckpointError(path, f"cannot be read ({type(err).__name__}: {err}); the file may be truncated "
-                                    "or not a PyTorch checkpoint") from None
+        raise CheckpointError(
+            path, f"cannot be read ({type(err).__name__}: {err}); the file may be truncated or not a PyTorch checkpoint"
+        ) from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(path, f"expected a dict, got a {type(ckpt).__name__}")
     if "checksum" in ckpt and checksum(ckpt) != ckpt["checksum"]:
@@ -97,7 +101,7 @@ def model_state(ckpt: dict, path: str = "checkpoint") -> dict:
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise CheckpointError(path, "expected a state dict or a dict with a 'model' state dict")
     if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return state
 
 
@@ -106,11 +110,13 @@ def read_checkpoint(path: str) -> dict:
     transformers folder (``config.json`` and its weights: :func:`model.hf_convert.from_hf_folder`)."""
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
         from model.hf_convert import from_hf_folder  # its own imports: only for such a folder
+
         return from_hf_folder(path)[1]
     return model_state(read_file(path), path)
 
 
 # ------------------------------------------------------------------------------------------- loading
+
 
 def _summarise(keys, limit=12):
     """Keys with layer indices collapsed (``class_embed.N.weight``), so one line covers a repeated module."""

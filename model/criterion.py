@@ -1,4 +1,5 @@
 """The set criterion: Hungarian-matched classification, L1 and GIoU losses, on every decoder layer."""
+
 from __future__ import annotations
 
 import torch
@@ -41,12 +42,12 @@ class SetCriterion(nn.Module):
         src_logits = outputs["pred_logits"]  # N x Q x classes (+1 without focal loss)
         idx = self._src_permutation_idx(indices)
         target_classes_o = torch.cat([t["labels"][J] for t, (_, J) in zip(targets, indices)]).to(src_logits.device)
-        target_classes = torch.full(src_logits.shape[:2], self.num_classes, dtype=torch.int64,
-                                    device=src_logits.device)
+        target_classes = torch.full(src_logits.shape[:2], self.num_classes, dtype=torch.int64, device=src_logits.device)
         target_classes[idx] = target_classes_o
         if self.focal_loss:
-            onehot = torch.zeros(*src_logits.shape[:2], src_logits.shape[2] + 1, dtype=src_logits.dtype,
-                                 device=src_logits.device)
+            onehot = torch.zeros(
+                *src_logits.shape[:2], src_logits.shape[2] + 1, dtype=src_logits.dtype, device=src_logits.device
+            )
             onehot.scatter_(2, target_classes.unsqueeze(-1), 1)
             onehot = onehot[:, :, :-1]
             # official normalisation: mean over queries, sum, / num_boxes, then times the number of queries
@@ -75,8 +76,7 @@ class SetCriterion(nn.Module):
         src_boxes = outputs["pred_boxes"][idx]
         target_boxes = torch.cat([t["boxes"][i] for t, (_, i) in zip(targets, indices)], dim=0).to(src_boxes)
         loss_bbox = F.l1_loss(src_boxes, target_boxes, reduction="none")
-        loss_giou = 1 - torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src_boxes),
-                                                       box_cxcywh_to_xyxy(target_boxes)))
+        loss_giou = 1 - torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(target_boxes)))
         return {"loss_bbox": loss_bbox.sum() / num_boxes, "loss_giou": loss_giou.sum() / num_boxes}
 
     def _losses(self, outputs, targets, num_boxes, suffix="", log=False):
@@ -121,5 +121,11 @@ def build_weight_dict(cfg):
 
 
 def build_criterion(cfg, matcher):
-    return SetCriterion(cfg.num_classes, matcher, build_weight_dict(cfg), focal_loss=cfg.focal_loss,
-                        focal_alpha=cfg.focal_alpha, eos_coef=cfg.eos_coef)
+    return SetCriterion(
+        cfg.num_classes,
+        matcher,
+        build_weight_dict(cfg),
+        focal_loss=cfg.focal_loss,
+        focal_alpha=cfg.focal_alpha,
+        eos_coef=cfg.eos_coef,
+    )

@@ -1,4 +1,5 @@
 """Deformable DETR: backbone -> input projections (-> neck) -> deformable transformer -> heads."""
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,18 @@ from .necks import build_neck
 
 
 class DeformableDETR(nn.Module):
-    def __init__(self, backbone, transformer, num_classes, num_queries, num_feature_levels, aux_loss=True,
-                 with_box_refine=False, two_stage=False, neck=None):
+    def __init__(
+        self,
+        backbone,
+        transformer,
+        num_classes,
+        num_queries,
+        num_feature_levels,
+        aux_loss=True,
+        with_box_refine=False,
+        two_stage=False,
+        neck=None,
+    ):
         super().__init__()
         self.num_queries = num_queries
         self.transformer = transformer
@@ -30,12 +41,16 @@ class DeformableDETR(nn.Module):
         num_backbone_outs = len(backbone.strides)
         input_proj = []
         for in_channels in backbone.num_channels:
-            input_proj.append(nn.Sequential(nn.Conv2d(in_channels, hidden_dim, kernel_size=1),
-                                            nn.GroupNorm(32, hidden_dim)))
+            input_proj.append(
+                nn.Sequential(nn.Conv2d(in_channels, hidden_dim, kernel_size=1), nn.GroupNorm(32, hidden_dim))
+            )
         in_channels = backbone.num_channels[-1]
         for _ in range(num_feature_levels - num_backbone_outs):
-            input_proj.append(nn.Sequential(nn.Conv2d(in_channels, hidden_dim, kernel_size=3, stride=2, padding=1),
-                                            nn.GroupNorm(32, hidden_dim)))
+            input_proj.append(
+                nn.Sequential(
+                    nn.Conv2d(in_channels, hidden_dim, kernel_size=3, stride=2, padding=1), nn.GroupNorm(32, hidden_dim)
+                )
+            )
             in_channels = hidden_dim
         self.input_proj = nn.ModuleList(input_proj)
         self.backbone = backbone
@@ -78,7 +93,7 @@ class DeformableDETR(nn.Module):
         """
         features, masks, pos = self.backbone(images, mask)
         srcs = [proj(feat) for proj, feat in zip(self.input_proj, features)]
-        masks, pos = list(masks[:len(srcs)]), list(pos[:len(srcs)])
+        masks, pos = list(masks[: len(srcs)]), list(pos[: len(srcs)])
         for lvl in range(len(srcs), self.num_feature_levels):
             src = self.input_proj[lvl](features[-1] if lvl == len(features) else srcs[-1])
             m = F.interpolate(mask[None].float(), size=src.shape[-2:]).to(torch.bool)[0]
@@ -89,8 +104,9 @@ class DeformableDETR(nn.Module):
             srcs = self.neck(srcs)
 
         query_embeds = None if self.two_stage else self.query_embed.weight
-        hs, init_reference, inter_references, enc_outputs_class, enc_outputs_coord_unact = \
-            self.transformer(srcs, masks, pos, query_embeds)
+        hs, init_reference, inter_references, enc_outputs_class, enc_outputs_coord_unact = self.transformer(
+            srcs, masks, pos, query_embeds
+        )
 
         outputs_classes, outputs_coords = [], []
         for lvl in range(hs.shape[0]):
@@ -118,11 +134,28 @@ def build(cfg):
     # C3-C5 (or the coarsest of them when fewer levels are asked for), then stride-2 convs for the rest
     backbone = build_backbone(cfg, num_outputs=min(cfg.num_feature_levels, 3))
     transformer = DeformableTransformer(
-        d_model=cfg.hidden_dim, nhead=cfg.nheads, num_encoder_layers=cfg.enc_layers,
-        num_decoder_layers=cfg.dec_layers, dim_feedforward=cfg.dim_feedforward, dropout=cfg.dropout,
-        num_feature_levels=cfg.num_feature_levels, dec_n_points=cfg.dec_n_points, enc_n_points=cfg.enc_n_points,
-        two_stage=cfg.two_stage, two_stage_num_proposals=cfg.num_queries, ms_attention=cfg.ms_attention,
-        attn_impl=cfg.attn_impl)
-    return DeformableDETR(backbone, transformer, cfg.num_classes, cfg.num_queries, cfg.num_feature_levels,
-                          aux_loss=cfg.aux_loss, with_box_refine=cfg.with_box_refine, two_stage=cfg.two_stage,
-                          neck=build_neck(cfg))
+        d_model=cfg.hidden_dim,
+        nhead=cfg.nheads,
+        num_encoder_layers=cfg.enc_layers,
+        num_decoder_layers=cfg.dec_layers,
+        dim_feedforward=cfg.dim_feedforward,
+        dropout=cfg.dropout,
+        num_feature_levels=cfg.num_feature_levels,
+        dec_n_points=cfg.dec_n_points,
+        enc_n_points=cfg.enc_n_points,
+        two_stage=cfg.two_stage,
+        two_stage_num_proposals=cfg.num_queries,
+        ms_attention=cfg.ms_attention,
+        attn_impl=cfg.attn_impl,
+    )
+    return DeformableDETR(
+        backbone,
+        transformer,
+        cfg.num_classes,
+        cfg.num_queries,
+        cfg.num_feature_levels,
+        aux_loss=cfg.aux_loss,
+        with_box_refine=cfg.with_box_refine,
+        two_stage=cfg.two_stage,
+        neck=build_neck(cfg),
+    )

@@ -6,6 +6,7 @@ Multi-scale attention off (``ms_attention=False``, Table 2's "MS attention" colu
 - decoder: each query samples every level, but with a separate softmax per level and the levels
   averaged, i.e. L single-scale deformable attentions instead of one attention over L*K points.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,17 @@ from .ms_deform_attn import MSDeformAttn
 
 
 class DeformableTransformerEncoderLayer(nn.Module):
-    def __init__(self, d_model=256, d_ffn=1024, dropout=0.1, n_levels=4, n_heads=8, n_points=4,
-                 ms_attention=True, attn_impl="auto"):
+    def __init__(
+        self,
+        d_model=256,
+        d_ffn=1024,
+        dropout=0.1,
+        n_levels=4,
+        n_heads=8,
+        n_points=4,
+        ms_attention=True,
+        attn_impl="auto",
+    ):
         super().__init__()
         self.ms_attention = ms_attention
         self.self_attn = MSDeformAttn(d_model, n_levels if ms_attention else 1, n_heads, n_points, attn_impl)
@@ -46,14 +56,22 @@ class DeformableTransformerEncoderLayer(nn.Module):
             start = int(level_start_index[lvl])
             end = start + int(spatial_shapes[lvl].prod())
             mask_l = None if padding_mask is None else padding_mask[:, start:end]
-            outputs.append(self.self_attn(query[:, start:end], reference_points[:, start:end, lvl:lvl + 1],
-                                          src[:, start:end], spatial_shapes[lvl:lvl + 1],
-                                          level_start_index.new_zeros(1), mask_l))
+            outputs.append(
+                self.self_attn(
+                    query[:, start:end],
+                    reference_points[:, start:end, lvl : lvl + 1],
+                    src[:, start:end],
+                    spatial_shapes[lvl : lvl + 1],
+                    level_start_index.new_zeros(1),
+                    mask_l,
+                )
+            )
         return torch.cat(outputs, 1)
 
     def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask=None):
-        src2 = self.attend(with_pos_embed(src, pos), reference_points, src, spatial_shapes, level_start_index,
-                           padding_mask)
+        src2 = self.attend(
+            with_pos_embed(src, pos), reference_points, src, spatial_shapes, level_start_index, padding_mask
+        )
         src = self.norm1(src + self.dropout1(src2))
         return self.forward_ffn(src)
 
@@ -69,9 +87,11 @@ class DeformableTransformerEncoder(nn.Module):
         # pixel centres of every level, normalised by the valid (unpadded) extent: N x S x L x 2
         reference_points_list = []
         for lvl, (H, W) in enumerate(spatial_shapes.tolist()):
-            ref_y, ref_x = torch.meshgrid(torch.linspace(0.5, H - 0.5, H, dtype=torch.float32, device=device),
-                                          torch.linspace(0.5, W - 0.5, W, dtype=torch.float32, device=device),
-                                          indexing="ij")
+            ref_y, ref_x = torch.meshgrid(
+                torch.linspace(0.5, H - 0.5, H, dtype=torch.float32, device=device),
+                torch.linspace(0.5, W - 0.5, W, dtype=torch.float32, device=device),
+                indexing="ij",
+            )
             ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * H)
             ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * W)
             reference_points_list.append(torch.stack((ref_x, ref_y), -1))
@@ -87,11 +107,21 @@ class DeformableTransformerEncoder(nn.Module):
 
 
 class DeformableTransformerDecoderLayer(nn.Module):
-    def __init__(self, d_model=256, d_ffn=1024, dropout=0.1, n_levels=4, n_heads=8, n_points=4,
-                 ms_attention=True, attn_impl="auto"):
+    def __init__(
+        self,
+        d_model=256,
+        d_ffn=1024,
+        dropout=0.1,
+        n_levels=4,
+        n_heads=8,
+        n_points=4,
+        ms_attention=True,
+        attn_impl="auto",
+    ):
         super().__init__()
-        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, attn_impl,
-                                       per_level_softmax=not ms_attention)
+        self.cross_attn = MSDeformAttn(
+            d_model, n_levels, n_heads, n_points, attn_impl, per_level_softmax=not ms_attention
+        )
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout)
@@ -107,15 +137,22 @@ class DeformableTransformerDecoderLayer(nn.Module):
         tgt2 = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
         return self.norm3(tgt + self.dropout4(tgt2))
 
-    def forward(self, tgt, query_pos, reference_points, src, src_spatial_shapes, level_start_index,
-                src_padding_mask=None):
+    def forward(
+        self, tgt, query_pos, reference_points, src, src_spatial_shapes, level_start_index, src_padding_mask=None
+    ):
         # self attention among queries (nn.MultiheadAttention is sequence-first)
         q = k = with_pos_embed(tgt, query_pos)
         tgt2 = self.self_attn(q.transpose(0, 1), k.transpose(0, 1), tgt.transpose(0, 1))[0].transpose(0, 1)
         tgt = self.norm2(tgt + self.dropout2(tgt2))
         # deformable cross attention to the encoder memory
-        tgt2 = self.cross_attn(with_pos_embed(tgt, query_pos), reference_points, src, src_spatial_shapes,
-                               level_start_index, src_padding_mask)
+        tgt2 = self.cross_attn(
+            with_pos_embed(tgt, query_pos),
+            reference_points,
+            src,
+            src_spatial_shapes,
+            level_start_index,
+            src_padding_mask,
+        )
         tgt = self.norm1(tgt + self.dropout1(tgt2))
         return self.forward_ffn(tgt)
 
@@ -130,26 +167,44 @@ class DeformableTransformerDecoder(nn.Module):
         self.bbox_embed = None
         self.class_embed = None
 
-    def forward(self, tgt, reference_points, src, src_spatial_shapes, src_level_start_index, src_valid_ratios,
-                query_pos=None, src_padding_mask=None):
+    def forward(
+        self,
+        tgt,
+        reference_points,
+        src,
+        src_spatial_shapes,
+        src_level_start_index,
+        src_valid_ratios,
+        query_pos=None,
+        src_padding_mask=None,
+    ):
         """Returns the outputs of every layer (num_layers x N x Lq x C) and their reference points."""
         output = tgt
         intermediate, intermediate_reference_points = [], []
         for lid, layer in enumerate(self.layers):
             if reference_points.shape[-1] == 4:
-                reference_points_input = reference_points[:, :, None] \
-                    * torch.cat([src_valid_ratios, src_valid_ratios], -1)[:, None]
+                reference_points_input = (
+                    reference_points[:, :, None] * torch.cat([src_valid_ratios, src_valid_ratios], -1)[:, None]
+                )
             else:
                 reference_points_input = reference_points[:, :, None] * src_valid_ratios[:, None]
-            output = layer(output, query_pos, reference_points_input, src, src_spatial_shapes,
-                           src_level_start_index, src_padding_mask)
+            output = layer(
+                output,
+                query_pos,
+                reference_points_input,
+                src,
+                src_spatial_shapes,
+                src_level_start_index,
+                src_padding_mask,
+            )
             if self.bbox_embed is not None:  # iterative box refinement
                 tmp = self.bbox_embed[lid](output)
                 if reference_points.shape[-1] == 4:
                     new_reference_points = (tmp + inverse_sigmoid(reference_points)).sigmoid()
                 else:
                     new_reference_points = torch.cat(
-                        [tmp[..., :2] + inverse_sigmoid(reference_points), tmp[..., 2:]], -1).sigmoid()
+                        [tmp[..., :2] + inverse_sigmoid(reference_points), tmp[..., 2:]], -1
+                    ).sigmoid()
                 reference_points = new_reference_points.detach()
             intermediate.append(output)
             intermediate_reference_points.append(reference_points)
@@ -157,19 +212,34 @@ class DeformableTransformerDecoder(nn.Module):
 
 
 class DeformableTransformer(nn.Module):
-    def __init__(self, d_model=256, nhead=8, num_encoder_layers=6, num_decoder_layers=6, dim_feedforward=1024,
-                 dropout=0.1, num_feature_levels=4, dec_n_points=4, enc_n_points=4, two_stage=False,
-                 two_stage_num_proposals=300, ms_attention=True, attn_impl="auto"):
+    def __init__(
+        self,
+        d_model=256,
+        nhead=8,
+        num_encoder_layers=6,
+        num_decoder_layers=6,
+        dim_feedforward=1024,
+        dropout=0.1,
+        num_feature_levels=4,
+        dec_n_points=4,
+        enc_n_points=4,
+        two_stage=False,
+        two_stage_num_proposals=300,
+        ms_attention=True,
+        attn_impl="auto",
+    ):
         super().__init__()
         self.d_model = d_model
         self.nhead = nhead
         self.two_stage = two_stage
         self.two_stage_num_proposals = two_stage_num_proposals
-        encoder_layer = DeformableTransformerEncoderLayer(d_model, dim_feedforward, dropout, num_feature_levels,
-                                                          nhead, enc_n_points, ms_attention, attn_impl)
+        encoder_layer = DeformableTransformerEncoderLayer(
+            d_model, dim_feedforward, dropout, num_feature_levels, nhead, enc_n_points, ms_attention, attn_impl
+        )
         self.encoder = DeformableTransformerEncoder(encoder_layer, num_encoder_layers)
-        decoder_layer = DeformableTransformerDecoderLayer(d_model, dim_feedforward, dropout, num_feature_levels,
-                                                          nhead, dec_n_points, ms_attention, attn_impl)
+        decoder_layer = DeformableTransformerDecoderLayer(
+            d_model, dim_feedforward, dropout, num_feature_levels, nhead, dec_n_points, ms_attention, attn_impl
+        )
         self.decoder = DeformableTransformerDecoder(decoder_layer, num_decoder_layers)
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         if two_stage:
@@ -206,16 +276,18 @@ class DeformableTransformer(nn.Module):
         N, S, C = memory.shape
         proposals, cur = [], 0
         for lvl, (H, W) in enumerate(spatial_shapes.tolist()):
-            mask_flatten = memory_padding_mask[:, cur:cur + H * W].view(N, H, W, 1)
+            mask_flatten = memory_padding_mask[:, cur : cur + H * W].view(N, H, W, 1)
             valid_H = torch.sum(~mask_flatten[:, :, 0, 0], 1)
             valid_W = torch.sum(~mask_flatten[:, 0, :, 0], 1)
-            grid_y, grid_x = torch.meshgrid(torch.linspace(0, H - 1, H, dtype=torch.float32, device=memory.device),
-                                            torch.linspace(0, W - 1, W, dtype=torch.float32, device=memory.device),
-                                            indexing="ij")
+            grid_y, grid_x = torch.meshgrid(
+                torch.linspace(0, H - 1, H, dtype=torch.float32, device=memory.device),
+                torch.linspace(0, W - 1, W, dtype=torch.float32, device=memory.device),
+                indexing="ij",
+            )
             grid = torch.cat([grid_x.unsqueeze(-1), grid_y.unsqueeze(-1)], -1)
             scale = torch.cat([valid_W.unsqueeze(-1), valid_H.unsqueeze(-1)], 1).view(N, 1, 1, 2)
             grid = (grid.unsqueeze(0).expand(N, -1, -1, -1) + 0.5) / scale
-            wh = torch.ones_like(grid) * 0.05 * (2.0 ** lvl)
+            wh = torch.ones_like(grid) * 0.05 * (2.0**lvl)
             proposals.append(torch.cat((grid, wh), -1).view(N, -1, 4))
             cur += H * W
         output_proposals = torch.cat(proposals, 1)
@@ -256,8 +328,9 @@ class DeformableTransformer(nn.Module):
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([self.get_valid_ratio(m) for m in masks], 1)
 
-        memory = self.encoder(src_flatten, spatial_shapes, level_start_index, valid_ratios, lvl_pos_embed_flatten,
-                              mask_flatten)
+        memory = self.encoder(
+            src_flatten, spatial_shapes, level_start_index, valid_ratios, lvl_pos_embed_flatten, mask_flatten
+        )
 
         bs, _, c = memory.shape
         enc_outputs_class = enc_outputs_coord_unact = None
@@ -265,8 +338,7 @@ class DeformableTransformer(nn.Module):
             output_memory, output_proposals = self.gen_encoder_output_proposals(memory, mask_flatten, spatial_shapes)
             # the heads after the last decoder layer score every encoder token as a proposal
             enc_outputs_class = self.decoder.class_embed[self.decoder.num_layers](output_memory)
-            enc_outputs_coord_unact = self.decoder.bbox_embed[self.decoder.num_layers](output_memory) \
-                + output_proposals
+            enc_outputs_coord_unact = self.decoder.bbox_embed[self.decoder.num_layers](output_memory) + output_proposals
             topk_proposals = torch.topk(enc_outputs_class[..., 0], self.two_stage_num_proposals, dim=1)[1]
             topk_coords_unact = torch.gather(enc_outputs_coord_unact, 1, topk_proposals.unsqueeze(-1).repeat(1, 1, 4))
             topk_coords_unact = topk_coords_unact.detach()
@@ -279,6 +351,7 @@ class DeformableTransformer(nn.Module):
             tgt = tgt.unsqueeze(0).expand(bs, -1, -1)
             reference_points = self.reference_points(query_embed).sigmoid()
         init_reference = reference_points
-        hs, inter_references = self.decoder(tgt, reference_points, memory, spatial_shapes, level_start_index,
-                                            valid_ratios, query_embed, mask_flatten)
+        hs, inter_references = self.decoder(
+            tgt, reference_points, memory, spatial_shapes, level_start_index, valid_ratios, query_embed, mask_flatten
+        )
         return hs, init_reference, inter_references, enc_outputs_class, enc_outputs_coord_unact

@@ -3,6 +3,7 @@
 DETR-DC5 is ``dilation: true``; DETR-DC5+ is ``focal_loss: true, num_queries: 300`` (sigmoid class
 head without the no-object class, initialised to the focal-loss prior, like Deformable DETR).
 """
+
 from __future__ import annotations
 
 import math
@@ -65,8 +66,12 @@ class TransformerDecoderLayer(nn.Module):
         q = k = with_pos_embed(x, query_pos)
         tgt = self._norm(self.norm1, tgt + self.dropout1(self.self_attn(q, k, value=x)[0]), False)
         x = self._norm(self.norm2, tgt, True)
-        tgt2 = self.multihead_attn(query=with_pos_embed(x, query_pos), key=with_pos_embed(memory, pos),
-                                   value=memory, key_padding_mask=memory_key_padding_mask)[0]
+        tgt2 = self.multihead_attn(
+            query=with_pos_embed(x, query_pos),
+            key=with_pos_embed(memory, pos),
+            value=memory,
+            key_padding_mask=memory_key_padding_mask,
+        )[0]
         tgt = self._norm(self.norm2, tgt + self.dropout2(tgt2), False)
         x = self._norm(self.norm3, tgt, True)
         tgt = tgt + self.dropout3(self.linear2(self.dropout(F.relu(self.linear1(x)))))
@@ -101,12 +106,21 @@ class TransformerDecoder(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, d_model=256, nhead=8, num_encoder_layers=6, num_decoder_layers=6, dim_feedforward=2048,
-                 dropout=0.1, normalize_before=False):
+    def __init__(
+        self,
+        d_model=256,
+        nhead=8,
+        num_encoder_layers=6,
+        num_decoder_layers=6,
+        dim_feedforward=2048,
+        dropout=0.1,
+        normalize_before=False,
+    ):
         super().__init__()
         encoder_layer = TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, normalize_before)
-        self.encoder = TransformerEncoder(encoder_layer, num_encoder_layers,
-                                          nn.LayerNorm(d_model) if normalize_before else None)
+        self.encoder = TransformerEncoder(
+            encoder_layer, num_encoder_layers, nn.LayerNorm(d_model) if normalize_before else None
+        )
         decoder_layer = TransformerDecoderLayer(d_model, nhead, dim_feedforward, dropout, normalize_before)
         self.decoder = TransformerDecoder(decoder_layer, num_decoder_layers, nn.LayerNorm(d_model))
         self.d_model = d_model
@@ -122,8 +136,9 @@ class Transformer(nn.Module):
         query_embed = query_embed.unsqueeze(1).repeat(1, bs, 1)
         mask = mask.flatten(1)
         memory = self.encoder(src, src_key_padding_mask=mask, pos=pos_embed)
-        hs = self.decoder(torch.zeros_like(query_embed), memory, memory_key_padding_mask=mask, pos=pos_embed,
-                          query_pos=query_embed)
+        hs = self.decoder(
+            torch.zeros_like(query_embed), memory, memory_key_padding_mask=mask, pos=pos_embed, query_pos=query_embed
+        )
         return hs.transpose(1, 2)
 
 
@@ -159,8 +174,15 @@ class DETR(nn.Module):
 
 def build(cfg):
     backbone = build_backbone(cfg, num_outputs=1)
-    transformer = Transformer(d_model=cfg.hidden_dim, nhead=cfg.nheads, num_encoder_layers=cfg.enc_layers,
-                              num_decoder_layers=cfg.dec_layers, dim_feedforward=cfg.dim_feedforward,
-                              dropout=cfg.dropout, normalize_before=cfg.pre_norm)
-    return DETR(backbone, transformer, cfg.num_classes, cfg.num_queries, aux_loss=cfg.aux_loss,
-                focal_loss=cfg.focal_loss)
+    transformer = Transformer(
+        d_model=cfg.hidden_dim,
+        nhead=cfg.nheads,
+        num_encoder_layers=cfg.enc_layers,
+        num_decoder_layers=cfg.dec_layers,
+        dim_feedforward=cfg.dim_feedforward,
+        dropout=cfg.dropout,
+        normalize_before=cfg.pre_norm,
+    )
+    return DETR(
+        backbone, transformer, cfg.num_classes, cfg.num_queries, aux_loss=cfg.aux_loss, focal_loss=cfg.focal_loss
+    )

@@ -5,6 +5,7 @@ and handed to torchvision (which then does no resizing or normalisation of its o
 ``model(images, mask, targets=targets)``: torchvision computes its losses inside the forward pass, and
 the criterion only passes them on.
 """
+
 from __future__ import annotations
 
 import torch
@@ -54,8 +55,12 @@ class PassThroughCriterion(nn.Module):
 
     def __init__(self, rpn_box_loss_weight: float = 1.0, rcnn_box_loss_weight: float = 1.0):
         super().__init__()
-        self.weight_dict = {"loss_objectness": 1.0, "loss_rpn_box_reg": rpn_box_loss_weight, "loss_classifier": 1.0,
-                            "loss_box_reg": rcnn_box_loss_weight}
+        self.weight_dict = {
+            "loss_objectness": 1.0,
+            "loss_rpn_box_reg": rpn_box_loss_weight,
+            "loss_classifier": 1.0,
+            "loss_box_reg": rcnn_box_loss_weight,
+        }
 
     def forward(self, outputs, targets=None):
         return dict(outputs["losses"])
@@ -70,7 +75,7 @@ class DetectionsPostProcess(nn.Module):
     def forward(self, outputs, target_sizes):
         results = []
         for det, (h, w) in zip(outputs["detections"], target_sizes.tolist()):
-            keep = det["scores"].argsort(descending=True)[:self.num_detections]
+            keep = det["scores"].argsort(descending=True)[: self.num_detections]
             boxes = det["boxes"][keep] * det["boxes"].new_tensor([w, h, w, h])
             results.append({"scores": det["scores"][keep], "labels": det["labels"][keep], "boxes": boxes})
         return results
@@ -90,23 +95,34 @@ def giou_loss_from_deltas(pred_deltas, target_deltas, weights, clip: float):
         w = torch.exp(torch.clamp(d[:, 2] / ww, max=clip))
         h = torch.exp(torch.clamp(d[:, 3] / wh, max=clip))
         return torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), dim=1)
+
     return torchvision.ops.generalized_box_iou_loss(to_box(pred_deltas), to_box(target_deltas), reduction="sum")
 
 
 class GIoURoIHeads(RoIHeads):
     """torchvision's box head with the GIoU box loss instead of smooth L1 (Detectron2's
     ``ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE: giou``, summed over foreground proposals and divided by all sampled
-    proposals, as the smooth-L1 loss it replaces; the criterion weights it, ``rcnn_box_loss_weight``). torchvision's forward pass runs unchanged; the
+    proposals, as the smooth-L1 loss it replaces; the criterion weights it, ``rcnn_box_loss_weight``). torchvision's
+    forward pass runs unchanged; the
     sampled labels, regression targets and predicted deltas are kept on the way and ``loss_box_reg`` is
     recomputed from them."""
 
     @classmethod
     def from_heads(cls, heads: RoIHeads) -> "GIoURoIHeads":
         # the same sub-modules (keys, parameters and their initial values) and settings
-        return cls(heads.box_roi_pool, heads.box_head, heads.box_predictor, heads.proposal_matcher.high_threshold,
-                   heads.proposal_matcher.low_threshold, heads.fg_bg_sampler.batch_size_per_image,
-                   heads.fg_bg_sampler.positive_fraction, heads.box_coder.weights, heads.score_thresh,
-                   heads.nms_thresh, heads.detections_per_img)
+        return cls(
+            heads.box_roi_pool,
+            heads.box_head,
+            heads.box_predictor,
+            heads.proposal_matcher.high_threshold,
+            heads.proposal_matcher.low_threshold,
+            heads.fg_bg_sampler.batch_size_per_image,
+            heads.fg_bg_sampler.positive_fraction,
+            heads.box_coder.weights,
+            heads.score_thresh,
+            heads.nms_thresh,
+            heads.detections_per_img,
+        )
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -131,8 +147,10 @@ class GIoURoIHeads(RoIHeads):
             box_regression = kept["box_regression"].reshape(labels.shape[0], -1, 4)
             positive = torch.where(labels > 0)[0]
             pred = box_regression[positive, labels[positive]]
-            losses["loss_box_reg"] = giou_loss_from_deltas(pred, targets_[positive], self.box_coder.weights,
-                                                           self.box_coder.bbox_xform_clip) / labels.numel()
+            losses["loss_box_reg"] = (
+                giou_loss_from_deltas(pred, targets_[positive], self.box_coder.weights, self.box_coder.bbox_xform_clip)
+                / labels.numel()
+            )
         return result, losses
 
 
@@ -145,10 +163,18 @@ class GIoURPN(RegionProposalNetwork):
     @classmethod
     def from_rpn(cls, rpn: RegionProposalNetwork) -> "GIoURPN":
         # the same sub-modules (keys, parameters and their initial values) and settings
-        return cls(rpn.anchor_generator, rpn.head, rpn.proposal_matcher.high_threshold,
-                   rpn.proposal_matcher.low_threshold, rpn.fg_bg_sampler.batch_size_per_image,
-                   rpn.fg_bg_sampler.positive_fraction, dict(rpn._pre_nms_top_n), dict(rpn._post_nms_top_n),
-                   rpn.nms_thresh, rpn.score_thresh)
+        return cls(
+            rpn.anchor_generator,
+            rpn.head,
+            rpn.proposal_matcher.high_threshold,
+            rpn.proposal_matcher.low_threshold,
+            rpn.fg_bg_sampler.batch_size_per_image,
+            rpn.fg_bg_sampler.positive_fraction,
+            dict(rpn._pre_nms_top_n),
+            dict(rpn._post_nms_top_n),
+            rpn.nms_thresh,
+            rpn.score_thresh,
+        )
 
     def compute_loss(self, objectness, pred_bbox_deltas, labels, regression_targets):
         # torchvision's RegionProposalNetwork.compute_loss with the box loss replaced
@@ -159,8 +185,15 @@ class GIoURPN(RegionProposalNetwork):
         objectness = objectness.flatten()
         labels = torch.cat(labels, dim=0)
         regression_targets = torch.cat(regression_targets, dim=0)
-        box_loss = giou_loss_from_deltas(pred_bbox_deltas[sampled_pos_inds], regression_targets[sampled_pos_inds],
-                                         self.box_coder.weights, self.box_coder.bbox_xform_clip) / sampled_inds.numel()
+        box_loss = (
+            giou_loss_from_deltas(
+                pred_bbox_deltas[sampled_pos_inds],
+                regression_targets[sampled_pos_inds],
+                self.box_coder.weights,
+                self.box_coder.bbox_xform_clip,
+            )
+            / sampled_inds.numel()
+        )
         objectness_loss = F.binary_cross_entropy_with_logits(objectness[sampled_inds], labels[sampled_inds])
         return objectness_loss, box_loss
 
@@ -189,8 +222,10 @@ def build(cfg, num_detections=100):
     giou in both, weights 10 and 2; DETR's Faster R-CNN+ baseline).
     """
     if cfg.backbone != "resnet50" or cfg.dcn or cfg.dilation:
-        raise ValueError("model.backbone: the Faster R-CNN row is built with a plain resnet50 "
-                         f"(got backbone={cfg.backbone!r}, dcn={cfg.dcn}, dilation={cfg.dilation})")
+        raise ValueError(
+            "model.backbone: the Faster R-CNN row is built with a plain resnet50 "
+            f"(got backbone={cfg.backbone!r}, dcn={cfg.dcn}, dilation={cfg.dilation})"
+        )
     pretrained = cfg.pretrained_backbone
     trunk = torchvision.models.resnet50(weights=None, norm_layer=FrozenBatchNorm2d if pretrained else nn.BatchNorm2d)
     if pretrained:

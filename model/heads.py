@@ -1,5 +1,6 @@
 """Building blocks shared by the DETR family: layer stacks, adding position embeddings, prediction heads
 (MLP) and the auxiliary outputs of every decoder layer."""
+
 import copy
 
 import torch.nn.functional as F

@@ -28,6 +28,7 @@ and loss weights keep this project's (official) values: transformers' differ (De
 ``class_cost: 1`` and a class loss weight of 1, where the official code uses 2 and 2) and train nothing
 at inference. ``pretrained_backbone`` is false: every weight comes from the checkpoint.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,6 +62,7 @@ class HFConversionError(CheckpointError):
 
 
 # ------------------------------------------------------------------------------------------ key layouts
+
 
 def _to_v5(key: str) -> str:
     """A transformers key in the 5.x layout (a 4.x key renamed as transformers 5 renames it on loading)."""
@@ -100,25 +102,36 @@ _DEFORMABLE_RULES = [
     ("transformer.enc_output_norm.<p>", "model.enc_output_norm.<p>"),
     ("transformer.pos_trans.<p>", "model.pos_trans.<p>"),
     ("transformer.pos_trans_norm.<p>", "model.pos_trans_norm.<p>"),
-    ("transformer.encoder.layers.<i>.self_attn.sampling_offsets.<p>",
-     "model.encoder.layers.<i>.self_attn.sampling_offsets.<p>"),
-    ("transformer.encoder.layers.<i>.self_attn.attention_weights.<p>",
-     "model.encoder.layers.<i>.self_attn.attention_weights.<p>"),
+    (
+        "transformer.encoder.layers.<i>.self_attn.sampling_offsets.<p>",
+        "model.encoder.layers.<i>.self_attn.sampling_offsets.<p>",
+    ),
+    (
+        "transformer.encoder.layers.<i>.self_attn.attention_weights.<p>",
+        "model.encoder.layers.<i>.self_attn.attention_weights.<p>",
+    ),
     ("transformer.encoder.layers.<i>.self_attn.value_proj.<p>", "model.encoder.layers.<i>.self_attn.value_proj.<p>"),
-    ("transformer.encoder.layers.<i>.self_attn.output_proj.<p>",
-     "model.encoder.layers.<i>.self_attn.output_proj.<p>"),
+    ("transformer.encoder.layers.<i>.self_attn.output_proj.<p>", "model.encoder.layers.<i>.self_attn.output_proj.<p>"),
     ("transformer.encoder.layers.<i>.norm1.<p>", "model.encoder.layers.<i>.self_attn_layer_norm.<p>"),
     ("transformer.encoder.layers.<i>.linear1.<p>", "model.encoder.layers.<i>.mlp.fc1.<p>"),
     ("transformer.encoder.layers.<i>.linear2.<p>", "model.encoder.layers.<i>.mlp.fc2.<p>"),
     ("transformer.encoder.layers.<i>.norm2.<p>", "model.encoder.layers.<i>.final_layer_norm.<p>"),
-    ("transformer.decoder.layers.<i>.cross_attn.sampling_offsets.<p>",
-     "model.decoder.layers.<i>.encoder_attn.sampling_offsets.<p>"),
-    ("transformer.decoder.layers.<i>.cross_attn.attention_weights.<p>",
-     "model.decoder.layers.<i>.encoder_attn.attention_weights.<p>"),
-    ("transformer.decoder.layers.<i>.cross_attn.value_proj.<p>",
-     "model.decoder.layers.<i>.encoder_attn.value_proj.<p>"),
-    ("transformer.decoder.layers.<i>.cross_attn.output_proj.<p>",
-     "model.decoder.layers.<i>.encoder_attn.output_proj.<p>"),
+    (
+        "transformer.decoder.layers.<i>.cross_attn.sampling_offsets.<p>",
+        "model.decoder.layers.<i>.encoder_attn.sampling_offsets.<p>",
+    ),
+    (
+        "transformer.decoder.layers.<i>.cross_attn.attention_weights.<p>",
+        "model.decoder.layers.<i>.encoder_attn.attention_weights.<p>",
+    ),
+    (
+        "transformer.decoder.layers.<i>.cross_attn.value_proj.<p>",
+        "model.decoder.layers.<i>.encoder_attn.value_proj.<p>",
+    ),
+    (
+        "transformer.decoder.layers.<i>.cross_attn.output_proj.<p>",
+        "model.decoder.layers.<i>.encoder_attn.output_proj.<p>",
+    ),
     ("transformer.decoder.layers.<i>.norm1.<p>", "model.decoder.layers.<i>.encoder_attn_layer_norm.<p>"),
     ("transformer.decoder.layers.<i>.self_attn.out_proj.<p>", "model.decoder.layers.<i>.self_attn.o_proj.<p>"),
     ("transformer.decoder.layers.<i>.norm2.<p>", "model.decoder.layers.<i>.self_attn_layer_norm.<p>"),
@@ -144,8 +157,7 @@ _DETR_RULES = [
     ("transformer.encoder.layers.<i>.norm2.<p>", "model.encoder.layers.<i>.final_layer_norm.<p>"),
     ("transformer.decoder.layers.<i>.self_attn.out_proj.<p>", "model.decoder.layers.<i>.self_attn.o_proj.<p>"),
     ("transformer.decoder.layers.<i>.norm1.<p>", "model.decoder.layers.<i>.self_attn_layer_norm.<p>"),
-    ("transformer.decoder.layers.<i>.multihead_attn.out_proj.<p>",
-     "model.decoder.layers.<i>.encoder_attn.o_proj.<p>"),
+    ("transformer.decoder.layers.<i>.multihead_attn.out_proj.<p>", "model.decoder.layers.<i>.encoder_attn.o_proj.<p>"),
     ("transformer.decoder.layers.<i>.norm2.<p>", "model.decoder.layers.<i>.encoder_attn_layer_norm.<p>"),
     ("transformer.decoder.layers.<i>.linear1.<p>", "model.decoder.layers.<i>.mlp.fc1.<p>"),
     ("transformer.decoder.layers.<i>.linear2.<p>", "model.decoder.layers.<i>.mlp.fc2.<p>"),
@@ -154,13 +166,17 @@ _DETR_RULES = [
     ("class_embed.<p>", "class_labels_classifier.<p>"),
     ("bbox_embed.layers.<i>.<p>", "bbox_predictor.layers.<i>.<p>"),
 ]
-_DETR_FUSED = [("transformer.encoder.layers.<i>.self_attn.in_proj_<p>", "model.encoder.layers.<i>.self_attn"),
-               ("transformer.decoder.layers.<i>.self_attn.in_proj_<p>", "model.decoder.layers.<i>.self_attn"),
-               ("transformer.decoder.layers.<i>.multihead_attn.in_proj_<p>", "model.decoder.layers.<i>.encoder_attn")]
+_DETR_FUSED = [
+    ("transformer.encoder.layers.<i>.self_attn.in_proj_<p>", "model.encoder.layers.<i>.self_attn"),
+    ("transformer.decoder.layers.<i>.self_attn.in_proj_<p>", "model.decoder.layers.<i>.self_attn"),
+    ("transformer.decoder.layers.<i>.multihead_attn.in_proj_<p>", "model.decoder.layers.<i>.encoder_attn"),
+]
 
 # the position encoding: only the learned one has weights
-_POSITION_RULES = [("backbone.1.row_embed.weight", "model.position_embedding.row_embeddings.weight"),
-                   ("backbone.1.col_embed.weight", "model.position_embedding.column_embeddings.weight")]
+_POSITION_RULES = [
+    ("backbone.1.row_embed.weight", "model.position_embedding.row_embeddings.weight"),
+    ("backbone.1.col_embed.weight", "model.position_embedding.column_embeddings.weight"),
+]
 
 _BN = r"(weight|bias|running_mean|running_var)"
 
@@ -180,8 +196,10 @@ class _Rules:
 
     def __init__(self, pairs, fused):
         self.pairs = [(_pattern(a), a, _pattern(b), b) for a, b in pairs]
-        self.fused = [(_pattern(a), a, re.compile(_pattern(b).pattern[:-1] + r"\.(q|k|v)_proj\.(weight|bias)$"), b)
-                      for a, b in fused]
+        self.fused = [
+            (_pattern(a), a, re.compile(_pattern(b).pattern[:-1] + r"\.(q|k|v)_proj\.(weight|bias)$"), b)
+            for a, b in fused
+        ]
 
     def ours_to_theirs(self, key: str):
         """A list of transformers keys for one key of ours (three for a fused in-projection), or None."""
@@ -210,8 +228,10 @@ class _Rules:
         return None, None
 
 
-_RULES = {"deformable_detr": _Rules(_DEFORMABLE_RULES + _POSITION_RULES, _DEFORMABLE_FUSED),
-          "detr": _Rules(_DETR_RULES + _POSITION_RULES, _DETR_FUSED)}
+_RULES = {
+    "deformable_detr": _Rules(_DEFORMABLE_RULES + _POSITION_RULES, _DEFORMABLE_FUSED),
+    "detr": _Rules(_DETR_RULES + _POSITION_RULES, _DETR_FUSED),
+}
 
 
 # the backbone: timm's ResNet has torchvision's key names; the Hugging Face ResNet its own
@@ -260,6 +280,7 @@ _THEIRS_BACKBONE = "model.backbone.model."
 
 # ------------------------------------------------------------------------------------- configurations
 
+
 def _as_dict(hf_config) -> dict:
     if isinstance(hf_config, dict):
         return dict(hf_config)
@@ -294,39 +315,52 @@ def _backbone_of(c: dict, arch: str, levels: int) -> Tuple[str, str, bool]:
         out = bb.get("out_indices")
         dilation = dilation or bb.get("output_stride") == 16
         if bb.get("output_stride") not in (None, 16, 32):
-            raise HFConversionError(_CONFIG, f"backbone output_stride {bb['output_stride']} (expected 32, or 16 "
-                                              "for DC5)")
+            raise HFConversionError(
+                _CONFIG, f"backbone output_stride {bb['output_stride']} (expected 32, or 16 for DC5)"
+            )
         if out is not None:
             out = list(out)
-            if (arch == "detr" and out[-1] != 4) or (arch != "detr" and out != list(_TIMM_STAGES[3 - wanted:])):
-                raise HFConversionError(_CONFIG, f"timm backbone out_indices {out} do not give the stages this "
-                                                  f"model reads ({list(_TIMM_STAGES[3 - wanted:])})")
+            if (arch == "detr" and out[-1] != 4) or (arch != "detr" and out != list(_TIMM_STAGES[3 - wanted :])):
+                raise HFConversionError(
+                    _CONFIG,
+                    f"timm backbone out_indices {out} do not give the stages this "
+                    f"model reads ({list(_TIMM_STAGES[3 - wanted :])})",
+                )
     elif bb.get("model_type") == "resnet":
         layout = HF_RESNET
         problems = []
         depths = tuple(bb.get("depths", ()))
         if depths not in _HF_RESNET_DEPTHS:
             problems.append(f"depths {list(depths)} (expected those of ResNet-50 or -101)")
-        for field_, expected in (("layer_type", "bottleneck"), ("downsample_in_bottleneck", False),
-                                 ("downsample_in_first_stage", False), ("embedding_size", 64),
-                                 ("hidden_act", "relu"), ("hidden_sizes", [256, 512, 1024, 2048])):
+        for field_, expected in (
+            ("layer_type", "bottleneck"),
+            ("downsample_in_bottleneck", False),
+            ("downsample_in_first_stage", False),
+            ("embedding_size", 64),
+            ("hidden_act", "relu"),
+            ("hidden_sizes", [256, 512, 1024, 2048]),
+        ):
             if field_ in bb and bb[field_] != expected:
                 problems.append(f"{field_} {bb[field_]!r} (expected {expected!r})")
         out = bb.get("out_features")
-        if out is not None and arch != "detr" and list(out) != list(_HF_STAGES[3 - wanted:]):
-            problems.append(f"out_features {list(out)} (expected {list(_HF_STAGES[3 - wanted:])})")
+        if out is not None and arch != "detr" and list(out) != list(_HF_STAGES[3 - wanted :]):
+            problems.append(f"out_features {list(out)} (expected {list(_HF_STAGES[3 - wanted :])})")
         if out is not None and arch == "detr" and list(out)[-1] != "stage4":
             problems.append(f"out_features {list(out)} (expected to end with stage4)")
         if dilation:
             problems.append("dilation (transformers supports DC5 with the timm backbone only)")
         if problems:
-            raise HFConversionError(_CONFIG, "the Hugging Face ResNet backbone differs from torchvision's: "
-                                              + "; ".join(problems))
+            raise HFConversionError(
+                _CONFIG, "the Hugging Face ResNet backbone differs from torchvision's: " + "; ".join(problems)
+            )
         name = _HF_RESNET_DEPTHS[depths]
     else:
-        raise HFConversionError(_CONFIG, f"backbone_config of model_type {bb.get('model_type')!r}: only ResNets "
-                                          "(timm_backbone or resnet) convert")
+        raise HFConversionError(
+            _CONFIG,
+            f"backbone_config of model_type {bb.get('model_type')!r}: only ResNets (timm_backbone or resnet) convert",
+        )
     from .config import BACKBONES
+
     if name not in BACKBONES:
         raise HFConversionError(_CONFIG, f"backbone {name!r} is not one of this project's ({', '.join(BACKBONES)})")
     return name, layout, dilation
@@ -335,15 +369,17 @@ def _backbone_of(c: dict, arch: str, levels: int) -> Tuple[str, str, bool]:
 def _check_equal(c: dict, pairs) -> None:
     for a, b in pairs:
         if a in c and b in c and c[a] != c[b]:
-            raise HFConversionError(_CONFIG, f"{a} {c[a]} and {b} {c[b]} differ; this project's transformer uses "
-                                              "one value for both")
+            raise HFConversionError(
+                _CONFIG, f"{a} {c[a]} and {b} {c[b]} differ; this project's transformer uses one value for both"
+            )
 
 
 def _check_defaults(c: dict, fields) -> None:
     for key, expected in fields:
         if key in c and c[key] is not None and c[key] != expected:
-            raise HFConversionError(_CONFIG, f"{key} {c[key]!r}: the official model has {expected!r} and this "
-                                              "project no such setting")
+            raise HFConversionError(
+                _CONFIG, f"{key} {c[key]!r}: the official model has {expected!r} and this project no such setting"
+            )
 
 
 def config_from_hf(hf_config) -> Tuple[ModelConfig, str]:
@@ -354,35 +390,67 @@ def config_from_hf(hf_config) -> Tuple[ModelConfig, str]:
     if arch not in ("deformable_detr", "detr"):
         raise HFConversionError(_CONFIG, f"model_type {arch!r}: only deformable_detr and detr convert")
     _check_equal(c, [("encoder_ffn_dim", "decoder_ffn_dim"), ("encoder_attention_heads", "decoder_attention_heads")])
-    _check_defaults(c, [("activation_function", "relu"), ("attention_dropout", 0.0), ("activation_dropout", 0.0),
-                        ("encoder_layerdrop", 0.0), ("decoder_layerdrop", 0.0), ("num_channels", 3)])
+    _check_defaults(
+        c,
+        [
+            ("activation_function", "relu"),
+            ("attention_dropout", 0.0),
+            ("activation_dropout", 0.0),
+            ("encoder_layerdrop", 0.0),
+            ("decoder_layerdrop", 0.0),
+            ("num_channels", 3),
+        ],
+    )
     levels = int(c.get("num_feature_levels", 1)) if arch == "deformable_detr" else 1
     backbone, layout, dilation = _backbone_of(c, arch, levels)
-    common = dict(backbone=backbone, pretrained_backbone=False, dilation=dilation,
-                  hidden_dim=int(c.get("d_model", 256)), nheads=int(c.get("encoder_attention_heads", 8)),
-                  enc_layers=int(c.get("encoder_layers", 6)), dec_layers=int(c.get("decoder_layers", 6)),
-                  num_classes=_num_labels(c), dropout=float(c.get("dropout", 0.1)),
-                  position_embedding=c.get("position_embedding_type", "sine"))
+    common = dict(
+        backbone=backbone,
+        pretrained_backbone=False,
+        dilation=dilation,
+        hidden_dim=int(c.get("d_model", 256)),
+        nheads=int(c.get("encoder_attention_heads", 8)),
+        enc_layers=int(c.get("encoder_layers", 6)),
+        dec_layers=int(c.get("decoder_layers", 6)),
+        num_classes=_num_labels(c),
+        dropout=float(c.get("dropout", 0.1)),
+        position_embedding=c.get("position_embedding_type", "sine"),
+    )
     if arch == "detr":
         if c.get("auxiliary_loss"):
-            raise HFConversionError(_CONFIG, "auxiliary_loss true: transformers' DETR then applies the decoder's "
-                                             "final LayerNorm between its layers (to the stream the next layer "
-                                             "reads), the official DETR does not; its predictions would change")
-        cfg = ModelConfig.for_arch("detr", dim_feedforward=int(c.get("encoder_ffn_dim", 2048)),
-                                   num_queries=int(c.get("num_queries", 100)), **common)
+            raise HFConversionError(
+                _CONFIG,
+                "auxiliary_loss true: transformers' DETR then applies the decoder's "
+                "final LayerNorm between its layers (to the stream the next layer "
+                "reads), the official DETR does not; its predictions would change",
+            )
+        cfg = ModelConfig.for_arch(
+            "detr",
+            dim_feedforward=int(c.get("encoder_ffn_dim", 2048)),
+            num_queries=int(c.get("num_queries", 100)),
+            **common,
+        )
         return cfg, layout
     if levels == 2:
-        raise HFConversionError(_CONFIG, "num_feature_levels 2: transformers' Deformable DETR reads C3-C5 whenever "
-                                          "it has more than one level (1, 3 or more convert)")
+        raise HFConversionError(
+            _CONFIG,
+            "num_feature_levels 2: transformers' Deformable DETR reads C3-C5 whenever "
+            "it has more than one level (1, 3 or more convert)",
+        )
     if not c.get("return_intermediate", True):
         raise HFConversionError(_CONFIG, "return_intermediate false: the official decoder returns every layer")
     two_stage = bool(c.get("two_stage", False))
     queries = int(c.get("two_stage_num_proposals", 300) if two_stage else c.get("num_queries", 300))
-    cfg = ModelConfig.for_arch("deformable_detr", dim_feedforward=int(c.get("encoder_ffn_dim", 1024)),
-                               num_feature_levels=levels, enc_n_points=int(c.get("encoder_n_points", 4)),
-                               dec_n_points=int(c.get("decoder_n_points", 4)),
-                               with_box_refine=bool(c.get("with_box_refine", False)), two_stage=two_stage,
-                               num_queries=queries, **common)
+    cfg = ModelConfig.for_arch(
+        "deformable_detr",
+        dim_feedforward=int(c.get("encoder_ffn_dim", 1024)),
+        num_feature_levels=levels,
+        enc_n_points=int(c.get("encoder_n_points", 4)),
+        dec_n_points=int(c.get("decoder_n_points", 4)),
+        with_box_refine=bool(c.get("with_box_refine", False)),
+        two_stage=two_stage,
+        num_queries=queries,
+        **common,
+    )
     return cfg, layout
 
 
@@ -391,28 +459,52 @@ def hf_config_dict(cfg: ModelConfig, backbone_layout: str = TIMM) -> dict:
     names a setting transformers cannot express."""
     _check_expressible(cfg, backbone_layout)
     labels = {str(i): f"LABEL_{i}" for i in range(cfg.num_classes)}
-    c = dict(model_type=cfg.arch, d_model=cfg.hidden_dim, encoder_layers=cfg.enc_layers,
-             decoder_layers=cfg.dec_layers, encoder_attention_heads=cfg.nheads, decoder_attention_heads=cfg.nheads,
-             encoder_ffn_dim=cfg.dim_feedforward, decoder_ffn_dim=cfg.dim_feedforward, dropout=cfg.dropout,
-             attention_dropout=0.0, activation_dropout=0.0, activation_function="relu",
-             position_embedding_type=cfg.position_embedding, dilation=cfg.dilation,
-             num_queries=cfg.num_queries, id2label=labels,
-             label2id={v: int(k) for k, v in labels.items()}, eos_coefficient=cfg.eos_coef)
+    c = dict(
+        model_type=cfg.arch,
+        d_model=cfg.hidden_dim,
+        encoder_layers=cfg.enc_layers,
+        decoder_layers=cfg.dec_layers,
+        encoder_attention_heads=cfg.nheads,
+        decoder_attention_heads=cfg.nheads,
+        encoder_ffn_dim=cfg.dim_feedforward,
+        decoder_ffn_dim=cfg.dim_feedforward,
+        dropout=cfg.dropout,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        activation_function="relu",
+        position_embedding_type=cfg.position_embedding,
+        dilation=cfg.dilation,
+        num_queries=cfg.num_queries,
+        id2label=labels,
+        label2id={v: int(k) for k, v in labels.items()},
+        eos_coefficient=cfg.eos_coef,
+    )
     # matcher costs and loss weights, for training with transformers: its fields are integers, so a value
     # that is not one is left at transformers' default (nothing at inference depends on them)
-    for theirs, value in (("class_cost", cfg.set_cost_class), ("bbox_cost", cfg.set_cost_bbox),
-                          ("giou_cost", cfg.set_cost_giou), ("bbox_loss_coefficient", cfg.bbox_loss_coef),
-                          ("giou_loss_coefficient", cfg.giou_loss_coef)):
+    for theirs, value in (
+        ("class_cost", cfg.set_cost_class),
+        ("bbox_cost", cfg.set_cost_bbox),
+        ("giou_cost", cfg.set_cost_giou),
+        ("bbox_loss_coefficient", cfg.bbox_loss_coef),
+        ("giou_loss_coefficient", cfg.giou_loss_coef),
+    ):
         if float(value).is_integer():
             c[theirs] = int(value)
     if cfg.arch == "deformable_detr":
         # transformers 5 ties every decoder layer's heads to layer 0's unless told otherwise: right for the
         # official model without refinement (one shared head), wrong with it (a head per layer)
-        c.update(architectures=["DeformableDetrForObjectDetection"], num_feature_levels=cfg.num_feature_levels,
-                 tie_word_embeddings=not cfg.with_box_refine,
-                 encoder_n_points=cfg.enc_n_points, decoder_n_points=cfg.dec_n_points,
-                 with_box_refine=cfg.with_box_refine, two_stage=cfg.two_stage,
-                 two_stage_num_proposals=cfg.num_queries, focal_alpha=cfg.focal_alpha, return_intermediate=True)
+        c.update(
+            architectures=["DeformableDetrForObjectDetection"],
+            num_feature_levels=cfg.num_feature_levels,
+            tie_word_embeddings=not cfg.with_box_refine,
+            encoder_n_points=cfg.enc_n_points,
+            decoder_n_points=cfg.dec_n_points,
+            with_box_refine=cfg.with_box_refine,
+            two_stage=cfg.two_stage,
+            two_stage_num_proposals=cfg.num_queries,
+            focal_alpha=cfg.focal_alpha,
+            return_intermediate=True,
+        )
         c.update(auxiliary_loss=cfg.aux_loss)
     else:
         # transformers' DETR with auxiliary_loss applies the decoder's final LayerNorm between the layers
@@ -421,13 +513,24 @@ def hf_config_dict(cfg: ModelConfig, backbone_layout: str = TIMM) -> dict:
     if backbone_layout == TIMM:
         c.update(use_timm_backbone=True, backbone=cfg.backbone, use_pretrained_backbone=False)
     else:
-        stages = ["stage4"] if cfg.arch == "detr" else list(_HF_STAGES[3 - min(cfg.num_feature_levels, 3):])
+        stages = ["stage4"] if cfg.arch == "detr" else list(_HF_STAGES[3 - min(cfg.num_feature_levels, 3) :])
         depths = next(d for d, name in _HF_RESNET_DEPTHS.items() if name == cfg.backbone)
-        c.update(use_timm_backbone=False, use_pretrained_backbone=False, backbone=None,
-                 backbone_config=dict(model_type="resnet", depths=list(depths), hidden_sizes=[256, 512, 1024, 2048],
-                                      embedding_size=64, layer_type="bottleneck", hidden_act="relu",
-                                      downsample_in_first_stage=False, downsample_in_bottleneck=False,
-                                      out_features=stages))
+        c.update(
+            use_timm_backbone=False,
+            use_pretrained_backbone=False,
+            backbone=None,
+            backbone_config=dict(
+                model_type="resnet",
+                depths=list(depths),
+                hidden_sizes=[256, 512, 1024, 2048],
+                embedding_size=64,
+                layer_type="bottleneck",
+                hidden_act="relu",
+                downsample_in_first_stage=False,
+                downsample_in_bottleneck=False,
+                out_features=stages,
+            ),
+        )
     return c
 
 
@@ -437,8 +540,9 @@ def hf_config(config_dict: dict):
         import transformers
     except ImportError as err:
         raise ImportError("transformers is not installed: pip install 'deformable-detr-tables[hf]'") from err
-    cls = transformers.DeformableDetrConfig if config_dict["model_type"] == "deformable_detr" \
-        else transformers.DetrConfig
+    cls = (
+        transformers.DeformableDetrConfig if config_dict["model_type"] == "deformable_detr" else transformers.DetrConfig
+    )
     c = dict(config_dict)
     c.pop("model_type", None)
     return cls(**c)
@@ -472,9 +576,11 @@ def _check_expressible(cfg: ModelConfig, backbone_layout: str) -> None:
 
 # ------------------------------------------------------------------------------------ our model's keys
 
+
 def _our_layout(cfg: ModelConfig):
     """Our model's keys and shapes, and the groups of keys that hold one shared tensor (built without memory)."""
     from .build import build_model
+
     cfg = dataclasses.replace(cfg, pretrained_backbone=False, attn_impl="auto")
     with torch.device("meta"):
         model = build_model(cfg)[0]
@@ -495,17 +601,24 @@ def _mismatch(path, shapes, state, origin: Callable[[str], str], side: str) -> N
         return
     lines = [f"does not fit the {side}:"]
     if unexpected:
-        lines.append(f"  {len(unexpected)} unexpected keys: " + ", ".join(origin(k) for k in unexpected[:12])
-                     + (" ..." if len(unexpected) > 12 else ""))
+        lines.append(
+            f"  {len(unexpected)} unexpected keys: "
+            + ", ".join(origin(k) for k in unexpected[:12])
+            + (" ..." if len(unexpected) > 12 else "")
+        )
     if missing:
-        lines.append(f"  {len(missing)} missing keys: " + ", ".join(origin(k) for k in missing[:12])
-                     + (" ..." if len(missing) > 12 else ""))
+        lines.append(
+            f"  {len(missing)} missing keys: "
+            + ", ".join(origin(k) for k in missing[:12])
+            + (" ..." if len(missing) > 12 else "")
+        )
     for k in wrong[:8]:
         lines.append(f"  shape of {origin(k)}: {tuple(state[k].shape)}, expected {shapes[k]}")
     raise HFConversionError(path, "\n".join(lines))
 
 
 # ------------------------------------------------------------------------------------------ converting
+
 
 def from_hf(hf_state: dict, hf_config, path: str = "state dict") -> Tuple[ModelConfig, dict]:
     """``(ModelConfig, state dict of ours)`` for a transformers state dict (4.x or 5.x keys) and its
@@ -517,9 +630,9 @@ def from_hf(hf_state: dict, hf_config, path: str = "state dict") -> Tuple[ModelC
     for key, value in hf_state.items():
         v5 = _to_v5(key)
         if v5.endswith(".num_batches_tracked"):
-            continue                      # BatchNorm's step counter: frozen BatchNorm keeps none
+            continue  # BatchNorm's step counter: frozen BatchNorm keeps none
         if v5.startswith(_THEIRS_BACKBONE):
-            rest = _backbone_to_ours(v5[len(_THEIRS_BACKBONE):], layout)
+            rest = _backbone_to_ours(v5[len(_THEIRS_BACKBONE) :], layout)
             ours, part = (_OURS_BACKBONE + rest if rest is not None else None), None
         else:
             ours, part = rules.theirs_to_ours(v5)
@@ -533,9 +646,11 @@ def from_hf(hf_state: dict, hf_config, path: str = "state dict") -> Tuple[ModelC
         else:
             fused.setdefault(ours, {})[part] = (key, value)
     if unknown:
-        raise HFConversionError(path, f"{len(unknown)} keys the converter does not expect for {cfg.arch} with a "
-                                      f"{layout} backbone: " + ", ".join(unknown[:12])
-                                + (" ..." if len(unknown) > 12 else ""))
+        raise HFConversionError(
+            path,
+            f"{len(unknown)} keys the converter does not expect for {cfg.arch} with a "
+            f"{layout} backbone: " + ", ".join(unknown[:12]) + (" ..." if len(unknown) > 12 else ""),
+        )
     for ours, parts in fused.items():
         if set(parts) != set("qkv"):
             some_key = next(iter(parts.values()))[0]
@@ -546,15 +661,20 @@ def from_hf(hf_state: dict, hf_config, path: str = "state dict") -> Tuple[ModelC
 
     shapes, groups = _our_layout(cfg)
     _fill_shared(out, origin, groups, path)
-    _mismatch(path, shapes, out, lambda k: origin.get(k) or _hf_name(k, rules, layout),
-              f"{cfg.arch} model its config.json describes")
+    _mismatch(
+        path,
+        shapes,
+        out,
+        lambda k: origin.get(k) or _hf_name(k, rules, layout),
+        f"{cfg.arch} model its config.json describes",
+    )
     return cfg, {k: out[k] for k in shapes}
 
 
 def _hf_name(key: str, rules: _Rules, layout: str) -> str:
     """The transformers key(s) of one key of ours, for messages."""
     if key.startswith(_OURS_BACKBONE):
-        rest = _backbone_to_theirs(key[len(_OURS_BACKBONE):], layout)
+        rest = _backbone_to_theirs(key[len(_OURS_BACKBONE) :], layout)
         return _THEIRS_BACKBONE + rest if rest is not None else key
     theirs = rules.ours_to_theirs(key)
     if not theirs:
@@ -569,20 +689,24 @@ def _fill_shared(out: dict, origin: dict, groups, path) -> None:
     for group in groups:
         present = [k for k in group if k in out]
         if not present:
-            continue                     # reported as missing
+            continue  # reported as missing
         first = present[0]
         for k in present[1:]:
             if out[k].shape != out[first].shape or not torch.equal(out[k], out[first]):
-                raise HFConversionError(path, f"{origin[k]} differs from {origin[first]}; the official model "
-                                              "shares them (without with_box_refine one head serves every decoder "
-                                              "layer; the refinement and two-stage heads are the decoder's too)")
+                raise HFConversionError(
+                    path,
+                    f"{origin[k]} differs from {origin[first]}; the official model "
+                    "shares them (without with_box_refine one head serves every decoder "
+                    "layer; the refinement and two-stage heads are the decoder's too)",
+                )
         for k in group:
             if k not in out:
                 out[k], origin[k] = out[first], origin[first]
 
 
-def to_hf(cfg: ModelConfig, state: dict, key_format: Optional[str] = None,
-          backbone_layout: str = TIMM) -> Tuple[dict, dict]:
+def to_hf(
+    cfg: ModelConfig, state: dict, key_format: Optional[str] = None, backbone_layout: str = TIMM
+) -> Tuple[dict, dict]:
     """``(config dict, transformers state dict)`` for a model of ours: the state dict loads strictly into
     ``DeformableDetrForObjectDetection`` / ``DetrForObjectDetection`` built from ``hf_config(config dict)``.
 
@@ -592,14 +716,14 @@ def to_hf(cfg: ModelConfig, state: dict, key_format: Optional[str] = None,
     if key_format not in (V4, V5):
         raise ValueError(f"key_format: got {key_format!r}, expected 'v4' or 'v5'")
     config = hf_config_dict(cfg, backbone_layout)
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
     shapes, _ = _our_layout(cfg)
     _mismatch("state dict", shapes, state, lambda k: k, f"{cfg.arch} model of this configuration")
     rules = _RULES[cfg.arch]
     out = {}
     for key, value in state.items():
         if key.startswith(_OURS_BACKBONE):
-            rest = _backbone_to_theirs(key[len(_OURS_BACKBONE):], backbone_layout)
+            rest = _backbone_to_theirs(key[len(_OURS_BACKBONE) :], backbone_layout)
             names = [_THEIRS_BACKBONE + rest] if rest is not None else None
         else:
             names = rules.ours_to_theirs(key)
@@ -613,8 +737,10 @@ def to_hf(cfg: ModelConfig, state: dict, key_format: Optional[str] = None,
 
 # ------------------------------------------------------------------------------------------- folders
 
+
 def read_hf_state(folder: str) -> dict:
     """The weights of a transformers folder: model.safetensors or pytorch_model.bin, or their sharded form."""
+
     def load(name):
         p = os.path.join(folder, name)
         if name.endswith(".safetensors"):
@@ -651,24 +777,30 @@ def from_hf_folder(folder: str) -> Tuple[ModelConfig, dict]:
     return from_hf(read_hf_state(folder), config, path=folder)
 
 
-def save_hf_folder(cfg: ModelConfig, state: dict, folder: str, key_format: str = V4,
-                   backbone_layout: str = TIMM) -> None:
+def save_hf_folder(
+    cfg: ModelConfig, state: dict, folder: str, key_format: str = V4, backbone_layout: str = TIMM
+) -> None:
     """Write config.json and model.safetensors that transformers' ``from_pretrained`` reads (4.x keys by
     default, as the hub's files: transformers 5 renames them on loading)."""
     from safetensors.torch import save_file
+
     config, hf_state = to_hf(cfg, state, key_format=key_format, backbone_layout=backbone_layout)
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
     # the official model's shared heads are one tensor under several names: safetensors stores copies
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in hf_state.items()},
-              os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().cpu().contiguous().clone() for k, v in hf_state.items()},
+        os.path.join(folder, "model.safetensors"),
+        metadata={"format": "pt"},
+    )
 
 
 def main(argv=None) -> int:
     """``python -m model.hf_convert HF_FOLDER OUT.pth``: an official-format checkpoint of a transformers
     folder, and the model settings to give the harness."""
     import argparse
+
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("folder", help="a local transformers folder (config.json + weights)")
     parser.add_argument("output", help="where to write {'model': state_dict} (the official checkpoint format)")
@@ -676,8 +808,11 @@ def main(argv=None) -> int:
     cfg, state = from_hf_folder(args.folder)
     torch.save({"model": state}, args.output)
     defaults = ModelConfig.for_arch(cfg.arch)
-    changed = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-               if getattr(cfg, f.name) != getattr(defaults, f.name)}
+    changed = {
+        f.name: getattr(cfg, f.name)
+        for f in dataclasses.fields(cfg)
+        if getattr(cfg, f.name) != getattr(defaults, f.name)
+    }
     print(f"wrote {args.output}: {len(state)} tensors of a {cfg.arch} model")
     print("model settings: " + ", ".join(f"{k}={v!r}" for k, v in changed.items()))
     return 0

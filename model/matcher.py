@@ -1,4 +1,5 @@
 """Hungarian matching between predictions and ground truth (scipy's linear_sum_assignment)."""
+
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
@@ -28,13 +29,13 @@ class HungarianMatcher(nn.Module):
     def forward(self, outputs, targets):
         """Returns, per image, (index of prediction, index of target) int64 tensors of equal length."""
         bs, num_queries = outputs["pred_logits"].shape[:2]
-        logits = outputs["pred_logits"].flatten(0, 1).float()   # N*Q x classes
+        logits = outputs["pred_logits"].flatten(0, 1).float()  # N*Q x classes
         out_bbox = outputs["pred_boxes"].flatten(0, 1).float()  # N*Q x 4
         tgt_ids = torch.cat([v["labels"] for v in targets])
         tgt_bbox = torch.cat([v["boxes"] for v in targets]).to(out_bbox)
         if self.focal:
             out_prob = logits.sigmoid()
-            neg_cost = (1 - self.alpha) * (out_prob ** self.gamma) * (-(1 - out_prob + 1e-8).log())
+            neg_cost = (1 - self.alpha) * (out_prob**self.gamma) * (-(1 - out_prob + 1e-8).log())
             pos_cost = self.alpha * ((1 - out_prob) ** self.gamma) * (-(out_prob + 1e-8).log())
             cost_class = pos_cost[:, tgt_ids] - neg_cost[:, tgt_ids]
         else:
@@ -49,5 +50,6 @@ class HungarianMatcher(nn.Module):
 
 
 def build_matcher(cfg):
-    return HungarianMatcher(cfg.set_cost_class, cfg.set_cost_bbox, cfg.set_cost_giou, focal=cfg.focal_loss,
-                            focal_alpha=cfg.focal_alpha)
+    return HungarianMatcher(
+        cfg.set_cost_class, cfg.set_cost_bbox, cfg.set_cost_giou, focal=cfg.focal_loss, focal_alpha=cfg.focal_alpha
+    )

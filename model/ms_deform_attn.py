@@ -1,4 +1,5 @@
 """The multi-scale deformable attention module (projections around :func:`model.ops.ms_deform_attn`)."""
+
 import math
 
 import torch
@@ -23,8 +24,9 @@ class MSDeformAttn(nn.Module):
     The parameters, and so the checkpoints, are the same either way.
     """
 
-    def __init__(self, d_model=256, n_levels=4, n_heads=8, n_points=4, impl="auto", per_level_softmax=False,
-                 fused_softmax=True):
+    def __init__(
+        self, d_model=256, n_levels=4, n_heads=8, n_points=4, impl="auto", per_level_softmax=False, fused_softmax=True
+    ):
         super().__init__()
         if d_model % n_heads != 0:
             raise ValueError(f"d_model must be divisible by n_heads, got {d_model} and {n_heads}")
@@ -46,7 +48,7 @@ class MSDeformAttn(nn.Module):
         # initial offsets: head h points in direction 2*pi*h/M, point k at distance k+1
         thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
         grid_init = torch.stack([thetas.cos(), thetas.sin()], -1)
-        grid_init = (grid_init / grid_init.abs().max(-1, keepdim=True)[0])
+        grid_init = grid_init / grid_init.abs().max(-1, keepdim=True)[0]
         grid_init = grid_init.view(self.n_heads, 1, 1, 2).repeat(1, self.n_levels, self.n_points, 1)
         for i in range(self.n_points):
             grid_init[:, :, i, :] *= i + 1
@@ -59,8 +61,15 @@ class MSDeformAttn(nn.Module):
         nn.init.xavier_uniform_(self.output_proj.weight)
         nn.init.constant_(self.output_proj.bias, 0.0)
 
-    def forward(self, query, reference_points, input_flatten, input_spatial_shapes, input_level_start_index,
-                input_padding_mask=None):
+    def forward(
+        self,
+        query,
+        reference_points,
+        input_flatten,
+        input_spatial_shapes,
+        input_level_start_index,
+        input_padding_mask=None,
+    ):
         """
         query               N x Lq x C
         reference_points    N x Lq x L x 2 (x, y in [0, 1]) or N x Lq x L x 4 (boxes cx, cy, w, h)
@@ -88,14 +97,19 @@ class MSDeformAttn(nn.Module):
         # sampling_locations: N x Lq x M x L x P x 2
         if reference_points.shape[-1] == 2:
             offset_normalizer = torch.stack([input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1)
-            sampling_locations = reference_points[:, :, None, :, None, :] \
+            sampling_locations = (
+                reference_points[:, :, None, :, None, :]
                 + sampling_offsets / offset_normalizer[None, None, None, :, None, :]
+            )
         elif reference_points.shape[-1] == 4:
-            sampling_locations = reference_points[:, :, None, :, None, :2] \
+            sampling_locations = (
+                reference_points[:, :, None, :, None, :2]
                 + sampling_offsets / P * reference_points[:, :, None, :, None, 2:] * 0.5
+            )
         else:
             raise ValueError(f"reference_points must end in 2 or 4, got shape {tuple(reference_points.shape)}")
         attend = ms_deform_attn_softmax if fused else ms_deform_attn
-        output = attend(value, input_spatial_shapes, input_level_start_index, sampling_locations, attention_weights,
-                        impl=self.impl)
+        output = attend(
+            value, input_spatial_shapes, input_level_start_index, sampling_locations, attention_weights, impl=self.impl
+        )
         return self.output_proj(output)

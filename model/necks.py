@@ -3,6 +3,7 @@
 Both act on the L projected maps (N x C x H_l x W_l, finest first, strides 8..64) after ``input_proj`` and
 return maps of the same shapes, so the transformer is unchanged.
 """
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,8 +39,11 @@ class _WeightedFusion(nn.Module):
         self.weights = nn.Parameter(torch.ones(num_inputs))
         self.eps = eps
         # depthwise-separable 3x3 conv, as in EfficientDet
-        self.conv = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, groups=channels),
-                                  nn.Conv2d(channels, channels, 1), nn.GroupNorm(32, channels))
+        self.conv = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1, groups=channels),
+            nn.Conv2d(channels, channels, 1),
+            nn.GroupNorm(32, channels),
+        )
 
     def forward(self, inputs):
         w = F.relu(self.weights)
@@ -54,8 +58,9 @@ class BiFPNLayer(nn.Module):
         super().__init__()
         self.top_down = nn.ModuleList(_WeightedFusion(channels, 2) for _ in range(num_levels - 1))
         # levels 1..L-1; the finest level's output is its top-down result
-        self.bottom_up = nn.ModuleList(_WeightedFusion(channels, 3 if lvl < num_levels - 1 else 2)
-                                       for lvl in range(1, num_levels))
+        self.bottom_up = nn.ModuleList(
+            _WeightedFusion(channels, 3 if lvl < num_levels - 1 else 2) for lvl in range(1, num_levels)
+        )
 
     def forward(self, feats):
         L = len(feats)

@@ -1,4 +1,5 @@
 """Position encodings of a feature map, from its padding mask."""
+
 import math
 
 import torch

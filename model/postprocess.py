@@ -1,4 +1,5 @@
 """Predictions -> per-image detections in absolute xyxy coordinates of the original image."""
+
 import torch
 from torch import nn
 

@@ -14,6 +14,7 @@ have no network. Its checksum, in order of precedence:
 
 No torch at import time: the harness's planning imports :func:`is_url`.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -27,7 +28,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 ENV_CACHE = "HARNESS_CHECKPOINT_CACHE"
 SUMS = "SHA256SUMS"
-_HEX_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")   # torch.hub's check_hash convention
+_HEX_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")  # torch.hub's check_hash convention
 _DRIVE_FILE = re.compile(r"^/file/d/([A-Za-z0-9_-]+)")
 
 
@@ -45,7 +46,8 @@ def cache_dir() -> Path:
     if os.environ.get(ENV_CACHE):
         return Path(os.environ[ENV_CACHE])
     torch_home = os.environ.get("TORCH_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch"
+    )
     return Path(torch_home) / "hub" / "checkpoints"
 
 
@@ -123,11 +125,15 @@ def _verify(path: Path, url: str, sha256: Optional[str]) -> str:
     expected = expected_sha256(url, sha256)
     source = "published"
     if expected is None:
-        expected, source = _recorded(path.parent).get(path.name), f"recorded in {path.parent / SUMS} at its first download"
+        expected, source = (
+            _recorded(path.parent).get(path.name),
+            f"recorded in {path.parent / SUMS} at its first download",
+        )
     if expected is not None and not actual.startswith(expected):
         raise ReleasedCheckpointError(
             f"checkpoint {path} (from {url}) has sha256 {actual}, expected {expected} ({source}): a corrupt or "
-            f"different file; delete it and submit again to download it anew")
+            f"different file; delete it and submit again to download it anew"
+        )
     return actual
 
 
@@ -137,7 +143,8 @@ def cached_path(url: str, sha256: Optional[str] = None) -> Path:
     if not path.is_file():
         raise ReleasedCheckpointError(
             f"checkpoint {url} is not in the cache: expected {path} (fetched at submission on the login node; "
-            f"{ENV_CACHE} or TORCH_HOME must name a folder the compute nodes see)")
+            f"{ENV_CACHE} or TORCH_HOME must name a folder the compute nodes see)"
+        )
     _verify(path, url, sha256)
     return path
 
@@ -156,7 +163,8 @@ def fetch(url: str, sha256: Optional[str] = None, progress: bool = True) -> Path
         except Exception as err:  # noqa: BLE001 - no network, a moved file: say where the file belongs
             raise ReleasedCheckpointError(
                 f"checkpoint {url} cannot be downloaded ({type(err).__name__}: {err}); put the file at {path} "
-                f"(or set {ENV_CACHE} to a folder that holds it)") from None
+                f"(or set {ENV_CACHE} to a folder that holds it)"
+            ) from None
     digest = _verify(path, url, sha256)
     if expected_sha256(url, sha256) is None and path.name not in _recorded(folder):
         _record(folder, path.name, digest)
@@ -172,8 +180,10 @@ def _download(url: str, path: Path, progress: bool) -> None:
     with open(partial, "rb") as f:
         if f.read(15).lstrip().lower().startswith((b"<!doctype", b"<html")):
             partial.unlink()
-            raise ReleasedCheckpointError(f"{url} served a web page, not a checkpoint (a quota or sign-in page); "
-                                          f"download the file by hand and put it at {path}")
+            raise ReleasedCheckpointError(
+                f"{url} served a web page, not a checkpoint (a quota or sign-in page); "
+                f"download the file by hand and put it at {path}"
+            )
     os.replace(partial, path)
 
 

@@ -3,11 +3,23 @@
 ``TINY_MODEL``: a Deformable DETR small enough for a training step in a second on a CPU; a test states only
 what it changes (``tiny_model_fields(nheads=4)``).
 """
+
 from harness.config import DataConfig, EvalConfig, RunConfig, TrainConfig
 from model import ModelConfig
 
-TINY_MODEL = dict(pretrained_backbone=False, hidden_dim=32, dim_feedforward=64, enc_layers=1, dec_layers=2,
-                  num_queries=10, nheads=2, num_feature_levels=3, enc_n_points=2, dec_n_points=2, attn_impl="pytorch")
+TINY_MODEL = dict(
+    pretrained_backbone=False,
+    hidden_dim=32,
+    dim_feedforward=64,
+    enc_layers=1,
+    dec_layers=2,
+    num_queries=10,
+    nheads=2,
+    num_feature_levels=3,
+    enc_n_points=2,
+    dec_n_points=2,
+    attn_impl="pytorch",
+)
 
 
 def tiny_model_fields(**kw) -> dict:
@@ -22,11 +34,27 @@ def tiny_model_config(**kw) -> ModelConfig:
 def tiny_run_config(data_root, epochs=2, model=None, train=None, data=None, eval=None):
     return RunConfig(
         model=model or tiny_model_config(),
-        data=DataConfig(**dict(dict(dataset="synthetic", root=str(data_root), num_workers=0, train_size=64,
-                                    eval_size=64, max_size=96, synthetic_train_images=4, synthetic_val_images=2,
-                                    synthetic_image_size=(48, 64)),
-                               **(data or {}))),
-        train=TrainConfig(**dict(dict(epochs=epochs, batch_size_per_gpu=2, total_batch_size=2, print_freq=1,
-                                      lr_drop=1, seed=7), **(train or {}))),
+        data=DataConfig(
+            **dict(
+                dict(
+                    dataset="synthetic",
+                    root=str(data_root),
+                    num_workers=0,
+                    train_size=64,
+                    eval_size=64,
+                    max_size=96,
+                    synthetic_train_images=4,
+                    synthetic_val_images=2,
+                    synthetic_image_size=(48, 64),
+                ),
+                **(data or {}),
+            )
+        ),
+        train=TrainConfig(
+            **dict(
+                dict(epochs=epochs, batch_size_per_gpu=2, total_batch_size=2, print_freq=1, lr_drop=1, seed=7),
+                **(train or {}),
+            )
+        ),
         eval=EvalConfig(**(eval or {})),
     )

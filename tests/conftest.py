@@ -24,6 +24,7 @@ def one_torch_thread():
     yield
     torch.set_num_threads(threads)
 
+
 # Set by .ci/run: where the system packages were installed (tools/install_system_packages.sh), a test that
 # finds them missing fails instead of skipping, so CI cannot pass by skipping the SLURM and LaTeX tests.
 REQUIRE_SYSTEM = "HARNESS_TESTS_REQUIRE_SYSTEM"

@@ -17,6 +17,7 @@ fail under HARNESS_TESTS_REQUIRE_SYSTEM=1, as in CI) or cannot run here (not roo
 
 ``SLURM_LOCAL_KEEP=1`` leaves the cluster running after the session (faster reruns while developing).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,16 +36,22 @@ SLURM_DIR = Path(__file__).resolve().parent / "slurm"
 START = SLURM_DIR / "start.sh"
 STOP = SLURM_DIR / "stop.sh"
 # exit codes of start.sh that mean "SLURM cannot run here" (skip) rather than "it broke" (error)
-CANNOT_RUN = {3: "SLURM (slurmctld, slurmd, munge)",
-              4: "a slurm.conf not written by tests/slurm/start.sh is in place (a real cluster); left alone"}
+CANNOT_RUN = {
+    3: "SLURM (slurmctld, slurmd, munge)",
+    4: "a slurm.conf not written by tests/slurm/start.sh is in place (a real cluster); left alone",
+}
 
 
 # the two-node cluster: names that do not resolve, its own config, state, pid files and ports
 TWO_NODES = ("nodea", "nodeb")
 TWO_NODE_STATE = "/var/lib/slurm-local-two"
-TWO_NODE_ENV = {"SLURM_LOCAL_NODES": " ".join(TWO_NODES), "SLURM_LOCAL_STATE": TWO_NODE_STATE,
-                "SLURM_LOCAL_CONF": f"{TWO_NODE_STATE}/slurm.conf", "SLURM_LOCAL_PORT": "6917",
-                "SLURM_LOCAL_CPUS": "2"}
+TWO_NODE_ENV = {
+    "SLURM_LOCAL_NODES": " ".join(TWO_NODES),
+    "SLURM_LOCAL_STATE": TWO_NODE_STATE,
+    "SLURM_LOCAL_CONF": f"{TWO_NODE_STATE}/slurm.conf",
+    "SLURM_LOCAL_PORT": "6917",
+    "SLURM_LOCAL_CPUS": "2",
+}
 
 
 def _cluster_env(script_env: Optional[dict]) -> dict:
@@ -64,8 +71,9 @@ def cluster_is_up(script_env: Optional[dict] = None) -> bool:
     if script_env and not Path(script_env["SLURM_LOCAL_CONF"]).is_file():
         return False
     try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10,
-                             env=_cluster_env(script_env))
+        out = subprocess.run(
+            ["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10, env=_cluster_env(script_env)
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     states = out.stdout.split()
@@ -76,16 +84,18 @@ def cluster_is_up(script_env: Optional[dict] = None) -> bool:
 @dataclasses.dataclass
 class SlurmCluster:
     """Handles for tests: the node's name and a few scontrol/squeue wrappers."""
+
     node: str
     started_here: bool
     nodes: Tuple[str, ...] = ()
-    conf: Optional[str] = None           # SLURM_CONF of a cluster whose config is not /etc/slurm/slurm.conf
-    script_env: Optional[dict] = None    # the SLURM_LOCAL_* variables start.sh/stop.sh got
-    lost: Dict[str, List[int]] = dataclasses.field(default_factory=dict)   # node -> its job's pids (lose_node)
+    conf: Optional[str] = None  # SLURM_CONF of a cluster whose config is not /etc/slurm/slurm.conf
+    script_env: Optional[dict] = None  # the SLURM_LOCAL_* variables start.sh/stop.sh got
+    lost: Dict[str, List[int]] = dataclasses.field(default_factory=dict)  # node -> its job's pids (lose_node)
 
     @staticmethod
     def state(job_id: str) -> Optional[str]:
         from harness.launch import slurm_job_state
+
         return slurm_job_state(job_id)
 
     @staticmethod
@@ -110,14 +120,19 @@ class SlurmCluster:
         process of the job left. The BeginTime delay is what keeps real clusters clear of both."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if (self.state(job_id) or "").startswith("PENDING") and self.reason(job_id) == "BeginTime" \
-                    and not self.steps_alive(job_id):
+            if (
+                (self.state(job_id) or "").startswith("PENDING")
+                and self.reason(job_id) == "BeginTime"
+                and not self.steps_alive(job_id)
+            ):
                 self.scontrol("update", f"jobid={job_id}", "StartTime=now")
                 return
             time.sleep(0.5)
-        raise TimeoutError(f"job {job_id} did not wait for its BeginTime with no process left within {timeout_s} s "
-                           f"(state {self.state(job_id)}, reason {self.reason(job_id)}, "
-                           f"{self.steps_alive(job_id)} step(s) alive)")
+        raise TimeoutError(
+            f"job {job_id} did not wait for its BeginTime with no process left within {timeout_s} s "
+            f"(state {self.state(job_id)}, reason {self.reason(job_id)}, "
+            f"{self.steps_alive(job_id)} step(s) alive)"
+        )
 
     def reason(self, job_id: str) -> str:
         """Why a pending job waits (``scontrol show job``'s Reason: BeginTime, Resources, None...)."""
@@ -138,7 +153,7 @@ class SlurmCluster:
         for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
             try:
                 alive += cmdline.read_bytes().startswith(title)
-            except OSError:                      # the process ended while being read
+            except OSError:  # the process ended while being read
                 pass
         return alive
 
@@ -176,7 +191,7 @@ class SlurmCluster:
             try:
                 if wanted <= set(environ.read_bytes().split(b"\0")):
                     tasks.append(int(environ.parent.name))
-            except OSError:                      # the process ended, or is not ours to read
+            except OSError:  # the process ended, or is not ours to read
                 pass
         steps = set()
         for pid in tasks:
@@ -216,19 +231,26 @@ class SlurmCluster:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        self.wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in lost), 30,
-                      f"the lost processes of {node} to end")
+        self.wait_for(
+            lambda: not any(Path(f"/proc/{pid}").exists() for pid in lost), 30, f"the lost processes of {node} to end"
+        )
         pid_file = self._slurmd_pid_file(node)
         alive = pid_file.is_file() and Path(f"/proc/{pid_file.read_text().strip()}").exists()
         if not alive:
-            subprocess.run(["slurmd", "-f", self.conf or "/etc/slurm/slurm.conf", "-N", node], check=True,
-                           capture_output=True, timeout=60, env=_cluster_env(self.script_env))
+            subprocess.run(
+                ["slurmd", "-f", self.conf or "/etc/slurm/slurm.conf", "-N", node],
+                check=True,
+                capture_output=True,
+                timeout=60,
+                env=_cluster_env(self.script_env),
+            )
 
         def usable() -> bool:
             state = self.node_state(node).upper()
             if state.startswith(("DOWN", "DRAIN", "FAIL")) and "NOT_RESPONDING" not in state:
                 self.scontrol("update", f"nodename={node}", "state=resume")
             return state.startswith(("IDLE", "MIXED", "ALLOCATED")) and "NOT_RESPONDING" not in state
+
         self.wait_for(usable, timeout_s, f"{node} to be usable again", poll_s=1)
 
 
@@ -244,20 +266,29 @@ def start_cluster(script_env: Optional[dict] = None) -> SlurmCluster:
         if out.returncode in CANNOT_RUN:
             pytest.skip(f"{CANNOT_RUN[out.returncode]}: {out.stderr.strip()[-500:]}")
         if out.returncode != 0:
-            pytest.fail(f"tests/slurm/start.sh failed (exit {out.returncode}):\n{out.stderr[-4000:]}",
-                        pytrace=False)
+            pytest.fail(f"tests/slurm/start.sh failed (exit {out.returncode}):\n{out.stderr[-4000:]}", pytrace=False)
     listed = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True, env=env).stdout.split()
     nodes = tuple(dict.fromkeys(listed))
-    return SlurmCluster(node=nodes[0], started_here=not was_up, nodes=nodes,
-                        conf=script_env["SLURM_LOCAL_CONF"] if script_env else None, script_env=script_env)
+    return SlurmCluster(
+        node=nodes[0],
+        started_here=not was_up,
+        nodes=nodes,
+        conf=script_env["SLURM_LOCAL_CONF"] if script_env else None,
+        script_env=script_env,
+    )
 
 
 def stop_cluster(cluster: SlurmCluster) -> None:
     if cluster.started_here and os.environ.get("SLURM_LOCAL_KEEP") != "1":
         # a cluster the tests started leaves no config or state behind (stop.sh purges only a config that
         # start.sh wrote, never a site's own /etc/slurm/slurm.conf)
-        subprocess.run(["bash", str(STOP), "--purge"], capture_output=True, text=True, timeout=120,
-                       env=_cluster_env(cluster.script_env))
+        subprocess.run(
+            ["bash", str(STOP), "--purge"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=_cluster_env(cluster.script_env),
+        )
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ The first candidate that makes a valid config (:class:`model.config.ModelConfig`
 :func:`harness.grid.validate.check_run_config`) is the perturbation. A value starting with ``<ws>/`` is a file in
 the test's workspace; ``<data>`` is the synthetic set that the data section describes (made by the test).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,8 +30,8 @@ from harness.grid.validate import check_run_config
 from model import config as mcfg
 from model.config import ConfigError
 
-DATA = "<data>"          # the synthetic set of the data section (one folder per generated set)
-WS = "<ws>/"             # a file in the test's workspace
+DATA = "<data>"  # the synthetic set of the data section (one folder per generated set)
+WS = "<ws>/"  # a file in the test's workspace
 
 
 # --------------------------------------------------------------------------------------------- the bases
@@ -38,21 +39,50 @@ WS = "<ws>/"             # a file in the test's workspace
 # 10 queries, three feature levels, a frozen backbone (Adam over ResNet-50 dominated the time), 48x64 images,
 # four training images, two iterations per epoch, two epochs (lr_drop 1 drops before the second).
 DEFAULT: Dict[str, dict] = {
-    "model": dict(pretrained_backbone=False, train_backbone=False, hidden_dim=32, dim_feedforward=64, nheads=2,
-                  enc_layers=1, dec_layers=2, num_queries=10, num_feature_levels=3, enc_n_points=2, dec_n_points=2,
-                  attn_impl="pytorch"),
-    "data": dict(dataset="synthetic", root=DATA, num_workers=0, train_size=64, eval_size=64, max_size=96,
-                 synthetic_train_images=4, synthetic_val_images=2, synthetic_image_size=(48, 64)),
-    "train": dict(epochs=2, lr_drop=1, batch_size_per_gpu=2, total_batch_size=2, max_iters_per_epoch=2, seed=7,
-                  print_freq=1),
+    "model": dict(
+        pretrained_backbone=False,
+        train_backbone=False,
+        hidden_dim=32,
+        dim_feedforward=64,
+        nheads=2,
+        enc_layers=1,
+        dec_layers=2,
+        num_queries=10,
+        num_feature_levels=3,
+        enc_n_points=2,
+        dec_n_points=2,
+        attn_impl="pytorch",
+    ),
+    "data": dict(
+        dataset="synthetic",
+        root=DATA,
+        num_workers=0,
+        train_size=64,
+        eval_size=64,
+        max_size=96,
+        synthetic_train_images=4,
+        synthetic_val_images=2,
+        synthetic_image_size=(48, 64),
+    ),
+    "train": dict(
+        epochs=2, lr_drop=1, batch_size_per_gpu=2, total_batch_size=2, max_iters_per_epoch=2, seed=7, print_freq=1
+    ),
     # tta_sizes: small, so that perturbing eval.tta does not evaluate at 1000 pixels (inactive without tta)
     "eval": dict(tta_sizes=(48, 64)),
     "benchmark": dict(),
     "launcher": dict(executor="local", gpus_per_node=0, tasks_per_node=1),
 }
 
-_TINY_DETR = dict(pretrained_backbone=False, train_backbone=False, hidden_dim=32, dim_feedforward=64, nheads=2,
-                  enc_layers=1, dec_layers=2, num_queries=10)
+_TINY_DETR = dict(
+    pretrained_backbone=False,
+    train_backbone=False,
+    hidden_dim=32,
+    dim_feedforward=64,
+    nheads=2,
+    enc_layers=1,
+    dec_layers=2,
+    num_queries=10,
+)
 
 # name -> {section: {field: value}} on top of DEFAULT ("model" replaces DEFAULT's model section when it has
 # "arch": another architecture starts from its own defaults, model.config.arch_defaults)
@@ -67,8 +97,10 @@ BASES: Dict[str, Dict[str, dict]] = {
     "pretrained": {"model": dict(pretrained_backbone=True, backbone_weights=WS + "backbone_a.pth")},
     "box_refine": {"model": dict(with_box_refine=True)},
     "detr": {"model": dict(arch="detr", **_TINY_DETR)},
-    "faster_rcnn": {"model": dict(arch="faster_rcnn", pretrained_backbone=False, train_backbone=False),
-                    "train": dict(epochs=1)},
+    "faster_rcnn": {
+        "model": dict(arch="faster_rcnn", pretrained_backbone=False, train_backbone=False),
+        "train": dict(epochs=1),
+    },
     "from_checkpoint": {"eval": dict(checkpoint=WS + "checkpoint.pth")},
     "tta": {"eval": dict(tta=True)},
     # the synthetic set read as COCO (same files): the synthetic.* fields are inactive there
@@ -76,19 +108,27 @@ BASES: Dict[str, Dict[str, dict]] = {
 }
 
 CHOICES: Dict[str, Tuple] = {
-    "model.arch": mcfg.ARCHS, "model.backbone": mcfg.BACKBONES, "model.neck": mcfg.NECKS,
-    "model.attn_impl": mcfg.ATTN_IMPLS, "model.rcnn_box_loss": mcfg.RCNN_BOX_LOSSES,
+    "model.arch": mcfg.ARCHS,
+    "model.backbone": mcfg.BACKBONES,
+    "model.neck": mcfg.NECKS,
+    "model.attn_impl": mcfg.ATTN_IMPLS,
+    "model.rcnn_box_loss": mcfg.RCNN_BOX_LOSSES,
     "model.rpn_box_loss": mcfg.RCNN_BOX_LOSSES,
-    "model.position_embedding": ("sine", "learned"),      # model.config.validate lists them inline
-    "data.dataset": hcfg.DATASETS, "data.augmentation": hcfg.AUGMENTATIONS,
-    "train.optimizer": hcfg.OPTIMIZERS, "train.lr_schedule": hcfg.LR_SCHEDULES, "train.amp": tuple(hcfg.AMP_MODES),
-    "benchmark.precision": hcfg.PRECISIONS, "launcher.executor": hcfg.EXECUTORS,
+    "model.position_embedding": ("sine", "learned"),  # model.config.validate lists them inline
+    "data.dataset": hcfg.DATASETS,
+    "data.augmentation": hcfg.AUGMENTATIONS,
+    "train.optimizer": hcfg.OPTIMIZERS,
+    "train.lr_schedule": hcfg.LR_SCHEDULES,
+    "train.amp": tuple(hcfg.AMP_MODES),
+    "benchmark.precision": hcfg.PRECISIONS,
+    "launcher.executor": hcfg.EXECUTORS,
 }
 
 
 class Entry(NamedTuple):
     """How one field is perturbed where the generic rule does not do: in ``base``, to ``value`` (None: the
     generic rule from the base's value), with ``companions`` (dotted key -> value) that validity requires."""
+
     base: str = "default"
     value: object = None
     companions: Tuple[Tuple[str, object], ...] = ()
@@ -100,42 +140,43 @@ def _e(base="default", value=None, **companions):
 
 TABLE: Dict[str, Entry] = {
     # DETR needs one feature level and the deformable attention's switches at their defaults
-    "model.arch": _e(value="detr", model__num_feature_levels=1, model__enc_n_points=4, model__dec_n_points=4,
-                     model__attn_impl="auto"),
+    "model.arch": _e(
+        value="detr", model__num_feature_levels=1, model__enc_n_points=4, model__dec_n_points=4, model__attn_impl="auto"
+    ),
     # ImageNet weights cannot be downloaded here: a local file of (random) ResNet-50 weights stands for them
     "model.pretrained_backbone": _e(value=True, model__backbone_weights=WS + "backbone_a.pth"),
     "model.backbone_weights": _e("pretrained", WS + "backbone_b.pth"),
-    "model.position_embedding": _e("detr"),              # Deformable DETR allows only sine
-    "model.pre_norm": _e("detr"),                        # DETR only
-    "model.eos_coef": _e("detr"),                        # the softmax loss (focal_loss false)
+    "model.position_embedding": _e("detr"),  # Deformable DETR allows only sine
+    "model.pre_norm": _e("detr"),  # DETR only
+    "model.eos_coef": _e("detr"),  # the softmax loss (focal_loss false)
     # DETR's softmax -> sigmoid focal loss. Deformable DETR with focal_loss false passes validation but fails
     # in the loss (its class head has no no-object logit: "weight tensor should be defined either for all or
     # no classes"), so the switch is perturbed where it works
     "model.focal_loss": _e("detr"),
-    "model.two_stage": _e("box_refine"),                 # needs with_box_refine
+    "model.two_stage": _e("box_refine"),  # needs with_box_refine
     "model.rcnn_box_loss": _e("faster_rcnn"),
     "model.rcnn_box_loss_weight": _e("faster_rcnn"),
     "model.rpn_box_loss": _e("faster_rcnn"),
     "model.rpn_box_loss_weight": _e("faster_rcnn"),
-    "model.attn_impl": _e(value="cpu"),                  # the compiled CPU kernel vs the PyTorch reference
-    "model.set_cost_giou": _e(value=20.0),               # x2 (and x4) leave the tiny run's matching unchanged
-    "data.root": _e(value=WS + "data-elsewhere"),        # the same generated set in another folder
+    "model.attn_impl": _e(value="cpu"),  # the compiled CPU kernel vs the PyTorch reference
+    "model.set_cost_giou": _e(value=20.0),  # x2 (and x4) leave the tiny run's matching unchanged
+    "data.root": _e(value=WS + "data-elsewhere"),  # the same generated set in another folder
     "data.train_split": _e(value="val2017"),
-    "data.val_split": _e(value="test-dev2017"),          # images without annotations (the test makes the files)
+    "data.val_split": _e(value="test-dev2017"),  # images without annotations (the test makes the files)
     "data.num_workers": _e(value=2),
-    "data.max_size": _e(value=72),                       # 96 never caps a 64-pixel short side of a 4:3 image
+    "data.max_size": _e(value=72),  # 96 never caps a 64-pixel short side of a 4:3 image
     "data.synthetic_image_size": _e(value=(64, 48)),
-    "train.lr_backbone": _e("train_backbone"),           # a frozen backbone has no backbone lr
+    "train.lr_backbone": _e("train_backbone"),  # a frozen backbone has no backbone lr
     "train.momentum": _e("sgd"),
     "train.warmup_factor": _e("warmup"),
     # step with lr_drop 1 vs multistep at epoch 2 of 3 (step vs multistep [1] would be the same schedule)
     "train.lr_schedule": _e("multistep", "step", train__lr_milestones=()),
     "train.lr_milestones": _e("multistep", (1,)),
-    "train.accumulate_to_total": _e("accumulating"),     # with total 2 = batch 2 there is nothing to accumulate
+    "train.accumulate_to_total": _e("accumulating"),  # with total 2 = batch 2 there is nothing to accumulate
     # a batch of 3 or 4 is no divisor of the total 2: perturbed without accumulation
     "train.batch_size_per_gpu": _e("no_accumulation"),
-    "train.max_iters_per_epoch": _e(value=1),            # 3 > the 2 batches of an epoch would cut nothing
-    "eval.eval_only": _e("from_checkpoint"),             # needs a checkpoint
+    "train.max_iters_per_epoch": _e(value=1),  # 3 > the 2 batches of an epoch would cut nothing
+    "eval.eval_only": _e("from_checkpoint"),  # needs a checkpoint
     "eval.checkpoint": _e(value=WS + "checkpoint.pth"),  # the default base's checkpoint, as initial weights
     "eval.tta_sizes": _e("tta", (48,)),
     "benchmark.fps_batch_sizes": _e(value=(1,)),
@@ -147,6 +188,7 @@ TABLE: Dict[str, Entry] = {
 
 
 # ---------------------------------------------------------------------------------------------- configs
+
 
 def all_keys() -> List[str]:
     """``section.field`` of every field of every config section, in declaration order."""
@@ -175,7 +217,7 @@ def build(base: str, changes: Tuple[Tuple[str, object], ...] = ()) -> RunConfig:
     for key, value in changes:
         section, name = key.split(".")
         sections[section][name] = value
-    cfg = RunConfig(**{s: cls(**sections[s]) for s, cls in SECTION_CLASSES.items()})   # ModelConfig validates
+    cfg = RunConfig(**{s: cls(**sections[s]) for s, cls in SECTION_CLASSES.items()})  # ModelConfig validates
     check_run_config(cfg)
     return cfg
 
@@ -213,7 +255,7 @@ def candidates(key: str, value) -> list:
 class Perturbation(NamedTuple):
     key: str
     base: str
-    changes: Tuple[Tuple[str, object], ...]      # the field first, then its companions
+    changes: Tuple[Tuple[str, object], ...]  # the field first, then its companions
 
     @property
     def value(self):
@@ -232,8 +274,10 @@ def perturbation(key: str, base: Optional[str] = None) -> Perturbation:
     current = value_of(build(base), key)
     values = [entry.value] if entry.value is not None else candidates(key, current)
     if not values:
-        raise LookupError(f"{key}: no generic perturbation of {current!r} ({_hints(key)}); add an entry to "
-                          "TABLE in tests/field_perturbation.py (or an exemption with its reason)")
+        raise LookupError(
+            f"{key}: no generic perturbation of {current!r} ({_hints(key)}); add an entry to "
+            "TABLE in tests/field_perturbation.py (or an exemption with its reason)"
+        )
     errors = []
     for value in values:
         if value == current:
@@ -245,8 +289,10 @@ def perturbation(key: str, base: Optional[str] = None) -> Perturbation:
             errors.append(f"{value!r}: {e}")
             continue
         return Perturbation(key, base, changes)
-    raise LookupError(f"{key}: no valid perturbation in base {base!r} ({'; '.join(errors) or 'no candidate'}); "
-                      "add an entry to TABLE in tests/field_perturbation.py")
+    raise LookupError(
+        f"{key}: no valid perturbation in base {base!r} ({'; '.join(errors) or 'no candidate'}); "
+        "add an entry to TABLE in tests/field_perturbation.py"
+    )
 
 
 def inactive_perturbation(key: str) -> Optional[Perturbation]:

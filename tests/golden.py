@@ -1,4 +1,5 @@
 """Deterministic weights of ``tests/fixtures/README.md`` (the recipe the golden outputs were made with)."""
+
 import math
 import zlib
 

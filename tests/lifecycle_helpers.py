@@ -6,6 +6,7 @@ The hook is a ``sitecustomize`` on the job's PYTHONPATH: in a task of a local jo
 set) it wraps ``module:attribute`` when the module is imported; the ``call``-th call writes
 ``<marker>.<rank>`` and sleeps ``sleep`` seconds before doing its work.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,10 +20,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "fixtures" / "tiny_experiment.yaml"
 # two epochs of 2 iterations per task (2 tasks, gloo), 4 evaluation batches per task; no FLOPs/FPS
-OVERRIDES = ["train.epochs=2", "train.eval_every=1", "data.synthetic_val_images=8", "eval.batch_size_per_gpu=1",
-             "benchmark.flops=false", "benchmark.fps=false"]
+OVERRIDES = [
+    "train.epochs=2",
+    "train.eval_every=1",
+    "data.synthetic_val_images=8",
+    "eval.batch_size_per_gpu=1",
+    "benchmark.flops=false",
+    "benchmark.fps=false",
+]
 
-SITECUSTOMIZE = r'''
+SITECUSTOMIZE = r"""
 import json, os, sys, time
 import importlib.abc, importlib.util
 
@@ -60,12 +67,23 @@ if _cfg and os.environ.get("SUBMITIT_LOCAL_GLOBALID") is not None:
             return spec
 
     sys.meta_path.insert(0, _Finder())
-'''
+"""
 
 
 def argv(root: Path, *extra: str):
-    return [str(TINY), "--results", str(root / "results"), "--reports", str(root / "reports"), "--rows", "K=1",
-            "--executor", "local", *OVERRIDES, *extra]
+    return [
+        str(TINY),
+        "--results",
+        str(root / "results"),
+        "--reports",
+        str(root / "reports"),
+        "--rows",
+        "K=1",
+        "--executor",
+        "local",
+        *OVERRIDES,
+        *extra,
+    ]
 
 
 def environment(tmp_path: Path, hook: dict = None, path_prefix: str = None) -> dict:
@@ -75,8 +93,9 @@ def environment(tmp_path: Path, hook: dict = None, path_prefix: str = None) -> d
         folder = tmp_path / "hook"
         folder.mkdir(exist_ok=True)
         (folder / "sitecustomize.py").write_text(SITECUSTOMIZE)
-        env["PYTHONPATH"] = os.pathsep.join([str(folder), str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH")
-                                                                      else []))
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(folder), str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+        )
         env["HARNESS_TEST_HOOK"] = json.dumps(hook)
     if path_prefix:
         env["PATH"] = path_prefix + os.pathsep + env["PATH"]
@@ -87,8 +106,14 @@ def start_submission(root: Path, env: dict, *extra: str) -> subprocess.Popen:
     """``run_experiment.py`` in a process group of its own, as a terminal's foreground job (Ctrl-C: SIGINT to
     the group)."""
     log = open(root / "submission.log", "ab")
-    return subprocess.Popen([sys.executable, str(ROOT / "run_experiment.py"), *argv(root, *extra)], cwd=ROOT,
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "run_experiment.py"), *argv(root, *extra)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def ctrl_c(proc: subprocess.Popen) -> None:
@@ -99,9 +124,12 @@ def wait_for(predicate, timeout_s: float, what: str, proc: subprocess.Popen = No
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the submission ended (rc {proc.returncode}) before {what}:\n"
-                                 + (log.read_text()[-4000:] if log and log.exists() else ""))
+            raise AssertionError(
+                f"the submission ended (rc {proc.returncode}) before {what}:\n"
+                + (log.read_text()[-4000:] if log and log.exists() else "")
+            )
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}:\n"
-                                 + (log.read_text()[-4000:] if log and log.exists() else ""))
+            raise AssertionError(
+                f"timed out waiting for {what}:\n" + (log.read_text()[-4000:] if log and log.exists() else "")
+            )
         time.sleep(0.2)

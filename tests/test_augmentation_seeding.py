@@ -1,5 +1,6 @@
 """Augmentation is a function of (train.seed, epoch, dataset index) alone; training sizes follow
 data.train_size, evaluation data.eval_size, test-time augmentation eval.tta_sizes as given."""
+
 import pytest
 import torch
 from builders import tiny_run_config
@@ -14,8 +15,9 @@ from harness.run import engine, evaluation, loaders
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    return synthetic.generate(str(tmp_path_factory.mktemp("data") / "synthetic"), num_train=6, num_val=2,
-                              image_size=(96, 128), seed=5)
+    return synthetic.generate(
+        str(tmp_path_factory.mktemp("data") / "synthetic"), num_train=6, num_val=2, image_size=(96, 128), seed=5
+    )
 
 
 def _train_set(root, **data):
@@ -29,6 +31,7 @@ def _same(a, b):
 
 
 # ------------------------------------------------------------------------------------------ per sample
+
 
 def test_a_sample_draws_the_same_augmentation_in_any_order_and_worker(root):
     ds = _train_set(root)
@@ -44,6 +47,7 @@ def test_a_sample_draws_the_same_augmentation_in_any_order_and_worker(root):
     # what draws from the global generators in between changes nothing
     torch.rand(10)
     import random
+
     random.random()
     assert _same(ds[keys[2]], forward[2])
     # a plain index is (index, epoch 0, seed 0)
@@ -81,9 +85,13 @@ def test_weights_do_not_depend_on_the_number_of_workers(tmp_path):
     data = tmp_path / "data"
     weights = []
     for workers in (0, 2):
-        cfg = tiny_run_config(data, epochs=2, train=dict(max_iters_per_epoch=2, eval_every=100),
-                              data=dict(augmentation="official", num_workers=workers, synthetic_train_images=6),
-                              eval=dict(save_detections=False))
+        cfg = tiny_run_config(
+            data,
+            epochs=2,
+            train=dict(max_iters_per_epoch=2, eval_every=100),
+            data=dict(augmentation="official", num_workers=workers, synthetic_train_images=6),
+            eval=dict(save_detections=False),
+        )
         out = tmp_path / f"workers{workers}"
         engine.train(cfg, str(out), print_fn=None)
         weights.append(torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=False)["model"])
@@ -94,6 +102,7 @@ def test_weights_do_not_depend_on_the_number_of_workers(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- sizes
+
 
 def _short_side(image):
     return min(image.shape[-2:])
@@ -107,8 +116,12 @@ def test_training_follows_train_size_and_evaluation_eval_size(root):
     assert {_short_side(train[T.SampleKey(i, e, 1)][0]) for i in range(len(train)) for e in range(3)} == {80}
     assert {_short_side(val[i][0]) for i in range(len(val))} == {112}
     # changing eval_size leaves training alone
-    other = build_dataset(root, "train2017", train=True, data_cfg=DataConfig(
-        root=root, train_size=80, eval_size=64, max_size=400, augmentation="none"))
+    other = build_dataset(
+        root,
+        "train2017",
+        train=True,
+        data_cfg=DataConfig(root=root, train_size=80, eval_size=64, max_size=400, augmentation="none"),
+    )
     assert _same(train[0], other[0])
     # official augmentation: the official short sides scaled by train_size / 800, whatever eval_size is
     cfg = DataConfig(root=root, train_size=160, eval_size=96, max_size=1000, augmentation="official")
@@ -125,21 +138,33 @@ def test_official_defaults():
     assert EvalConfig().tta_sizes == (600, 700, 800, 900, 1000)
 
 
-@pytest.mark.parametrize("tta_sizes, eval_size", [((600, 700, 800, 900, 1000), 800),
-                                                  (tuple(SMOKE_DEFAULTS["eval"]["tta_sizes"]),
-                                                   SMOKE_DEFAULTS["data"]["eval_size"])])
+@pytest.mark.parametrize(
+    "tta_sizes, eval_size",
+    [
+        ((600, 700, 800, 900, 1000), 800),
+        (tuple(SMOKE_DEFAULTS["eval"]["tta_sizes"]), SMOKE_DEFAULTS["data"]["eval_size"]),
+    ],
+)
 def test_tta_sizes_are_used_as_given(root, monkeypatch, tta_sizes, eval_size):
     seen = []
 
-    def fake_tta(model, postprocessor, raw_images, orig_sizes, device, sizes, max_size, num_detections, amp_dtype,
-                 eval_size=800):
+    def fake_tta(
+        model, postprocessor, raw_images, orig_sizes, device, sizes, max_size, num_detections, amp_dtype, eval_size=800
+    ):
         seen.append((list(sizes), max_size))
-        return [dict(scores=torch.zeros(0), labels=torch.zeros(0, dtype=torch.int64), boxes=torch.zeros(0, 4))
-                for _ in raw_images]
+        return [
+            dict(scores=torch.zeros(0), labels=torch.zeros(0, dtype=torch.int64), boxes=torch.zeros(0, 4))
+            for _ in raw_images
+        ]
+
     monkeypatch.setattr(evaluation, "predict_tta", fake_tta)
-    cfg = RunConfig(data=DataConfig(root=root, num_workers=0, eval_size=eval_size, max_size=1333),
-                    train=TrainConfig(batch_size_per_gpu=2), eval=EvalConfig(tta=True, tta_sizes=tta_sizes))
+    cfg = RunConfig(
+        data=DataConfig(root=root, num_workers=0, eval_size=eval_size, max_size=1333),
+        train=TrainConfig(batch_size_per_gpu=2),
+        eval=EvalConfig(tta=True, tta_sizes=tta_sizes),
+    )
     dataset, loader = loaders.build_eval_loader(cfg, root)
-    evaluation.run_evaluation(torch.nn.Identity(), None, loader, dataset, torch.device("cpu"),
-                              cfg.eval, cfg.data, verbose=False)
+    evaluation.run_evaluation(
+        torch.nn.Identity(), None, loader, dataset, torch.device("cpu"), cfg.eval, cfg.data, verbose=False
+    )
     assert seen and all(s == (list(tta_sizes), 1333) for s in seen)

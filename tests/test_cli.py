@@ -1,6 +1,7 @@
 """run_experiment.py as a cluster user drives it, against a stand-in SLURM that records every call:
 overrides, experiment names and row indices, --status with progress in one batched squeue, --cancel,
 --logs, --dry-run's executor and checks, and a checkout without git."""
+
 from __future__ import annotations
 
 import json
@@ -32,10 +33,14 @@ def stand_in_slurm(tmp_path, monkeypatch):
     bin_dir.mkdir()
     record = f'echo "$(basename "$0") $*" >> {log}\n'
     scripts = {
-        "sbatch": "exit 1\n", "srun": "exit 1\n", "sacct": "exit 0\n", "scontrol": "exit 0\n", "scancel": "exit 0\n",
+        "sbatch": "exit 1\n",
+        "srun": "exit 1\n",
+        "sacct": "exit 0\n",
+        "scontrol": "exit 0\n",
+        "scancel": "exit 0\n",
         # -j ID,ID,...: print "ID RUNNING" for each
         "squeue": 'while [ $# -gt 0 ]; do if [ "$1" = -j ]; then shift; tr , "\\n" <<< "$1" | '
-                  'sed "s/$/ RUNNING/"; fi; shift; done\n',
+        'sed "s/$/ RUNNING/"; fi; shift; done\n',
     }
     for name, body in scripts.items():
         (bin_dir / name).write_text("#!/bin/bash\n" + record + body)
@@ -111,14 +116,14 @@ def test_status_asks_slurm_once_for_a_thousand_rows(stand_in_slurm, tmp_path, ca
     assert cli.main(_argv(tmp_path, "--status", experiment=path)) == 0
     seconds = time.perf_counter() - start
     out = capsys.readouterr().out
-    assert len(_calls(stand_in_slurm, "squeue")) == 1                    # one batched query for 1000 jobs
+    assert len(_calls(stand_in_slurm, "squeue")) == 1  # one batched query for 1000 jobs
     assert not _calls(stand_in_slurm, "sacct") and not _calls(stand_in_slurm, "scontrol")
     assert "1/3  AP 12.5  1.0 min/epoch  ETA 2 min" in out
     assert "5000_0_log.out" in out and out.count("queued") == 999
     print(f"--status of 1000 rows: {seconds:.2f} s")
 
     assert cli.main(_argv(tmp_path, "--dry-run", experiment=path)) == 0
-    assert len(_calls(stand_in_slurm, "squeue")) == 2                    # and one for the dry run
+    assert len(_calls(stand_in_slurm, "squeue")) == 2  # and one for the dry run
 
 
 def test_cancel_marks_runs_and_a_later_submit_resumes_them(stand_in_slurm, tmp_path, capsys):
@@ -152,18 +157,34 @@ def test_dry_run_checks_what_a_submission_needs(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("COCO_ROOT", str(fake_coco(tmp_path / "coco")))
     table1 = ROOT / "experiments" / "table1.yaml"
     assert cli.main([str(table1), "--results", str(tmp_path), "--dry-run", "--executor", "local"]) == 2
-    assert "launcher.nodes=1" in capsys.readouterr().err        # local cannot run 2 nodes: says what to change
-    assert cli.main([str(table1), "--results", str(tmp_path), "--dry-run", "--executor", "local",
-                     "launcher.nodes=1"]) == 0
+    assert "launcher.nodes=1" in capsys.readouterr().err  # local cannot run 2 nodes: says what to change
+    assert (
+        cli.main([str(table1), "--results", str(tmp_path), "--dry-run", "--executor", "local", "launcher.nodes=1"]) == 0
+    )
     out = capsys.readouterr().out
     assert "executor local (asked for)" in out and "gpus_per_node=8" in out
-    assert cli.main([str(table1), "--results", str(tmp_path), "--dry-run", "launcher.gpus_per_node=0",
-                     "launcher.nodes=1"]) == 0
+    assert (
+        cli.main([str(table1), "--results", str(tmp_path), "--dry-run", "launcher.gpus_per_node=0", "launcher.nodes=1"])
+        == 0
+    )
     assert "warning: launcher.gpus_per_node is 0: a COCO training (109 epochs)" in capsys.readouterr().out
     assert cli.main([str(table1), "--results", str(tmp_path), "--dry-run", "eval.checkpoint=/no/such.pth"]) == 2
     assert "/no/such.pth' does not exist" in capsys.readouterr().err
-    assert cli.main([str(table1), "--results", str(tmp_path), "--dry-run", "--executor", "local",
-                     "launcher.nodes=1", "train.lr_drop=400"]) == 0
+    assert (
+        cli.main(
+            [
+                str(table1),
+                "--results",
+                str(tmp_path),
+                "--dry-run",
+                "--executor",
+                "local",
+                "launcher.nodes=1",
+                "train.lr_drop=400",
+            ]
+        )
+        == 0
+    )
     assert "learning rate never drops" in capsys.readouterr().out
 
 
@@ -178,8 +199,14 @@ def test_runs_without_git(tmp_path):
     assert (snap / "harness" / "cli.py").is_file() and (snap / "model" / "ops" / "csrc").is_dir()
     assert json.loads((snap / snapshot.SNAPSHOT_INFO).read_text())["commit"] is None
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run([sys.executable, "run_experiment.py", "table2", "--smoke", "--dry-run"], cwd=unpacked,
-                         capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "run_experiment.py", "table2", "--smoke", "--dry-run"],
+        cwd=unpacked,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert "table2 (smoke scale" in out.stdout
 
@@ -211,12 +238,15 @@ def test_import_the_evaluation_servers_scores(tmp_path, capsys):
     table3 = ROOT / "experiments" / "table3.yaml"
     row = "Deformable DETR, ResNet-50"
     scores = tmp_path / "scores.json"
-    scores.write_text(json.dumps({"AP": 0.469, "AP50": 0.662, "AP75": 0.507, "AP_small": 0.280,
-                                  "AP_medium": 0.496, "AP_large": 0.610}))
+    scores.write_text(
+        json.dumps(
+            {"AP": 0.469, "AP50": 0.662, "AP75": 0.507, "AP_small": 0.280, "AP_medium": 0.496, "AP_large": 0.610}
+        )
+    )
     argv = [str(table3), "--results", str(tmp_path / "results"), "--rows", row, "--scores-unit", "fraction"]
     spec = expand(load_experiment(str(table3), rows=[row], check_data=False))[0]
     store = ResultsStore(tmp_path / "results")
-    for key in (spec.run_id, spec.eval_key):        # trained, and its detections written for the server
+    for key in (spec.run_id, spec.eval_key):  # trained, and its detections written for the server
         store.prepare(spec, key)
         store.complete(key, {})
     assert cli.main(argv + ["--import-server", str(scores)]) == 0

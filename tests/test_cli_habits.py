@@ -1,6 +1,7 @@
 """Command-line habits: overrides before or after --rows; a comma list sweeps one labelled row per value (a
 product for several), a bracketed list stays one value; --export and --results checked before anything is
 loaded (one line naming the path, no traceback); COCO's files checked before queueing, on a generated tree."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -31,10 +32,13 @@ def _one_line_error(capsys) -> str:
 
 # ------------------------------------------------------------------------------------------ overrides
 
+
 def test_overrides_before_or_after_rows():
-    for argv in (["t", "model.enc_n_points=3", "--rows", "0", "K=1"],
-                 ["t", "--rows", "0", "K=1", "model.enc_n_points=3"],
-                 ["t", "--rows", "0", "model.enc_n_points=3", "K=1", "--smoke"]):
+    for argv in (
+        ["t", "model.enc_n_points=3", "--rows", "0", "K=1"],
+        ["t", "--rows", "0", "K=1", "model.enc_n_points=3"],
+        ["t", "--rows", "0", "model.enc_n_points=3", "K=1", "--smoke"],
+    ):
         args = cli.parse_args(argv)
         assert args.rows == ["0", "K=1"] and args.overrides == ["model.enc_n_points=3"], argv
     args = cli.parse_args(["t", "--rows", "MS inputs, K=1", "train.seed=[1, 2]", "eval.tta=true", "--status"])
@@ -57,12 +61,17 @@ def test_a_comma_list_sweeps_the_selected_rows():
     assert [s.label for s in specs] == ["K=1, enc_n_points=1", "K=1, enc_n_points=2", "K=1, enc_n_points=4"]
     assert [s.config.model.enc_n_points for s in specs] == [1, 2, 4]
     assert all(s.config.train.lr == 2e-3 and s.config.model.dec_n_points == 1 for s in specs)
-    assert not any(s.paper for s in specs)              # not the paper's row: no paper numbers
+    assert not any(s.paper for s in specs)  # not the paper's row: no paper numbers
     # the row as written stays (for the report), unselected, followed by its sweep; other rows untouched
-    assert [r.label for r in exp.rows] == ["K=2", "K=1", "K=1, enc_n_points=1", "K=1, enc_n_points=2",
-                                           "K=1, enc_n_points=4"]
+    assert [r.label for r in exp.rows] == [
+        "K=2",
+        "K=1",
+        "K=1, enc_n_points=1",
+        "K=1, enc_n_points=2",
+        "K=1, enc_n_points=4",
+    ]
     assert exp.row("K=1").configs["full"].model.enc_n_points == 1 and exp.row("K=1").paper
-    assert exp.row("K=1, enc_n_points=2").cells == {"K": "2/1"}          # derived from the config
+    assert exp.row("K=1, enc_n_points=2").cells == {"K": "2/1"}  # derived from the config
     assert exp.row("K=1, enc_n_points=2").command_line == {"model": {"enc_n_points": 2}, "train": {"lr": "2e-3"}}
 
 
@@ -70,8 +79,11 @@ def test_several_comma_lists_sweep_their_product_like_axes():
     exp = load_experiment(str(TINY), overrides=["model.enc_n_points=1,2", "model.num_feature_levels=1,2"])
     labels = [s.label for s in expand(exp)]
     assert len(labels) == 8 and labels[:4] == [
-        "K=2, enc_n_points=1, num_feature_levels=1", "K=2, enc_n_points=1, num_feature_levels=2",
-        "K=2, enc_n_points=2, num_feature_levels=1", "K=2, enc_n_points=2, num_feature_levels=2"]
+        "K=2, enc_n_points=1, num_feature_levels=1",
+        "K=2, enc_n_points=1, num_feature_levels=2",
+        "K=2, enc_n_points=2, num_feature_levels=1",
+        "K=2, enc_n_points=2, num_feature_levels=2",
+    ]
     # full keys where two swept fields share a name
     exp = load_experiment(str(TINY), rows=["K=2"], overrides=["model.enc_n_points=1,2", "train.epochs=1,2"])
     assert [s.label for s in expand(exp)][0] == "K=2, enc_n_points=1, epochs=1"
@@ -81,20 +93,23 @@ def test_a_bracketed_list_is_one_value():
     exp = load_experiment(str(TINY), rows=["K=1"], overrides=["train.seed=[1,2]"])
     specs = expand(exp)
     assert [s.label for s in specs] == ["K=1", "K=1"] and [s.seed for s in specs] == [1, 2]
-    exp = load_experiment(str(TINY), rows=["K=1"], overrides=["train.seed=1,2"])          # a sweep: two rows
+    exp = load_experiment(str(TINY), rows=["K=1"], overrides=["train.seed=1,2"])  # a sweep: two rows
     assert [(s.label, s.seed) for s in expand(exp)] == [("K=1, seed=1", 1), ("K=1, seed=2", 2)]
     exp = load_experiment(str(TINY), rows=["K=1"], overrides=["data.synthetic_image_size=[32,32],[64,64]"])
     assert [s.config.data.synthetic_image_size for s in expand(exp)] == [(32, 32), (64, 64)]
     exp = load_experiment(str(TINY), rows=["K=1"], overrides=["launcher.constraint='a100,h100'"])
-    assert [s.config.launcher.constraint for s in expand(exp)] == ["a100,h100"]       # quoted: one string
+    assert [s.config.launcher.constraint for s in expand(exp)] == ["a100,h100"]  # quoted: one string
 
 
-@pytest.mark.parametrize("override,message", [
-    ("data.synthetic_image_size=32,64", "takes a list"),
-    ("model.enc_n_points=1,1", "given twice"),
-    ("model.enc_n_points=1,,2", "empty item"),
-    ("model.enc_n_points=1,x", "got 'x'"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("data.synthetic_image_size=32,64", "takes a list"),
+        ("model.enc_n_points=1,1", "given twice"),
+        ("model.enc_n_points=1,,2", "empty item"),
+        ("model.enc_n_points=1,x", "got 'x'"),
+    ],
+)
 def test_a_wrong_sweep_is_named(override, message):
     with pytest.raises(ExperimentError, match=message) as info:
         load_experiment(str(TINY), overrides=[override])
@@ -103,9 +118,11 @@ def test_a_wrong_sweep_is_named(override, message):
 
 # ------------------------------------------------------------------------------------------ paths
 
+
 def test_export_to_an_unknown_format_is_one_line_before_collecting(tmp_path, capsys, monkeypatch):
     (tmp_path / "results").mkdir()
     import harness.report.collect as collect
+
     monkeypatch.setattr(collect, "collect", lambda *a, **k: pytest.fail("collected before checking the path"))
     assert cli.main(_argv(tmp_path, "--export", str(tmp_path / "table.xlsx"))) == 2
     err = _one_line_error(capsys)
@@ -119,8 +136,9 @@ def test_export_to_an_unknown_format_is_one_line_before_collecting(tmp_path, cap
     assert str(tmp_path / "table.parquet") in err and "pyarrow" in err and ".csv" in err
 
 
-@pytest.mark.parametrize("command", [["--status"], ["--report"], ["--export", "out.csv"], ["--logs", "0"],
-                                     ["--cancel"]])
+@pytest.mark.parametrize(
+    "command", [["--status"], ["--report"], ["--export", "out.csv"], ["--logs", "0"], ["--cancel"]]
+)
 def test_a_missing_results_folder_is_named_by_every_follower(tmp_path, capsys, command):
     missing = tmp_path / "no-such-results"
     assert cli.main([str(TINY), "--results", str(missing), *command]) == 2
@@ -178,18 +196,21 @@ def test_a_complete_coco_tree_is_accepted(tmp_path):
     assert len(expand(exp)) == 3
 
 
-@pytest.mark.parametrize("remove,fix", [
-    ("annotations/instances_train2017.json", "annotations_trainval2017.zip"),
-    ("annotations/instances_val2017.json", "annotations_trainval2017.zip"),
-    ("train2017", "train2017.zip"),
-    ("val2017", "val2017.zip"),
-])
+@pytest.mark.parametrize(
+    "remove,fix",
+    [
+        ("annotations/instances_train2017.json", "annotations_trainval2017.zip"),
+        ("annotations/instances_val2017.json", "annotations_trainval2017.zip"),
+        ("train2017", "train2017.zip"),
+        ("val2017", "val2017.zip"),
+    ],
+)
 def test_each_missing_piece_is_named_with_what_to_put_where(tmp_path, remove, fix):
     root = fake_coco(tmp_path / "coco", ("train2017", "val2017", "test-dev2017"))
     target = root / remove
     if target.is_dir():
         for f in target.iterdir():
-            f.unlink()                         # an empty image folder
+            f.unlink()  # an empty image folder
     else:
         target.unlink()
     err = _refused(_coco_experiment(tmp_path, root), ["val"], root)
@@ -198,15 +219,19 @@ def test_each_missing_piece_is_named_with_what_to_put_where(tmp_path, remove, fi
 
 
 def test_test_dev_rows_need_the_image_info_and_test_images(tmp_path):
-    root = fake_coco(tmp_path / "coco")                       # train and val only
+    root = fake_coco(tmp_path / "coco")  # train and val only
     path = _coco_experiment(tmp_path, root)
     assert len(expand(load_experiment(str(path), rows=["val"]))) == 1
     err = _refused(path, ["test-dev"], root)
-    assert err.row == "test-dev"                              # the row, not the base: the base has its files
-    for piece in ("annotations/image_info_test-dev2017.json is missing", "test2017/ is missing",
-                  "image_info_test2017.zip", "test2017.zip"):
+    assert err.row == "test-dev"  # the row, not the base: the base has its files
+    for piece in (
+        "annotations/image_info_test-dev2017.json is missing",
+        "test2017/ is missing",
+        "image_info_test2017.zip",
+        "test2017.zip",
+    ):
         assert piece in str(err)
-    assert "instances_val2017" not in str(err)                # a test-dev row does not read val2017
+    assert "instances_val2017" not in str(err)  # a test-dev row does not read val2017
 
 
 def test_an_evaluation_only_row_needs_no_training_split(tmp_path):
@@ -216,13 +241,16 @@ def test_an_evaluation_only_row_needs_no_training_split(tmp_path):
     assert "instances_train2017.json is missing" in str(_refused(path, ["val"], root))
 
 
-@pytest.mark.parametrize("content,problem", [
-    ("", "is empty"),
-    ("[1, 2]", "does not start with '{'"),
-    ('{"images": [], "annotations": [', "does not end with '}'"),
-    ('{"images": []}', "has no 'annotations' key"),
-    ('{"images": [}', "is not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "content,problem",
+    [
+        ("", "is empty"),
+        ("[1, 2]", "does not start with '{'"),
+        ('{"images": [], "annotations": [', "does not end with '}'"),
+        ('{"images": []}', "has no 'annotations' key"),
+        ('{"images": [}', "is not valid JSON"),
+    ],
+)
 def test_an_annotation_file_that_is_not_coco_is_named(tmp_path, content, problem):
     root = fake_coco(tmp_path / "coco")
     (root / "annotations" / "instances_val2017.json").write_text(content)

@@ -1,4 +1,5 @@
 """The COCO-format loader, the transforms and the synthetic set; clear errors for bad datasets."""
+
 import filecmp
 import json
 import os
@@ -24,8 +25,9 @@ CATEGORY_IDS = {c[0] for c in synthetic.CATEGORIES}
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    return synthetic.generate(str(tmp_path_factory.mktemp("data") / "synthetic"), num_train=6, num_val=3,
-                              image_size=(192, 256), seed=3)
+    return synthetic.generate(
+        str(tmp_path_factory.mktemp("data") / "synthetic"), num_train=6, num_val=3, image_size=(192, 256), seed=3
+    )
 
 
 def _copy(root, tmp_path):
@@ -45,6 +47,7 @@ def _rewrite(root, split, edit):
 
 
 # ------------------------------------------------------------------------------- synthetic set
+
 
 def test_synthetic_is_deterministic(tmp_path):
     a = synthetic.generate(str(tmp_path / "a"), num_train=3, num_val=2, image_size=(96, 128), seed=5)
@@ -88,6 +91,7 @@ def test_synthetic_sizes_and_crowd(root):
 
 # --------------------------------------------------------------------------------------- loader
 
+
 def test_loader_targets(root):
     ds = build_dataset(root, "train2017", train=False)
     assert len(ds) == 6 and num_classes_of(ds.coco) == 91
@@ -104,7 +108,7 @@ def test_loader_targets(root):
         assert target["orig_size"].tolist() == [192, 256]
         img_id = int(target["image_id"])
         crowd_ids = {a["id"] for a in crowd if a["image_id"] == img_id}
-        assert not crowd_ids & set(target["ann_ids"].tolist())   # crowd boxes stay out of the targets
+        assert not crowd_ids & set(target["ann_ids"].tolist())  # crowd boxes stay out of the targets
         n_non_crowd = sum(1 for a in ds.coco.imgToAnns[img_id] if not a["iscrowd"])
         assert len(target["labels"]) == n_non_crowd
         seen_labels |= set(target["labels"].tolist())
@@ -123,8 +127,7 @@ def test_loader_box_matches_annotation(root):
 
 
 def test_training_transforms_keep_boxes_valid(root):
-    ds = build_dataset(root, "train2017", train=True,
-                       transforms=T.make_transforms(True, size=128, max_size=200))
+    ds = build_dataset(root, "train2017", train=True, transforms=T.make_transforms(True, size=128, max_size=200))
     for i in range(len(ds)):
         image, target = ds[i]
         h, w = image.shape[1:]
@@ -145,10 +148,15 @@ def test_collate_pads_and_masks():
 
 # ----------------------------------------------------------------------------------- transforms
 
+
 def _target(boxes):
     boxes = torch.tensor(boxes, dtype=torch.float32)
-    return {"boxes": boxes, "labels": torch.arange(len(boxes)), "area": (boxes[:, 2:] - boxes[:, :2]).prod(1),
-            "iscrowd": torch.zeros(len(boxes), dtype=torch.int64)}
+    return {
+        "boxes": boxes,
+        "labels": torch.arange(len(boxes)),
+        "area": (boxes[:, 2:] - boxes[:, :2]).prod(1),
+        "iscrowd": torch.zeros(len(boxes), dtype=torch.int64),
+    }
 
 
 def test_hflip_resize_crop_normalize():
@@ -157,9 +165,9 @@ def test_hflip_resize_crop_normalize():
     assert t["boxes"].tolist() == [[40, 5, 50, 15]]
     img, t = T.resize(image, _target([[10, 5, 20, 15]]), 20)
     assert img.shape[1:] == (20, 30) and t["boxes"].tolist() == [[5, 2.5, 10, 7.5]]
-    assert T.resized_shape((1000, 500), 800, 1333) == (666, 1332)   # long side capped (official rounding)
+    assert T.resized_shape((1000, 500), 800, 1333) == (666, 1332)  # long side capped (official rounding)
     img, t = T.crop(image, _target([[10, 5, 20, 15], [50, 30, 58, 38]]), (0, 0, 20, 30))
-    assert img.shape[1:] == (20, 30) and t["boxes"].tolist() == [[10, 5, 20, 15]]   # the second box is cropped away
+    assert img.shape[1:] == (20, 30) and t["boxes"].tolist() == [[10, 5, 20, 15]]  # the second box is cropped away
     assert t["labels"].tolist() == [0]
     _, t = T.Normalize()(torch.rand(3, 20, 40), _target([[0, 0, 20, 10]]))
     assert t["boxes"].tolist() == [[0.25, 0.25, 0.5, 0.5]]
@@ -171,6 +179,7 @@ def test_official_scales_follow_train_size():
 
 
 # ------------------------------------------------------------------------------------------ errors
+
 
 def test_missing_root(tmp_path):
     with pytest.raises(DatasetError, match="dataset root not found"):
@@ -197,13 +206,16 @@ def test_missing_image(root, tmp_path):
     assert e.value.key == "file_name"
 
 
-@pytest.mark.parametrize("content, match", [
-    ("[1, 2, 3]", "top level is a list"),
-    ('{"images": []', "invalid JSON"),
-    ('{"type": "instances"}', "has no 'images'"),
-    ('{"images": [{"id": 1}]}', r"images\[0\] has no 'file_name'"),
-    ('{"images": [], "annotations": []}', "has no 'categories'"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ("[1, 2, 3]", "top level is a list"),
+        ('{"images": []', "invalid JSON"),
+        ('{"type": "instances"}', "has no 'images'"),
+        ('{"images": [{"id": 1}]}', r"images\[0\] has no 'file_name'"),
+        ('{"images": [], "annotations": []}', "has no 'categories'"),
+    ],
+)
 def test_not_coco(root, tmp_path, content, match):
     copy = _copy(root, tmp_path)
     with open(split_paths(copy, "val2017")[1], "w") as f:
@@ -226,6 +238,7 @@ def test_undeclared_category(root, tmp_path):
     def edit(d):
         d["annotations"][0]["category_id"] = 5
         return d
+
     _rewrite(copy, "val2017", edit)
     with pytest.raises(DatasetError, match="category_id 5 is not in 'categories'"):
         build_dataset(copy, "val2017", train=False)
@@ -242,11 +255,12 @@ def test_degenerate_boxes_reported_with_ids(root, tmp_path):
 
     def edit(d):
         anns = [a for a in d["annotations"] if not a["iscrowd"]]
-        anns[0]["bbox"][2] = 0.0                      # zero width
-        anns[1]["bbox"][3] = -4.0                     # negative height
-        anns[2]["bbox"][0] = 10_000.0                 # outside the image
+        anns[0]["bbox"][2] = 0.0  # zero width
+        anns[1]["bbox"][3] = -4.0  # negative height
+        anns[2]["bbox"][0] = 10_000.0  # outside the image
         bad.update({a["id"]: a["image_id"] for a in anns[:3]})
         return d
+
     _rewrite(copy, "val2017", edit)
     with pytest.warns(DegenerateBoxWarning) as record:
         ds = build_dataset(copy, "val2017", train=False)
@@ -254,7 +268,7 @@ def test_degenerate_boxes_reported_with_ids(root, tmp_path):
     for ann_id in bad:
         assert str(ann_id) in message
     assert sorted(a["id"] for a in ds.degenerate) == sorted(bad)
-    for i in range(len(ds)):                          # dropped from the targets
+    for i in range(len(ds)):  # dropped from the targets
         _, target = ds[i]
         assert not set(target["ann_ids"].tolist()) & set(bad)
         assert (target["boxes"][:, 2:] > 0).all()

@@ -6,6 +6,7 @@
 * on SLURM, 2 tasks per job (gloo): a job requeued with ``scontrol requeue`` mid-run resumes from its
   checkpoint and ends with the weights and metrics of an uninterrupted run.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ from harness.grid import expand, load_experiment
 from harness.run import submission
 from harness.store import ResultsStore
 
-pytestmark = pytest.mark.slow    # trains rows end to end
+pytestmark = pytest.mark.slow  # trains rows end to end
 
 TINY = Path(__file__).parent / "fixtures" / "tiny_experiment.yaml"
 
@@ -61,9 +62,9 @@ def test_local_grid_end_to_end(tmp_path, capsys):
     report = (tmp_path / "reports" / "tiny.md").read_text()
     lines = report.splitlines()
     k1 = lines.index(next(line for line in lines if line.startswith("| 1 | paper | 39.0 | 59.0 |")))
-    ours = lines[k1 + 1]                              # the row's own line under its paper line
+    ours = lines[k1 + 1]  # the row's own line under its paper line
     assert ours.startswith("|  | ours (full) | ") and f"{metrics['AP']:.1f} ({metrics['AP'] - 39.0:+.1f})" in ours
-    assert any(line.startswith("| 2 | paper; ours: not run | 40.0 | 60.0 |") for line in lines)   # not selected
+    assert any(line.startswith("| 2 | paper; ours: not run | 40.0 | 60.0 |") for line in lines)  # not selected
 
     # a second submission runs nothing; --status shows the row as done
     assert cli.main(_argv(tmp_path, "--executor", "local", "--rows", "K=1")) == 0
@@ -92,8 +93,8 @@ def test_local_grid_end_to_end(tmp_path, capsys):
     assert fewer.run_id == spec.run_id and fewer.eval_id != spec.eval_id
     evaluation = store.read_metrics(fewer.eval_key)
     assert evaluation["num_detections"] == 50 and 0 <= evaluation["AP"] <= metrics["AP"] + 1e-9
-    assert store.read_log(spec.run_id) == log_before                   # no epoch trained again
-    assert store.read_metrics(spec.eval_key)["AP"] == metrics["AP"]    # the first evaluation is kept
+    assert store.read_log(spec.run_id) == log_before  # no epoch trained again
+    assert store.read_metrics(spec.eval_key)["AP"] == metrics["AP"]  # the first evaluation is kept
 
     # a measurement setting changed: the trained model measured again (a job that neither trains nor evaluates)
     assert cli.main(_argv(tmp_path, "benchmark.fps_batch_sizes=[2]", "--rows", "K=1", "--executor", "local")) == 0
@@ -125,7 +126,7 @@ def test_bad_experiment_exits_with_a_message(tmp_path, capsys):
 def test_slurm_requeue_mid_epoch_resumes_with_identical_results(slurm_cluster, tmp_path, capsys):
     """``scontrol requeue`` in the middle of an epoch: the job stops at the next iteration with a mid-epoch
     checkpoint, the requeued attempt resumes at that iteration, and the result equals an uninterrupted run's."""
-    longer = tmp_path / "tiny.yaml"      # 16 training images: 4 iterations per epoch on each of the 2 tasks
+    longer = tmp_path / "tiny.yaml"  # 16 training images: 4 iterations per epoch on each of the 2 tasks
     longer.write_text(TINY.read_text().replace("synthetic_train_images: 8", "synthetic_train_images: 16"))
     experiment = load_experiment(str(longer), rows=["K=2"])
     spec = expand(experiment)[0]
@@ -150,18 +151,27 @@ def test_slurm_requeue_mid_epoch_resumes_with_identical_results(slurm_cluster, t
     # a second experiment file needing the same row, submitted meanwhile: no second job, the same one followed
     other = tmp_path / "other.yaml"
     other.write_text(longer.read_text().replace("name: tiny", "name: tiny_other"))
-    other_argv = [str(other), "--results", str(tmp_path / "b" / "results"), "--reports", str(tmp_path / "b" / "reports")]
+    other_argv = [
+        str(other),
+        "--results",
+        str(tmp_path / "b" / "results"),
+        "--reports",
+        str(tmp_path / "b" / "reports"),
+    ]
     capsys.readouterr()
     assert cli.main(other_argv + ["--rows", "K=2", "--executor", "slurm"]) == 0
     assert f"skip  'K=2' ({spec.run_id}): " in capsys.readouterr().out
     assert cli.main(other_argv + ["--status", "--rows", "K=2"]) == 0
     assert job_id in capsys.readouterr().out
     try:
-        slurm_cluster.wait_for(lambda: stdout.is_file() and "epoch 1/3 [2/4]" in stdout.read_text(), 300,
-                               "the second iteration of the second epoch")
+        slurm_cluster.wait_for(
+            lambda: stdout.is_file() and "epoch 1/3 [2/4]" in stdout.read_text(),
+            300,
+            "the second iteration of the second epoch",
+        )
         slurm_cluster.requeue(job_id)
         slurm_cluster.start_when_requeued(job_id)
-        (outcome, value), = launch.wait(jobs, timeout_s=400)
+        ((outcome, value),) = launch.wait(jobs, timeout_s=400)
     except BaseException:
         slurm_cluster.cancel_all([job_id])
         raise
@@ -170,7 +180,7 @@ def test_slurm_requeue_mid_epoch_resumes_with_identical_results(slurm_cluster, t
     status = store_b.read_status(spec.run_id)
     assert status.state == "done" and status.attempts >= 2
     resumed = re.search(r"resumed from \S+ at epoch (\d), iteration (\d+)", stdout.read_text())
-    assert resumed and 1 <= int(resumed.group(2)) < 4, stdout.read_text()[-3000:]    # mid-epoch
+    assert resumed and 1 <= int(resumed.group(2)) < 4, stdout.read_text()[-3000:]  # mid-epoch
 
     metrics_b = {**store_b.read_metrics(spec.eval_key), **store_b.read_metrics(spec.measure_key)}
     for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "params", "gflops"):
@@ -197,11 +207,17 @@ def _coco_whose_images_are_missing(root: Path) -> Path:
     for split in ("train2017", "val2017"):
         (root / split).mkdir()
         (root / split / "000000000001.jpg").write_bytes(b"not the image the annotations name")
-        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps({
-            "images": [{"id": 2, "file_name": "000000000002.jpg", "width": 64, "height": 64}],
-            "annotations": [{"id": 1, "image_id": 2, "category_id": 1, "bbox": [1, 1, 10, 10], "area": 100,
-                             "iscrowd": 0}],
-            "categories": [{"id": 1, "name": "thing"}]}))
+        (root / "annotations" / f"instances_{split}.json").write_text(
+            json.dumps(
+                {
+                    "images": [{"id": 2, "file_name": "000000000002.jpg", "width": 64, "height": 64}],
+                    "annotations": [
+                        {"id": 1, "image_id": 2, "category_id": 1, "bbox": [1, 1, 10, 10], "area": 100, "iscrowd": 0}
+                    ],
+                    "categories": [{"id": 1, "name": "thing"}],
+                }
+            )
+        )
     return root
 
 
@@ -209,8 +225,18 @@ def test_crashed_row_is_marked_failed_and_rerun(tmp_path, capsys):
     empty_coco = _coco_whose_images_are_missing(tmp_path / "coco")
     broken = tmp_path / "broken.yaml"
     broken.write_text(TINY.read_text().replace("dataset: synthetic,", f"dataset: coco, root: {empty_coco},"))
-    argv = [str(broken), "--results", str(tmp_path / "results"), "--reports", str(tmp_path / "reports"),
-            "--rows", "K=1", "--executor", "local", "--wait"]
+    argv = [
+        str(broken),
+        "--results",
+        str(tmp_path / "results"),
+        "--reports",
+        str(tmp_path / "reports"),
+        "--rows",
+        "K=1",
+        "--executor",
+        "local",
+        "--wait",
+    ]
     assert cli.main(argv) == 1
     out = capsys.readouterr().out
     assert "FAILED 'K=1'" in out and "DatasetError" in out and "not found" in out

@@ -1,4 +1,5 @@
 """Training engine: optimiser groups, batch accumulation, exact resume, non-finite loss, progress log."""
+
 import json
 import os
 
@@ -20,6 +21,7 @@ def _weights(output_dir):
 @pytest.mark.filterwarnings("ignore:Detected call of")
 def test_param_groups_follow_official_names():
     from model import build_model
+
     model, _, _ = build_model(tiny_model_config())
     cfg = TrainConfig()
     groups = {g["name"]: g for g in param_groups(model, cfg)}
@@ -54,15 +56,18 @@ def test_accumulation_steps_and_warning():
 def test_resume_is_bit_identical(tmp_path):
     """Stopped after epoch 0 and resumed == never stopped (augmentation, dropout and accumulation on)."""
     data = tmp_path / "data"
-    common = dict(train=dict(total_batch_size=4, max_iters_per_epoch=3, eval_every=100),
-                  data=dict(augmentation="official"), eval=dict(save_detections=False))
+    common = dict(
+        train=dict(total_batch_size=4, max_iters_per_epoch=3, eval_every=100),
+        data=dict(augmentation="official"),
+        eval=dict(save_detections=False),
+    )
     cfg = tiny_run_config(data, epochs=2, **common)
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     records = []
     engine.train(cfg, full, log_fn=records.append, print_fn=None)
     engine.train(tiny_run_config(data, epochs=1, **common), part, print_fn=None)
     assert _weights(part)["epoch"] == 0
-    engine.train(cfg, part, print_fn=None)                 # resumes at epoch 1
+    engine.train(cfg, part, print_fn=None)  # resumes at epoch 1
     a, b = _weights(full), _weights(part)
     assert a["epoch"] == b["epoch"] == 1
     assert a["model"].keys() == b["model"].keys()
@@ -71,9 +76,10 @@ def test_resume_is_bit_identical(tmp_path):
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"])
     assert [r["epoch"] for r in records] == [0, 1]
-    assert records[1]["lr_default"] == pytest.approx(2e-5)     # lr_drop=1
-    assert {"train_loss", "train_loss_ce", "train_loss_bbox", "train_loss_giou", "epoch_time_s",
-            "AP", "AP50"} <= set(records[1])
+    assert records[1]["lr_default"] == pytest.approx(2e-5)  # lr_drop=1
+    assert {"train_loss", "train_loss_ce", "train_loss_bbox", "train_loss_giou", "epoch_time_s", "AP", "AP50"} <= set(
+        records[1]
+    )
 
 
 def test_log_jsonl_and_console(tmp_path, capsys):
@@ -103,15 +109,17 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
         def nan_in_second_epoch(outputs, targets):
             losses = forward(outputs, targets)
             calls["n"] += 1
-            if calls["n"] == 4:                       # epoch 1, iteration 1
+            if calls["n"] == 4:  # epoch 1, iteration 1
                 losses["loss_bbox"] = losses["loss_bbox"] * float("nan")
             return losses
+
         criterion.forward = nan_in_second_epoch
         return model, criterion, post
+
     monkeypatch.setattr(engine, "_build_model", poisoned)
     with pytest.raises(engine.NonFiniteLossError, match=r"epoch 1, iteration 1.*loss_bbox=nan"):
         engine.train(cfg, out, print_fn=None)
-    state = _weights(out)                             # epoch 0's checkpoint is intact
+    state = _weights(out)  # epoch 0's checkpoint is intact
     assert state["epoch"] == 0
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
@@ -120,8 +128,7 @@ def test_evaluate_only_from_checkpoint(tmp_path):
     cfg = tiny_run_config(tmp_path / "data", epochs=1, train=dict(max_iters_per_epoch=1))
     out = str(tmp_path / "run")
     trained = engine.train(cfg, out, print_fn=None)
-    again = engine.evaluate(cfg, str(tmp_path / "eval"), checkpoint=os.path.join(out, "checkpoint.pth"),
-                            print_fn=None)
+    again = engine.evaluate(cfg, str(tmp_path / "eval"), checkpoint=os.path.join(out, "checkpoint.pth"), print_fn=None)
     for k in ("AP", "AP50", "APl"):
         assert again[k] == trained[k] if trained[k] is None else again[k] == pytest.approx(trained[k])
     assert os.path.isfile(str(tmp_path / "eval" / "detections_val2017.json"))
@@ -136,21 +143,23 @@ def test_unwritable_output_dir(tmp_path):
         engine.check_output_dir(str(blocker / "run"))
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of")      # fp16: the scaler skips steps with inf gradients
+@pytest.mark.filterwarnings("ignore:Detected call of")  # fp16: the scaler skips steps with inf gradients
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_mixed_precision_trains(tmp_path, amp):
-    cfg = tiny_run_config(tmp_path / "data", epochs=1, train=dict(amp=amp, max_iters_per_epoch=2),
-                          eval=dict(save_detections=False))
+    cfg = tiny_run_config(
+        tmp_path / "data", epochs=1, train=dict(amp=amp, max_iters_per_epoch=2), eval=dict(save_detections=False)
+    )
     metrics = engine.train(cfg, str(tmp_path / "run"), print_fn=None)
     assert 0.0 <= metrics["AP"] <= 100.0
     state = _weights(str(tmp_path / "run"))
     assert (state["scaler"] is not None) == (amp == "fp16")
-    assert all(v.dtype != torch.bfloat16 for v in state["model"].values())   # weights stay fp32
+    assert all(v.dtype != torch.bfloat16 for v in state["model"].values())  # weights stay fp32
 
 
 def test_eval_only_run_and_test_dev(tmp_path):
     """``eval.eval_only`` through train(); a test-dev style split (no annotations) gives the JSON only."""
     import shutil
+
     cfg = tiny_run_config(tmp_path / "data", epochs=1, train=dict(max_iters_per_epoch=1))
     out = str(tmp_path / "run")
     engine.train(cfg, out, print_fn=None)
@@ -161,8 +170,12 @@ def test_eval_only_run_and_test_dev(tmp_path):
     with open(os.path.join(data, "annotations", "image_info_test-dev2017.json"), "w") as f:
         json.dump(info, f)
     import dataclasses
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val_split="test-dev2017"),
-                              eval=EvalConfig(eval_only=True, checkpoint=os.path.join(out, "checkpoint.pth")))
+
+    cfg = dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, val_split="test-dev2017"),
+        eval=EvalConfig(eval_only=True, checkpoint=os.path.join(out, "checkpoint.pth")),
+    )
     records = []
     metrics = engine.train(cfg, str(tmp_path / "eval"), log_fn=records.append, print_fn=None)
     assert "AP" not in metrics and metrics["num_images"] == 2 and metrics["epochs"] == 0
@@ -171,12 +184,15 @@ def test_eval_only_run_and_test_dev(tmp_path):
     assert records and records[0]["eval_only"]
 
 
-@pytest.mark.parametrize("stop_at_poll", [1, 2])       # epoch 0 (nothing finished yet) / epoch 1
+@pytest.mark.parametrize("stop_at_poll", [1, 2])  # epoch 0 (nothing finished yet) / epoch 1
 def test_stop_mid_epoch_and_resume_is_bit_identical(tmp_path, stop_at_poll):
     """A pre-emption signal mid-epoch: checkpoint, stop, resume -> the weights of an uninterrupted run."""
     data = tmp_path / "data"
-    common = dict(train=dict(total_batch_size=4, max_iters_per_epoch=4, eval_every=100),
-                  data=dict(augmentation="official", synthetic_train_images=8), eval=dict(save_detections=False))
+    common = dict(
+        train=dict(total_batch_size=4, max_iters_per_epoch=4, eval_every=100),
+        data=dict(augmentation="official", synthetic_train_images=8),
+        eval=dict(save_detections=False),
+    )
     cfg = tiny_run_config(data, epochs=2, **common)
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     engine.train(cfg, full, print_fn=None)
@@ -185,6 +201,7 @@ def test_stop_mid_epoch_and_resume_is_bit_identical(tmp_path, stop_at_poll):
     def should_stop():
         polls.append(1)
         return len(polls) == stop_at_poll
+
     with pytest.raises(engine.TrainingInterrupted, match=f"epoch {stop_at_poll - 1}, iteration 2"):
         engine.train(cfg, part, print_fn=None, should_stop=should_stop)
     state = _weights(part)

@@ -1,4 +1,5 @@
 """Training checkpoints: atomic rotation, corruption and truncation detection, fall back, key mismatches."""
+
 import os
 import random
 
@@ -12,11 +13,21 @@ from model.checkpoint import load_state
 
 def _state(epoch, seed=0):
     g = torch.Generator().manual_seed(seed)
-    model = {"layer.weight": torch.randn(64, 32, generator=g), "layer.bias": torch.zeros(64),
-             "half": torch.randn(8, generator=g).to(torch.bfloat16), "count": torch.tensor(3)}
-    return dict(model=model, optimizer={"state": {}, "param_groups": [{"lr": 1e-4, "name": "default"}]},
-                lr_scheduler={"last_epoch": epoch}, epoch=epoch, rng=ckpt.rng_state(),
-                sampler={"epoch": epoch + 1, "seed": 0}, config={"train": {"epochs": 2, "sizes": (1, 2)}})
+    model = {
+        "layer.weight": torch.randn(64, 32, generator=g),
+        "layer.bias": torch.zeros(64),
+        "half": torch.randn(8, generator=g).to(torch.bfloat16),
+        "count": torch.tensor(3),
+    }
+    return dict(
+        model=model,
+        optimizer={"state": {}, "param_groups": [{"lr": 1e-4, "name": "default"}]},
+        lr_scheduler={"last_epoch": epoch},
+        epoch=epoch,
+        rng=ckpt.rng_state(),
+        sampler={"epoch": epoch + 1, "seed": 0},
+        config={"train": {"epochs": 2, "sizes": (1, 2)}},
+    )
 
 
 def _corrupt(path, offset_from_end=None):
@@ -35,7 +46,7 @@ def test_round_trip_and_rotation(tmp_path):
     out = str(tmp_path)
     ckpt.save_checkpoint(out, _state(0))
     ckpt.save_checkpoint(out, _state(1))
-    assert sorted(os.listdir(out)) == [ckpt.CHECKPOINT, ckpt.PREVIOUS]     # no temporary files left
+    assert sorted(os.listdir(out)) == [ckpt.CHECKPOINT, ckpt.PREVIOUS]  # no temporary files left
     state, path = ckpt.load_latest(out, log=None)
     assert path.endswith(ckpt.CHECKPOINT) and state["epoch"] == 1
     assert torch.equal(state["model"]["layer.weight"], _state(1)["model"]["layer.weight"])
@@ -95,6 +106,7 @@ def test_interrupted_write_leaves_the_last_good_checkpoint(tmp_path, monkeypatch
 
     def boom(*a, **k):
         raise OSError("disk full")
+
     monkeypatch.setattr(torch, "save", boom)
     with pytest.raises(OSError, match="disk full"):
         ckpt.save_checkpoint(out, _state(1))

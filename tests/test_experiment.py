@@ -1,4 +1,5 @@
 """Experiment files: loading, validation messages, grid expansion and run ids (no torch)."""
+
 import textwrap
 from pathlib import Path
 
@@ -23,8 +24,9 @@ def fake_coco(root: Path, splits=("train2017", "val2017")) -> Path:
     for split in splits:
         test = split.startswith("test")
         name = f"image_info_{split}.json" if test else f"instances_{split}.json"
-        (root / "annotations" / name).write_text('{"images": [], "categories": []' +
-                                                 ("}" if test else ', "annotations": []}'))
+        (root / "annotations" / name).write_text(
+            '{"images": [], "categories": []' + ("}" if test else ', "annotations": []}')
+        )
         (root / ("test2017" if test else split)).mkdir(exist_ok=True)
         (root / ("test2017" if test else split) / "000000000001.jpg").write_bytes(b"jpeg")
     return root
@@ -59,6 +61,7 @@ def error(tmp_path, text, **kwargs):
 
 # ------------------------------------------------------------------------------------------ expansion
 
+
 def test_rows_resolve_over_the_base(tmp_path):
     exp = basic(tmp_path)
     specs = expand(exp)
@@ -70,11 +73,15 @@ def test_rows_resolve_over_the_base(tmp_path):
 
 
 def test_axes_expand_into_a_cartesian_grid(tmp_path):
-    exp = basic(tmp_path, BASIC + textwrap.dedent("""
+    exp = basic(
+        tmp_path,
+        BASIC
+        + textwrap.dedent("""
         axes:
           model.num_feature_levels: [1, 4]
           model.enc_n_points: [1, 2, 4]
-        """))
+        """),
+    )
     labels = [s.label for s in expand(exp)]
     assert labels[:2] == ["base", "K=1"]
     grid = labels[2:]
@@ -90,7 +97,10 @@ def test_axes_expand_into_a_cartesian_grid(tmp_path):
 
 
 def test_seeds_give_one_run_each(tmp_path):
-    exp = basic(tmp_path, BASIC.replace("    paper: {AP: 43.8}", "    paper: {AP: 43.8}\n    overrides: {train: {seed: [1, 2, 3]}}"))
+    exp = basic(
+        tmp_path,
+        BASIC.replace("    paper: {AP: 43.8}", "    paper: {AP: 43.8}\n    overrides: {train: {seed: [1, 2, 3]}}"),
+    )
     specs = [s for s in expand(exp) if s.label == "base"]
     assert [s.seed for s in specs] == [1, 2, 3]
     assert [s.config.train.seed for s in specs] == [1, 2, 3]
@@ -123,7 +133,9 @@ def test_run_id_is_stable_and_changes_with_the_row(tmp_path):
     moved = BASIC.replace("data: {root: ROOT}", "data: {root: ROOT, num_workers: 7}\n  launcher: {partition: gpu}")
     assert {s.label: s.run_id for s in expand(basic(tmp_path, moved))} == first
     # stating a default explicitly is the same run
-    explicit = BASIC.replace("data: {root: ROOT}", "data: {root: ROOT}\n  model: {hidden_dim: 256}\n  train: {lr: 2e-4}")
+    explicit = BASIC.replace(
+        "data: {root: ROOT}", "data: {root: ROOT}\n  model: {hidden_dim: 256}\n  train: {lr: 2e-4}"
+    )
     assert {s.label: s.run_id for s in expand(basic(tmp_path, explicit))} == first
 
 
@@ -143,7 +155,7 @@ def test_smoke_profile_shrinks_every_row(tmp_path):
     assert cfg.model.backbone == "resnet50"
     assert cfg.launcher.executor == "local" and cfg.launcher.gpus_per_node == 0
     assert cfg.train.epochs <= 12
-    assert specs[1].config.model.enc_n_points == 1            # the row's own change survives
+    assert specs[1].config.model.enc_n_points == 1  # the row's own change survives
     full_ids = {s.run_id for s in expand(exp, "full")}
     assert not full_ids & {s.run_id for s in specs}
 
@@ -176,14 +188,20 @@ def test_rows_selection(tmp_path):
 
 
 def test_yaml_lists_become_tuples(tmp_path):
-    exp = basic(tmp_path, BASIC.replace("data: {root: ROOT}", "data: {root: ROOT, synthetic_image_size: [64, 96]}\n"
-                                        "  launcher: {additional_parameters: {gres: 'gpu:8'}}"))
+    exp = basic(
+        tmp_path,
+        BASIC.replace(
+            "data: {root: ROOT}",
+            "data: {root: ROOT, synthetic_image_size: [64, 96]}\n  launcher: {additional_parameters: {gres: 'gpu:8'}}",
+        ),
+    )
     cfg = expand(exp)[0].config
     assert cfg.data.synthetic_image_size == (64, 96)
     assert cfg.launcher.additional_parameters == (("gres", "gpu:8"),)
 
 
 # ------------------------------------------------------------------------------------------ validation
+
 
 def test_unknown_field_suggests_the_closest(tmp_path):
     err, message = error(tmp_path, BASIC.replace("enc_n_points: 1,", "enc_n_poins: 1,"))
@@ -220,7 +238,9 @@ def test_wrong_type_names_the_expected_type(tmp_path):
     assert "'four'" in message and "expected an integer" in message
     err, message = error(tmp_path, BASIC.replace("enc_n_points: 1,", "with_box_refine: yes please,"))
     assert err.key == "model.with_box_refine" and "true or false" in message
-    err, message = error(tmp_path, BASIC.replace("data: {root: ROOT}", "data: {root: ROOT, synthetic_image_size: [1, 2, 3]}"))
+    err, message = error(
+        tmp_path, BASIC.replace("data: {root: ROOT}", "data: {root: ROOT, synthetic_image_size: [1, 2, 3]}")
+    )
     assert err.key == "data.synthetic_image_size" and "a list of 2 items" in message
 
 
@@ -243,8 +263,10 @@ def test_impossible_combination_names_the_field(tmp_path):
 
 
 def test_total_batch_must_split_over_processes(tmp_path):
-    text = BASIC.replace("data: {root: ROOT}", "data: {root: ROOT}\n  train: {total_batch_size: 30}\n"
-                         "  launcher: {nodes: 2, gpus_per_node: 8}")
+    text = BASIC.replace(
+        "data: {root: ROOT}",
+        "data: {root: ROOT}\n  train: {total_batch_size: 30}\n  launcher: {nodes: 2, gpus_per_node: 8}",
+    )
     err, message = error(tmp_path, text)
     assert err.key == "train.total_batch_size" and "multiple" in message
 
@@ -294,6 +316,7 @@ def test_cited_rows_are_paper_only(tmp_path):
 
 # ------------------------------------------------------------------------------------ the paper tables
 
+
 @pytest.mark.parametrize("name,n_rows,n_runs", [("table1", 8, 8), ("table2", 6, 6), ("table3", 9, 5)])
 def test_paper_tables_load_at_both_scales(name, n_rows, n_runs):
     for smoke in (False, True):
@@ -304,7 +327,8 @@ def test_paper_tables_load_at_both_scales(name, n_rows, n_runs):
 
 def test_paper_numbers_match_the_reference():
     import yaml
-    reference = ROOT / "tests" / "fixtures" / "paper_tables.yaml"     # a copy of shared/reference's
+
+    reference = ROOT / "tests" / "fixtures" / "paper_tables.yaml"  # a copy of shared/reference's
     tables = yaml.safe_load(reference.read_text())
     for name in ("table1", "table2", "table3"):
         exp = load_experiment(EXPERIMENTS / f"{name}.yaml", check_data=False)
@@ -346,11 +370,13 @@ def test_a_new_field_with_a_default_renames_no_run(monkeypatch):
     specs = expand(load_experiment(EXPERIMENTS / "table2.yaml", check_data=False))
     before = [s.run_id for s in specs]
     from model.config import weights
-    extended = dataclasses.make_dataclass("TrainConfig", [("new_knob", int, weights(3))],
-                                          bases=(TrainConfig,), frozen=True)
+
+    extended = dataclasses.make_dataclass(
+        "TrainConfig", [("new_knob", int, weights(3))], bases=(TrainConfig,), frozen=True
+    )
     monkeypatch.setitem(schema.SECTION_CLASSES, "train", extended)
     configs = [dataclasses.replace(s.config, train=extended(**dataclasses.asdict(s.config.train))) for s in specs]
     assert [run_id(c) for c in configs] == before
     changed = dataclasses.replace(configs[0], train=dataclasses.replace(configs[0].train, new_knob=4))
     assert run_id(changed) not in before
-    assert len(set(before)) == len(before)          # the rows still differ from each other
+    assert len(set(before)) == len(before)  # the rows still differ from each other

@@ -16,6 +16,7 @@ Perturbations and bases: tests/field_perturbation.py. The weights compared are t
 (captured from the engine's model); checkpoints are not written except by the default base, whose file the
 ``eval.checkpoint`` perturbation starts from (and which is compared with the captured state once).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,9 +37,9 @@ from model.config import WEIGHTS
 # Fields whose check cannot run here, each with its reason (a skip that says so in the report).
 EXEMPT = {
     "data.dataset": "'coco' needs the real COCO 2017 set; pointed at the synthetic set (same files, read as COCO) "
-                    "it trains on the same data, so equal weights would prove nothing",
+    "it trains on the same data, so equal weights would prove nothing",
     "eval.checkpoint_sha256": "names which file a released checkpoint's URL must deliver; two values cannot both "
-                              "match one file, so no run has both (tests/test_released.py refuses the other)",
+    "match one file, so no run has both (tests/test_released.py refuses the other)",
 }
 # Fields whose perturbation is known to contradict their declaration, with the reason (xfail, strict).
 KNOWN = {}
@@ -46,15 +47,19 @@ KNOWN = {}
 # by decision: compared up to ROUNDING_ATOL (an optimiser step moves weights by about lr = 2e-4) instead.
 ROUNDING = {
     "model.attn_impl": "the compiled CPU kernel and the PyTorch reference compute the same op with other "
-                       "rounding; which kernel ran is recorded with each run, not in the id (by decision)",
+    "rounding; which kernel ran is recorded with each run, not in the id (by decision)",
 }
 ROUNDING_ATOL = 2e-5
 
-pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.filterwarnings("ignore:effective total batch"),
-              pytest.mark.filterwarnings("ignore:Detected call of")]
+pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
+    pytest.mark.filterwarnings("ignore:effective total batch"),
+    pytest.mark.filterwarnings("ignore:Detected call of"),
+]
 
 
 # -------------------------------------------------------------------------------------- fast checks
+
 
 def test_every_field_declares_its_roles():
     assert undeclared() == []
@@ -79,10 +84,11 @@ def test_every_field_has_a_valid_perturbation():
     stale = [k for k in [*EXEMPT, *KNOWN, *ROUNDING, *fp.TABLE] if k not in fp.all_keys()]
     assert stale == [], f"exemptions or table entries for fields that no longer exist: {stale}"
     for name in fp.BASES:
-        fp.build(name)                    # every base is a valid config
+        fp.build(name)  # every base is a valid config
 
 
 # --------------------------------------------------------------------------------------- training
+
 
 def _digest(t: torch.Tensor):
     t = t.detach().cpu().contiguous()
@@ -100,19 +106,23 @@ class Trainer:
     def __init__(self, workspace):
         self.ws = str(workspace)
         self.done = {}
-        self.kept = {}            # state tensors of the runs asked for with keep=True
+        self.kept = {}  # state tensors of the runs asked for with keep=True
         self.count = 0
 
     # where <ws>/ and <data> point
     def _data_root(self, data_cfg) -> str:
-        if data_cfg.dataset != "synthetic":      # the synthetic.* fields are inactive: the default set, as COCO
+        if data_cfg.dataset != "synthetic":  # the synthetic.* fields are inactive: the default set, as COCO
             data_cfg = fp.build("default").data
-        params = dict(n=data_cfg.synthetic_train_images, v=data_cfg.synthetic_val_images,
-                      size=list(data_cfg.synthetic_image_size), seed=data_cfg.synthetic_seed)
+        params = dict(
+            n=data_cfg.synthetic_train_images,
+            v=data_cfg.synthetic_val_images,
+            size=list(data_cfg.synthetic_image_size),
+            seed=data_cfg.synthetic_seed,
+        )
         root = os.path.join(self.ws, "data", hashlib.sha1(json.dumps(params).encode()).hexdigest()[:10])
         synthetic.generate_from_config(data_cfg, root)
         test_images = os.path.join(root, "test2017")
-        if not os.path.isdir(test_images):      # a test-dev style split: the val images without annotations
+        if not os.path.isdir(test_images):  # a test-dev style split: the val images without annotations
             shutil.copytree(os.path.join(root, "val2017"), test_images)
             with open(os.path.join(root, "annotations", "instances_val2017.json")) as f:
                 info = {k: v for k, v in json.load(f).items() if k != "annotations"}
@@ -128,7 +138,7 @@ class Trainer:
             for f in dataclasses.fields(sub):
                 value = getattr(sub, f.name)
                 if isinstance(value, str) and value.startswith(fp.WS):
-                    changes[f.name] = self._workspace_file(value[len(fp.WS):])
+                    changes[f.name] = self._workspace_file(value[len(fp.WS) :])
                 elif value == fp.DATA:
                     changes[f.name] = self._data_root(sub)
             sections[section] = dataclasses.replace(sub, **changes) if changes else sub
@@ -138,10 +148,11 @@ class Trainer:
         path = os.path.join(self.ws, name)
         if name.startswith("backbone_") and not os.path.isfile(path):
             import torchvision
-            torch.manual_seed(sum(map(ord, name)))          # two different stand-ins for ImageNet weights
+
+            torch.manual_seed(sum(map(ord, name)))  # two different stand-ins for ImageNet weights
             torch.save(torchvision.models.resnet50(weights=None).state_dict(), path)
         elif name == "checkpoint.pth":
-            self.weights("default")                         # written by the default base's run
+            self.weights("default")  # written by the default base's run
         return path
 
     def weights(self, base: str, changes=()) -> dict:
@@ -169,9 +180,10 @@ class Trainer:
             model, criterion, postprocessor = build_model(run_cfg, device)
             built["model"] = model
             return model, criterion, postprocessor
+
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(engine, "_build_model", capture)
-            if not real_checkpoint:          # writing (and checksumming) ~100 MB per epoch: half the time
+            if not real_checkpoint:  # writing (and checksumming) ~100 MB per epoch: half the time
                 mp.setattr(checkpointing, "save_checkpoint", lambda *args, **kwargs: None)
             engine.train(cfg, out, log_fn=lambda record: None, print_fn=None)
         tensors = built["model"].state_dict()
@@ -180,8 +192,9 @@ class Trainer:
             self.kept[key] = {k: v.detach().clone() for k, v in tensors.items()}
         if real_checkpoint:
             saved = checkpointing.read_checkpoint(os.path.join(out, checkpointing.CHECKPOINT))["model"]
-            assert differing({k: _digest(v) for k, v in saved.items()}, state) == [], \
+            assert differing({k: _digest(v) for k, v in saved.items()}, state) == [], (
                 "the captured model is not the one the checkpoint holds"
+            )
             shutil.copyfile(os.path.join(out, checkpointing.CHECKPOINT), os.path.join(self.ws, "checkpoint.pth"))
         shutil.rmtree(out, ignore_errors=True)
         return state
@@ -216,19 +229,24 @@ def test_declared_role_matches_effect_on_weights(key, trainer):
         assert WEIGHTS not in roles, f"{key} declares 'weights': drop it from ROUNDING"
         a, b = trainer.tensors(p.base), trainer.tensors(p.base, p.changes)
         assert a.keys() == b.keys()
-        worst = max(((x.double() - b[k].double()).abs().max().item(), k) for k, x in a.items()
-                    if x.is_floating_point())
-        assert worst[0] <= ROUNDING_ATOL, (f"{key} ({ROUNDING[key]}): {p.describe()} changed {worst[1]} by "
-                                           f"{worst[0]:.3g}, more than rounding ({ROUNDING_ATOL})")
+        worst = max(((x.double() - b[k].double()).abs().max().item(), k) for k, x in a.items() if x.is_floating_point())
+        assert worst[0] <= ROUNDING_ATOL, (
+            f"{key} ({ROUNDING[key]}): {p.describe()} changed {worst[1]} by "
+            f"{worst[0]:.3g}, more than rounding ({ROUNDING_ATOL})"
+        )
         return
     changed = differing(trainer.weights(p.base), trainer.weights(p.base, p.changes))
     if WEIGHTS in roles:
-        assert changed, (f"{key} declares roles {roles} but {p.describe()} left the trained weights bitwise "
-                         "equal: it splits run ids for nothing (or the perturbation is inert here: exempt it "
-                         "with the reason, or perturb it in a base where it is active)")
+        assert changed, (
+            f"{key} declares roles {roles} but {p.describe()} left the trained weights bitwise "
+            "equal: it splits run ids for nothing (or the perturbation is inert here: exempt it "
+            "with the reason, or perturb it in a base where it is active)"
+        )
     else:
-        assert not changed, (f"{key} declares roles {roles or '(none)'} but {p.describe()} changed the trained "
-                             f"weights ({_summary(changed)}): it must declare 'weights'")
+        assert not changed, (
+            f"{key} declares roles {roles or '(none)'} but {p.describe()} changed the trained "
+            f"weights ({_summary(changed)}): it must declare 'weights'"
+        )
 
 
 def _inactive_params():
@@ -245,5 +263,7 @@ def test_inactive_field_leaves_weights_alone(key, trainer):
     """Where ``active`` says a field is irrelevant the ids leave it out: it must not change the weights there."""
     p = fp.inactive_perturbation(key)
     changed = differing(trainer.weights(p.base), trainer.weights(p.base, p.changes))
-    assert not changed, (f"{key} is inactive in base {p.base!r} by its declaration (so outside the ids there), "
-                         f"but {p.describe()} changed the trained weights ({_summary(changed)})")
+    assert not changed, (
+        f"{key} is inactive in base {p.base!r} by its declaration (so outside the ids there), "
+        f"but {p.describe()} changed the trained weights ({_summary(changed)})"
+    )

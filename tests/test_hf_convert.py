@@ -8,6 +8,7 @@ The reverse conversion is loaded strictly by a transformers model built from our
 The comparisons need transformers and timm (``pip install '.[hf]'``); they are skipped, saying so, where
 these are not installed. The converter's own checks (strictness, key layouts, configurations) need neither.
 """
+
 import dataclasses
 import functools
 import importlib.util
@@ -28,28 +29,62 @@ from model.hf_convert import (
 )
 
 HAVE_HF = all(importlib.util.find_spec(m) is not None for m in ("transformers", "timm", "safetensors"))
-needs_hf = pytest.mark.skipif(not HAVE_HF, reason="transformers, timm and safetensors are not installed "
-                                                  "(pip install '.[hf]'): the comparison with transformers is skipped")
+needs_hf = pytest.mark.skipif(
+    not HAVE_HF,
+    reason="transformers, timm and safetensors are not installed "
+    "(pip install '.[hf]'): the comparison with transformers is skipped",
+)
 
 # ------------------------------------------------------------------- the hub models' configurations
 # SenseTime/deformable-detr*: the official Deformable DETR settings (main.py defaults), timm ResNet-50
-DEFORMABLE = dict(use_timm_backbone=True, backbone="resnet50", dilation=False, num_labels=91, d_model=256,
-                  encoder_layers=6, decoder_layers=6, encoder_attention_heads=8, decoder_attention_heads=8,
-                  encoder_ffn_dim=1024, decoder_ffn_dim=1024, dropout=0.1, num_queries=300,
-                  num_feature_levels=4, encoder_n_points=4, decoder_n_points=4, position_embedding_type="sine",
-                  two_stage=False, with_box_refine=False, two_stage_num_proposals=300)
+DEFORMABLE = dict(
+    use_timm_backbone=True,
+    backbone="resnet50",
+    dilation=False,
+    num_labels=91,
+    d_model=256,
+    encoder_layers=6,
+    decoder_layers=6,
+    encoder_attention_heads=8,
+    decoder_attention_heads=8,
+    encoder_ffn_dim=1024,
+    decoder_ffn_dim=1024,
+    dropout=0.1,
+    num_queries=300,
+    num_feature_levels=4,
+    encoder_n_points=4,
+    decoder_n_points=4,
+    position_embedding_type="sine",
+    two_stage=False,
+    with_box_refine=False,
+    two_stage_num_proposals=300,
+)
 # facebook/detr-resnet-50 (-dc5): the official DETR settings
-DETR = dict(use_timm_backbone=True, backbone="resnet50", dilation=False, num_labels=91, d_model=256,
-            encoder_layers=6, decoder_layers=6, encoder_attention_heads=8, decoder_attention_heads=8,
-            encoder_ffn_dim=2048, decoder_ffn_dim=2048, dropout=0.1, num_queries=100,
-            position_embedding_type="sine")
+DETR = dict(
+    use_timm_backbone=True,
+    backbone="resnet50",
+    dilation=False,
+    num_labels=91,
+    d_model=256,
+    encoder_layers=6,
+    decoder_layers=6,
+    encoder_attention_heads=8,
+    decoder_attention_heads=8,
+    encoder_ffn_dim=2048,
+    decoder_ffn_dim=2048,
+    dropout=0.1,
+    num_queries=100,
+    position_embedding_type="sine",
+)
 # transformers 5 ties every decoder layer's heads to layer 0's unless tie_word_embeddings is false; the hub's
 # refinement models hold a head per layer, and tying would make the per-layer heads equal (a weaker test)
 VARIANTS = {
     "deformable-detr": ("deformable_detr", dict(DEFORMABLE)),
     "with-box-refine": ("deformable_detr", dict(DEFORMABLE, with_box_refine=True, tie_word_embeddings=False)),
-    "with-box-refine-two-stage": ("deformable_detr", dict(DEFORMABLE, with_box_refine=True, two_stage=True,
-                                                          tie_word_embeddings=False)),
+    "with-box-refine-two-stage": (
+        "deformable_detr",
+        dict(DEFORMABLE, with_box_refine=True, two_stage=True, tie_word_embeddings=False),
+    ),
     "single-scale": ("deformable_detr", dict(DEFORMABLE, num_feature_levels=1)),
     "detr-resnet-50": ("detr", dict(DETR)),
     "detr-resnet-50-dc5": ("detr", dict(DETR, dilation=True)),
@@ -57,7 +92,7 @@ VARIANTS = {
     "deformable-detr, HF ResNet": ("deformable_detr", dict(DEFORMABLE, use_timm_backbone=False, backbone=None)),
     "detr-resnet-50, HF ResNet": ("detr", dict(DETR, use_timm_backbone=False, backbone=None)),
 }
-EXPECTED = {   # our configuration of each
+EXPECTED = {  # our configuration of each
     "deformable-detr": ModelConfig(pretrained_backbone=False),
     "with-box-refine": ModelConfig(pretrained_backbone=False, with_box_refine=True),
     "with-box-refine-two-stage": ModelConfig(pretrained_backbone=False, with_box_refine=True, two_stage=True),
@@ -71,23 +106,53 @@ EXPECTED = {   # our configuration of each
 
 # the settings of transformers' configurations that the forward pass reads
 FORWARD_FIELDS = {
-    "deformable_detr": ("backbone_config", "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads",
-                        "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim", "num_queries",
-                        "num_feature_levels", "encoder_n_points", "decoder_n_points", "two_stage", "with_box_refine",
-                        "two_stage_num_proposals", "position_embedding_type", "activation_function",
-                        "return_intermediate", "dilation"),
-    "detr": ("backbone_config", "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads",
-             "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim", "num_queries", "position_embedding_type",
-             "activation_function", "dilation", "auxiliary_loss"),
+    "deformable_detr": (
+        "backbone_config",
+        "d_model",
+        "encoder_layers",
+        "decoder_layers",
+        "encoder_attention_heads",
+        "decoder_attention_heads",
+        "encoder_ffn_dim",
+        "decoder_ffn_dim",
+        "num_queries",
+        "num_feature_levels",
+        "encoder_n_points",
+        "decoder_n_points",
+        "two_stage",
+        "with_box_refine",
+        "two_stage_num_proposals",
+        "position_embedding_type",
+        "activation_function",
+        "return_intermediate",
+        "dilation",
+    ),
+    "detr": (
+        "backbone_config",
+        "d_model",
+        "encoder_layers",
+        "decoder_layers",
+        "encoder_attention_heads",
+        "decoder_attention_heads",
+        "encoder_ffn_dim",
+        "decoder_ffn_dim",
+        "num_queries",
+        "position_embedding_type",
+        "activation_function",
+        "dilation",
+        "auxiliary_loss",
+    ),
 }
 
 
 def _hf_config(arch, fields):
     import transformers
+
     fields = dict(fields)
     if not fields["use_timm_backbone"]:
-        stages = ["stage4"] if arch == "detr" or fields.get("num_feature_levels") == 1 else ["stage2", "stage3",
-                                                                                              "stage4"]
+        stages = (
+            ["stage4"] if arch == "detr" or fields.get("num_feature_levels") == 1 else ["stage2", "stage3", "stage4"]
+        )
         fields["backbone_config"] = transformers.ResNetConfig(out_features=stages)
     cls = transformers.DeformableDetrConfig if arch == "deformable_detr" else transformers.DetrConfig
     return cls(**fields)
@@ -95,8 +160,12 @@ def _hf_config(arch, fields):
 
 def _hf_class(arch):
     import transformers
-    return transformers.DeformableDetrForObjectDetection if arch == "deformable_detr" \
+
+    return (
+        transformers.DeformableDetrForObjectDetection
+        if arch == "deformable_detr"
         else transformers.DetrForObjectDetection
+    )
 
 
 def _randomise(model, seed=0):
@@ -111,7 +180,7 @@ def _randomise(model, seed=0):
                 t.copy_(torch.rand(t.shape, generator=g) + 0.5)
             elif t.dim() >= 2:
                 t.copy_(torch.randn(t.shape, generator=g) / t[0].numel() ** 0.5)
-            elif name.endswith("weight"):    # BatchNorm, LayerNorm, GroupNorm scales
+            elif name.endswith("weight"):  # BatchNorm, LayerNorm, GroupNorm scales
                 t.copy_(torch.rand(t.shape, generator=g) + 0.5)
             else:
                 t.copy_(torch.randn(t.shape, generator=g) * 0.1)
@@ -149,7 +218,7 @@ def _converted(variant):
 
 def _ours(cfg, state):
     if cfg.arch == "deformable_detr":
-        cfg = dataclasses.replace(cfg, attn_impl="pytorch")   # the reference op, as transformers' on a CPU
+        cfg = dataclasses.replace(cfg, attn_impl="pytorch")  # the reference op, as transformers' on a CPU
     model = build_model(cfg)[0].eval()
     model.load_state_dict(state, strict=True)
     images, padding = _batch()
@@ -169,6 +238,7 @@ def _assert_close(ours, theirs):
 
 
 # --------------------------------------------------------------------------- against transformers
+
 
 @needs_hf
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -223,21 +293,43 @@ def test_folders_both_ways(tmp_path):
 
 # ------------------------------------------------------------------ the converter's own checks
 # A small model of ours, converted with to_hf, stands in for a transformers state dict: no transformers needed.
-SMALL = dict(pretrained_backbone=False, hidden_dim=64, dim_feedforward=64, nheads=4, enc_layers=1, dec_layers=2,
-             num_queries=10, num_classes=8, dropout=0.0)
+SMALL = dict(
+    pretrained_backbone=False,
+    hidden_dim=64,
+    dim_feedforward=64,
+    nheads=4,
+    enc_layers=1,
+    dec_layers=2,
+    num_queries=10,
+    num_classes=8,
+    dropout=0.0,
+)
 
 
 def _small(**fields):
-    cfg = ModelConfig(**{**SMALL, **fields}) if fields.get("arch", "deformable_detr") == "deformable_detr" \
+    cfg = (
+        ModelConfig(**{**SMALL, **fields})
+        if fields.get("arch", "deformable_detr") == "deformable_detr"
         else ModelConfig.for_arch(**{**SMALL, "num_queries": 10, **fields})
+    )
     torch.manual_seed(0)
     model = build_model(cfg)[0]
     return cfg, model.state_dict()
 
 
-@pytest.mark.parametrize("fields", [{}, {"with_box_refine": True}, {"with_box_refine": True, "two_stage": True},
-                                    {"num_feature_levels": 1}, {"arch": "detr"}, {"arch": "detr", "dilation": True},
-                                    {"arch": "detr", "position_embedding": "learned"}], ids=repr)
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"with_box_refine": True},
+        {"with_box_refine": True, "two_stage": True},
+        {"num_feature_levels": 1},
+        {"arch": "detr"},
+        {"arch": "detr", "dilation": True},
+        {"arch": "detr", "position_embedding": "learned"},
+    ],
+    ids=repr,
+)
 @pytest.mark.parametrize("key_format", ["v4", "v5"])
 def test_round_trip_through_both_key_layouts(fields, key_format):
     cfg, state = _small(**fields)
@@ -270,8 +362,11 @@ def test_an_unexpected_key_is_an_error_naming_it():
     del hf_state["model.encoder.layers.0.self_attn.sampling_offsets.scale"]
     # a known kind of key that this configuration has no place for (a second encoder layer)
     hf_state["model.encoder.layers.1.self_attn.value_proj.weight"] = torch.zeros(64, 64)
-    with pytest.raises(HFConversionError, match=r"1 unexpected keys: model\.encoder\.layers\.1\.self_attn\."
-                                                r"value_proj\.weight"):
+    with pytest.raises(
+        HFConversionError,
+        match=r"1 unexpected keys: model\.encoder\.layers\.1\.self_attn\."
+        r"value_proj\.weight",
+    ):
         from_hf(hf_state, config)
 
 
@@ -308,8 +403,11 @@ def test_shared_heads_one_copy_enough_unequal_copies_an_error():
     cfg, state = _small(with_box_refine=True)
     config, hf_state = to_hf(cfg, state, key_format="v5")
     hf_state["model.decoder.bbox_embed.1.layers.2.bias"] = hf_state["model.decoder.bbox_embed.1.layers.2.bias"] + 1
-    with pytest.raises(HFConversionError, match=r"bbox_embed\.1\.layers\.2\.bias differs from "
-                                                r"model\.decoder\.bbox_embed\.1\.layers\.2\.bias"):
+    with pytest.raises(
+        HFConversionError,
+        match=r"bbox_embed\.1\.layers\.2\.bias differs from "
+        r"model\.decoder\.bbox_embed\.1\.layers\.2\.bias",
+    ):
         from_hf(hf_state, config)
 
 
@@ -321,32 +419,51 @@ def test_batchnorm_step_counters_are_dropped():
     assert set(state2) == set(state)
 
 
-@pytest.mark.parametrize("fields, words", [
-    ({"dcn": True, "num_feature_levels": 1}, "dcn"),
-    ({"neck": "fpn"}, "neck 'fpn'"),
-    ({"ms_attention": False}, "ms_attention"),
-    ({"num_feature_levels": 2}, "num_feature_levels 2"),
-    ({"arch": "detr", "pre_norm": True}, "pre_norm"),
-    ({"arch": "detr", "focal_loss": True}, "focal_loss"),
-], ids=repr)
+@pytest.mark.parametrize(
+    "fields, words",
+    [
+        ({"dcn": True, "num_feature_levels": 1}, "dcn"),
+        ({"neck": "fpn"}, "neck 'fpn'"),
+        ({"ms_attention": False}, "ms_attention"),
+        ({"num_feature_levels": 2}, "num_feature_levels 2"),
+        ({"arch": "detr", "pre_norm": True}, "pre_norm"),
+        ({"arch": "detr", "focal_loss": True}, "focal_loss"),
+    ],
+    ids=repr,
+)
 def test_what_transformers_cannot_express_is_an_error(fields, words):
     cfg = ModelConfig(**{**SMALL, **fields}) if "arch" not in fields else ModelConfig.for_arch(**{**SMALL, **fields})
     with pytest.raises(HFConversionError, match=words):
         hf_config_dict(cfg)
 
 
-@pytest.mark.parametrize("change, words", [
-    ({"num_feature_levels": 2}, "num_feature_levels 2"),
-    ({"encoder_ffn_dim": 2048}, "encoder_ffn_dim 2048 and decoder_ffn_dim 1024 differ"),
-    ({"activation_function": "gelu"}, "activation_function 'gelu'"),
-    ({"model_type": "conditional_detr"}, "model_type 'conditional_detr'"),
-    ({"backbone": "resnet18"}, "backbone 'resnet18'"),
-    ({"model_type": "detr", "auxiliary_loss": True}, "auxiliary_loss true"),
-    ({"backbone_config": {"model_type": "resnet", "depths": [3, 4, 6, 3], "downsample_in_bottleneck": True,
-                          "out_features": ["stage2", "stage3", "stage4"]}}, "downsample_in_bottleneck True"),
-    ({"backbone_config": {"model_type": "timm_backbone", "backbone": "resnet50", "out_indices": [1, 2, 3, 4]}},
-     "out_indices"),
-], ids=repr)
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"num_feature_levels": 2}, "num_feature_levels 2"),
+        ({"encoder_ffn_dim": 2048}, "encoder_ffn_dim 2048 and decoder_ffn_dim 1024 differ"),
+        ({"activation_function": "gelu"}, "activation_function 'gelu'"),
+        ({"model_type": "conditional_detr"}, "model_type 'conditional_detr'"),
+        ({"backbone": "resnet18"}, "backbone 'resnet18'"),
+        ({"model_type": "detr", "auxiliary_loss": True}, "auxiliary_loss true"),
+        (
+            {
+                "backbone_config": {
+                    "model_type": "resnet",
+                    "depths": [3, 4, 6, 3],
+                    "downsample_in_bottleneck": True,
+                    "out_features": ["stage2", "stage3", "stage4"],
+                }
+            },
+            "downsample_in_bottleneck True",
+        ),
+        (
+            {"backbone_config": {"model_type": "timm_backbone", "backbone": "resnet50", "out_indices": [1, 2, 3, 4]}},
+            "out_indices",
+        ),
+    ],
+    ids=repr,
+)
 def test_transformers_configs_we_cannot_express_are_errors(change, words):
     config = {**hf_config_dict(ModelConfig(pretrained_backbone=False)), **change}
     with pytest.raises(HFConversionError, match=words):
@@ -355,14 +472,36 @@ def test_transformers_configs_we_cannot_express_are_errors(change, words):
 
 def test_hub_style_config_json():
     """A 4.x config.json as the hub's (use_timm_backbone, backbone, id2label; no backbone_config)."""
-    config = {"model_type": "deformable_detr", "use_timm_backbone": True, "backbone": "resnet50",
-              "use_pretrained_backbone": True, "dilation": False, "id2label": {str(i): f"c{i}" for i in range(91)},
-              "d_model": 256, "encoder_layers": 6, "decoder_layers": 6, "encoder_attention_heads": 8,
-              "decoder_attention_heads": 8, "encoder_ffn_dim": 1024, "decoder_ffn_dim": 1024, "dropout": 0.1,
-              "num_queries": 300, "num_feature_levels": 4, "encoder_n_points": 4, "decoder_n_points": 4,
-              "two_stage": True, "with_box_refine": True, "two_stage_num_proposals": 300, "class_cost": 1,
-              "activation_function": "relu", "attention_dropout": 0.0, "activation_dropout": 0.0,
-              "encoder_layerdrop": 0.0, "decoder_layerdrop": 0.0, "auxiliary_loss": False}
+    config = {
+        "model_type": "deformable_detr",
+        "use_timm_backbone": True,
+        "backbone": "resnet50",
+        "use_pretrained_backbone": True,
+        "dilation": False,
+        "id2label": {str(i): f"c{i}" for i in range(91)},
+        "d_model": 256,
+        "encoder_layers": 6,
+        "decoder_layers": 6,
+        "encoder_attention_heads": 8,
+        "decoder_attention_heads": 8,
+        "encoder_ffn_dim": 1024,
+        "decoder_ffn_dim": 1024,
+        "dropout": 0.1,
+        "num_queries": 300,
+        "num_feature_levels": 4,
+        "encoder_n_points": 4,
+        "decoder_n_points": 4,
+        "two_stage": True,
+        "with_box_refine": True,
+        "two_stage_num_proposals": 300,
+        "class_cost": 1,
+        "activation_function": "relu",
+        "attention_dropout": 0.0,
+        "activation_dropout": 0.0,
+        "encoder_layerdrop": 0.0,
+        "decoder_layerdrop": 0.0,
+        "auxiliary_loss": False,
+    }
     cfg, layout = config_from_hf(config)
     assert layout == "timm"
     # matcher costs and loss weights stay the official ones (transformers' class_cost is 1, the official 2)
@@ -383,7 +522,7 @@ def test_a_folder_is_a_checkpoint_a_row_can_name(tmp_path):
     load_checkpoint(str(folder), model)
     assert all(torch.equal(model.state_dict()[k], state[k]) for k in state)
     with pytest.raises(CheckpointError, match="does not match the configured model"):
-        load_checkpoint(str(folder), build_model(ModelConfig(**SMALL))[0])     # no box refinement
+        load_checkpoint(str(folder), build_model(ModelConfig(**SMALL))[0])  # no box refinement
     before = file_digest(str(folder))
     (folder / "README.md").write_text("a model card")
     assert file_digest(str(folder)) != before

@@ -5,6 +5,7 @@ to look at).
 Debian's texlive-latex-base and texlive-latex-recommended (booktabs) and poppler-utils (pdftoppm) come from
 tools/install_system_packages.sh; without them the tests skip, saying so (and fail in CI).
 """
+
 import shutil
 import subprocess
 
@@ -46,7 +47,7 @@ def test_report_compiles_and_fits_the_text_width(latex, tmp_path, name, render):
     exp, results = _experiment(name)
     tex = tmp_path / "t.tex"
     tex.write_text(render(exp, collect(results, exp)))
-    pdf = compile_table(tex, tmp_path / "build")          # raises on LaTeX errors and Overfull \hbox
+    pdf = compile_table(tex, tmp_path / "build")  # raises on LaTeX errors and Overfull \hbox
     assert pdf.stat().st_size > 1000
 
 
@@ -60,13 +61,14 @@ def test_compact_table_renders_to_png(latex, tmp_path, name):
     png = render_png(compile_table(tex, tmp_path / "build"), tmp_path / f"{name}_compact.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import matplotlib.image as mpimg
+
     height, width = mpimg.imread(png).shape[:2]
-    assert width > 600 and height > 200, (width, height)          # a table, not an empty page
+    assert width > 600 and height > 200, (width, height)  # a table, not an empty page
 
 
 def test_errors_and_overfull_tables_are_caught(latex, tmp_path):
     bad = tmp_path / "bad.tex"
-    bad.write_text("\\begin{tabular}{l}\nA_b \\\\\n\\end{tabular}\n")       # an unescaped _ outside math
+    bad.write_text("\\begin{tabular}{l}\nA_b \\\\\n\\end{tabular}\n")  # an unescaped _ outside math
     with pytest.raises(LatexBuildError, match="pdflatex failed"):
         compile_table(bad, tmp_path / "a")
     wide = tmp_path / "wide.tex"

@@ -5,6 +5,7 @@
 Every ``import`` is counted, at module level or inside a function. Within a layer, modules may import each
 other, but the module graph has no cycle.
 """
+
 from __future__ import annotations
 
 import ast
@@ -50,7 +51,9 @@ def _imports(path: Path, module: str) -> set:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             if not base.startswith("harness"):
                 continue
             for alias in node.names:
@@ -69,8 +72,12 @@ def _graph() -> dict:
 
 
 def test_no_lower_layer_imports_a_higher_one():
-    wrong = [f"{m} (layer {_layer(m)}) imports {d} (layer {_layer(d)})"
-             for m, deps in _graph().items() for d in deps if _layer(d) > _layer(m)]
+    wrong = [
+        f"{m} (layer {_layer(m)}) imports {d} (layer {_layer(d)})"
+        for m, deps in _graph().items()
+        for d in deps
+        if _layer(d) > _layer(m)
+    ]
     assert not wrong, "\n".join(wrong)
 
 
@@ -81,10 +88,10 @@ def test_no_import_cycle():
     def visit(module, stack):
         state[module] = "open"
         for dep in sorted(graph.get(module, ())):
-            if dep.startswith(module + "."):       # a package's __init__ re-exporting its own modules
+            if dep.startswith(module + "."):  # a package's __init__ re-exporting its own modules
                 continue
             if state.get(dep) == "open":
-                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(dep):] + [dep]))
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(dep) :] + [dep]))
             if dep not in state:
                 visit(dep, stack + [dep])
         state[module] = "done"
@@ -96,15 +103,20 @@ def test_no_import_cycle():
 
 def test_modules_stay_small():
     """A module over MAX_LINES says why at its top (a ``Length:`` paragraph in its docstring)."""
-    long = [f"{p.relative_to(HARNESS.parent)}: {n} lines" for p in sorted(HARNESS.rglob("*.py"))
-            if (n := len(p.read_text().splitlines())) > MAX_LINES
-            and "\nLength: " not in (ast.get_docstring(ast.parse(p.read_text())) or "")]
+    long = [
+        f"{p.relative_to(HARNESS.parent)}: {n} lines"
+        for p in sorted(HARNESS.rglob("*.py"))
+        if (n := len(p.read_text().splitlines())) > MAX_LINES
+        and "\nLength: " not in (ast.get_docstring(ast.parse(p.read_text())) or "")
+    ]
     assert not long, "\n".join(long)
 
 
 def test_planning_and_reporting_do_not_load_torch():
     """--dry-run, --status and --report work on a login node without loading torch (seconds, not minutes)."""
-    code = ("import sys, harness.cli, harness.grid, harness.store, harness.launch, harness.report.markdown; "
-            "print('torch' in sys.modules)")
+    code = (
+        "import sys, harness.cli, harness.grid, harness.store, harness.launch, harness.report.markdown; "
+        "print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=HARNESS.parent, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -3,6 +3,7 @@ but the engine's own): the interrupted state, the one stale rule for plans and s
 their executor (local ids never reach squeue/scancel), attempts that survive a lost status.json, array tasks
 that wait for their submission's claim, a hard stop deferred past a checkpoint write, and a stop inside an
 evaluation that resumes to the weights of an uninterrupted run."""
+
 from __future__ import annotations
 
 import json
@@ -51,9 +52,11 @@ def sleeper():
     """A live process in a session of its own (a local job's controller stands in): it writes 'TERM' to its
     marker on SIGTERM and exits."""
     marker = Path(os.environ.get("TMPDIR", "/tmp")) / f"sleeper-{os.getpid()}-{time.monotonic_ns()}"
-    code = ("import signal, sys, time\n"
-            f"signal.signal(signal.SIGTERM, lambda *a: (open({str(marker)!r}, 'w').write('TERM'), sys.exit(0)))\n"
-            "print('ready', flush=True)\ntime.sleep(120)\n")
+    code = (
+        "import signal, sys, time\n"
+        f"signal.signal(signal.SIGTERM, lambda *a: (open({str(marker)!r}, 'w').write('TERM'), sys.exit(0)))\n"
+        "print('ready', flush=True)\ntime.sleep(120)\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
     assert proc.stdout.readline().strip() == "ready"
     proc.marker = marker
@@ -66,11 +69,12 @@ def sleeper():
 
 # ------------------------------------------------------------------------------------------ the states
 
+
 def test_interrupted_resumes_and_gone_jobs_are_stale_at_once():
     assert decide(Status("interrupted", reason="Ctrl-C"))[:2] == ("interrupted", "run")
     assert "resumes" in decide(Status("interrupted"))[2]
     assert decide(Status("interrupted", job_ids=("local:1:2",)), job_alive=True)[:2] == ("interrupted", "skip")
-    assert decide(Status("interrupted"), claim_stale=False)[:2] == ("interrupted", "skip")    # still stopping
+    assert decide(Status("interrupted"), claim_stale=False)[:2] == ("interrupted", "skip")  # still stopping
     # a queued or running record whose job is gone: stale now, not after the heartbeat timeout
     assert decide(Status("running", job_ids=("local:1:2",)), job_alive=False, status_age_s=1)[:2] == ("stale", "run")
     assert decide(Status("queued", job_ids=("7",)), job_alive=False)[:2] == ("stale", "run")
@@ -82,14 +86,14 @@ def test_interrupted_resumes_and_gone_jobs_are_stale_at_once():
 
 def test_job_ids_carry_their_executor(sleeper):
     assert split_job_id("123") == ("slurm", "123") and split_job_id("123_4") == ("slurm", "123_4")
-    assert slurm_id("slurm:55") == "55" and slurm_id("41") == "41"          # a bare number of an old record
+    assert slurm_id("slurm:55") == "55" and slurm_id("41") == "41"  # a bare number of an old record
     job = local_job_id(sleeper.pid)
     assert job == f"local:{sleeper.pid}:{process_start(sleeper.pid)}" and executor_of(job) == "local"
     assert slurm_id(job) is None and native_id(job) == str(sleeper.pid)
     assert local_job_alive(job) is True
-    assert local_job_alive(f"local:{sleeper.pid}:1") is False              # the pid, reused by another process
+    assert local_job_alive(f"local:{sleeper.pid}:1") is False  # the pid, reused by another process
     assert local_job_alive(f"local:{_dead_pid()}:1") is False
-    assert local_job_alive("123") is None                                   # not this executor's to answer
+    assert local_job_alive("123") is None  # not this executor's to answer
 
 
 def test_a_killed_run_is_taken_over_at_once(tmp_path, sleeper):
@@ -101,8 +105,19 @@ def test_a_killed_run_is_taken_over_at_once(tmp_path, sleeper):
     store.mark_queued(spec.run_id, job_id=f"local:{dead}:1")
     store.mark_running(spec.run_id, job_id=f"local:{dead}:1")
     lock = store.record_dir(spec.run_id) / "claim.lock"
-    lock.write_text(json.dumps({"token": "t", "host": store.host, "pid": dead, "time": 0, "job_id": f"local:{dead}:1",
-                                "role": "job", "start": "1"}))
+    lock.write_text(
+        json.dumps(
+            {
+                "token": "t",
+                "host": store.host,
+                "pid": dead,
+                "time": 0,
+                "job_id": f"local:{dead}:1",
+                "role": "job",
+                "start": "1",
+            }
+        )
+    )
     entry = store.plan([spec])[0]
     assert (entry.state, entry.action) == ("stale", "run") and "no longer exists" in entry.reason
     claim = store.claim_for_submit(spec)
@@ -126,7 +141,7 @@ def test_attempts_survive_a_lost_or_corrupt_status(tmp_path):
     store.record_attempt("r", 1, started=1000.0, gpus=8, event="start")
     clock.t += 3600
     store.record_attempt("r", 1, started=1000.0, gpus=8)
-    (store.record_dir("r") / "status.json").unlink()                      # lost mid-run
+    (store.record_dir("r") / "status.json").unlink()  # lost mid-run
     clock.t += 600
     assert store.mark_running("r").attempts == 2
     store.record_attempt("r", 2, started=clock.t, gpus=8, event="start")
@@ -136,7 +151,7 @@ def test_attempts_survive_a_lost_or_corrupt_status(tmp_path):
     (store.record_dir("r") / "status.json").write_text('{"state": "runn')  # corrupt
     assert store.mark_running("r").attempts == 3 and store.attempts("r") == 3
     with open(store.record_dir("r") / "attempts.jsonl", "a") as f:
-        f.write('{"attempt": "3", "event": "beat", "star')                 # a line cut short by a crash
+        f.write('{"attempt": "3", "event": "beat", "star')  # a line cut short by a crash
     old = store.record_dir("r") / "attempts.json"
     old.write_text(json.dumps({"0": {"started": 0.0, "seen": 3600.0, "gpus": 2}}))
     assert store.gpu_hours("r") == pytest.approx(8 + 4 + 2)
@@ -147,7 +162,7 @@ def test_an_array_task_waits_for_its_submission_to_let_go(tmp_path):
     from harness.run.attempt import claim_when_free
 
     store = ResultsStore(tmp_path)
-    held = store.claim("r", role="submit")          # the submission, until its jobs are queued
+    held = store.claim("r", role="submit")  # the submission, until its jobs are queued
     assert store.claimed_by_submission("r")
     threading.Timer(1.0, store.release, args=(held,)).start()
     start = time.monotonic()
@@ -161,6 +176,7 @@ def test_an_array_task_waits_for_its_submission_to_let_go(tmp_path):
 
 # ------------------------------------------------------------------------------------- following, cancelling
 
+
 @pytest.fixture
 def stand_in_slurm(tmp_path, monkeypatch):
     """sbatch/srun on PATH (so SLURM counts as available); squeue says RUNNING for every id; every call's
@@ -168,7 +184,10 @@ def stand_in_slurm(tmp_path, monkeypatch):
     bin_dir, log = tmp_path / "slurm-bin", tmp_path / "calls.log"
     bin_dir.mkdir()
     record = f'echo "$(basename "$0") $*" >> {log}\n'
-    squeue = 'while [ $# -gt 0 ]; do if [ "$1" = -j ]; then shift; tr , "\\n" <<< "$1" | sed "s/$/ RUNNING/"; fi; shift; done\n'
+    squeue = (
+        'while [ $# -gt 0 ]; do if [ "$1" = -j ]; then shift; tr , "\\n" <<< "$1" | sed "s/$/ RUNNING/"; fi; '
+        "shift; done\n"
+    )
     for name in ("sbatch", "srun", "sacct", "scontrol", "scancel", "squeue"):
         (bin_dir / name).write_text("#!/bin/bash\n" + record + (squeue if name == "squeue" else "exit 0\n"))
         (bin_dir / name).chmod(0o755)
@@ -178,7 +197,10 @@ def stand_in_slurm(tmp_path, monkeypatch):
 
 def test_status_and_cancel_ask_each_executor_about_its_own_jobs(tmp_path, capsys, stand_in_slurm, sleeper):
     experiment = load_experiment(str(TINY), check_data=False)
-    local_row, slurm_row = {s.label: s for s in expand(experiment)}["K=1"], {s.label: s for s in expand(experiment)}["K=2"]
+    local_row, slurm_row = (
+        {s.label: s for s in expand(experiment)}["K=1"],
+        {s.label: s for s in expand(experiment)}["K=2"],
+    )
     store = ResultsStore(tmp_path / "results")
     local = local_job_id(sleeper.pid)
     store.mark_queued(local_row.run_id, job_id=local)
@@ -193,18 +215,20 @@ def test_status_and_cancel_ask_each_executor_about_its_own_jobs(tmp_path, capsys
     assert f"cancelled 'K=1' ({local_row.run_id}, job {local})" in out and "cancelled 'K=2'" in out
     calls = stand_in_slurm.read_text().splitlines()
     assert "scancel 701" in calls and any(c.startswith("squeue") for c in calls)
-    assert not [c for c in calls if "local" in c or str(sleeper.pid) in c], calls   # never the local id
+    assert not [c for c in calls if "local" in c or str(sleeper.pid) in c], calls  # never the local id
     sleeper.wait(timeout=30)
-    assert sleeper.marker.read_text() == "TERM"                   # the local job was asked to stop
+    assert sleeper.marker.read_text() == "TERM"  # the local job was asked to stop
     assert {store.read_status(s.run_id).state for s in (local_row, slurm_row)} == {"cancelled"}
 
 
 # ------------------------------------------------------------------------------------------- stopping
 
+
 @pytest.fixture
 def stop_signals():
     """The job's stop handlers installed in this process (as in a job), and everything put back after."""
     from harness.launch import wrapper
+
     saved = {num: signal.getsignal(num) for num in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2, signal.SIGALRM)}
     wrapper._watch_stop_signals()
     yield wrapper
@@ -218,22 +242,23 @@ def test_a_second_ctrl_c_waits_for_the_checkpoint_being_written(tmp_path, stop_s
     torch = pytest.importorskip("torch")
     from harness.run import checkpointing
 
-    os.kill(os.getpid(), signal.SIGINT)                  # the first: a request, no exception
+    os.kill(os.getpid(), signal.SIGINT)  # the first: a request, no exception
     assert stop_signals.stop_requested() and not stop_signals.requeue_pending()
     real_save = torch.save
 
     def slow_save(obj, f):
-        os.kill(os.getpid(), signal.SIGINT)              # the second, in the middle of the write
+        os.kill(os.getpid(), signal.SIGINT)  # the second, in the middle of the write
         time.sleep(0.2)
         real_save(obj, f)
+
     monkeypatch.setattr(torch, "save", slow_save)
     state = {"model": {"w": torch.ones(3)}, "optimizer": {}, "lr_scheduler": {}, "epoch": 4}
     with pytest.raises(stop_signals.HardStop):
         checkpointing.save_checkpoint(str(tmp_path), state)
-    assert checkpointing.read_checkpoint(str(tmp_path / "checkpoint.pth"))["epoch"] == 4   # complete, renamed
+    assert checkpointing.read_checkpoint(str(tmp_path / "checkpoint.pth"))["epoch"] == 4  # complete, renamed
     assert not (tmp_path / "checkpoint.pth.tmp").exists()
     assert stop_signals.stop_signal_names() == "SIGINT"
-    with pytest.raises(stop_signals.HardStop):            # outside a write: at once
+    with pytest.raises(stop_signals.HardStop):  # outside a write: at once
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(1)
 
@@ -247,16 +272,22 @@ def test_a_stop_in_an_evaluation_resumes_to_the_uninterrupted_weights(tmp_path, 
 
     from harness.run import checkpointing, engine, evaluation
 
-    cfg = tiny_run_config(tmp_path / "data", epochs=2, train=dict(eval_every=1, total_batch_size=2),
-                          data=dict(synthetic_val_images=4), eval=dict(batch_size_per_gpu=1, save_detections=False))
+    cfg = tiny_run_config(
+        tmp_path / "data",
+        epochs=2,
+        train=dict(eval_every=1, total_batch_size=2),
+        data=dict(synthetic_val_images=4),
+        eval=dict(batch_size_per_gpu=1, save_detections=False),
+    )
     full, part = tmp_path / "full", tmp_path / "part"
     engine.train(cfg, str(full), print_fn=None)
     asked = []
     real_predict = evaluation.predict
 
-    def predict(*args, **kwargs):                # the stop arrives during the first evaluation's first batch
+    def predict(*args, **kwargs):  # the stop arrives during the first evaluation's first batch
         asked.append(1)
         return real_predict(*args, **kwargs)
+
     monkeypatch.setattr(evaluation, "predict", predict)
     with pytest.raises(engine.TrainingInterrupted, match="in the evaluation of epoch 0"):
         engine.train(cfg, str(part), print_fn=None, should_stop=lambda: bool(asked))

@@ -9,6 +9,7 @@ a hook holds the job's tasks at the chosen moment (:mod:`lifecycle_helpers`) and
 * SIGKILL of the job: the resubmission takes it over at once (not "claimed by another submission");
 * --cancel from another terminal, with SLURM stand-ins on PATH: they never see the local id.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,8 +46,11 @@ def _submit(root: Path, env: dict, timeout_s: float = 400) -> str:
 
 
 def _weights(root: Path) -> dict:
-    return torch.load(ResultsStore(root / "results").record_dir(SPEC.run_id) / "checkpoint.pth", map_location="cpu",
-                      weights_only=False)["model"]
+    return torch.load(
+        ResultsStore(root / "results").record_dir(SPEC.run_id) / "checkpoint.pth",
+        map_location="cpu",
+        weights_only=False,
+    )["model"]
 
 
 @pytest.fixture(scope="module")
@@ -101,10 +105,10 @@ def _check_resumes(root: Path, uninterrupted: dict, resumed_at: str = None) -> s
     store = ResultsStore(root / "results")
     assert store.read_status(SPEC.run_id).state == "done"
     status = store.read_status(SPEC.run_id)
-    log = launch.log_paths(status.log_dir, status.job_ids[-1])[0]         # the resumed job's
+    log = launch.log_paths(status.log_dir, status.job_ids[-1])[0]  # the resumed job's
     if resumed_at:
         assert "resumed from " in log.read_text() and resumed_at in log.read_text(), log.read_text()[-3000:]
-    assert [r["epoch"] for r in store.read_log(SPEC.run_id)] == [0, 1]        # each epoch logged once
+    assert [r["epoch"] for r in store.read_log(SPEC.run_id)] == [0, 1]  # each epoch logged once
     weights = _weights(root)
     assert weights.keys() == uninterrupted.keys()
     for k in weights:
@@ -114,18 +118,20 @@ def _check_resumes(root: Path, uninterrupted: dict, resumed_at: str = None) -> s
 
 def test_ctrl_c_mid_epoch_then_resume(tmp_path, capsys, uninterrupted):
     store = ResultsStore(tmp_path / "results")
-    lost = lambda: (store.record_dir(SPEC.run_id) / "status.json").unlink()   # noqa: E731 - lost mid-run
+    lost = lambda: (store.record_dir(SPEC.run_id) / "status.json").unlink()  # noqa: E731 - lost mid-run
     # the third optimiser step: epoch 1, iteration 0 of 2
     out = _interrupt(tmp_path, {"target": "torch.nn.utils:clip_grad_norm_", "call": 3, "sleep": 3}, during=lost)
     _check_interrupted(tmp_path, out, capsys)
     state = read_checkpoint(str(store.record_dir(SPEC.run_id) / "checkpoint.pth"))
-    assert state["partial"] == {**state["partial"], "epoch": 1, "iteration": 1}       # mid-epoch
+    assert state["partial"] == {**state["partial"], "epoch": 1, "iteration": 1}  # mid-epoch
     _check_resumes(tmp_path, uninterrupted, resumed_at="at epoch 1, iteration 1")
     # the attempts survived the lost status.json: two, and the training record says so
     assert store.attempts(SPEC.run_id) == 2 == store.read_status(SPEC.run_id).attempts
     assert store.read_metrics(SPEC.run_id)["attempts"] == 2
     lines = [line for line in (store.record_dir(SPEC.run_id) / "attempts.jsonl").read_text().splitlines()]
-    assert {'"attempt": "1"' in line for line in lines} == {True, False} and any('"event": "end"' in text for text in lines)
+    assert {'"attempt": "1"' in line for line in lines} == {True, False} and any(
+        '"event": "end"' in text for text in lines
+    )
 
 
 def test_ctrl_c_in_an_evaluation_then_resume(tmp_path, capsys, uninterrupted):
@@ -143,7 +149,7 @@ def test_ctrl_c_twice_in_a_checkpoint_write_then_resume(tmp_path, capsys, uninte
     out = _interrupt(tmp_path, {"target": "torch:save", "call": 1, "sleep": 4}, presses=2)
     store = _check_interrupted(tmp_path, out, capsys)
     assert "stopping at once" in out and "second SIGINT" in store.read_status(SPEC.run_id).reason
-    state = read_checkpoint(str(store.record_dir(SPEC.run_id) / "checkpoint.pth"))    # complete, its checksum holds
+    state = read_checkpoint(str(store.record_dir(SPEC.run_id) / "checkpoint.pth"))  # complete, its checksum holds
     assert state["epoch"] == 0 and "partial" not in state and state["pending"]["record"]["epoch"] == 0
     assert not list(store.record_dir(SPEC.run_id).glob("*.tmp"))
     _check_resumes(tmp_path, uninterrupted, resumed_at="the end of epoch 0")
@@ -151,21 +157,22 @@ def test_ctrl_c_twice_in_a_checkpoint_write_then_resume(tmp_path, capsys, uninte
 
 def test_sigkill_then_resubmit_takes_over_at_once(tmp_path, capsys, uninterrupted):
     marker = tmp_path / "held"
-    env = environment(tmp_path, hook={"target": "torch.nn.utils:clip_grad_norm_", "call": 2, "sleep": 30,
-                                      "marker": str(marker)})
+    env = environment(
+        tmp_path, hook={"target": "torch.nn.utils:clip_grad_norm_", "call": 2, "sleep": 30, "marker": str(marker)}
+    )
     proc = start_submission(tmp_path, env, "--wait")
     store = ResultsStore(tmp_path / "results")
     try:
         wait_for(lambda: Path(f"{marker}.0").exists(), 300, "the hook", proc, tmp_path / "submission.log")
         job = store.read_status(SPEC.run_id).job_ids[-1]
-        os.killpg(local_pid(job), signal.SIGKILL)           # the job's processes, without warning
-        os.killpg(proc.pid, signal.SIGKILL)                  # and the terminal's
+        os.killpg(local_pid(job), signal.SIGKILL)  # the job's processes, without warning
+        os.killpg(proc.pid, signal.SIGKILL)  # and the terminal's
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert store.read_status(SPEC.run_id).state == "running"   # nobody could say otherwise
-    time.sleep(0.5)                                             # the killed controller reaped by init
+    assert store.read_status(SPEC.run_id).state == "running"  # nobody could say otherwise
+    time.sleep(0.5)  # the killed controller reaped by init
     assert cli.main(argv(tmp_path, "--dry-run")) == 0
     assert "stale" in capsys.readouterr().out
     (tmp_path / "submission.log").unlink()
@@ -180,13 +187,14 @@ def test_cancel_a_local_run_from_another_terminal(tmp_path, capsys, monkeypatch)
         (bin_dir / name).write_text(f'#!/bin/bash\necho "$(basename "$0") $*" >> {calls}\nexit 0\n')
         (bin_dir / name).chmod(0o755)
     marker = tmp_path / "held"
-    env = environment(tmp_path, hook={"target": "torch.nn.utils:clip_grad_norm_", "call": 1, "sleep": 8,
-                                      "marker": str(marker)})
+    env = environment(
+        tmp_path, hook={"target": "torch.nn.utils:clip_grad_norm_", "call": 1, "sleep": 8, "marker": str(marker)}
+    )
     proc = start_submission(tmp_path, env, "--wait")
     store = ResultsStore(tmp_path / "results")
     try:
         wait_for(lambda: Path(f"{marker}.0").exists(), 300, "the hook", proc, tmp_path / "submission.log")
-        monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")       # SLURM "exists" here
+        monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")  # SLURM "exists" here
         assert cli.main(argv(tmp_path, "--status")) == 0
         job = store.read_status(SPEC.run_id).job_ids[-1]
         assert job.startswith("local:") and "running" in capsys.readouterr().out
@@ -199,9 +207,9 @@ def test_cancel_a_local_run_from_another_terminal(tmp_path, capsys, monkeypatch)
     out = (tmp_path / "submission.log").read_text()
     assert rc == 130 and "Traceback" not in out and "cancelled" in out, out[-3000:]
     seen = calls.read_text() if calls.exists() else ""
-    assert "local" not in seen and str(local_pid(job)) not in seen, seen    # the stand-ins never saw the local id
+    assert "local" not in seen and str(local_pid(job)) not in seen, seen  # the stand-ins never saw the local id
     assert store.read_status(SPEC.run_id).state == "cancelled"
     state = read_checkpoint(str(store.record_dir(SPEC.run_id) / "checkpoint.pth"))
-    assert state["partial"]["epoch"] == 0 and state["partial"]["iteration"] == 1     # stopped with a checkpoint
+    assert state["partial"]["epoch"] == 0 and state["partial"]["iteration"] == 1  # stopped with a checkpoint
     entry = store.plan_one(SPEC)
     assert (entry.state, entry.action) == ("cancelled", "run")

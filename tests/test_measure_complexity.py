@@ -1,5 +1,6 @@
 """Parameters and fvcore FLOPs (harness.measure.complexity), against the official implementation's counts
 (tests/fixtures/README.md: one 3x800x1199 image, fvcore's default handles)."""
+
 import json
 
 import pytest
@@ -17,8 +18,9 @@ from harness.measure.complexity import (
 from harness.measure.inputs import fixed_size_input
 from model import ModelConfig, arch_defaults, ops
 
-needs_cpu_kernel = pytest.mark.skipif(not ops.kernel_available("cpu"),
-                                      reason="the compiled CPU kernel of ms_deform_attn cannot be built here")
+needs_cpu_kernel = pytest.mark.skipif(
+    not ops.kernel_available("cpu"), reason="the compiled CPU kernel of ms_deform_attn cannot be built here"
+)
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +54,9 @@ def test_deformable_detr_800x1199_matches_the_official_count(deformable_detr):
         assert result["unsupported_ops"] == {}
         assert result["gflops_std"] == 0.0 and result["input_sizes"] == ["800x1199"]
     assert compiled["gflops"] == pytest.approx(reference["gflops"], rel=1e-12)
-    assert compiled["by_operator"]["ms_deform_attn"] == pytest.approx(reference["by_operator"]["grid_sampler"],
-                                                                      rel=1e-12)
+    assert compiled["by_operator"]["ms_deform_attn"] == pytest.approx(
+        reference["by_operator"]["grid_sampler"], rel=1e-12
+    )
     assert complexity.count_parameters(deformable_detr) == 40_069_665
 
 
@@ -103,9 +106,9 @@ def test_detr_lists_its_uncounted_attention_matmuls():
 
 
 def test_faster_rcnn_is_counted_through_its_list_of_dicts_output():
-    cfg = ModelConfig(**arch_defaults("faster_rcnn"))          # pretrained_backbone: a trained run's frozen BN
+    cfg = ModelConfig(**arch_defaults("faster_rcnn"))  # pretrained_backbone: a trained run's frozen BN
     model = build_for_complexity(cfg)
-    assert complexity.count_parameters(model) == 41_755_286      # 41,808,406 less the frozen BN affine terms
+    assert complexity.count_parameters(model) == 41_755_286  # 41,808,406 less the frozen BN affine terms
     result = count_flops(model, fixed_size_input(128, 160))
     assert result["gflops"] > 0 and result["by_operator"]["conv"] > 0
     assert "torchvision::roi_align" in result["unsupported_ops"]
@@ -136,8 +139,9 @@ def test_deform_conv2d_is_counted_as_the_convolution_it_replaces():
 
 
 def test_split_unsupported_keeps_what_matters_apart():
-    matter, trivial = split_unsupported({"aten::mul": 5, "aten::baddbmm": 12, "aten::add": 9,
-                                         "torchvision::roi_align": 4, "aten::sigmoid": 1})
+    matter, trivial = split_unsupported(
+        {"aten::mul": 5, "aten::baddbmm": 12, "aten::add": 9, "torchvision::roi_align": 4, "aten::sigmoid": 1}
+    )
     assert matter == {"aten::baddbmm": 12, "torchvision::roi_align": 4}
     assert list(trivial) == ["aten::add", "aten::mul", "aten::sigmoid"]
 
@@ -180,11 +184,11 @@ def test_command_writes_a_measurement_record(tmp_path, capsys):
     label = "MS inputs, K=1"
     spec = _smoke_spec(label)
     store = ResultsStore(tmp_path)
-    store.complete(spec.measure_key, {"fps_bs1": 3.5, "gflops": 1.0, "trained": False})   # FPS is kept
+    store.complete(spec.measure_key, {"fps_bs1": 3.5, "gflops": 1.0, "trained": False})  # FPS is kept
     argv = ["experiments/table2.yaml", "--smoke", "--rows", label, "--fixed-size", "96x128", "--out", str(tmp_path)]
     assert complexity_main(argv) == 0
     assert store.read_status(spec.measure_key).state == "done"
-    assert store.read_status(spec.run_id) is None and store.read_metrics(spec.run_id) is None   # no training
+    assert store.read_status(spec.run_id) is None and store.read_metrics(spec.run_id) is None  # no training
     assert not (store.record_dir(spec.run_id) / "benchmark.json").exists()
     record = store.read_metrics(spec.measure_key)
     assert record["fps_bs1"] == 3.5
@@ -196,9 +200,18 @@ def test_command_writes_a_measurement_record(tmp_path, capsys):
     assert record["run_id"] == spec.run_id and record["measure_id"] == spec.measure_id
     assert record["benchmark"]["flops_images"] == spec.config.benchmark.flops_images
     assert record["eval_size"] == spec.config.data.eval_size and record["split"] == spec.config.data.val_split
-    assert len(record["date"]) == 10 and record["gpu_hours"] is None        # on the CPU: no GPU-hours
-    for key in ("unsupported_ops", "trivial_unsupported_ops", "device", "torch", "date", "commit", "notes",
-                "gflops_by_operator", "flop_counter"):
+    assert len(record["date"]) == 10 and record["gpu_hours"] is None  # on the CPU: no GPU-hours
+    for key in (
+        "unsupported_ops",
+        "trivial_unsupported_ops",
+        "device",
+        "torch",
+        "date",
+        "commit",
+        "notes",
+        "gflops_by_operator",
+        "flop_counter",
+    ):
         assert key in record
     assert "not the paper's mean" in record["notes"]
     json.dumps(record)
@@ -213,15 +226,25 @@ def test_command_writes_a_measurement_record(tmp_path, capsys):
 
 
 def test_command_errors(tmp_path, capsys):
-    assert complexity_main(["experiments/table2.yaml", "--rows", "no such row", "--fixed-size", "800x1199",
-                            "--out", str(tmp_path)]) == 2
+    assert (
+        complexity_main(
+            ["experiments/table2.yaml", "--rows", "no such row", "--fixed-size", "800x1199", "--out", str(tmp_path)]
+        )
+        == 2
+    )
     assert "no such row" in capsys.readouterr().err
     # full scale over evaluation images needs COCO
-    assert complexity_main(["experiments/table2.yaml", "--images", "2", "--root", str(tmp_path / "none"),
-                            "--out", str(tmp_path)]) == 2
+    assert (
+        complexity_main(
+            ["experiments/table2.yaml", "--images", "2", "--root", str(tmp_path / "none"), "--out", str(tmp_path)]
+        )
+        == 2
+    )
     assert "--fixed-size" in capsys.readouterr().err
-    assert complexity_main(["experiments/table2.yaml", "--dry-run", "--fixed-size", "800x1199",
-                            "--out", str(tmp_path)]) == 0
+    assert (
+        complexity_main(["experiments/table2.yaml", "--dry-run", "--fixed-size", "800x1199", "--out", str(tmp_path)])
+        == 0
+    )
     assert not any(tmp_path.iterdir())
     with pytest.raises(SystemExit):
         complexity_main(["experiments/table2.yaml", "--fixed-size", "800by1199"])

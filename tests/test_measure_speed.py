@@ -1,4 +1,5 @@
 """FPS and training-iteration time (harness.measure.speed) with a tiny model on CPU; on a GPU when there is one."""
+
 import pytest
 import torch
 from builders import tiny_model_fields
@@ -9,8 +10,7 @@ from harness.measure.complexity import build_for_complexity
 from harness.run.step import build_step
 from model import ModelConfig, arch_defaults, build_model
 
-TINY = tiny_model_fields(nheads=4, dec_layers=1, num_feature_levels=4, enc_n_points=4, dec_n_points=4,
-                         attn_impl="auto")
+TINY = tiny_model_fields(nheads=4, dec_layers=1, num_feature_levels=4, enc_n_points=4, dec_n_points=4, attn_impl="auto")
 
 
 def tiny_config(**kw) -> ModelConfig:
@@ -25,8 +25,11 @@ def tiny():
 
 def _images():
     g = torch.Generator().manual_seed(0)
-    return [torch.randn(3, 96, 128, generator=g), torch.randn(3, 128, 96, generator=g),
-            torch.randn(3, 96, 96, generator=g)]
+    return [
+        torch.randn(3, 96, 128, generator=g),
+        torch.randn(3, 128, 96, generator=g),
+        torch.randn(3, 96, 96, generator=g),
+    ]
 
 
 def test_fps_on_cpu_is_measured_and_labelled(tiny):
@@ -60,7 +63,7 @@ def test_given_batch_tensors_are_used_as_they_are(tiny):
 def test_precisions_on_cpu(tiny):
     bf16 = speed.measure_fps(tiny, _images()[:1], iters=1, warmup=0, device="cpu", precision="bf16")
     assert bf16["precision"] == "bf16" and bf16["fps"] > 0
-    assert "PyTorch reference" in bf16["attn_impl"]         # no bf16 CPU kernel
+    assert "PyTorch reference" in bf16["attn_impl"]  # no bf16 CPU kernel
     tf32 = speed.measure_fps(tiny, _images()[:1], iters=1, warmup=0, device="cpu", precision="tf32")
     assert tf32["precision"].startswith("fp32") and "CUDA only" in tf32["precision"]
     with pytest.raises(ValueError, match="precision"):
@@ -84,11 +87,13 @@ def test_attention_labels():
     assert speed.attention_impl(set_pytorch, "cpu") == "ms_deform_attn pure-PyTorch reference (grid_sample)"
     auto = build_for_complexity(ModelConfig(**{**TINY, "attn_impl": "auto"}))
     assert speed.attention_impl(auto, "cpu").startswith("ms_deform_attn compiled cpu kernel (auto)")
-    assert speed.attention_of_config(auto_cfg := ModelConfig(**{**TINY, "attn_impl": "auto"}), "cpu") == \
-        speed.attention_impl(auto, "cpu")
-    assert "PyTorch reference" in speed.attention_of_config(auto_cfg, "cpu", amp="bf16")   # no bf16 CPU kernel
-    detr = build_for_complexity(ModelConfig(**{**TINY, **arch_defaults("detr"), "num_queries": 10,
-                                               "dim_feedforward": 64}))
+    assert speed.attention_of_config(
+        auto_cfg := ModelConfig(**{**TINY, "attn_impl": "auto"}), "cpu"
+    ) == speed.attention_impl(auto, "cpu")
+    assert "PyTorch reference" in speed.attention_of_config(auto_cfg, "cpu", amp="bf16")  # no bf16 CPU kernel
+    detr = build_for_complexity(
+        ModelConfig(**{**TINY, **arch_defaults("detr"), "num_queries": 10, "dim_feedforward": 64})
+    )
     assert speed.attention_impl(detr, "cpu") == "dense (torch.nn.MultiheadAttention)"
 
 
@@ -105,7 +110,7 @@ def test_pad_batch_like_the_evaluation_loader():
 def test_training_iteration_time_on_cpu(amp):
     """The time of the engine's own optimiser step (harness.run.step), not of a step of its own."""
     torch.manual_seed(0)
-    model, criterion, _ = build_model(tiny_config(train_backbone=False))    # no backbone backward: fast
+    model, criterion, _ = build_model(tiny_config(train_backbone=False))  # no backbone backward: fast
     images = torch.randn(2, 3, 96, 96)
     mask = torch.zeros(2, 96, 96, dtype=torch.bool)
     targets = inputs.synthetic_targets(2, num_classes=91, objects=3)
@@ -117,8 +122,8 @@ def test_training_iteration_time_on_cpu(amp):
     assert result["amp"] == amp and result["fps_device"].startswith("CPU")
     assert result["input_size"] == "96x96"
     after = [p for p in model.parameters() if p.requires_grad]
-    assert any(not torch.equal(a, b) for a, b in zip(before, after))      # the optimiser stepped
-    assert step.scheduler.last_epoch == 2                                  # and the schedule with it
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))  # the optimiser stepped
+    assert step.scheduler.last_epoch == 2  # and the schedule with it
     with pytest.raises(ValueError, match="amp"):
         speed.time_train_step(step, images, mask, targets, amp="fp8")
 
@@ -135,10 +140,12 @@ def test_measured_step_is_the_engine_s(monkeypatch):
     def counted(self, *args, **kwargs):
         calls.append(self)
         return real(self, *args, **kwargs)
+
     monkeypatch.setattr(step_module.OptimiserStep, "__call__", counted)
     run_cfg = RunConfig(model=tiny_config(train_backbone=False), train=TrainConfig(lr=1e-3, clip_max_norm=0.5))
-    result = step_module.measure_run_train_step(run_cfg, device="cpu", batch_size=1, image_size=(64, 96), iters=2,
-                                                warmup=1)
+    result = step_module.measure_run_train_step(
+        run_cfg, device="cpu", batch_size=1, image_size=(64, 96), iters=2, warmup=1
+    )
     assert len(calls) == 3 and result["iters"] == 2 and result["input_size"] == "64x96" and result["amp"] == "off"
     step = calls[0]
     assert step.clip_max_norm == 0.5
@@ -165,7 +172,13 @@ def test_fps_on_gpu(tiny, precision):
     model, criterion, _ = build_model(tiny_config())
     amp = "bf16" if precision == "bf16" else "off"
     model, criterion = model.cuda(), criterion.cuda()
-    step = speed.time_train_step(build_step(model, criterion, TrainConfig(amp=amp), "cuda", total_batch=2),
-                                 torch.randn(2, 3, 96, 96), torch.zeros(2, 96, 96, dtype=torch.bool),
-                                 inputs.synthetic_targets(2), amp=amp, iters=2, warmup=1)
+    step = speed.time_train_step(
+        build_step(model, criterion, TrainConfig(amp=amp), "cuda", total_batch=2),
+        torch.randn(2, 3, 96, 96),
+        torch.zeros(2, 96, 96, dtype=torch.bool),
+        inputs.synthetic_targets(2),
+        amp=amp,
+        iters=2,
+        warmup=1,
+    )
     assert step["peak_memory_mb"] > 0

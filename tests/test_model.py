@@ -1,4 +1,5 @@
 """Behaviour of the model's ablation switches, its contract and its checkpoint loading."""
+
 import pytest
 import torch
 from builders import tiny_model_fields
@@ -7,8 +8,9 @@ from model import ModelConfig, arch_defaults, build_model, load_checkpoint
 from model.checkpoint import CheckpointError
 from model.config import ConfigError
 
-TINY = tiny_model_fields(nheads=4, enc_layers=2, num_classes=8, dropout=0.0, num_feature_levels=4, enc_n_points=4,
-                         dec_n_points=4)
+TINY = tiny_model_fields(
+    nheads=4, enc_layers=2, num_classes=8, dropout=0.0, num_feature_levels=4, enc_n_points=4, dec_n_points=4
+)
 
 
 def tiny_config(**kw) -> ModelConfig:
@@ -19,9 +21,11 @@ def _batch(h=64, w=96):
     torch.manual_seed(0)
     images = torch.randn(2, 3, h, w)
     mask = torch.zeros(2, h, w, dtype=torch.bool)
-    mask[1, :, w - 32:] = True  # second image is narrower
-    targets = [{"labels": torch.tensor([1, 5]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.3], [0.2, 0.3, 0.1, 0.2]])},
-               {"labels": torch.tensor([3]), "boxes": torch.tensor([[0.6, 0.4, 0.3, 0.5]])}]
+    mask[1, :, w - 32 :] = True  # second image is narrower
+    targets = [
+        {"labels": torch.tensor([1, 5]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.3], [0.2, 0.3, 0.1, 0.2]])},
+        {"labels": torch.tensor([3]), "boxes": torch.tensor([[0.6, 0.4, 0.3, 0.5]])},
+    ]
     return images, mask, targets
 
 
@@ -49,18 +53,22 @@ def _train_step(cfg, size=(64, 96)):
     return model, outputs
 
 
-@pytest.mark.parametrize("overrides", [
-    {},
-    {"num_feature_levels": 1},
-    {"ms_attention": False},
-    {"ms_attention": False, "num_feature_levels": 1, "enc_n_points": 1, "dec_n_points": 1},
-    {"neck": "fpn"},
-    {"neck": "bifpn"},
-    {"with_box_refine": True},
-    {"with_box_refine": True, "two_stage": True},
-    {"dcn": True, "num_feature_levels": 1},
-    {"dilation": True, "num_feature_levels": 1},
-], ids=repr)
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"num_feature_levels": 1},
+        {"ms_attention": False},
+        {"ms_attention": False, "num_feature_levels": 1, "enc_n_points": 1, "dec_n_points": 1},
+        {"neck": "fpn"},
+        {"neck": "bifpn"},
+        {"with_box_refine": True},
+        {"with_box_refine": True, "two_stage": True},
+        {"dcn": True, "num_feature_levels": 1},
+        {"dilation": True, "num_feature_levels": 1},
+    ],
+    ids=repr,
+)
 def test_deformable_variants_train_and_detect(overrides):
     _, outputs = _train_step(ModelConfig(**{**TINY, **overrides}))
     assert outputs["pred_logits"].shape == (2, 10, 8)
@@ -74,8 +82,9 @@ def test_other_backbones_build_and_run(backbone):
 
 @pytest.mark.parametrize("overrides", [{}, {"dilation": True}, {"focal_loss": True, "num_queries": 12}], ids=repr)
 def test_detr_variants(overrides):
-    cfg = ModelConfig(**{**TINY, **arch_defaults("detr"), "dim_feedforward": 64, "num_queries": 10,
-                         "attn_impl": "auto", **overrides})
+    cfg = ModelConfig(
+        **{**TINY, **arch_defaults("detr"), "dim_feedforward": 64, "num_queries": 10, "attn_impl": "auto", **overrides}
+    )
     _, outputs = _train_step(cfg)
     extra = 0 if cfg.focal_loss else 1
     assert outputs["pred_logits"].shape == (2, cfg.num_queries, 8 + extra)
@@ -113,6 +122,7 @@ def test_decoder_without_ms_attention_normalises_each_level(monkeypatch):
     assert attn.per_level_softmax and attn.n_levels == 4
     captured = {}
     import model.ms_deform_attn as module
+
     original = module.ms_deform_attn
 
     def spy(value, shapes, start, locations, weights, impl):
@@ -146,17 +156,20 @@ def test_single_scale_uses_c5_only():
     assert len(model.input_proj) == 1
 
 
-@pytest.mark.parametrize("overrides,key", [
-    ({"two_stage": True}, "two_stage"),
-    ({"enc_n_points": 0}, "enc_n_points"),
-    ({"dec_n_points": 0}, "dec_n_points"),
-    ({"backbone": "resnet18"}, "backbone"),
-    ({"neck": "fpn", "num_feature_levels": 1}, "neck"),
-    ({"arch": "detr", "with_box_refine": True}, "with_box_refine"),
-    ({"nheads": 7}, "nheads"),
-    ({"dropout": 1.5}, "dropout"),
-    ({"aux_loss": "yes"}, "aux_loss"),
-])
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        ({"two_stage": True}, "two_stage"),
+        ({"enc_n_points": 0}, "enc_n_points"),
+        ({"dec_n_points": 0}, "dec_n_points"),
+        ({"backbone": "resnet18"}, "backbone"),
+        ({"neck": "fpn", "num_feature_levels": 1}, "neck"),
+        ({"arch": "detr", "with_box_refine": True}, "with_box_refine"),
+        ({"nheads": 7}, "nheads"),
+        ({"dropout": 1.5}, "dropout"),
+        ({"aux_loss": "yes"}, "aux_loss"),
+    ],
+)
 def test_impossible_configs_name_the_field(overrides, key):
     with pytest.raises(ConfigError) as err:
         ModelConfig(**overrides)
@@ -189,4 +202,5 @@ def test_one_list_of_attention_implementations():
     """The config's choices are exactly the implementations the dispatcher has (plus auto)."""
     from model import ops
     from model.config import ATTN_IMPLS
+
     assert set(ATTN_IMPLS) == set(ops.IMPLEMENTATIONS)

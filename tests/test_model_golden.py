@@ -1,4 +1,5 @@
 """The model reproduces the official implementation: keys, shapes, parameter counts and outputs."""
+
 import json
 from pathlib import Path
 
@@ -55,8 +56,9 @@ def test_faster_rcnn_parameter_count():
 @pytest.mark.parametrize("name", OFFICIAL)
 def test_official_outputs_losses_and_detections(name, golden):
     torch.manual_seed(0)
-    model, criterion, postprocess = build_model(ModelConfig(pretrained_backbone=False, attn_impl="pytorch",
-                                                            **OFFICIAL[name]))
+    model, criterion, postprocess = build_model(
+        ModelConfig(pretrained_backbone=False, attn_impl="pytorch", **OFFICIAL[name])
+    )
     apply_deterministic_weights(model)
     inputs, expected = golden["inputs"], golden[name]
     with torch.no_grad():

@@ -16,6 +16,7 @@ this host, node names that do not resolve), through run_experiment.py (cli.main)
 The time limits' precedence (the launcher's setting, a shell's variable over it) and a rendezvous failing in
 its bound are also checked in-process, without SLURM.
 """
+
 from __future__ import annotations
 
 import os
@@ -51,8 +52,18 @@ def _on_two_nodes(test):
 
 
 def _argv(root: Path, *extra: str, experiment: Path = TINY):
-    return [str(experiment), "--results", str(root / "results"), "--reports", str(root / "reports"), "--rows",
-            "K=2", "--executor", "slurm", *extra]
+    return [
+        str(experiment),
+        "--results",
+        str(root / "results"),
+        "--reports",
+        str(root / "reports"),
+        "--rows",
+        "K=2",
+        "--executor",
+        "slurm",
+        *extra,
+    ]
 
 
 def _final_weights(run_dir: Path):
@@ -93,6 +104,7 @@ def _wait_until_done(cluster, store: ResultsStore, spec, timeout_s: float) -> No
             status = store.read_status(key)
             assert not (status and status.state == "failed" and status.attempts > attempts[key]), status
         return all(_state(store, key) == "done" for key in keys)
+
     cluster.wait_for(done, timeout_s, f"{spec.run_id} and its records to be done", poll_s=1)
 
 
@@ -148,7 +160,7 @@ def test_two_nodes_train_evaluate_report_and_equal_one_node(slurm_two_nodes, bou
 
 
 # rank 1 raises at its 4th collective of the engine (mid-training): a hook the jobs load at start-up
-FAILING_RANK_HOOK = textwrap.dedent('''
+FAILING_RANK_HOOK = textwrap.dedent("""
     import os
     if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and os.environ.get("SLURM_PROCID") == "1" \\
             and os.environ.get("HARNESS_TEST_FAIL_RANK") == "1":
@@ -165,12 +177,13 @@ FAILING_RANK_HOOK = textwrap.dedent('''
 
         _d.reduce_mean = _failing(_d.reduce_mean)
         _d.reduce_sum_tensor = _failing(_d.reduce_sum_tensor)
-''')
+""")
 
 
 @_on_two_nodes
-def test_one_rank_raising_fails_the_job_promptly_with_its_error(slurm_two_nodes, bounded, tmp_path, monkeypatch,
-                                                                 capsys):
+def test_one_rank_raising_fails_the_job_promptly_with_its_error(
+    slurm_two_nodes, bounded, tmp_path, monkeypatch, capsys
+):
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(FAILING_RANK_HOOK)
@@ -184,7 +197,7 @@ def test_one_rank_raising_fails_the_job_promptly_with_its_error(slurm_two_nodes,
     out = capsys.readouterr().out
     assert rc == 1, out
     assert "FAILED 'K=2'" in out
-    assert took < 300, f"the failed job took {took:.0f} s to end"       # not the collective timeout's hang
+    assert took < 300, f"the failed job took {took:.0f} s to end"  # not the collective timeout's hang
     store = ResultsStore(tmp_path / "results")
     assert store.read_status(spec.run_id).state == "failed"
 
@@ -220,6 +233,7 @@ def test_two_two_node_jobs_at_once_use_different_ports(slurm_two_nodes, tmp_path
 
 # -- interrupted two-node jobs: requeued mid-epoch, a node lost --------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def longer(tmp_path_factory) -> Path:
     """The tiny experiment with LONGER_IMAGES training images (LONGER_ITERS iterations per epoch and rank)."""
@@ -246,8 +260,9 @@ def test_two_node_requeue_mid_epoch_resumes_at_the_iteration(slurm_two_nodes, lo
     spec = expand(load_experiment(str(longer), rows=["K=2"], overrides=TWO_NODES))[0]
     store, job_id, stdout = _submitted(tmp_path, spec, longer, *TWO_NODES)
     try:
-        slurm_two_nodes.wait_for(lambda: f"epoch 1/3 [2/{LONGER_ITERS}]" in _text(stdout), 300,
-                                 "the second iteration of the second epoch")
+        slurm_two_nodes.wait_for(
+            lambda: f"epoch 1/3 [2/{LONGER_ITERS}]" in _text(stdout), 300, "the second iteration of the second epoch"
+        )
         slurm_two_nodes.requeue(job_id)
         slurm_two_nodes.start_when_requeued(job_id)
         _wait_until_done(slurm_two_nodes, store, spec, 400)
@@ -259,17 +274,18 @@ def test_two_node_requeue_mid_epoch_resumes_at_the_iteration(slurm_two_nodes, lo
     stopped = re.search(r"stopped at epoch 1, iteration (\d+): checkpoint saved", log)
     resumed = re.search(r"resumed from \S+ at epoch 1, iteration (\d+)", log)
     assert stopped and resumed, log[-3000:]
-    assert resumed.group(1) == stopped.group(1) and 2 <= int(resumed.group(1)) < LONGER_ITERS   # mid-epoch
+    assert resumed.group(1) == stopped.group(1) and 2 <= int(resumed.group(1)) < LONGER_ITERS  # mid-epoch
     assert store.read_status(spec.run_id).attempts >= 2
-    assert [r["epoch"] for r in store.read_log(spec.run_id)] == [0, 1, 2]      # the stopped epoch logged once
+    assert [r["epoch"] for r in store.read_log(spec.run_id)] == [0, 1, 2]  # the stopped epoch logged once
     _assert_same_weights(_final_weights(store.record_dir(spec.run_id)), uninterrupted)
 
 
 def _loss_moment(rng: random.Random):
     """(epoch, iteration, delay in s): a random iteration after the first epoch's checkpoint and before the last
     two of the training (after which rank 0 works on alone), and a random delay after its progress line."""
-    moments = [(epoch, it) for epoch in (1, 2) for it in range(1, LONGER_ITERS + 1)
-               if (epoch, it) < (2, LONGER_ITERS - 1)]
+    moments = [
+        (epoch, it) for epoch in (1, 2) for it in range(1, LONGER_ITERS + 1) if (epoch, it) < (2, LONGER_ITERS - 1)
+    ]
     epoch, it = rng.choice(moments)
     return epoch, it, rng.uniform(0.0, 1.0)
 
@@ -279,29 +295,32 @@ COLLECTIVE_TIMEOUT_S = 30
 
 @_on_two_nodes
 @pytest.mark.parametrize("how", ["frozen", "killed"])
-def test_a_lost_node_ends_the_job_with_its_reason_then_it_resumes(how, slurm_two_nodes, longer, uninterrupted,
-                                                                 tmp_path, monkeypatch, capsys):
+def test_a_lost_node_ends_the_job_with_its_reason_then_it_resumes(
+    how, slurm_two_nodes, longer, uninterrupted, tmp_path, monkeypatch, capsys
+):
     """nodeb lost at a random iteration, its slurmd killed and the job's processes there ``frozen`` (no peer sees
     a connection close: rank 0's next collective times out after ``launcher.collective_timeout_min``) or
     ``killed`` (rank 0 fails at once): the record is failed with the reason and ``--status`` names the silent rank
     and its node; SLURM, hearing nothing from nodeb, sets it down and requeues the job, which resumes from the
     last checkpoint once the node is back and ends with the uninterrupted run's weights.
     ``HARNESS_TEST_SEED`` replays a moment."""
-    seed = int(os.environ.get("HARNESS_TEST_SEED") or time.time_ns() % 2 ** 32)
+    seed = int(os.environ.get("HARNESS_TEST_SEED") or time.time_ns() % 2**32)
     epoch, it, delay = _loss_moment(random.Random(seed))
     moment = f"{delay:.2f} s after 'epoch {epoch}/3 [{it}/{LONGER_ITERS}]' (HARNESS_TEST_SEED={seed})"
-    monkeypatch.delenv(distributed.COLLECTIVE_TIMEOUT_ENV, raising=False)     # the launcher's setting is the limit
+    monkeypatch.delenv(distributed.COLLECTIVE_TIMEOUT_ENV, raising=False)  # the launcher's setting is the limit
     overrides = [*TWO_NODES, f"launcher.collective_timeout_min={COLLECTIVE_TIMEOUT_S / 60:g}"]
     spec = expand(load_experiment(str(longer), rows=["K=2"], overrides=overrides))[0]
     store, job_id, stdout = _submitted(tmp_path, spec, longer, *overrides)
     try:
-        slurm_two_nodes.wait_for(lambda: f"epoch {epoch}/3 [{it}/{LONGER_ITERS}]" in _text(stdout), 300,
-                                 f"iteration {it} of epoch {epoch}")
+        slurm_two_nodes.wait_for(
+            lambda: f"epoch {epoch}/3 [{it}/{LONGER_ITERS}]" in _text(stdout), 300, f"iteration {it} of epoch {epoch}"
+        )
         time.sleep(delay)
         slurm_two_nodes.lose_node("nodeb", job_id, how)
         lost_at = time.monotonic()
-        slurm_two_nodes.wait_for(lambda: _state(store, spec.run_id) == "failed", COLLECTIVE_TIMEOUT_S + 60,
-                                 "the job to fail with a reason")
+        slurm_two_nodes.wait_for(
+            lambda: _state(store, spec.run_id) == "failed", COLLECTIVE_TIMEOUT_S + 60, "the job to fail with a reason"
+        )
         took = time.monotonic() - lost_at
         last = torch.load(store.record_dir(spec.run_id) / "checkpoint.pth", map_location="cpu", weights_only=False)
         capsys.readouterr()
@@ -336,7 +355,7 @@ def test_a_lost_node_ends_the_job_with_its_reason_then_it_resumes(how, slurm_two
 # -- the rendezvous --------------------------------------------------------------------------------------------
 
 # rank 1 starts its rendezvous HARNESS_TEST_LATE_S seconds late (a node stuck before it): a hook the jobs load
-LATE_RANK_HOOK = textwrap.dedent('''
+LATE_RANK_HOOK = textwrap.dedent("""
     import os
     if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and os.environ.get("SLURM_PROCID") == "1" \\
             and os.environ.get("HARNESS_TEST_LATE_S"):
@@ -349,14 +368,15 @@ LATE_RANK_HOOK = textwrap.dedent('''
             return _original(*args, **kwargs)
 
         _d.rendezvous_store = _late
-''')
+""")
 
 RENDEZVOUS_TIMEOUT_S = 15
 
 
 @_on_two_nodes
-def test_a_rank_that_never_reaches_the_rendezvous_fails_the_job_in_its_bound(slurm_two_nodes, tmp_path, monkeypatch,
-                                                                            capsys):
+def test_a_rank_that_never_reaches_the_rendezvous_fails_the_job_in_its_bound(
+    slurm_two_nodes, tmp_path, monkeypatch, capsys
+):
     """Rank 1 starts its rendezvous three bounds late: rank 0 fails after ``launcher.rendezvous_timeout_min``
     naming the address and port it served, the record is failed and ``--status`` names the silent rank; rank 1
     then fails too (nobody serves the port any more) and the job ends, in about three bounds, not the wall time."""
@@ -376,20 +396,27 @@ def test_a_rank_that_never_reaches_the_rendezvous_fails_the_job_in_its_bound(slu
         capsys.readouterr()
         assert cli.main(_argv(tmp_path, "--status", *overrides)) == 0
         status = capsys.readouterr().out
-        slurm_two_nodes.wait_for(lambda: (slurm_two_nodes.state(job_id) or "FAILED").split()[0] not in
-                                 launch.ALIVE_STATES, 4 * RENDEZVOUS_TIMEOUT_S + 60, "the job to end")
+        slurm_two_nodes.wait_for(
+            lambda: (slurm_two_nodes.state(job_id) or "FAILED").split()[0] not in launch.ALIVE_STATES,
+            4 * RENDEZVOUS_TIMEOUT_S + 60,
+            "the job to end",
+        )
     except BaseException:
         slurm_two_nodes.cancel_all([job_id])
         raise
-    waited = re.search(rf"served the rendezvous at {re.escape(address)} but not all 2 ranks reached it within "
-                       rf"(\d+) s", reason)
+    waited = re.search(
+        rf"served the rendezvous at {re.escape(address)} but not all 2 ranks reached it within "
+        rf"(\d+) s",
+        reason,
+    )
     assert waited and RENDEZVOUS_TIMEOUT_S <= int(waited.group(1)) < RENDEZVOUS_TIMEOUT_S + 5, reason
     assert f"the limit is launcher.rendezvous_timeout_min={RENDEZVOUS_TIMEOUT_S / 60:g}" in reason, reason
     assert "rank 1 of 2 on nodeb reported neither a result nor an error" in status and address in status, status
     late = rank_errors(store.root / "tiny" / ".submitit", job_id)
     assert [note["rank"] for note in late] == [0, 1], late
-    waited = re.search(rf"could not reach the rendezvous at {re.escape(address)} \(rank 0's node\) within (\d+) s",
-                       late[1]["error"])
+    waited = re.search(
+        rf"could not reach the rendezvous at {re.escape(address)} \(rank 0's node\) within (\d+) s", late[1]["error"]
+    )
     assert waited and RENDEZVOUS_TIMEOUT_S <= int(waited.group(1)) < RENDEZVOUS_TIMEOUT_S + 5, late[1]
 
 
@@ -400,19 +427,22 @@ def test_time_limits_are_the_launchers_and_a_shell_variable_overrides_them(monke
     assert distributed.collective_limit(0.5) == distributed.Limit(30.0, "launcher.collective_timeout_min=0.5")
     monkeypatch.setenv(distributed.COLLECTIVE_TIMEOUT_ENV, "12")
     assert distributed.collective_limit(0.5) == distributed.Limit(
-        12.0, "HARNESS_COLLECTIVE_TIMEOUT_S=12 (overrides launcher.collective_timeout_min)")
+        12.0, "HARNESS_COLLECTIVE_TIMEOUT_S=12 (overrides launcher.collective_timeout_min)"
+    )
     monkeypatch.setenv(distributed.RENDEZVOUS_TIMEOUT_ENV, "0")
     with pytest.raises(ValueError, match="must be positive"):
         distributed.rendezvous_limit(1)
 
 
-@pytest.mark.parametrize("rank, what", [(0, "served the rendezvous at {} but not all 2 ranks reached it"),
-                                        (1, "could not reach the rendezvous at {}")],
-                         ids=["rank 0 alone", "rank 1 alone"])
+@pytest.mark.parametrize(
+    "rank, what",
+    [(0, "served the rendezvous at {} but not all 2 ranks reached it"), (1, "could not reach the rendezvous at {}")],
+    ids=["rank 0 alone", "rank 1 alone"],
+)
 def test_a_rendezvous_that_cannot_complete_fails_in_its_bound_naming_address_and_port(rank, what):
     """Rank 0 alone serves it (nobody joins), or rank 1 alone tries to reach it (nobody serves it): both give up
     after the limit (torch's own client would take about twice as long), naming the address and the port."""
-    with socket.socket() as probe:            # a free port
+    with socket.socket() as probe:  # a free port
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     limit = distributed.Limit(3.0, "launcher.rendezvous_timeout_min=0.05")

@@ -3,6 +3,7 @@ dispatcher registration (torch.compile, torch.export, opcheck, traces), the FLOP
 
 The first run compiles the CPU kernel (about a minute); later runs load it from the cache.
 """
+
 import re
 import subprocess
 import sys
@@ -33,8 +34,9 @@ def test_cpu_kernel_matches_reference_float64(name, spatial_shapes, M, D, P):
     inputs = make_inputs(spatial_shapes, M=M, D=D, P=P)
     actual = forward_and_grads(cpu_kernel, inputs)
     expected = forward_and_grads(ms_deform_attn_pytorch, inputs)
-    for what, a, e in zip(("output", "grad_value", "grad_sampling_locations", "grad_attention_weights"),
-                          actual, expected):
+    for what, a, e in zip(
+        ("output", "grad_value", "grad_sampling_locations", "grad_attention_weights"), actual, expected
+    ):
         assert a.dtype == e.dtype and a.shape == e.shape, what
         assert max_relative_error(a, e) <= 1e-8, what
 
@@ -193,7 +195,9 @@ def test_auto_uses_the_kernel_and_impl_errors(fresh_dispatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ms_deform_attn(*[t.half() if t.is_floating_point() else t for t in inputs], impl="auto")
-    assert ops.implementation_info("cpu", torch.float16)["fallbacks"] == [{"impl": "cpu", "reason": "no float16 support"}]
+    assert ops.implementation_info("cpu", torch.float16)["fallbacks"] == [
+        {"impl": "cpu", "reason": "no float16 support"}
+    ]
 
 
 def test_reference_takes_mixed_dtypes_outside_autocast():
@@ -288,10 +292,14 @@ def softmax_first(*args, impl):
 def test_fused_softmax_cpu_kernel_matches_reference(name, spatial_shapes, M, D, P):
     inputs = make_inputs(spatial_shapes, M=M, D=D, P=P, logits=True)
     expected = forward_and_grads(lambda *a: softmax_first(*a, impl="pytorch"), inputs)
-    for fn in (lambda *a: ms_deform_attn(*a, impl="cpu", softmax=True), ops.ms_deform_attn_softmax,
-               lambda *a: ms_deform_attn_pytorch(*a, softmax=True)):
-        for what, a, e in zip(("output", "grad_value", "grad_sampling_locations", "grad_logits"),
-                              forward_and_grads(fn, inputs), expected):
+    for fn in (
+        lambda *a: ms_deform_attn(*a, impl="cpu", softmax=True),
+        ops.ms_deform_attn_softmax,
+        lambda *a: ms_deform_attn_pytorch(*a, softmax=True),
+    ):
+        for what, a, e in zip(
+            ("output", "grad_value", "grad_sampling_locations", "grad_logits"), forward_and_grads(fn, inputs), expected
+        ):
             assert a.dtype == e.dtype and a.shape == e.shape, what
             assert max_relative_error(a, e) <= 1e-12, what
 
@@ -300,14 +308,20 @@ def test_fused_softmax_cpu_kernel_matches_reference(name, spatial_shapes, M, D, 
 def test_fused_softmax_cpu_kernel_float32_and_gradcheck(D):
     inputs = make_inputs(CASES[2][1], M=3, D=D, P=2, N=1, Lq=70, dtype=torch.float32, logits=True)
     actual = forward_and_grads(lambda *a: ms_deform_attn(*a, impl="cpu", softmax=True), inputs)
-    expected = forward_and_grads(lambda *a: ms_deform_attn_pytorch(*a, softmax=True),
-                                 [t.double() if t.is_floating_point() else t for t in inputs])
+    expected = forward_and_grads(
+        lambda *a: ms_deform_attn_pytorch(*a, softmax=True),
+        [t.double() if t.is_floating_point() else t for t in inputs],
+    )
     for a, e in zip(actual, expected):
         assert a.dtype == torch.float32 and max_relative_error(a, e) <= 1e-5
     value, shapes, starts, loc, logits = make_inputs([(3, 4), (2, 3)], M=2, D=8, P=2, N=1, Lq=3, logits=True)
     leaves = [t.requires_grad_(True) for t in (value, loc, logits)]
-    assert torch.autograd.gradcheck(lambda v, loc, a: ms_deform_attn(v, shapes, starts, loc, a, impl="cpu", softmax=True),
-                                    leaves, eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(
+        lambda v, loc, a: ms_deform_attn(v, shapes, starts, loc, a, impl="cpu", softmax=True),
+        leaves,
+        eps=1e-6,
+        atol=1e-6,
+    )
 
 
 def test_fused_softmax_opcheck_and_compile():
@@ -317,8 +331,9 @@ def test_fused_softmax_opcheck_and_compile():
     torch.library.opcheck(torch.ops.deformable_detr.ms_deform_attn.default, (value, shapes, starts, loc, logits, True))
     inputs = make_inputs(CASES[3][1], M=2, D=32, P=4, dtype=torch.float32, logits=True)
     expected = forward_and_grads(lambda *a: ms_deform_attn(*a, impl="cpu", softmax=True), inputs)
-    compiled = torch.compile(lambda *a: ms_deform_attn(*a, impl="cpu", softmax=True), backend="aot_eager",
-                             fullgraph=True)
+    compiled = torch.compile(
+        lambda *a: ms_deform_attn(*a, impl="cpu", softmax=True), backend="aot_eager", fullgraph=True
+    )
     for a, e in zip(forward_and_grads(compiled, inputs), expected):
         torch.testing.assert_close(a, e)
 

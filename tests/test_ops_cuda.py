@@ -2,6 +2,7 @@
 
 The first run compiles the CUDA kernel (several minutes); `python -m model.ops.build --cuda` does it ahead.
 """
+
 import pytest
 import torch
 
@@ -31,8 +32,9 @@ def test_cuda_kernel_matches_reference_float64(name, spatial_shapes, M, D, P):
     inputs = make_inputs(spatial_shapes, M=M, D=D, P=P, device="cuda")
     actual = forward_and_grads(cuda_kernel, inputs)
     expected = forward_and_grads(ms_deform_attn_pytorch, [t.cpu() for t in inputs])
-    for what, a, e in zip(("output", "grad_value", "grad_sampling_locations", "grad_attention_weights"),
-                          actual, expected):
+    for what, a, e in zip(
+        ("output", "grad_value", "grad_sampling_locations", "grad_attention_weights"), actual, expected
+    ):
         assert a.dtype == e.dtype and a.shape == e.shape and a.is_cuda, what
         assert max_relative_error(a, e) <= 1e-8, what
 
@@ -45,8 +47,9 @@ def test_cuda_kernel_reduced_precision(D, dtype, tolerance):
     inputs = make_inputs(CASES[-1][1], M=3, D=D, P=4, N=2, Lq=50, device="cuda", dtype=dtype)
     actual = forward_and_grads(cuda_kernel, inputs)
     expected = forward_and_grads(ms_deform_attn_pytorch, as_float64(inputs))  # same rounded inputs
-    for what, a, e in zip(("output", "grad_value", "grad_sampling_locations", "grad_attention_weights"),
-                          actual, expected):
+    for what, a, e in zip(
+        ("output", "grad_value", "grad_sampling_locations", "grad_attention_weights"), actual, expected
+    ):
         assert a.dtype == dtype, what
         assert max_relative_error(a, e) <= tolerance, what
 
@@ -111,8 +114,9 @@ def test_opcheck_cuda():
 
 # The host emulator's sweep (tests/test_ops_emulated.py), on the GPU.
 @pytest.mark.parametrize("layout", ["contiguous", "misaligned"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
-                         ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize(
+    "dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=lambda d: str(d).removeprefix("torch.")
+)
 @pytest.mark.parametrize("D", [1, 8, 12, 24, 48, 71, 256, 300])
 def test_cuda_kernel_sweep(D, dtype, layout):
     inputs = make_inputs([(5, 7), (3, 1), (2, 4)], M=2, D=D, P=2, N=2, Lq=5, dtype=dtype, device="cuda")
@@ -120,8 +124,9 @@ def test_cuda_kernel_sweep(D, dtype, layout):
         inputs = [misaligned(t) if t.is_floating_point() else t for t in inputs]
     actual = forward_and_grads(cuda_kernel, inputs)
     expected = forward_and_grads(ms_deform_attn_pytorch, as_float64([t.cpu() for t in inputs]))
-    for what, a, e in zip(("output", "grad_value", "grad_sampling_locations", "grad_attention_weights"),
-                          actual, expected):
+    for what, a, e in zip(
+        ("output", "grad_value", "grad_sampling_locations", "grad_attention_weights"), actual, expected
+    ):
         assert a.dtype == dtype and a.is_cuda, what
         assert max_relative_error(a, e) <= TOLERANCES[dtype], what
 
@@ -160,8 +165,9 @@ def test_fused_softmax_on_the_gpu(impl, dtype, tolerance, D):
         pytest.importorskip("triton")
     inputs = make_inputs(CASES[-1][1], M=8, D=D, P=4, N=2, Lq=300, device="cuda", dtype=dtype, logits=True)
     actual = forward_and_grads(lambda *a: ms_deform_attn(*a, impl=impl, softmax=True), inputs)
-    expected = forward_and_grads(lambda *a: ms_deform_attn_pytorch(*a, softmax=True),
-                                 as_float64([t.cpu() for t in inputs]))
+    expected = forward_and_grads(
+        lambda *a: ms_deform_attn_pytorch(*a, softmax=True), as_float64([t.cpu() for t in inputs])
+    )
     for what, a, e in zip(("output", "grad_value", "grad_sampling_locations", "grad_logits"), actual, expected):
         assert a.dtype == dtype and a.is_cuda, what
         assert max_relative_error(a, e) <= tolerance, what

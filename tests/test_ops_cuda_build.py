@@ -5,6 +5,7 @@ for sm_70; sm_70 too with CUDA 12).
 The first run compiles for several minutes; the library is cached (DEFORMABLE_DETR_OPS_CACHE), so later
 runs, and the GPU tests, reuse it.
 """
+
 import re
 import subprocess
 import sys
@@ -23,8 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_cuda_sources_compile():
     # a separate process: it loads the library it builds, which this process need not do
-    result = subprocess.run([sys.executable, "-m", "model.ops.build", "--cuda"], cwd=REPO,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "model.ops.build", "--cuda"], cwd=REPO, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr[-5000:]
     for arch in build.default_cuda_arch_list():
         number = arch.removesuffix("+PTX").replace(".", "")
@@ -41,13 +43,16 @@ __global__ void add(float* dst, const float* src) {
 
 
 @pytest.mark.skipif(build._find_cuda_home() is None, reason="no CUDA toolkit (nvcc) installed")
-@pytest.mark.parametrize("arch,cuda_version,vector", [
-    ("sm_90", None, True),      # this toolkit (CUDA >= 12.1): one atom.global.add.v4.f32 per pack
-    ("sm_90", "12010", True),   # CUDA 12.1, which introduced the float4 atomicAdd
-    ("sm_90", "12000", False),  # CUDA 12.0: the scalar loop
-    ("sm_90", "11080", False),  # CUDA 11.8 (torch's cu118 builds): the scalar loop
-    ("sm_80", None, False),     # no vector atomics before sm_90
-])
+@pytest.mark.parametrize(
+    "arch,cuda_version,vector",
+    [
+        ("sm_90", None, True),  # this toolkit (CUDA >= 12.1): one atom.global.add.v4.f32 per pack
+        ("sm_90", "12010", True),  # CUDA 12.1, which introduced the float4 atomicAdd
+        ("sm_90", "12000", False),  # CUDA 12.0: the scalar loop
+        ("sm_90", "11080", False),  # CUDA 11.8 (torch's cu118 builds): the scalar loop
+        ("sm_80", None, False),  # no vector atomics before sm_90
+    ],
+)
 def test_vector_atomic_only_where_the_toolkit_has_it(tmp_path, arch, cuda_version, vector):
     """The grad_value atomics of the CUDA kernel (ms_deform_attn_atomic.h) compiled to PTX as an older toolkit
     would (DEFORMABLE_DETR_CUDA_VERSION stands in for its CUDART_VERSION): float4 atomics on sm_90 with CUDA 12.1

@@ -6,6 +6,7 @@ The ranks are two processes on this machine (one node); the kernel at the head o
 whose self-check is slow (model/ops/testing.py). Each test starts the ranks, which import torch and run a check
 process: about 20 s.
 """
+
 import json
 import os
 import socket
@@ -65,13 +66,29 @@ def run_ranks(tmp_path, chain, **env):
     port = free_port()
     processes = []
     for rank in range(2):
-        rank_env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                        MASTER_PORT=str(port), DEFORMABLE_DETR_OPS_TEST_MARKS=str(marks), PG_TIMEOUT="120",
-                        PYTHONPATH=str(REPO), **env)
+        rank_env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            DEFORMABLE_DETR_OPS_TEST_MARKS=str(marks),
+            PG_TIMEOUT="120",
+            PYTHONPATH=str(REPO),
+            **env,
+        )
         rank_env.pop("DEFORMABLE_DETR_OPS_SELF_CHECK", None)
-        processes.append(subprocess.Popen([sys.executable, "-c", RANK, str(out), str(verdicts), ",".join(chain)],
-                                          cwd=REPO, env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                          text=True))
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-c", RANK, str(out), str(verdicts), ",".join(chain)],
+                cwd=REPO,
+                env=rank_env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     logs = [p.communicate(timeout=300) for p in processes]
     for p, (stdout, stderr) in zip(processes, logs):
         assert p.returncode == 0, stdout + stderr[-4000:]
@@ -98,8 +115,12 @@ def test_one_check_per_node_and_one_decision(tmp_path):
 def test_a_timed_out_check_sends_every_rank_to_the_same_fallback(tmp_path):
     """The leader's check times out (the environment, not cached): every rank falls back to the same next
     implementation at once; the check is not rerun by the other rank."""
-    results, stderr, checks = run_ranks(tmp_path, ["slow", "cpu", "pytorch"], DEFORMABLE_DETR_OPS_TEST_SLEEP="60",
-                                        DEFORMABLE_DETR_OPS_SELF_CHECK_TIMEOUT="8")
+    results, stderr, checks = run_ranks(
+        tmp_path,
+        ["slow", "cpu", "pytorch"],
+        DEFORMABLE_DETR_OPS_TEST_SLEEP="60",
+        DEFORMABLE_DETR_OPS_SELF_CHECK_TIMEOUT="8",
+    )
     assert [r["impl"] for r in results] == ["cpu", "cpu"]
     assert len(checks) <= 1 and "ms_deform_attn: self-check of" not in stderr[1]
     for r in results:
@@ -141,14 +162,20 @@ def fake_group(rank, leader, others):
 
 def test_agreement_takes_the_first_candidate_every_rank_accepts():
     """Rank 1 (not a leader) of 3: the leader of the other node refuses "cuda"; everyone accepts "triton"."""
-    others = {"d/cuda/0": json.dumps({"reason": None, "leader": True, "node": "a"}),
-              "d/cuda/2": json.dumps({"reason": "FAILED its self-check", "leader": True, "node": "b"}),
-              "d/triton/0": json.dumps({"reason": None, "leader": True, "node": "a"}),
-              "d/triton/2": json.dumps({"reason": None, "leader": True, "node": "b"})}
+    others = {
+        "d/cuda/0": json.dumps({"reason": None, "leader": True, "node": "a"}),
+        "d/cuda/2": json.dumps({"reason": "FAILED its self-check", "leader": True, "node": "b"}),
+        "d/triton/0": json.dumps({"reason": None, "leader": True, "node": "a"}),
+        "d/triton/2": json.dumps({"reason": None, "leader": True, "node": "b"}),
+    }
     group = fake_group(1, False, others)
     checked = []
-    name, passed_over = group.agree("d", ["cuda", "triton", "pytorch"], leader_check=lambda n: pytest.fail("leader"),
-                                    follower_check=lambda n: checked.append(n))
+    name, passed_over = group.agree(
+        "d",
+        ["cuda", "triton", "pytorch"],
+        leader_check=lambda n: pytest.fail("leader"),
+        follower_check=lambda n: checked.append(n),
+    )
     assert name == "triton" and checked == ["cuda", "triton"]
     assert passed_over == [("cuda", "on rank 2 (the leader of node b): FAILED its self-check")]
 

@@ -9,6 +9,7 @@ fallback; points lie outside the map, on its edge and far away (make_inputs).
 
 Built with the CPU kernel (about a minute the first time).
 """
+
 import pytest
 import torch
 
@@ -34,8 +35,9 @@ def cpu_library_built():
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "misaligned"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
-                         ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize(
+    "dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=lambda d: str(d).removeprefix("torch.")
+)
 @pytest.mark.parametrize("D", [1, 8, 12, 24, 48, 71, 256, 300])
 def test_emulated_kernel_matches_reference(D, dtype, layout):
     inputs = make_inputs(LEVELS, M=2, D=D, P=2, N=2, Lq=5, dtype=dtype)
@@ -103,7 +105,10 @@ def test_emulated_kernel_checks_levels_in_the_kernel():
 
 def test_emulated_backward_is_flagged_nondeterministic():
     inputs = make_inputs(LEVELS, M=2, D=8, P=2)
-    previous, previous_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    previous, previous_warn = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     try:
         torch.use_deterministic_algorithms(True)
         emulated(*inputs)  # the forward is deterministic
@@ -135,8 +140,9 @@ def test_emulated_kernel_empty_inputs():
     assert out.shape == (2, 13, 16) and not out.any()
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
-                         ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize(
+    "dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=lambda d: str(d).removeprefix("torch.")
+)
 @pytest.mark.parametrize("D", [1, 12, 48, 300])  # one element per lane, unvectorised, 16 lanes, several rounds
 def test_emulated_fused_softmax_matches_reference(D, dtype):
     """The CUDA kernels' fused softmax (every lane computes the group's max and sum; lane 0 rewrites the weights'
@@ -153,5 +159,8 @@ def test_emulated_fused_softmax_gradcheck():
     value, shapes, starts, loc, logits = make_inputs([(3, 4), (2, 3)], M=2, D=12, P=2, N=1, Lq=3, logits=True)
     leaves = [t.requires_grad_(True) for t in (value, loc, logits)]
     assert torch.autograd.gradcheck(
-        lambda v, loc, a: torch.ops.deformable_detr.ms_deform_attn_emulated(v, shapes, starts, loc, a, True), leaves,
-        eps=1e-6, atol=1e-6)
+        lambda v, loc, a: torch.ops.deformable_detr.ms_deform_attn_emulated(v, shapes, starts, loc, a, True),
+        leaves,
+        eps=1e-6,
+        atol=1e-6,
+    )

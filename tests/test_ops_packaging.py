@@ -4,6 +4,7 @@ folder, compiles and runs the CPU kernel and its host emulator from the installe
 
 Slow: builds a wheel and compiles the CPU library (a minute or two).
 """
+
 import shutil
 import site
 import subprocess
@@ -41,8 +42,22 @@ def test_wheel_ships_and_builds_the_kernel(tmp_path):
     for package in ("model", "harness"):
         shutil.copytree(REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
-                    "-w", str(wheels), "-q"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(source),
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(wheels),
+            "-q",
+        ],
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = wheels.glob("*.whl")
 
     venv = tmp_path / "venv"
@@ -51,18 +66,27 @@ def test_wheel_ships_and_builds_the_kernel(tmp_path):
     # torch and the other dependencies from this interpreter's environment, behind the venv's own packages.
     # Not --system-site-packages: inside a venv or a conda environment that means the base Python's, which
     # has no torch.
-    venv_site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               check=True, capture_output=True, text=True).stdout.strip()
+    venv_site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     ours = [*site.getsitepackages(), *([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])]
     (Path(venv_site) / "test-environment.pth").write_text("\n".join(ours) + "\n")
-    subprocess.run([python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], check=True, capture_output=True
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {"PATH": f"{venv / 'bin'}:/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path),
-           "DEFORMABLE_DETR_OPS_CACHE": str(tmp_path / "cache")}
-    result = subprocess.run([python, "-c", USE_INSTALLED, str(venv)], cwd=elsewhere, env=env, capture_output=True,
-                            text=True)
+    env = {
+        "PATH": f"{venv / 'bin'}:/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "DEFORMABLE_DETR_OPS_CACHE": str(tmp_path / "cache"),
+    }
+    result = subprocess.run(
+        [python, "-c", USE_INSTALLED, str(venv)], cwd=elsewhere, env=env, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr[-5000:]
     assert "installed kernel ok" in result.stdout
     assert "compiling the cpu kernel" in result.stderr  # from the installed sources, into the given cache

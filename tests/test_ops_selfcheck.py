@@ -4,6 +4,7 @@ kills its process and one that cannot launch — are put at the head of the CPU 
 
 Each self-check runs a child process (a few seconds: it imports torch).
 """
+
 import json
 import warnings
 
@@ -142,8 +143,11 @@ def test_a_killed_check_is_reported_and_retried_not_cached(monkeypatch, tmp_path
     monkeypatch.setenv("DEFORMABLE_DETR_OPS_TEST_MARKS", str(folder))
     use_chain(monkeypatch, "killed", "cpu", "pytorch")
     inputs = make_inputs(CASES[0][1], M=2, D=8, P=1)
-    with pytest.warns(RuntimeWarning, match=r"killed test kernel .* could not run .* killed by signal 9 \(SIGKILL: "
-                                            r"the out-of-memory killer, or the job was pre-empted"):
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"killed test kernel .* could not run .* killed by signal 9 \(SIGKILL: "
+        r"the out-of-memory killer, or the job was pre-empted",
+    ):
         ms_deform_attn(*inputs)
     assert ops.implementation_info(CPU, torch.float64)["impl"] == "cpu"
     assert not list((tmp_path / "killed").glob("*.json")) and marks(folder, "killed") == 1
@@ -159,12 +163,16 @@ def test_a_killed_check_is_reported_and_retried_not_cached(monkeypatch, tmp_path
     assert len(list((tmp_path / "killed").glob("*.json"))) == 1
 
 
-@pytest.mark.parametrize("error,cause", [
-    ("CUDA error: all CUDA-capable devices are busy or unavailable", "busy or unavailable"),
-    ("CUDA error: CUDA-capable device(s) is/are busy or unavailable\nCompile with TORCH_USE_CUDA_DSA", "busy"),
-    ("the GPU is in exclusive process mode", "exclusive-process"),
-    ("CUDA out of memory. Tried to allocate 20.00 MiB (GPU 0; 79.1 GiB total capacity)", "out of memory"),
-], ids=["busy", "busy_dsa", "exclusive", "oom"])
+@pytest.mark.parametrize(
+    "error,cause",
+    [
+        ("CUDA error: all CUDA-capable devices are busy or unavailable", "busy or unavailable"),
+        ("CUDA error: CUDA-capable device(s) is/are busy or unavailable\nCompile with TORCH_USE_CUDA_DSA", "busy"),
+        ("the GPU is in exclusive process mode", "exclusive-process"),
+        ("CUDA out of memory. Tried to allocate 20.00 MiB (GPU 0; 79.1 GiB total capacity)", "out of memory"),
+    ],
+    ids=["busy", "busy_dsa", "exclusive", "oom"],
+)
 def test_an_environment_error_is_not_cached(monkeypatch, tmp_path, error, cause):
     """A GPU in exclusive-process mode held by another process, or out of memory: the verdict says so, it is not
     cached, and a named implementation raises with the cause instead of a FAILED."""
@@ -185,8 +193,13 @@ def test_a_timed_out_check_is_not_cached(monkeypatch, tmp_path):
     monkeypatch.setenv("DEFORMABLE_DETR_OPS_SELF_CHECK_TIMEOUT", "8")
     monkeypatch.setenv("DEFORMABLE_DETR_OPS_TEST_SLEEP", "60")
     verdict = selfcheck.self_check(testing.SLOW, CPU, torch.float64)
-    assert verdict["compared"] is False and verdict["environment"] == "time-out: the check process did not finish in 8 s"
-    assert verdict["case"] in (None, selfcheck.CASES[0][0] + " (N=2, Lq=9, M=2, D=12, P=3, levels [(5, 7), (3, 1), (1, 4)]), float64")
+    assert (
+        verdict["compared"] is False and verdict["environment"] == "time-out: the check process did not finish in 8 s"
+    )
+    assert verdict["case"] in (
+        None,
+        selfcheck.CASES[0][0] + " (N=2, Lq=9, M=2, D=12, P=3, levels [(5, 7), (3, 1), (1, 4)]), float64",
+    )
     assert not list((tmp_path / "slow").glob("*.json"))
 
 
@@ -204,7 +217,9 @@ def test_an_unwritable_cache_checks_in_memory(monkeypatch, tmp_path):
         out = ms_deform_attn(*inputs)
     assert torch.allclose(out, ms_deform_attn_pytorch(*inputs), atol=1e-5)
     verdict = selfcheck.self_check(testing.EMULATED, CPU, torch.float32)
-    assert verdict["status"].startswith("passed (not cached: cannot write") and "cannot create the lock" in verdict["lock"]
+    assert (
+        verdict["status"].startswith("passed (not cached: cannot write") and "cannot create the lock" in verdict["lock"]
+    )
     # a wrong kernel is still caught, in memory
     use_chain(monkeypatch, "wrong", "cpu", "pytorch")
     monkeypatch.setattr(ops, "_chosen", {})
@@ -244,8 +259,14 @@ def test_no_flock_and_unwritable_lock_files(monkeypatch, tmp_path, capfd):
     lock = tmp_path / "ro.lock"
     lock.touch()
     real_open = open
-    monkeypatch.setattr("builtins.open", lambda path, mode="r", *a, **k: (_ for _ in ()).throw(
-        PermissionError(13, "Permission denied")) if str(path) == str(lock) and mode != "r" else real_open(path, mode, *a, **k))
+    monkeypatch.setattr(
+        "builtins.open",
+        lambda path, mode="r", *a, **k: (
+            (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
+            if str(path) == str(lock) and mode != "r"
+            else real_open(path, mode, *a, **k)
+        ),
+    )
     with build.try_file_lock(lock, "waiting") as no_lock:
         assert no_lock is None
 
@@ -263,8 +284,9 @@ def test_a_build_made_ahead_of_time_for_the_gpu_is_found(monkeypatch, tmp_path):
     for archs in (["9.0"], ["8.0", "8.6"]):
         spec = build.extension_spec("cuda", archs)
         spec.directory.mkdir(parents=True)
-        (spec.directory / "BUILT").write_text(json.dumps({"library": f"{spec.name}.so",
-                                                          "arch_list": build.spec_arch_list(spec)}))
+        (spec.directory / "BUILT").write_text(
+            json.dumps({"library": f"{spec.name}.so", "arch_list": build.spec_arch_list(spec)})
+        )
     stale = tmp_path / "cache" / "deformable_detr_cuda_0123456789ab"  # other sources: never loaded
     stale.mkdir()
     (stale / "BUILT").write_text(json.dumps({"library": "x.so", "arch_list": ["9.0"]}))

@@ -2,6 +2,7 @@
 by Triton's interpreter (TRITON_INTERPRET=1, set per test: model.ops.triton_kernel loads the kernels for the mode
 in force at launch), and compiled for a GPU architecture without a GPU to look at the code they become.
 """
+
 import re
 import sys
 
@@ -45,15 +46,18 @@ class _Triton(torch.autograd.Function):
 def check_against_reference(inputs, dtype, softmax=False):
     actual = forward_and_grads(lambda *a: _Triton.apply(*a, softmax), inputs)
     # the reference in float64 on the very inputs the kernel got (rounded to dtype)
-    expected = forward_and_grads(lambda *a: ms_deform_attn_pytorch(*a, softmax=softmax),
-                                 [t.double() if t.is_floating_point() else t for t in inputs])
+    expected = forward_and_grads(
+        lambda *a: ms_deform_attn_pytorch(*a, softmax=softmax),
+        [t.double() if t.is_floating_point() else t for t in inputs],
+    )
     for what, a, e, t in zip(RESULTS, actual, expected, (inputs[0], inputs[0], inputs[3], inputs[4])):
         assert a.shape == e.shape and a.dtype == t.dtype, what
         assert torch.isfinite(a).all(), what
         assert max_relative_error(a, e) <= TOLERANCES[dtype], what
 
 
-# (levels, M, D, P, N, Lq): every D of {8, 24, 32, 48, 64, 71, 256}, L of {1, 4, 5} and K of {1, 4, 8}, not their product
+# (levels, M, D, P, N, Lq): every D of {8, 24, 32, 48, 64, 71, 256}, L of {1, 4, 5} and K of {1, 4, 8}, not their
+# product
 CASES = [
     ([(5, 7)], 2, 8, 1, 2, 13),
     (ODD_LEVELS[:4], 2, 24, 4, 1, 9),
@@ -80,16 +84,22 @@ def test_matches_reference_other_dtypes(dtype):
 def test_fused_softmax_matches_reference(levels, M, D, P, N, Lq, dtype):
     """Logits normalised inside the kernels: forward, and the logits' gradients rewritten from the weights' after
     the main loop (float32 scratch for bfloat16 logits)."""
-    check_against_reference(make_inputs(levels, M=M, D=D, P=P, N=N, Lq=Lq, dtype=dtype, logits=True), dtype,
-                            softmax=True)
+    check_against_reference(
+        make_inputs(levels, M=M, D=D, P=P, N=N, Lq=Lq, dtype=dtype, logits=True), dtype, softmax=True
+    )
 
 
 def test_fused_softmax_gradcheck_and_dispatcher():
     value, shapes, starts, loc, logits = make_inputs([(3, 4), (2, 3)], M=2, D=5, P=2, N=1, Lq=3, logits=True)
     for t in (value, loc, logits):
         t.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda v, loc, a: _Triton.apply(v, shapes, starts, loc, a, True),
-                                    (value, loc, logits), eps=1e-6, atol=1e-7, fast_mode=True)
+    assert torch.autograd.gradcheck(
+        lambda v, loc, a: _Triton.apply(v, shapes, starts, loc, a, True),
+        (value, loc, logits),
+        eps=1e-6,
+        atol=1e-7,
+        fast_mode=True,
+    )
     inputs = make_inputs(ODD_LEVELS[:4], M=2, D=16, P=2, N=1, Lq=5, dtype=torch.float32, logits=True)
     expected = forward_and_grads(lambda *a: ms_deform_attn_pytorch(*a, softmax=True), inputs)
     for a, e in zip(forward_and_grads(lambda *a: ms_deform_attn(*a, impl="triton", softmax=True), inputs), expected):
@@ -99,8 +109,9 @@ def test_fused_softmax_gradcheck_and_dispatcher():
 def test_half_values_with_float32_locations():
     value, shapes, starts, loc, attn = make_inputs(ODD_LEVELS[:2], M=2, D=16, P=2, N=1, Lq=6, dtype=torch.float32)
     actual = forward_and_grads(_Triton.apply, (value.half(), shapes, starts, loc, attn))
-    expected = forward_and_grads(ms_deform_attn_pytorch, (value.half().double(), shapes, starts, loc.double(),
-                                                          attn.double()))
+    expected = forward_and_grads(
+        ms_deform_attn_pytorch, (value.half().double(), shapes, starts, loc.double(), attn.double())
+    )
     # output and grad_value in value's dtype, the other gradients in their inputs' (float32)
     assert [t.dtype for t in actual] == [torch.float16, torch.float16, torch.float32, torch.float32]
     for a, e in zip(actual, expected):
@@ -112,8 +123,9 @@ def test_gradcheck_float64():
     value, shapes, starts, loc, attn = make_inputs([(3, 4), (2, 3)], M=2, D=5, P=2, N=1, Lq=3)
     for t in (value, loc, attn):
         t.requires_grad_(True)
-    assert torch.autograd.gradcheck(_Triton.apply, (value, shapes, starts, loc, attn), eps=1e-6, atol=1e-7,
-                                    fast_mode=True)
+    assert torch.autograd.gradcheck(
+        _Triton.apply, (value, shapes, starts, loc, attn), eps=1e-6, atol=1e-7, fast_mode=True
+    )
 
 
 def test_points_on_and_past_the_borders():
@@ -148,7 +160,7 @@ def test_points_on_and_past_the_borders():
 
 @pytest.mark.parametrize("N,Lq,L,P", [(0, 5, 2, 2), (2, 0, 2, 2), (1, 3, 2, 0)])
 def test_empty(N, Lq, L, P):
-    value, shapes, starts, loc, attn = make_inputs(ODD_LEVELS[:max(L, 1)], M=2, D=8, P=max(P, 1), N=max(N, 1), Lq=Lq)
+    value, shapes, starts, loc, attn = make_inputs(ODD_LEVELS[: max(L, 1)], M=2, D=8, P=max(P, 1), N=max(N, 1), Lq=Lq)
     value, loc, attn = value[:N], loc[:N, :, :, :L, :P], attn[:N, :, :, :L, :P]
     out, grad_value, grad_loc, grad_attn = forward_and_grads(_Triton.apply, (value, shapes, starts, loc, attn))
     assert out.shape == (N, Lq, 16) and not out.any()
@@ -183,6 +195,7 @@ def test_every_access_stays_inside_its_tensor(monkeypatch):
         def watched(self, *args):
             inside(args[ptr_index], args[mask_index])
             return original(self, *args)
+
         monkeypatch.setattr(builder, name, watched)
 
     watch("create_masked_load", 0, 1)
@@ -193,6 +206,7 @@ def test_every_access_stays_inside_its_tensor(monkeypatch):
     def record(t):  # the span of every tensor the launchers allocate
         spans.append((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()))
         return t
+
     monkeypatch.setattr(torch, "zeros", lambda *a, **k: record(real_zeros(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: record(real_empty_like(*a, **k)))
     monkeypatch.setattr(torch.Tensor, "new_empty", lambda *a, **k: record(real_new_empty(*a, **k)))
@@ -235,8 +249,10 @@ def test_dispatcher_op_compile_and_flops():
     compiled = torch.compile(lambda *a: ms_deform_attn(*a, impl="triton") * 2, backend="aot_eager", fullgraph=True)
     for a, e in zip(forward_and_grads(compiled, inputs), expected):
         assert max_relative_error(a, 2 * e) <= TOLERANCES[torch.float32]
-    torch.library.opcheck(torch.ops.deformable_detr.ms_deform_attn_triton.default,
-                          tuple(t.requires_grad_(t.is_floating_point()) for t in inputs))
+    torch.library.opcheck(
+        torch.ops.deformable_detr.ms_deform_attn_triton.default,
+        tuple(t.requires_grad_(t.is_floating_point()) for t in inputs),
+    )
 
     fvcore = pytest.importorskip("fvcore.nn")
 
@@ -292,8 +308,13 @@ def test_compiles_for_hopper_with_vector_accesses(monkeypatch, dtype, softmax):
     monkeypatch.delitem(sys.modules, "model.ops.triton_jit", raising=False)
     monkeypatch.setattr(driver, "_active", _HopperWithoutGPU())
     compiled = []  # (grid, compiled kernel) of each launch, compiled instead of launched
-    monkeypatch.setattr(KernelInterface, "__getitem__", lambda kernel, grid: lambda *args, **kwargs: compiled.append(
-        (grid, kernel.run(*args, grid=grid, warmup=True, **kwargs))))
+    monkeypatch.setattr(
+        KernelInterface,
+        "__getitem__",
+        lambda kernel, grid: (
+            lambda *args, **kwargs: compiled.append((grid, kernel.run(*args, grid=grid, warmup=True, **kwargs)))
+        ),
+    )
     inputs = make_inputs([(100, 167), (50, 84), (25, 42), (13, 21)], M=8, D=32, P=4, N=4, Lq=300, dtype=dtype)
     triton_kernel.forward(*inputs, softmax)
     triton_kernel.backward(torch.zeros(4, 300, 8 * 32, dtype=dtype), *inputs, softmax)
@@ -313,7 +334,10 @@ def test_backward_is_flagged_nondeterministic():
     """Like the CUDA kernel (and torch's own atomic kernels): torch.use_deterministic_algorithms(True) raises in
     the backward, warn_only=True warns; the forward is deterministic."""
     inputs = make_inputs(ODD_LEVELS[:2], M=2, D=8, P=2, N=1, Lq=3, dtype=torch.float32)
-    previous, previous_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    previous, previous_warn = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     try:
         torch.use_deterministic_algorithms(True)
         ms_deform_attn(*inputs, impl="triton")

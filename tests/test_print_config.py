@@ -1,6 +1,7 @@
 """--print-config: a row's resolved configuration, each value with where it came from (default, the arch's
 default, base, the smoke profile's two tiers, the row, the command line), the id it enters, and the row's
 ids; the provenance agrees with what resolve() gives every row of the paper's tables at both scales."""
+
 from __future__ import annotations
 
 import textwrap
@@ -18,7 +19,7 @@ EXPERIMENTS = ROOT / "experiments"
 
 def _agrees(value, resolved, key):
     if key == "train.seed" and isinstance(value, list):
-        return resolved == value[0]            # the config holds the first seed; the row runs them all
+        return resolved == value[0]  # the config holds the first seed; the row runs them all
     return value == resolved
 
 
@@ -26,19 +27,22 @@ def _agrees(value, resolved, key):
 @pytest.mark.parametrize("overrides", [(), ("train.lr=1e-3", "data.root=/elsewhere", "launcher.nodes=1")])
 def test_provenance_agrees_with_resolve_for_every_row(name, overrides):
     for smoke in (False, True):
-        experiment = load_experiment(EXPERIMENTS / f"{name}.yaml", smoke=smoke, check_data=False,
-                                     overrides=list(overrides))
+        experiment = load_experiment(
+            EXPERIMENTS / f"{name}.yaml", smoke=smoke, check_data=False, overrides=list(overrides)
+        )
         for row in experiment.rows:
             if row.cited:
                 continue
             for scale in SCALES:
                 cfg = row.configs[scale]
                 values = row_provenance(experiment, row.label, scale)
-                wrong = [(key, value, getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]))
-                         for key, (value, _) in values.items()
-                         if not _agrees(value, getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]), key)]
+                wrong = [
+                    (key, value, getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]))
+                    for key, (value, _) in values.items()
+                    if not _agrees(value, getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]), key)
+                ]
                 assert not wrong, (name, row.label, scale, wrong)
-                for key, _ in values.items():        # every field of every section, once
+                for key, _ in values.items():  # every field of every section, once
                     section, field = key.split(".")
                     assert hasattr(getattr(cfg, section), field)
                 if overrides:
@@ -89,15 +93,15 @@ def test_each_value_names_its_source(experiment_file):
     detr = row_provenance(full, "detr")
     assert detr["model.num_queries"] == (100, "arch default") and detr["model.arch"] == ("detr", "row")
     assert detr["model.enc_n_points"] == (4, "default")
-    assert row_provenance(full, "plain")["train.lr"] == (2e-4, "default")    # not selected: no command line
+    assert row_provenance(full, "plain")["train.lr"] == (2e-4, "default")  # not selected: no command line
 
     smoke = load_experiment(experiment_file, smoke=True)
     mine = row_provenance(smoke, "mine")
-    assert mine["model.enc_layers"] == (2, "row")                       # the row wins over the small tier
+    assert mine["model.enc_layers"] == (2, "row")  # the row wins over the small tier
     assert mine["model.dec_layers"] == (2, "smoke profile (small)")
-    assert mine["model.hidden_dim"] == (64, "smoke profile (small)")   # the small tier wins over the base
-    assert mine["model.backbone"] == ("resnet50", "smoke profile (laptop)")   # the laptop tier over the row
-    assert mine["train.epochs"] == (2, "smoke profile (laptop)")       # the experiment's own smoke: section
+    assert mine["model.hidden_dim"] == (64, "smoke profile (small)")  # the small tier wins over the base
+    assert mine["model.backbone"] == ("resnet50", "smoke profile (laptop)")  # the laptop tier over the row
+    assert mine["train.epochs"] == (2, "smoke profile (laptop)")  # the experiment's own smoke: section
     assert mine["data.dataset"] == ("synthetic", "smoke profile (laptop)")
     assert row_provenance(smoke, "mine", "full")["model.backbone"] == ("resnet101", "row")
 
@@ -112,8 +116,14 @@ def test_provenance_follows_merge_where_a_layer_empties_a_section():
 
 
 def test_print_config_shows_values_sources_roles_and_ids(experiment_file, tmp_path, capsys):
-    argv = [str(experiment_file), "--results", str(tmp_path / "nothing-here"), "--print-config", "mine",
-            "train.lr=1e-3"]
+    argv = [
+        str(experiment_file),
+        "--results",
+        str(tmp_path / "nothing-here"),
+        "--print-config",
+        "mine",
+        "train.lr=1e-3",
+    ]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     specs = expand(load_experiment(experiment_file, rows=["mine"], overrides=["train.lr=1e-3"]))
@@ -128,9 +138,9 @@ def test_print_config_shows_values_sources_roles_and_ids(experiment_file, tmp_pa
     assert lines["eval.num_detections"][-1] == "evaluation"
     assert lines["data.val_split"][-1] == "evaluation+measurement"
     assert lines["model.backbone_weights"][1] == "null"
-    assert not (tmp_path / "nothing-here").exists()     # it reads no store
+    assert not (tmp_path / "nothing-here").exists()  # it reads no store
 
-    assert cli.main(argv[:4] + ["0", "--smoke"]) == 0   # by index, at smoke scale
+    assert cli.main(argv[:4] + ["0", "--smoke"]) == 0  # by index, at smoke scale
     out = capsys.readouterr().out
     assert "row 'plain', smoke scale" in out and "smoke profile (laptop)" in out
     assert cli.main(argv[:4] + ["cited"]) == 0

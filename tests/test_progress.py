@@ -1,6 +1,7 @@
 """Following a training: progress lines at a steady pace, the AP line, TensorBoard scalars (continued by a resumed
 run), Weights & Biases when asked for, and job logs in the terminal (--logs --lines/--follow, a local job's log
 printed while the submission waits)."""
+
 from __future__ import annotations
 
 import os
@@ -19,11 +20,15 @@ from harness.grid import expand, load_experiment
 from harness.run import engine, logs, tracking
 from harness.store import ResultsStore
 
-pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.filterwarnings("ignore:effective total batch"),
-              pytest.mark.filterwarnings("ignore:Detected call of")]
+pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
+    pytest.mark.filterwarnings("ignore:effective total batch"),
+    pytest.mark.filterwarnings("ignore:Detected call of"),
+]
 
 
 # ------------------------------------------------------------------------------------ progress lines
+
 
 class Clock:
     def __init__(self):
@@ -37,14 +42,19 @@ def _tracker(monkeypatch, **train):
     clock = Clock()
     monkeypatch.setattr(tracking.time, "time", clock)
     lines = []
-    tracker = tracking.Tracker(None, TrainConfig(epochs=3, **train), iters_per_epoch=100, print_fn=lines.append,
-                               evaluates=lambda epoch: epoch == 2)
+    tracker = tracking.Tracker(
+        None,
+        TrainConfig(epochs=3, **train),
+        iters_per_epoch=100,
+        print_fn=lines.append,
+        evaluates=lambda epoch: epoch == 2,
+    )
     return tracker, clock, lines
 
 
 def _run(tracker, clock, epoch=0, n=100, skip=0, seconds_per_it=1.0):
     tracker.begin_epoch(epoch, n, skip)
-    sums = {"loss": 2.0 * skip}                               # a resumed epoch's sums include its first part
+    sums = {"loss": 2.0 * skip}  # a resumed epoch's sums include its first part
     for it in range(skip, n):
         clock.now += seconds_per_it
         sums["loss"] += 2.0
@@ -53,15 +63,16 @@ def _run(tracker, clock, epoch=0, n=100, skip=0, seconds_per_it=1.0):
 
 def test_a_line_every_print_freq_iterations_or_interval_and_the_first_and_last(monkeypatch):
     tracker, clock, lines = _tracker(monkeypatch, print_freq=10)
-    _run(tracker, clock, seconds_per_it=0.1)                 # fast: every 10 iterations
-    assert [line.split("]")[0] for line in lines] == ["epoch 0/3 [1/100"] + [f"epoch 0/3 [{i}/100" for i in
-                                                                            range(11, 101, 10)] + ["epoch 0/3 [100/100"]
+    _run(tracker, clock, seconds_per_it=0.1)  # fast: every 10 iterations
+    assert [line.split("]")[0] for line in lines] == ["epoch 0/3 [1/100"] + [
+        f"epoch 0/3 [{i}/100" for i in range(11, 101, 10)
+    ] + ["epoch 0/3 [100/100"]
     first = lines[1]
     assert "loss 2.0000 (mean 2.0000)" in first and "lr 2.00e-04" in first and "10.00 it/s" in first
-    assert "eta 0:00:08" in first                             # 89 iterations at 0.1 s
+    assert "eta 0:00:08" in first  # 89 iterations at 0.1 s
     lines.clear()
     tracker, clock, lines = _tracker(monkeypatch, print_freq=1000)
-    _run(tracker, clock, seconds_per_it=7.0)                 # slow: every PRINT_INTERVAL_S (20 s): every 3rd
+    _run(tracker, clock, seconds_per_it=7.0)  # slow: every PRINT_INTERVAL_S (20 s): every 3rd
     assert [line.split(" [")[1].split("/")[0] for line in lines[:4]] == ["1", "4", "7", "10"]
     assert lines[-1].startswith("epoch 0/3 [100/100]")
 
@@ -70,7 +81,7 @@ def test_eta_of_the_run_counts_later_epochs_and_evaluations(monkeypatch):
     tracker, clock, lines = _tracker(monkeypatch, print_freq=50)
     tracker.epoch_done(dict(epoch=0, train_loss=1.0, epoch_time_s=100.0, AP=1.0, eval_time_s=30.0))
     lines.clear()
-    _run(tracker, clock, epoch=1, n=100, skip=50)             # resumed at iteration 50: 1 s per iteration
+    _run(tracker, clock, epoch=1, n=100, skip=50)  # resumed at iteration 50: 1 s per iteration
     assert lines[0].startswith("epoch 1/3 [51/100]") and "eta 0:00:49" in lines[0]
     # 49 s left in epoch 1, epoch 2's 100 s, its evaluation (30 s, the mean so far)
     assert "run 0:02:59" in lines[0]
@@ -78,16 +89,31 @@ def test_eta_of_the_run_counts_later_epochs_and_evaluations(monkeypatch):
 
 
 def test_ap_line_says_no_value_for_none():
-    assert tracking.ap_text(dict(AP=31.24, AP50=50.0, AP75=None, APs=0.0, APm=12.0, APl=None)) == \
-        "AP 31.2  AP50 50.0  AP75 –  APs 0.0  APm 12.0  APl –"
+    assert (
+        tracking.ap_text(dict(AP=31.24, AP50=50.0, AP75=None, APs=0.0, APm=12.0, APl=None))
+        == "AP 31.2  AP50 50.0  AP75 –  APs 0.0  APm 12.0  APl –"
+    )
 
 
 def test_epoch_done_prints_losses_and_ap(monkeypatch):
     tracker, clock, lines = _tracker(monkeypatch)
-    tracker.epoch_done(dict(epoch=2, train_loss=1.5, train_loss_ce=0.5, train_loss_ce_0=0.6, lr_default=2e-4,
-                            epoch_time_s=61.0, AP=3.0, AP50=None, eval_time_s=2.0))
-    assert lines == ["epoch 2/3 done in 0:01:01: loss 1.5000, loss_ce 0.5000",
-                     "epoch 2/3  AP 3.0  AP50 –  (evaluated in 0:00:02)"]
+    tracker.epoch_done(
+        dict(
+            epoch=2,
+            train_loss=1.5,
+            train_loss_ce=0.5,
+            train_loss_ce_0=0.6,
+            lr_default=2e-4,
+            epoch_time_s=61.0,
+            AP=3.0,
+            AP50=None,
+            eval_time_s=2.0,
+        )
+    )
+    assert lines == [
+        "epoch 2/3 done in 0:01:01: loss 1.5000, loss_ce 0.5000",
+        "epoch 2/3  AP 3.0  AP50 –  (evaluated in 0:00:02)",
+    ]
     tracker.final(dict(AP=3.0, APl=None))
     assert lines[-1] == "final  AP 3.0  APl –"
 
@@ -104,8 +130,10 @@ def test_other_ranks_print_and_write_nothing(tmp_path):
 
 # ------------------------------------------------------------------------------------- TensorBoard
 
+
 def _scalars(run_dir) -> dict:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     acc = EventAccumulator(os.path.join(run_dir, "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
@@ -113,38 +141,53 @@ def _scalars(run_dir) -> dict:
 
 def test_tensorboard_scalars_and_a_resumed_run_continues_its_curves(tmp_path):
     data = tmp_path / "data"
-    common = dict(train=dict(total_batch_size=4, max_iters_per_epoch=4, eval_every=1),
-                  data=dict(synthetic_train_images=8), eval=dict(save_detections=False))
+    common = dict(
+        train=dict(total_batch_size=4, max_iters_per_epoch=4, eval_every=1),
+        data=dict(synthetic_train_images=8),
+        eval=dict(save_detections=False),
+    )
     cfg = tiny_run_config(data, epochs=2, **common)
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     engine.train(cfg, full, print_fn=None)
     scalars = _scalars(full)
-    assert {"train/loss", "train/loss_ce", "lr/default", "lr/backbone", "train/iters_per_s", "epoch/train_loss",
-            "epoch/time_s", "epoch/eval_time_s", "val/AP", "val/AP50"} <= set(scalars)
-    assert "val/APl" not in scalars                           # no large object in the synthetic val split: no value
-    assert [s for s, _ in scalars["train/loss"]] == list(range(1, 9))        # print_freq 1, 4 iterations x 2 epochs
+    assert {
+        "train/loss",
+        "train/loss_ce",
+        "lr/default",
+        "lr/backbone",
+        "train/iters_per_s",
+        "epoch/train_loss",
+        "epoch/time_s",
+        "epoch/eval_time_s",
+        "val/AP",
+        "val/AP50",
+    } <= set(scalars)
+    assert "val/APl" not in scalars  # no large object in the synthetic val split: no value
+    assert [s for s, _ in scalars["train/loss"]] == list(range(1, 9))  # print_freq 1, 4 iterations x 2 epochs
     assert [s for s, _ in scalars["val/AP"]] == [4, 8]
-    assert scalars["lr/default"][-1][1] == pytest.approx(2e-6)              # lr_drop 1: dropped per epoch
+    assert scalars["lr/default"][-1][1] == pytest.approx(2e-6)  # lr_drop 1: dropped per epoch
     polls = []
-    with pytest.raises(engine.TrainingInterrupted):          # the first poll of epoch 1: after its iteration 2
+    with pytest.raises(engine.TrainingInterrupted):  # the first poll of epoch 1: after its iteration 2
         engine.train(cfg, part, print_fn=None, should_stop=lambda: polls.append(1) or len(polls) == 3)
     engine.train(cfg, part, print_fn=None)
     resumed = _scalars(part)
     for tag in ("train/loss", "train/loss_bbox", "lr/default", "val/AP", "epoch/train_loss"):
-        assert resumed[tag] == scalars[tag], tag             # the same points, each once: the curve goes on
-    assert len(os.listdir(os.path.join(part, "tensorboard"))) == 2      # one events file per attempt
+        assert resumed[tag] == scalars[tag], tag  # the same points, each once: the curve goes on
+    assert len(os.listdir(os.path.join(part, "tensorboard"))) == 2  # one events file per attempt
 
 
 def test_tensorboard_purges_what_an_attempt_wrote_after_its_checkpoint(tmp_path):
     """A hard stop (SIGKILL) loses the iterations after the last checkpoint: the next attempt writes them again,
     and TensorBoard shows only the new points."""
     from torch.utils.tensorboard import SummaryWriter
+
     writer = SummaryWriter(str(tmp_path / "tensorboard"))
     for step in range(1, 11):
         writer.add_scalar("train/loss", 1.0, step)
     writer.close()
-    tracker = tracking.Tracker(str(tmp_path), TrainConfig(print_freq=1), iters_per_epoch=10, print_fn=None,
-                               first_step=4)
+    tracker = tracking.Tracker(
+        str(tmp_path), TrainConfig(print_freq=1), iters_per_epoch=10, print_fn=None, first_step=4
+    )
     tracker.begin_epoch(0, 10, skip=4)
     for it in range(4, 6):
         tracker.iteration(it, {"loss": 2.0}, {"loss": 2.0 * (it + 1)}, {"lr_default": 1e-4})
@@ -163,26 +206,37 @@ def test_console_of_a_run(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------- Weights & Biases
 
+
 def test_wandb_on_without_wandb_installed_warns_once_and_trains(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "wandb", None)           # import wandb -> ImportError
-    cfg = tiny_run_config(tmp_path / "data", epochs=1, train=dict(max_iters_per_epoch=1, wandb=True),
-                          eval=dict(save_detections=False))
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
+    cfg = tiny_run_config(
+        tmp_path / "data", epochs=1, train=dict(max_iters_per_epoch=1, wandb=True), eval=dict(save_detections=False)
+    )
     metrics = engine.train(cfg, str(tmp_path / "run"), print_fn=None)
     assert "AP" in metrics
     warnings = [line for line in capsys.readouterr().out.splitlines() if "wandb" in line]
-    assert warnings == ["WARNING: train.wandb is on but wandb is not installed (pip install wandb): not logging "
-                        "to Weights & Biases"]
+    assert warnings == [
+        "WARNING: train.wandb is on but wandb is not installed (pip install wandb): not logging to Weights & Biases"
+    ]
 
 
 def test_wandb_gets_the_scalars_and_resumes_the_same_run(tmp_path, monkeypatch):
     calls = []
-    fake = types.SimpleNamespace(init=lambda **kw: calls.append(("init", kw)),
-                                 log=lambda data, step: calls.append(("log", step, data)),
-                                 finish=lambda: calls.append(("finish",)))
+    fake = types.SimpleNamespace(
+        init=lambda **kw: calls.append(("init", kw)),
+        log=lambda data, step: calls.append(("log", step, data)),
+        finish=lambda: calls.append(("finish",)),
+    )
     monkeypatch.setitem(sys.modules, "wandb", fake)
     for _ in range(2):
-        tracker = tracking.Tracker(str(tmp_path / "abc123"), TrainConfig(wandb=True, print_freq=1), 5,
-                                   print_fn=None, config={"train": {"lr": 1}}, tensorboard=False)
+        tracker = tracking.Tracker(
+            str(tmp_path / "abc123"),
+            TrainConfig(wandb=True, print_freq=1),
+            5,
+            print_fn=None,
+            config={"train": {"lr": 1}},
+            tensorboard=False,
+        )
         tracker.begin_epoch(0, 5)
         tracker.iteration(0, {"loss": 3.0}, {"loss": 3.0}, {"lr_default": 1e-4})
         tracker.close()
@@ -197,6 +251,7 @@ def test_wandb_gets_the_scalars_and_resumes_the_same_run(tmp_path, monkeypatch):
 def test_a_failing_tracker_never_fails_the_training(tmp_path, capsys, monkeypatch):
     def broken(**kwargs):
         raise RuntimeError("not logged in")
+
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=broken))
     tracker = tracking.Tracker(str(tmp_path), TrainConfig(wandb=True, print_freq=1), 5, print_fn=None)
     assert tracker.wandb is None and "Weights & Biases off: RuntimeError: not logged in" in capsys.readouterr().out
@@ -204,6 +259,7 @@ def test_a_failing_tracker_never_fails_the_training(tmp_path, capsys, monkeypatc
     class BadWriter:
         def add_scalar(self, *args):
             raise OSError("disk full")
+
     tracker.writer = BadWriter()
     tracker.begin_epoch(0, 5)
     tracker.iteration(0, {"loss": 1.0}, {"loss": 1.0}, {"lr_default": 1.0})
@@ -212,10 +268,11 @@ def test_a_failing_tracker_never_fails_the_training(tmp_path, capsys, monkeypatc
 
 # ------------------------------------------------------------------------------------------ job logs
 
+
 def test_file_follower_prints_complete_lines_and_restarts_a_rewritten_file(tmp_path):
     path, out = tmp_path / "log.out", []
     follower = logs.FileFollower([(path, out.append)])
-    assert not follower.poll()                                # not there yet
+    assert not follower.poll()  # not there yet
     path.write_text("one\ntw")
     assert follower.poll() and out == ["one\n"]
     with open(path, "a") as f:
@@ -224,7 +281,7 @@ def test_file_follower_prints_complete_lines_and_restarts_a_rewritten_file(tmp_p
     assert out == ["one\n", "two\n"]
     follower.poll(final=True)
     assert out[-1] == "three\n"
-    path.write_text("new\n")                                  # shorter: written anew
+    path.write_text("new\n")  # shorter: written anew
     follower.poll()
     assert out[-1] == "new\n"
 
@@ -238,6 +295,7 @@ def test_a_local_job_s_log_is_printed_while_the_submission_waits(tmp_path, capsy
                 f.write(f"epoch 0/1 [{i + 1}/3]\n")
             time.sleep(0.1)
         err.write_text("a warning\n")
+
     with logs.printing_logs([(out, err)], poll_s=0.05):
         thread = threading.Thread(target=job)
         thread.start()
@@ -279,6 +337,7 @@ def test_logs_follow_until_the_job_ends(tmp_path):
                 f.write(f"line {i}\n")
             time.sleep(0.1)
         store.mark_cancelled(spec.run_id)
+
     thread = threading.Thread(target=job)
     thread.start()
     state = logs.follow_logs(experiment, store, "0", lines=3, poll_s=0.02, state_every_s=0.1, write=written.append)
@@ -294,6 +353,7 @@ def test_logs_follow_stops_cleanly_on_ctrl_c(tmp_path, capsys, monkeypatch):
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
+
     monkeypatch.setattr(cli, "follow_logs", interrupted)
     assert cli.main(_argv(tmp_path, "--logs", "0", "--follow")) == 0
     captured = capsys.readouterr()

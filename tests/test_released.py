@@ -10,6 +10,7 @@
 * end to end: an evaluation-only row fetches its checkpoint at submission, evaluates it, and the report holds
   it to the publisher's AP within 0.1 (flagged beyond).
 """
+
 from __future__ import annotations
 
 import functools
@@ -59,24 +60,28 @@ def _sha256(data: bytes) -> str:
 
 # ------------------------------------------------------------------------------------------- addresses
 
+
 def test_names_addresses_and_published_checksums():
     detr = "https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth"
     assert released.file_name(detr) == "detr-r50-e632da11.pth"
-    assert released.expected_sha256(detr) == "e632da11"                      # torch.hub's name-<hash> convention
-    assert released.expected_sha256(detr, "SHA256:" + "AB" * 32) == "ab" * 32   # a given checksum wins
+    assert released.expected_sha256(detr) == "e632da11"  # torch.hub's name-<hash> convention
+    assert released.expected_sha256(detr, "SHA256:" + "AB" * 32) == "ab" * 32  # a given checksum wins
     drive = "https://drive.google.com/file/d/1nDWZWHuRwtwGden77NLM9JoWe-YisJnA/view?usp=sharing"
-    assert released.download_url(drive) == ("https://drive.usercontent.google.com/download?"
-                                            "id=1nDWZWHuRwtwGden77NLM9JoWe-YisJnA&export=download&confirm=t")
-    assert released.download_url("https://drive.google.com/open?id=abc_1") .startswith(
-        "https://drive.usercontent.google.com/download?id=abc_1&")
+    assert released.download_url(drive) == (
+        "https://drive.usercontent.google.com/download?id=1nDWZWHuRwtwGden77NLM9JoWe-YisJnA&export=download&confirm=t"
+    )
+    assert released.download_url("https://drive.google.com/open?id=abc_1").startswith(
+        "https://drive.usercontent.google.com/download?id=abc_1&"
+    )
     assert released.file_name(drive) == "gdrive-1nDWZWHuRwtwGden77NLM9JoWe-YisJnA.pth"
-    assert released.expected_sha256(drive) is None                            # recorded at the first download
+    assert released.expected_sha256(drive) is None  # recorded at the first download
     assert released.is_url(drive) and released.is_url("file:///x.pth") and not released.is_url("/data/x.pth")
     with pytest.raises(released.ReleasedCheckpointError, match="expected 8 to 64 hex digits"):
         released.expected_sha256(detr, "e632")
 
 
 # ------------------------------------------------------------------------------------------- fetching
+
 
 def test_fetch_records_the_first_download_and_refuses_a_changed_file(cache, server):
     www, base = server
@@ -86,7 +91,7 @@ def test_fetch_records_the_first_download_and_refuses_a_changed_file(cache, serv
     path = released.fetch(url, progress=False)
     assert path == cache / "model.pth" and path.read_bytes() == data
     assert (cache / released.SUMS).read_text() == f"{_sha256(data)}  model.pth\n"
-    assert released.cached_path(url) == path                                # a job's use: verified, no download
+    assert released.cached_path(url) == path  # a job's use: verified, no download
     assert released.local_file(url) == str(path) and released.local_file("/some/file.pth") == "/some/file.pth"
     # the file changes in the cache (a partial copy, another file under the same name): refused, both hashes named
     path.write_bytes(data[:-1] + b"X")
@@ -96,7 +101,7 @@ def test_fetch_records_the_first_download_and_refuses_a_changed_file(cache, serv
     assert str(path) in text and _sha256(data[:-1] + b"X") in text and _sha256(data) in text
     assert "recorded in" in text
     with pytest.raises(released.ReleasedCheckpointError):
-        released.fetch(url, progress=False)                                 # a fetch does not paper over it
+        released.fetch(url, progress=False)  # a fetch does not paper over it
 
 
 def test_published_checksums_are_checked(cache, server):
@@ -105,7 +110,7 @@ def test_published_checksums_are_checked(cache, server):
     digest = _sha256(data)
     (www / f"net-{digest[:8]}.pth").write_bytes(data)
     assert released.fetch(f"{base}/net-{digest[:8]}.pth", progress=False).read_bytes() == data
-    assert not (cache / released.SUMS).exists()                             # published: nothing to record
+    assert not (cache / released.SUMS).exists()  # published: nothing to record
     (www / "other.pth").write_bytes(data)
     released.fetch(f"{base}/other.pth", sha256=digest, progress=False)
     (www / "wrong.pth").write_bytes(data)
@@ -120,7 +125,7 @@ def test_a_web_page_or_no_network_says_where_the_file_belongs(cache, server):
         released.fetch(f"{base}/page.pth", progress=False)
     assert not (cache / "page.pth").exists() and not list(cache.glob("*.partial"))
     with pytest.raises(released.ReleasedCheckpointError) as err:
-        released.fetch(f"{base}/missing.pth", progress=False)               # 404
+        released.fetch(f"{base}/missing.pth", progress=False)  # 404
     assert f"put the file at {cache / 'missing.pth'}" in str(err.value)
     with pytest.raises(released.ReleasedCheckpointError, match="not in the cache: expected"):
         released.cached_path(f"{base}/never-fetched.pth")
@@ -128,17 +133,20 @@ def test_a_web_page_or_no_network_says_where_the_file_belongs(cache, server):
 
 # ------------------------------------------------------------------------------------------- the rows
 
+
 def test_dry_run_evaluates_released_checkpoints_only(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("COCO_ROOT", str(fake_coco(tmp_path / "coco")))
     assert cli.main([str(RELEASED), "--results", str(tmp_path / "results"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if "released checkpoint" in line]
     assert len(rows) == len(yaml.safe_load(RELEASED.read_text())["rows"]) == 8
-    assert all(line.rstrip().endswith(" 0.2") for line in rows)              # the evaluation's GPU-hours only
+    assert all(line.rstrip().endswith(" 0.2") for line in rows)  # the evaluation's GPU-hours only
     assert "estimated GPU-hours (V100-equivalent): 1.6 in total" in out
-    assert "one more seed" not in out                                        # a seed retrains nothing here
-    assert cli.main([str(RELEASED), "--results", str(tmp_path / "results"), "--dry-run",
-                     "eval.checkpoint_sha256=xyz"]) == 2
+    assert "one more seed" not in out  # a seed retrains nothing here
+    assert (
+        cli.main([str(RELEASED), "--results", str(tmp_path / "results"), "--dry-run", "eval.checkpoint_sha256=xyz"])
+        == 2
+    )
     assert "eval.checkpoint_sha256" in capsys.readouterr().err
 
 
@@ -165,11 +173,11 @@ def test_torchvision_faster_rcnn_state_dict_loads_and_detects_as_torchvision(tmp
     # sizes that keep its transform from resizing the test image
     trunk = torchvision.models.resnet50(norm_layer=FrozenBatchNorm2d)
     theirs = FasterRCNN(_resnet_fpn_extractor(trunk, 3), num_classes=91, min_size=160, max_size=240).eval()
-    for module in theirs.modules():            # trained statistics, not the identity
+    for module in theirs.modules():  # trained statistics, not the identity
         if isinstance(module, FrozenBatchNorm2d):
             module.running_mean.uniform_(-0.1, 0.1)
             module.running_var.uniform_(0.5, 1.5)
-    state = theirs.state_dict()                # the released file's layout: the bare detector
+    state = theirs.state_dict()  # the released file's layout: the bare detector
     path = tmp_path / "fasterrcnn_resnet50_fpn_coco-00000000.pth"
     torch.save(state, path)
     imagenet = tmp_path / "imagenet.pth"
@@ -179,7 +187,7 @@ def test_torchvision_faster_rcnn_state_dict_loads_and_detects_as_torchvision(tmp
     load_checkpoint(str(path), ours)
     ours.eval()
     theirs.roi_heads.score_thresh = ours.detector.roi_heads.score_thresh
-    image = torch.rand(3, 160, 224)             # short side = min_size: torchvision's transform does not resize
+    image = torch.rand(3, 160, 224)  # short side = min_size: torchvision's transform does not resize
     mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
     with torch.no_grad():
         (expected,) = theirs([image])
@@ -197,14 +205,17 @@ def test_torchvision_faster_rcnn_state_dict_loads_and_detects_as_torchvision(tmp
 
 # ------------------------------------------------------------------------------------------- end to end
 
+
 def _tiny_released_experiment(tmp_path: Path, url: str, published: dict) -> Path:
     tiny = yaml.safe_load((ROOT / "tests" / "fixtures" / "tiny_experiment.yaml").read_text())
     tiny["name"] = "tiny_released"
     tiny["base"]["launcher"].update(executor="local", tasks_per_node=1)
     tiny["base"]["eval"] = {"eval_only": True, "checkpoint": url}
     tiny["columns"] = ["method"]
-    tiny["rows"] = [{"label": f"published {ap}", "cells": {"method": f"published {ap}"},
-                     "official": {"AP": ap, "AP50": None}} for ap in published]
+    tiny["rows"] = [
+        {"label": f"published {ap}", "cells": {"method": f"published {ap}"}, "official": {"AP": ap, "AP50": None}}
+        for ap in published
+    ]
     path = tmp_path / "tiny_released.yaml"
     path.write_text(yaml.safe_dump(tiny, sort_keys=False))
     return path

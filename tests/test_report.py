@@ -2,6 +2,7 @@
 noise marker, differences only between like and like (no smoke differences, FPS only on the references' device
 class, COCOeval's -1 as "–"), rows of one's own, titles of a copied experiment, results as data, LaTeX structure
 (tests/test_latex.py compiles it and renders it to PNG), figures."""
+
 import math
 import os
 import re
@@ -38,8 +39,10 @@ def small_df(small):
 def test_fixture_run_ids_are_current(small):
     on_disk = set(ResultsStore(RESULTS).run_ids())
     expected = {s.run_id for scale in ("full", "smoke") for s in expand(small, scale)}
-    assert on_disk <= expected, ("the run ids of tests/fixtures/results_small changed (a config field was "
-                                 "added or changed): run python3 tests/fixtures/results_small/make_fixture.py")
+    assert on_disk <= expected, (
+        "the run ids of tests/fixtures/results_small changed (a config field was "
+        "added or changed): run python3 tests/fixtures/results_small/make_fixture.py"
+    )
 
 
 def test_collect_has_one_row_per_run(small, small_df):
@@ -48,12 +51,12 @@ def test_collect_has_one_row_per_run(small, small_df):
     states = {(r.label, r.scale, r.seed): r.state for r in small_df.itertuples()}
     assert states[("base", "full", 1)] == "done" and states[("base", "full", 2)] == "done"
     assert states[("failed row", "full", 42)] == "failed"
-    assert states[("not run", "full", 42)] == "new"           # a measurement alone does not train a run
+    assert states[("not run", "full", 42)] == "new"  # a measurement alone does not train a run
     spec = [s for s in expand(small, "full") if s.label == "not run"][0]
     assert ResultsStore(RESULTS).plan([spec])[0].action == "run"
     k1 = small_df[(small_df.label == "K=1") & (small_df.scale == "smoke")].iloc[0]
-    assert k1.AP == 0.75 and math.isnan(k1.AP75)                   # a missing field is NaN
-    assert math.isnan(k1.APl) and k1.undefined == "APl"           # COCOeval's -1 is no number, and says so
+    assert k1.AP == 0.75 and math.isnan(k1.AP75)  # a missing field is NaN
+    assert math.isnan(k1.APl) and k1.undefined == "APl"  # COCOeval's -1 is no number, and says so
 
 
 def test_aggregate_over_seeds(small_df):
@@ -76,10 +79,11 @@ def test_collect_reports_a_corrupt_metrics_file(tmp_path, small):
     assert row.state == "corrupt" and "metrics.json" in row.error and math.isnan(row.AP)
 
 
-@pytest.mark.parametrize("suffix,render", [(".md", render_markdown), (".tex", render_latex),
-                                           ("_compact.tex", render_latex_compact)])
+@pytest.mark.parametrize(
+    "suffix,render", [(".md", render_markdown), (".tex", render_latex), ("_compact.tex", render_latex_compact)]
+)
 def test_golden_report(small, small_df, suffix, render, monkeypatch):
-    monkeypatch.chdir(ROOT)                         # the regenerate hint names the file relative to here
+    monkeypatch.chdir(ROOT)  # the regenerate hint names the file relative to here
     text = render(small, small_df)
     golden = GOLDEN / f"small{suffix}"
     if os.environ.get("UPDATE_GOLDEN"):
@@ -93,7 +97,7 @@ def test_report_lines(small, small_df):
     assert "|  |  |  | official code | 44.5 |  | 59.6 | 40 |  | 15 |" in md
     # mean±std over 2 seeds, (Δ paper / Δ official), and within the seeds' spread of the official 44.5
     assert "ours (full), 2 seeds | 44.2±0.3 (+0.4 / -0.3) ≈ | 62.7±0.3 (+0.1 / –) ≈ |" in md
-    assert "40.07±0.00 (+0.07 / +0.07)" in md                       # params in M beside 40 and 40
+    assert "40.07±0.00 (+0.07 / +0.07)" in md  # params in M beside 40 and 40
     # smoke: another model on another dataset, so no difference to the paper (nor a noise marker) in any column
     assert "| ours (smoke) | 1.2 | 19.8 | 15.2 | 1.23 | 0.6 | 14.2 [CPU] | smoke |" in md
     assert "paper; ours: full failed" in md and "not run | DETR |  | paper; ours" not in md
@@ -104,9 +108,11 @@ def test_report_lines(small, small_df):
     assert "cpu; FPS: NVIDIA H100 80GB HBM3" in md
     assert "A_row & 50% of a \\| pipe, café" in md
     # a row of one's own: no paper line, the label tells it from base (same cells), no noise marker
-    assert "| 2 levels | Deformable DETR | 4 | ours (full) | 43.1 | 61.6 | – | 40.07 | 185.6 | 14.2 [H100] | full |" in md
+    assert (
+        "| 2 levels | Deformable DETR | 4 | ours (full) | 43.1 | 61.6 | – | 40.07 | 185.6 | 14.2 [H100] | full |" in md
+    )
     # an axes row that has not run: one line, its label, nothing else
-    assert "| enc_n_points=8 |  | 8/4 | ours: not run |  |" in md      # K derived from its config
+    assert "| enc_n_points=8 |  | 8/4 | ours: not run |  |" in md  # K derived from its config
     assert md.count("enc_n_points=8") == 1
     # the legend says which reference a reproduction is held to, and the band
     assert "held to the official code's numbers" in md and "±0.3 AP" in md
@@ -116,24 +122,27 @@ def test_report_lines(small, small_df):
 def test_ablation_deltas_say_whether_they_exceed_the_noise(small, small_df):
     md = render_markdown(small, small_df)
     section = md.split("## Ablation deltas", 1)[1]
-    assert "| K=1 | -2.4 ↓ (±0.42) |  | -0.5 |" in section       # paper: two single runs; smoke: no band
-    assert "| 2 levels |  | -1.1 ↓ (±0.41) |  |" in section      # one run against base's two seeds
-    assert "enc_n_points=8" not in section                         # no line without a number
+    assert "| K=1 | -2.4 ↓ (±0.42) |  | -0.5 |" in section  # paper: two single runs; smoke: no band
+    assert "| 2 levels |  | -1.1 ↓ (±0.41) |  |" in section  # one run against base's two seeds
+    assert "enc_n_points=8" not in section  # no line without a number
     fig = ablation_deltas(small, aggregate(small_df))
-    assert len(fig.axes) == 1                                      # paper, full and smoke on one shared axis
+    assert len(fig.axes) == 1  # paper, full and smoke on one shared axis
     assert [t.get_text() for t in fig.legends[0].get_texts()] == [
-        "paper", "ours, full scale", "ours, smoke scale (synthetic)"]
+        "paper",
+        "ours, full scale",
+        "ours, smoke scale (synthetic)",
+    ]
 
 
 def test_noise_verdicts():
     assert noise.held_reference({"AP": 43.8}, {"AP": 44.5}, "AP") == ("official", 44.5)
     assert noise.held_reference({"AP": 43.8}, {}, "AP") == ("paper", 43.8)
     assert noise.held_reference({}, {}, "AP") == (None, None)
-    assert noise.band("AP", math.nan, 1, "full") == 0.3            # one run: the stated band
-    assert noise.band("AP", 0.12, 3, "full") == 0.12               # seeds: their spread
-    assert noise.band("AP", math.nan, 1, "smoke") is None          # the COCO band says nothing about smoke runs
-    assert noise.band("params", math.nan, 1, "full") is None       # no marker for complexity columns
-    assert noise.verdict("AP", -0.3, 0.3) == noise.WITHIN         # compared as printed
+    assert noise.band("AP", math.nan, 1, "full") == 0.3  # one run: the stated band
+    assert noise.band("AP", 0.12, 3, "full") == 0.12  # seeds: their spread
+    assert noise.band("AP", math.nan, 1, "smoke") is None  # the COCO band says nothing about smoke runs
+    assert noise.band("params", math.nan, 1, "full") is None  # no marker for complexity columns
+    assert noise.verdict("AP", -0.3, 0.3) == noise.WITHIN  # compared as printed
     assert noise.verdict("AP", 0.36, 0.3) == noise.ABOVE
     assert noise.verdict("AP", -0.5, 0.3) == noise.BELOW
     assert noise.combined(0.3, 0.4) == pytest.approx(0.5) and noise.combined(0.3, None) is None
@@ -151,21 +160,25 @@ def test_figures_are_written_and_deterministic(tmp_path, small):
     first = write_report(small, RESULTS, tmp_path / "a")
     second = write_report(small, RESULTS, tmp_path / "b")
     figures = sorted(p.name for p in first if p.parent.name == "figures")
-    assert figures == sorted(f"small_{n}.{e}" for n in ("convergence", "ap_vs_gflops", "ap_vs_fps",
-                                                         "ablation_deltas") for e in ("png", "pdf"))
+    assert figures == sorted(
+        f"small_{n}.{e}"
+        for n in ("convergence", "ap_vs_gflops", "ap_vs_fps", "ablation_deltas")
+        for e in ("png", "pdf")
+    )
     for p, q in zip(first, second):
         assert p.read_bytes() == q.read_bytes(), p.name
     pdf = (tmp_path / "a" / "figures" / "small_convergence.pdf").read_bytes()
     assert b"CreationDate" not in pdf
-    assert b"/FontFile2" in pdf and b"STIX" in pdf           # vector, serif TrueType fonts embedded (not Type 3)
+    assert b"/FontFile2" in pdf and b"STIX" in pdf  # vector, serif TrueType fonts embedded (not Type 3)
 
 
 # ------------------------------------------------------------------------------------ the paper tables
 
+
 @pytest.mark.parametrize("name", ["table1", "table2", "table3"])
 def test_every_paper_row_is_in_the_report(tmp_path, name):
     exp = load_experiment(ROOT / "experiments" / f"{name}.yaml", check_data=False)
-    df = collect(tmp_path, exp)                          # an empty results folder: nothing has run
+    df = collect(tmp_path, exp)  # an empty results folder: nothing has run
     md = render_markdown(exp, df)
     tex = render_latex(exp, df) + render_latex_compact(exp, df)
     table = md.split("## Ablation deltas")[0].splitlines()
@@ -185,7 +198,7 @@ def test_every_paper_row_is_in_the_report(tmp_path, name):
     # nothing is made up: without results, no reproduced value appears
     assert "ours (full)" not in md + tex and "ours (smoke)" not in md + tex
     assert md.count("ours: not run") == sum(not r.cited for r in exp.rows)
-    assert "Smoke lines" not in tex                      # no smoke sentence without smoke lines
+    assert "Smoke lines" not in tex  # no smoke sentence without smoke lines
 
 
 def _tabular_rows(tex):
@@ -219,12 +232,12 @@ def test_latex_structure(tmp_path, small, small_df, name, render):
     assert re.search(r"(?<![$\w-])-\d", re.sub(r"\$[^$]*\$", "", body)) is None, "a hyphen as a minus sign"
     # braces balance and specials are escaped
     assert tex.count("{") - tex.count(r"\{") == tex.count("}") - tex.count(r"\}")
-    text = re.sub(r"(?<!\\)\$[^$]*\$", "", tex.split("\n", 1)[1])        # math is allowed its _
-    text = text.replace("{%\n", "{\n")                                  # the resizebox line ends in a comment
+    text = re.sub(r"(?<!\\)\$[^$]*\$", "", tex.split("\n", 1)[1])  # math is allowed its _
+    text = text.replace("{%\n", "{\n")  # the resizebox line ends in a comment
     assert re.search(r"(?<!\\)[%#_&$]", text.replace(" & ", " ")) is None
     assert re.search(r"\\label\{tab:" + re.escape(exp.name) + r"(-compact)?\}", tex)
-    assert ("Commit" in tex) == (render is render_latex)          # the provenance columns: the full record only
-    assert len(re.search(r"\\caption\{(.*)\}\n", tex).group(1)) < 600     # short: the notes go under the table
+    assert ("Commit" in tex) == (render is render_latex)  # the provenance columns: the full record only
+    assert len(re.search(r"\\caption\{(.*)\}\n", tex).group(1)) < 600  # short: the notes go under the table
     assert all(ord(c) < 128 for c in tex), "non-ASCII left in the LaTeX"
 
 
@@ -257,9 +270,9 @@ def test_axes_rows_fill_their_cells_from_the_swept_values(tmp_path):
     (tmp_path / "results").mkdir()
     exp = load_experiment(tmp_path / "sweep.yaml", check_data=False)
     md = render_markdown(exp, collect(tmp_path / "results", exp))
-    assert "| Method | enc_n_points | source |" in md          # cells tell rows apart: no label column
+    assert "| Method | enc_n_points | source |" in md  # cells tell rows apart: no label column
     assert "|  | 1 | ours: not run |" in md and "|  | 2 | ours: not run |" in md
-    assert "| paper" not in md                                  # no paper numbers, no paper line
+    assert "| paper" not in md  # no paper numbers, no paper line
 
 
 def test_regenerate_hint_names_the_file_as_typed(tmp_path, monkeypatch):
@@ -271,15 +284,27 @@ def test_regenerate_hint_names_the_file_as_typed(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------ results as data
 
+
 def test_collect_takes_paths_and_returns_cells_config_and_references(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
-    df = collect("results", "experiments/table2.yaml")          # str paths, the YAML instead of an experiment
+    df = collect("results", "experiments/table2.yaml")  # str paths, the YAML instead of an experiment
     exp = load_experiment(ROOT / "experiments" / "table2.yaml", check_data=False)
     assert len(df) == sum(len(expand(exp, s)) for s in ("full", "smoke"))
-    for column in ("cell.ms_inputs", "cell.K", "model.enc_n_points", "model.neck", "paper_AP", "official_AP",
-                   "device", "commit", "date", "state", "AP"):
+    for column in (
+        "cell.ms_inputs",
+        "cell.K",
+        "model.enc_n_points",
+        "model.neck",
+        "paper_AP",
+        "official_AP",
+        "device",
+        "commit",
+        "date",
+        "state",
+        "AP",
+    ):
         assert column in df.columns, column
-    assert "model.hidden_dim" not in df.columns                 # the same in every run of a scale
+    assert "model.hidden_dim" not in df.columns  # the same in every run of a scale
     base = df[(df.label == exp.reference_row) & (df.scale == "full")].iloc[0]
     assert base.paper_AP == 43.8 and base.official_AP == 44.5 and base["cell.K"] == 4
     assert df.groupby("model.enc_n_points").size().to_dict() == {1: 4, 4: 8}
@@ -305,35 +330,40 @@ def test_export_csv_and_parquet(tmp_path, small_df):
 
 def test_backbone_weights_in_the_notes(small, small_df):
     """Which ImageNet weights the runs started from is shown, since it moves AP by more than the noise."""
-    assert "Backbone weights" not in render_markdown(small, small_df)          # no run recorded any
+    assert "Backbone weights" not in render_markdown(small, small_df)  # no run recorded any
     df = small_df.copy()
     first = df.index[df["state"] == "done"][0]
     df.loc[first, "backbone_weights"] = "ResNet50_Weights.IMAGENET1K_V1 (76.13% ImageNet top-1)"
     text = render_markdown(small, df)
-    assert (f"Backbone weights the runs started from: ResNet50_Weights.IMAGENET1K_V1 (76.13% ImageNet top-1): "
-            f"{df.loc[first, 'label']} ({df.loc[first, 'scale']})") in text
+    assert (
+        f"Backbone weights the runs started from: ResNet50_Weights.IMAGENET1K_V1 (76.13% ImageNet top-1): "
+        f"{df.loc[first, 'label']} ({df.loc[first, 'scale']})"
+    ) in text
 
 
 # ------------------------------------------------------------------------------------ like with like
+
 
 def test_device_classes():
     assert device_class("NVIDIA H100 80GB HBM3") == "H100" and device_class("Tesla V100-SXM2-32GB") == "V100"
     assert device_class("CPU (AMD EPYC, 2 threads)") == "CPU" == device_class("cpu")
     assert device_class("NVIDIA GeForce RTX 4090") == "RTX 4090" and device_class("") == ""
-    assert classes("CPU (AMD EPYC, 2 threads), NVIDIA H100 80GB HBM3") == ["CPU", "H100"]    # seeds on two machines
+    assert classes("CPU (AMD EPYC, 2 threads), NVIDIA H100 80GB HBM3") == ["CPU", "H100"]  # seeds on two machines
     assert comparable("fps", "Tesla V100-PCIE-16GB") and not comparable("fps", "NVIDIA A100-SXM4-80GB")
-    assert not comparable("fps", "Tesla V100-SXM2-32GB, NVIDIA H100 80GB HBM3")            # one seed elsewhere
-    assert comparable("AP", "cpu") and not comparable("gpu_hours", "")                     # AP: any machine
+    assert not comparable("fps", "Tesla V100-SXM2-32GB, NVIDIA H100 80GB HBM3")  # one seed elsewhere
+    assert comparable("AP", "cpu") and not comparable("gpu_hours", "")  # AP: any machine
 
 
 def test_fps_carries_its_device_and_is_compared_only_on_the_references_class(small, small_df):
     md = render_markdown(small, small_df)
-    assert "| 14.7±0.7 [H100] | full |" in md                   # H100: no difference to the paper's V100 19
-    assert "| 27.0 [V100] (-1.0) | full |" in md                 # V100: the paper's class, compared
+    assert "| 14.7±0.7 [H100] | full |" in md  # H100: no difference to the paper's V100 19
+    assert "| 27.0 [V100] (-1.0) | full |" in md  # V100: the paper's class, compared
     tex = render_latex_compact(small, small_df)
     assert r"27.0 & {\scriptsize $-1.0$}\textsuperscript{c}" in tex
     assert r"14.7$\pm$0.7 & \textsuperscript{a}" in tex
-    assert r"\textsuperscript{a}Measured on NVIDIA H100 80GB HBM3; not set against the paper's (NVIDIA Tesla V100)." in tex
+    assert (
+        r"\textsuperscript{a}Measured on NVIDIA H100 80GB HBM3; not set against the paper's (NVIDIA Tesla V100)." in tex
+    )
     assert r"\textsuperscript{c}Measured on Tesla V100-SXM2-32GB." in tex
 
 
@@ -350,8 +380,8 @@ def test_smoke_lines_are_not_set_against_the_paper(tmp_path, monkeypatch):
 def test_a_coco_number_the_evaluation_could_not_compute_is_a_dash(small, small_df):
     """A split without large objects: COCOeval's -1 (-100 in percent) or a null reads "–", never 0.0 (-58.1)."""
     md = render_markdown(small, small_df)
-    assert "| ours (smoke) | 0.8 | 19.2 | – | 1.20 |" in md          # APl -100 in the record
-    assert "| 43.1 | 61.6 | – | 40.07 |" in md                      # APl null in the record
+    assert "| ours (smoke) | 0.8 | 19.2 | – | 1.20 |" in md  # APl -100 in the record
+    assert "| 43.1 | 61.6 | – | 40.07 |" in md  # APl null in the record
     assert "COCOeval's -1" in md
     tex = render_latex_compact(small, small_df)
     assert "& 19.2 &  & -- &  & 1.20" in tex and "COCOeval's $-1$" in tex
@@ -361,13 +391,15 @@ def test_a_coco_number_the_evaluation_could_not_compute_is_a_dash(small, small_d
 
 # ------------------------------------------------------------------------------------ titles of a copy
 
+
 def test_a_copied_experiment_titles_its_report_and_figures_with_its_own_name(tmp_path, monkeypatch):
     """A copy of table2.yaml keeps `table: "2"`; its report and figures are titled with its own name and
     caption, and its files and LaTeX label are its own."""
     monkeypatch.chdir(ROOT)
     text = (ROOT / "experiments" / "table2.yaml").read_text()
     text = text.replace("name: table2", "name: my_ablation").replace(
-        "caption: >-\n  Ablations for deformable attention", "caption: >-\n  My ablations of deformable attention")
+        "caption: >-\n  Ablations for deformable attention", "caption: >-\n  My ablations of deformable attention"
+    )
     assert 'table: "2"' in text
     (tmp_path / "my_ablation.yaml").write_text(text)
     exp = load_experiment(tmp_path / "my_ablation.yaml", check_data=False)
@@ -375,29 +407,37 @@ def test_a_copied_experiment_titles_its_report_and_figures_with_its_own_name(tmp
     md = (tmp_path / "reports" / "my_ablation.md").read_text()
     assert md.startswith("# my_ablation: My ablations of deformable attention on COCO 2017 val set\n")
     assert "Table 2" not in md.splitlines()[0]
-    assert "the paper's Table 2" in md                          # where its paper numbers come from, as a fact
-    original = render_markdown(load_experiment(ROOT / "experiments" / "table2.yaml", check_data=False),
-                               collect(ROOT / "results", ROOT / "experiments" / "table2.yaml"))
+    assert "the paper's Table 2" in md  # where its paper numbers come from, as a fact
+    original = render_markdown(
+        load_experiment(ROOT / "experiments" / "table2.yaml", check_data=False),
+        collect(ROOT / "results", ROOT / "experiments" / "table2.yaml"),
+    )
     assert md.split("| MS inputs |", 1)[1].split("\n\n")[0] == original.split("| MS inputs |", 1)[1].split("\n\n")[0]
     tex = (tmp_path / "reports" / "my_ablation_compact.tex").read_text()
     assert r"\label{tab:my-ablation-compact}" in tex and tex.startswith("% my_ablation:")
     assert r"\caption{My ablations" in tex
     figures = sorted(p.name for p in paths if p.parent.name == "figures" and p.suffix == ".png")
-    assert figures == ["my_ablation_ablation_deltas.png", "my_ablation_ap_vs_fps.png", "my_ablation_ap_vs_gflops.png",
-                       "my_ablation_convergence.png"]
+    assert figures == [
+        "my_ablation_ablation_deltas.png",
+        "my_ablation_ap_vs_fps.png",
+        "my_ablation_ap_vs_gflops.png",
+        "my_ablation_convergence.png",
+    ]
     from harness.report.figures import ablation_deltas as deltas_figure
+
     fig = deltas_figure(exp, aggregate(collect(ROOT / "results", exp)))
     assert fig.get_suptitle().startswith("my_ablation: My ablations") and "Table 2" not in fig.get_suptitle()
 
 
 # ------------------------------------------------------------------------------------ convergence
 
+
 def test_convergence_curves_are_one_based_with_seed_bands_and_reference_points(small, small_df):
     store = ResultsStore(RESULTS)
     curves = {(tuple(c.labels), c.scale): c for c in convergence_curves(small, small_df, store)}
     base = curves[(("base",), "full")]
-    assert base.epochs == [1, 2, 3] and base.ap == pytest.approx([30.5, 40.5, 44.2])   # mean of the two seeds
-    assert base.ap_std[0] == pytest.approx(math.sqrt(0.5)) and len(base.runs) == 2       # the band: their std
+    assert base.epochs == [1, 2, 3] and base.ap == pytest.approx([30.5, 40.5, 44.2])  # mean of the two seeds
+    assert base.ap_std[0] == pytest.approx(math.sqrt(0.5)) and len(base.runs) == 2  # the band: their std
     assert base.loss == [10.0, 9.0, 8.0] and base.lr == [2e-4] * 3
     assert curves[(("base",), "smoke")].epochs == [1, 2]
     # paper's final AP at the epochs the row's recipe trains (50), the official code's beside it

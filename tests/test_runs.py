@@ -1,4 +1,5 @@
 """The results store: atomic writes, corrupt files, claims, plans and the dry run (no torch)."""
+
 import json
 import os
 import subprocess
@@ -34,7 +35,8 @@ class Clock:
 @pytest.fixture
 def experiment(tmp_path):
     path = tmp_path / "exp.yaml"
-    path.write_text(textwrap.dedent("""
+    path.write_text(
+        textwrap.dedent("""
         name: exp
         rows:
           - label: a
@@ -42,7 +44,8 @@ def experiment(tmp_path):
             overrides: {model: {enc_n_points: 1}}
           - label: c
             overrides: {model: {enc_n_points: 2}}
-        """))
+        """)
+    )
     return load_experiment(path, smoke=True)
 
 
@@ -63,8 +66,9 @@ def test_atomic_write_keeps_the_old_file_if_writing_fails(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
 
 
-@pytest.mark.parametrize("content,why", [('{"AP": 43.', "truncated"), ("", "empty"), ("[1, 2]", "object"),
-                                         ("\x00\x00garbage", "corrupt")])
+@pytest.mark.parametrize(
+    "content,why", [('{"AP": 43.', "truncated"), ("", "empty"), ("[1, 2]", "object"), ("\x00\x00garbage", "corrupt")]
+)
 def test_corrupt_metrics_are_reported_by_path(tmp_path, content, why):
     store = ResultsStore(tmp_path)
     folder = store.record_dir("abc")
@@ -89,7 +93,7 @@ def test_status_lifecycle(tmp_path):
     clock.t += 60
     s = store.mark_running("r1", job_id="11")
     assert s.state == "running" and s.job_ids == ("11",) and s.attempts == 1 and s.host == "h1"
-    s = store.mark_running("r1", job_id="11_requeued")        # a requeue
+    s = store.mark_running("r1", job_id="11_requeued")  # a requeue
     assert s.attempts == 2 and s.job_ids == ("11", "11_requeued")
     s = store.mark_failed("r1", "RuntimeError: boom", log_tail="line 1\nline 2")
     assert s.state == "failed" and s.reason == "RuntimeError: boom" and s.finished_at
@@ -115,9 +119,9 @@ def test_log_tolerates_a_line_cut_by_a_crash(tmp_path):
     store.append_log("r1", {"epoch": 0, "AP": 1.0})
     path = store.record_dir("r1") / "log.jsonl"
     with open(path, "a") as f:
-        f.write('{"epoch": 1, "AP"')                                   # crash mid-write
+        f.write('{"epoch": 1, "AP"')  # crash mid-write
     assert store.read_log("r1") == [{"epoch": 0, "AP": 1.0}]
-    store.append_log("r1", {"epoch": 1, "AP": 2.0})            # resumed: closes the cut line
+    store.append_log("r1", {"epoch": 1, "AP": 2.0})  # resumed: closes the cut line
     assert store.read_log("r1") == [{"epoch": 0, "AP": 1.0}, {"epoch": 1, "AP": 2.0}]
     with pytest.raises(CorruptFileError, match="line 2"):
         store.read_log("r1", strict=True)
@@ -132,6 +136,7 @@ def test_tail_text(tmp_path):
 
 def test_config_yaml_is_the_resolved_config(tmp_path, experiment):
     import yaml
+
     store = ResultsStore(tmp_path)
     spec = expand(experiment)[1]
     folder = store.prepare(spec)
@@ -143,11 +148,12 @@ def test_config_yaml_is_the_resolved_config(tmp_path, experiment):
 
 # ------------------------------------------------------------------------------------------- claims
 
+
 def test_claim_is_exclusive(tmp_path):
     store = ResultsStore(tmp_path)
     first = store.claim("r1")
     assert first is not None
-    assert store.claim("r1") is None                          # this process is alive: not stale
+    assert store.claim("r1") is None  # this process is alive: not stale
     store.release(first)
     second = store.claim("r1")
     assert second is not None and second.token != first.token
@@ -175,11 +181,11 @@ def test_claim_on_another_host_goes_stale_without_heartbeat(tmp_path):
     assert other.claim("r1") is None
     assert holder.heartbeat(claim)
     clock.t += 500
-    assert other.claim("r1") is None                           # heartbeat 500 s ago
+    assert other.claim("r1") is None  # heartbeat 500 s ago
     clock.t += 200
     taken = other.claim("r1")
     assert taken is not None
-    assert not holder.heartbeat(claim)                                # the old holder learns it lost it
+    assert not holder.heartbeat(claim)  # the old holder learns it lost it
 
 
 def test_requeued_job_takes_over_its_own_claim(tmp_path):
@@ -197,7 +203,7 @@ def test_two_submissions_claim_a_run_once(tmp_path, experiment):
         sys.path.insert(0, {str(ROOT)!r})
         from harness.grid import load_experiment, expand
         from harness.store import ResultsStore
-        store = ResultsStore({str(tmp_path / 'results')!r})
+        store = ResultsStore({str(tmp_path / "results")!r})
         won = []
         for spec in expand(load_experiment({experiment.path!r}, smoke=True)):
             claim = store.claim_for_submit(spec)
@@ -207,14 +213,14 @@ def test_two_submissions_claim_a_run_once(tmp_path, experiment):
                 won.append(spec.run_id)
         print(json.dumps(won))
         """)
-    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-             for _ in range(4)]
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(4)]
     won = [json.loads(p.communicate()[0]) for p in procs]
     all_won = [r for w in won for r in w]
     assert sorted(all_won) == sorted(s.run_id for s in expand(experiment))
 
 
 # --------------------------------------------------------------------------------------------- plan
+
 
 def test_decide_rules():
     done = Status("done")
@@ -228,7 +234,7 @@ def test_decide_rules():
     assert decide(Status("running"), claim_stale=False)[:2] == ("running", "skip")
     assert decide(Status("running"), claim_stale=True)[:2] == ("stale", "run")
     assert decide(Status("running"), status_age_s=10)[:2] == ("running", "skip")
-    assert decide(Status("running"), status_age_s=10 ** 6)[:2] == ("stale", "run")
+    assert decide(Status("running"), status_age_s=10**6)[:2] == ("stale", "run")
     assert decide(None, status_error="status.json: corrupt")[:2] == ("corrupt", "run")
 
 
@@ -242,10 +248,10 @@ def test_plan_skips_done_and_reruns_failed(tmp_path, experiment):
     assert (entry.state, entry.action, entry.kind) == ("no checkpoint", "skip", "evaluate")
     assert "checkpoint.pth is not there" in entry.reason
     (store.record_dir(a.run_id) / "checkpoint.pth").write_bytes(b"weights")
-    assert (store.plan([a])[0].state, store.plan([a])[0].kind) == ("new", "evaluate")   # trained only
+    assert (store.plan([a])[0].state, store.plan([a])[0].kind) == ("new", "evaluate")  # trained only
     store.write_metrics(a.eval_key, {"AP": 1.0})
     store.mark_done(a.eval_key)
-    assert (store.plan([a])[0].state, store.plan([a])[0].kind) == ("new", "measure")     # not measured yet
+    assert (store.plan([a])[0].state, store.plan([a])[0].kind) == ("new", "measure")  # not measured yet
     store.write_metrics(a.measure_key, {"params": 10})
     store.mark_done(a.measure_key)
     store.mark_failed(b.run_id, "killed")
@@ -301,7 +307,7 @@ def test_a_retrain_outdates_the_evaluations_of_the_old_checkpoint(tmp_path, expe
     a = expand(experiment)[0]
     _trained_evaluated_measured(store, a, {}, {"AP": 1.0}, {"params": 10})
     assert store.plan([a])[0].state == "done"
-    store.complete(a.run_id, {"checkpoint_sha256": "beef"})          # trained again: another checkpoint
+    store.complete(a.run_id, {"checkpoint_sha256": "beef"})  # trained again: another checkpoint
     entry = store.plan([a])[0]
     assert (entry.state, entry.action, entry.kind) == ("outdated", "run", "evaluate")
     (store.record_dir(a.run_id) / "checkpoint.pth").unlink()
@@ -312,6 +318,7 @@ def test_a_changed_default_is_named_not_taken_as_done(tmp_path, experiment):
     import dataclasses
 
     import yaml
+
     store = ResultsStore(tmp_path)
     a = expand(experiment)[0]
     _trained_evaluated_measured(store, a, {}, {"AP": 1.0}, {"params": 10})
@@ -334,15 +341,16 @@ def test_a_changed_default_is_named_not_taken_as_done(tmp_path, experiment):
     entries = store.plan([a, b])
     assert entries[0].state == "corrupt" and "config.yaml" in entries[0].reason
     assert entries[1].state == "new"
-    store.prepare(a)                                   # the next submission writes it again
+    store.prepare(a)  # the next submission writes it again
     assert store.read_config(a.run_id)["config"]["train"]["lr"] == a.config.train.lr
 
 
 def test_rerun_deletes_only_the_rows_own_records(tmp_path, experiment):
     import dataclasses
+
     store = ResultsStore(tmp_path)
     a = expand(experiment)[0]
-    other = dataclasses.replace(a, label="other row", eval_id="other", measure_id="other")   # same training
+    other = dataclasses.replace(a, label="other row", eval_id="other", measure_id="other")  # same training
     _trained_evaluated_measured(store, a, {}, {"AP": 1.0}, {"params": 10})
     _trained_evaluated_measured(store, other, {}, {"AP": 2.0}, {"params": 10})
     paths = store.rerun_paths(a)
@@ -351,7 +359,7 @@ def test_rerun_deletes_only_the_rows_own_records(tmp_path, experiment):
     assert f"evaluations/{a.eval_id}" in names and f"measurements/{a.measure_id}" in names
     assert not any("other" in n for n in names)
     store.remove(paths)
-    assert store.read_metrics(other.eval_key)["AP"] == 2.0           # another row's evaluation stays
+    assert store.read_metrics(other.eval_key)["AP"] == 2.0  # another row's evaluation stays
     assert store.plan([a])[0].state == "new"
 
 
@@ -378,9 +386,9 @@ def test_gpu_hours_sum_every_attempt(tmp_path):
     now = [1000.0]
     store = ResultsStore(tmp_path, clock=lambda: now[0])
     store.record_attempt("r", "1", started=1000.0, gpus=8)
-    now[0] += 2 * 3600                          # heartbeats until the pre-emption
+    now[0] += 2 * 3600  # heartbeats until the pre-emption
     store.record_attempt("r", "1", started=1000.0, gpus=8)
-    restart = now[0] + 600                      # queued again for 10 minutes: not counted
+    restart = now[0] + 600  # queued again for 10 minutes: not counted
     now[0] = restart + 3600
     store.record_attempt("r", "2", started=restart, gpus=8)
     assert store.gpu_hours("r") == pytest.approx(24.0)
@@ -404,13 +412,16 @@ def test_rows_that_differ_only_in_evaluation_share_one_training(tmp_path):
     assert (plan[tta.label].state, plan[tta.label].action, plan[tta.label].kind) == ("new", "run", "evaluate")
     text = dry_run_plan(load_experiment(ROOT / "experiments" / "table3.yaml", check_data=False), store)
     line = [text for text in text.splitlines() if tta.eval_key in text][0]
-    assert "evaluate only" in line and line.rstrip().endswith(" 0.6")    # 0.2 GPU-h x 3 with TTA
+    assert "evaluate only" in line and line.rstrip().endswith(" 0.6")  # 0.2 GPU-h x 3 with TTA
     # changing an evaluation setting of a done row keeps its training
     import dataclasses
+
     more = dataclasses.replace(dcn.config, eval=dataclasses.replace(dcn.config.eval, num_detections=300))
     assert run_id(more) == dcn.run_id and eval_id(more) != dcn.eval_id
     # and a measurement setting measures again: no training, no evaluation
-    faster = dataclasses.replace(dcn.config, benchmark=dataclasses.replace(dcn.config.benchmark, fps_batch_sizes=(1, 8)))
+    faster = dataclasses.replace(
+        dcn.config, benchmark=dataclasses.replace(dcn.config.benchmark, fps_batch_sizes=(1, 8))
+    )
     assert run_id(faster) == dcn.run_id and eval_id(faster) == dcn.eval_id and measure_id(faster) != dcn.measure_id
     respec = dataclasses.replace(dcn, config=faster, measure_id=measure_id(faster))
     entry = store.plan([respec])[0]
@@ -425,6 +436,7 @@ def test_test_dev_detections_are_zipped_for_the_evaluation_server(tmp_path):
     zipped = server_submission(detections, tmp_path, "table_3")
     assert zipped.name == "detections_test-dev2017_table3_results.zip"
     import zipfile
+
     with zipfile.ZipFile(zipped) as archive:
         assert archive.namelist() == ["detections_test-dev2017_table3_results.json"]
         assert archive.read(archive.namelist()[0]) == detections.read_bytes()

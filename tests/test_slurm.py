@@ -6,6 +6,7 @@
 * a job requeued with ``scontrol requeue`` mid-run, and then pre-empted through submitit's signal
   (checkpoint() + requeue), resumes from its checkpoint and ends with the uninterrupted result.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,19 +39,21 @@ def test_snapshot_and_arrays(slurm_cluster, tmp_path, monkeypatch):
     # a throwaway repository whose module says which version of the code ran
     repo = tmp_path / "repo"
     repo.mkdir()
-    (repo / "snapmod.py").write_text(textwrap.dedent("""
+    (repo / "snapmod.py").write_text(
+        textwrap.dedent("""
         import os
         VERSION = 1
         def which_code(spec):
             return {"version": VERSION, "spec": spec, "file": __file__, "cwd": os.getcwd(),
                     "rank": int(os.environ["RANK"]), "world_size": int(os.environ["WORLD_SIZE"])}
-    """))
+    """)
+    )
     _git(repo, "init", "-q")
     _git(repo, "add", "snapmod.py")
     _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "v1")
     monkeypatch.syspath_prepend(str(repo))
     # the jobs find the harness through PYTHONPATH (sbatch passes the environment on)
-    harness_root = str(Path(launch.__file__).resolve().parents[2])   # harness/launch/__init__.py -> the checkout
+    harness_root = str(Path(launch.__file__).resolve().parents[2])  # harness/launch/__init__.py -> the checkout
     monkeypatch.setenv("PYTHONPATH", harness_root)
     import snapmod
 
@@ -59,9 +62,17 @@ def test_snapshot_and_arrays(slurm_cluster, tmp_path, monkeypatch):
     # held at submission, so the code can change before any job starts
     cfg = LauncherConfig(tasks_per_node=1, max_array_size=2, additional_parameters=(("hold", ""),), **CPU_JOB)
     specs = [{"row": i} for i in range(3)]
-    jobs = launch.submit(specs, snapmod.which_code, cfg, tmp_path / "logs", executor="slurm",
-                         job_name="test-snapshot", snapshot_root=tmp_path / "snapshots", repo_root=repo,
-                         workdir=workdir)
+    jobs = launch.submit(
+        specs,
+        snapmod.which_code,
+        cfg,
+        tmp_path / "logs",
+        executor="slurm",
+        job_name="test-snapshot",
+        snapshot_root=tmp_path / "snapshots",
+        repo_root=repo,
+        workdir=workdir,
+    )
     try:
         assert len(jobs) == 3
         # 3 specs under max_array_size=2: an array of two tasks, then a plain job
@@ -79,10 +90,10 @@ def test_snapshot_and_arrays(slurm_cluster, tmp_path, monkeypatch):
     assert len(snapshots) == 1
     for spec, (status, value) in zip(specs, outcomes):
         assert status == "success", value
-        assert value["version"] == 1                              # the code as submitted
+        assert value["version"] == 1  # the code as submitted
         assert value["spec"] == spec
         assert Path(value["file"]).parent == snapshots[0]
-        assert value["cwd"] == str(workdir)                       # relative paths mean what they meant
+        assert value["cwd"] == str(workdir)  # relative paths mean what they meant
         assert (value["rank"], value["world_size"]) == (0, 1)
     assert json.loads((snapshots[0] / launch.SNAPSHOT_INFO).read_text())["files"] == 1
 
@@ -97,8 +108,7 @@ def test_two_tasks_gloo_uninterrupted(slurm_cluster, tmp_path):
     from harness.launch.check import expected_state, toy_train
 
     spec = {"out_dir": str(tmp_path / "run"), "epochs": 3, "seed": 7, "sleep_s": 0.0}
-    (job,) = launch.submit([spec], toy_train, _toy_cfg(), tmp_path / "logs", executor="slurm",
-                           job_name="test-gloo")
+    (job,) = launch.submit([spec], toy_train, _toy_cfg(), tmp_path / "logs", executor="slurm", job_name="test-gloo")
     try:
         ((status, value),) = launch.wait([job], timeout_s=150, poll_s=0.5)
     except BaseException:
@@ -119,10 +129,17 @@ def test_requeue_and_preemption_resume(slurm_cluster, tmp_path):
     from harness.launch.check import expected_state, toy_train
 
     out = tmp_path / "run"
-    n_epochs = 16       # a requeued job runs on for KillWait (5 s) before SIGKILL: leave it epochs to lose
+    n_epochs = 16  # a requeued job runs on for KillWait (5 s) before SIGKILL: leave it epochs to lose
     spec = {"out_dir": str(out), "epochs": n_epochs, "seed": 3, "sleep_s": 1.0}
-    (job,) = launch.submit([spec], toy_train, _toy_cfg(), tmp_path / "logs", executor="slurm",
-                           job_name="test-requeue", snapshot_root=tmp_path / "snapshots")
+    (job,) = launch.submit(
+        [spec],
+        toy_train,
+        _toy_cfg(),
+        tmp_path / "logs",
+        executor="slurm",
+        job_name="test-requeue",
+        snapshot_root=tmp_path / "snapshots",
+    )
     epochs = lambda: _read_jsonl(out / "epochs.jsonl")  # noqa: E731
     attempts = lambda: _read_jsonl(out / "attempts.jsonl")  # noqa: E731
 
@@ -130,7 +147,7 @@ def test_requeue_and_preemption_resume(slurm_cluster, tmp_path):
         runs = attempts()
         return 0 if len(runs) < n else sum(e["time"] > runs[n - 1]["time"] for e in epochs())
 
-    log = tmp_path / "logs" / f"{job.job_id}_0_log.out"      # submitit's INFO lines
+    log = tmp_path / "logs" / f"{job.job_id}_0_log.out"  # submitit's INFO lines
     try:
         # 1. killed and requeued by SLURM (SIGTERM, SIGKILL after KillWait): resumes from the last checkpoint
         slurm_cluster.wait_for(lambda: epochs_in_attempt(1) >= 1, 120, "an epoch of the first attempt")
@@ -139,8 +156,11 @@ def test_requeue_and_preemption_resume(slurm_cluster, tmp_path):
         # 2. pre-empted: submitit's signal (USR2); rank 0 calls ResumableJob.checkpoint() and requeues
         slurm_cluster.wait_for(lambda: epochs_in_attempt(2) >= 1, 120, "an epoch of the second attempt")
         job._interrupt()
-        slurm_cluster.wait_for(lambda: log.exists() and "Requeued job" in log.read_text(), 60,
-                               "submitit's requeue after the pre-emption signal")
+        slurm_cluster.wait_for(
+            lambda: log.exists() and "Requeued job" in log.read_text(),
+            60,
+            "submitit's requeue after the pre-emption signal",
+        )
         slurm_cluster.start_when_requeued(job.job_id)
         ((status, value),) = launch.wait([job], timeout_s=150, poll_s=0.5)
     except BaseException:
@@ -150,7 +170,7 @@ def test_requeue_and_preemption_resume(slurm_cluster, tmp_path):
     runs = attempts()
     assert len(runs) == 3, runs
     starts = [r["start_epoch"] for r in runs]
-    assert starts[0] == 0 < starts[1] < starts[2] < n_epochs, starts       # resumed, never restarted
+    assert starts[0] == 0 < starts[1] < starts[2] < n_epochs, starts  # resumed, never restarted
     assert [r["restarts"] for r in runs] == ["0", "1", "2"]
     assert slurm_cluster.restarts(job.job_id) == 2
     assert value["start_epoch"] == starts[2]

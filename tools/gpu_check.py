@@ -18,6 +18,7 @@
 Each part is recorded even when it fails (with its error), so that one broken part does not hide the
 others. With the device, driver, torch, CUDA and Triton versions. Without a GPU it says so and exits 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,19 +41,31 @@ sys.path.insert(0, str(REPO))
 from model.ops import implementation_info, implementations  # noqa: E402
 from model.ops.environment import device_name, versions  # noqa: E402
 
-CUDA_TESTS = ["tests/test_ops_cuda.py", "tests/test_ops_cuda_build.py", "tests/test_ops_emulated.py",
-              "tests/test_ops_selfcheck.py"]
+CUDA_TESTS = [
+    "tests/test_ops_cuda.py",
+    "tests/test_ops_cuda_build.py",
+    "tests/test_ops_emulated.py",
+    "tests/test_ops_selfcheck.py",
+]
 NO_GPU = 2
 
 
 def run_tests() -> dict:
     start = time.time()
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *CUDA_TESTS],
-                            cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *CUDA_TESTS],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     lines = result.stdout.strip().splitlines()
-    return {"command": f"python -m pytest -q {' '.join(CUDA_TESTS)}", "returncode": result.returncode,
-            "summary": lines[-1] if lines else "", "seconds": round(time.time() - start, 1),
-            "failures": [line for line in lines if line.startswith(("FAILED", "ERROR"))]}
+    return {
+        "command": f"python -m pytest -q {' '.join(CUDA_TESTS)}",
+        "returncode": result.returncode,
+        "summary": lines[-1] if lines else "",
+        "seconds": round(time.time() - start, 1),
+        "failures": [line for line in lines if line.startswith(("FAILED", "ERROR"))],
+    }
 
 
 def check_implementations(device: torch.device) -> list[dict]:
@@ -75,8 +88,16 @@ def check_implementations(device: torch.device) -> list[dict]:
 def run_benchmark(dtype: str, quick: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.json"
-        command = [sys.executable, "tests/benchmarks/bench_ms_deform_attn.py", "--device", "cuda", "--dtype", dtype,
-                   "--json", str(out)] + (["--repeat", "3"] if quick else [])
+        command = [
+            sys.executable,
+            "tests/benchmarks/bench_ms_deform_attn.py",
+            "--device",
+            "cuda",
+            "--dtype",
+            dtype,
+            "--json",
+            str(out),
+        ] + (["--repeat", "3"] if quick else [])
         result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
         if result.returncode != 0 or not out.exists():
             return {"error": (result.stdout + result.stderr)[-3000:], "command": " ".join(command)}
@@ -103,6 +124,7 @@ def our_entry_points(device: torch.device) -> dict:
 
     def entry(name):
         return lambda v, s, st, loc, a, softmax: ms_deform_attn(v, s, st, loc, a, impl=name, softmax=softmax)
+
     return {f"ours_{name}": entry(name) for name in names}
 
 
@@ -120,11 +142,14 @@ def deformops_entry_points() -> tuple[str | None, dict]:
             if backend is None:
                 return msda(value, shapes, starts, loc, weights, method=method)
             return msda(value, shapes, starts, loc, weights, method=method, backend=backend)
+
         return call
 
-    return getattr(deformops, "__version__", None), {"deformops": entry(None),
-                                                      "deformops_triton": entry(Backend.TRITON),
-                                                      "deformops_cuda": entry(Backend.CUDA)}
+    return getattr(deformops, "__version__", None), {
+        "deformops": entry(None),
+        "deformops_triton": entry(Backend.TRITON),
+        "deformops_cuda": entry(Backend.CUDA),
+    }
 
 
 def _reference(value, shapes, starts, loc, weights, softmax):
@@ -153,6 +178,7 @@ def _timer(device: torch.device):
                 fn()
                 times.append(1000 * (time.perf_counter() - t))
         return statistics.median(times)
+
     return time_ms
 
 
@@ -169,16 +195,19 @@ def max_errors(fn, preset, dtype: torch.dtype, softmax: bool, device: torch.devi
     from model.ops.testing import forward_and_grads, max_relative_error
 
     inputs = presets.make_inputs(preset, device, dtype, softmax=softmax, location_dtype=location_dtype(dtype))
-    grad_output = torch.randn(preset.batch, preset.Lq, preset.M * preset.D, generator=torch.Generator().manual_seed(1),
-                              dtype=torch.float64)
+    grad_output = torch.randn(
+        preset.batch, preset.Lq, preset.M * preset.D, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    )
     actual = forward_and_grads(lambda *a: fn(*a, softmax), inputs, grad_output)
-    expected = forward_and_grads(lambda *a: _reference(*a, softmax),
-                                 [t.double() if t.is_floating_point() else t for t in inputs], grad_output)
+    expected = forward_and_grads(
+        lambda *a: _reference(*a, softmax), [t.double() if t.is_floating_point() else t for t in inputs], grad_output
+    )
     return {what: max_relative_error(a, e) for what, a, e in zip(RESULTS, actual, expected)}
 
 
-def measure(fn, preset, dtype: torch.dtype, softmax: bool, device: torch.device, repeat: int,
-            error_preset=None, warmup: int = 2) -> dict:
+def measure(
+    fn, preset, dtype: torch.dtype, softmax: bool, device: torch.device, repeat: int, error_preset=None, warmup: int = 2
+) -> dict:
     """forward and forward+backward time (median, ms), peak memory of forward+backward (CUDA), max errors."""
     from model.ops import presets
 
@@ -187,8 +216,9 @@ def measure(fn, preset, dtype: torch.dtype, softmax: bool, device: torch.device,
     def time_ms(fn_, repeat_):
         return timer(fn_, repeat_, warmup)
 
-    value, shapes, starts, loc, weights = presets.make_inputs(preset, device, dtype, softmax=softmax,
-                                                              location_dtype=location_dtype(dtype))
+    value, shapes, starts, loc, weights = presets.make_inputs(
+        preset, device, dtype, softmax=softmax, location_dtype=location_dtype(dtype)
+    )
     leaves = [t.detach().requires_grad_(True) for t in (value, loc, weights)]
     grad_output = torch.randn(preset.batch, preset.Lq, preset.M * preset.D, device=device, dtype=dtype)
 
@@ -214,9 +244,18 @@ def measure(fn, preset, dtype: torch.dtype, softmax: bool, device: torch.device,
     return row
 
 
-def side_by_side(device: torch.device, names=("encoder", "decoder"), dtypes=SIDE_BY_SIDE_DTYPES, methods=METHODS,
-                 batch: int = 4, repeat: int = 20, height: int = 800, width: int = 1333,
-                 entry_points: dict | None = None, warmup: int = 2) -> dict:
+def side_by_side(
+    device: torch.device,
+    names=("encoder", "decoder"),
+    dtypes=SIDE_BY_SIDE_DTYPES,
+    methods=METHODS,
+    batch: int = 4,
+    repeat: int = 20,
+    height: int = 800,
+    width: int = 1333,
+    entry_points: dict | None = None,
+    warmup: int = 2,
+) -> dict:
     """Ours and deformops (when installed) at the encoder and decoder presets of a ``height`` x ``width`` image:
     per implementation, preset, dtype and weight method, the times, peak memory and errors against the float64
     reference (measured at batch 1 of the same preset, to bound the reference's memory). Values, weights (or
@@ -228,9 +267,11 @@ def side_by_side(device: torch.device, names=("encoder", "decoder"), dtypes=SIDE
     entry_points = dict(our_entry_points(device) if entry_points is None else entry_points)
     try:
         version, theirs = deformops_entry_points()
-        record["deformops"] = {"installed": True, "version": version,
-                               "entry_point": "deformops.registry.msda(..., method=..., backend=None | "
-                                              "Backend.TRITON | Backend.CUDA)"}
+        record["deformops"] = {
+            "installed": True,
+            "version": version,
+            "entry_point": "deformops.registry.msda(..., method=..., backend=None | Backend.TRITON | Backend.CUDA)",
+        }
         entry_points.update(theirs)
     except ImportError as e:
         record["deformops"] = {"installed": False, "reason": str(e)}
@@ -244,18 +285,26 @@ def side_by_side(device: torch.device, names=("encoder", "decoder"), dtypes=SIDE
                 for impl, fn in entry_points.items():
                     row = {"impl": impl, "preset": name, "dtype": dtype_name, "method": method}
                     try:
-                        row.update(measure(fn, preset, dtype, method == "softmax", device, repeat, error_preset,
-                                           warmup))
+                        row.update(
+                            measure(fn, preset, dtype, method == "softmax", device, repeat, error_preset, warmup)
+                        )
                     except Exception as e:  # noqa: BLE001 - recorded; the other rows go on
                         row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
                     finally:
                         if device.type == "cuda":
                             torch.cuda.empty_cache()
                     record["rows"].append(row)
-                    print(f"   {impl:>17} {name:>8} {dtype_name:>9} {method:>7}: " + (
-                        row["error"] if "error" in row else
-                        f"forward {row['forward_ms']:.3f} ms, forward+backward {row['forward_backward_ms']:.3f} ms, "
-                        f"max error {max(row['max_errors'].values()):.1e}"), flush=True)
+                    print(
+                        f"   {impl:>17} {name:>8} {dtype_name:>9} {method:>7}: "
+                        + (
+                            row["error"]
+                            if "error" in row
+                            else f"forward {row['forward_ms']:.3f} ms, "
+                            f"forward+backward {row['forward_backward_ms']:.3f} ms, "
+                            f"max error {max(row['max_errors'].values()):.1e}"
+                        ),
+                        flush=True,
+                    )
     return record
 
 
@@ -269,8 +318,9 @@ def model_speed(device: torch.device, quick: bool) -> dict:
     iters = 5 if quick else 50
     record = {"fps": measure_run_speed(run_cfg, device=device, fixed_size=(800, 1199), iters=iters)}
     for amp in ("off", "bf16"):
-        record[f"train_step_amp_{amp}"] = measure_run_train_step(run_cfg, device=device, amp=amp,
-                                                                 iters=3 if quick else 10)
+        record[f"train_step_amp_{amp}"] = measure_run_train_step(
+            run_cfg, device=device, amp=amp, iters=3 if quick else 10
+        )
     return record
 
 
@@ -291,22 +341,40 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=4, help="batch of the side-by-side presets (default 4)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print("gpu_check: no GPU: torch.cuda.is_available() is False (torch "
-              f"{torch.__version__}, CUDA {torch.version.cuda}); nothing was checked. Run this on a machine with an "
-              "NVIDIA GPU.", file=sys.stderr)
+        print(
+            "gpu_check: no GPU: torch.cuda.is_available() is False (torch "
+            f"{torch.__version__}, CUDA {torch.version.cuda}); nothing was checked. Run this on a machine with an "
+            "NVIDIA GPU.",
+            file=sys.stderr,
+        )
         return NO_GPU
     device = torch.device("cuda", torch.cuda.current_device())
     name = device_name(device)
-    results = {"device": name, "capability": ".".join(map(str, torch.cuda.get_device_capability(device))),
-               **versions(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               "auto": {str(dt).removeprefix("torch."): implementation_info(device, dt)
-                        for dt in (torch.float32, torch.float16, torch.bfloat16)}}
+    results = {
+        "device": name,
+        "capability": ".".join(map(str, torch.cuda.get_device_capability(device))),
+        **versions(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "auto": {
+            str(dt).removeprefix("torch."): implementation_info(device, dt)
+            for dt in (torch.float32, torch.float16, torch.bfloat16)
+        },
+    }
     part(results, "tests", run_tests)
     part(results, "implementations", check_implementations, device)
     for dtype in ("float32", "bfloat16"):
         part(results, f"benchmark_{dtype}", run_benchmark, dtype, args.quick)
-    part(results, "side_by_side", side_by_side, device, ("encoder", "decoder"), SIDE_BY_SIDE_DTYPES, METHODS,
-         args.batch, 5 if args.quick else 20)
+    part(
+        results,
+        "side_by_side",
+        side_by_side,
+        device,
+        ("encoder", "decoder"),
+        SIDE_BY_SIDE_DTYPES,
+        METHODS,
+        args.batch,
+        5 if args.quick else 20,
+    )
     part(results, "model_speed", model_speed, device, args.quick)
     out = args.out or REPO / "reports" / "bench" / f"gpu_check_{re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

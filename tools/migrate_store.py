@@ -14,6 +14,7 @@ and the new ids, and its numbers are rewritten into today's records (:func:`spli
 upgraded config disagrees with today's resolution of its row on a field that changes its numbers is left
 where it is and named. Nothing is deleted; a target that already exists is never overwritten.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,7 @@ from harness.store.files import atomic_write_json, read_json  # noqa: E402
 from model.config import EVALUATION, MEASUREMENT, WEIGHTS  # noqa: E402
 
 LAST_SCHEMA_2 = "ec71d1d"
-Key = Tuple[str, str, str, int]            # experiment, row label, scale, seed
+Key = Tuple[str, str, str, int]  # experiment, row label, scale, seed
 
 _OLD_IDS = r"""
 import json, sys
@@ -66,11 +67,17 @@ def old_ids(commit: str, experiments: List[str]) -> Dict[Key, Tuple[str, str, st
             inside = os.path.relpath(path, REPOSITORY)
             then = os.path.join(tmp, inside)
             paths.append(then if not inside.startswith("..") and os.path.isfile(then) else path)
-        done = subprocess.run([sys.executable, "-c", _OLD_IDS, *paths], cwd=tmp, capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": tmp})
+        done = subprocess.run(
+            [sys.executable, "-c", _OLD_IDS, *paths],
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": tmp},
+        )
     if done.returncode != 0:
-        raise SystemExit(f"error: the code of {commit} could not expand {', '.join(experiments)}:\n"
-                         f"{done.stderr.strip()[-2000:]}")
+        raise SystemExit(
+            f"error: the code of {commit} could not expand {', '.join(experiments)}:\n{done.stderr.strip()[-2000:]}"
+        )
     return {(e, label, sc, int(seed)): (r, ev, m) for e, label, sc, seed, r, ev, m in json.loads(done.stdout)}
 
 
@@ -83,8 +90,22 @@ def upgrade_config(config: dict) -> dict:
     return config
 
 
-TRAINING_FACTS = ("run_id", "label", "seed", "scale", "dataset", "epochs_trained", "gpu_hours", "world_size", "device",
-                  "attn_impl", "backbone_weights", "commit", "date", "torch")
+TRAINING_FACTS = (
+    "run_id",
+    "label",
+    "seed",
+    "scale",
+    "dataset",
+    "epochs_trained",
+    "gpu_hours",
+    "world_size",
+    "device",
+    "attn_impl",
+    "backbone_weights",
+    "commit",
+    "date",
+    "torch",
+)
 DROPPED = ("gflops_min", "gflops_max", "num_inputs", "input_sizes", "device_type")
 
 
@@ -97,9 +118,23 @@ def _write(path: Path, data, dry: bool) -> None:
 def _done_status(path: Path, dry: bool) -> None:
     if not path.is_file():
         stamp = "1970-01-01T00:00:00Z"
-        _write(path, {"state": "done", "job_ids": [], "attempts": 0, "queued_at": None, "started_at": None,
-                      "finished_at": stamp, "updated_at": stamp, "reason": None, "log_tail": None, "host": None,
-                      "log_dir": None}, dry)
+        _write(
+            path,
+            {
+                "state": "done",
+                "job_ids": [],
+                "attempts": 0,
+                "queued_at": None,
+                "started_at": None,
+                "finished_at": stamp,
+                "updated_at": stamp,
+                "reason": None,
+                "log_tail": None,
+                "host": None,
+                "log_dir": None,
+            },
+            dry,
+        )
 
 
 def split_records(folder: Path, spec, dry: bool) -> List[str]:
@@ -107,12 +142,17 @@ def split_records(folder: Path, spec, dry: bool) -> List[str]:
     to the row's evaluation record, its parameters, FLOPs and FPS (and benchmark.json, a measurement made
     without training) to the measurement record; each number stays in the one record that produced it."""
     from harness.metrics import EVALUATED_FIELDS, MEASURED_FIELDS
+
     done = []
     cfg = spec.config
     training = read_json(folder / "metrics.json")
     measure_dir = folder / MEASUREMENTS / spec.measure_id
-    measurement_settings = {"benchmark": json.loads(json.dumps(dataclasses.asdict(cfg.benchmark))),
-                            "split": cfg.data.val_split, "eval_size": cfg.data.eval_size, "max_size": cfg.data.max_size}
+    measurement_settings = {
+        "benchmark": json.loads(json.dumps(dataclasses.asdict(cfg.benchmark))),
+        "split": cfg.data.val_split,
+        "eval_size": cfg.data.eval_size,
+        "max_size": cfg.data.max_size,
+    }
     benchmark = read_json(folder / "benchmark.json")
     if benchmark is not None:
         target = measure_dir / "metrics.json"
@@ -120,47 +160,86 @@ def split_records(folder: Path, spec, dry: bool) -> List[str]:
             done.append(f"{folder.name}/benchmark.json: a trained measurement is there; kept that one")
         else:
             size = (benchmark.get("gflops_input") or "").split("x")
-            record = {**{k: v for k, v in benchmark.items() if k not in DROPPED},
-                      "date": str(benchmark.get("date", ""))[:10] or None, "run_id": spec.run_id,
-                      "measure_id": spec.measure_id, "trained": False, "checkpoint_sha256": None, "gpu_hours": None,
-                      "fixed_size": [int(size[1]), int(size[2])] if len(size) == 3 and all(x.isdigit() for x in size[1:])
-                      else None, **measurement_settings}
+            record = {
+                **{k: v for k, v in benchmark.items() if k not in DROPPED},
+                "date": str(benchmark.get("date", ""))[:10] or None,
+                "run_id": spec.run_id,
+                "measure_id": spec.measure_id,
+                "trained": False,
+                "checkpoint_sha256": None,
+                "gpu_hours": None,
+                "fixed_size": [int(size[1]), int(size[2])]
+                if len(size) == 3 and all(x.isdigit() for x in size[1:])
+                else None,
+                **measurement_settings,
+            }
             _write(target, record, dry)
             _done_status(measure_dir / "status.json", dry)
             done.append(f"{folder.name}/benchmark.json -> {MEASUREMENTS}/{spec.measure_id}/")
         if not dry:
             (folder / "benchmark.json").unlink()
     if training is None or "AP" not in training and "params" not in training:
-        return done                         # no schema-2 training record here (or already split)
+        return done  # no schema-2 training record here (or already split)
     status = read_json(folder / "status.json") or {}
-    log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines() if line.strip()] \
-        if (folder / "log.jsonl").is_file() else []
+    log = (
+        [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines() if line.strip()]
+        if (folder / "log.jsonl").is_file()
+        else []
+    )
     last = [r for r in log if r.get("epoch") is not None][-1:] or [{}]
     e = cfg.eval
     facts = {k: training.get(k) for k in TRAINING_FACTS if k in training}
-    facts.update({k: v for k, v in last[0].items() if k.startswith("train_")}, attempts=status.get("attempts"),
-                 checkpoint_sha256=None, log_evaluation={
-                     "split": cfg.data.val_split, "eval_size": cfg.data.eval_size, "tta": e.tta,
-                     "tta_sizes": list(e.tta_sizes) if e.tta else None, "num_detections": e.num_detections,
-                     "eval_batch_size": e.batch_size_per_gpu or cfg.train.batch_size_per_gpu, "eval_id": spec.eval_id})
+    facts.update(
+        {k: v for k, v in last[0].items() if k.startswith("train_")},
+        attempts=status.get("attempts"),
+        checkpoint_sha256=None,
+        log_evaluation={
+            "split": cfg.data.val_split,
+            "eval_size": cfg.data.eval_size,
+            "tta": e.tta,
+            "tta_sizes": list(e.tta_sizes) if e.tta else None,
+            "num_detections": e.num_detections,
+            "eval_batch_size": e.batch_size_per_gpu or cfg.train.batch_size_per_gpu,
+            "eval_id": spec.eval_id,
+        },
+    )
     evaluation_path = folder / EVALUATIONS / spec.eval_id / "metrics.json"
     evaluation = read_json(evaluation_path) or {k: training[k] for k in EVALUATED_FIELDS if k in training}
-    evaluation.update(label=spec.label, num_images=training.get("num_images"), eval_size=cfg.data.eval_size,
-                      tta_sizes=list(e.tta_sizes) if e.tta else None, checkpoint_sha256=None,
-                      eval_batch_size=e.batch_size_per_gpu or cfg.train.batch_size_per_gpu,
-                      reused_training_evaluation="checkpoint" not in evaluation, torch=training.get("torch"),
-                      gpu_hours=evaluation.get("gpu_hours"), run_id=spec.run_id, eval_id=spec.eval_id)
+    evaluation.update(
+        label=spec.label,
+        num_images=training.get("num_images"),
+        eval_size=cfg.data.eval_size,
+        tta_sizes=list(e.tta_sizes) if e.tta else None,
+        checkpoint_sha256=None,
+        eval_batch_size=e.batch_size_per_gpu or cfg.train.batch_size_per_gpu,
+        reused_training_evaluation="checkpoint" not in evaluation,
+        torch=training.get("torch"),
+        gpu_hours=evaluation.get("gpu_hours"),
+        run_id=spec.run_id,
+        eval_id=spec.eval_id,
+    )
     measurement_path = measure_dir / "metrics.json"
-    measurement = read_json(measurement_path) or {k: v for k, v in training.items()
-                                              if k in MEASURED_FIELDS or k.startswith("fps_")}
-    measurement.update(label=spec.label, scale=spec.scale, trained=True, checkpoint_sha256=None, gpu_hours=None,
-                       run_id=spec.run_id, measure_id=spec.measure_id, **measurement_settings,
-                       **{k: training[k] for k in ("fps_details", "trivial_unsupported_ops") if k in training})
+    measurement = read_json(measurement_path) or {
+        k: v for k, v in training.items() if k in MEASURED_FIELDS or k.startswith("fps_")
+    }
+    measurement.update(
+        label=spec.label,
+        scale=spec.scale,
+        trained=True,
+        checkpoint_sha256=None,
+        gpu_hours=None,
+        run_id=spec.run_id,
+        measure_id=spec.measure_id,
+        **measurement_settings,
+        **{k: training[k] for k in ("fps_details", "trivial_unsupported_ops") if k in training},
+    )
     _write(evaluation_path, evaluation, dry)
     _write(measurement_path, measurement, dry)
     _write(folder / "metrics.json", facts, dry)
-    return done + [f"{folder.name}: training facts kept; AP -> {EVALUATIONS}/{spec.eval_id}, "
-                   f"params/FLOPs/FPS -> {MEASUREMENTS}/{spec.measure_id}"]
+    return done + [
+        f"{folder.name}: training facts kept; AP -> {EVALUATIONS}/{spec.eval_id}, "
+        f"params/FLOPs/FPS -> {MEASUREMENTS}/{spec.measure_id}"
+    ]
 
 
 def _rewrite_config(folder: Path, spec, dry: bool) -> List[str]:
@@ -194,8 +273,10 @@ def migrate(results: Path, experiments: List[str], commit: str, dry: bool = Fals
                 if old is None:
                     continue
                 pairs = [(runs / old[0], runs / spec.run_id)]
-                pairs += [(runs / spec.run_id / EVALUATIONS / old[1], runs / spec.run_id / EVALUATIONS / spec.eval_id),
-                          (runs / spec.run_id / MEASUREMENTS / old[2], runs / spec.run_id / MEASUREMENTS / spec.measure_id)]
+                pairs += [
+                    (runs / spec.run_id / EVALUATIONS / old[1], runs / spec.run_id / EVALUATIONS / spec.eval_id),
+                    (runs / spec.run_id / MEASUREMENTS / old[2], runs / spec.run_id / MEASUREMENTS / spec.measure_id),
+                ]
                 for source, target in pairs:
                     source = moved.get(source, source)
                     if source == target or not source.is_dir():

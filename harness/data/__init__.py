@@ -1,5 +1,6 @@
 """Datasets: COCO-format loading (:mod:`.coco`), the official transforms (:mod:`.transforms`) and the
 synthetic COCO-format set (:mod:`.synthetic`)."""
+
 import os
 from typing import Optional
 
@@ -17,8 +18,17 @@ from .coco import (
     split_paths,
 )
 
-__all__ = ["CocoDetection", "DatasetError", "DegenerateBoxWarning", "build_dataset", "collate_fn", "dataset_root",
-           "load_coco", "num_classes_of", "split_paths"]
+__all__ = [
+    "CocoDetection",
+    "DatasetError",
+    "DegenerateBoxWarning",
+    "build_dataset",
+    "collate_fn",
+    "dataset_root",
+    "load_coco",
+    "num_classes_of",
+    "split_paths",
+]
 
 
 def dataset_root(data_cfg, output_dir: Optional[str]) -> str:

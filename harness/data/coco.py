@@ -21,6 +21,7 @@ Problems in the files are found when the dataset is built, before any training s
   loader drops them (COCO 2017 train itself has a few). ``strict=True`` makes them an error.
 Crowd annotations (``iscrowd: 1``) are kept out of the targets; COCOeval uses them as ignore regions.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,7 +55,7 @@ class DegenerateBoxWarning(UserWarning):
 
 def split_paths(root: str, split: str):
     """(image folder, annotation file) of ``split`` under ``root``."""
-    if split.startswith("test"):     # test-dev2017 / test2017: image info only, images in test2017/
+    if split.startswith("test"):  # test-dev2017 / test2017: image info only, images in test2017/
         return os.path.join(root, "test2017"), os.path.join(root, "annotations", f"image_info_{split}.json")
     return os.path.join(root, split), os.path.join(root, "annotations", f"instances_{split}.json")
 
@@ -63,8 +64,11 @@ def _require(path, obj, key, kind, where):
     if not isinstance(obj, dict) or key not in obj:
         raise DatasetError(path, f"not a COCO annotation file: {where} has no {key!r}", key=key)
     if not isinstance(obj[key], kind):
-        raise DatasetError(path, f"not a COCO annotation file: {where}[{key!r}] is a "
-                                 f"{type(obj[key]).__name__}, expected a {kind.__name__}", key=key)
+        raise DatasetError(
+            path,
+            f"not a COCO annotation file: {where}[{key!r}] is a {type(obj[key]).__name__}, expected a {kind.__name__}",
+            key=key,
+        )
 
 
 def load_coco(ann_file: str) -> COCO:
@@ -77,8 +81,11 @@ def load_coco(ann_file: str) -> COCO:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DatasetError(ann_file, f"not a COCO annotation file: invalid JSON ({e})") from None
     if not isinstance(data, dict):
-        raise DatasetError(ann_file, f"not a COCO annotation file: top level is a {type(data).__name__}, "
-                                     "expected an object with 'images', 'annotations', 'categories'")
+        raise DatasetError(
+            ann_file,
+            f"not a COCO annotation file: top level is a {type(data).__name__}, "
+            "expected an object with 'images', 'annotations', 'categories'",
+        )
     _require(ann_file, data, "images", list, "the file")
     for i, img in enumerate(data["images"]):
         for key, kind in (("id", int), ("file_name", str), ("height", int), ("width", int)):
@@ -94,14 +101,22 @@ def load_coco(ann_file: str) -> COCO:
             for key, kind in (("id", int), ("image_id", int), ("category_id", int), ("bbox", list)):
                 _require(ann_file, ann, key, kind, f"annotations[{i}]")
             if len(ann["bbox"]) != 4:
-                raise DatasetError(ann_file, f"annotation id {ann['id']}: bbox {ann['bbox']} is not [x, y, w, h]",
-                                   key="bbox")
+                raise DatasetError(
+                    ann_file, f"annotation id {ann['id']}: bbox {ann['bbox']} is not [x, y, w, h]", key="bbox"
+                )
             if ann["image_id"] not in image_ids:
-                raise DatasetError(ann_file, f"annotation id {ann['id']}: image_id {ann['image_id']} is not in "
-                                             "'images'", key="image_id")
+                raise DatasetError(
+                    ann_file,
+                    f"annotation id {ann['id']}: image_id {ann['image_id']} is not in 'images'",
+                    key="image_id",
+                )
             if ann["category_id"] not in cat_ids:
-                raise DatasetError(ann_file, f"annotation id {ann['id']}: category_id {ann['category_id']} is not "
-                                             f"in 'categories' (ids {sorted(cat_ids)})", key="category_id")
+                raise DatasetError(
+                    ann_file,
+                    f"annotation id {ann['id']}: category_id {ann['category_id']} is not "
+                    f"in 'categories' (ids {sorted(cat_ids)})",
+                    key="category_id",
+                )
             ann.setdefault("iscrowd", 0)
             ann.setdefault("area", float(ann["bbox"][2] * ann["bbox"][3]))
         if any(c["id"] < 0 for c in data["categories"]):
@@ -168,8 +183,10 @@ class CocoDetection(torch.utils.data.Dataset):
         if self.degenerate:
             ids = [a["id"] for a in self.degenerate]
             shown = ", ".join(map(str, ids[:20])) + (f", ... ({len(ids)} in all)" if len(ids) > 20 else "")
-            message = (f"{ann_file}: {len(ids)} degenerate box(es) (zero/negative size or outside the image), "
-                       f"annotation ids: {shown}")
+            message = (
+                f"{ann_file}: {len(ids)} degenerate box(es) (zero/negative size or outside the image), "
+                f"annotation ids: {shown}"
+            )
             if strict:
                 raise DatasetError(ann_file, message.split(": ", 1)[1], key="bbox")
             warnings.warn(message + "; they are left out of the targets", DegenerateBoxWarning, stacklevel=2)
@@ -234,13 +251,21 @@ def check_root(root: Optional[str]) -> str:
     if not root:
         raise DatasetError("data.root", "no dataset root given (set data.root to the COCO folder)", key="root")
     if not os.path.isdir(root):
-        raise DatasetError(root, "dataset root not found (expected annotations/, train2017/, val2017/ in it)",
-                           key="root")
+        raise DatasetError(
+            root, "dataset root not found (expected annotations/, train2017/, val2017/ in it)", key="root"
+        )
     return root
 
 
-def build_dataset(root: str, split: str, train: bool, data_cfg=None, num_classes: Optional[int] = None,
-                  strict: bool = False, transforms="default") -> CocoDetection:
+def build_dataset(
+    root: str,
+    split: str,
+    train: bool,
+    data_cfg=None,
+    num_classes: Optional[int] = None,
+    strict: bool = False,
+    transforms="default",
+) -> CocoDetection:
     """The dataset of ``split`` under ``root`` with the official transforms of ``data_cfg``: training
     (``train``) at the scales of ``data.train_size``, evaluation at ``data.eval_size``.
 
@@ -252,13 +277,19 @@ def build_dataset(root: str, split: str, train: bool, data_cfg=None, num_classes
     if transforms == "default":
         kw = {}
         if data_cfg is not None:
-            kw = dict(size=data_cfg.train_size if train else data_cfg.eval_size, max_size=data_cfg.max_size,
-                      augmentation=data_cfg.augmentation)
+            kw = dict(
+                size=data_cfg.train_size if train else data_cfg.eval_size,
+                max_size=data_cfg.max_size,
+                augmentation=data_cfg.augmentation,
+            )
         transforms = T.make_transforms(train, **kw)
     dataset = CocoDetection(img_folder, ann_file, transforms=transforms, strict=strict)
     needed = num_classes_of(dataset.coco)
     if num_classes is not None and dataset.has_annotations and num_classes < needed:
-        raise DatasetError(ann_file, f"the largest category id is {needed - 1}, so the model needs "
-                                     f"num_classes >= {needed}; model.num_classes is {num_classes}",
-                           key="categories")
+        raise DatasetError(
+            ann_file,
+            f"the largest category id is {needed - 1}, so the model needs "
+            f"num_classes >= {needed}; model.num_classes is {num_classes}",
+            key="categories",
+        )
     return dataset

@@ -7,6 +7,7 @@ and the first image of each split has a crowd annotation (``iscrowd: 1``, RLE se
 are real JPEGs plus ``annotations/instances_<split>.json`` with the full COCO schema, read by the very
 same loader as COCO. Everything follows from the arguments: the same seed gives the same bytes.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,9 @@ def shape_polygon(shape: str, x: float, y: float, w: float, h: float):
     if shape == "rectangle":
         pts = [(0, 0), (1, 0), (1, 1), (0, 1)]
     elif shape == "ellipse":
-        pts = [(0.5 + 0.5 * math.cos(2 * math.pi * i / 32), 0.5 + 0.5 * math.sin(2 * math.pi * i / 32))
-               for i in range(32)]
+        pts = [
+            (0.5 + 0.5 * math.cos(2 * math.pi * i / 32), 0.5 + 0.5 * math.sin(2 * math.pi * i / 32)) for i in range(32)
+        ]
     elif shape == "triangle":
         pts = [(0.5, 0), (1, 1), (0, 1)]
     elif shape == "diamond":
@@ -81,7 +83,7 @@ def _draw_object(draw, rng, cat, size_class, width, height, boxes, fill_factor):
     hi = min(hi, math.sqrt(0.45 * width * height * fill_factor))
     if hi < lo:
         return None
-    side = rng.uniform(lo, hi) / math.sqrt(fill_factor)     # bbox side giving the wanted polygon area
+    side = rng.uniform(lo, hi) / math.sqrt(fill_factor)  # bbox side giving the wanted polygon area
     aspect = rng.uniform(0.75, 1.33)
     w, h = min(side * aspect, width - 3), min(side / aspect, height - 3)
     box = _place(rng, w, h, width, height, boxes)
@@ -92,9 +94,13 @@ def _draw_object(draw, rng, cat, size_class, width, height, boxes, fill_factor):
     draw.polygon(pts, fill=tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(colour, jitter)))
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
     x0, y0, x1, y1 = min(xs), min(ys), max(xs), max(ys)
-    return dict(category_id=cat_id, bbox=[round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
-                area=round(polygon_area(pts), 2), iscrowd=0,
-                segmentation=[[round(v, 2) for p in pts for v in p]]), box
+    return dict(
+        category_id=cat_id,
+        bbox=[round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+        area=round(polygon_area(pts), 2),
+        iscrowd=0,
+        segmentation=[[round(v, 2) for p in pts for v in p]],
+    ), box
 
 
 FILL = {"rectangle": 1.0, "ellipse": 0.78, "triangle": 0.5, "diamond": 0.5, "hexagon": 0.75, "cross": 5 / 9}
@@ -118,12 +124,16 @@ def _crowd(draw, rng, width, height, boxes):
     m[y0:y1, x0:x1] = 1
     rle = mask_utils.encode(m)
     rle["counts"] = rle["counts"].decode("ascii")
-    return dict(category_id=cat[0], bbox=[float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
-                area=float(mask_utils.area(rle)), iscrowd=1, segmentation=rle), box
+    return dict(
+        category_id=cat[0],
+        bbox=[float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+        area=float(mask_utils.area(rle)),
+        iscrowd=1,
+        segmentation=rle,
+    ), box
 
 
-def make_image(rng, width: int, height: int, num_objects: Tuple[int, int], size_classes: Sequence[str],
-               crowd: bool):
+def make_image(rng, width: int, height: int, num_objects: Tuple[int, int], size_classes: Sequence[str], crowd: bool):
     base = rng.randint(70, 170, size=3)
     pixels = base[None, None, :] + rng.normal(0, 14, size=(height, width, 3))
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
@@ -131,7 +141,7 @@ def make_image(rng, width: int, height: int, num_objects: Tuple[int, int], size_
     n = rng.randint(num_objects[0], num_objects[1] + 1)
     wanted = [size_classes[rng.randint(len(size_classes))] for _ in range(n)]
     order = {"large": 0, "medium": 1, "small": 2}
-    wanted.sort(key=order.get)          # large first, so smaller ones are never hidden
+    wanted.sort(key=order.get)  # large first, so smaller ones are never hidden
     anns, boxes = [], []
     if crowd:
         out = _crowd(draw, rng, width, height, boxes)
@@ -149,8 +159,16 @@ def make_image(rng, width: int, height: int, num_objects: Tuple[int, int], size_
     return image, anns
 
 
-def generate_split(root: str, split: str, num_images: int, image_size=(192, 256), seed: int = 0,
-                   num_objects=(2, 5), size_classes=("small", "medium", "large"), first_image_id: int = 1):
+def generate_split(
+    root: str,
+    split: str,
+    num_images: int,
+    image_size=(192, 256),
+    seed: int = 0,
+    num_objects=(2, 5),
+    size_classes=("small", "medium", "large"),
+    first_image_id: int = 1,
+):
     """Write ``<root>/<split>/*.jpg`` and ``<root>/annotations/instances_<split>.json``."""
     height, width = image_size
     rng = np.random.RandomState(seed)
@@ -162,13 +180,29 @@ def generate_split(root: str, split: str, num_images: int, image_size=(192, 256)
         file_name = f"{img_id:012d}.jpg"
         image, anns = make_image(rng, width, height, num_objects, size_classes, crowd=(i == 0))
         image.save(os.path.join(root, split, file_name), format="JPEG", quality=92)
-        images.append(dict(id=img_id, file_name=file_name, height=height, width=width, license=1,
-                           coco_url="", flickr_url="", date_captured="2021-01-01 00:00:00"))
+        images.append(
+            dict(
+                id=img_id,
+                file_name=file_name,
+                height=height,
+                width=width,
+                license=1,
+                coco_url="",
+                flickr_url="",
+                date_captured="2021-01-01 00:00:00",
+            )
+        )
         for k, ann in enumerate(anns):
             annotations.append(dict(id=img_id * 100 + k, image_id=img_id, **ann))
     data = dict(
-        info=dict(description=f"Synthetic COCO-format detection set ({split})", url="", version=str(VERSION),
-                  year=2021, contributor="harness.data.synthetic", date_created="2021-01-01"),
+        info=dict(
+            description=f"Synthetic COCO-format detection set ({split})",
+            url="",
+            version=str(VERSION),
+            year=2021,
+            contributor="harness.data.synthetic",
+            date_created="2021-01-01",
+        ),
         licenses=[dict(id=1, name="Public domain (generated)", url="")],
         images=images,
         annotations=annotations,
@@ -179,20 +213,26 @@ def generate_split(root: str, split: str, num_images: int, image_size=(192, 256)
     return data
 
 
-def generate(root: str, num_train: int = 32, num_val: int = 8, image_size=(192, 256), seed: int = 0,
-             **kwargs) -> str:
+def generate(root: str, num_train: int = 32, num_val: int = 8, image_size=(192, 256), seed: int = 0, **kwargs) -> str:
     """A synthetic ``train2017`` / ``val2017`` pair at ``root`` (made once: an existing complete set with
     the same parameters is reused). Written in a temporary folder and moved into place, so concurrent
     callers and interrupted runs never see half a dataset."""
-    params = dict(version=VERSION, num_train=num_train, num_val=num_val, image_size=list(image_size), seed=seed,
-                  **{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()})
+    params = dict(
+        version=VERSION,
+        num_train=num_train,
+        num_val=num_val,
+        image_size=list(image_size),
+        seed=seed,
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()},
+    )
     marker = os.path.join(root, "synthetic.json")
     if os.path.isfile(marker):
         with open(marker) as f:
             if json.load(f) == params:
                 return root
-        raise FileExistsError(f"{root} holds a synthetic set made with other parameters ({marker}); "
-                              "remove it or choose another folder")
+        raise FileExistsError(
+            f"{root} holds a synthetic set made with other parameters ({marker}); remove it or choose another folder"
+        )
     parent = os.path.dirname(os.path.abspath(root))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".synthetic-", dir=parent)
@@ -203,7 +243,7 @@ def generate(root: str, num_train: int = 32, num_val: int = 8, image_size=(192, 
             json.dump(params, f)
         try:
             os.rename(tmp, root)
-        except OSError:          # another process finished first (or root exists but is empty)
+        except OSError:  # another process finished first (or root exists but is empty)
             if os.path.isdir(root) and not os.listdir(root):
                 os.rmdir(root)
                 os.rename(tmp, root)
@@ -217,8 +257,13 @@ def generate(root: str, num_train: int = 32, num_val: int = 8, image_size=(192, 
 
 def generate_from_config(data_cfg, root: str) -> str:
     """The synthetic set a :class:`harness.config.DataConfig` describes, at ``root``."""
-    return generate(root, num_train=data_cfg.synthetic_train_images, num_val=data_cfg.synthetic_val_images,
-                    image_size=tuple(data_cfg.synthetic_image_size), seed=data_cfg.synthetic_seed)
+    return generate(
+        root,
+        num_train=data_cfg.synthetic_train_images,
+        num_val=data_cfg.synthetic_val_images,
+        image_size=tuple(data_cfg.synthetic_image_size),
+        seed=data_cfg.synthetic_seed,
+    )
 
 
 def summary(ann_file: str) -> Dict[str, int]:
@@ -229,9 +274,9 @@ def summary(ann_file: str) -> Dict[str, int]:
     for ann in data["annotations"]:
         if ann["iscrowd"]:
             out["crowd"] += 1
-        elif ann["area"] < 32 ** 2:
+        elif ann["area"] < 32**2:
             out["small"] += 1
-        elif ann["area"] < 96 ** 2:
+        elif ann["area"] < 96**2:
             out["medium"] += 1
         else:
             out["large"] += 1

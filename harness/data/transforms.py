@@ -13,6 +13,7 @@ that never stopped; ``data.num_workers`` changes nothing. Without ``rng`` (a tra
 own) they draw from the global :mod:`random`. No transform here draws from torch; one that needs to
 should seed a ``torch.Generator`` from ``rng.getrandbits(63)``, never use torch's global generator.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,6 +34,7 @@ OFFICIAL_CROP_RANGE = (384, 600)
 
 class SampleKey(NamedTuple):
     """What the training sampler yields for one sample: its dataset index and what seeds its augmentation."""
+
     index: int
     epoch: int
     seed: int
@@ -86,7 +88,8 @@ def hflip(image, target):
     if "boxes" in target:
         boxes = target["boxes"]
         target["boxes"] = boxes[:, [2, 1, 0, 3]] * torch.as_tensor([-1, 1, -1, 1]) + torch.as_tensor(
-            [width, 0, width, 0])
+            [width, 0, width, 0]
+        )
     return image, target
 
 
@@ -231,15 +234,19 @@ def make_transforms(train: bool, size: int = 800, max_size: int = 1333, augmenta
         raise ValueError(f"augmentation: got {augmentation!r}, expected 'official' or 'none'")
     scales = scaled(OFFICIAL_SCALES, size)
     crop_min, crop_max = scaled(OFFICIAL_CROP_RANGE, size)
-    return Compose([
-        RandomHorizontalFlip(),
-        RandomSelect(
-            RandomResize(scales, max_size=max_size),
-            Compose([
-                RandomResize(scaled(OFFICIAL_CROP_RESIZE, size)),
-                RandomSizeCrop(crop_min, crop_max),
+    return Compose(
+        [
+            RandomHorizontalFlip(),
+            RandomSelect(
                 RandomResize(scales, max_size=max_size),
-            ]),
-        ),
-        normalize,
-    ])
+                Compose(
+                    [
+                        RandomResize(scaled(OFFICIAL_CROP_RESIZE, size)),
+                        RandomSizeCrop(crop_min, crop_max),
+                        RandomResize(scales, max_size=max_size),
+                    ]
+                ),
+            ),
+            normalize,
+        ]
+    )

@@ -3,21 +3,26 @@
 A row may still write such a cell (as the paper prints it); it must then agree with what its configuration
 gives, or loading fails naming both. A cell no function here knows (``method``) is the row's own text.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, Mapping, Optional
 
 from harness.config import RunConfig
 
-BACKBONE_NAMES = {"resnet50": "ResNet-50", "resnet101": "ResNet-101", "resnext101_32x8d": "ResNeXt-101",
-                  "resnext101_64x4d": "ResNeXt-101"}
+BACKBONE_NAMES = {
+    "resnet50": "ResNet-50",
+    "resnet101": "ResNet-101",
+    "resnext101_32x8d": "ResNeXt-101",
+    "resnext101_64x4d": "ResNeXt-101",
+}
 NECK_NAMES = {"none": "w/o", "fpn": "FPN", "bifpn": "BiFPN"}
 
 
 def _k(cfg: RunConfig):
     m = cfg.model
     if m.arch != "deformable_detr":
-        return None                          # no sampling points: dense attention or no attention at all
+        return None  # no sampling points: dense attention or no attention at all
     return m.enc_n_points if m.enc_n_points == m.dec_n_points else f"{m.enc_n_points}/{m.dec_n_points}"
 
 
@@ -45,8 +50,9 @@ def _same(written: Any, derived: Any) -> bool:
     return written == derived or str(written) == str(derived)
 
 
-def derive_cells(columns, cells: Mapping[str, Any], cfg: RunConfig,
-                 fail: Callable[[str, str], None]) -> Dict[str, Optional[Any]]:
+def derive_cells(
+    columns, cells: Mapping[str, Any], cfg: RunConfig, fail: Callable[[str, str], None]
+) -> Dict[str, Optional[Any]]:
     """``cells`` with every column that :data:`DERIVED` knows filled from ``cfg`` (the full-scale config);
     ``fail(key, message)`` raises for a written cell that disagrees with it."""
     out = dict(cells)
@@ -56,7 +62,10 @@ def derive_cells(columns, cells: Mapping[str, Any], cfg: RunConfig,
         source, derive = DERIVED[column]
         value = derive(cfg)
         if column in cells and not _same(cells[column], value):
-            fail(f"cells.{column}", f"got {cells[column]!r}, but the row's configuration ({source}) gives "
-                 f"{value!r}; write {value!r} or leave the cell out (it is derived)")
+            fail(
+                f"cells.{column}",
+                f"got {cells[column]!r}, but the row's configuration ({source}) gives "
+                f"{value!r}; write {value!r} or leave the cell out (it is derived)",
+            )
         out[column] = value
     return out

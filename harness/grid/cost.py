@@ -1,4 +1,5 @@
 """What a run costs: training GPU-hours (V100-equivalent), for ``--dry-run`` (pure)."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -14,8 +15,12 @@ _HOURS_PER_EPOCH = {"deformable_detr": 6.5, "detr": 4.0, "faster_rcnn": 3.5}
 _BACKBONE_FACTOR = {"resnet50": 1.0, "resnet101": 1.45, "resnext101_32x8d": 2.4, "resnext101_64x4d": 2.4}
 
 
-def estimate_gpu_hours(cfg: RunConfig, paper_gpu_hours: Optional[float] = None,
-                       paper_epochs: Optional[float] = None, evaluation_only: bool = False) -> float:
+def estimate_gpu_hours(
+    cfg: RunConfig,
+    paper_gpu_hours: Optional[float] = None,
+    paper_epochs: Optional[float] = None,
+    evaluation_only: bool = False,
+) -> float:
     """Training GPU-hours of one run (V100-equivalent; 0 for smoke runs, which use no GPU).
 
     With the paper's total GPU-hours for the row, that number scaled by epochs / the paper's epochs.
@@ -42,4 +47,3 @@ def estimate_gpu_hours(cfg: RunConfig, paper_gpu_hours: Optional[float] = None,
     if m.arch == "deformable_detr":
         per_epoch *= {"none": 1.0, "fpn": 1.05, "bifpn": 1.1}[m.neck]
     return per_epoch * cfg.train.epochs
-

@@ -32,93 +32,87 @@ overrides come last (:func:`provenance` names the layer each value comes from). 
 come from the roles its fields declare (:mod:`harness.grid.identity`): rows that agree on everything that
 changes the weights share one training.
 """
+
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from harness.config import RunConfig
 from harness.grid.cells import derive_cells
-from harness.grid.feasibility import check_files, check_unique_name, find_experiment
-from harness.grid.identity import roles_of
+from harness.grid.feasibility import check_unique_name, find_experiment
+from harness.grid.overrides import parse_overrides
+from harness.grid.resolve import provenance, resolve
 from harness.grid.schema import (
     BASE,
     COMMAND_LINE,
     PLACES,
-    SECTION_CLASSES,
     SMOKE,
     ExperimentError,
     axes_rows,
     check_keys,
     check_sections,
-    coerce,
     combinations,
     expect,
-    hints,
     merge,
-    parse_overrides,
     read_yaml,
     reference_numbers,
     select_rows,
     unknown,
     yaml_line,
 )
-from harness.grid.validate import check_dataset, check_run_config, check_seeds
+from harness.grid.smoke import SMOKE_DEFAULTS, SMOKE_LAPTOP, SMOKE_SMALL, SmokeProfile
 from harness.metrics import PAPER_METRICS
-from model.config import ConfigError, ModelConfig, arch_defaults
 
-__all__ = ["Experiment", "Row", "SmokeProfile", "load_experiment", "resolve", "provenance", "row_provenance",
-           "find_experiment", "check_unique_name", "SMOKE_SMALL", "SMOKE_LAPTOP", "SMOKE_DEFAULTS", "SCALES"]
+__all__ = [
+    "Experiment",
+    "Row",
+    "SmokeProfile",
+    "load_experiment",
+    "resolve",
+    "provenance",
+    "row_provenance",
+    "find_experiment",
+    "check_unique_name",
+    "SMOKE_SMALL",
+    "SMOKE_LAPTOP",
+    "SMOKE_DEFAULTS",
+    "SCALES",
+]
 
-TOP_KEYS = ("name", "table", "caption", "description", "columns", "metrics", "reference_row", "base",
-            "rows", "axes", "smoke")
+TOP_KEYS = (
+    "name",
+    "table",
+    "caption",
+    "description",
+    "columns",
+    "metrics",
+    "reference_row",
+    "base",
+    "rows",
+    "axes",
+    "smoke",
+)
 ROW_KEYS = ("label", "cells", "overrides", "paper", "official", "cited", "notes")
 # Paper metrics an experiment may compare, in the units of paper_tables.yaml.
 SCALES = ("full", "smoke")
-
-# Any row at laptop scale: synthetic COCO-format data, a small transformer, one CPU process; small enough that
-# Table 2's six rows train, evaluate and measure in minutes on 2 CPU cores, large enough that the detector
-# learns the synthetic objects (non-zero AP after a few epochs). Two tiers:
-# - SMOKE_SMALL: a default the row's own overrides win over (a row with enc_layers: 3 keeps 3 layers);
-SMOKE_SMALL: Dict[str, Dict[str, Any]] = {
-    "model": {"hidden_dim": 64, "dim_feedforward": 128, "nheads": 8, "enc_layers": 1, "dec_layers": 2,
-              "num_queries": 30, "dropout": 0.0},
-}
-# - SMOKE_LAPTOP: what a laptop cannot do otherwise (COCO, ImageNet trunks, GPUs, 50-epoch schedules): it wins
-#   over the row, and --dry-run names every row setting it changes. An experiment's own ``smoke:`` section
-#   is of this tier too.
-SMOKE_LAPTOP: Dict[str, Dict[str, Any]] = {
-    "model": {"backbone": "resnet50", "pretrained_backbone": False, "backbone_weights": None},
-    "data": {"dataset": "synthetic", "root": None, "val_split": "val2017", "augmentation": "none",
-             "num_workers": 0, "train_size": 128, "eval_size": 128, "max_size": 160,
-             "synthetic_image_size": [128, 160], "synthetic_train_images": 32, "synthetic_val_images": 8},
-    "train": {"epochs": 12, "lr": 1.0e-3, "lr_backbone": 1.0e-4, "lr_drop": 10, "batch_size_per_gpu": 4,
-              "total_batch_size": 4, "accumulate_to_total": True, "amp": "off", "print_freq": 4,
-              "eval_every": 2},
-    "eval": {"eval_only": False, "checkpoint": None, "tta_sizes": [112, 128, 144]},
-    "benchmark": {"flops_images": 2, "fps_images": 4, "fps_warmup": 1, "precision": "fp32"},
-    "launcher": {"executor": "local", "partition": None, "nodes": 1, "gpus_per_node": 0,
-                 "tasks_per_node": 1, "cpus_per_task": 2, "mem_gb": None, "timeout_min": 60},
-}
-SMOKE_DEFAULTS = merge(SMOKE_SMALL, SMOKE_LAPTOP)     # the whole profile (what a row without overrides gets)
 
 
 @dataclass(frozen=True)
 class Row:
     label: str
-    cells: Mapping[str, Any]                 # descriptive columns as printed in the paper
-    paper: Mapping[str, Optional[float]]     # the paper's numbers for this row
-    overrides: Mapping[str, Any]             # nested, only what differs from the base
-    cited: bool = False                      # paper numbers only, never run
+    cells: Mapping[str, Any]  # descriptive columns as printed in the paper
+    paper: Mapping[str, Optional[float]]  # the paper's numbers for this row
+    overrides: Mapping[str, Any]  # nested, only what differs from the base
+    cited: bool = False  # paper numbers only, never run
     seeds: Tuple[int, ...] = ()
     notes: str = ""
-    configs: Mapping[str, RunConfig] = dataclasses.field(default_factory=dict)   # scale -> resolved
+    configs: Mapping[str, RunConfig] = dataclasses.field(default_factory=dict)  # scale -> resolved
     official: Mapping[str, Optional[float]] = dataclasses.field(default_factory=dict)  # official code's README
     # (dotted key, row value, smoke value): the row's settings the smoke profile's laptop tier replaces
     smoke_changes: Tuple[Tuple[str, Any, Any], ...] = ()
-    command_line: Mapping[str, Any] = dataclasses.field(default_factory=dict)   # nested: the overrides it got
+    command_line: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # nested: the overrides it got
 
 
 @dataclass(frozen=True)
@@ -131,10 +125,10 @@ class Experiment:
     metrics: Tuple[str, ...]
     rows: Tuple[Row, ...]
     smoke: bool = False
-    selected: Optional[Tuple[str, ...]] = None    # labels chosen with rows=...; None: all
-    reference_row: Optional[str] = None           # the row ablation deltas are measured against
+    selected: Optional[Tuple[str, ...]] = None  # labels chosen with rows=...; None: all
+    reference_row: Optional[str] = None  # the row ablation deltas are measured against
     description: str = ""
-    base: Mapping[str, Any] = dataclasses.field(default_factory=dict)   # as written (rows resolve over it)
+    base: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # as written (rows resolve over it)
     smoke_profile: Optional["SmokeProfile"] = None
 
     @property
@@ -148,8 +142,13 @@ class Experiment:
         raise KeyError(label)
 
 
-def load_experiment(path: str, smoke: bool = False, rows: Optional[Sequence[Union[str, int]]] = None,
-                    check_data: bool = True, overrides: Sequence[str] = ()) -> Experiment:
+def load_experiment(
+    path: str,
+    smoke: bool = False,
+    rows: Optional[Sequence[Union[str, int]]] = None,
+    check_data: bool = True,
+    overrides: Sequence[str] = (),
+) -> Experiment:
     """Load and validate an experiment file.
 
     ``smoke`` picks the scale :func:`expand` produces (both scales are always resolved and validated);
@@ -166,8 +165,9 @@ def load_experiment(path: str, smoke: bool = False, rows: Optional[Sequence[Unio
     check_keys(path, None, "", data, TOP_KEYS)
     for key in ("name", "rows"):
         if key not in data:
-            raise ExperimentError(path, None, key, "missing; expected " +
-                                  ("the experiment's name" if key == "name" else "a list of rows"))
+            raise ExperimentError(
+                path, None, key, "missing; expected " + ("the experiment's name" if key == "name" else "a list of rows")
+            )
     name = expect(path, None, "name", data["name"], str)
     if not name or any(c in name for c in "/\\ ") or name.startswith("."):
         raise ExperimentError(path, None, "name", f"got {name!r}, expected a folder-safe name")
@@ -178,19 +178,21 @@ def load_experiment(path: str, smoke: bool = False, rows: Optional[Sequence[Unio
     columns = tuple(str(c) for c in expect(path, None, "columns", data.get("columns", []), list))
     base = expect(path, BASE, "base", data.get("base") or {}, dict)
     check_sections(path, BASE, base)
-    smoke_profile = SmokeProfile(SMOKE_SMALL, merge(SMOKE_LAPTOP, expect(path, SMOKE, "smoke", data.get("smoke") or {},
-                                                                           dict)))
+    smoke_profile = SmokeProfile(
+        SMOKE_SMALL, merge(SMOKE_LAPTOP, expect(path, SMOKE, "smoke", data.get("smoke") or {}, dict))
+    )
     check_sections(path, SMOKE, smoke_profile.laptop)
 
     raw_rows = list(expect(path, None, "rows", data["rows"], list)) + axes_rows(path, data.get("axes"))
     if not raw_rows:
         raise ExperimentError(path, None, "rows", "empty; expected at least one row")
-    labels = [str(raw.get("label", f"rows[{i}]")) if isinstance(raw, dict) else f"rows[{i}]"
-              for i, raw in enumerate(raw_rows)]
+    labels = [
+        str(raw.get("label", f"rows[{i}]")) if isinstance(raw, dict) else f"rows[{i}]" for i, raw in enumerate(raw_rows)
+    ]
     selected = select_rows(path, rows, labels) if rows else None
     entries, selected = _sweep(raw_rows, labels, selected, cli_overrides, sweeps)
     parsed: List[Row] = []
-    for i, raw, row_cli, applies in entries:         # the data only of the rows selected
+    for i, raw, row_cli, applies in entries:  # the data only of the rows selected
         check = check_data and not smoke and applies
         try:
             parsed.append(_parse_row(path, i, raw, base, smoke_profile, columns, metrics, check, row_cli))
@@ -199,15 +201,27 @@ def load_experiment(path: str, smoke: bool = False, rows: Optional[Sequence[Unio
     labels = [row.label for row in parsed]
     for (i, *_), label in zip(entries, labels):
         if labels.count(label) > 1:
-            raise ExperimentError(path, label, "label", "given to two rows; expected unique labels",
-                                  yaml_line(path, ["rows", i, "label"]))
+            raise ExperimentError(
+                path, label, "label", "given to two rows; expected unique labels", yaml_line(path, ["rows", i, "label"])
+            )
     reference = data.get("reference_row")
     if reference is not None and reference not in labels:
         raise ExperimentError(path, None, "reference_row", unknown(reference, labels, "row"))
-    return Experiment(name=name, path=path, table=str(data.get("table", name)),
-                      caption=str(data.get("caption", "")), columns=columns, metrics=metrics,
-                      rows=tuple(parsed), smoke=smoke, selected=selected, reference_row=reference,
-                      description=str(data.get("description", "")), base=base, smoke_profile=smoke_profile)
+    return Experiment(
+        name=name,
+        path=path,
+        table=str(data.get("table", name)),
+        caption=str(data.get("caption", "")),
+        columns=columns,
+        metrics=metrics,
+        rows=tuple(parsed),
+        smoke=smoke,
+        selected=selected,
+        reference_row=reference,
+        description=str(data.get("description", "")),
+        base=base,
+        smoke_profile=smoke_profile,
+    )
 
 
 def _sweep(raw_rows, labels, selected, cli_overrides, sweeps):
@@ -250,13 +264,19 @@ def _blame(path, err: ExperimentError, base, smoke_profile, cli_overrides, check
 
 def _parse_row(path, index, raw, base, smoke_profile, columns, metrics, check_data, cli_overrides) -> Row:
     if not isinstance(raw, dict):
-        raise ExperimentError(path, f"rows[{index}]", None, f"expected a mapping, got {type(raw).__name__}",
-                              yaml_line(path, ["rows", index]))
+        raise ExperimentError(
+            path,
+            f"rows[{index}]",
+            None,
+            f"expected a mapping, got {type(raw).__name__}",
+            yaml_line(path, ["rows", index]),
+        )
     where = str(raw.get("label", f"rows[{index}]"))
     check_keys(path, where, "", raw, ROW_KEYS)
     if "label" not in raw:
-        raise ExperimentError(path, where, "label", "missing; expected a short name for the row",
-                              yaml_line(path, ["rows", index]))
+        raise ExperimentError(
+            path, where, "label", "missing; expected a short name for the row", yaml_line(path, ["rows", index])
+        )
     label = expect(path, where, "label", raw["label"], str)
     cells = expect(path, label, "cells", raw.get("cells") or {}, dict)
     check_keys(path, label, "cells.", cells, columns)
@@ -266,8 +286,9 @@ def _parse_row(path, index, raw, base, smoke_profile, columns, metrics, check_da
     notes = str(raw.get("notes", ""))
     if cited:
         if overrides:
-            raise ExperimentError(path, label, "overrides", "a cited row has the paper's numbers only; expected "
-                                  "no overrides")
+            raise ExperimentError(
+                path, label, "overrides", "a cited row has the paper's numbers only; expected no overrides"
+            )
         return Row(label, dict(cells), paper, {}, True, (), notes, {}, official)
     check_sections(path, label, overrides)
     full, seeds = resolve(path, label, base, overrides, None, check_data, cli_overrides)
@@ -276,11 +297,13 @@ def _parse_row(path, index, raw, base, smoke_profile, columns, metrics, check_da
     except ExperimentError as e:
         raise ExperimentError(path, label, e.key, f"with the smoke profile: {e.message}") from None
     if smoke_seeds != seeds or smoke.train.seed != full.train.seed:
-        raise ExperimentError(path, SMOKE, "train.seed", "the smoke profile cannot change a row's seeds; "
-                              "expected no train.seed in smoke:")
+        raise ExperimentError(
+            path, SMOKE, "train.seed", "the smoke profile cannot change a row's seeds; expected no train.seed in smoke:"
+        )
 
     def fail(key, message):
         raise ExperimentError(path, label, key, message, yaml_line(path, ["rows", index] + key.split(".")))
+
     # the written cells describe the row as written; a command-line override changes what is derived
     as_written = resolve(path, label, base, overrides, None, False)[0] if cli_overrides else full
     derive_cells(columns, cells, as_written, fail)
@@ -292,117 +315,6 @@ def _parse_row(path, index, raw, base, smoke_profile, columns, metrics, check_da
 
 
 # ------------------------------------------------------------------------------------------- resolving
-
-@dataclass(frozen=True)
-class SmokeProfile:
-    """The smoke profile of an experiment: ``small`` yields to a row's overrides, ``laptop`` does not."""
-    small: Mapping[str, Any]
-    laptop: Mapping[str, Any]
-
-    def changes(self, overrides: Mapping) -> Tuple[Tuple[str, Any, Any], ...]:
-        """(dotted key, the row's value, the smoke value) of each row setting the laptop tier replaces."""
-        found = []
-        for section, values in (overrides or {}).items():
-            for key, value in (values or {}).items():
-                forced = (self.laptop.get(section) or {}).get(key, _ABSENT)
-                # a scheduling field (launcher.nodes) changes no number: not worth a line
-                if forced is not _ABSENT and forced != value and roles_of(section, key):
-                    found.append((f"{section}.{key}", value, forced))
-        return tuple(found)
-
-
-_ABSENT = object()
-
-
-def resolve(path: str, label: str, base: Mapping, overrides: Mapping, smoke: Optional[SmokeProfile],
-            check_data: bool, cli_overrides: Mapping = ()) -> Tuple[RunConfig, Tuple[int, ...]]:
-    """base <- smoke profile's small tier <- row overrides <- smoke profile's laptop tier <- command-line
-    overrides, typed and validated; ``model`` starts from the defaults of the resolved ``arch``
-    (:meth:`ModelConfig.for_arch`). Returns the config and its seeds: ``train.seed`` may be a list (one run
-    per seed), the config then holds the first."""
-    merged = base if smoke is None else merge(base, smoke.small)
-    merged = merge(merged, overrides)
-    if smoke is not None:
-        merged = merge(merged, smoke.laptop)
-    merged = merge(merged, dict(cli_overrides))
-    seeds = check_seeds(path, label, (merged.get("train") or {}).get("seed"))
-    if seeds:
-        merged = merge(merged, {"train": {"seed": seeds[0]}})
-    sections = {}
-    for section, cls in SECTION_CLASSES.items():
-        values = dict(merged.get(section) or {})
-        if section == "model":
-            arch = values.get("arch", ModelConfig.arch)
-            if not isinstance(arch, str):
-                raise ExperimentError(path, label, "model.arch", f"got {arch!r}, expected a string")
-        typed = {k: coerce(path, label, f"{section}.{k}", v, hints(cls)[k]) for k, v in values.items()}
-        try:
-            sections[section] = ModelConfig.for_arch(**typed) if section == "model" else cls(**typed)
-        except ConfigError as e:
-            raise ExperimentError(path, label, f"{section}.{e.key}", e.message) from None
-    if sections["data"].root is not None:
-        sections["data"] = dataclasses.replace(sections["data"], root=os.path.expanduser(
-            os.path.expandvars(sections["data"].root)))
-    cfg = RunConfig(**sections)
-    try:
-        check_run_config(cfg)
-    except ConfigError as e:
-        raise ExperimentError(path, label, e.key, e.message) from None
-    if check_data:
-        check_dataset(path, label, cfg.data, training=not cfg.eval.eval_only)
-        check_files(path, label, cfg)
-    return cfg, seeds
-
-
-# where a resolved value comes from, in the order :func:`resolve` merges them (the last that sets it wins)
-DEFAULT, ARCH_DEFAULT, FROM_BASE, SMOKE_SMALL_TIER, FROM_ROW, SMOKE_LAPTOP_TIER, FROM_COMMAND_LINE = (
-    "default", "arch default", "base", "smoke profile (small)", "row", "smoke profile (laptop)", "command line")
-
-
-def provenance(base: Mapping, overrides: Mapping, smoke: Optional[SmokeProfile], cli_overrides: Mapping = (),
-               path: str = "", label: str = "") -> Dict[str, Tuple[Any, str]]:
-    """``{"section.field": (value, source)}`` for every field of a row's config: the value :func:`resolve`
-    gives it (typed; ``train.seed`` the list where one was given) and the layer it came from, in
-    :func:`resolve`'s order: the field's default or the arch's (:func:`~model.config.arch_defaults`) <- base
-    <- smoke profile's small tier <- the row <- its laptop tier (and the experiment's ``smoke:``) <- command
-    line. A mapping value merges key by key over the layers (source ``"base + row"``)."""
-    layers = [(FROM_BASE, base)] + ([(SMOKE_SMALL_TIER, smoke.small)] if smoke is not None else []) + \
-        [(FROM_ROW, overrides)] + ([(SMOKE_LAPTOP_TIER, smoke.laptop)] if smoke is not None else []) + \
-        [(FROM_COMMAND_LINE, dict(cli_overrides))]
-    given: Dict[str, Tuple[Any, str]] = {}
-    for source, layer in layers:
-        for section, values in (layer or {}).items():
-            if not isinstance(values, dict):            # merge() lets a non-mapping replace the whole section
-                given = {k: v for k, v in given.items() if not k.startswith(section + ".")}
-                continue
-            for name, value in values.items():
-                key = f"{section}.{name}"
-                before = given.get(key)
-                if isinstance(value, dict) and before is not None and isinstance(before[0], dict):
-                    value, source_here = merge(before[0], value), f"{before[1]} + {source}"
-                else:
-                    source_here = source
-                given[key] = (value, source_here)
-    arch = given.get("model.arch", (ModelConfig.arch, DEFAULT))[0]
-    out: Dict[str, Tuple[Any, str]] = {}
-    for section, cls in SECTION_CLASSES.items():
-        for f in dataclasses.fields(cls):
-            key = f"{section}.{f.name}"
-            if key in given:
-                value, source = given[key]
-                if key == "train.seed" and isinstance(value, list):
-                    value = list(check_seeds(path, label, value))
-                else:
-                    value = coerce(path, label, key, value, hints(cls)[f.name])
-            elif section == "model" and f.name != "arch" and f.name in arch_defaults(arch):
-                value, source = arch_defaults(arch)[f.name], ARCH_DEFAULT
-            else:
-                value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                source = DEFAULT
-            if key == "data.root" and value is not None:
-                value = os.path.expanduser(os.path.expandvars(value))
-            out[key] = (value, source)
-    return out
 
 
 def row_provenance(experiment: Experiment, label: str, scale: Optional[str] = None) -> Dict[str, Tuple[Any, str]]:

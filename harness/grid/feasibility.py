@@ -2,6 +2,7 @@
 queued), resources that cannot train it in reasonable time and settings that would silently do nothing
 (warnings, printed by --dry-run and at submission); and what an experiment asks of it: its file, found by
 name, and a name that no other experiment file has; and what a command asks of its paths."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -18,7 +19,7 @@ def check_files(path: str, label: str, cfg: RunConfig) -> None:
     """The files a full-scale run reads at its start (the dataset root is checked by
     :func:`harness.grid.validate.check_dataset`): a checkpoint to evaluate or start from."""
     checkpoint = cfg.eval.checkpoint
-    if is_url(checkpoint):              # a released file: fetched at submission (model.released)
+    if is_url(checkpoint):  # a released file: fetched at submission (model.released)
         try:
             expected_sha256(checkpoint, cfg.eval.checkpoint_sha256)
         except ReleasedCheckpointError as err:
@@ -26,9 +27,14 @@ def check_files(path: str, label: str, cfg: RunConfig) -> None:
         return
     local = os.path.expanduser(os.path.expandvars(checkpoint)) if checkpoint else None
     if local and not (os.path.isfile(local) or os.path.isfile(os.path.join(local, "config.json"))):
-        raise ExperimentError(path, label, "eval.checkpoint", f"{checkpoint!r} does not exist; expected a checkpoint "
-                              "file (an official release or one of ours), a Hugging Face folder (config.json and "
-                              "its weights) or a URL, that the jobs can read")
+        raise ExperimentError(
+            path,
+            label,
+            "eval.checkpoint",
+            f"{checkpoint!r} does not exist; expected a checkpoint "
+            "file (an official release or one of ours), a Hugging Face folder (config.json and "
+            "its weights) or a URL, that the jobs can read",
+        )
 
 
 def config_warnings(cfg: RunConfig) -> List[str]:
@@ -36,8 +42,10 @@ def config_warnings(cfg: RunConfig) -> List[str]:
     out = []
     t = cfg.train
     if cfg.data.dataset == "coco" and not cfg.eval.eval_only and cfg.launcher.gpus_per_node == 0:
-        out.append(f"launcher.gpus_per_node is 0: a COCO training ({t.epochs} epochs) on CPUs only would take "
-                   "months; set the GPUs per node (8 for the paper's setting), or use --smoke")
+        out.append(
+            f"launcher.gpus_per_node is 0: a COCO training ({t.epochs} epochs) on CPUs only would take "
+            "months; set the GPUs per node (8 for the paper's setting), or use --smoke"
+        )
     if not cfg.eval.eval_only and t.lr_schedule == "step" and t.lr_drop >= t.epochs:
         out.append(f"train.lr_drop is {t.lr_drop} but training lasts {t.epochs} epochs: the learning rate never drops")
     return out
@@ -48,14 +56,25 @@ def find_experiment(name_or_path: str, experiments_dir) -> str:
     ``experiments/table2.yaml``)."""
     if os.path.isfile(name_or_path):
         return name_or_path
-    for candidate in (os.path.join("experiments", f"{name_or_path}.yaml"),
-                      os.path.join(str(experiments_dir), f"{name_or_path}.yaml"), f"{name_or_path}.yaml"):
+    for candidate in (
+        os.path.join("experiments", f"{name_or_path}.yaml"),
+        os.path.join(str(experiments_dir), f"{name_or_path}.yaml"),
+        f"{name_or_path}.yaml",
+    ):
         if os.path.isfile(candidate):
             return candidate
-    known = sorted(f[:-5] for f in os.listdir(experiments_dir) if f.endswith(".yaml")) \
-        if os.path.isdir(experiments_dir) else []
-    raise ExperimentError(name_or_path, None, None, "no such file, and no experiment of that name in "
-                          f"{experiments_dir}; expected a YAML path or one of: {', '.join(known) or 'none'}")
+    known = (
+        sorted(f[:-5] for f in os.listdir(experiments_dir) if f.endswith(".yaml"))
+        if os.path.isdir(experiments_dir)
+        else []
+    )
+    raise ExperimentError(
+        name_or_path,
+        None,
+        None,
+        "no such file, and no experiment of that name in "
+        f"{experiments_dir}; expected a YAML path or one of: {', '.join(known) or 'none'}",
+    )
 
 
 def check_unique_name(experiment, experiments_dir) -> None:
@@ -73,12 +92,16 @@ def check_unique_name(experiment, experiments_dir) -> None:
             try:
                 data = read_yaml(other)
             except ExperimentError:
-                continue                       # not an experiment file (or a broken one): not this check's business
+                continue  # not an experiment file (or a broken one): not this check's business
             if data.get("name") == experiment.name and "rows" in data:
-                raise ExperimentError(experiment.path, None, "name", f"{experiment.name!r} is already the name of "
-                                      f"{other}: the two would share results/{experiment.name}/ and overwrite "
-                                      f"reports/{experiment.name}.*; give this experiment a name of its own")
-
+                raise ExperimentError(
+                    experiment.path,
+                    None,
+                    "name",
+                    f"{experiment.name!r} is already the name of "
+                    f"{other}: the two would share results/{experiment.name}/ and overwrite "
+                    f"reports/{experiment.name}.*; give this experiment a name of its own",
+                )
 
 
 def command_path_problem(results, reports=None, export=None, must_exist: bool = False) -> Optional[str]:
@@ -89,8 +112,10 @@ def command_path_problem(results, reports=None, export=None, must_exist: bool = 
     if results.exists() and not results.is_dir():
         return f"--results {results}: not a folder; expected the results store (a folder holding runs/<run_id>/)"
     if must_exist and not results.is_dir():
-        return (f"--results {results}: no such folder; expected the results store the rows were submitted to "
-                "(a folder holding runs/<run_id>/); a submission creates it")
+        return (
+            f"--results {results}: no such folder; expected the results store the rows were submitted to "
+            "(a folder holding runs/<run_id>/); a submission creates it"
+        )
     if reports is not None and Path(reports).is_file():
         return f"--reports {reports}: a file; expected a folder for the reports"
     if export is not None:

@@ -10,6 +10,7 @@ together: the effective total batch when accumulation does not fix it. A change 
 means bumps :data:`SCHEMA_VERSION`; a changed default is caught by comparing a run's stored config with
 today's resolution (:func:`differences`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,7 +25,7 @@ from harness.grid.schema import SECTION_CLASSES
 from harness.grid.validate import world_size
 from model.config import EVALUATION, MEASUREMENT, ROLES, WEIGHTS, ConfigError, field_roles
 
-SCHEMA_VERSION = 3           # 3: ids from declared roles, data.train_size, files by content, seeds per sample
+SCHEMA_VERSION = 3  # 3: ids from declared roles, data.train_size, files by content, seeds per sample
 Digest = Callable[[str], str]
 
 
@@ -62,9 +63,11 @@ def _json(value):
 @functools.lru_cache(maxsize=None)
 def _declarations(cls) -> Tuple[Tuple[str, dict, object], ...]:
     """(name, metadata, default) of each field of a config class."""
-    metadata = field_roles(cls)           # raises for a field without a role
-    return tuple((f.name, metadata[f.name], f.default if f.default is not dataclasses.MISSING else f.default_factory())
-                 for f in dataclasses.fields(cls))
+    metadata = field_roles(cls)  # raises for a field without a role
+    return tuple(
+        (f.name, metadata[f.name], f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        for f in dataclasses.fields(cls)
+    )
 
 
 def _canonical(meta: dict, value, section_cfg):
@@ -94,8 +97,11 @@ def identity(cfg: RunConfig, role: str, digest: Digest = file_digest) -> Dict[st
                 try:
                     value = digest(value)
                 except OSError as e:
-                    raise ConfigError(f"{section}.{name}", f"cannot read {value!r} ({e}); a file enters the ids "
-                                      "by its content, so it must be readable where the grid is planned") from None
+                    raise ConfigError(
+                        f"{section}.{name}",
+                        f"cannot read {value!r} ({e}); a file enters the ids "
+                        "by its content, so it must be readable where the grid is planned",
+                    ) from None
             out.setdefault(section, {})[name] = _json(value)
     if role == WEIGHTS and not cfg.train.accumulate_to_total:
         # without accumulation the total batch is what the processes hold together, which no field says
@@ -109,8 +115,9 @@ def _hash(doc: dict, length: int) -> str:
 
 def canonical_json(cfg: RunConfig, digest: Digest = file_digest) -> str:
     """The JSON the run id hashes: the schema version and the weights identity."""
-    return json.dumps({"schema": SCHEMA_VERSION, **identity(cfg, WEIGHTS, digest)}, sort_keys=True,
-                      separators=(",", ":"))
+    return json.dumps(
+        {"schema": SCHEMA_VERSION, **identity(cfg, WEIGHTS, digest)}, sort_keys=True, separators=(",", ":")
+    )
 
 
 def run_id(cfg: RunConfig, digest: Digest = file_digest) -> str:
@@ -171,4 +178,3 @@ def roles_of(section: str, name: str) -> Tuple[str, ...]:
         if field_name == name:
             return meta["roles"]
     raise KeyError(f"{section}.{name}")
-

@@ -4,6 +4,7 @@
 Every problem becomes one :class:`ExperimentError` that names the file, the row and the dotted key, with a
 suggestion for a misspelt key.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -16,8 +17,14 @@ import yaml
 from harness.config import BenchmarkConfig, DataConfig, EvalConfig, LauncherConfig, TrainConfig
 from model.config import ModelConfig
 
-SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig,
-                   "benchmark": BenchmarkConfig, "launcher": LauncherConfig}
+SECTION_CLASSES = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "benchmark": BenchmarkConfig,
+    "launcher": LauncherConfig,
+}
 
 
 # places in an experiment that are not rows, as ExperimentError's ``row``
@@ -29,8 +36,7 @@ class ExperimentError(Exception):
     """A problem in an experiment file: names the file (and the line, where known), the row and the dotted
     key. ``row`` is a row's label or one of :data:`PLACES` (the base, the smoke profile, the command line)."""
 
-    def __init__(self, path: str, row: Optional[str], key: Optional[str], message: str,
-                 line: Optional[int] = None):
+    def __init__(self, path: str, row: Optional[str], key: Optional[str], message: str, line: Optional[int] = None):
         where = [f"{path}:{line}" if line else str(path)]
         if row is not None:
             where.append(PLACES.get(row, f"row {row!r}"))
@@ -38,7 +44,6 @@ class ExperimentError(Exception):
             where.append(key)
         super().__init__(": ".join(where + [message]))
         self.path, self.row, self.key, self.message, self.line = str(path), row, key, message, line
-
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -50,8 +55,7 @@ def _construct_mapping(loader, node, deep=False):
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark)
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
         seen.add(key)
     return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
 
@@ -74,12 +78,10 @@ def read_yaml(path: str) -> dict:
         problem = getattr(e, "problem", None) or str(e)
         raise ExperimentError(path, None, None, f"YAML syntax error at {at}{problem}") from None
     if data is None:
-        raise ExperimentError(path, None, None, "the file is empty; expected a mapping with "
-                              "'name', 'base' and 'rows'")
+        raise ExperimentError(path, None, None, "the file is empty; expected a mapping with 'name', 'base' and 'rows'")
     if not isinstance(data, dict):
         raise ExperimentError(path, None, None, f"expected a mapping at the top level, got {type(data).__name__}")
     return data
-
 
 
 def yaml_line(path: str, keys: Sequence) -> Optional[int]:
@@ -103,81 +105,6 @@ def yaml_line(path: str, keys: Sequence) -> Optional[int]:
         else:
             break
     return line
-
-
-def parse_overrides(path: str, items: Sequence[str]) -> Tuple[dict, Dict[str, list]]:
-    """``["model.enc_n_points=8", "launcher.partition=gpu"]`` -> (nested overrides, sweeps); values read as
-    YAML (``true``, ``8``, ``[1, 4]``), keys checked against the config sections. A comma list outside
-    brackets and quotes (``model.enc_n_points=1,2,4``) is a sweep: ``{dotted key: [values]}``, one row per
-    value (:func:`combinations`); ``[1, 2]`` stays one list value (``train.seed=[1,2]``: seeds)."""
-    given: Dict[str, object] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or "." not in key:
-            raise ExperimentError(path, COMMAND_LINE, item, "expected SECTION.FIELD=VALUE, e.g. "
-                                  "model.enc_n_points=8 or launcher.partition=gpu")
-        pieces = _top_level_split(text)
-        if len(pieces) > 1 and not all(piece.strip() for piece in pieces):
-            raise ExperimentError(path, COMMAND_LINE, key, f"{text!r} has an empty item; expected VALUE,VALUE,... "
-                                  "(one row per value)")
-        values = [_read_value(path, key, piece) for piece in pieces]
-        given.pop(key, None)                                # the last one given wins, in the order given
-        given[key] = _Sweep(values) if len(pieces) > 1 else values[0]
-    nested: dict = {}
-    for key, value in given.items():
-        section, _, field = key.partition(".")
-        nested.setdefault(section, {})[field] = value
-    check_sections(path, COMMAND_LINE, nested)
-    sweeps = {}
-    for key, value in given.items():
-        if isinstance(value, _Sweep):
-            section, _, field = key.partition(".")
-            del nested[section][field]
-            sweeps[key] = _sweep_values(path, key, value, hints(SECTION_CLASSES[section])[field])
-    return nested, sweeps
-
-
-class _Sweep(list):
-    """The values of a comma list on the command line."""
-
-
-def _top_level_split(text: str) -> list:
-    """``1,2,[3, 4]`` -> ``["1", "2", "[3, 4]"]``: commas outside brackets, braces and quotes."""
-    pieces, depth, quote, start = [], 0, None, 0
-    for i, c in enumerate(text):
-        if quote:
-            quote = None if c == quote else quote
-        elif c in "'\"":
-            quote = c
-        elif c in "[{":
-            depth += 1
-        elif c in "]}":
-            depth -= 1
-        elif c == "," and depth == 0:
-            pieces.append(text[start:i])
-            start = i + 1
-    return pieces + [text[start:]]
-
-
-def _read_value(path, key, text):
-    try:
-        return yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError as e:
-        raise ExperimentError(path, COMMAND_LINE, key, f"cannot read the value {text!r} ({e})") from None
-
-
-def _sweep_values(path, key, values: list, tp) -> list:
-    """A sweep's values: distinct, and lists for a list-valued field (``128,160`` there is ambiguous)."""
-    for i, value in enumerate(values):
-        if value in values[:i]:
-            raise ExperimentError(path, COMMAND_LINE, key, f"{value!r} is given twice in the comma list; "
-                                  "expected distinct values (one row per value)")
-    listed = get_origin(tp) in (tuple, Tuple) or any(get_origin(a) in (tuple, Tuple) for a in get_args(tp))
-    if listed and not all(isinstance(v, (list, dict)) for v in values):
-        raise ExperimentError(path, COMMAND_LINE, key, "takes a list, and a comma list outside brackets sweeps "
-                              "one row per value; expected [a, b] for one value, or [a, b],[c, d] to sweep")
-    return list(values)
 
 
 def combinations(axes: Mapping[str, list]) -> List[Tuple[str, dict]]:
@@ -204,8 +131,9 @@ def axes_rows(path, axes) -> List[dict]:
     axes = expect(path, None, "axes", axes, dict)
     for key in axes:
         if "." not in key or key.split(".", 1)[0] not in SECTION_CLASSES:
-            raise ExperimentError(path, None, f"axes.{key}",
-                                  "expected a dotted key SECTION.FIELD, e.g. model.enc_n_points")
+            raise ExperimentError(
+                path, None, f"axes.{key}", "expected a dotted key SECTION.FIELD, e.g. model.enc_n_points"
+            )
         if not expect(path, None, f"axes.{key}", axes[key], list):
             raise ExperimentError(path, None, f"axes.{key}", "empty; expected at least one value")
     return [{"label": label, "overrides": overrides} for label, overrides in combinations(axes)]
@@ -232,16 +160,19 @@ def unknown(key, valid: Sequence[str], what: str = "key") -> str:
 
 
 # keys of earlier versions, and where what they said is written now
-MOVED = {"seeds": "the seeds are one input now: overrides: {train: {seed: [1, 2, 3]}}",
-         "launcher.seeds": "the seeds are one input now: train.seed: [1, 2, 3]"}
+MOVED = {
+    "seeds": "the seeds are one input now: overrides: {train: {seed: [1, 2, 3]}}",
+    "launcher.seeds": "the seeds are one input now: train.seed: [1, 2, 3]",
+}
 
 
 def check_keys(path, row, prefix, mapping: Mapping, valid: Sequence[str]) -> None:
     for key in mapping:
         if key not in valid:
             moved = MOVED.get(f"{prefix}{key}")
-            raise ExperimentError(path, row, f"{prefix}{key}", f"no longer a key; {moved}" if moved
-                                  else unknown(key, valid))
+            raise ExperimentError(
+                path, row, f"{prefix}{key}", f"no longer a key; {moved}" if moved else unknown(key, valid)
+            )
 
 
 def check_sections(path, row, overrides: Mapping) -> None:
@@ -251,13 +182,20 @@ def check_sections(path, row, overrides: Mapping) -> None:
         if values is None:
             continue
         if not isinstance(values, dict):
-            raise ExperimentError(path, row, section, f"expected a mapping of {section} fields, "
-                                  f"got {type(values).__name__}")
+            raise ExperimentError(
+                path, row, section, f"expected a mapping of {section} fields, got {type(values).__name__}"
+            )
         check_keys(path, row, f"{section}.", values, tuple(hints(SECTION_CLASSES[section])))
 
 
-_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-               list: "a list", dict: "a mapping"}
+_TYPE_NAMES = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "a list",
+    dict: "a mapping",
+}
 
 
 def expect(path, row, key, value, tp):
@@ -274,8 +212,9 @@ def coerce(path, row, key, value, tp):
     try:
         return _coerce_value(value, tp)
     except _Mismatch:
-        raise ExperimentError(path, row, key, f"got {value!r} ({type(value).__name__}), "
-                              f"expected {_describe(tp)}") from None
+        raise ExperimentError(
+            path, row, key, f"got {value!r} ({type(value).__name__}), expected {_describe(tp)}"
+        ) from None
 
 
 def _coerce_value(value, tp):
@@ -293,7 +232,7 @@ def _coerce_value(value, tp):
     if origin in (tuple, Tuple):
         if not isinstance(value, (list, tuple)):
             if isinstance(value, dict) and len(args) == 2 and args[1] is Ellipsis:
-                value = [list(item) for item in value.items()]   # mapping -> (key, value) pairs
+                value = [list(item) for item in value.items()]  # mapping -> (key, value) pairs
             else:
                 raise _Mismatch
         if len(args) == 2 and args[1] is Ellipsis:
@@ -312,7 +251,7 @@ def _coerce_value(value, tp):
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str):     # YAML 1.1 reads 2e-4 (no dot) as a string
+        if isinstance(value, str):  # YAML 1.1 reads 2e-4 (no dot) as a string
             try:
                 return float(value)
             except ValueError:
@@ -357,8 +296,9 @@ def select_rows(path, rows: Sequence[Union[str, int]], labels: List[str]) -> Tup
         elif isinstance(item, int) or str(item).isdigit():
             index = int(item)
             if not 0 <= index < len(labels):
-                raise ExperimentError(path, None, "rows", f"no row {index}; expected an index from 0 to "
-                                      f"{len(labels) - 1} or a label")
+                raise ExperimentError(
+                    path, None, "rows", f"no row {index}; expected an index from 0 to {len(labels) - 1} or a label"
+                )
             chosen.append(labels[index])
         else:
             raise ExperimentError(path, str(item), None, "no such row; " + unknown(item, labels, "row"))

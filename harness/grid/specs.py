@@ -4,6 +4,7 @@ but for reading the bytes of a file a config names).
 Rows whose configs agree on every field that changes the weights share one training; an unchanged row is
 never trained twice.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,8 +21,8 @@ from harness.grid.identity import Digest, file_digest, ids
 from harness.grid.schema import SECTION_CLASSES, ExperimentError, coerce, hints
 from model.config import ConfigError
 
-EVALUATIONS = "evaluations"      # run folder -> evaluations/<eval_id>/
-MEASUREMENTS = "measurements"    # run folder -> measurements/<measure_id>/
+EVALUATIONS = "evaluations"  # run folder -> evaluations/<eval_id>/
+MEASUREMENTS = "measurements"  # run folder -> measurements/<measure_id>/
 KINDS = ("train", "evaluate", "measure")
 
 
@@ -35,8 +36,8 @@ class RunSpec:
     scale: str
     paper: Mapping[str, Optional[float]]
     row_index: int
-    eval_id: str = ""               # the evaluation of the run's checkpoint this row reports
-    measure_id: str = ""            # the measurement of the run's model this row reports
+    eval_id: str = ""  # the evaluation of the run's checkpoint this row reports
+    measure_id: str = ""  # the measurement of the run's model this row reports
     overrides: Tuple[str, ...] = ()  # the command-line overrides its row got (SECTION.FIELD=VALUE), recorded
 
     @property
@@ -69,8 +70,21 @@ def expand(experiment: Experiment, scale: Optional[str] = None, digest: Digest =
                 run, evaluation, measurement = ids(resolved, digest)
             except ConfigError as e:
                 raise ExperimentError(experiment.path, row.label, e.key, e.message) from None
-            specs.append(RunSpec(experiment.name, row.label, seed, resolved, run, scale, row.paper, index,
-                                 evaluation, measurement, override_strings(row.command_line)))
+            specs.append(
+                RunSpec(
+                    experiment.name,
+                    row.label,
+                    seed,
+                    resolved,
+                    run,
+                    scale,
+                    row.paper,
+                    index,
+                    evaluation,
+                    measurement,
+                    override_strings(row.command_line),
+                )
+            )
     return specs
 
 
@@ -113,8 +127,13 @@ def config_from_dict(d: Mapping) -> RunConfig:
     sections = {}
     for section, cls in SECTION_CLASSES.items():
         values = dict(d.get(section) or {})
-        sections[section] = cls(**{k: coerce("config.yaml", None, f"{section}.{k}", v, hints(cls)[k])
-                                   for k, v in values.items() if k in hints(cls)})
+        sections[section] = cls(
+            **{
+                k: coerce("config.yaml", None, f"{section}.{k}", v, hints(cls)[k])
+                for k, v in values.items()
+                if k in hints(cls)
+            }
+        )
     return RunConfig(**sections)
 
 
@@ -132,7 +151,7 @@ def runs_elsewhere(experiment: Experiment, experiments_dir) -> Dict[str, List[Tu
         try:
             other = load_experiment(other_path, smoke=experiment.smoke, check_data=False)
         except ExperimentError:
-            continue                             # not an experiment file, or a broken one: says so when used
+            continue  # not an experiment file, or a broken one: says so when used
         for spec in expand(other):
             if spec.run_id in mine:
                 found.setdefault(spec.run_id, []).append((other.name, spec.label))
@@ -151,5 +170,8 @@ def collapsed_at_smoke(experiment: Experiment) -> Dict[str, List[str]]:
         labels = groups.setdefault(spec.run_id, [])
         if spec.label not in labels:
             labels.append(spec.label)
-    return {run: labels for run, labels in groups.items()
-            if len(labels) > 1 and len({frozenset(full[label]) for label in labels}) > 1}
+    return {
+        run: labels
+        for run, labels in groups.items()
+        if len(labels) > 1 and len({frozenset(full[label]) for label in labels}) > 1
+    }

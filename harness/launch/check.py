@@ -12,6 +12,7 @@ what :func:`expected_state` computes. Like the training engine, it stops after a
 submits one such job and prints its result: a quick check that SLURM, submitit, the code snapshot and
 torch.distributed work together on a cluster.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,6 +34,7 @@ STATE_SIZE = 4
 
 def _draw(seed: int, epoch: int, rank: int):
     import torch
+
     g = torch.Generator().manual_seed(seed * 100003 + epoch * 101 + rank)
     return torch.rand(STATE_SIZE, generator=g, dtype=torch.float64)
 
@@ -40,6 +42,7 @@ def _draw(seed: int, epoch: int, rank: int):
 def expected_state(seed: int, epochs: int, world_size: int) -> List[float]:
     """The final state of an uninterrupted run, computed here without any process group."""
     import torch
+
     state = torch.zeros(STATE_SIZE, dtype=torch.float64)
     for epoch in range(epochs):
         total = sum(_draw(seed, epoch, rank) for rank in range(world_size))
@@ -58,10 +61,23 @@ def task_info(spec: Any) -> Dict[str, Any]:
     """What a task sees: its ranks and rendezvous (as exported by the launcher), code and folders."""
     if isinstance(spec, dict) and spec.get("fail"):
         raise ValueError(f"asked to fail: {spec['fail']}")
-    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-            "HARNESS_CODE_SNAPSHOT", "HARNESS_SUBMIT_CWD")
-    return {"spec": spec, "env": {k: os.environ.get(k) for k in keys}, "cwd": os.getcwd(),
-            "module": __file__, "pid": os.getpid()}
+    keys = (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "HARNESS_CODE_SNAPSHOT",
+        "HARNESS_SUBMIT_CWD",
+    )
+    return {
+        "spec": spec,
+        "env": {k: os.environ.get(k) for k in keys},
+        "cwd": os.getcwd(),
+        "module": __file__,
+        "pid": os.getpid(),
+    }
 
 
 def toy_train(spec: Dict[str, Any]) -> Dict[str, Any]:
@@ -74,8 +90,9 @@ def toy_train(spec: Dict[str, Any]) -> Dict[str, Any]:
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size > 1:
-        dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(minutes=5))
+        dist.init_process_group(
+            "gloo", init_method="env://", rank=rank, world_size=world_size, timeout=datetime.timedelta(minutes=5)
+        )
     try:
         ckpt = out / "checkpoint.pt"
         state = torch.zeros(STATE_SIZE, dtype=torch.float64)
@@ -84,11 +101,18 @@ def toy_train(spec: Dict[str, Any]) -> Dict[str, Any]:
             saved = torch.load(ckpt, weights_only=True)
             state, start = saved["state"], int(saved["epoch"]) + 1
         if rank == 0:
-            _append(out / "attempts.jsonl", {"start_epoch": start, "world_size": world_size,
-                                             "job_id": os.environ.get("SLURM_JOB_ID"),
-                                             "restarts": os.environ.get("SLURM_RESTART_COUNT", "0"),
-                                             "code": os.environ.get("HARNESS_CODE_SNAPSHOT"),
-                                             "module": __file__, "time": time.time()})
+            _append(
+                out / "attempts.jsonl",
+                {
+                    "start_epoch": start,
+                    "world_size": world_size,
+                    "job_id": os.environ.get("SLURM_JOB_ID"),
+                    "restarts": os.environ.get("SLURM_RESTART_COUNT", "0"),
+                    "code": os.environ.get("HARNESS_CODE_SNAPSHOT"),
+                    "module": __file__,
+                    "time": time.time(),
+                },
+            )
         for epoch in range(start, int(spec["epochs"])):
             time.sleep(float(spec.get("sleep_s", 0.0)))
             x = _draw(int(spec["seed"]), epoch, rank)
@@ -109,10 +133,17 @@ def toy_train(spec: Dict[str, Any]) -> Dict[str, Any]:
                 raise SystemExit(f"stopped on request after epoch {epoch}")
             if world_size > 1:
                 dist.barrier()
-        return {"state": state.tolist(), "world_size": world_size, "rank": rank, "start_epoch": start,
-                "epochs": int(spec["epochs"]), "cwd": os.getcwd(), "module": __file__,
-                "master": f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}",
-                "node": os.environ.get("SLURMD_NODENAME")}
+        return {
+            "state": state.tolist(),
+            "world_size": world_size,
+            "rank": rank,
+            "start_epoch": start,
+            "epochs": int(spec["epochs"]),
+            "cwd": os.getcwd(),
+            "module": __file__,
+            "master": f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}",
+            "node": os.environ.get("SLURMD_NODENAME"),
+        }
     finally:
         if world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -128,12 +159,26 @@ def main(argv: List[str] = None) -> int:
     parser.add_argument("--timeout-min", type=int, default=10)
     args = parser.parse_args(argv)
     root = Path(args.dir).resolve()
-    cfg = LauncherConfig(partition=args.partition, gpus_per_node=0, tasks_per_node=args.tasks, cpus_per_task=1,
-                         timeout_min=args.timeout_min, mem_gb=None)
+    cfg = LauncherConfig(
+        partition=args.partition,
+        gpus_per_node=0,
+        tasks_per_node=args.tasks,
+        cpus_per_task=1,
+        timeout_min=args.timeout_min,
+        mem_gb=None,
+    )
     spec = {"out_dir": str(root / f"run-{int(time.time())}"), "epochs": args.epochs, "seed": 0, "sleep_s": 1.0}
-    from harness.launch.check import toy_train as fn   # by reference (not __main__), so the snapshot runs it
-    (job,) = submit([spec], fn, cfg, root / "logs", executor=args.executor,
-                           job_name="launch-check", snapshot_root=root / ".snapshots")
+    from harness.launch.check import toy_train as fn  # by reference (not __main__), so the snapshot runs it
+
+    (job,) = submit(
+        [spec],
+        fn,
+        cfg,
+        root / "logs",
+        executor=args.executor,
+        job_name="launch-check",
+        snapshot_root=root / ".snapshots",
+    )
     print(f"submitted {job.job_id}; waiting", flush=True)
     ((outcome, value),) = wait([job], timeout_s=args.timeout_min * 60)
     if outcome != "success":

@@ -1,5 +1,6 @@
 """The process environment of jobs: submitit's job environment exported as torch.distributed's env://
 variables (the one place that does it), and the variables a submission must not pass on to its jobs."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,9 +17,17 @@ import submitit
 ENV_WORKDIR = "HARNESS_SUBMIT_CWD"
 ENV_SNAPSHOT = "HARNESS_CODE_SNAPSHOT"
 
-_JOB_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
-                  ENV_WORKDIR, ENV_SNAPSHOT)
-_KEPT_VARIABLES = ("SLURM_CONF",)     # where the cluster's config is: a property of the cluster, not of a job
+_JOB_VARIABLES = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    ENV_WORKDIR,
+    ENV_SNAPSHOT,
+)
+_KEPT_VARIABLES = ("SLURM_CONF",)  # where the cluster's config is: a property of the cluster, not of a job
 
 
 @contextmanager
@@ -26,9 +35,12 @@ def without_job_variables() -> Iterator[None]:
     """Submitting from inside a job (an interactive allocation, a job that submits the next step):
     the new jobs must not inherit this job's SLURM_*, submitit and rank variables (sbatch would take
     SLURM_* settings as its own). User defaults for sbatch (SBATCH_*) stay."""
-    hidden = {k: os.environ.pop(k) for k in list(os.environ)
-              if k not in _KEPT_VARIABLES and (k.startswith(("SLURM_", "SLURMD_", "SRUN_", "SUBMITIT_"))
-                                               or k in _JOB_VARIABLES)}
+    hidden = {
+        k: os.environ.pop(k)
+        for k in list(os.environ)
+        if k not in _KEPT_VARIABLES
+        and (k.startswith(("SLURM_", "SLURMD_", "SRUN_", "SUBMITIT_")) or k in _JOB_VARIABLES)
+    }
     try:
         yield
     finally:
@@ -52,7 +64,6 @@ def environment_for_local_jobs(snapshot_dir: Optional[Path], workdir: Path) -> I
             os.environ.pop("PYTHONPATH", None)
         else:
             os.environ["PYTHONPATH"] = old_path
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +120,7 @@ def master_addr_for(hostnames: List[str]) -> str:
     addr = slurm_node_addr(first)
     if addr and addr != first:
         return addr
-    launch = os.environ.get("SLURM_LAUNCH_NODE_IPADDR")      # the batch step's node: the job's first
+    launch = os.environ.get("SLURM_LAUNCH_NODE_IPADDR")  # the batch step's node: the job's first
     return launch or first
 
 
@@ -124,25 +135,40 @@ def distributed_env_from_submitit(export: bool = True) -> DistributedEnv:
     except RuntimeError:
         job_env = None
     if job_env is None:
-        env = DistributedEnv(rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)),
-                             local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-                             local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
-                             master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                             master_port=int(os.environ.get("MASTER_PORT", 29500)))
+        env = DistributedEnv(
+            rank=int(os.environ.get("RANK", 0)),
+            world_size=int(os.environ.get("WORLD_SIZE", 1)),
+            local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+            local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+            master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(os.environ.get("MASTER_PORT", 29500)),
+        )
     else:
         num_tasks = job_env.num_tasks
         hostnames = list(job_env.hostnames) or ["127.0.0.1"]
         if num_tasks > 1:
             master_addr = master_addr_for(hostnames)
-        else:        # a single task: no rendezvous over the network
+        else:  # a single task: no rendezvous over the network
             master_addr = hostnames[0] if _resolves(hostnames[0]) else "127.0.0.1"
         port_id = os.environ.get("SLURM_JOB_ID") if getattr(job_env, "cluster", None) == "slurm" else None
-        env = DistributedEnv(rank=job_env.global_rank, world_size=num_tasks, local_rank=job_env.local_rank,
-                             local_world_size=max(1, num_tasks // max(1, job_env.num_nodes)),
-                             master_addr=master_addr, master_port=master_port_for(port_id or job_env.job_id),
-                             job_id=str(job_env.job_id))
+        env = DistributedEnv(
+            rank=job_env.global_rank,
+            world_size=num_tasks,
+            local_rank=job_env.local_rank,
+            local_world_size=max(1, num_tasks // max(1, job_env.num_nodes)),
+            master_addr=master_addr,
+            master_port=master_port_for(port_id or job_env.job_id),
+            job_id=str(job_env.job_id),
+        )
     if export:
-        os.environ.update({"RANK": str(env.rank), "WORLD_SIZE": str(env.world_size),
-                           "LOCAL_RANK": str(env.local_rank), "LOCAL_WORLD_SIZE": str(env.local_world_size),
-                           "MASTER_ADDR": env.master_addr, "MASTER_PORT": str(env.master_port)})
+        os.environ.update(
+            {
+                "RANK": str(env.rank),
+                "WORLD_SIZE": str(env.world_size),
+                "LOCAL_RANK": str(env.local_rank),
+                "LOCAL_WORLD_SIZE": str(env.local_world_size),
+                "MASTER_ADDR": env.master_addr,
+                "MASTER_PORT": str(env.master_port),
+            }
+        )
     return env

@@ -1,5 +1,6 @@
 """Executors: which one runs the jobs (slurm, local processes, in-process debug) and the parameters
 submitit gets for a launcher config. Nothing here imports torch."""
+
 from __future__ import annotations
 
 import shlex
@@ -16,7 +17,6 @@ from harness.config import EXECUTORS, LauncherConfig
 
 class LaunchError(RuntimeError):
     """A submission that cannot be made (unknown executor, no SLURM, a failed sbatch...)."""
-
 
 
 def slurm_available() -> bool:
@@ -44,9 +44,11 @@ def explain_executor(name: str = "auto") -> Tuple[str, str]:
 def check_launcher(launcher: LauncherConfig, kind: str) -> None:
     """Settings the executor cannot honour, as a :class:`LaunchError` that says what to change."""
     if kind == "local" and launcher.nodes > 1:
-        raise LaunchError(f"the local executor runs on this machine only, but launcher.nodes is {launcher.nodes}; "
-                          "run with launcher.nodes=1 (and launcher.gpus_per_node set to this machine's GPUs: "
-                          "gradient accumulation keeps the total batch), or submit where sbatch exists")
+        raise LaunchError(
+            f"the local executor runs on this machine only, but launcher.nodes is {launcher.nodes}; "
+            "run with launcher.nodes=1 (and launcher.gpus_per_node set to this machine's GPUs: "
+            "gradient accumulation keeps the total batch), or submit where sbatch exists"
+        )
 
 
 def tasks_per_node(launcher: LauncherConfig) -> int:
@@ -84,15 +86,21 @@ def max_array_size(launcher: LauncherConfig, kind: str) -> int:
     return limit
 
 
-def executor_parameters(launcher: LauncherConfig, kind: str, *, job_name: str = "harness",
-                        snapshot_dir: Optional[Path] = None, array_parallelism: Optional[int] = None
-                        ) -> Dict[str, Any]:
+def executor_parameters(
+    launcher: LauncherConfig,
+    kind: str,
+    *,
+    job_name: str = "harness",
+    snapshot_dir: Optional[Path] = None,
+    array_parallelism: Optional[int] = None,
+) -> Dict[str, Any]:
     """The parameters ``AutoExecutor.update_parameters`` gets for this launcher config and executor."""
     params: Dict[str, Any] = {"name": job_name, "timeout_min": int(launcher.timeout_min)}
     if kind == "debug":
         return params
-    params.update(nodes=int(launcher.nodes), tasks_per_node=tasks_per_node(launcher),
-                  cpus_per_task=int(launcher.cpus_per_task))
+    params.update(
+        nodes=int(launcher.nodes), tasks_per_node=tasks_per_node(launcher), cpus_per_task=int(launcher.cpus_per_task)
+    )
     if launcher.gpus_per_node:
         params["gpus_per_node"] = int(launcher.gpus_per_node)
     if launcher.mem_gb:
@@ -120,8 +128,9 @@ def executor_parameters(launcher: LauncherConfig, kind: str, *, job_name: str = 
     return params
 
 
-def make_executor(kind: str, log_dir: Union[str, Path], launcher: LauncherConfig, **kwargs: Any
-                  ) -> submitit.AutoExecutor:
+def make_executor(
+    kind: str, log_dir: Union[str, Path], launcher: LauncherConfig, **kwargs: Any
+) -> submitit.AutoExecutor:
     """A configured submitit executor (``kind`` already resolved: slurm | local | debug)."""
     if kind not in ("slurm", "local", "debug"):
         raise LaunchError(f"unknown executor {kind!r}")
@@ -132,13 +141,12 @@ def make_executor(kind: str, log_dir: Union[str, Path], launcher: LauncherConfig
     ex = submitit.AutoExecutor(folder=str(Path(log_dir).resolve()), cluster=kind, **init)
     params = executor_parameters(launcher, kind, **kwargs)
     if kind == "local":
-        params.pop("local_array_parallelism", None)   # the local executor runs everything at once
+        params.pop("local_array_parallelism", None)  # the local executor runs everything at once
     try:
         ex.update_parameters(**params)
     except ValueError as err:
         raise LaunchError(f"launcher settings rejected by submitit: {err}") from err
     return ex
-
 
 
 def layout_text(launcher: LauncherConfig, kind: str) -> str:

@@ -1,6 +1,7 @@
 """Following runs from a terminal: each executor asked about its own jobs (SLURM in one batched query, local
 jobs by their processes, in the store), ``--status``'s table, ``--logs``' tails and ``--cancel``.
 Nothing here imports torch."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,8 +35,12 @@ def job_infos(store, specs) -> dict:
             status = store.read_status(key)
         except ResultsError:
             continue
-        if status is not None and status.state in ("queued", "running", "interrupted") and status.job_ids \
-                and slurm_id(status.job_ids[-1]) is not None:
+        if (
+            status is not None
+            and status.state in ("queued", "running", "interrupted")
+            and status.job_ids
+            and slurm_id(status.job_ids[-1]) is not None
+        ):
             ids.append(slurm_id(status.job_ids[-1]))
     return slurm_jobs(ids)
 
@@ -44,8 +49,9 @@ def job_alive(states: dict):
     """``job_alive(job_id)`` for the plan: True/False from the batch of SLURM states, None when not asked."""
     if not states:
         return None
-    return lambda job_id: None if states.get(slurm_id(job_id)) is None else \
-        states[slurm_id(job_id)].split()[0] in ALIVE_STATES
+    return lambda job_id: (
+        None if states.get(slurm_id(job_id)) is None else states[slurm_id(job_id)].split()[0] in ALIVE_STATES
+    )
 
 
 def plan(store, specs):
@@ -79,14 +85,14 @@ def failure_reason(store, entry) -> str:
         return reason
     first = first_failure(run_log_dir(store, entry.spec, status), entry.job_ids[-1])
     if first and not first.startswith("rank 0 "):
-        told = not entry.reason or entry.reason.splitlines()[0][:1000] in first    # rank 0's note is the record's
+        told = not entry.reason or entry.reason.splitlines()[0][:1000] in first  # rank 0's note is the record's
         return first if told else f"{first} (rank 0: {reason})"
     return reason
 
 
 def status_text(experiment, store) -> str:
     specs = unique_runs(expand(experiment))
-    infos = job_infos(store, specs)          # one batched query: states for the plan, nodes for the table
+    infos = job_infos(store, specs)  # one batched query: states for the plan, nodes for the table
     entries = store.plan(specs, job_alive=job_alive({j: info["state"] for j, info in infos.items()}))
     seeded = any(len(row.seeds) > 1 for row in experiment.rows)
     header = ["row"] + (["seed"] if seeded else []) + ["run id", "state", "job", "progress"]
@@ -101,10 +107,12 @@ def status_text(experiment, store) -> str:
         records = store.read_log(spec.run_id) if training else []
         done = progress(records, spec.config.train.epochs)
         prefix = {"train": "", "evaluate": "evaluation ", "measure": "measurement "}[e.kind]
-        state = prefix + e.state + \
-            (f" ({e.reason})" if e.reason and e.state not in ("failed",) else "")
-        table.append([spec.label] + ([str(spec.seed)] if seeded else []) +
-                     [e.key, state, job, done.text() if records or e.state == "running" else ""])
+        state = prefix + e.state + (f" ({e.reason})" if e.reason and e.state not in ("failed",) else "")
+        table.append(
+            [spec.label]
+            + ([str(spec.seed)] if seeded else [])
+            + [e.key, state, job, done.text() if records or e.state == "running" else ""]
+        )
         if e.state in ("running", "interrupted", "failed", "stale") and e.job_ids:
             notes.append(f"  {spec.label}: log {run_log_paths(store, spec, store.read_status(e.key))[0]}")
         if e.state == "failed":
@@ -113,7 +121,7 @@ def status_text(experiment, store) -> str:
     lines += text_table(header, table, indent="  ")
     if notes:
         lines += [""] + notes
-    for reason, labels in reasons.items():       # one line per failure reason, whatever the number of rows
+    for reason, labels in reasons.items():  # one line per failure reason, whatever the number of rows
         lines += ["", f"failed ({len(labels)}): {reason}", "  rows: " + ", ".join(labels)]
     return "\n".join(lines)
 
@@ -122,8 +130,11 @@ def cancel(experiment, store) -> List[str]:
     """Stop the queued and running jobs of the selected rows (SLURM's in one ``scancel``, local ones through
     their process group: each executor its own jobs); mark the runs cancelled."""
     specs = unique_runs(expand(experiment))
-    entries = [e for e in plan(store, specs)
-               if (e.state in ("queued", "running") or e.state == "interrupted" and e.action == "skip") and e.job_ids]
+    entries = [
+        e
+        for e in plan(store, specs)
+        if (e.state in ("queued", "running") or e.state == "interrupted" and e.action == "skip") and e.job_ids
+    ]
     cancel_jobs([e.job_ids[-1] for e in entries])
     for e in entries:
         store.mark_cancelled(e.key)

@@ -10,6 +10,7 @@ SIGTERM on to them), SIGINT to stop hard (the tasks stop at once; the controller
 Job ids carry their executor (:mod:`harness.store.jobs`): ``local:<pid>:<start>`` never reaches
 squeue/scancel. Nothing here imports torch.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,7 +30,7 @@ from harness.store.jobs import LOCAL, local_job_id, process_alive, slurm_id, spl
 STOP_SIGNALS = {"stop": signal.SIGTERM, "hard": signal.SIGINT, "kill": signal.SIGKILL}
 
 
-def _ignore_sigint() -> None:      # in the controller, before it execs: inherited, and kept by Python
+def _ignore_sigint() -> None:  # in the controller, before it execs: inherited, and kept by Python
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
@@ -43,6 +44,7 @@ def _detached_popen(*args, **kwargs) -> subprocess.Popen:
 def detached_local_jobs() -> Iterator[None]:
     """Local jobs submitted inside start in a session of their own, with SIGINT ignored by the controller."""
     from submitit.local import local as submitit_local
+
     module = submitit_local.subprocess
     shim = types.SimpleNamespace(**{k: getattr(subprocess, k) for k in dir(subprocess) if not k.startswith("__")})
     shim.Popen = _detached_popen
@@ -64,7 +66,7 @@ def current_job_id() -> Optional[str]:
     """The id of the job this process runs in, as :func:`job_id_of` gave it at submission (None outside one)."""
     try:
         env = submitit.JobEnvironment()
-    except RuntimeError:          # not in a submitit job
+    except RuntimeError:  # not in a submitit job
         return os.environ.get("SLURM_JOB_ID")
     if env.cluster == LOCAL and str(env.job_id).isdigit():
         return local_job_id(int(env.job_id))
@@ -80,9 +82,9 @@ def stop_local_job(job_id: str, how: str = "stop") -> bool:
         return False
     sig = STOP_SIGNALS[how]
     try:
-        if os.getpgid(int(pid)) == int(pid):       # its own process group: the controller and its tasks
+        if os.getpgid(int(pid)) == int(pid):  # its own process group: the controller and its tasks
             os.killpg(int(pid), sig)
-        else:                                      # started before jobs were detached: the controller only
+        else:  # started before jobs were detached: the controller only
             os.kill(int(pid), signal.SIGTERM if how == "hard" else sig)
     except ProcessLookupError:
         return False
@@ -94,6 +96,7 @@ def cancel(job_ids: Sequence[str]) -> None:
     ``scancel`` (SLURM sends SIGTERM first). Either way a running job stops at its next iteration with a
     checkpoint."""
     from harness.launch.slurm import scancel
+
     for job_id in job_ids:
         if split_job_id(job_id)[0] == LOCAL:
             stop_local_job(job_id)
@@ -123,7 +126,7 @@ class LocalStopper:
         try:
             for num in (signal.SIGINT, signal.SIGTERM):
                 self._previous[num] = signal.signal(num, self._on_signal)
-        except ValueError:        # not the main thread: signals stay where they were
+        except ValueError:  # not the main thread: signals stay where they were
             pass
         return self
 
@@ -139,10 +142,14 @@ class LocalStopper:
     def _on_signal(self, num: int, frame) -> None:
         self.count += 1
         how = self.HOW[min(self.count, 3) - 1]
-        self.announce({"stop": "stopping: the running job saves a checkpoint at its next iteration "
-                               "(Ctrl-C again to stop it at once)",
-                       "hard": "stopping at once: the last complete checkpoint is kept",
-                       "kill": "killing the job's processes"}[how])
+        self.announce(
+            {
+                "stop": "stopping: the running job saves a checkpoint at its next iteration "
+                "(Ctrl-C again to stop it at once)",
+                "hard": "stopping at once: the last complete checkpoint is kept",
+                "kill": "killing the job's processes",
+            }[how]
+        )
         for job_id in self.job_ids:
             stop_local_job(job_id, how)
         if how == "hard":

@@ -1,4 +1,5 @@
 """Following jobs: SLURM states (squeue/scontrol; accounting may be off), log paths, results, waiting."""
+
 from __future__ import annotations
 
 import json
@@ -14,11 +15,30 @@ from harness.launch.executors import LaunchError
 from harness.store.jobs import native_id
 
 # SLURM job states, as squeue/scontrol print them
-PENDING_STATES = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESV_DEL_HOLD",
-                  "SUSPENDED", "RESIZING"}
+PENDING_STATES = {
+    "PENDING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "CONFIGURING",
+    "RESV_DEL_HOLD",
+    "SUSPENDED",
+    "RESIZING",
+}
 RUNNING_STATES = {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING"}
-FINISHED_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
-                   "BOOT_FAIL", "DEADLINE", "REVOKED", "SPECIAL_EXIT"}
+FINISHED_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "REVOKED",
+    "SPECIAL_EXIT",
+}
 ALIVE_STATES = PENDING_STATES | RUNNING_STATES
 
 
@@ -38,8 +58,9 @@ def slurm_jobs(job_ids: Sequence[str]) -> Dict[str, Dict[str, Optional[str]]]:
     for all of them; for those it does not list, one ``sacct`` (accounting may be off), then one
     ``scontrol show job`` over the jobs the controller still remembers.
     """
-    jobs: Dict[str, Dict[str, Optional[str]]] = {j: {"state": None, "nodes": None}
-                                                  for j in sorted({str(j) for j in job_ids})}
+    jobs: Dict[str, Dict[str, Optional[str]]] = {
+        j: {"state": None, "nodes": None} for j in sorted({str(j) for j in job_ids})
+    }
     if not jobs:
         return jobs
     text = _run(["squeue", "-h", "-r", "-j", ",".join(jobs), "-o", "%i %T %N"])
@@ -54,7 +75,7 @@ def slurm_jobs(job_ids: Sequence[str]) -> Dict[str, Dict[str, Optional[str]]]:
             fields = line.split("|")
             if len(fields) >= 2 and fields[0] in jobs and fields[1]:
                 nodes = fields[2] if len(fields) > 2 and fields[2] not in ("", "None assigned") else None
-                jobs[fields[0]] = {"state": fields[1].split()[0], "nodes": nodes}   # "CANCELLED by 0" -> CANCELLED
+                jobs[fields[0]] = {"state": fields[1].split()[0], "nodes": nodes}  # "CANCELLED by 0" -> CANCELLED
     missing = [j for j, job in jobs.items() if job["state"] is None]
     if missing:
         for record in (_run(["scontrol", "-o", "show", "job"]) or "").splitlines():
@@ -64,7 +85,10 @@ def slurm_jobs(job_ids: Sequence[str]) -> Dict[str, Dict[str, Optional[str]]]:
                 names.add(f"{fields['ArrayJobId']}_{fields['ArrayTaskId']}")
             for name in names & set(missing):
                 nodes = fields.get("NodeList")
-                jobs[name] = {"state": fields.get("JobState"), "nodes": None if nodes in (None, "", "(null)") else nodes}
+                jobs[name] = {
+                    "state": fields.get("JobState"),
+                    "nodes": None if nodes in (None, "", "(null)") else nodes,
+                }
     return jobs
 
 
@@ -150,8 +174,7 @@ def first_failure(log_dir: Union[str, Path], job_id: str) -> Optional[str]:
     if not silent:
         return error
     who = ", ".join(f"rank {rank} of {first.get('world_size')} on {node}" for rank, node in silent)
-    return (f"{who} reported neither a result nor an error (its node lost, or the task killed or stuck); "
-            f"then {error}")
+    return f"{who} reported neither a result nor an error (its node lost, or the task killed or stuck); then {error}"
 
 
 def _task_jobs(job: submitit.Job) -> List[submitit.Job]:
@@ -168,10 +191,9 @@ def job_result(job: submitit.Job) -> Any:
     return job.results()[0]
 
 
-
-
-def wait(jobs: Sequence[submitit.Job], timeout_s: Optional[float] = None, poll_s: float = 2.0,
-         grace_s: float = 60.0) -> List[Tuple[str, Any]]:
+def wait(
+    jobs: Sequence[submitit.Job], timeout_s: Optional[float] = None, poll_s: float = 2.0, grace_s: float = 60.0
+) -> List[Tuple[str, Any]]:
     """Wait for every job; ``[("success", result) | ("error", message), ...]`` in the order of ``jobs``.
 
     The result is rank 0's. A SLURM job that has left the queue without a result (killed, node
@@ -182,9 +204,12 @@ def wait(jobs: Sequence[submitit.Job], timeout_s: Optional[float] = None, poll_s
     outcome: Dict[int, Tuple[str, Any]] = {}
     gone_since: Dict[int, float] = {}
     while len(outcome) < len(jobs):
-        waiting = [str(job.job_id) for i, job in enumerate(jobs)
-                   if i not in outcome and isinstance(job, submitit.SlurmJob) and not has_result(job)]
-        states = slurm_job_states(waiting) if waiting else {}     # one query per poll for all jobs
+        waiting = [
+            str(job.job_id)
+            for i, job in enumerate(jobs)
+            if i not in outcome and isinstance(job, submitit.SlurmJob) and not has_result(job)
+        ]
+        states = slurm_job_states(waiting) if waiting else {}  # one query per poll for all jobs
         for i, job in enumerate(jobs):
             if i in outcome:
                 continue
@@ -193,23 +218,26 @@ def wait(jobs: Sequence[submitit.Job], timeout_s: Optional[float] = None, poll_s
                 if state is None or state.split()[0] in FINISHED_STATES:
                     first = gone_since.setdefault(i, time.monotonic())
                     if time.monotonic() - first > grace_s:
-                        outcome[i] = ("error", f"job {job.job_id} ended ({state or 'gone from the queue'}) "
-                                               f"without a result; see {job.paths.stderr}")
+                        outcome[i] = (
+                            "error",
+                            f"job {job.job_id} ended ({state or 'gone from the queue'}) "
+                            f"without a result; see {job.paths.stderr}",
+                        )
                 else:
                     gone_since.pop(i, None)
                 continue
             if isinstance(job, submitit.DebugJob) or has_result(job) or job.done():
-                if isinstance(job, submitit.LocalJob):    # this machine's disk: no result file is coming late
+                if isinstance(job, submitit.LocalJob):  # this machine's disk: no result file is coming late
                     for task in _task_jobs(job) + [job]:
                         task._results_timeout_s = min(getattr(task, "_results_timeout_s", 15), 1)
                 try:
                     outcome[i] = ("success", job_result(job))
-                except Exception as err:   # noqa: BLE001 - the job raised: submitit carries its traceback
+                except Exception as err:  # noqa: BLE001 - the job raised: submitit carries its traceback
                     outcome[i] = ("error", str(err))
         if len(outcome) < len(jobs):
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"{len(jobs) - len(outcome)} of {len(jobs)} job(s) still running "
-                                   f"after {timeout_s:.0f} s")
+                raise TimeoutError(
+                    f"{len(jobs) - len(outcome)} of {len(jobs)} job(s) still running after {timeout_s:.0f} s"
+                )
             time.sleep(poll_s)
     return [outcome[i] for i in range(len(jobs))]
-

@@ -1,5 +1,6 @@
 """Code snapshots: the files a job imports, copied once per submission so that editing the code after
 submitting does not change what queued or requeued jobs run."""
+
 from __future__ import annotations
 
 import hashlib
@@ -16,7 +17,7 @@ from harness.provenance import git_commit, utc_now
 SNAPSHOT_INFO = "SNAPSHOT.json"
 
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]      # the folder holding harness/ and model/
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the folder holding harness/ and model/
 # what a job imports and reads when there is no git repository to list the files (an unpacked release
 # archive, a non-editable install): the packages, the entry point and the experiment files
 PROJECT_FILES = ("harness", "model", "run_experiment.py", "experiments")
@@ -25,7 +26,7 @@ PROJECT_FILES = ("harness", "model", "run_experiment.py", "experiments")
 def _git_toplevel(start: Path) -> Optional[Path]:
     try:
         out = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=start, capture_output=True, text=True)
-    except OSError:              # git is not installed
+    except OSError:  # git is not installed
         return None
     return Path(out.stdout.strip()) if out.returncode == 0 else None
 
@@ -55,8 +56,11 @@ def repository_files(root: Path) -> List[str]:
         for entry in PROJECT_FILES:
             path = root / entry
             found = [path] if path.is_file() else sorted(path.rglob("*")) if path.is_dir() else []
-            names.update(str(p.relative_to(root)) for p in found
-                         if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc")
+            names.update(
+                str(p.relative_to(root))
+                for p in found
+                if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
+            )
         return sorted(names)
     names = set(_git_ls(root, "--cached"))
     for name in _git_ls(root, "--others", "--exclude-standard"):
@@ -71,8 +75,9 @@ def repository_files(root: Path) -> List[str]:
     return sorted(n for n in names if (root / n).is_file() and not (root / n).is_symlink())
 
 
-def snapshot_code(snapshot_root: Union[str, Path], repo_root: Union[str, Path, None] = None,
-                  include: Sequence[str] = ()) -> Path:
+def snapshot_code(
+    snapshot_root: Union[str, Path], repo_root: Union[str, Path, None] = None, include: Sequence[str] = ()
+) -> Path:
     """Copy the repository's files to ``<snapshot_root>/<hash>/`` and return that folder.
 
     The folder is named by a hash of the file names and contents, so an unchanged tree reuses the
@@ -93,7 +98,7 @@ def snapshot_code(snapshot_root: Union[str, Path], repo_root: Union[str, Path, N
             raise LaunchError(f"snapshot include {extra!r} does not exist under {root}")
     names = sorted(set(names))
     try:
-        inside = snapshot_root.relative_to(root)     # never copy earlier snapshots into a new one
+        inside = snapshot_root.relative_to(root)  # never copy earlier snapshots into a new one
         names = [n for n in names if not Path(n).is_relative_to(inside)]
     except ValueError:
         pass
@@ -111,14 +116,12 @@ def snapshot_code(snapshot_root: Union[str, Path], repo_root: Union[str, Path, N
         target = tmp / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(root / name, target)
-    info = {"source": str(root), "commit": git_commit(root),
-            "files": len(names), "created": utc_now()}
+    info = {"source": str(root), "commit": git_commit(root), "files": len(names), "created": utc_now()}
     (tmp / SNAPSHOT_INFO).write_text(json.dumps(info, indent=1) + "\n")
     try:
         os.rename(tmp, dest)
-    except OSError:            # another submission made the same snapshot meanwhile
+    except OSError:  # another submission made the same snapshot meanwhile
         shutil.rmtree(tmp, ignore_errors=True)
         if not (dest / SNAPSHOT_INFO).is_file():
             raise
     return dest
-

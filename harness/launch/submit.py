@@ -5,7 +5,8 @@ cluster's ``MaxArraySize``, a snapshot of the code per submission, and requeue o
 
 * :func:`submit` is the one entry point: ``submit(specs, fn, launcher, log_dir, executor=None)`` runs
   ``fn(spec)`` for each spec and returns submitit job handles, in the order of ``specs``.
-* ``fn`` is wrapped in :class:`~harness.launch.wrapper.ResumableJob`, a ``submitit.helpers.Checkpointable``: when SLURM signals a
+* ``fn`` is wrapped in :class:`~harness.launch.wrapper.ResumableJob`, a ``submitit.helpers.Checkpointable``: when
+  SLURM signals a
   pre-emption or an imminent time-out, submitit calls its ``checkpoint()``, which resubmits the same call,
   and requeues the job. The same happens, without the signal, when SLURM kills and requeues a job itself
   (``scontrol requeue``, a node failure): the batch script runs again. Either way ``fn`` must resume from
@@ -13,7 +14,8 @@ cluster's ``MaxArraySize``, a snapshot of the code per submission, and requeue o
 * Multi-task jobs: one task per GPU (``tasks_per_node`` defaults to ``gpus_per_node``); before ``fn`` runs,
   :func:`~harness.launch.environment.distributed_env_from_submitit` exports ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
   ``MASTER_ADDR`` and ``MASTER_PORT`` so ``fn`` initialises ``torch.distributed`` with ``env://``.
-* Code snapshot: :func:`~harness.launch.snapshot.snapshot_code` copies the repository's files (tracked, plus untracked files that
+* Code snapshot: :func:`~harness.launch.snapshot.snapshot_code` copies the repository's files (tracked, plus untracked
+  files that
   git does not ignore) to ``<snapshot_root>/<content hash>/``; the jobs import the code from there (the
   job's working directory and ``PYTHONPATH``), so editing the code after submitting does not change what
   queued or requeued jobs run. Relative paths in a spec still resolve against the directory ``submit``
@@ -21,6 +23,7 @@ cluster's ``MaxArraySize``, a snapshot of the code per submission, and requeue o
 
 Nothing here imports torch.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -36,13 +39,12 @@ from harness.launch.local import detached_local_jobs
 from harness.launch.snapshot import snapshot_code
 from harness.launch.wrapper import ResumableJob
 
-
 LauncherArg = Union[LauncherConfig, Callable[[Any], LauncherConfig]]
 
 
 def _chunks(items: Sequence[Any], size: int) -> List[Sequence[Any]]:
     size = max(1, int(size))
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def group_by_launcher(specs: Sequence[Any], launcher: LauncherArg) -> List[Tuple[LauncherConfig, List[int]]]:
@@ -56,11 +58,20 @@ def group_by_launcher(specs: Sequence[Any], launcher: LauncherArg) -> List[Tuple
     return list(groups.items())
 
 
-def submit(specs: Sequence[Any], fn: Callable[[Any], Any], launcher: LauncherArg,
-           log_dir: Union[str, Path], executor: Optional[str] = None, *, job_name: str = "harness",
-           snapshot_root: Union[str, Path, None] = None, repo_root: Union[str, Path, None] = None,
-           snapshot_include: Sequence[str] = (), workdir: Union[str, Path, None] = None,
-           on_submitted: Optional[Callable[[Any, submitit.Job], None]] = None) -> List[submitit.Job]:
+def submit(
+    specs: Sequence[Any],
+    fn: Callable[[Any], Any],
+    launcher: LauncherArg,
+    log_dir: Union[str, Path],
+    executor: Optional[str] = None,
+    *,
+    job_name: str = "harness",
+    snapshot_root: Union[str, Path, None] = None,
+    repo_root: Union[str, Path, None] = None,
+    snapshot_include: Sequence[str] = (),
+    workdir: Union[str, Path, None] = None,
+    on_submitted: Optional[Callable[[Any, submitit.Job], None]] = None,
+) -> List[submitit.Job]:
     """Run ``fn(spec)`` for every spec; returns one submitit job per spec, in the order of ``specs``.
 
     ``launcher`` is a :class:`LauncherConfig` or a function giving one per spec; specs sharing a config go
@@ -92,17 +103,22 @@ def submit(specs: Sequence[Any], fn: Callable[[Any], Any], launcher: LauncherArg
         size = max_array_size(cfg, kind)
         ex = make_executor(kind, log_dir, cfg, job_name=job_name, snapshot_dir=snapshot_dir)
         for chunk in _chunks(indices, size):
-            with without_job_variables(), detached_local_jobs(), \
-                    environment_for_local_jobs(snapshot_dir if kind == "local" else None, workdir):
+            with (
+                without_job_variables(),
+                detached_local_jobs(),
+                environment_for_local_jobs(snapshot_dir if kind == "local" else None, workdir),
+            ):
                 try:
                     with ex.batch():
                         pending = [ex.submit(job_fn, specs[i]) for i in chunk]
-                except (subprocess.CalledProcessError, submitit.core.utils.FailedJobError,
-                        submitit.core.utils.FailedSubmissionError) as err:
+                except (
+                    subprocess.CalledProcessError,
+                    submitit.core.utils.FailedJobError,
+                    submitit.core.utils.FailedSubmissionError,
+                ) as err:
                     raise LaunchError(f"submission of {len(chunk)} job(s) failed: {err}") from err
             for i, job in zip(chunk, pending):
                 jobs[i] = job
                 if on_submitted is not None:
                     on_submitted(specs[i], job)
     return [j for j in jobs if j is not None]
-

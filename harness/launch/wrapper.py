@@ -8,6 +8,7 @@ checkpoint and raises a :class:`JobInterrupted`. A SIGINT after a stop was asked
 :class:`HardStop` at once (no checkpoint), except inside :func:`stop_deferred` (a checkpoint being written),
 where it waits until the write is complete.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,7 +52,7 @@ def _forget_previous_attempt() -> None:
         paths = submitit.JobEnvironment().paths
         paths.result_pickle.unlink(missing_ok=True)
         rank_error_path(paths.result_pickle).unlink(missing_ok=True)
-    except Exception:    # noqa: BLE001 - not in a submitit job, or nothing to remove
+    except Exception:  # noqa: BLE001 - not in a submitit job, or nothing to remove
         pass
 
 
@@ -61,15 +62,20 @@ def _note_rank_error(err: BaseException) -> None:
     try:
         job_env = submitit.JobEnvironment()
         path = rank_error_path(job_env.paths.result_pickle)
-        note = {"rank": job_env.global_rank, "world_size": job_env.num_tasks, "job_id": str(job_env.job_id),
-                "node": os.environ.get("SLURMD_NODENAME") or socket.gethostname(), "time": time.time(),
-                "nodes": list(job_env.hostnames),      # whose node a rank that reports nothing was on
-                "error": f"{type(err).__name__}: {err}".strip().splitlines()[0][:1000],
-                "traceback": "".join(traceback.format_exception(type(err), err, err.__traceback__))[-4000:]}
+        note = {
+            "rank": job_env.global_rank,
+            "world_size": job_env.num_tasks,
+            "job_id": str(job_env.job_id),
+            "node": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
+            "time": time.time(),
+            "nodes": list(job_env.hostnames),  # whose node a rank that reports nothing was on
+            "error": f"{type(err).__name__}: {err}".strip().splitlines()[0][:1000],
+            "traceback": "".join(traceback.format_exception(type(err), err, err.__traceback__))[-4000:],
+        }
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(note))
         os.replace(tmp, path)
-    except Exception:    # noqa: BLE001 - not in a submitit job, or the folder is not writable: nothing to note
+    except Exception:  # noqa: BLE001 - not in a submitit job, or the folder is not writable: nothing to note
         pass
 
 
@@ -77,10 +83,10 @@ def _note_rank_error(err: BaseException) -> None:
 # stop_requested(), saving a mid-epoch checkpoint) before submitit's own handler requeues it regardless.
 STOP_GRACE_S = 30
 
-_stop_signals: List[int] = []        # signals that asked this process to stop
-_deferred_requeue: List[Callable[[], Any]] = []   # submitit's requeue, held back while the job stops itself
-_deferring: List[bool] = []          # inside stop_deferred(): a hard stop waits
-_hard_pending: List[int] = []        # a hard stop that arrived while deferred
+_stop_signals: List[int] = []  # signals that asked this process to stop
+_deferred_requeue: List[Callable[[], Any]] = []  # submitit's requeue, held back while the job stops itself
+_deferring: List[bool] = []  # inside stop_deferred(): a hard stop waits
+_hard_pending: List[int] = []  # a hard stop that arrived while deferred
 
 
 class JobInterrupted(SystemExit):
@@ -171,6 +177,7 @@ def _watch_stop_signals() -> None:
                 signal.signal(num, signal.SIG_DFL)
                 os.kill(os.getpid(), num)
             return None
+
         return handler
 
     try:
@@ -178,7 +185,7 @@ def _watch_stop_signals() -> None:
             signal.signal(signum, chain(signum, signal.getsignal(signum)))
         signal.signal(signal.SIGALRM, lambda num, frame: _requeue_now())
         signal.signal(signal.SIGINT, _on_interrupt)
-    except ValueError:   # not the main thread (a debug job run from a worker thread)
+    except ValueError:  # not the main thread (a debug job run from a worker thread)
         pass
 
 
@@ -190,8 +197,12 @@ class ResumableJob(submitit.helpers.Checkpointable):
     from the start.
     """
 
-    def __init__(self, fn: Callable[[Any], Any], workdir: Union[str, Path, None] = None,
-                 snapshot_dir: Union[str, Path, None] = None) -> None:
+    def __init__(
+        self,
+        fn: Callable[[Any], Any],
+        workdir: Union[str, Path, None] = None,
+        snapshot_dir: Union[str, Path, None] = None,
+    ) -> None:
         self.fn = fn
         self.workdir = str(workdir) if workdir else None
         self.snapshot_dir = str(snapshot_dir) if snapshot_dir else None
@@ -203,12 +214,12 @@ class ResumableJob(submitit.helpers.Checkpointable):
 
     def __call__(self, spec: Any) -> Any:
         cluster = _job_cluster()
-        if cluster in ("slurm", "local"):           # not for debug jobs: they run in the caller
+        if cluster in ("slurm", "local"):  # not for debug jobs: they run in the caller
             _forget_previous_attempt()
             _watch_stop_signals()
         try:
             result = self._run(spec)
-        except SystemExit:                 # the job stopped itself after a stop signal: requeue it now
+        except SystemExit:  # the job stopped itself after a stop signal: requeue it now
             _log("stopped on request; requeueing" if _deferred_requeue else "stopped on request")
             _requeue_now()
             raise
@@ -219,7 +230,7 @@ class ResumableJob(submitit.helpers.Checkpointable):
                 _log(f"failed after a stop signal; waiting up to {self.stop_grace_s:.0f} s to be requeued or killed")
                 time.sleep(self.stop_grace_s)
             raise
-        signal.alarm(0)                    # finished before the signal's grace ran out: nothing to requeue
+        signal.alarm(0)  # finished before the signal's grace ran out: nothing to requeue
         _deferred_requeue.clear()
         return result
 
@@ -236,11 +247,10 @@ class ResumableJob(submitit.helpers.Checkpointable):
         distributed_env_from_submitit(export=True)
         return self.fn(spec)
 
-    def checkpoint(self, spec: Any) -> DelayedSubmission:   # type: ignore[override]
+    def checkpoint(self, spec: Any) -> DelayedSubmission:  # type: ignore[override]
         # the state lives in the run folder's checkpoints; the same call resumes from there
         return DelayedSubmission(self, spec)
 
     def __repr__(self) -> str:
         name = getattr(self.fn, "__qualname__", repr(self.fn))
         return f"ResumableJob({getattr(self.fn, '__module__', '?')}.{name})"
-

@@ -1,4 +1,5 @@
 """``python -m harness.measure``: see :mod:`harness.measure.command`."""
+
 import sys
 
 from harness.measure.command import main

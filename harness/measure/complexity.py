@@ -23,6 +23,7 @@ Counting rules (``count_flops``):
 
 The command that writes these counts for every row of an experiment is :mod:`harness.measure.command`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,28 +46,132 @@ from model.ops import flop_handles as attention_handles
 
 # Elementwise and bookkeeping operators whose cost is negligible next to convs and matmuls: fvcore does not
 # count them; listed apart from uncounted operators that may matter.
-TRIVIAL_OPS = frozenset(f"aten::{name}" for name in (
-    "add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "div", "div_", "neg", "abs", "sqrt", "rsqrt", "pow",
-    "exp", "log", "log2", "log1p", "sin", "cos", "sigmoid", "sigmoid_", "tanh", "softmax", "log_softmax",
-    "hardtanh", "gelu", "silu", "leaky_relu", "clamp_min", "clamp_max", "clip", "round", "ceil", "trunc",
-    "sign", "reciprocal", "cumsum", "cumprod", "sum", "mean", "prod", "amax", "amin", "min", "argmax",
-    "argmin", "topk", "sort", "argsort", "where", "lt", "le", "ne", "logical_and", "logical_or", "logical_not",
-    "bitwise_and", "bitwise_or", "__or__", "__not__", "any", "all", "isfinite", "isnan", "linspace",
-    "meshgrid", "repeat", "repeat_interleave", "tile", "flip", "expand_as", "view_as", "reshape_as",
-    "index_select", "masked_select", "scatter", "scatter_", "fill_", "zero_", "clone", "resolve_conj",
-    "resolve_neg", "lift_fresh", "alias", "unflatten", "max_pool2d", "avg_pool2d", "adaptive_max_pool2d", "one_hot", "numel",
-    "tensor", "scalar_tensor", "as_strided", "_unsafe_view", "rand", "randn", "zeros_like", "ones_like",
-    "empty_like", "bernoulli_", "sqrt_", "exp_", "log_", "floor_", "__and__", "masked_fill_", "pad",
-    "_shape_as_tensor",
-)) | frozenset({
-    "torchvision::nms", "torchvision::_assert_has_ops",
-    # torchvision's detection models script their batched-NMS helpers when traced: calls fvcore cannot see
-    # into, around torchvision::nms
-    "prim::CallFunction",
-})
+TRIVIAL_OPS = frozenset(
+    f"aten::{name}"
+    for name in (
+        "add",
+        "add_",
+        "sub",
+        "sub_",
+        "rsub",
+        "mul",
+        "mul_",
+        "div",
+        "div_",
+        "neg",
+        "abs",
+        "sqrt",
+        "rsqrt",
+        "pow",
+        "exp",
+        "log",
+        "log2",
+        "log1p",
+        "sin",
+        "cos",
+        "sigmoid",
+        "sigmoid_",
+        "tanh",
+        "softmax",
+        "log_softmax",
+        "hardtanh",
+        "gelu",
+        "silu",
+        "leaky_relu",
+        "clamp_min",
+        "clamp_max",
+        "clip",
+        "round",
+        "ceil",
+        "trunc",
+        "sign",
+        "reciprocal",
+        "cumsum",
+        "cumprod",
+        "sum",
+        "mean",
+        "prod",
+        "amax",
+        "amin",
+        "min",
+        "argmax",
+        "argmin",
+        "topk",
+        "sort",
+        "argsort",
+        "where",
+        "lt",
+        "le",
+        "ne",
+        "logical_and",
+        "logical_or",
+        "logical_not",
+        "bitwise_and",
+        "bitwise_or",
+        "__or__",
+        "__not__",
+        "any",
+        "all",
+        "isfinite",
+        "isnan",
+        "linspace",
+        "meshgrid",
+        "repeat",
+        "repeat_interleave",
+        "tile",
+        "flip",
+        "expand_as",
+        "view_as",
+        "reshape_as",
+        "index_select",
+        "masked_select",
+        "scatter",
+        "scatter_",
+        "fill_",
+        "zero_",
+        "clone",
+        "resolve_conj",
+        "resolve_neg",
+        "lift_fresh",
+        "alias",
+        "unflatten",
+        "max_pool2d",
+        "avg_pool2d",
+        "adaptive_max_pool2d",
+        "one_hot",
+        "numel",
+        "tensor",
+        "scalar_tensor",
+        "as_strided",
+        "_unsafe_view",
+        "rand",
+        "randn",
+        "zeros_like",
+        "ones_like",
+        "empty_like",
+        "bernoulli_",
+        "sqrt_",
+        "exp_",
+        "log_",
+        "floor_",
+        "__and__",
+        "masked_fill_",
+        "pad",
+        "_shape_as_tensor",
+    )
+) | frozenset(
+    {
+        "torchvision::nms",
+        "torchvision::_assert_has_ops",
+        # torchvision's detection models script their batched-NMS helpers when traced: calls fvcore cannot see
+        # into, around torchvision::nms
+        "prim::CallFunction",
+    }
+)
 
 
 # --------------------------------------------------------------------------------------------- handles
+
 
 def _sizes(value) -> List[int]:
     return list(value.type().sizes())
@@ -85,6 +190,7 @@ def flop_handles() -> dict:
 
 
 # ------------------------------------------------------------------------------------------- counting
+
 
 class _TensorOutputs(torch.nn.Module):
     """Runs ``model(images, mask)`` and returns its tensors as a flat tuple, so that fvcore's tracer accepts
@@ -131,6 +237,7 @@ def _as_pairs(images_and_masks) -> List[Tuple[torch.Tensor, torch.Tensor]]:
 
 def split_unsupported(unsupported: Dict[str, int]) -> Tuple[Dict[str, int], Dict[str, int]]:
     """(operators that may matter, trivial elementwise operators), each {name: calls}, most called first."""
+
     def order(d):
         return dict(sorted(d.items(), key=lambda kv: (-kv[1], kv[0])))
 
@@ -159,7 +266,7 @@ def count_flops(model: torch.nn.Module, images_and_masks: Iterable, extra_handle
     unsupported: Dict[str, int] = {}
     sizes = []
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")              # tracer warnings about data-dependent Python values
+        warnings.simplefilter("ignore")  # tracer warnings about data-dependent Python values
         for images, mask in pairs:
             analysis = FlopCountAnalysis(wrapper, (images, mask))
             for name, handle in handles.items():
@@ -191,9 +298,8 @@ def count_flops(model: torch.nn.Module, images_and_masks: Iterable, extra_handle
     }
 
 
-
-
 # ------------------------------------------------------------------------------------------- models
+
 
 def _freeze_batch_norm(module: torch.nn.Module) -> torch.nn.Module:
     """Replace every BatchNorm2d by a FrozenBatchNorm2d with its statistics (affine terms become buffers)."""
@@ -231,9 +337,15 @@ def set_attention_impl(model: torch.nn.Module, impl: str) -> int:
     return n
 
 
-def measure_complexity(run_cfg, images: Optional[int] = None, fixed_size: Optional[Tuple[int, int]] = None,
-                       root: Optional[str] = None, device="cpu", model: Optional[torch.nn.Module] = None,
-                       output_dir: Optional[str] = None) -> dict:
+def measure_complexity(
+    run_cfg,
+    images: Optional[int] = None,
+    fixed_size: Optional[Tuple[int, int]] = None,
+    root: Optional[str] = None,
+    device="cpu",
+    model: Optional[torch.nn.Module] = None,
+    output_dir: Optional[str] = None,
+) -> dict:
     """Parameters and fvcore GFLOPs of ``run_cfg.model``.
 
     Exactly one of ``images`` (the first N evaluation images, one at a time; default
@@ -256,6 +368,10 @@ def measure_complexity(run_cfg, images: Optional[int] = None, fixed_size: Option
         model = build_for_complexity(run_cfg.model)
     model = model.to(device).eval()
     counted = count_flops(model, inputs)
-    return {"params": count_parameters(model), **counted, "gflops_images": counted["num_inputs"],
-            "gflops_input": described, "device": device_name(device)}
-
+    return {
+        "params": count_parameters(model),
+        **counted,
+        "gflops_images": counted["num_inputs"],
+        "gflops_input": described,
+        "device": device_name(device),
+    }

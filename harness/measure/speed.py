@@ -15,6 +15,7 @@ Training-iteration time: :func:`time_train_step` times the engine's own optimise
 so the reported time is the training's; :func:`harness.run.step.measure_run_train_step` builds it for a run
 config (the run layer builds optimisers; this module only times).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,6 +33,7 @@ from model import ops
 from model.ms_deform_attn import MSDeformAttn
 
 # ------------------------------------------------------------------------------------------ helpers
+
 
 def synchronize(device) -> None:
     device = torch.device(device)
@@ -103,8 +105,12 @@ def describe_attention(impls, device, dtype: torch.dtype) -> str:
 
 def environment(device, precision: str, model: Optional[torch.nn.Module] = None) -> dict:
     device = torch.device(device)
-    record = {"fps_device": device_name(device), "device_type": device.type,
-              "precision": precision_label(precision, device), "torch": torch.__version__}
+    record = {
+        "fps_device": device_name(device),
+        "device_type": device.type,
+        "precision": precision_label(precision, device),
+        "torch": torch.__version__,
+    }
     if device.type == "cuda":
         record["cuda"] = torch.version.cuda
     if model is not None:
@@ -112,19 +118,32 @@ def environment(device, precision: str, model: Optional[torch.nn.Module] = None)
     return record
 
 
-
 def _timings_summary(times: List[float], batch_size: int) -> dict:
     mean = statistics.fmean(times)
-    return {"fps": batch_size / mean, "batch_size": batch_size, "iters": len(times), "mean_s": mean,
-            "median_s": statistics.median(times), "std_s": statistics.pstdev(times) if len(times) > 1 else 0.0,
-            "min_s": min(times)}
+    return {
+        "fps": batch_size / mean,
+        "batch_size": batch_size,
+        "iters": len(times),
+        "mean_s": mean,
+        "median_s": statistics.median(times),
+        "std_s": statistics.pstdev(times) if len(times) > 1 else 0.0,
+        "min_s": min(times),
+    }
 
 
 # ------------------------------------------------------------------------------------------ inference
 
+
 @torch.no_grad()
-def measure_fps(model: torch.nn.Module, images, batch_size: int = 1, iters: int = 100, warmup: int = 10,
-                device=None, precision: str = "fp32") -> dict:
+def measure_fps(
+    model: torch.nn.Module,
+    images,
+    batch_size: int = 1,
+    iters: int = 100,
+    warmup: int = 10,
+    device=None,
+    precision: str = "fp32",
+) -> dict:
     """Frames per second of ``model(images, mask)`` in eval mode.
 
     ``images``: C x H x W tensors (real evaluation images, batched ``batch_size`` at a time and cycled) or one
@@ -148,33 +167,67 @@ def measure_fps(model: torch.nn.Module, images, batch_size: int = 1, iters: int 
             synchronize(device)
             if it >= warmup:
                 times.append(time.perf_counter() - start)
-    return {**_timings_summary(times, batch_size), "warmup": warmup, "num_inputs": len(batches) * batch_size,
-            "input_sizes": sorted({"x".join(map(str, b[0].shape[-2:])) for b in batches}),
-            **environment(device, precision, model)}
+    return {
+        **_timings_summary(times, batch_size),
+        "warmup": warmup,
+        "num_inputs": len(batches) * batch_size,
+        "input_sizes": sorted({"x".join(map(str, b[0].shape[-2:])) for b in batches}),
+        **environment(device, precision, model),
+    }
 
 
-def measure_speed(model: torch.nn.Module, images, batch_sizes: Sequence[int] = (1, 4), iters: int = 100,
-                  warmup: int = 10, device=None, precision: str = "fp32") -> dict:
+def measure_speed(
+    model: torch.nn.Module,
+    images,
+    batch_sizes: Sequence[int] = (1, 4),
+    iters: int = 100,
+    warmup: int = 10,
+    device=None,
+    precision: str = "fp32",
+) -> dict:
     """:func:`measure_fps` at each batch size: ``fps_bs<B>`` for each and the details under ``fps_details``,
     with the device (``fps_device``), precision, attention implementation and torch version."""
     details = {}
     record: Dict[str, object] = {}
     for bs in batch_sizes:
-        result = measure_fps(model, images, batch_size=bs, iters=iters, warmup=warmup, device=device,
-                             precision=precision)
+        result = measure_fps(
+            model, images, batch_size=bs, iters=iters, warmup=warmup, device=device, precision=precision
+        )
         record[f"fps_bs{bs}"] = result["fps"]
-        details[f"bs{bs}"] = {k: result[k] for k in ("fps", "batch_size", "iters", "warmup", "mean_s",
-                                                      "median_s", "std_s", "min_s", "num_inputs", "input_sizes")}
-        env = {k: result[k] for k in ("fps_device", "device_type", "precision", "torch", "attn_impl", "cuda")
-               if k in result}
+        details[f"bs{bs}"] = {
+            k: result[k]
+            for k in (
+                "fps",
+                "batch_size",
+                "iters",
+                "warmup",
+                "mean_s",
+                "median_s",
+                "std_s",
+                "min_s",
+                "num_inputs",
+                "input_sizes",
+            )
+        }
+        env = {
+            k: result[k]
+            for k in ("fps_device", "device_type", "precision", "torch", "attn_impl", "cuda")
+            if k in result
+        }
         record.update(env)
     record["fps_details"] = details
     return record
 
 
-def measure_run_speed(run_cfg, device=None, root: Optional[str] = None, fixed_size: Optional[Tuple[int, int]] = None,
-                      model: Optional[torch.nn.Module] = None, iters: Optional[int] = None,
-                      output_dir: Optional[str] = None) -> dict:
+def measure_run_speed(
+    run_cfg,
+    device=None,
+    root: Optional[str] = None,
+    fixed_size: Optional[Tuple[int, int]] = None,
+    model: Optional[torch.nn.Module] = None,
+    iters: Optional[int] = None,
+    output_dir: Optional[str] = None,
+) -> dict:
     """FPS of ``run_cfg.model`` as ``run_cfg.benchmark`` asks (batch sizes, warm-up, precision) on its first
     ``fps_images`` evaluation images, or on one 3 x H x W image (``fixed_size``) when no dataset is at hand.
     ``model``: time this one (for example the trained model) instead of a freshly built one."""
@@ -188,15 +241,28 @@ def measure_run_speed(run_cfg, device=None, root: Optional[str] = None, fixed_si
     else:
         images = evaluation_images(run_cfg, bench.fps_images, root=root, output_dir=output_dir)
         described = f"first {len(images)} {run_cfg.data.val_split} images ({run_cfg.data.dataset})"
-    record = measure_speed(model, images, batch_sizes=bench.fps_batch_sizes, warmup=bench.fps_warmup,
-                           iters=iters or bench.fps_images, device=device, precision=bench.precision)
+    record = measure_speed(
+        model,
+        images,
+        batch_sizes=bench.fps_batch_sizes,
+        warmup=bench.fps_warmup,
+        iters=iters or bench.fps_images,
+        device=device,
+        precision=bench.precision,
+    )
     record["fps_input"] = described
     return record
 
 
-
-def time_train_step(step, images: torch.Tensor, mask: torch.Tensor, targets: List[dict], amp: str = "off",
-                    iters: int = 10, warmup: int = 3) -> dict:
+def time_train_step(
+    step,
+    images: torch.Tensor,
+    mask: torch.Tensor,
+    targets: List[dict],
+    amp: str = "off",
+    iters: int = 10,
+    warmup: int = 3,
+) -> dict:
     """Seconds per training iteration of ``step`` on one batch: ``step(images, mask, targets)`` is the engine's
     optimiser step (:class:`harness.run.step.OptimiserStep`: forward, loss, backward, gradient clipping,
     optimiser and schedule steps), each iteration between two device synchronisations, after ``warmup``
@@ -227,12 +293,21 @@ def time_train_step(step, images: torch.Tensor, mask: torch.Tensor, targets: Lis
             times.append(time.perf_counter() - start)
     batch_size = images.shape[0]
     summary = _timings_summary(times, batch_size)
-    record = {"mean_s": summary["mean_s"], "median_s": summary["median_s"], "std_s": summary["std_s"],
-              "iters": len(times), "warmup": warmup, "iters_per_s": 1.0 / summary["mean_s"],
-              "images_per_s": summary["fps"], "batch_size": batch_size, "amp": amp,
-              "input_size": "x".join(map(str, images.shape[-2:])), "loss": values["loss"]}
+    record = {
+        "mean_s": summary["mean_s"],
+        "median_s": summary["median_s"],
+        "std_s": summary["std_s"],
+        "iters": len(times),
+        "warmup": warmup,
+        "iters_per_s": 1.0 / summary["mean_s"],
+        "images_per_s": summary["fps"],
+        "batch_size": batch_size,
+        "amp": amp,
+        "input_size": "x".join(map(str, images.shape[-2:])),
+        "loss": values["loss"],
+    }
     if device.type == "cuda":
-        record["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+        record["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     env = environment(device, "bf16" if amp == "bf16" else "fp32", getattr(model, "module", model))
     env.pop("precision")
     return {**record, **env}

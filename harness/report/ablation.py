@@ -5,6 +5,7 @@ The noise of a difference is the root of the sum of squares of the two numbers' 
 single full-scale runs give sqrt(2) x 0.3 = 0.42 AP. A smoke-scale difference has a band only where both rows
 ran with seeds.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,15 +21,15 @@ from harness.report.collect import reproduced
 
 @dataclass(frozen=True)
 class Delta:
-    value: float                  # NaN where either side is missing
-    band: Optional[float]         # the noise of the difference; None: unknown
-    verdict: Optional[str]        # noise.WITHIN / ABOVE / BELOW; None without a band
+    value: float  # NaN where either side is missing
+    band: Optional[float]  # the noise of the difference; None: unknown
+    verdict: Optional[str]  # noise.WITHIN / ABOVE / BELOW; None without a band
 
 
 @dataclass(frozen=True)
 class AblationRow:
     row: Row
-    deltas: Dict[str, Delta]      # "paper", "full", "smoke"
+    deltas: Dict[str, Delta]  # "paper", "full", "smoke"
 
 
 def _runs(agg: pd.DataFrame, label: str, scale: str) -> int:
@@ -54,13 +55,15 @@ def ablation_rows(experiment: Experiment, agg: pd.DataFrame, metric: str = "AP")
             mine, mine_std = reproduced(agg, row.label, scale, metric)
             base, base_std = reproduced(agg, ref.label, scale, metric)
             value = mine - base
-            band = noise.combined(noise.band(metric, mine_std, _runs(agg, row.label, scale), scale),
-                                  noise.band(metric, base_std, _runs(agg, ref.label, scale), scale))
+            band = noise.combined(
+                noise.band(metric, mine_std, _runs(agg, row.label, scale), scale),
+                noise.band(metric, base_std, _runs(agg, ref.label, scale), scale),
+            )
             deltas[scale] = Delta(value, band, noise.verdict(metric, value, band))
         out.append(AblationRow(row, deltas))
     return out
 
 
 def columns_with_values(rows: List[AblationRow]) -> List[str]:
-    """"paper" and the scales at which at least one delta is known."""
+    """ "paper" and the scales at which at least one delta is known."""
     return [k for k in ("paper",) + SCALES if any(not math.isnan(r.deltas[k].value) for r in rows)]

@@ -18,6 +18,7 @@ A COCO number the evaluation could not compute is no number: COCOeval's -1 (no g
 in the evaluated split; -100 once in percent) and a null in the record are read as NaN, and ``undefined`` lists
 those fields (``APl``), so that a table shows "–" there rather than an empty cell or a made-up 0.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,9 +36,20 @@ from harness.store import CorruptFileError, ResultsError, ResultsStore
 # The three records of a row and the prefix of their provenance columns.
 RECORDS = (("training", "train"), ("evaluation", "eval"), ("measurement", "measure"))
 # Text fields, each from one record (the numeric ones: harness.metrics, read as :func:`_record_of` says).
-TEXT_FIELDS = ("fps_device", "device", "commit", "date", "dataset", "attn_impl", "fps_attn_impl", "precision",
-               "backbone_weights", "eval_split", "checkpoint_sha256", "undefined") + tuple(
-    f"{prefix}_{field}" for _, prefix in RECORDS for field in ("commit", "date", "device"))
+TEXT_FIELDS = (
+    "fps_device",
+    "device",
+    "commit",
+    "date",
+    "dataset",
+    "attn_impl",
+    "fps_attn_impl",
+    "precision",
+    "backbone_weights",
+    "eval_split",
+    "checkpoint_sha256",
+    "undefined",
+) + tuple(f"{prefix}_{field}" for _, prefix in RECORDS for field in ("commit", "date", "device"))
 # Each record's own GPU-hours (``gpu_hours`` is their sum).
 RECORD_NUMERIC_FIELDS = tuple(f"{prefix}_gpu_hours" for _, prefix in RECORDS)
 RUN_FIELDS = ("experiment", "label", "row_index", "scale", "seed", "run_id", "state", "error")
@@ -71,10 +83,11 @@ def collect(results_root: Union[str, Path], experiment: Union[Experiment, str, P
     if not isinstance(experiment, Experiment):
         experiment = load_experiment(str(experiment), check_data=False)
     if not Path(results_root).is_dir():
-        raise ResultsError(results_root, "no such results folder; expected the folder holding "
-                           "runs/<run_id>/, e.g. results/")
+        raise ResultsError(
+            results_root, "no such results folder; expected the folder holding runs/<run_id>/, e.g. results/"
+        )
     store = ResultsStore(results_root)
-    full = dataclasses.replace(experiment, selected=None)     # reports cover every row
+    full = dataclasses.replace(experiment, selected=None)  # reports cover every row
     specs = [spec for scale in SCALES for spec in expand(full, scale)]
     flat = [_flatten(config_to_dict(spec.config)) for spec in specs]
     differing = _differing_fields([(spec.scale, fields) for spec, fields in zip(specs, flat)])
@@ -84,8 +97,14 @@ def collect(results_root: Union[str, Path], experiment: Union[Experiment, str, P
     for spec, fields in zip(specs, flat):
         row = experiment.rows[spec.row_index]
         record = dict.fromkeys(COLUMNS)
-        record.update(experiment=spec.experiment, label=spec.label, row_index=spec.row_index,
-                      scale=spec.scale, seed=spec.seed, run_id=spec.run_id)
+        record.update(
+            experiment=spec.experiment,
+            label=spec.label,
+            row_index=spec.row_index,
+            scale=spec.scale,
+            seed=spec.seed,
+            run_id=spec.run_id,
+        )
         record.update(_read_run(store, spec))
         record.update({f"cell.{c}": row.cells.get(c) for c in experiment.columns})
         record.update({key: fields.get(key) for key in differing})
@@ -110,7 +129,7 @@ def _read_run(store: ResultsStore, spec) -> dict:
     entry = store.plan_one(spec)
     errors = [entry.reason] if entry.state in ("failed", "corrupt", "changed") and entry.reason else []
     unusable = set()
-    if entry.state in ("corrupt", "changed"):     # changed: its numbers are another configuration's
+    if entry.state in ("corrupt", "changed"):  # changed: its numbers are another configuration's
         unusable.add(entry.key)
         if entry.key == spec.run_id:
             unusable.update((spec.eval_key, spec.measure_key))
@@ -129,7 +148,7 @@ def _read_run(store: ResultsStore, spec) -> dict:
     trained = (found["training"] or {}).get("checkpoint_sha256")
     evaluated = (found["evaluation"] or {}).get("checkpoint_sha256")
     if trained and evaluated and trained != evaluated:
-        found["evaluation"] = None                     # of an earlier checkpoint: outdated
+        found["evaluation"] = None  # of an earlier checkpoint: outdated
     records = {kind: part or {} for kind, part in found.items()}
     training, evaluation, measurement = records["training"], records["evaluation"], records["measurement"]
 
@@ -144,10 +163,16 @@ def _read_run(store: ResultsStore, spec) -> dict:
     hours = [_number(part.get("gpu_hours")) for part in records.values()]
     hours = [h for h in hours if not math.isnan(h)]
     record["gpu_hours"] = float(sum(hours)) if hours else math.nan
-    text = {"fps_device": measurement.get("fps_device"), "precision": measurement.get("precision"),
-            "fps_attn_impl": measurement.get("fps_attn_impl"), "attn_impl": training.get("attn_impl"),
-            "backbone_weights": training.get("backbone_weights"), "eval_split": evaluation.get("split"),
-            "checkpoint_sha256": training.get("checkpoint_sha256"), "undefined": ", ".join(undefined)}
+    text = {
+        "fps_device": measurement.get("fps_device"),
+        "precision": measurement.get("precision"),
+        "fps_attn_impl": measurement.get("fps_attn_impl"),
+        "attn_impl": training.get("attn_impl"),
+        "backbone_weights": training.get("backbone_weights"),
+        "eval_split": evaluation.get("split"),
+        "checkpoint_sha256": training.get("checkpoint_sha256"),
+        "undefined": ", ".join(undefined),
+    }
     for kind, prefix in RECORDS:
         record[f"{prefix}_gpu_hours"] = _number(records[kind].get("gpu_hours"))
         for field in ("commit", "date", "device"):
@@ -156,7 +181,7 @@ def _read_run(store: ResultsStore, spec) -> dict:
     # and date of its records
     device = next((text[f"{p}_device"] for _, p in RECORDS if text[f"{p}_device"]), None)
     source = evaluation.get("source")
-    if source:                                # numbers measured elsewhere (the COCO evaluation server) say so
+    if source:  # numbers measured elsewhere (the COCO evaluation server) say so
         device = "; ".join(filter(None, [device, f"AP: {source}"]))
     text["device"] = device
     for field in ("commit", "date"):
@@ -201,8 +226,12 @@ def _differing_fields(runs: List[Tuple[str, Dict[str, object]]]) -> List[str]:
     keys: Dict[str, None] = {}
     for _, fields in runs:
         keys.update(dict.fromkeys(fields))
-    return [key for key in keys if not key.startswith(_NOT_COMPARED) and any(
-        len({repr(fields.get(key)) for s, fields in runs if s == scale}) > 1 for scale in SCALES)]
+    return [
+        key
+        for key in keys
+        if not key.startswith(_NOT_COMPARED)
+        and any(len({repr(fields.get(key)) for s, fields in runs if s == scale}) > 1 for scale in SCALES)
+    ]
 
 
 def export(df: pd.DataFrame, path: Union[str, Path]) -> Path:
@@ -234,22 +263,31 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     have = df[df["has_metrics"].astype(bool)]
     out = []
     for (label, scale), group in have.groupby(["label", "scale"], sort=False):
-        record = {"label": label, "scale": scale, "row_index": int(group["row_index"].iloc[0]),
-                  "n_runs": int(len(group)), "seeds": ",".join(str(s) for s in sorted(group["seed"]))}
+        record = {
+            "label": label,
+            "scale": scale,
+            "row_index": int(group["row_index"].iloc[0]),
+            "n_runs": int(len(group)),
+            "seeds": ",".join(str(s) for s in sorted(group["seed"])),
+        }
         for key in NUMERIC_FIELDS:
             values = group[key].dropna()
             record[key] = float(values.mean()) if len(values) else math.nan
             record[f"{key}_seed_std"] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
         for key in TEXT_FIELDS:
-            if key in ("commit", "date", "undefined"):   # each run's lists its records' distinct values
+            if key in ("commit", "date", "undefined"):  # each run's lists its records' distinct values
                 record[key] = ", ".join(sorted({p for v in group[key] if v for p in v.split(", ")}))
             else:
                 record[key] = ", ".join(sorted({v for v in group[key] if v}))
         epochs = group["epochs_trained"].dropna()
         record["epochs_range"] = _range_text(epochs)
         out.append(record)
-    columns = ["label", "scale", "row_index", "n_runs", "seeds"] + [
-        c for key in NUMERIC_FIELDS for c in (key, f"{key}_seed_std")] + list(TEXT_FIELDS) + ["epochs_range"]
+    columns = (
+        ["label", "scale", "row_index", "n_runs", "seeds"]
+        + [c for key in NUMERIC_FIELDS for c in (key, f"{key}_seed_std")]
+        + list(TEXT_FIELDS)
+        + ["epochs_range"]
+    )
     result = pd.DataFrame.from_records(out, columns=columns)
     return result.sort_values(["row_index", "scale"], kind="stable").reset_index(drop=True)
 
@@ -258,6 +296,7 @@ def _range_text(values: pd.Series) -> str:
     if not len(values):
         return ""
     lo, hi = values.min(), values.max()
+
     def fmt(v):
         return f"{v:g}"
 

@@ -9,6 +9,7 @@ are identical) are drawn once, labelled ``A = B`` (``A ≡ B``), with hollow mar
 so curves that cross or overlap stay apart. One column per scale: smoke curves are not set against the paper's
 points. A log-scaled epoch axis where the schedules span more than 20x (Table 1: 50 to 500 epochs).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,17 +42,17 @@ from harness.store import ResultsStore
 
 @dataclasses.dataclass
 class Curve:
-    labels: List[str]             # the rows it belongs to (several: one training, or identical curves)
+    labels: List[str]  # the rows it belongs to (several: one training, or identical curves)
     scale: str
-    runs: Tuple[str, ...]         # run ids (one per seed)
-    epochs: List[int]             # 1-based, where AP was evaluated
-    ap: List[float]               # mean over seeds
-    ap_std: List[float]           # NaN where fewer than two seeds have the epoch
+    runs: Tuple[str, ...]  # run ids (one per seed)
+    epochs: List[int]  # 1-based, where AP was evaluated
+    ap: List[float]  # mean over seeds
+    ap_std: List[float]  # NaN where fewer than two seeds have the epoch
     loss_epochs: List[int]
     loss: List[float]
     lr_epochs: List[int]
     lr: List[float]
-    identical: bool = False       # labels merged because the curves are identical (not one training)
+    identical: bool = False  # labels merged because the curves are identical (not one training)
 
     @property
     def name(self) -> str:
@@ -104,9 +105,18 @@ def convergence_curves(experiment: Experiment, df: pd.DataFrame, store: ResultsS
         curves.append(curve)
     merged: List[Curve] = []
     for curve in curves:
-        twin = next((c for c in merged if c.scale == curve.scale and c.epochs == curve.epochs
-                     and np.allclose(c.ap, curve.ap, rtol=0, atol=1e-9)
-                     and np.allclose(c.loss, curve.loss, rtol=0, atol=1e-9) if len(c.loss) == len(curve.loss)), None)
+        twin = next(
+            (
+                c
+                for c in merged
+                if c.scale == curve.scale
+                and c.epochs == curve.epochs
+                and np.allclose(c.ap, curve.ap, rtol=0, atol=1e-9)
+                and np.allclose(c.loss, curve.loss, rtol=0, atol=1e-9)
+                if len(c.loss) == len(curve.loss)
+            ),
+            None,
+        )
         if twin is None:
             merged.append(curve)
         else:
@@ -127,8 +137,9 @@ def reference_points(experiment: Experiment) -> List[Tuple[str, str, float, floa
         if spec is None or spec.config.data.val_split.startswith("test"):
             continue
         epochs = row.cells.get("epochs")
-        epochs = epochs if isinstance(epochs, (int, float)) and not isinstance(epochs, bool) else \
-            spec.config.train.epochs
+        epochs = (
+            epochs if isinstance(epochs, (int, float)) and not isinstance(epochs, bool) else spec.config.train.epochs
+        )
         for source, numbers in (("paper", row.paper), ("official code", row.official)):
             ap = number(numbers.get("AP"))
             if ap is not None:
@@ -136,12 +147,13 @@ def reference_points(experiment: Experiment) -> List[Tuple[str, str, float, floa
     return out
 
 
-def convergence(experiment: Experiment, df: pd.DataFrame, store: ResultsStore,
-                name: Optional[str] = None) -> Optional[Figure]:
+def convergence(
+    experiment: Experiment, df: pd.DataFrame, store: ResultsStore, name: Optional[str] = None
+) -> Optional[Figure]:
     curves = convergence_curves(experiment, df, store)
     points = reference_points(experiment)
     columns = [s for s in SCALES if any(c.scale == s for c in curves)]
-    if "full" not in columns and len({p[2] for p in points}) >= 2:     # the paper's own convergence comparison
+    if "full" not in columns and len({p[2] for p in points}) >= 2:  # the paper's own convergence comparison
         columns.insert(0, "full")
     if not columns:
         return None
@@ -159,19 +171,40 @@ def convergence(experiment: Experiment, df: pd.DataFrame, store: ResultsStore,
         for k, curve in enumerate(mine):
             colour = palette.get(curve.labels[0], "grey")
             shared = len(curve.labels) > 1
-            line, = ax.plot(curve.epochs, curve.ap, color=colour, marker=MARKERS[k % len(MARKERS)], markersize=3,
-                            linewidth=1.0, markerfacecolor="white" if shared else colour)
+            (line,) = ax.plot(
+                curve.epochs,
+                curve.ap,
+                color=colour,
+                marker=MARKERS[k % len(MARKERS)],
+                markersize=3,
+                linewidth=1.0,
+                markerfacecolor="white" if shared else colour,
+            )
             std = np.array(curve.ap_std)
             if np.isfinite(std).any():
                 mean = np.array(curve.ap)
-                ax.fill_between(curve.epochs, mean - np.nan_to_num(std), mean + np.nan_to_num(std), color=colour,
-                                alpha=0.2, linewidth=0)
+                ax.fill_between(
+                    curve.epochs,
+                    mean - np.nan_to_num(std),
+                    mean + np.nan_to_num(std),
+                    color=colour,
+                    alpha=0.2,
+                    linewidth=0,
+                )
             handles.setdefault(curve.name, line)
             if curve.loss:
                 below.plot(curve.loss_epochs, curve.loss, color=colour, linewidth=1.0)
         for label, source, epoch, ap in shown_points:
-            ax.scatter([epoch], [ap], s=20, marker="o" if source == "paper" else "D", facecolors="none",
-                       edgecolors=palette.get(label, "grey"), linewidths=0.9, zorder=3)
+            ax.scatter(
+                [epoch],
+                [ap],
+                s=20,
+                marker="o" if source == "paper" else "D",
+                facecolors="none",
+                edgecolors=palette.get(label, "grey"),
+                linewidths=0.9,
+                zorder=3,
+            )
         if shown_points:
             labelled.append((ax, [Point(source, label, epoch, ap) for label, source, epoch, ap in shown_points]))
         lr_curves = [c for c in mine if c.lr]
@@ -179,8 +212,15 @@ def convergence(experiment: Experiment, df: pd.DataFrame, store: ResultsStore,
             twin = below.twinx()
             twin.spines["right"].set_visible(True)
             for curve in lr_curves:
-                twin.plot(curve.lr_epochs, curve.lr, color=palette.get(curve.labels[0], "grey"), linewidth=0.8,
-                          linestyle="--", drawstyle="steps-pre", alpha=0.8)
+                twin.plot(
+                    curve.lr_epochs,
+                    curve.lr,
+                    color=palette.get(curve.labels[0], "grey"),
+                    linewidth=0.8,
+                    linestyle="--",
+                    drawstyle="steps-pre",
+                    alpha=0.8,
+                )
             twin.set_yscale("log")
             twin.set_ylabel("learning rate (dashed)")
         if epochs and (max(epochs) >= 200 or max(epochs) / max(min(epochs), 1) > 20):
@@ -200,25 +240,55 @@ def convergence(experiment: Experiment, df: pd.DataFrame, store: ResultsStore,
         below.set_ylabel("training loss")
         below.grid(True)
         if not mine:
-            below.text(0.5, 0.5, "no training logged at this scale yet", transform=below.transAxes, ha="center",
-                       va="center", fontsize=7, color="grey")
+            below.text(
+                0.5,
+                0.5,
+                "no training logged at this scale yet",
+                transform=below.transAxes,
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="grey",
+            )
             below.set_yticks([])
     kinds = []
     if any(p[1] == "paper" for p in points) and "full" in columns:
-        kinds.append(Line2D([], [], color="grey", marker="o", markerfacecolor="none", linestyle="none",
-                            label="paper (final AP)"))
+        kinds.append(
+            Line2D([], [], color="grey", marker="o", markerfacecolor="none", linestyle="none", label="paper (final AP)")
+        )
     if any(p[1] == "official code" for p in points) and "full" in columns:
-        kinds.append(Line2D([], [], color="grey", marker="D", markerfacecolor="none", linestyle="none",
-                            label="official code (final AP)"))
+        kinds.append(
+            Line2D(
+                [],
+                [],
+                color="grey",
+                marker="D",
+                markerfacecolor="none",
+                linestyle="none",
+                label="official code (final AP)",
+            )
+        )
     if any(len(c.labels) > 1 for c in curves):
         kinds.append(Line2D([], [], color="grey", marker="o", markerfacecolor="white", label="one curve, rows A = B"))
     labels = [short(t, 44) for t in handles] + [k.get_label() for k in kinds]
     if labels:
-        fig.legend(list(handles.values()) + kinds, labels, loc="outside lower center",
-                   ncol=2 if len(columns) > 1 else 1, fontsize=6.5, handlelength=1.8)
+        fig.legend(
+            list(handles.values()) + kinds,
+            labels,
+            loc="outside lower center",
+            ncol=2 if len(columns) > 1 else 1,
+            fontsize=6.5,
+            handlelength=1.8,
+        )
     bands = any(np.isfinite(np.array(c.ap_std)).any() for c in curves)
-    suptitle(fig, experiment, "Convergence: AP per epoch" + (" (band: std over seeds)" if bands else "") +
-              "; training loss and learning rate below", name)
+    suptitle(
+        fig,
+        experiment,
+        "Convergence: AP per epoch"
+        + (" (band: std over seeds)" if bands else "")
+        + "; training loss and learning rate below",
+        name,
+    )
     for ax, shown in labelled:
         label_points(ax, shown, palette)
     return fig

@@ -6,6 +6,7 @@ model without memory size or form factor (``V100``, ``A100``, ``H100``, ``RTX 40
 references' class is :data:`harness.metrics.REFERENCE_DEVICE_CLASS` (the paper and the official README measured
 on a V100).
 """
+
 from __future__ import annotations
 
 import re

@@ -6,6 +6,7 @@ the vector PDF, fixed metadata (no dates: the same bytes for the same matplotlib
 experiment's own name and caption (:func:`.groups.title`). Point labels are placed beside their points without
 overlapping each other or another point (:func:`place_labels`), instead of long legends.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,15 +24,37 @@ from matplotlib.figure import Figure
 from harness.grid import Experiment
 from harness.report.groups import title
 
-COLUMN_WIDTH = 3.25       # inches: one column of a two-column paper
-TEXT_WIDTH = 6.75         # inches: both columns
-RC = {"svg.hashsalt": "deformable-detr-reports", "pdf.compression": 6, "pdf.fonttype": 42, "ps.fonttype": 42,
-      "font.family": "serif", "font.serif": ["STIXGeneral", "DejaVu Serif"], "mathtext.fontset": "stix",
-      "font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fontsize": 7, "xtick.labelsize": 7,
-      "ytick.labelsize": 7, "axes.linewidth": 0.6, "xtick.major.width": 0.6, "ytick.major.width": 0.6,
-      "xtick.minor.width": 0.4, "ytick.minor.width": 0.4, "lines.linewidth": 1.0, "lines.markersize": 3.5,
-      "grid.linewidth": 0.3, "grid.alpha": 0.6, "legend.frameon": False, "axes.spines.top": False,
-      "axes.spines.right": False, "figure.dpi": 100, "hatch.linewidth": 0.5}
+COLUMN_WIDTH = 3.25  # inches: one column of a two-column paper
+TEXT_WIDTH = 6.75  # inches: both columns
+RC = {
+    "svg.hashsalt": "deformable-detr-reports",
+    "pdf.compression": 6,
+    "pdf.fonttype": 42,
+    "ps.fonttype": 42,
+    "font.family": "serif",
+    "font.serif": ["STIXGeneral", "DejaVu Serif"],
+    "mathtext.fontset": "stix",
+    "font.size": 8,
+    "axes.titlesize": 8,
+    "axes.labelsize": 8,
+    "legend.fontsize": 7,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "axes.linewidth": 0.6,
+    "xtick.major.width": 0.6,
+    "ytick.major.width": 0.6,
+    "xtick.minor.width": 0.4,
+    "ytick.minor.width": 0.4,
+    "lines.linewidth": 1.0,
+    "lines.markersize": 3.5,
+    "grid.linewidth": 0.3,
+    "grid.alpha": 0.6,
+    "legend.frameon": False,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "figure.dpi": 100,
+    "hatch.linewidth": 0.5,
+}
 METADATA = {
     "png": {"Software": None},
     "pdf": {"CreationDate": None, "ModDate": None, "Producer": None, "Creator": None},
@@ -45,7 +68,7 @@ SCALE_TITLES = {"full": "full scale (COCO)", "smoke": "smoke scale (synthetic da
 
 
 def new_figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), layout="constrained")    # makes room for legends outside the axes
+    fig = Figure(figsize=(width, height), layout="constrained")  # makes room for legends outside the axes
     FigureCanvasAgg(fig)
     return fig
 
@@ -87,10 +110,9 @@ def ink(colour: str) -> str:
     return matplotlib.colors.to_hex((r * 0.8, g * 0.8, b * 0.8))
 
 
-
 @dataclasses.dataclass
 class Point:
-    source: str                   # paper | official code | ours
+    source: str  # paper | official code | ours
     label: str
     x: float
     y: float
@@ -105,33 +127,60 @@ def number(value) -> Optional[float]:
     return float(value)
 
 
-_PLACES = [(4, 0, "left", "center"), (-4, 0, "right", "center"), (0, 5, "center", "bottom"),
-           (0, -5, "center", "top"), (4, 5, "left", "bottom"), (4, -5, "left", "top"), (-4, 5, "right", "bottom"),
-           (-4, -5, "right", "top")] + [
-    (dx, dy, "left" if dx > 0 else "right", "center") for dist in (10, 16, 22, 30, 38)
-    for dx, dy in ((8, dist), (8, -dist), (-8, dist), (-8, -dist), (dist + 8, dist / 2), (dist + 8, -dist / 2),
-                   (-dist - 8, dist / 2), (-dist - 8, -dist / 2))]
+_PLACES = [
+    (4, 0, "left", "center"),
+    (-4, 0, "right", "center"),
+    (0, 5, "center", "bottom"),
+    (0, -5, "center", "top"),
+    (4, 5, "left", "bottom"),
+    (4, -5, "left", "top"),
+    (-4, 5, "right", "bottom"),
+    (-4, -5, "right", "top"),
+] + [
+    (dx, dy, "left" if dx > 0 else "right", "center")
+    for dist in (10, 16, 22, 30, 38)
+    for dx, dy in (
+        (8, dist),
+        (8, -dist),
+        (-8, dist),
+        (-8, -dist),
+        (dist + 8, dist / 2),
+        (dist + 8, -dist / 2),
+        (-dist - 8, dist / 2),
+        (-dist - 8, -dist / 2),
+    )
+]
 
 
 def place_labels(ax, items: Sequence[Tuple[str, float, float, str]], fontsize: float = 5.5) -> List:
     """Label each (text, x, y, colour) beside its point without overlapping another label or point (a greedy
     search over :data:`_PLACES`; a label moved off its point gets a thin leader line). Returns the texts."""
     fig = ax.figure
-    fig.canvas.draw()                                         # settle the layout: positions are final
+    fig.canvas.draw()  # settle the layout: positions are final
     renderer = fig.canvas.get_renderer()
     to_display = ax.transData.transform
     scale = fig.dpi / 72
     points = [to_display((x, y)) for _, x, y, _ in items]
     radius = 3.5 * scale
-    obstacles = [matplotlib.transforms.Bbox([[px - radius, py - radius], [px + radius, py + radius]])
-                 for px, py in points]
+    obstacles = [
+        matplotlib.transforms.Bbox([[px - radius, py - radius], [px + radius, py + radius]]) for px, py in points
+    ]
     frame = ax.get_window_extent(renderer)
     placed, texts = [], []
-    for (text, x, y, colour) in items:
+    for text, x, y, colour in items:
         best = None
         for dx, dy, ha, va in _PLACES:
-            artist = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
-                                 ha=ha, va=va, color=colour, annotation_clip=False)
+            artist = ax.annotate(
+                text,
+                (x, y),
+                xytext=(dx, dy),
+                textcoords="offset points",
+                fontsize=fontsize,
+                ha=ha,
+                va=va,
+                color=colour,
+                annotation_clip=False,
+            )
             artist.set_in_layout(False)
             box = artist.get_window_extent(renderer).expanded(1.04, 1.1)
             overlaps = sum(box.overlaps(o) for o in obstacles + placed)
@@ -146,12 +195,21 @@ def place_labels(ax, items: Sequence[Tuple[str, float, float, str]], fontsize: f
             if score == 0:
                 break
         _, artist, box, (dx, dy) = best
-        if abs(dy) > 6 or abs(dx) > 6:            # moved off its point: a leader line back to it
+        if abs(dy) > 6 or abs(dx) > 6:  # moved off its point: a leader line back to it
             ha, va = artist.get_ha(), artist.get_va()
             artist.remove()
-            artist = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
-                                 ha=ha, va=va, color=colour, annotation_clip=False,
-                                 arrowprops=dict(arrowstyle="-", linewidth=0.4, color="0.45", shrinkA=0, shrinkB=2))
+            artist = ax.annotate(
+                text,
+                (x, y),
+                xytext=(dx, dy),
+                textcoords="offset points",
+                fontsize=fontsize,
+                ha=ha,
+                va=va,
+                color=colour,
+                annotation_clip=False,
+                arrowprops=dict(arrowstyle="-", linewidth=0.4, color="0.45", shrinkA=0, shrinkB=2),
+            )
             artist.set_in_layout(False)
         placed.append(box)
         texts.append(artist)
@@ -165,7 +223,4 @@ def label_points(ax, points: Sequence[Point], colours: Dict[str, str]) -> None:
     for p in points:
         if p.label not in chosen or p.source == "ours":
             chosen[p.label] = p
-    place_labels(ax, [(short(p.label, 36), p.x, p.y, ink(colours.get(p.label, "black")))
-                      for p in chosen.values()])
-
-
+    place_labels(ax, [(short(p.label, 36), p.x, p.y, ink(colours.get(p.label, "black"))) for p in chosen.values()])

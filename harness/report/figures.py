@@ -17,6 +17,7 @@ report with command-line overrides names its figures ``<name>+<tag>_*`` (:mod:`.
 Files are written with fixed metadata (no dates), so regenerating gives the same bytes for the same matplotlib
 version. A figure with nothing to draw is not written.
 """
+
 from __future__ import annotations
 
 import math
@@ -58,6 +59,7 @@ __all__ = ["ablation_deltas", "ap_versus", "convergence", "convergence_curves", 
 
 # ------------------------------------------------------------------------------------------ AP against cost
 
+
 def _panels(experiment: Experiment, agg: pd.DataFrame, column: str) -> Dict[Tuple[str, str], List[Point]]:
     """(scale, device class) -> points; the device class only for FPS ("" otherwise). The references' panel
     is (full, the references' class) for FPS, (full, "") else."""
@@ -79,15 +81,19 @@ def _panels(experiment: Experiment, agg: pd.DataFrame, column: str) -> Dict[Tupl
                 sub = agg[(agg["label"] == row.label) & (agg["scale"] == scale)]
                 device = " / ".join(classes(str(sub["fps_device"].iloc[0]))) or "unknown device"
             panels.setdefault((scale, device), []).append(Point("ours", row.label, x, y, x_std, y_std))
-    order = [ref_key] + sorted(k for k in panels if k != ref_key and k[0] == "full") + \
-        sorted(k for k in panels if k[0] == "smoke")
+    order = (
+        [ref_key]
+        + sorted(k for k in panels if k != ref_key and k[0] == "full")
+        + sorted(k for k in panels if k[0] == "smoke")
+    )
     return {k: panels[k] for k in order if k in panels}
 
 
 # Where a point's label may go, tried in order: (dx, dy) in points from the point, horizontal and vertical
 # alignment; the first that overlaps no other label, no point and stays inside the axes wins.
-def ap_versus(experiment: Experiment, agg: pd.DataFrame, column: str, xlabel: str,
-              name: Optional[str] = None) -> Optional[Figure]:
+def ap_versus(
+    experiment: Experiment, agg: pd.DataFrame, column: str, xlabel: str, name: Optional[str] = None
+) -> Optional[Figure]:
     """AP against ``column`` (flops or fps), one panel per scale (and, for FPS, per device class)."""
     panels = _panels(experiment, agg, column)
     if not panels:
@@ -102,24 +108,48 @@ def ap_versus(experiment: Experiment, agg: pd.DataFrame, column: str, xlabel: st
         for p in points:
             colour = palette.get(p.label, "grey")
             if p.source == "ours" and not (math.isnan(p.x_std) and math.isnan(p.y_std)):
-                ax.errorbar([p.x], [p.y], xerr=None if math.isnan(p.x_std) else [p.x_std],
-                            yerr=None if math.isnan(p.y_std) else [p.y_std], fmt="none", ecolor=colour,
-                            elinewidth=0.7, capsize=1.5)
+                ax.errorbar(
+                    [p.x],
+                    [p.y],
+                    xerr=None if math.isnan(p.x_std) else [p.x_std],
+                    yerr=None if math.isnan(p.y_std) else [p.y_std],
+                    fmt="none",
+                    ecolor=colour,
+                    elinewidth=0.7,
+                    capsize=1.5,
+                )
             marker, face = styles[p.source]
-            ax.scatter([p.x], [p.y], marker=marker, s=20, facecolors=face or colour, edgecolors=colour,
-                       linewidths=0.9, zorder=3)
+            ax.scatter(
+                [p.x],
+                [p.y],
+                marker=marker,
+                s=20,
+                facecolors=face or colour,
+                edgecolors=colour,
+                linewidths=0.9,
+                zorder=3,
+            )
         ours_here = [p for p in points if p.source == "ours"]
-        for p in ours_here:                           # ours joined to the paper's point of the same row
+        for p in ours_here:  # ours joined to the paper's point of the same row
             ref = next((q for q in points if q.label == p.label and q.source == "paper"), None)
             if ref is not None:
-                ax.plot([ref.x, p.x], [ref.y, p.y], color=palette.get(p.label, "grey"), linewidth=0.4,
-                        linestyle=":", zorder=1)
+                ax.plot(
+                    [ref.x, p.x],
+                    [ref.y, p.y],
+                    color=palette.get(p.label, "grey"),
+                    linewidth=0.4,
+                    linestyle=":",
+                    zorder=1,
+                )
         where = SCALE_TITLES[scale]
         if column == "fps":
             where += f", {device}" if device else ""
             refs = any(p.source != "ours" for p in points)
-            where = (f"{device}: paper, official code" + (" and ours" if ours_here else "")
-                     if refs else f"ours on {device}, {scale} scale")
+            where = (
+                f"{device}: paper, official code" + (" and ours" if ours_here else "")
+                if refs
+                else f"ours on {device}, {scale} scale"
+            )
             if refs:
                 where += " (batch 1)"
         ax.set_title(textwrap.fill(where, 55), fontsize=7)
@@ -127,12 +157,25 @@ def ap_versus(experiment: Experiment, agg: pd.DataFrame, column: str, xlabel: st
         ax.set_ylabel("AP (%)")
         ax.grid(True)
         ax.margins(x=0.12, y=0.12)
-    kinds = [k for k in ("paper", "official code", "ours")
-             if any(p.source == k for _, points in axes for p in points)]
+    kinds = [k for k in ("paper", "official code", "ours") if any(p.source == k for _, points in axes for p in points)]
     legend = {"paper": "paper", "official code": "official code", "ours": "ours (bars: std over seeds)"}
-    fig.legend([Line2D([], [], color="grey", marker=styles[k][0], markerfacecolor="none" if k != "ours" else "grey",
-                       linestyle="none") for k in kinds], [legend[k] for k in kinds], loc="outside lower center",
-               ncol=len(kinds), fontsize=6.5)
+    fig.legend(
+        [
+            Line2D(
+                [],
+                [],
+                color="grey",
+                marker=styles[k][0],
+                markerfacecolor="none" if k != "ours" else "grey",
+                linestyle="none",
+            )
+            for k in kinds
+        ],
+        [legend[k] for k in kinds],
+        loc="outside lower center",
+        ncol=len(kinds),
+        fontsize=6.5,
+    )
     what = {"flops": "AP against GFLOPs", "fps": "AP against FPS, per device class"}[column]
     suptitle(fig, experiment, what, name)
     for ax, points in axes:
@@ -141,6 +184,7 @@ def ap_versus(experiment: Experiment, agg: pd.DataFrame, column: str, xlabel: st
 
 
 # ------------------------------------------------------------------------------------------ ablation deltas
+
 
 def ablation_deltas(experiment: Experiment, agg: pd.DataFrame, name: Optional[str] = None) -> Optional[Figure]:
     """AP of each row minus the reference row's: the paper's and ours at each scale as grouped bars on one
@@ -161,9 +205,17 @@ def ablation_deltas(experiment: Experiment, agg: pd.DataFrame, name: Optional[st
             if math.isnan(d.value):
                 continue
             within = d.verdict == noise.WITHIN
-            ax.barh([y], [d.value], height=height * 0.9, color="white" if within else colours[key],
-                    edgecolor=colours[key], hatch="//////" if within else None, linewidth=0.6,
-                    xerr=None if d.band is None else [d.band], error_kw={"elinewidth": 0.6, "capsize": 1.5})
+            ax.barh(
+                [y],
+                [d.value],
+                height=height * 0.9,
+                color="white" if within else colours[key],
+                edgecolor=colours[key],
+                hatch="//////" if within else None,
+                linewidth=0.6,
+                xerr=None if d.band is None else [d.band],
+                error_kw={"elinewidth": 0.6, "capsize": 1.5},
+            )
     handles = [Patch(facecolor=colours[k], edgecolor=colours[k], label=names[k]) for k in series]
     if any(r.deltas[k].verdict == noise.WITHIN for r in rows for k in series):
         handles.append(Patch(facecolor="white", edgecolor="grey", hatch="//////", label="within noise"))
@@ -174,15 +226,22 @@ def ablation_deltas(experiment: Experiment, agg: pd.DataFrame, name: Optional[st
     ax.set_xlabel("AP difference to the reference row (points)")
     ax.grid(True, axis="x")
     fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=6.5)
-    suptitle(fig, experiment, f"Ablations: AP minus AP of the reference row, {experiment.reference_row} "
-              "(error bars: noise of the difference)", name)
+    suptitle(
+        fig,
+        experiment,
+        f"Ablations: AP minus AP of the reference row, {experiment.reference_row} "
+        "(error bars: noise of the difference)",
+        name,
+    )
     return fig
 
 
 # ------------------------------------------------------------------------------------------ files
 
-def write_figures(experiment: Experiment, results_root, figures_dir, df: Optional[pd.DataFrame] = None,
-                  name: Optional[str] = None) -> List[Path]:
+
+def write_figures(
+    experiment: Experiment, results_root, figures_dir, df: Optional[pd.DataFrame] = None, name: Optional[str] = None
+) -> List[Path]:
     """Write every figure that has something to draw; returns the paths written. ``name``: the files' stem
     and the title's name, for a report of the experiment with command-line overrides
     (``table2+epochs3-1a2b3c``: :mod:`.variant`); default the experiment's name."""

@@ -16,6 +16,7 @@ The descriptive cells come from the row's ``cells``; a column the row leaves out
 override of the same key (``axes`` rows: the swept value). Whenever the cells do not tell every row apart, a
 "Row" column with the labels comes first.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,10 +32,20 @@ from harness.report.collect import aggregate, reproduced, run_states
 from harness.report.devices import classes, comparable, device_class, split_devices
 
 PROVENANCE = ("scale", "dataset", "epochs trained", "device", "commit", "date")
-LABEL = "label"             # the lead column holding row labels
+LABEL = "label"  # the lead column holding row labels
 # the titles of the descriptive columns an experiment's ``columns`` name (others print as written)
-COLUMN_TITLES = {"method": "Method", "epochs": "Epochs", "ms_inputs": "MS inputs", "ms_attention": "MS attention",
-                 "K": "K", "fpn": "FPNs", "backbone": "Backbone", "tta": "TTA", "publisher": "Publisher", LABEL: "Row"}
+COLUMN_TITLES = {
+    "method": "Method",
+    "epochs": "Epochs",
+    "ms_inputs": "MS inputs",
+    "ms_attention": "MS attention",
+    "K": "K",
+    "fpn": "FPNs",
+    "backbone": "Backbone",
+    "tta": "TTA",
+    "publisher": "Publisher",
+    LABEL: "Row",
+}
 
 
 def _plain_signed(value: float, decimals: int) -> str:
@@ -43,31 +54,32 @@ def _plain_signed(value: float, decimals: int) -> str:
 
 @dataclass(frozen=True)
 class Style:
-    check: str              # a true boolean cell
+    check: str  # a true boolean cell
     pm: str
-    dash: str               # a missing difference; a COCO number the evaluation could not compute
+    dash: str  # a missing difference; a COCO number the evaluation could not compute
     markers: Dict[str, str]  # noise verdict -> symbol
     escape: Callable[[str], str]
-    signed: Callable[[float, int], str] = _plain_signed   # a difference: value, decimals -> "+0.4" / "-0.3"
+    signed: Callable[[float, int], str] = _plain_signed  # a difference: value, decimals -> "+0.4" / "-0.3"
 
 
 @dataclass(frozen=True)
 class Cell:
     """One number of a line, in a style's spelling; empty (``value == ""``) where nothing was measured."""
-    value: str = ""                  # "44.2±0.3", "43.8", or the style's dash (COCOeval had no value)
-    deltas: Tuple[str, ...] = ()     # to the paper and (a row with official numbers) the official code
-    held: str = ""                   # the difference to the reference the number is held to (compact tables)
-    marker: str = ""                 # noise verdict symbol
-    device: str = ""                 # the device class of a machine-dependent number of ours ("CPU", "V100")
-    devices: Tuple[str, ...] = ()    # the device names it was measured on (notes)
+
+    value: str = ""  # "44.2±0.3", "43.8", or the style's dash (COCOeval had no value)
+    deltas: Tuple[str, ...] = ()  # to the paper and (a row with official numbers) the official code
+    held: str = ""  # the difference to the reference the number is held to (compact tables)
+    marker: str = ""  # noise verdict symbol
+    device: str = ""  # the device class of a machine-dependent number of ours ("CPU", "V100")
+    devices: Tuple[str, ...] = ()  # the device names it was measured on (notes)
 
 
 @dataclass(frozen=True)
 class Line:
-    kind: str               # paper | official | ours | state
+    kind: str  # paper | official | ours | state
     source: str
     metrics: List[Cell]
-    provenance: List[str] = field(default_factory=list)   # ours lines only
+    provenance: List[str] = field(default_factory=list)  # ours lines only
     scale: str = ""
 
 
@@ -79,6 +91,7 @@ class Group:
 
 
 # ------------------------------------------------------------------------------------------ cells
+
 
 def missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
@@ -93,8 +106,17 @@ def reference_cell(metric: str, value) -> Cell:
     return Cell(f"{float(value):.1f}")
 
 
-def ours_cell(metric: str, mean: float, std: float, n_runs: int, scale: str, row: Row, style: Style,
-              devices: str = "", undefined: bool = False) -> Cell:
+def ours_cell(
+    metric: str,
+    mean: float,
+    std: float,
+    n_runs: int,
+    scale: str,
+    row: Row,
+    style: Style,
+    devices: str = "",
+    undefined: bool = False,
+) -> Cell:
     """Our number of ``metric`` on a line: ``devices`` the aggregated names of the machines a machine-dependent
     number was measured on; ``undefined`` that the evaluation had no value for it (COCOeval's -1)."""
     if missing(mean):
@@ -108,7 +130,7 @@ def ours_cell(metric: str, mean: float, std: float, n_runs: int, scale: str, row
     device = " / ".join(found)
     compared = scale in COMPARED_SCALES and comparable(metric, devices)
     cell = Cell(text, device=device, devices=tuple(split_devices(devices)) if device_bound else ())
-    if not compared:                       # a smoke line, or measured on another device class than the references'
+    if not compared:  # a smoke line, or measured on another device class than the references'
         return cell
     references = [row.paper.get(metric)] + ([row.official.get(metric)] if has_official(row) else [])
     deltas: Tuple[str, ...] = ()
@@ -116,8 +138,11 @@ def ours_cell(metric: str, mean: float, std: float, n_runs: int, scale: str, row
         deltas = tuple(style.dash if missing(r) else style.signed(mean - float(r), decimals) for r in references)
     _, held = noise.held_reference(row.paper, row.official, metric)
     held_text = style.signed(mean - held, decimals) if held is not None else ""
-    verdict = noise.verdict(metric, mean - held if held is not None else math.nan,
-                            noise.band(metric, std, n_runs, scale, evaluation_only(row, scale)))
+    verdict = noise.verdict(
+        metric,
+        mean - held if held is not None else math.nan,
+        noise.band(metric, std, n_runs, scale, evaluation_only(row, scale)),
+    )
     marker = style.markers[verdict] if verdict is not None else ""
     return Cell(text, deltas, held_text, marker, device, cell.devices)
 
@@ -137,6 +162,7 @@ def _has_paper(row: Row) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ lead columns
+
 
 def _flat_overrides(tree, prefix="") -> Dict[str, object]:
     out: Dict[str, object] = {}
@@ -185,25 +211,39 @@ _PLAIN = Style(check="x", pm="+-", dash="-", markers={}, escape=str)
 
 # ------------------------------------------------------------------------------------------ groups
 
-def build_groups(experiment: Experiment, df: pd.DataFrame, style: Style,
-                 format_provenance: Callable[[Sequence[str]], List[str]] = list) -> Tuple[List[str], List[Group]]:
+
+def build_groups(
+    experiment: Experiment,
+    df: pd.DataFrame,
+    style: Style,
+    format_provenance: Callable[[Sequence[str]], List[str]] = list,
+) -> Tuple[List[str], List[Group]]:
     """(lead column keys, one :class:`Group` per row of the experiment)."""
     lead = lead_columns(experiment)
     agg = aggregate(df)
-    collapsed = list(collapsed_at_smoke(experiment).values())     # once per report: it expands the grid twice
+    collapsed = list(collapsed_at_smoke(experiment).values())  # once per report: it expands the grid twice
     groups = []
     for row in experiment.rows:
         cells = [style.escape(row.label) if c == LABEL else _cell_text(cell_value(row, c), style) for c in lead]
         lines: List[Line] = []
         if _has_paper(row) or row.cited:
-            lines.append(Line("paper", "paper (cited)" if row.cited else "paper",
-                              [reference_cell(m, row.paper.get(m)) for m in experiment.metrics]))
+            lines.append(
+                Line(
+                    "paper",
+                    "paper (cited)" if row.cited else "paper",
+                    [reference_cell(m, row.paper.get(m)) for m in experiment.metrics],
+                )
+            )
         if has_official(row):
-            lines.append(Line("official", "official code",
-                              [reference_cell(m, row.official.get(m)) for m in experiment.metrics]))
+            lines.append(
+                Line("official", "official code", [reference_cell(m, row.official.get(m)) for m in experiment.metrics])
+            )
         if not row.cited:
-            ours = [line for scale in SCALES for line in _ours_lines(experiment, agg, row, scale, style,
-                                                                     format_provenance, collapsed)]
+            ours = [
+                line
+                for scale in SCALES
+                for line in _ours_lines(experiment, agg, row, scale, style, format_provenance, collapsed)
+            ]
             if ours:
                 lines += ours
             else:
@@ -229,15 +269,24 @@ def _ours_lines(experiment, agg, row, scale, style, format_provenance, collapsed
     for m in experiment.metrics:
         mean, std = reproduced(agg, row.label, scale, m)
         device_field = BY_NAME[m].device_field
-        cells.append(ours_cell(m, mean, std, n_runs, scale, row, style,
-                               devices=str(r[device_field] or "") if device_field else "",
-                               undefined=BY_NAME[m].field in undefined))
-    if not any(cell.value and cell.value != style.dash for cell in cells):   # none of this table's columns
+        cells.append(
+            ours_cell(
+                m,
+                mean,
+                std,
+                n_runs,
+                scale,
+                row,
+                style,
+                devices=str(r[device_field] or "") if device_field else "",
+                undefined=BY_NAME[m].field in undefined,
+            )
+        )
+    if not any(cell.value and cell.value != style.dash for cell in cells):  # none of this table's columns
         return []
     source = f"ours ({scale})" + (f", {n_runs} seeds" if n_runs > 1 else "")
-    if scale == "smoke":         # the smoke profile made this row one training with others: say which
-        twins = [label for labels in collapsed if row.label in labels
-                 for label in labels if label != row.label]
+    if scale == "smoke":  # the smoke profile made this row one training with others: say which
+        twins = [label for labels in collapsed if row.label in labels for label in labels if label != row.label]
         if twins:
             source += "; one run with " + ", ".join(repr(t) for t in twins)
     return [Line("ours", source, cells, format_provenance(provenance(r, scale)), scale)]
@@ -248,7 +297,7 @@ def provenance(r, scale: str) -> List[str]:
     device = r["device"]
     if r["fps_device"] and r["fps_device"] != r["device"]:
         device = f"{device}; FPS: {r['fps_device']}" if device else f"FPS: {r['fps_device']}"
-    if "reference" in f"{r['attn_impl']} {r['fps_attn_impl']}":   # never hide that a line ran the slow fallback
+    if "reference" in f"{r['attn_impl']} {r['fps_attn_impl']}":  # never hide that a line ran the slow fallback
         device = f"{device}; attention: pure-PyTorch reference" if device else "attention: pure-PyTorch reference"
     commits = ", ".join(c[:7] for c in str(r["commit"]).split(", ") if c)
     dates = ", ".join(sorted({d[:10] for d in str(r["date"]).split(", ") if d}))
@@ -295,12 +344,16 @@ def devices_shown(groups: Sequence[Group]) -> List[Tuple[str, bool]]:
 
 # ------------------------------------------------------------------------------------------ titles
 
+
 def first_sentence(text: str) -> str:
     """The caption's first sentence, without its full stop: a title."""
     text = " ".join((text or "").split())
     for i, char in enumerate(text):
-        if char == "." and (i + 1 == len(text) or text[i + 1] == " ") and not text[max(0, i - 3):i].endswith(
-                ("e.g", "i.e", "vs", "al", "Fig", "Tab")):
+        if (
+            char == "."
+            and (i + 1 == len(text) or text[i + 1] == " ")
+            and not text[max(0, i - 3) : i].endswith(("e.g", "i.e", "vs", "al", "Fig", "Tab"))
+        ):
             return text[:i]
     return text
 

@@ -8,6 +8,7 @@ whether it is the row's canonical record: the one today's expansion of the exper
 overrides) names. A record a row shares with another row (one training for two rows) lists under the row
 that prepared it first.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,8 +47,11 @@ def canonical_keys(experiment: Experiment) -> Dict[str, Dict[str, str]]:
     out: Dict[str, Dict[str, str]] = {}
     for scale in SCALES:
         for spec in expand(written, scale):
-            for kind, key in (("training", spec.run_id), ("evaluation", spec.eval_key),
-                              ("measurement", spec.measure_key)):
+            for kind, key in (
+                ("training", spec.run_id),
+                ("evaluation", spec.eval_key),
+                ("measurement", spec.measure_key),
+            ):
                 out.setdefault(key, {})[spec.label] = kind
     return out
 
@@ -63,7 +67,7 @@ def _state(store: ResultsStore, key: str) -> str:
 def _overrides(doc: dict) -> str:
     overrides = doc.get("overrides")
     if overrides is None:
-        return "(not recorded)"          # a record prepared before config.yaml recorded them
+        return "(not recorded)"  # a record prepared before config.yaml recorded them
     return " ".join(str(o) for o in overrides) if overrides else "-"
 
 
@@ -87,23 +91,44 @@ def all_runs_text(experiment: Experiment, store: ResultsStore) -> str:
     header = ["row", "record", "id", "scale", "seed", "overrides", "state", "configuration"]
     table = []
     for label in labels:
-        records = sorted(found[label], key=lambda item: (SCALES.index(item[1].get("scale", "full"))
-                                                         if item[1].get("scale") in SCALES else 2, item[0]))
+        records = sorted(
+            found[label],
+            key=lambda item: (
+                SCALES.index(item[1].get("scale", "full")) if item[1].get("scale") in SCALES else 2,
+                item[0],
+            ),
+        )
         for i, (key, doc) in enumerate(records):
             kind = KIND.get(key.split("/")[1] if "/" in key else "", "record")
-            table.append([label if i == 0 else "", kind, key, str(doc.get("scale", "?")), str(doc.get("seed", "?")),
-                          _overrides(doc), _state(store, key), _configuration(canonical.get(key), label)])
+            table.append(
+                [
+                    label if i == 0 else "",
+                    kind,
+                    key,
+                    str(doc.get("scale", "?")),
+                    str(doc.get("seed", "?")),
+                    _overrides(doc),
+                    _state(store, key),
+                    _configuration(canonical.get(key), label),
+                ]
+            )
     n = sum(len(found[label]) for label in labels)
-    lines = [f"{experiment.name}: every record in {store.root} whose config.yaml names it "
-             f"(experiment: {experiment.name}): {n} record(s) of {len(labels)} row(s)", ""]
+    lines = [
+        f"{experiment.name}: every record in {store.root} whose config.yaml names it "
+        f"(experiment: {experiment.name}): {n} record(s) of {len(labels)} row(s)",
+        "",
+    ]
     if table:
         lines += text_table(header, table, indent="  ")
     else:
         lines.append("  no record yet")
-    lines += ["", "configuration: canonical = the record the experiment as written names for the row (the "
-              "canonical report, reports/<name>.*, shows it); variant = another configuration (command-line "
-              "overrides, or a record the file no longer names); state: as the record's status.json says "
-              "(--status without --all also asks the scheduler about live jobs)."]
+    lines += [
+        "",
+        "configuration: canonical = the record the experiment as written names for the row (the "
+        "canonical report, reports/<name>.*, shows it); variant = another configuration (command-line "
+        "overrides, or a record the file no longer names); state: as the record's status.json says "
+        "(--status without --all also asks the scheduler about live jobs).",
+    ]
     if unreadable:
         lines += ["", f"unreadable config.yaml ({len(unreadable)}, not listed): " + ", ".join(unreadable)]
     return "\n".join(lines)

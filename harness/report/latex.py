@@ -15,15 +15,15 @@ from a user (caption, labels, cells) or a run is escaped; common symbols (✓, �
 Latin letters, ...) become their LaTeX spelling, and any other non-ASCII character is an error that names the
 character and where it is, rather than a file that does not compile.
 """
+
 from __future__ import annotations
 
 import re
-import unicodedata
 from typing import Dict, List, Optional, Sequence
 
 import pandas as pd
 
-from harness.grid import Experiment, ExperimentError
+from harness.grid import Experiment
 from harness.metrics import BY_NAME, NOISE_BAND_AP, REFERENCE_DEVICE, RELEASED_BAND_AP
 from harness.report import noise
 from harness.report.groups import (
@@ -43,80 +43,8 @@ from harness.report.groups import (
     scales_shown,
     undefined_shown,
 )
+from harness.report.tex_escape import check_experiment_strings, tex_escape, tex_text
 from harness.report.variant import Variant
-
-
-class LatexError(ValueError):
-    """A character that has no LaTeX spelling here."""
-
-
-_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-            "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-            "|": r"$|$", "<": r"$<$", ">": r"$>$"}
-# Symbols users put in cells and captions, spelled with LaTeX's own commands (the kernel's, and amssymb's
-# \checkmark).
-_SYMBOLS = {"✓": r"\checkmark{}", "✔": r"\checkmark{}", "☑": r"\checkmark{}", "✗": r"$\times$", "✘": r"$\times$",
-            "×": r"$\times$", "±": r"$\pm$", "≈": r"$\approx$", "≤": r"$\leq$", "≥": r"$\geq$", "≠": r"$\neq$",
-            "→": r"$\rightarrow$", "←": r"$\leftarrow$", "↑": r"$\uparrow$", "↓": r"$\downarrow$",
-            "–": "--", "—": "---", "−": r"$-$", "‘": "`", "’": "'", "“": "``", "”": "''", "…": r"\ldots{}",
-            "•": r"\textbullet{}", "·": r"$\cdot$", "°": r"$^\circ$", "µ": r"$\mu$", "μ": r"$\mu$",
-            "Δ": r"$\Delta$", "α": r"$\alpha$", "β": r"$\beta$", "γ": r"$\gamma$", "λ": r"$\lambda$",
-            "σ": r"$\sigma$", "²": r"$^2$", "³": r"$^3$", "√": r"$\surd$", "®": r"\textregistered{}",
-            "™": r"\texttrademark{}", "©": r"\copyright{}", "£": r"\pounds{}", "§": r"\S{}", "¶": r"\P{}",
-            "\u00a0": "~", "ß": r"\ss{}", "æ": r"\ae{}", "Æ": r"\AE{}", "ø": r"\o{}", "Ø": r"\O{}",
-            "œ": r"\oe{}", "Œ": r"\OE{}", "ł": r"\l{}", "Ł": r"\L{}", "ı": r"\i{}"}
-# Combining accents (after NFD decomposition) -> LaTeX accent commands: é -> \'{e}.
-_ACCENTS = {"\u0301": "'", "\u0300": "`", "\u0302": "^", "\u0308": '"', "\u0303": "~", "\u0327": "c",
-            "\u030c": "v", "\u030a": "r", "\u0304": "=", "\u0306": "u", "\u0307": ".", "\u030b": "H",
-            "\u0328": "k"}
-
-
-def tex_escape(text: str) -> str:
-    """``text`` as LaTeX that typesets it; :class:`LatexError` for a character without a spelling here."""
-    out: List[str] = []
-    for char in unicodedata.normalize("NFC", text):
-        if char in _SPECIAL:
-            out.append(_SPECIAL[char])
-        elif char in _SYMBOLS:
-            out.append(_SYMBOLS[char])
-        elif char == "\n" or char == "\t":
-            out.append(" ")
-        elif char.isascii():
-            out.append(char)
-        else:
-            out.append(_accented(char))
-    return "".join(out)
-
-
-def _accented(char: str) -> str:
-    base, *marks = unicodedata.normalize("NFD", char)
-    if base.isascii() and base.isalpha() and marks and all(m in _ACCENTS for m in marks):
-        spelled = base
-        for mark in marks:
-            spelled = f"\\{_ACCENTS[mark]}{{{spelled}}}"
-        return spelled
-    name = unicodedata.name(char, "unnamed")
-    raise LatexError(f"cannot write {char!r} (U+{ord(char):04X} {name}) in LaTeX; use ASCII, accented Latin "
-                     f"letters or one of {' '.join(sorted(set(_SYMBOLS) - {chr(0xa0)}))}")
-
-
-def tex_text(text: str) -> str:
-    """Escaped prose with "quoted" words as LaTeX quotes."""
-    return re.sub(r'"([^"]*)"', r"``\1''", tex_escape(text))
-
-
-def check_experiment_strings(experiment: Experiment) -> None:
-    """Every user string of the experiment has a LaTeX spelling; else an :class:`ExperimentError` naming the
-    file, the row and the key (before a report is written)."""
-    fields = [(None, "table", experiment.table), (None, "caption", experiment.caption)]
-    for row in experiment.rows:
-        fields.append((row.label, "label", row.label))
-        fields += [(row.label, f"cells.{k}", str(v)) for k, v in row.cells.items() if v is not None]
-    for row, key, text in fields:
-        try:
-            tex_escape(text)
-        except LatexError as err:
-            raise ExperimentError(experiment.path, row, key, str(err)) from None
 
 
 def _tex_signed(value: float, decimals: int) -> str:
@@ -124,8 +52,14 @@ def _tex_signed(value: float, decimals: int) -> str:
     return f"${value:+.{decimals}f}$"
 
 
-TEX = Style(check=r"\checkmark", pm=r"$\pm$", dash="--", escape=tex_escape, signed=_tex_signed,
-            markers={noise.WITHIN: r"$\approx$", noise.ABOVE: r"$\uparrow$", noise.BELOW: r"$\downarrow$"})
+TEX = Style(
+    check=r"\checkmark",
+    pm=r"$\pm$",
+    dash="--",
+    escape=tex_escape,
+    signed=_tex_signed,
+    markers={noise.WITHIN: r"$\approx$", noise.ABOVE: r"$\uparrow$", noise.BELOW: r"$\downarrow$"},
+)
 TEX_COLUMN_TITLES = {**COLUMN_TITLES, "K": "$K$"}
 SOURCES = {"paper": "Paper", "official": "Official code"}
 PACKAGES = "booktabs,graphicx,amssymb"
@@ -160,20 +94,33 @@ def _extra(cell: Cell, compact: bool, marks: Dict[str, str]) -> str:
     return text
 
 
-def _tabular(lead: Sequence[str], groups: Sequence[Group], metrics: Sequence[str], provenance: bool,
-             compact: bool, align: Sequence[str]) -> List[str]:
+def _tabular(
+    lead: Sequence[str],
+    groups: Sequence[Group],
+    metrics: Sequence[str],
+    provenance: bool,
+    compact: bool,
+    align: Sequence[str],
+) -> List[str]:
     """Per metric a right-aligned value column, and where any line has one a small column beside it
     (``r@{\\,}l``) for the differences and marks, so that values stay aligned and narrow."""
     marks = _note_marks(groups)
     lines = [(g, i, line) for g in groups for i, line in enumerate(g.lines)]
-    extras = {(id(line), k): _extra(cell, compact, marks) for _, _, line in lines
-              for k, cell in enumerate(line.metrics)}
+    extras = {
+        (id(line), k): _extra(cell, compact, marks) for _, _, line in lines for k, cell in enumerate(line.metrics)
+    }
     paired = [any(extras[(id(line), k)] for _, _, line in lines) for k in range(len(metrics))]
     n_lead, n_prov = len(lead), len(PROVENANCE) if provenance else 0
     spec = "".join(align) + "l" + "".join("r@{\\,}l" if pair else "r" for pair in paired) + "l" * n_prov
-    header = [_title(c) for c in lead] + ["Source"] + \
-        [f"\\multicolumn{{2}}{{c}}{{{BY_NAME[m].title_tex}}}" if pair else BY_NAME[m].title_tex
-         for m, pair in zip(metrics, paired)] + [tex_escape(p.capitalize()) for p in PROVENANCE[:n_prov]]
+    header = (
+        [_title(c) for c in lead]
+        + ["Source"]
+        + [
+            f"\\multicolumn{{2}}{{c}}{{{BY_NAME[m].title_tex}}}" if pair else BY_NAME[m].title_tex
+            for m, pair in zip(metrics, paired)
+        ]
+        + [tex_escape(p.capitalize()) for p in PROVENANCE[:n_prov]]
+    )
     out = [f"\\begin{{tabular}}{{{spec}}}", "\\toprule", " & ".join(header) + " \\\\", "\\midrule"]
     for k, group in enumerate(groups):
         if k:
@@ -208,9 +155,16 @@ def _source(source: str) -> str:
 def _float(body: List[str], caption: str, label: str, notes: List[str], size: str) -> List[str]:
     """A ``table*`` with its caption above, the tabular shrunk to the text width only when it is wider
     (graphicx's \\resizebox sees the natural \\width in its arguments), and the notes under it."""
-    out = ["\\begin{table*}[t]", "\\centering", f"\\caption{{{caption}}}", f"\\label{{{label}}}", "\\smallskip", size,
-           "\\setlength{\\tabcolsep}{4pt}",
-           "\\resizebox{\\ifdim\\width>\\linewidth\\linewidth\\else\\width\\fi}{!}{%"]
+    out = [
+        "\\begin{table*}[t]",
+        "\\centering",
+        f"\\caption{{{caption}}}",
+        f"\\label{{{label}}}",
+        "\\smallskip",
+        size,
+        "\\setlength{\\tabcolsep}{4pt}",
+        "\\resizebox{\\ifdim\\width>\\linewidth\\linewidth\\else\\width\\fi}{!}{%",
+    ]
     out += body
     out.append("}")
     if notes:
@@ -228,8 +182,11 @@ def _caption(experiment: Experiment, groups: Sequence[Group], variant: Optional[
     what = "" if len(kinds) < 2 else (", ".join(kinds[:-1]) + " and " + kinds[-1]).capitalize() + "."
     parts = [tex_text(experiment.caption.strip()), what]
     if variant:
-        parts.append("Not the experiment as written: command-line overrides " +
-                     "; ".join(variant.description(lambda text: f"\\texttt{{{tex_escape(text)}}}")) + ".")
+        parts.append(
+            "Not the experiment as written: command-line overrides "
+            + "; ".join(variant.description(lambda text: f"\\texttt{{{tex_escape(text)}}}"))
+            + "."
+        )
     return " ".join(p for p in parts if p)
 
 
@@ -250,37 +207,65 @@ def _notes(experiment: Experiment, groups: Sequence[Group], compact: bool) -> Li
     spread = "mean$\\pm$std over seeds; " if seeds else ""
     if "full" in scales:
         if compact:
-            notes.append(f"Ours: {spread}small numbers: the difference to "
-                         + ("the official code's number where the row has one, else to the paper's."
-                            if official else "the paper's number."))
+            notes.append(
+                f"Ours: {spread}small numbers: the difference to "
+                + (
+                    "the official code's number where the row has one, else to the paper's."
+                    if official
+                    else "the paper's number."
+                )
+            )
         else:
-            notes.append(f"Ours: {spread}in parentheses the difference to "
-                         "the paper" + (" / to the official code (a reproduction is held to the official code's "
-                                        "numbers where given, to the paper's otherwise)" if official else "") + ".")
+            notes.append(
+                f"Ours: {spread}in parentheses the difference to "
+                "the paper"
+                + (
+                    " / to the official code (a reproduction is held to the official code's "
+                    "numbers where given, to the paper's otherwise)"
+                    if official
+                    else ""
+                )
+                + "."
+            )
     elif seeds:
         notes.append("Ours: mean$\\pm$std over seeds.")
     if markers_shown(groups):
-        notes.append(f"$\\approx$: within the noise of that reference (the seeds' std, or $\\pm${NOISE_BAND_AP} "
-                     "AP for one run" + (f"; $\\pm${RELEASED_BAND_AP} AP for a released checkpoint evaluated here"
-                                         if released_shown(groups) else "") + "); $\\uparrow$/$\\downarrow$: above/below it.")
+        notes.append(
+            f"$\\approx$: within the noise of that reference (the seeds' std, or $\\pm${NOISE_BAND_AP} "
+            "AP for one run"
+            + (
+                f"; $\\pm${RELEASED_BAND_AP} AP for a released checkpoint evaluated here"
+                if released_shown(groups)
+                else ""
+            )
+            + "); $\\uparrow$/$\\downarrow$: above/below it."
+        )
     if undefined_shown(groups, TEX):
         notes.append("--: no such number (COCOeval's $-1$: the evaluated split has no object of that size).")
     if "smoke" in scales:
-        notes.append("Smoke lines: laptop scale on a synthetic dataset, a check that the pipeline runs; not "
-                     "comparable with the paper, so without differences.")
+        notes.append(
+            "Smoke lines: laptop scale on a synthetic dataset, a check that the pipeline runs; not "
+            "comparable with the paper, so without differences."
+        )
     marks = _note_marks(groups)
     for name, same_class in devices_shown(groups):
-        notes.append(f"\\textsuperscript{{{marks[name]}}}Measured on {tex_escape(name)}" +
-                     ("." if same_class else f"; not set against the paper's ({REFERENCE_DEVICE})."))
+        notes.append(
+            f"\\textsuperscript{{{marks[name]}}}Measured on {tex_escape(name)}"
+            + ("." if same_class else f"; not set against the paper's ({REFERENCE_DEVICE}).")
+        )
     return notes
 
 
 def _header_comment(experiment: Experiment, what: str, variant: Optional[Variant] = None) -> str:
-    lines = [f"% {experiment.name}: {what}, generated by harness.report from the records of results/runs/; do not "
-             f"edit. Needs \\usepackage{{{PACKAGES}}}."]
+    lines = [
+        f"% {experiment.name}: {what}, generated by harness.report from the records of results/runs/; do not "
+        f"edit. Needs \\usepackage{{{PACKAGES}}}."
+    ]
     if variant:
-        lines.append(f"% Variant {variant.name}: not the experiment as written; the canonical table is "
-                     f"{experiment.name}.tex. Command-line overrides:")
+        lines.append(
+            f"% Variant {variant.name}: not the experiment as written; the canonical table is "
+            f"{experiment.name}.tex. Command-line overrides:"
+        )
         lines += [f"%   {line}" for line in variant.description()]
     return "\n".join(line.replace("\n", " ") for line in lines)
 
@@ -290,12 +275,20 @@ def render_latex(experiment: Experiment, df: pd.DataFrame, variant: Optional[Var
     ``variant`` names its overrides in the header comment and the caption."""
     check_experiment_strings(experiment)
     lead, groups = build_groups(experiment, df, TEX, lambda cells: [tex_escape(str(c)) for c in cells])
-    body = _tabular(lead, groups, experiment.metrics, provenance=True, compact=False,
-                    align=_alignment(experiment, lead))
+    body = _tabular(
+        lead, groups, experiment.metrics, provenance=True, compact=False, align=_alignment(experiment, lead)
+    )
     name = variant.name if variant else experiment.name
-    return "\n".join([_header_comment(experiment, "full record", variant)] +
-                     _float(body, _caption(experiment, groups, variant), _label(name),
-                            _notes(experiment, groups, compact=False), "\\footnotesize"))
+    return "\n".join(
+        [_header_comment(experiment, "full record", variant)]
+        + _float(
+            body,
+            _caption(experiment, groups, variant),
+            _label(name),
+            _notes(experiment, groups, compact=False),
+            "\\footnotesize",
+        )
+    )
 
 
 def render_latex_compact(experiment: Experiment, df: pd.DataFrame, variant: Optional[Variant] = None) -> str:
@@ -303,12 +296,20 @@ def render_latex_compact(experiment: Experiment, df: pd.DataFrame, variant: Opti
     of ours in the notes."""
     check_experiment_strings(experiment)
     lead, groups = build_groups(experiment, df, TEX, lambda cells: [tex_escape(str(c)) for c in cells])
-    body = _tabular(lead, groups, experiment.metrics, provenance=False, compact=True,
-                    align=_alignment(experiment, lead))
+    body = _tabular(
+        lead, groups, experiment.metrics, provenance=False, compact=True, align=_alignment(experiment, lead)
+    )
     name = variant.name if variant else experiment.name
-    return "\n".join([_header_comment(experiment, "compact table for a paper", variant)] +
-                     _float(body, _caption(experiment, groups, variant), _label(name, "-compact"),
-                            _notes(experiment, groups, compact=True) + _provenance_notes(groups), "\\small"))
+    return "\n".join(
+        [_header_comment(experiment, "compact table for a paper", variant)]
+        + _float(
+            body,
+            _caption(experiment, groups, variant),
+            _label(name, "-compact"),
+            _notes(experiment, groups, compact=True) + _provenance_notes(groups),
+            "\\small",
+        )
+    )
 
 
 def _provenance_notes(groups: Sequence[Group]) -> List[str]:

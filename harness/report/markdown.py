@@ -7,6 +7,7 @@ differences to both references, a noise marker and the provenance of the numbers
 ``reference_row``, a second table gives each row's AP difference to it and whether that exceeds the noise.
 Nothing is made up: a cell without a measured number stays empty.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,7 +39,8 @@ from harness.report.groups import (
     title,
     undefined_shown,
 )
-from harness.report.latex import LatexError, render_latex, render_latex_compact
+from harness.report.latex import render_latex, render_latex_compact
+from harness.report.tex_escape import LatexError
 from harness.report.variant import Variant, as_written, report_variant
 from harness.store import atomic_write_text
 
@@ -64,19 +66,33 @@ def md_cell(cell: Cell) -> str:
         text += f" {cell.marker}"
     return text
 
-__all__ = ["MD", "render_latex", "render_latex_compact", "render_markdown", "write_report", "command_path",
-           "write_invocation_report"]
+
+__all__ = [
+    "MD",
+    "render_latex",
+    "render_latex_compact",
+    "render_markdown",
+    "write_report",
+    "command_path",
+    "write_invocation_report",
+]
 
 
 # ------------------------------------------------------------------------------------------- Markdown
 
-def render_markdown(experiment: Experiment, df: pd.DataFrame, command: Optional[str] = None,
-                    variant: Optional[Variant] = None) -> str:
+
+def render_markdown(
+    experiment: Experiment, df: pd.DataFrame, command: Optional[str] = None, variant: Optional[Variant] = None
+) -> str:
     """The report in Markdown; ``command`` is the experiment file as the regenerate hint names it
     (default: :func:`command_path`); a ``variant`` (:mod:`.variant`) heads it with its overrides."""
     lead, groups = build_groups(experiment, df, MD, lambda cells: [_md_escape(str(c)) for c in cells])
-    header = [_md_escape(COLUMN_TITLES.get(c, c)) for c in lead] + ["source"] + \
-        [BY_NAME[m].title_md for m in experiment.metrics] + list(PROVENANCE)
+    header = (
+        [_md_escape(COLUMN_TITLES.get(c, c)) for c in lead]
+        + ["source"]
+        + [BY_NAME[m].title_md for m in experiment.metrics]
+        + list(PROVENANCE)
+    )
     n_lead, n_metrics = len(lead), len(experiment.metrics)
     out = [f"# {_md_escape(title(experiment, variant.name if variant else None))}", ""]
     if variant:
@@ -85,14 +101,18 @@ def render_markdown(experiment: Experiment, df: pd.DataFrame, command: Optional[
     if experiment.description.strip():
         out += [experiment.description.strip(), ""]
     out.append("| " + " | ".join(header) + " |")
-    out.append("|" + "|".join(":--" if i <= n_lead else "--:" if i <= n_lead + n_metrics else ":--"
-                             for i in range(len(header))) + "|")
+    out.append(
+        "|"
+        + "|".join(":--" if i <= n_lead else "--:" if i <= n_lead + n_metrics else ":--" for i in range(len(header)))
+        + "|"
+    )
     for group in groups:
         for i, line in enumerate(group.lines):
             lead_cells = group.lead if i == 0 else [""] * n_lead
             provenance = line.provenance or [""] * len(PROVENANCE)
-            out.append("| " + " | ".join(lead_cells + [line.source] + [md_cell(c) for c in line.metrics] +
-                                         provenance) + " |")
+            out.append(
+                "| " + " | ".join(lead_cells + [line.source] + [md_cell(c) for c in line.metrics] + provenance) + " |"
+            )
     *guide, generated = _legend(experiment, groups, command, variant)
     for paragraph in guide + weights_note(df):
         out += ["", paragraph]
@@ -111,22 +131,31 @@ def _delta_text(delta, markers) -> str:
 
 
 def _ablation_markdown(experiment: Experiment, df: pd.DataFrame) -> List[str]:
-    rows = [r for r in ablation_rows(experiment, aggregate(df))
-            if any(not math.isnan(d.value) for d in r.deltas.values())]      # no line without a number
+    rows = [
+        r for r in ablation_rows(experiment, aggregate(df)) if any(not math.isnan(d.value) for d in r.deltas.values())
+    ]  # no line without a number
     columns = columns_with_values(rows)
     if not rows or not columns:
         return []
     titles = {"paper": "paper", "full": "ours (full)", "smoke": "ours (smoke)"}
-    out = ["", f"## Ablation deltas: AP minus AP of `{experiment.reference_row}`", "",
-           "| Row | " + " | ".join(titles[c] for c in columns) + " |",
-           "|:--|" + "|".join("--:" for _ in columns) + "|"]
+    out = [
+        "",
+        f"## Ablation deltas: AP minus AP of `{experiment.reference_row}`",
+        "",
+        "| Row | " + " | ".join(titles[c] for c in columns) + " |",
+        "|:--|" + "|".join("--:" for _ in columns) + "|",
+    ]
     for r in rows:
-        out.append(f"| {_md_escape(r.row.label)} | " +
-                   " | ".join(_delta_text(r.deltas[c], MARKERS_MD) for c in columns) + " |")
-    out += ["", f"A difference is ≈ within noise when it is no larger than the noise of a difference of two "
-            f"numbers, shown beside it: ±{noise.combined(NOISE_BAND_AP, NOISE_BAND_AP):.2f} AP for two single "
-            f"runs (√2 × {NOISE_BAND_AP} AP), the seeds' spreads where a row has >= 2 seeds; ↑ / ↓ exceed it. "
-            "Smoke-scale differences without seeds have no stated band and no marker."]
+        out.append(
+            f"| {_md_escape(r.row.label)} | " + " | ".join(_delta_text(r.deltas[c], MARKERS_MD) for c in columns) + " |"
+        )
+    out += [
+        "",
+        f"A difference is ≈ within noise when it is no larger than the noise of a difference of two "
+        f"numbers, shown beside it: ±{noise.combined(NOISE_BAND_AP, NOISE_BAND_AP):.2f} AP for two single "
+        f"runs (√2 × {NOISE_BAND_AP} AP), the seeds' spreads where a row has >= 2 seeds; ↑ / ↓ exceed it. "
+        "Smoke-scale differences without seeds have no stated band and no marker.",
+    ]
     return out
 
 
@@ -137,8 +166,10 @@ def _variant_markdown(experiment: Experiment, variant: Variant) -> str:
     out = "**Not the experiment as written:** command-line overrides, " + "; ".join(variant.description(code)) + "."
     if not variant.every_row:
         out += f" Every other row is as `{command_path(experiment.path)}` has it."
-    return out + (" Overrides of fields that enter no id (`launcher.*`, ...) change no number and are not listed. "
-                  f"The canonical report is [`{experiment.name}.md`]({experiment.name}.md).")
+    return out + (
+        " Overrides of fields that enter no id (`launcher.*`, ...) change no number and are not listed. "
+        f"The canonical report is [`{experiment.name}.md`]({experiment.name}.md)."
+    )
 
 
 def _regenerate(experiment: Experiment, command: Optional[str], variant: Optional[Variant]) -> str:
@@ -156,41 +187,61 @@ def _regenerate(experiment: Experiment, command: Optional[str], variant: Optiona
 def _legend(experiment: Experiment, groups, command: Optional[str], variant: Optional[Variant] = None) -> List[str]:
     official = any(has_official(g.row) for g in groups)
     source = paper_source(experiment)
-    guide = ("Each row: " + (f"`paper` holds the numbers of {source}" if source else "`paper`: the paper's numbers") +
-             ("; `official code` the same model trained with the released code, as its README reports (where "
-              "the README has the row)" if official else "") +
-             "; `ours (scale)` our numbers: the mean±standard deviation over seeds (with >= 2 seeds), then, at "
-             "full scale, in parentheses the difference to the paper" +
-             (" / to the official code (for a row with official numbers; – where that reference has no "
-              "number)" if official else "") +
-             ". A smoke line has no differences: it is another model size on another dataset, not comparable with "
-             "the paper's numbers (its differences to the other rows are below, where the experiment has a "
-             "reference row). A cell without a measured number stays empty; a row that has no numbers of ours says "
-             "its state (`not run`, `full failed`) in its source cell.")
-    held = ("Which reference: a reproduction is held to the official code's numbers where the row has them "
-            "(the released code lands about 0.7 AP above the paper for Deformable DETR: 44.5 against 43.8 AP), "
-            "and to the paper's otherwise." if official else
-            "Which reference: a reproduction is held to the paper's numbers (no row here has official "
-            "code numbers).")
+    guide = (
+        "Each row: "
+        + (f"`paper` holds the numbers of {source}" if source else "`paper`: the paper's numbers")
+        + (
+            "; `official code` the same model trained with the released code, as its README reports (where "
+            "the README has the row)"
+            if official
+            else ""
+        )
+        + "; `ours (scale)` our numbers: the mean±standard deviation over seeds (with >= 2 seeds), then, at "
+        "full scale, in parentheses the difference to the paper"
+        + (
+            " / to the official code (for a row with official numbers; – where that reference has no number)"
+            if official
+            else ""
+        )
+        + ". A smoke line has no differences: it is another model size on another dataset, not comparable with "
+        "the paper's numbers (its differences to the other rows are below, where the experiment has a "
+        "reference row). A cell without a measured number stays empty; a row that has no numbers of ours says "
+        "its state (`not run`, `full failed`) in its source cell."
+    )
+    held = (
+        "Which reference: a reproduction is held to the official code's numbers where the row has them "
+        "(the released code lands about 0.7 AP above the paper for Deformable DETR: 44.5 against 43.8 AP), "
+        "and to the paper's otherwise."
+        if official
+        else "Which reference: a reproduction is held to the paper's numbers (no row here has official code numbers)."
+    )
     paragraphs = [guide, held]
     if undefined_shown(groups, MD):
-        paragraphs.append("– in a cell of ours: the evaluation has no such number (COCOeval's -1: the evaluated "
-                          "split has no object of that size), not a zero.")
+        paragraphs.append(
+            "– in a cell of ours: the evaluation has no such number (COCOeval's -1: the evaluated "
+            "split has no object of that size), not a zero."
+        )
     if devices_shown(groups):
         paragraphs.append(
             f"Devices: FPS and GPU hours depend on the machine. Ours carry the class of the device they were "
             f"measured on (`[V100]`, `[H100]`, `[CPU]`; FPS on the measurement's device, GPU hours on the "
             f"training's) and are set against the paper's and the official code's ({REFERENCE_DEVICE}) only "
-            f"when measured on that class; others have no difference.")
+            f"when measured on that class; others have no difference."
+        )
     if markers_shown(groups, MD):
         paragraphs.append(
             f"Noise: ≈ marks an AP number of ours at full scale that lies within the noise of the reference it "
             f"is held to: |ours - reference| no larger than the standard deviation over its seeds (>= 2 seeds) "
             f"or ±{NOISE_BAND_AP} AP, COCO's run-to-run noise for a single run (`harness.metrics.NOISE_BAND_AP`); "
-            "↑ / ↓: above / below beyond it. Smoke lines are not compared." + (
+            "↑ / ↓: above / below beyond it. Smoke lines are not compared."
+            + (
                 f" A released checkpoint evaluated here (an evaluation-only row) is held to ±{RELEASED_BAND_AP} AP "
                 "(`harness.metrics.RELEASED_BAND_AP`): the same weights, so a larger difference means the data, "
-                "the model or the post-processing differ from its publisher's." if released_shown(groups) else ""))
+                "the model or the post-processing differ from its publisher's."
+                if released_shown(groups)
+                else ""
+            )
+        )
     paragraphs += [
         "Provenance: `full` is the paper's setting (COCO 2017); `smoke` is laptop scale on a synthetic "
         "COCO-format dataset and is not comparable with the paper's numbers. `epochs trained` counts the "
@@ -230,8 +281,10 @@ def command_path(path: str) -> str:
 
 # ------------------------------------------------------------------------------------------- files
 
-def write_report(experiment: Experiment, results_root, reports_dir, figures: bool = True,
-                 variant: Optional[Variant] = None) -> List[Path]:
+
+def write_report(
+    experiment: Experiment, results_root, reports_dir, figures: bool = True, variant: Optional[Variant] = None
+) -> List[Path]:
     """Write ``<reports_dir>/<name>.md``, ``<name>.tex`` (the full table), ``<name>_compact.tex`` (the paper-ready
     one) and the figures; returns the paths written (every file, changed or not). With a ``variant`` (the
     experiment loaded with command-line overrides: :func:`~harness.report.variant.report_variant`) the files
@@ -240,8 +293,11 @@ def write_report(experiment: Experiment, results_root, reports_dir, figures: boo
     reports_dir = Path(reports_dir)
     name = variant.name if variant else experiment.name
     df = collect(results_root, experiment)
-    texts = {".md": render_markdown(experiment, df, variant=variant), ".tex": render_latex(experiment, df, variant),
-             "_compact.tex": render_latex_compact(experiment, df, variant)}   # all rendered before anything is written
+    texts = {
+        ".md": render_markdown(experiment, df, variant=variant),
+        ".tex": render_latex(experiment, df, variant),
+        "_compact.tex": render_latex_compact(experiment, df, variant),
+    }  # all rendered before anything is written
     reports_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for suffix, text in texts.items():
@@ -249,8 +305,9 @@ def write_report(experiment: Experiment, results_root, reports_dir, figures: boo
         _write_if_changed(path, text)
         written.append(path)
     if figures:
-        written += write_figures(experiment, results_root, reports_dir / "figures", df=df,
-                                 name=variant.name if variant else None)
+        written += write_figures(
+            experiment, results_root, reports_dir / "figures", df=df, name=variant.name if variant else None
+        )
     return written
 
 
@@ -272,8 +329,10 @@ def write_invocation_report(experiment: Experiment, results_root, reports_dir, s
     if variant is not None:
         print(f"overrides: reporting as {variant.name}; {canonical} stay those of the experiment as written")
     elif submitted and experiment.selected is not None:
-        print(f"{canonical} not rewritten: this submission was of some rows, and the canonical report covers "
-              f"every row (python run_experiment.py {command_path(experiment.path)} --report)")
+        print(
+            f"{canonical} not rewritten: this submission was of some rows, and the canonical report covers "
+            f"every row (python run_experiment.py {command_path(experiment.path)} --report)"
+        )
         return 0
     elif experiment.selected is not None:
         print("--rows: a report covers every row; writing the canonical report of the whole experiment")
@@ -281,7 +340,7 @@ def write_invocation_report(experiment: Experiment, results_root, reports_dir, s
         print("the overrides given enter no id (they change no number): the canonical report")
     try:
         paths = write_report(experiment if variant else written, results_root, reports_dir, variant=variant)
-    except LatexError as err:           # a string of a run's record that LaTeX cannot take: named, no traceback
+    except LatexError as err:  # a string of a run's record that LaTeX cannot take: named, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
     for path in paths:

@@ -8,6 +8,7 @@ there are at least two, else the metric's stated band (:data:`harness.metrics.NO
 columns; other columns get no verdict). Verdicts compare the numbers as printed (rounded to the metric's
 decimals), so a reader can check them by eye.
 """
+
 from __future__ import annotations
 
 import math

@@ -7,6 +7,7 @@ Needs Debian's texlive-latex-base (amssymb) and texlive-latex-recommended (bookt
 the project. A LaTeX error, or an overfull line (a table wider than the text), is a :class:`LatexBuildError`
 with the log's lines around it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,13 +39,19 @@ class LatexBuildError(RuntimeError):
 def compile_table(tex: Path, out_dir: Path, timeout_s: float = 120) -> Path:
     """Compile ``tex`` (a file to ``\\input``) inside :data:`WRAPPER`; returns the PDF's path."""
     if shutil.which("pdflatex") is None:
-        raise LatexBuildError("pdflatex not found (Debian: apt-get install texlive-latex-base "
-                              "texlive-latex-recommended)")
+        raise LatexBuildError(
+            "pdflatex not found (Debian: apt-get install texlive-latex-base texlive-latex-recommended)"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(tex, out_dir / "table.tex")
     (out_dir / "doc.tex").write_text(WRAPPER)
-    proc = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"], cwd=out_dir,
-                          capture_output=True, text=True, timeout=timeout_s)
+    proc = subprocess.run(
+        ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"],
+        cwd=out_dir,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
     log = (out_dir / "doc.log").read_text(errors="replace") if (out_dir / "doc.log").exists() else proc.stdout
     if proc.returncode != 0:
         errors = [line for line in log.splitlines() if line.startswith("!")]
@@ -60,8 +67,12 @@ def render_png(pdf: Path, png: Path, dpi: int = 200) -> Path:
     if shutil.which("pdftoppm") is None:
         raise LatexBuildError("pdftoppm not found (Debian: apt-get install poppler-utils)")
     stem = png.with_suffix("")
-    subprocess.run(["pdftoppm", "-png", "-r", str(dpi), "-singlefile", "-f", "1", "-l", "1", str(pdf),
-                    str(stem)], check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        ["pdftoppm", "-png", "-r", str(dpi), "-singlefile", "-f", "1", "-l", "1", str(pdf), str(stem)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     _trim(png)
     return png
 
@@ -70,13 +81,14 @@ def _trim(png: Path, margin: int = 12) -> None:
     """Crop the white page around the table (matplotlib reads and writes the PNG; no other imaging library)."""
     import matplotlib.image as mpimg
     import numpy as np
+
     image = mpimg.imread(png)
     ink = np.argwhere(image[..., :3].min(axis=-1) < 0.98)
     if not len(ink):
         return
     (top, left), (bottom, right) = ink.min(axis=0), ink.max(axis=0)
     top, left = max(top - margin, 0), max(left - margin, 0)
-    crop = image[top:bottom + margin + 1, left:right + margin + 1]
+    crop = image[top : bottom + margin + 1, left : right + margin + 1]
     mpimg.imsave(png, crop, metadata={"Software": None})
 
 

@@ -9,6 +9,7 @@ got which, so the same overrides always name the same files and other overrides 
 Overrides of fields that enter no id (``launcher.*``, ``train.print_freq``, ...) change no number: the report
 is the canonical one.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,18 +22,19 @@ from harness.grid import Experiment, load_experiment
 from harness.grid.identity import roles_of
 from harness.grid.specs import override_strings
 
-SLUG_CHARS = 32       # the readable part of a tag; the hash tells tags apart
+SLUG_CHARS = 32  # the readable part of a tag; the hash tells tags apart
 
 
 @dataclass(frozen=True)
 class Variant:
     """A report of the experiment with command-line overrides: ``name`` (``table2+epochs3-1a2b3c``) is its
     files' stem; ``rows`` the (label, overrides) of every row of ours that has overrides, in table order."""
+
     experiment: str
     tag: str
     rows: Tuple[Tuple[str, Tuple[str, ...]], ...]
-    every_row: bool          # the same overrides on every row that runs (no --rows)
-    swept: Tuple[str, ...] = ()    # the labels of rows a command-line sweep added
+    every_row: bool  # the same overrides on every row that runs (no --rows)
+    swept: Tuple[str, ...] = ()  # the labels of rows a command-line sweep added
 
     @property
     def name(self) -> str:
@@ -50,8 +52,11 @@ class Variant:
         ``code`` marks up a literal (Markdown backquotes, LaTeX escaping)."""
         out = []
         for overrides, labels in self.groups():
-            where = "every row that runs" if self.every_row else \
-                ("row " if len(labels) == 1 else "rows ") + ", ".join(code(label) for label in labels)
+            where = (
+                "every row that runs"
+                if self.every_row
+                else ("row " if len(labels) == 1 else "rows ") + ", ".join(code(label) for label in labels)
+            )
             out.append(" ".join(code(o) for o in overrides) + " on " + where)
         if self.swept:
             out.append("rows added by a command-line sweep: " + ", ".join(code(label) for label in self.swept))
@@ -60,8 +65,10 @@ class Variant:
 
 def id_overrides(command_line) -> Tuple[str, ...]:
     """The overrides of a row (:attr:`Row.command_line`) that change a number: those of fields that enter an id."""
-    kept = {section: {field: value for field, value in (values or {}).items() if roles_of(section, field)}
-            for section, values in (command_line or {}).items()}
+    kept = {
+        section: {field: value for field, value in (values or {}).items() if roles_of(section, field)}
+        for section, values in (command_line or {}).items()
+    }
     return override_strings(kept)
 
 
@@ -74,8 +81,9 @@ def report_variant(experiment: Experiment, written: Optional[Experiment] = None)
     """The variant an experiment loaded with command-line overrides reports as, or None where its report is the
     canonical one (no override that changes a number, no row added by a sweep). ``written``: the experiment
     as written, if already loaded."""
-    rows = tuple((row.label, tuple(sorted(id_overrides(row.command_line)))) for row in experiment.rows
-                 if not row.cited)           # sorted: the order they were given in names the same report
+    rows = tuple(
+        (row.label, tuple(sorted(id_overrides(row.command_line)))) for row in experiment.rows if not row.cited
+    )  # sorted: the order they were given in names the same report
     rows = tuple((label, overrides) for label, overrides in rows if overrides)
     written = written or as_written(experiment)
     swept = tuple(row.label for row in experiment.rows if row.label not in {r.label for r in written.rows})
@@ -83,8 +91,9 @@ def report_variant(experiment: Experiment, written: Optional[Experiment] = None)
         return None
     run_rows = [row.label for row in experiment.rows if not row.cited]
     every_row = len(rows) == len(run_rows) and len({overrides for _, overrides in rows}) == 1 and not swept
-    digest = hashlib.sha1(json.dumps([[label, list(o)] for label, o in rows] + [["swept", list(swept)]],
-                                     sort_keys=True).encode()).hexdigest()[:6]
+    digest = hashlib.sha1(
+        json.dumps([[label, list(o)] for label, o in rows] + [["swept", list(swept)]], sort_keys=True).encode()
+    ).hexdigest()[:6]
     return Variant(experiment.name, f"{_slug(rows) or 'rows'}-{digest}", rows, every_row, swept)
 
 

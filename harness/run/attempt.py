@@ -1,5 +1,6 @@
 """A job's hold on its records while it works: the claim (taken once the submission lets go of it, kept alive
 by a heartbeat) and the attempt it is making at each record (attempts.jsonl: its GPU time)."""
+
 from __future__ import annotations
 
 import threading
@@ -10,23 +11,23 @@ from harness.launch.wrapper import stop_requested
 from harness.store import ResultsStore
 
 HEARTBEAT_S = 60
-CLAIM_WAIT_S = 300     # how long a job waits for the submission that queued it to release the record
+CLAIM_WAIT_S = 300  # how long a job waits for the submission that queued it to release the record
 
 
 class RunClaimedElsewhere(RuntimeError):
     pass
 
 
-def claim_when_free(store: ResultsStore, key: str, job_id: Optional[str], wait_s: float = CLAIM_WAIT_S,
-                    poll_s: float = 2.0):
+def claim_when_free(
+    store: ResultsStore, key: str, job_id: Optional[str], wait_s: float = CLAIM_WAIT_S, poll_s: float = 2.0
+):
     """Claim the record for this job. A submission still holding it (an array task that started before the
     submission released its claim) is waited for, up to ``wait_s``; a live job holding it is not. None: held
     elsewhere."""
     deadline = time.monotonic() + wait_s
     while True:
         claim = store.claim(key, job_id=job_id)
-        if claim is not None or not store.claimed_by_submission(key) or time.monotonic() > deadline \
-                or stop_requested():
+        if claim is not None or not store.claimed_by_submission(key) or time.monotonic() > deadline or stop_requested():
             return claim
         time.sleep(poll_s)
 

@@ -8,10 +8,12 @@ and the official one alike.
 Writing: the new file goes to ``<name>.tmp``, is fsynced and renamed over ``checkpoint.pth``; the
 file it replaces is kept as ``checkpoint_prev.pth``. At every moment at least one complete
 checkpoint is on disk. A hard stop (a second Ctrl-C) that arrives while a checkpoint is written waits until it
-is renamed into place (:func:`harness.launch.wrapper.stop_deferred`). Reading (:func:`load_latest`) tries ``checkpoint.pth`` then
+is renamed into place (:func:`harness.launch.wrapper.stop_deferred`). Reading (:func:`load_latest`) tries
+``checkpoint.pth`` then
 ``checkpoint_prev.pth``, saying which one was unusable and why; if files exist but none is usable it
 raises :class:`CheckpointError` rather than silently starting from scratch.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 
 from harness.launch.wrapper import stop_deferred
-from harness.store.files import fsync_dir
+from harness.store.files import fsync_dir, probe_writable
 from harness.store.planner import CHECKPOINT
 from model.checkpoint import CheckpointError, checksum, read_file
 
@@ -32,8 +34,16 @@ PREVIOUS = "checkpoint_prev.pth"
 REQUIRED_KEYS = ("model", "optimizer", "lr_scheduler", "epoch")
 FORMAT = 1
 
-__all__ = ["CHECKPOINT", "PREVIOUS", "CheckpointError", "load_latest", "read_checkpoint", "rng_state",
-           "save_checkpoint", "set_rng_state"]
+__all__ = [
+    "CHECKPOINT",
+    "PREVIOUS",
+    "CheckpointError",
+    "load_latest",
+    "read_checkpoint",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+]
 
 
 def rng_state() -> dict:
@@ -66,7 +76,7 @@ def save_checkpoint(output_dir: str, state: dict, name: str = CHECKPOINT, keep_p
     state = dict(state, format=FORMAT)
     state["checksum"] = checksum(state)
     tmp = path + ".tmp"
-    with stop_deferred():                    # never cut in half: a hard stop waits for the rename
+    with stop_deferred():  # never cut in half: a hard stop waits for the rename
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
@@ -76,7 +86,7 @@ def save_checkpoint(output_dir: str, state: dict, name: str = CHECKPOINT, keep_p
             if os.path.exists(prev_tmp):
                 os.remove(prev_tmp)
             try:
-                os.link(path, prev_tmp)          # no copy, and checkpoint.pth never disappears
+                os.link(path, prev_tmp)  # no copy, and checkpoint.pth never disappears
             except OSError:
                 shutil.copyfile(path, prev_tmp)
             os.replace(prev_tmp, prev)
@@ -117,5 +127,23 @@ def load_latest(output_dir: str, map_location="cpu", log=print) -> Optional[Tupl
         if problems and log is not None:
             log(f"resuming from {path} (epoch {state['epoch']}) instead")
         return state, path
-    raise CheckpointError(output_dir, "no usable checkpoint; " + "; ".join(problems)
-                          + ". Remove the files to start again from scratch.")
+    raise CheckpointError(
+        output_dir, "no usable checkpoint; " + "; ".join(problems) + ". Remove the files to start again from scratch."
+    )
+
+
+def check_output_dir(output_dir: str, model: Optional[torch.nn.Module] = None) -> None:
+    """A clear error now, not after an epoch, for an unwritable folder or one without room for checkpoints."""
+    try:
+        probe_writable(output_dir)
+    except OSError as e:
+        raise OSError(f"results folder {output_dir} is not writable: {e}") from None
+    if model is not None:
+        params = sum(p.numel() * p.element_size() for p in model.parameters())
+        need = 2 * 3 * params + (64 << 20)  # two checkpoints of weights + two Adam moments, and slack
+        free = shutil.disk_usage(output_dir).free
+        if free < need:
+            raise OSError(
+                f"not enough disk space in {output_dir}: {free / 2**20:.0f} MiB free, checkpoints need "
+                f"about {need / 2**20:.0f} MiB"
+            )

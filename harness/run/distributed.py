@@ -17,6 +17,7 @@ environment variable in the submitting shell overrides it (sbatch exports the en
   fails after that time (NCCL: with asynchronous error handling on, the process is ended), and the job
   ends with the reason in its record instead of hanging.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -51,7 +52,7 @@ def is_main_process() -> bool:
 
 RENDEZVOUS_TIMEOUT_ENV = "HARNESS_RENDEZVOUS_TIMEOUT_S"
 COLLECTIVE_TIMEOUT_ENV = "HARNESS_COLLECTIVE_TIMEOUT_S"
-_DEFAULTS = LauncherConfig()      # the launcher's defaults, for callers that pass no setting (torchrun, tests)
+_DEFAULTS = LauncherConfig()  # the launcher's defaults, for callers that pass no setting (torchrun, tests)
 
 
 class RendezvousError(RuntimeError):
@@ -61,6 +62,7 @@ class RendezvousError(RuntimeError):
 @dataclass(frozen=True)
 class Limit:
     """A time limit in seconds and where it came from (``launcher.x_min=0.5`` or ``HARNESS_X_S=30``)."""
+
     seconds: float
     source: str
 
@@ -116,25 +118,38 @@ def rendezvous_store(addr: str, port: int, rank: int, world_size: int, limit: Li
     try:
         if rank != 0:
             _wait_until_served(addr, port, start + limit.seconds)
-        return dist.TCPStore(addr, port, world_size, rank == 0, timeout=datetime.timedelta(seconds=limit.seconds),
-                             wait_for_workers=True, multi_tenant=False)
-    except Exception as err:   # noqa: BLE001 - torch raises RuntimeError / DistStoreError / DistNetworkError
+        return dist.TCPStore(
+            addr,
+            port,
+            world_size,
+            rank == 0,
+            timeout=datetime.timedelta(seconds=limit.seconds),
+            wait_for_workers=True,
+            multi_tenant=False,
+        )
+    except Exception as err:  # noqa: BLE001 - torch raises RuntimeError / DistStoreError / DistNetworkError
         waited = time.monotonic() - start
         if rank == 0:
-            what = (f"rank 0 on {_where()} served the rendezvous at {addr}:{port} but not all {world_size} ranks "
-                    f"reached it within {waited:.0f} s")
+            what = (
+                f"rank 0 on {_where()} served the rendezvous at {addr}:{port} but not all {world_size} ranks "
+                f"reached it within {waited:.0f} s"
+            )
         else:
-            what = (f"rank {rank} on {_where()} could not reach the rendezvous at {addr}:{port} (rank 0's node) "
-                    f"within {waited:.0f} s")
+            what = (
+                f"rank {rank} on {_where()} could not reach the rendezvous at {addr}:{port} (rank 0's node) "
+                f"within {waited:.0f} s"
+            )
         raise RendezvousError(
             f"{what} ({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}); "
             f"check that {addr} is this job's first node and reachable from every node on port {port} "
             f"(MASTER_ADDR comes from SLURM's NodeAddr where node names do not resolve); the limit is "
-            f"{limit.source}") from err
+            f"{limit.source}"
+        ) from err
 
 
-def init_distributed(backend: str = None, rendezvous_timeout_min: Optional[float] = None,
-                     collective_timeout_min: Optional[float] = None) -> Dict[str, Any]:
+def init_distributed(
+    backend: str = None, rendezvous_timeout_min: Optional[float] = None, collective_timeout_min: Optional[float] = None
+) -> Dict[str, Any]:
     """Initialise the default process group from the environment (nothing when WORLD_SIZE is unset or 1).
 
     Returns ``{"rank", "world_size", "local_rank", "device"}``. On CUDA the process takes the GPU
@@ -150,16 +165,23 @@ def init_distributed(backend: str = None, rendezvous_timeout_min: Optional[float
     if world_size > 1 and not is_dist():
         for key in ("MASTER_ADDR", "MASTER_PORT"):
             if key not in os.environ:
-                raise RuntimeError(f"WORLD_SIZE is {world_size} but {key} is not set; "
-                                   "set it, or call harness.launch.environment.distributed_env_from_submitit() inside a submitit job")
+                raise RuntimeError(
+                    f"WORLD_SIZE is {world_size} but {key} is not set; "
+                    "set it, or call harness.launch.environment.distributed_env_from_submitit() inside a submitit job"
+                )
         backend = backend or ("nccl" if device.type == "cuda" else "gloo")
         if backend == "nccl":
             # a collective that times out (a lost rank) ends the process instead of hanging in the kernel
             os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
         store = rendezvous_store(addr, port, rank, world_size, rendezvous_limit(rendezvous_timeout_min))
-        kwargs = dict(backend=backend, store=store, world_size=world_size, rank=rank,
-                      timeout=datetime.timedelta(seconds=collective_limit(collective_timeout_min).seconds))
+        kwargs = dict(
+            backend=backend,
+            store=store,
+            world_size=world_size,
+            rank=rank,
+            timeout=datetime.timedelta(seconds=collective_limit(collective_timeout_min).seconds),
+        )
         if device.type == "cuda":
             kwargs["device_id"] = device
         dist.init_process_group(**kwargs)

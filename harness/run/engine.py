@@ -26,12 +26,12 @@ step and before every evaluation batch. Mid-epoch, a checkpoint of the iteration
 evaluation, the epoch's checkpoint is complete already and holds the epoch's record (``pending``), so a
 resumed run that finds that record missing from ``log.jsonl`` evaluates and logs the epoch first.
 """
+
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import shutil
 import time
 from typing import Callable, Dict, Optional
 
@@ -39,10 +39,11 @@ import torch
 
 from harness.config import amp_dtype as amp_dtype_of
 from harness.data import dataset_root
-from harness.provenance import current_device
 from harness.launch.wrapper import JobInterrupted
+from harness.provenance import current_device
 from harness.run import checkpointing, state
 from harness.run import distributed as dist_utils
+from harness.run.checkpointing import check_output_dir
 from harness.run.epoch import _Stop, accumulation_steps, epoch_seed, seed_everything, steps_per_epoch, train_one_epoch
 from harness.run.evaluation import EvaluationInterrupted, detections_file, run_evaluation
 from harness.run.loaders import build_eval_loader, build_train_loader
@@ -50,7 +51,7 @@ from harness.run.optim import current_lrs
 from harness.run.state import Training, config_dict
 from harness.run.step import NonFiniteLossError, OptimiserStep, build_step  # noqa: F401 (re-exported)
 from harness.run.tracking import Tracker, ap_text
-from harness.store.files import append_jsonl, probe_writable
+from harness.store.files import append_jsonl
 from model import build_model
 from model.checkpoint import load_checkpoint, load_state
 from model.released import local_file
@@ -64,23 +65,9 @@ class TrainingInterrupted(JobInterrupted):
 
 # ----------------------------------------------------------------------------------------- set-up
 
+
 def _model_num_classes(run_cfg) -> Optional[int]:
     return getattr(run_cfg.model, "num_classes", None)
-
-
-def check_output_dir(output_dir: str, model: Optional[torch.nn.Module] = None) -> None:
-    """A clear error now, not after an epoch, for an unwritable folder or one without room for checkpoints."""
-    try:
-        probe_writable(output_dir)
-    except OSError as e:
-        raise OSError(f"results folder {output_dir} is not writable: {e}") from None
-    if model is not None:
-        params = sum(p.numel() * p.element_size() for p in model.parameters())
-        need = 2 * 3 * params + (64 << 20)       # two checkpoints of weights + two Adam moments, and slack
-        free = shutil.disk_usage(output_dir).free
-        if free < need:
-            raise OSError(f"not enough disk space in {output_dir}: {free / 2**20:.0f} MiB free, checkpoints need "
-                          f"about {need / 2**20:.0f} MiB")
 
 
 def _build_model(run_cfg, device):
@@ -111,10 +98,11 @@ def _silent(*args, **kwargs):
 
 
 def _print(text: str) -> None:
-    print(text, flush=True)        # a job's stdout is its log: each line there as it is printed
+    print(text, flush=True)  # a job's stdout is its log: each line there as it is printed
 
 
 # --------------------------------------------------------------------------------------- training
+
 
 def _set_up(run_cfg, output_dir, log_fn, print_fn, should_stop) -> Training:
     """Seeds, data, model, optimiser step; checks the output folder (rank 0)."""
@@ -139,14 +127,36 @@ def _set_up(run_cfg, output_dir, log_fn, print_fn, should_stop) -> Training:
     if main:
         check_output_dir(output_dir, model)
         n_params = sum(p.numel() for p in model.parameters())
-        print_fn(f"model: {n_params:,} parameters; train {len(train_set)} images, eval {len(val_set)} images; "
-                 f"world size {world}, device {device}")
+        print_fn(
+            f"model: {n_params:,} parameters; train {len(train_set)} images, eval {len(val_set)} images; "
+            f"world size {world}, device {device}"
+        )
     accum = accumulation_steps(train_cfg, world)
     total_batch = train_cfg.batch_size_per_gpu * world * accum
-    step = build_step(model, criterion, train_cfg, device, total_batch,
-                      steps_per_epoch(len(train_loader), train_cfg, accum))
-    return Training(run_cfg, output_dir, device, main, rank, world, model, model, postprocessor, step, sampler,
-                    train_loader, val_set, val_loader, accum, log_fn, print_fn, verbose, should_stop)
+    step = build_step(
+        model, criterion, train_cfg, device, total_batch, steps_per_epoch(len(train_loader), train_cfg, accum)
+    )
+    return Training(
+        run_cfg,
+        output_dir,
+        device,
+        main,
+        rank,
+        world,
+        model,
+        model,
+        postprocessor,
+        step,
+        sampler,
+        train_loader,
+        val_set,
+        val_loader,
+        accum,
+        log_fn,
+        print_fn,
+        verbose,
+        should_stop,
+    )
 
 
 def _train_epoch(t: Training, epoch: int, partial: Optional[dict]) -> dict:
@@ -159,30 +169,52 @@ def _train_epoch(t: Training, epoch: int, partial: Optional[dict]) -> dict:
     resume_from = None
     if partial is not None and partial["epoch"] == epoch:
         rngs = partial["rng"]
-        resume_from = dict(iteration=partial["iteration"], sums=partial["sums"],
-                           rng=rngs[t.rank] if len(rngs) == t.world else None)
+        resume_from = dict(
+            iteration=partial["iteration"], sums=partial["sums"], rng=rngs[t.rank] if len(rngs) == t.world else None
+        )
     try:
-        losses = train_one_epoch(t.step, t.train_loader, epoch, t.accum, t.cfg.train.max_iters_per_epoch,
-                                 t.tracker, should_stop=t.should_stop, resume_from=resume_from)
+        losses = train_one_epoch(
+            t.step,
+            t.train_loader,
+            epoch,
+            t.accum,
+            t.cfg.train.max_iters_per_epoch,
+            t.tracker,
+            should_stop=t.should_stop,
+            resume_from=resume_from,
+        )
     except _Stop as stop:
         state.checkpoint_stop(t, epoch, stop.iteration, stop.sums)
-        raise TrainingInterrupted(f"training stopped at epoch {epoch}, iteration {stop.iteration}; "
-                                  f"a checkpoint was saved in {t.output_dir}") from None
-    return dict(epoch=epoch, **{f"train_{k}": v for k, v in losses.items()}, **lrs,
-                epoch_time_s=round(time.time() - t0, 3))
+        raise TrainingInterrupted(
+            f"training stopped at epoch {epoch}, iteration {stop.iteration}; a checkpoint was saved in {t.output_dir}"
+        ) from None
+    return dict(
+        epoch=epoch, **{f"train_{k}": v for k, v in losses.items()}, **lrs, epoch_time_s=round(time.time() - t0, 3)
+    )
 
 
 def _evaluate(t: Training, what: str, resumed_by_evaluating: bool = False) -> Dict[str, float]:
     """COCO metrics of the model now; a stop request between batches raises :class:`TrainingInterrupted`
     (``what`` was stopped; ``resumed_by_evaluating``: its epoch's checkpoint is written, resuming evaluates it)."""
     try:
-        return run_evaluation(t.model_without_ddp, t.postprocessor, t.val_loader, t.val_set, t.device, t.cfg.eval,
-                              t.cfg.data, _results_file(t.output_dir, t.cfg, t.cfg.eval), t.step.amp_dtype,
-                              verbose=t.verbose, should_stop=t.should_stop)
+        return run_evaluation(
+            t.model_without_ddp,
+            t.postprocessor,
+            t.val_loader,
+            t.val_set,
+            t.device,
+            t.cfg.eval,
+            t.cfg.data,
+            _results_file(t.output_dir, t.cfg, t.cfg.eval),
+            t.step.amp_dtype,
+            verbose=t.verbose,
+            should_stop=t.should_stop,
+        )
     except EvaluationInterrupted as stop:
-        raise TrainingInterrupted(f"training stopped in {what} ({stop})" + (
-            f"; its checkpoint is in {t.output_dir}, and resuming evaluates it" if resumed_by_evaluating else "")) \
-            from None
+        raise TrainingInterrupted(
+            f"training stopped in {what} ({stop})"
+            + (f"; its checkpoint is in {t.output_dir}, and resuming evaluates it" if resumed_by_evaluating else "")
+        ) from None
 
 
 def _finish_epoch(t: Training, record: dict, evaluate: bool) -> Dict[str, float]:
@@ -200,9 +232,14 @@ def _finish_epoch(t: Training, record: dict, evaluate: bool) -> Dict[str, float]
     return metrics
 
 
-def train(run_cfg, output_dir: str, log_fn: Optional[Callable[[dict], None]] = None, resume: bool = True,
-          print_fn: Callable[[str], None] = _print, should_stop: Optional[Callable[[], bool]] = None
-          ) -> Dict[str, float]:
+def train(
+    run_cfg,
+    output_dir: str,
+    log_fn: Optional[Callable[[dict], None]] = None,
+    resume: bool = True,
+    print_fn: Callable[[str], None] = _print,
+    should_stop: Optional[Callable[[], bool]] = None,
+) -> Dict[str, float]:
     """Train ``run_cfg`` into ``output_dir`` and evaluate it; returns the final metrics (every rank).
 
     With ``eval.eval_only`` it only evaluates ``eval.checkpoint`` (see :func:`evaluate`).
@@ -219,8 +256,12 @@ def train(run_cfg, output_dir: str, log_fn: Optional[Callable[[dict], None]] = N
     """
     train_cfg = run_cfg.train
     if run_cfg.eval.eval_only:
-        metrics = evaluate(run_cfg, output_dir, checkpoint=local_file(run_cfg.eval.checkpoint, run_cfg.eval.checkpoint_sha256),
-                           print_fn=print_fn)
+        metrics = evaluate(
+            run_cfg,
+            output_dir,
+            checkpoint=local_file(run_cfg.eval.checkpoint, run_cfg.eval.checkpoint_sha256),
+            print_fn=print_fn,
+        )
         if dist_utils.is_main_process():
             (log_fn or _default_log_fn(output_dir))(dict(epoch=None, eval_only=True, **metrics))
             if print_fn is not None and "AP" in metrics:
@@ -230,18 +271,30 @@ def train(run_cfg, output_dir: str, log_fn: Optional[Callable[[dict], None]] = N
     start_epoch, partial, pending = state.resume(t, resume)
     state.distribute(t)
     first_step = start_epoch * t.iters_per_epoch + (partial["iteration"] if partial else 0)
-    t.tracker = Tracker(output_dir, train_cfg, t.iters_per_epoch, main=t.main, print_fn=t.print_fn if t.verbose
-                        else None, first_step=first_step, evaluates=t.evaluates, config=config_dict(run_cfg))
+    t.tracker = Tracker(
+        output_dir,
+        train_cfg,
+        t.iters_per_epoch,
+        main=t.main,
+        print_fn=t.print_fn if t.verbose else None,
+        first_step=first_step,
+        evaluates=t.evaluates,
+        config=config_dict(run_cfg),
+    )
     if t.main and start_epoch < train_cfg.epochs:
-        t.print_fn(f"training epochs {start_epoch}..{train_cfg.epochs - 1} of {train_cfg.epochs}, {t.iters_per_epoch} "
-                   f"iterations each (batch {train_cfg.batch_size_per_gpu} x {t.world} process(es) x {t.accum} "
-                   f"accumulated); TensorBoard: {os.path.join(output_dir, 'tensorboard')}")
+        t.print_fn(
+            f"training epochs {start_epoch}..{train_cfg.epochs - 1} of {train_cfg.epochs}, {t.iters_per_epoch} "
+            f"iterations each (batch {train_cfg.batch_size_per_gpu} x {t.world} process(es) x {t.accum} "
+            f"accumulated); TensorBoard: {os.path.join(output_dir, 'tensorboard')}"
+        )
     try:
         metrics: Dict[str, float] = {}
         last_eval_epoch = -1
-        if pending is not None and dist_utils.all_gather_object(
-                t.main and pending["record"]["epoch"] not in _logged_epochs(output_dir))[0]:
-            metrics = _finish_epoch(t, pending["record"], pending["evaluate"])   # stopped in its evaluation
+        if (
+            pending is not None
+            and dist_utils.all_gather_object(t.main and pending["record"]["epoch"] not in _logged_epochs(output_dir))[0]
+        ):
+            metrics = _finish_epoch(t, pending["record"], pending["evaluate"])  # stopped in its evaluation
             last_eval_epoch = pending["record"]["epoch"] if pending["evaluate"] else -1
         for epoch in range(start_epoch, train_cfg.epochs):
             record = _train_epoch(t, epoch, partial)
@@ -251,7 +304,7 @@ def train(run_cfg, output_dir: str, log_fn: Optional[Callable[[dict], None]] = N
             epoch_metrics = _finish_epoch(t, record, due)
             if due:
                 metrics, last_eval_epoch = epoch_metrics, epoch
-        if last_eval_epoch != train_cfg.epochs - 1:      # already finished before (resumed at the end)
+        if last_eval_epoch != train_cfg.epochs - 1:  # already finished before (resumed at the end)
             metrics = _evaluate(t, "its final evaluation")
         t.tracker.final(metrics)
     finally:
@@ -267,10 +320,17 @@ def _results_file(output_dir, run_cfg, eval_cfg):
 
 # ------------------------------------------------------------------------------------- evaluation
 
-def evaluate(run_cfg, output_dir: Optional[str] = None, model: Optional[torch.nn.Module] = None,
-             postprocessor=None, checkpoint: Optional[str] = None, split: Optional[str] = None,
-             print_fn: Callable[[str], None] = _print, should_stop: Optional[Callable[[], bool]] = None
-             ) -> Dict[str, float]:
+
+def evaluate(
+    run_cfg,
+    output_dir: Optional[str] = None,
+    model: Optional[torch.nn.Module] = None,
+    postprocessor=None,
+    checkpoint: Optional[str] = None,
+    split: Optional[str] = None,
+    print_fn: Callable[[str], None] = _print,
+    should_stop: Optional[Callable[[], bool]] = None,
+) -> Dict[str, float]:
     """Evaluation-only run: COCO metrics of ``model`` (or a model built from ``run_cfg.model`` with the
     weights of ``checkpoint`` / ``eval.checkpoint`` / ``output_dir``'s latest checkpoint) on ``split``
     (default ``data.val_split``). The COCO results JSON goes to ``output_dir``; for a split without
@@ -291,19 +351,41 @@ def evaluate(run_cfg, output_dir: Optional[str] = None, model: Optional[torch.nn
         else:
             found = checkpointing.load_latest(output_dir, log=print_fn) if output_dir is not None else None
             if found is None:
-                raise checkpointing.CheckpointError(output_dir or "eval.checkpoint",
-                                                    "nothing to evaluate: no checkpoint given or found")
+                raise checkpointing.CheckpointError(
+                    output_dir or "eval.checkpoint", "nothing to evaluate: no checkpoint given or found"
+                )
             saved, path = found
             load_state(model, saved["model"], path)
         if dist_utils.is_main_process():
             print_fn(f"evaluating {path} on {split or run_cfg.data.val_split}")
     elif postprocessor is None:
         raise ValueError("evaluate(model=...) needs its postprocessor too")
-    results_file = (detections_file(output_dir, split or run_cfg.data.val_split, run_cfg.eval.tta)
-                    if output_dir is not None and run_cfg.eval.save_detections else None)
-    return run_evaluation(model.to(device), postprocessor, loader, dataset, device, run_cfg.eval, run_cfg.data,
-                          results_file, amp_dtype_of(run_cfg.train.amp), verbose=verbose, should_stop=should_stop)
+    results_file = (
+        detections_file(output_dir, split or run_cfg.data.val_split, run_cfg.eval.tta)
+        if output_dir is not None and run_cfg.eval.save_detections
+        else None
+    )
+    return run_evaluation(
+        model.to(device),
+        postprocessor,
+        loader,
+        dataset,
+        device,
+        run_cfg.eval,
+        run_cfg.data,
+        results_file,
+        amp_dtype_of(run_cfg.train.amp),
+        verbose=verbose,
+        should_stop=should_stop,
+    )
 
 
-__all__ = ["train", "evaluate", "train_one_epoch", "accumulation_steps", "NonFiniteLossError", "seed_everything",
-           "OptimiserStep"]
+__all__ = [
+    "train",
+    "evaluate",
+    "train_one_epoch",
+    "accumulation_steps",
+    "NonFiniteLossError",
+    "seed_everything",
+    "OptimiserStep",
+]

@@ -10,6 +10,7 @@ when the effective total differs). ``train.max_iters_per_epoch`` counts loader s
 Stopping: ``should_stop()`` is asked after every optimiser step (any rank saying yes stops all); the pass
 then ends with :class:`_Stop`, whose iteration and loss sums the caller writes into a mid-epoch checkpoint.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,12 +35,12 @@ class _Stop(Exception):
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    return (seed * 1_000_003 + epoch * 1009 + rank) % 2 ** 63
+    return (seed * 1_000_003 + epoch * 1009 + rank) % 2**63
 
 
 def accumulation_steps(train_cfg, world_size: int, warn: bool = True) -> int:
@@ -47,9 +48,11 @@ def accumulation_steps(train_cfg, world_size: int, warn: bool = True) -> int:
     steps = max(1, round(train_cfg.total_batch_size / per_step)) if train_cfg.accumulate_to_total else 1
     effective = per_step * steps
     if warn and effective != train_cfg.total_batch_size:
-        message = (f"effective total batch is {effective} ({train_cfg.batch_size_per_gpu} per process x "
-                   f"{world_size} processes x {steps} accumulation steps), not the experiment's "
-                   f"total_batch_size {train_cfg.total_batch_size}")
+        message = (
+            f"effective total batch is {effective} ({train_cfg.batch_size_per_gpu} per process x "
+            f"{world_size} processes x {steps} accumulation steps), not the experiment's "
+            f"total_batch_size {train_cfg.total_batch_size}"
+        )
         warnings.warn(message, RuntimeWarning, stacklevel=2)
         if dist_utils.is_main_process():
             print(f"WARNING: {message}", flush=True)
@@ -63,9 +66,16 @@ def steps_per_epoch(loader_len: int, train_cfg, accum_steps: int) -> int:
     return max(1, math.ceil(n_iters / accum_steps))
 
 
-def train_one_epoch(step: OptimiserStep, loader, epoch: int, accum_steps: int = 1, max_iters: Optional[int] = None,
-                    tracker=None, should_stop: Optional[Callable[[], bool]] = None,
-                    resume_from: Optional[dict] = None) -> Dict[str, float]:
+def train_one_epoch(
+    step: OptimiserStep,
+    loader,
+    epoch: int,
+    accum_steps: int = 1,
+    max_iters: Optional[int] = None,
+    tracker=None,
+    should_stop: Optional[Callable[[], bool]] = None,
+    resume_from: Optional[dict] = None,
+) -> Dict[str, float]:
     """One pass over ``loader`` with ``step`` (:class:`~harness.run.step.OptimiserStep`: its optimiser step
     falls on the last batch of each group of ``accum_steps``); returns the epoch means of the weighted loss and
     its terms (all ranks).

@@ -11,11 +11,13 @@ default, an assumption (neither the paper nor the official code gives its TTA); 
 112..144), each unflipped and
 horizontally flipped. The long side is capped at ``data.max_size`` scaled by ``size / data.eval_size``
 (1333 at 800 allows 1666 at 1000), so that the larger scales keep the aspect ratio the cap allows at the
-evaluation size instead of collapsing onto one size. The detections of all passes are mapped back to the original image, pooled,
+evaluation size instead of collapsing onto one size. The detections of all passes are mapped back to the original
+image, pooled,
 de-duplicated per class by non-maximum suppression (IoU ``TTA_NMS_IOU``, ``torchvision.ops.batched_nms``),
 and the ``num_detections`` highest scores are kept. The paper does not say how its TTA merges; NMS over
 the pooled detections is the common choice.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -50,8 +52,10 @@ def to_coco_detections(image_id: int, result: Dict[str, torch.Tensor]) -> List[d
     boxes = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
     scores = result["scores"].detach().float().cpu().tolist()
     labels = result["labels"].detach().cpu().tolist()
-    return [dict(image_id=int(image_id), category_id=int(c), bbox=[round(v, 3) for v in b], score=round(s, 5))
-            for b, s, c in zip(boxes, scores, labels)]
+    return [
+        dict(image_id=int(image_id), category_id=int(c), bbox=[round(v, 3) for v in b], score=round(s, 5))
+        for b, s, c in zip(boxes, scores, labels)
+    ]
 
 
 def coco_metrics(coco_gt, detections: List[dict], image_ids, num_detections: int = 100, verbose: bool = True):
@@ -73,7 +77,7 @@ def coco_metrics(coco_gt, detections: List[dict], image_ids, num_detections: int
     stats = [float(v) for v in coco_eval.stats[:6]]
     # COCOeval's summary reads AP over all areas at maxDets 100 whatever maxDets holds (every other stat
     # uses the last maxDets): with num_detections != 100 it finds nothing and says -1; take it at ours
-    precision = coco_eval.eval["precision"][:, :, :, 0, -1]      # IoU x recall x class, area all, last maxDets
+    precision = coco_eval.eval["precision"][:, :, :, 0, -1]  # IoU x recall x class, area all, last maxDets
     found = precision[precision > -1]
     stats[0] = float(found.mean()) if found.size else -1.0
     # COCOeval's -1: no ground-truth object of that size in the split, so no value (not an AP of 0)
@@ -115,8 +119,13 @@ class CocoEvaluator:
             os.replace(tmp, results_file)
         metrics: Dict[str, float] = {}
         if self.has_annotations:
-            metrics = coco_metrics(self.coco_gt, self.detections, self.image_ids, self.num_detections,
-                                   verbose=verbose and dist_utils.is_main_process())
+            metrics = coco_metrics(
+                self.coco_gt,
+                self.detections,
+                self.image_ids,
+                self.num_detections,
+                verbose=verbose and dist_utils.is_main_process(),
+            )
         metrics.update(num_detections=self.num_detections, num_images=len(self.image_ids))
         return metrics
 
@@ -141,16 +150,29 @@ def predict(model, postprocessor, images, mask, orig_sizes, device, amp_dtype=No
 
 
 @torch.no_grad()
-def predict_tta(model, postprocessor, raw_images: List[torch.Tensor], orig_sizes: torch.Tensor, device, sizes,
-                max_size: int, num_detections: int, amp_dtype=None, flip: bool = True, eval_size: int = 800):
+def predict_tta(
+    model,
+    postprocessor,
+    raw_images: List[torch.Tensor],
+    orig_sizes: torch.Tensor,
+    device,
+    sizes,
+    max_size: int,
+    num_detections: int,
+    amp_dtype=None,
+    flip: bool = True,
+    eval_size: int = 800,
+):
     """Flip + multi-scale test-time augmentation of unnormalised 3 x H x W images (see module docs)."""
     passes = [[] for _ in raw_images]
     for size in sizes:
-        cap = max(max_size, round(max_size * size / eval_size))     # the cap grows with the scale
+        cap = max(max_size, round(max_size * size / eval_size))  # the cap grows with the scale
         resized = [T.resize(img, None, size, cap)[0] for img in raw_images]
-        for flipped in ([False, True] if flip else [False]):
-            batch = [(TF.normalize(TF.hflip(img) if flipped else img, T.IMAGENET_MEAN, T.IMAGENET_STD), None)
-                     for img in resized]
+        for flipped in [False, True] if flip else [False]:
+            batch = [
+                (TF.normalize(TF.hflip(img) if flipped else img, T.IMAGENET_MEAN, T.IMAGENET_STD), None)
+                for img in resized
+            ]
             images, mask, _ = collate_fn(batch)
             results = predict(model, postprocessor, images, mask, orig_sizes, device, amp_dtype)
             for k, r in enumerate(results):
@@ -176,9 +198,20 @@ def detections_file(folder, split: str, tta: bool = False) -> str:
     return os.path.join(str(folder), f"detections_{split}{'_tta' if tta else ''}.json")
 
 
-def run_evaluation(model, postprocessor, loader, dataset, device, eval_cfg, data_cfg=None,
-                   results_file: Optional[str] = None, amp_dtype=None, verbose: bool = True,
-                   print_freq: int = 50, should_stop: Optional[Callable[[], bool]] = None) -> Dict[str, float]:
+def run_evaluation(
+    model,
+    postprocessor,
+    loader,
+    dataset,
+    device,
+    eval_cfg,
+    data_cfg=None,
+    results_file: Optional[str] = None,
+    amp_dtype=None,
+    verbose: bool = True,
+    print_freq: int = 50,
+    should_stop: Optional[Callable[[], bool]] = None,
+) -> Dict[str, float]:
     """Evaluate on the images of ``loader`` (this rank's shard); metrics are the same on every rank.
 
     With ``eval_cfg.tta`` the loader must yield unnormalised images (see :func:`tta_collate`).
@@ -189,7 +222,7 @@ def run_evaluation(model, postprocessor, loader, dataset, device, eval_cfg, data
     evaluator = CocoEvaluator(dataset.coco, eval_cfg.num_detections, getattr(dataset, "has_annotations", True))
     max_size = data_cfg.max_size if data_cfg is not None else 1333
     eval_size = data_cfg.eval_size if data_cfg is not None else 800
-    tta_sizes = list(eval_cfg.tta_sizes)      # absolute short sides, not scaled by data.eval_size
+    tta_sizes = list(eval_cfg.tta_sizes)  # absolute short sides, not scaled by data.eval_size
     main = dist_utils.is_main_process()
     stopped, done = False, 0
     for i, batch in enumerate(loader):
@@ -199,8 +232,18 @@ def run_evaluation(model, postprocessor, loader, dataset, device, eval_cfg, data
         if eval_cfg.tta:
             raw_images, targets = batch
             orig_sizes = torch.stack([t["orig_size"] for t in targets])
-            results = predict_tta(model, postprocessor, raw_images, orig_sizes, device, tta_sizes, max_size,
-                                  eval_cfg.num_detections, amp_dtype, eval_size=eval_size)
+            results = predict_tta(
+                model,
+                postprocessor,
+                raw_images,
+                orig_sizes,
+                device,
+                tta_sizes,
+                max_size,
+                eval_cfg.num_detections,
+                amp_dtype,
+                eval_size=eval_size,
+            )
         else:
             images, mask, targets = batch
             orig_sizes = torch.stack([t["orig_size"] for t in targets])

@@ -9,6 +9,7 @@ Evaluation keeps every image, ``eval.batch_size_per_gpu`` per process (default: 
 DC5 models were trained with one image per GPU and lose AP when evaluated with more, because padding
 changes their features).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -54,30 +55,45 @@ def build_eval_loader(run_cfg, root: str, split: Optional[str] = None, num_class
     data_cfg, eval_cfg = run_cfg.data, run_cfg.eval
     split = split or data_cfg.val_split
     if eval_cfg.tta:
-        dataset = build_dataset(root, split, train=False, data_cfg=data_cfg, num_classes=num_classes,
-                                transforms=T.ToTensor())
+        dataset = build_dataset(
+            root, split, train=False, data_cfg=data_cfg, num_classes=num_classes, transforms=T.ToTensor()
+        )
         collate = tta_collate
     else:
         dataset = build_dataset(root, split, train=False, data_cfg=data_cfg, num_classes=num_classes)
         collate = collate_fn
     sampler = ShardSampler(dataset, dist_utils.get_rank(), dist_utils.get_world_size())
-    loader = torch.utils.data.DataLoader(dataset, batch_size=eval_batch_size(run_cfg), sampler=sampler,
-                                         collate_fn=collate, num_workers=data_cfg.num_workers,
-                                         pin_memory=torch.cuda.is_available())
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=eval_batch_size(run_cfg),
+        sampler=sampler,
+        collate_fn=collate,
+        num_workers=data_cfg.num_workers,
+        pin_memory=torch.cuda.is_available(),
+    )
     return dataset, loader
 
 
 def build_train_loader(run_cfg, root: str, num_classes: Optional[int] = None):
     data_cfg, train_cfg = run_cfg.data, run_cfg.train
     dataset = build_dataset(root, data_cfg.train_split, train=True, data_cfg=data_cfg, num_classes=num_classes)
-    sampler = TrainSampler(dataset, num_replicas=dist_utils.get_world_size(), rank=dist_utils.get_rank(),
-                           shuffle=True, seed=train_cfg.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=train_cfg.batch_size_per_gpu, sampler=sampler,
-                                         collate_fn=collate_fn, num_workers=data_cfg.num_workers, drop_last=True,
-                                         pin_memory=torch.cuda.is_available())
+    sampler = TrainSampler(
+        dataset, num_replicas=dist_utils.get_world_size(), rank=dist_utils.get_rank(), shuffle=True, seed=train_cfg.seed
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=train_cfg.batch_size_per_gpu,
+        sampler=sampler,
+        collate_fn=collate_fn,
+        num_workers=data_cfg.num_workers,
+        drop_last=True,
+        pin_memory=torch.cuda.is_available(),
+    )
     if len(loader) == 0:
-        raise ValueError(f"the training split {data_cfg.train_split!r} has {len(dataset)} images: "
-                         f"{len(sampler)} per process, fewer than one full batch (train.batch_size_per_gpu "
-                         f"{train_cfg.batch_size_per_gpu}, {sampler.num_replicas} processes); use more images "
-                         "(data.synthetic_train_images for the synthetic set) or a smaller batch")
+        raise ValueError(
+            f"the training split {data_cfg.train_split!r} has {len(dataset)} images: "
+            f"{len(sampler)} per process, fewer than one full batch (train.batch_size_per_gpu "
+            f"{train_cfg.batch_size_per_gpu}, {sampler.num_replicas} processes); use more images "
+            "(data.synthetic_train_images for the synthetic set) or a smaller batch"
+        )
     return dataset, sampler, loader

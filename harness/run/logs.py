@@ -5,6 +5,7 @@ submission waits for it (a local job's output goes to its log file, as a SLURM j
 Following reads what was appended to a file since the last look (complete lines only; a file that shrank, a
 requeued job's log written anew, is read again from its start), like ``tail -f``. Nothing here imports torch.
 """
+
 from __future__ import annotations
 
 import sys
@@ -18,7 +19,7 @@ from harness.grid import expand, unique_runs
 from harness.launch.follow import LOG_LINES, run_log_paths
 from harness.store import tail_text
 
-ALIVE = ("queued", "running")           # a record whose job may still write to its log
+ALIVE = ("queued", "running")  # a record whose job may still write to its log
 
 
 class FileFollower:
@@ -45,7 +46,7 @@ class FileFollower:
                 size = path.stat().st_size
             except OSError:
                 continue
-            if size < self.offsets[path]:          # written anew (a requeued job): from its start again
+            if size < self.offsets[path]:  # written anew (a requeued job): from its start again
                 self.offsets[path], self.partial[path] = 0, ""
             if size == self.offsets[path] and not (final and self.partial[path]):
                 continue
@@ -84,6 +85,7 @@ def printing_logs(log_files: Sequence[Tuple[Path, Path]], poll_s: float = 0.5) -
     def loop():
         while not stop.wait(poll_s):
             follower.poll()
+
     thread = threading.Thread(target=loop, name="job-log-follower", daemon=True)
     thread.start()
     try:
@@ -95,6 +97,7 @@ def printing_logs(log_files: Sequence[Tuple[Path, Path]], poll_s: float = 0.5) -
 
 
 # ------------------------------------------------------------------------------------- --logs ROW
+
 
 def _row_entries(experiment, store, row: str):
     label = experiment.selected[0] if experiment.selected else row
@@ -124,8 +127,16 @@ def logs_text(experiment, store, row: str, lines: int = LOG_LINES) -> str:
     return "\n".join(out)
 
 
-def follow_logs(experiment, store, row: str, lines: int = LOG_LINES, poll_s: float = 1.0, state_every_s: float = 3.0,
-                write: Callable[[str], None] = _stdout, clock: Callable[[], float] = time.monotonic) -> str:
+def follow_logs(
+    experiment,
+    store,
+    row: str,
+    lines: int = LOG_LINES,
+    poll_s: float = 1.0,
+    state_every_s: float = 3.0,
+    write: Callable[[str], None] = _stdout,
+    clock: Callable[[], float] = time.monotonic,
+) -> str:
     """``--logs ROW --follow``: the last ``lines`` lines of the row's job log, then what the job writes, until
     its record is no longer queued or running (returns the state it ended in) or Ctrl-C (KeyboardInterrupt,
     for the caller). A newer job of the run (resubmitted) is followed from its start. A job seen running must

@@ -29,6 +29,7 @@ and multiplied by ``total_batch / lr_reference_batch``, and the warm-up (stated 
 reference batch) is divided by the same ratio, so it covers the same number of images (as Detectron2
 rescales a config for another batch).
 """
+
 from __future__ import annotations
 
 import bisect
@@ -38,7 +39,7 @@ import torch
 
 BACKBONE_NAMES = ("backbone.0", "detector.backbone.body")
 LINEAR_PROJ_NAMES = ("reference_points", "sampling_offsets")
-LR_GAMMA = 0.1          # each drop of the step and multistep schedules (official and Detectron2)
+LR_GAMMA = 0.1  # each drop of the step and multistep schedules (official and Detectron2)
 
 
 def _match(name: str, keys) -> bool:
@@ -96,21 +97,23 @@ def lr_factor(train_cfg, steps_per_epoch: int, total_batch: Optional[int] = None
     warmup_factor = train_cfg.warmup_factor
     milestones = sorted(train_cfg.lr_milestones)
     multistep = train_cfg.lr_schedule == "multistep"
-    step_size = max(1, train_cfg.lr_drop)          # as StepLR(max(1, lr_drop)) before
+    step_size = max(1, train_cfg.lr_drop)  # as StepLR(max(1, lr_drop)) before
 
     def factor(step: int) -> float:
         epoch = step // steps_per_epoch
         drops = bisect.bisect_right(milestones, epoch) if multistep else epoch // step_size
-        value = LR_GAMMA ** drops
+        value = LR_GAMMA**drops
         if step < warmup:
             alpha = step / warmup
             value *= warmup_factor * (1 - alpha) + alpha
         return value
+
     return factor
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg, steps_per_epoch: int = 1,
-                    total_batch: Optional[int] = None) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, train_cfg, steps_per_epoch: int = 1, total_batch: Optional[int] = None
+) -> torch.optim.lr_scheduler.LambdaLR:
     """The schedule of :func:`lr_factor`, to be stepped after every optimiser step.
 
     A ``LambdaLR`` over a plain function: its state (the step count) goes into checkpoints, the schedule

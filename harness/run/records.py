@@ -10,6 +10,7 @@
 * the measurement record (``measurements/<measure_id>/``): parameters, FLOPs, FPS (:func:`measure`, then
   :func:`harness.measure.record.measurement_record`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -84,8 +85,9 @@ def _training_split(cfg) -> str:
     if annotated(split):
         return split
     if cfg.data.dataset == "synthetic":
-        return "val2017"                       # the generated set is train2017 + val2017
+        return "val2017"  # the generated set is train2017 + val2017
     from harness.data import split_paths
+
     root = cfg.data.root
     return "val2017" if root and os.path.isfile(split_paths(root, "val2017")[1]) else split
 
@@ -103,8 +105,12 @@ def training_config(cfg):
             if EVALUATION in roles[f.name]["roles"]:
                 reset[f.name] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         sections[section] = dataclasses.replace(sub, **reset) if reset else sub
-    data = dataclasses.replace(sections["data"], val_split=_training_split(cfg), eval_size=cfg.data.train_size,
-                               synthetic_val_images=cfg.data.synthetic_val_images)
+    data = dataclasses.replace(
+        sections["data"],
+        val_split=_training_split(cfg),
+        eval_size=cfg.data.train_size,
+        synthetic_val_images=cfg.data.synthetic_val_images,
+    )
     return dataclasses.replace(cfg, **{**sections, "data": data})
 
 
@@ -117,8 +123,7 @@ def measure(run_cfg, output_dir) -> dict:
     """Parameters, FLOPs (fvcore, over the first evaluation images) and FPS of the run's model."""
     bench = run_cfg.benchmark
     if bench.flops:
-        out = complexity.measure_complexity(run_cfg, images=bench.flops_images, output_dir=output_dir,
-                                            device=device())
+        out = complexity.measure_complexity(run_cfg, images=bench.flops_images, output_dir=output_dir, device=device())
         # the per-image list and per-operator breakdown stay out of metrics.json
         for key in ("gflops_each", "by_operator", "handles"):
             out.pop(key, None)
@@ -126,7 +131,7 @@ def measure(run_cfg, output_dir) -> dict:
         out = {"params": complexity.count_parameters(complexity.build_for_complexity(run_cfg.model))}
     if bench.fps:
         fps = speed.measure_run_speed(run_cfg, output_dir=output_dir)
-        if "attn_impl" in fps:      # the implementation the FPS ran
+        if "attn_impl" in fps:  # the implementation the FPS ran
             fps["fps_attn_impl"] = fps.pop("attn_impl")
         out.update(fps)
     return out
@@ -148,9 +153,14 @@ def backbone_weights_text(cfg) -> str:
 
 def evaluation_settings(cfg) -> dict:
     """The settings an evaluation of ``cfg`` ran with (the evaluation id's fields, resolved)."""
-    return {"split": cfg.data.val_split, "eval_size": cfg.data.eval_size, "tta": cfg.eval.tta,
-            "tta_sizes": list(cfg.eval.tta_sizes) if cfg.eval.tta else None,
-            "num_detections": cfg.eval.num_detections, "eval_batch_size": eval_batch_size(cfg)}
+    return {
+        "split": cfg.data.val_split,
+        "eval_size": cfg.data.eval_size,
+        "tta": cfg.eval.tta,
+        "tta_sizes": list(cfg.eval.tta_sizes) if cfg.eval.tta else None,
+        "num_detections": cfg.eval.num_detections,
+        "eval_batch_size": eval_batch_size(cfg),
+    }
 
 
 def evaluation_record(spec: RunSpec, metrics: dict, **provenance) -> dict:
@@ -159,8 +169,14 @@ def evaluation_record(spec: RunSpec, metrics: dict, **provenance) -> dict:
     numbers = {k: metrics[k] for k in EVALUATED_FIELDS if k in metrics}
     if "num_images" in metrics:
         numbers["num_images"] = metrics["num_images"]
-    return {**numbers, "run_id": spec.run_id, "eval_id": spec.eval_id, "label": spec.label,
-            **evaluation_settings(spec.config), **provenance}
+    return {
+        **numbers,
+        "run_id": spec.run_id,
+        "eval_id": spec.eval_id,
+        "label": spec.label,
+        **evaluation_settings(spec.config),
+        **provenance,
+    }
 
 
 def training_record(spec: RunSpec, store: ResultsStore, epochs: int, **facts) -> dict:
@@ -168,16 +184,24 @@ def training_record(spec: RunSpec, store: ResultsStore, epochs: int, **facts) ->
     last epoch's (``train_*`` of log.jsonl)."""
     last = next((r for r in reversed(store.read_log(spec.run_id)) if r.get("epoch") is not None), {})
     losses = {k: v for k, v in last.items() if k.startswith("train_")}
-    return {"run_id": spec.run_id, "label": spec.label, "seed": spec.seed, "scale": spec.scale,
-            "dataset": spec.config.data.dataset, "epochs_trained": epochs, **losses,
-            "attempts": store.attempts(spec.run_id) or None, **facts}
+    return {
+        "run_id": spec.run_id,
+        "label": spec.label,
+        "seed": spec.seed,
+        "scale": spec.scale,
+        "dataset": spec.config.data.dataset,
+        "epochs_trained": epochs,
+        **losses,
+        "attempts": store.attempts(spec.run_id) or None,
+        **facts,
+    }
 
 
 def server_submission(detections: Path, folder: Path, name: str) -> Optional[Path]:
     """The zip the COCO evaluation server expects (``detections_test-dev2017_<name>_results.json`` inside)."""
     if not detections.is_file():
         return None
-    alg = "".join(c for c in name if c.isalnum())       # no underscores: the server splits the name on them
+    alg = "".join(c for c in name if c.isalnum())  # no underscores: the server splits the name on them
     inner = f"detections_test-dev2017_{alg}_results.json"
     target = folder / f"{inner[:-5]}.zip"
     tmp = target.with_suffix(".zip.tmp")

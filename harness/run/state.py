@@ -2,6 +2,7 @@
 checkpoint (:func:`resume`), the checkpoints written at the end of an epoch (:func:`checkpoint_epoch`) and on a
 stop request mid-epoch (:func:`checkpoint_stop`), each a :func:`snapshot` of the model, optimiser, schedule,
 gradient scaler, generators and sampler. Built and driven by :mod:`harness.run.engine`."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,13 +21,14 @@ from model.released import local_file
 @dataclasses.dataclass
 class Training:
     """What one training holds while it runs (built by :func:`harness.run.engine._set_up`)."""
+
     cfg: object
     output_dir: str
     device: torch.device
     main: bool
     rank: int
     world: int
-    model: torch.nn.Module               # DistributedDataParallel around model_without_ddp when world > 1
+    model: torch.nn.Module  # DistributedDataParallel around model_without_ddp when world > 1
     model_without_ddp: torch.nn.Module
     postprocessor: object
     step: OptimiserStep
@@ -50,8 +52,12 @@ class Training:
         """Whether ``epoch`` ends with an evaluation: every ``eval_every`` epochs and the last; a split without
         annotations (test-dev) has no metrics to follow: it is evaluated once, at the end."""
         train_cfg = self.cfg.train
-        return epoch == train_cfg.epochs - 1 or train_cfg.eval_every > 0 and (epoch + 1) % train_cfg.eval_every == 0 \
+        return (
+            epoch == train_cfg.epochs - 1
+            or train_cfg.eval_every > 0
+            and (epoch + 1) % train_cfg.eval_every == 0
             and getattr(self.val_set, "has_annotations", True)
+        )
 
 
 def resume(t: Training, enabled: bool = True):
@@ -67,19 +73,25 @@ def resume(t: Training, enabled: bool = True):
     state, path = found
     load_state(t.model_without_ddp, state["model"], path)
     step.optimizer.load_state_dict(state["optimizer"])
-    if "lr_lambdas" not in state["lr_scheduler"]:     # an epoch-stepped StepLR of an earlier version
-        raise checkpointing.CheckpointError(path, "its learning-rate schedule was stepped per epoch; this "
-                                            "version steps per optimiser step: start the run afresh")
+    if "lr_lambdas" not in state["lr_scheduler"]:  # an epoch-stepped StepLR of an earlier version
+        raise checkpointing.CheckpointError(
+            path,
+            "its learning-rate schedule was stepped per epoch; this "
+            "version steps per optimiser step: start the run afresh",
+        )
     step.scheduler.load_state_dict(state["lr_scheduler"])
     if step.scaler is not None and state.get("scaler"):
         step.scaler.load_state_dict(state["scaler"])
     if state.get("rng") is not None:
         checkpointing.set_rng_state(state["rng"])
     partial = state.get("partial")
-    pending = None if partial else state.get("pending")      # the epoch's record, maybe not logged yet
+    pending = None if partial else state.get("pending")  # the epoch's record, maybe not logged yet
     if t.main:
-        where = f"epoch {partial['epoch']}, iteration {partial['iteration']}" if partial else \
-            f"the end of epoch {state['epoch']}"
+        where = (
+            f"epoch {partial['epoch']}, iteration {partial['iteration']}"
+            if partial
+            else f"the end of epoch {state['epoch']}"
+        )
         t.print_fn(f"resumed from {path} at {where}")
     return state["epoch"] + 1, partial, pending
 
@@ -87,25 +99,42 @@ def resume(t: Training, enabled: bool = True):
 def distribute(t: Training) -> None:
     if t.world > 1:
         t.model = t.step.model = torch.nn.parallel.DistributedDataParallel(
-            t.model_without_ddp, device_ids=[t.device.index] if t.device.type == "cuda" else None,
-            find_unused_parameters=getattr(t.model_without_ddp, "ddp_find_unused_parameters", False))
+            t.model_without_ddp,
+            device_ids=[t.device.index] if t.device.type == "cuda" else None,
+            find_unused_parameters=getattr(t.model_without_ddp, "ddp_find_unused_parameters", False),
+        )
 
 
 def snapshot(t: Training, epoch: int, rng, sampler_epoch: int, **extra) -> dict:
     step = t.step
-    return dict(model=t.model_without_ddp.state_dict(), optimizer=step.optimizer.state_dict(),
-                lr_scheduler=step.scheduler.state_dict(),
-                scaler=step.scaler.state_dict() if step.scaler is not None else None, epoch=epoch, rng=rng,
-                sampler=dict(epoch=sampler_epoch, seed=t.cfg.train.seed), world_size=t.world,
-                accumulation_steps=t.accum, config=config_dict(t.cfg), **extra)
+    return dict(
+        model=t.model_without_ddp.state_dict(),
+        optimizer=step.optimizer.state_dict(),
+        lr_scheduler=step.scheduler.state_dict(),
+        scaler=step.scaler.state_dict() if step.scaler is not None else None,
+        epoch=epoch,
+        rng=rng,
+        sampler=dict(epoch=sampler_epoch, seed=t.cfg.train.seed),
+        world_size=t.world,
+        accumulation_steps=t.accum,
+        config=config_dict(t.cfg),
+        **extra,
+    )
 
 
 def checkpoint_epoch(t: Training, record: dict, evaluate: bool) -> None:
     """The end-of-epoch checkpoint, holding the epoch's record until it is logged (``pending``)."""
     if t.main:
-        checkpointing.save_checkpoint(t.output_dir, snapshot(t, record["epoch"], checkpointing.rng_state(),
-                                                              record["epoch"] + 1,
-                                                              pending=dict(record=record, evaluate=evaluate)))
+        checkpointing.save_checkpoint(
+            t.output_dir,
+            snapshot(
+                t,
+                record["epoch"],
+                checkpointing.rng_state(),
+                record["epoch"] + 1,
+                pending=dict(record=record, evaluate=evaluate),
+            ),
+        )
     dist_utils.barrier()
 
 
@@ -116,14 +145,14 @@ def config_dict(run_cfg):
         return None
 
 
-
-
 def checkpoint_stop(t: Training, epoch: int, iteration: int, sums: dict) -> None:
     """The mid-epoch checkpoint of a stop request after ``iteration`` iterations of ``epoch`` (every rank's
     generators, the epoch's loss sums so far)."""
     rngs = dist_utils.all_gather_object(checkpointing.rng_state())
     if t.main:
-        checkpointing.save_checkpoint(t.output_dir, snapshot(
-            t, epoch - 1, rngs[0], epoch, partial=dict(epoch=epoch, iteration=iteration, rng=rngs, sums=sums)))
+        checkpointing.save_checkpoint(
+            t.output_dir,
+            snapshot(t, epoch - 1, rngs[0], epoch, partial=dict(epoch=epoch, iteration=iteration, rng=rngs, sums=sums)),
+        )
         t.print_fn(f"stopped at epoch {epoch}, iteration {iteration}: checkpoint saved")
     dist_utils.barrier()

@@ -9,6 +9,7 @@ group's last batch). On the group's last batch it also takes the optimiser step:
 norm to ``train.clip_max_norm``, step (the scaler's step for fp16), zero the gradients and step the
 learning-rate schedule.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,21 +41,31 @@ class OptimiserStep:
     """``step(images, mask, targets, group_size, last_of_group)``: one batch of training (see the module's
     docstring); returns the batch's loss and loss terms, averaged over the ranks."""
 
-    def __init__(self, model, criterion, optimizer, scheduler=None, scaler=None, amp_dtype=None,
-                 clip_max_norm: float = 0.0, device=None):
+    def __init__(
+        self,
+        model,
+        criterion,
+        optimizer,
+        scheduler=None,
+        scaler=None,
+        amp_dtype=None,
+        clip_max_norm: float = 0.0,
+        device=None,
+    ):
         self.model, self.criterion, self.optimizer = model, criterion, optimizer
         self.scheduler, self.scaler, self.amp_dtype, self.clip_max_norm = scheduler, scaler, amp_dtype, clip_max_norm
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.needs_targets = getattr(getattr(model, "module", model), "needs_targets", False)
         self._checked_unused = False
 
-    def __call__(self, images, mask, targets, group_size: int = 1, last_of_group: bool = True,
-                 where: str = "") -> Dict[str, float]:
+    def __call__(
+        self, images, mask, targets, group_size: int = 1, last_of_group: bool = True, where: str = ""
+    ) -> Dict[str, float]:
         device, model = self.device, self.model
         images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
         targets = to_device(targets, device)
         sync = last_of_group or not hasattr(model, "no_sync")
-        with autocast(device, self.amp_dtype), (contextlib.nullcontext() if sync else model.no_sync()):
+        with autocast(device, self.amp_dtype), contextlib.nullcontext() if sync else model.no_sync():
             outputs = model(images, mask, targets=targets) if self.needs_targets else model(images, mask)
             loss_dict = self.criterion(outputs, targets)
             weight_dict = self.criterion.weight_dict
@@ -65,8 +76,10 @@ class OptimiserStep:
             values = dist_utils.reduce_mean(values, device=device if device.type == "cuda" else None)
             if not math.isfinite(values["loss"]):
                 terms = ", ".join(f"{k}={v:.4g}" for k, v in sorted(values.items()) if k != "loss")
-                raise NonFiniteLossError(f"non-finite loss {values['loss']} at {where or 'this step'} "
-                                         f"(loss terms: {terms}); stopping. The last good checkpoint is kept.")
+                raise NonFiniteLossError(
+                    f"non-finite loss {values['loss']} at {where or 'this step'} "
+                    f"(loss terms: {terms}); stopping. The last good checkpoint is kept."
+                )
             scaled = loss / group_size
             if self.scaler is not None:
                 self.scaler.scale(scaled).backward()
@@ -116,14 +129,24 @@ def _check_all_parameters_used(ddp_model) -> None:
     unused = [n for n, p in ddp_model.module.named_parameters() if p.requires_grad and p.grad is None]
     if unused:
         shown = ", ".join(unused[:6]) + (f", ... ({len(unused)} in all)" if len(unused) > 6 else "")
-        raise RuntimeError(f"trainable parameters without a gradient under DDP: {shown}. Freeze them, drop them "
-                           "from the model, or set the model attribute ddp_find_unused_parameters = True")
+        raise RuntimeError(
+            f"trainable parameters without a gradient under DDP: {shown}. Freeze them, drop them "
+            "from the model, or set the model attribute ddp_find_unused_parameters = True"
+        )
 
 
 # ------------------------------------------------------------------------------------ measurement
 
-def measure_run_train_step(run_cfg, device=None, amp: Optional[str] = None, batch_size: int = 2,
-                           image_size: Tuple[int, int] = (800, 1199), iters: int = 10, warmup: int = 3) -> dict:
+
+def measure_run_train_step(
+    run_cfg,
+    device=None,
+    amp: Optional[str] = None,
+    batch_size: int = 2,
+    image_size: Tuple[int, int] = (800, 1199),
+    iters: int = 10,
+    warmup: int = 3,
+) -> dict:
     """Seconds per training iteration of ``run_cfg`` (the engine's :class:`OptimiserStep`, optimiser and
     schedule; no accumulation: one optimiser step per iteration) on a batch of ``batch_size`` 3 x H x W images
     with synthetic targets (the paper's training-time measurements use batch 2 per GPU); ``amp`` defaults to

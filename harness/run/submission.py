@@ -4,6 +4,7 @@ them (SLURM, or local processes this waits for, printing their logs) and mark th
 The orchestration the command line calls; it imports no torch (the job module is loaded only when something
 is submitted).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,6 +31,7 @@ def _warnings(specs) -> List[str]:
 
 # ------------------------------------------------------------------------------------------- planning
 
+
 def launch_plan(experiment, executor: Optional[str]) -> str:
     """The executor that will run the rows and why, and the parameters submitit gives it (sbatch options)."""
     specs = unique_runs(expand(experiment))
@@ -48,12 +50,15 @@ def launch_plan(experiment, executor: Optional[str]) -> str:
         lines.append(f"  each job: {layout_text(launcher, kind)}")
         if kind == "slurm":
             lines.append("  batch script (per job):")
-            lines += ["    " + line for line in sbatch_lines(launcher, experiment.name, "<results>/"
-                                                            f"{experiment.name}/.submitit")]
+            lines += [
+                "    " + line
+                for line in sbatch_lines(launcher, experiment.name, f"<results>/{experiment.name}/.submitit")
+            ]
     return "\n".join(lines + [f"warning: {w}" for w in _warnings(specs)]) + "\n"
 
 
 # ------------------------------------------------------------------------------------------- submitting
+
 
 def submit(experiment, store, executor=None, rerun=False, root: Path = PROJECT_ROOT):
     """Submit every row that is not done, queued or running; returns (specs, jobs, outcomes).
@@ -71,7 +76,7 @@ def submit(experiment, store, executor=None, rerun=False, root: Path = PROJECT_R
     kind = launch.resolve_executor(executor or specs[0].config.launcher.executor) if specs else "local"
     for spec in specs:
         launch.check_launcher(spec.config.launcher, kind)
-    alive = _job_alive(_job_states(store, specs))     # the scheduler, asked once: for the plan and the claims
+    alive = _job_alive(_job_states(store, specs))  # the scheduler, asked once: for the plan and the claims
     entries = store.plan(specs, alive)
     if rerun:
         removals = rerun_removals(store, entries)
@@ -82,11 +87,14 @@ def submit(experiment, store, executor=None, rerun=False, root: Path = PROJECT_R
         print(f"warning: {warning}")
     for model_cfg in dict.fromkeys(e.spec.config.model for e in entries if e.action == "run"):
         try:
-            fetch_weights(model_cfg)    # here, on the login node: not in a job hours later
+            fetch_weights(model_cfg)  # here, on the login node: not in a job hours later
         except BackboneWeightsError as err:
             raise launch.LaunchError(f"nothing submitted: {err}") from None
-    released_files = [(e.spec.config.eval.checkpoint, e.spec.config.eval.checkpoint_sha256) for e in entries
-                      if e.action == "run" and released.is_url(e.spec.config.eval.checkpoint)]
+    released_files = [
+        (e.spec.config.eval.checkpoint, e.spec.config.eval.checkpoint_sha256)
+        for e in entries
+        if e.action == "run" and released.is_url(e.spec.config.eval.checkpoint)
+    ]
     for url, sha256 in dict.fromkeys(released_files):
         try:
             print(f"checkpoint {url}: {released.fetch(url, sha256)} (verified)")
@@ -97,9 +105,11 @@ def submit(experiment, store, executor=None, rerun=False, root: Path = PROJECT_R
             print(f"skip  {e.spec.label!r} ({e.spec.run_id}): {e.state}")
     claims, chosen = {}, []
     for e in entries:
-        if e.action == "run" and e.key in claims:      # two rows of one training with different evaluations
-            print(f"later {e.spec.label!r}: evaluates {e.spec.run_id} once its training (submitted now) is done; "
-                  "submit again then")
+        if e.action == "run" and e.key in claims:  # two rows of one training with different evaluations
+            print(
+                f"later {e.spec.label!r}: evaluates {e.spec.run_id} once its training (submitted now) is done; "
+                "submit again then"
+            )
         elif e.action == "run":
             claim = store.claim_for_submit(e.spec, alive)
             if claim is None:
@@ -117,7 +127,7 @@ def submit(experiment, store, executor=None, rerun=False, root: Path = PROJECT_R
     def on_submitted(request, job):
         spec = request.spec
         key = spec.key(request.kind)
-        job_id = launch.job_id_of(job, kind)       # local:<pid>:<start>, or SLURM's id
+        job_id = launch.job_id_of(job, kind)  # local:<pid>:<start>, or SLURM's id
         store.mark_queued(key, job_id=job_id, log_dir=exp_root / ".submitit")
         store.release(claims.pop(key))
         stopper.add(job_id)
@@ -132,22 +142,30 @@ def submit(experiment, store, executor=None, rerun=False, root: Path = PROJECT_R
     try:
         with stopper if kind == "local" else contextlib.nullcontext():
             for batch in batches:
-                if stopper.stopped:       # Ctrl-C: start nothing more
+                if stopper.stopped:  # Ctrl-C: start nothing more
                     break
-                submitted = launch.submit(batch, run_job, lambda r: r.spec.config.launcher, exp_root / ".submitit",
-                                          executor=kind, job_name=experiment.name,
-                                          snapshot_root=exp_root / ".snapshots", repo_root=root,
-                                          on_submitted=on_submitted)
+                submitted = launch.submit(
+                    batch,
+                    run_job,
+                    lambda r: r.spec.config.launcher,
+                    exp_root / ".submitit",
+                    executor=kind,
+                    job_name=experiment.name,
+                    snapshot_root=exp_root / ".snapshots",
+                    repo_root=root,
+                    on_submitted=on_submitted,
+                )
                 jobs += submitted
-                if outcomes is not None:        # a local job writes to its log file: shown here as it grows
-                    with printing_logs([launch.log_paths(exp_root / ".submitit", launch.job_id_of(job, kind))
-                                        for job in submitted]):
+                if outcomes is not None:  # a local job writes to its log file: shown here as it grows
+                    with printing_logs(
+                        [launch.log_paths(exp_root / ".submitit", launch.job_id_of(job, kind)) for job in submitted]
+                    ):
                         outcomes += launch.wait(submitted)
                     _mark_if_stopped(store, batch, stopper)
     finally:
         for claim in claims.values():
             store.release(claim)
-    if outcomes is not None:     # rows a Ctrl-C kept from starting
+    if outcomes is not None:  # rows a Ctrl-C kept from starting
         outcomes += [("stopped", "not started: the submission was interrupted")] * (len(specs) - len(outcomes))
     return specs, jobs, outcomes
 
@@ -155,7 +173,8 @@ def submit(experiment, store, executor=None, rerun=False, root: Path = PROJECT_R
 def _mark_if_stopped(store, requests, stopper) -> None:
     """A local job stopped from here whose process ended with its record still queued or running (killed, or
     stopped before it could say so): interrupted, its last complete checkpoint kept."""
-    for request, job_id in zip(requests, stopper.job_ids[-len(requests):]):
+    for request, job_id in zip(requests, stopper.job_ids[-len(requests) :]):
         if stopper.stopped:
-            store.mark_interrupted(request.spec.key(request.kind), "interrupted before its job could mark it",
-                                   job_id=job_id)
+            store.mark_interrupted(
+                request.spec.key(request.kind), "interrupted before its job could mark it", job_id=job_id
+            )

@@ -25,6 +25,7 @@ after the run folder (project ``$WANDB_PROJECT``, default ``deformable-detr-tabl
 kept in ``<run folder>/wandb_id``. ``wandb`` is imported only then; not installed, a one-line warning says so
 and the training goes on. Neither tracker can fail a training: an error in one turns it off with a warning.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -34,7 +35,7 @@ import time
 import uuid
 from typing import Callable, Dict, Optional
 
-PRINT_INTERVAL_S = 20.0        # a progress line at least this often (and at least every train.print_freq iterations)
+PRINT_INTERVAL_S = 20.0  # a progress line at least this often (and at least every train.print_freq iterations)
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 NO_VALUE = "–"
 WANDB_PROJECT = "deformable-detr-tables"
@@ -63,10 +64,18 @@ class Tracker:
     drops what an earlier attempt wrote after that. ``evaluates(epoch)``: whether an epoch ends with an
     evaluation (for the run's ETA)."""
 
-    def __init__(self, output_dir: Optional[str], train_cfg, iters_per_epoch: int, main: bool = True,
-                 print_fn: Optional[Callable[[str], None]] = print, first_step: int = 0,
-                 evaluates: Callable[[int], bool] = lambda epoch: True, config: Optional[dict] = None,
-                 tensorboard: bool = True):
+    def __init__(
+        self,
+        output_dir: Optional[str],
+        train_cfg,
+        iters_per_epoch: int,
+        main: bool = True,
+        print_fn: Optional[Callable[[str], None]] = print,
+        first_step: int = 0,
+        evaluates: Callable[[int], bool] = lambda epoch: True,
+        config: Optional[dict] = None,
+        tensorboard: bool = True,
+    ):
         self.epochs, self.print_freq = train_cfg.epochs, max(1, train_cfg.print_freq)
         self.iters_per_epoch, self.evaluates = max(1, iters_per_epoch), evaluates
         self.main, self.print_fn = main, print_fn if main else None
@@ -105,20 +114,29 @@ class Tracker:
                 self.window, self.last_write_it, self.last_write = {}, done, now
         if self.print_fn is None:
             return
-        if not (it == self.skip or last or done - self.last_print_it >= self.print_freq
-                or now - self.last_print >= PRINT_INTERVAL_S):
+        if not (
+            it == self.skip
+            or last
+            or done - self.last_print_it >= self.print_freq
+            or now - self.last_print >= PRINT_INTERVAL_S
+        ):
             return
         rate = (done - self.last_print_it) / max(now - self.last_print, 1e-9)
         per_it = (now - self.start) / max(done - self.skip, 1)
         eta = per_it * (self.n_iters - done)
         later = range(self.epoch + 1, self.epochs)
         mean_eval = sum(self.eval_times) / len(self.eval_times) if self.eval_times else 0.0
-        run_eta = eta + per_it * self.iters_per_epoch * len(later) + \
-            mean_eval * sum(1 for e in range(self.epoch, self.epochs) if self.evaluates(e))
+        run_eta = (
+            eta
+            + per_it * self.iters_per_epoch * len(later)
+            + mean_eval * sum(1 for e in range(self.epoch, self.epochs) if self.evaluates(e))
+        )
         lr = next(iter(lrs.values()), float("nan"))
-        self.print_fn(f"epoch {self.epoch}/{self.epochs} [{done}/{self.n_iters}]  loss {values['loss']:.4f} "
-                      f"(mean {sums['loss'] / done:.4f})  lr {lr:.2e}  {rate:.2f} it/s  eta {duration(eta)}  "
-                      f"run {duration(run_eta)}")
+        self.print_fn(
+            f"epoch {self.epoch}/{self.epochs} [{done}/{self.n_iters}]  loss {values['loss']:.4f} "
+            f"(mean {sums['loss'] / done:.4f})  lr {lr:.2e}  {rate:.2f} it/s  eta {duration(eta)}  "
+            f"run {duration(run_eta)}"
+        )
         self.last_print, self.last_print_it = now, done
 
     def epoch_done(self, record: dict) -> None:
@@ -132,12 +150,17 @@ class Tracker:
             self.eval_times.append(record["eval_time_s"])
         if self.print_fn is not None:
             # the weighted loss and the final layer's terms (the auxiliary layers' _0, _1, ... are in log.jsonl)
-            losses = ", ".join(f"{k[6:]} {v:.4f}" for k, v in record.items()
-                               if k.startswith("train_loss") and not k.rpartition("_")[2].isdigit())
+            losses = ", ".join(
+                f"{k[6:]} {v:.4f}"
+                for k, v in record.items()
+                if k.startswith("train_loss") and not k.rpartition("_")[2].isdigit()
+            )
             self.print_fn(f"epoch {epoch}/{self.epochs} done in {duration(record.get('epoch_time_s', 0))}: {losses}")
             if evaluated:
-                self.print_fn(f"epoch {epoch}/{self.epochs}  {ap_text(record)}  "
-                              f"(evaluated in {duration(record.get('eval_time_s', 0))})")
+                self.print_fn(
+                    f"epoch {epoch}/{self.epochs}  {ap_text(record)}  "
+                    f"(evaluated in {duration(record.get('eval_time_s', 0))})"
+                )
         scalars = {f"epoch/{k}": v for k, v in record.items() if k.startswith("train_") and isinstance(v, float)}
         scalars.update({f"val/{k}": record[k] for k in METRICS if isinstance(record.get(k), (int, float))})
         for key, name in (("epoch_time_s", "epoch/time_s"), ("eval_time_s", "epoch/eval_time_s")):
@@ -189,6 +212,7 @@ class Tracker:
 def _tensorboard(log_dir: str, first_step: int, warn):
     try:
         from torch.utils.tensorboard import SummaryWriter
+
         return SummaryWriter(log_dir=log_dir, purge_step=first_step, flush_secs=30)
     except Exception as err:  # noqa: BLE001 - tensorboard missing or broken: the training goes on
         warn(f"no TensorBoard scalars ({type(err).__name__}: {err}); pip install tensorboard")
@@ -211,8 +235,14 @@ def _wandb(output_dir: str, config: Optional[dict], warn):
             os.makedirs(output_dir, exist_ok=True)
             with open(id_file, "w") as f:
                 f.write(run_id + "\n")
-        wandb.init(project=os.environ.get("WANDB_PROJECT") or WANDB_PROJECT, name=os.path.basename(
-            os.path.normpath(output_dir)), id=run_id, resume="allow", dir=output_dir, config=config)
+        wandb.init(
+            project=os.environ.get("WANDB_PROJECT") or WANDB_PROJECT,
+            name=os.path.basename(os.path.normpath(output_dir)),
+            id=run_id,
+            resume="allow",
+            dir=output_dir,
+            config=config,
+        )
         return wandb
     except Exception as err:  # noqa: BLE001 - not logged in, offline, ...: the training goes on
         warn(f"Weights & Biases off: {type(err).__name__}: {err}")

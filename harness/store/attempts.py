@@ -8,6 +8,7 @@ killed without warning loses at most one heartbeat. An attempts.json of an earli
 (``{attempt: {started, seen, gpus}}``) is read as well. Lines are appended and fsynced
 (:func:`~harness.store.files.append_jsonl`); a line cut short by a crash is skipped.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,16 +18,22 @@ from typing import Dict, List, Optional, Tuple
 from harness.store.files import CorruptFileError, append_jsonl, read_json
 
 ATTEMPTS = "attempts.jsonl"
-OLD_ATTEMPTS = "attempts.json"      # written whole by earlier versions: read, never written
+OLD_ATTEMPTS = "attempts.json"  # written whole by earlier versions: read, never written
 EVENTS = ("start", "beat", "end")
 
 
-def append_attempt(folder: Path, attempt, started: float, seen: float, gpus: int, event: str = "beat",
-                   job_id: Optional[str] = None) -> None:
+def append_attempt(
+    folder: Path, attempt, started: float, seen: float, gpus: int, event: str = "beat", job_id: Optional[str] = None
+) -> None:
     if event not in EVENTS:
         raise ValueError(f"event {event!r} is not one of {', '.join(EVENTS)}")
-    record = {"attempt": str(attempt), "event": event, "started": float(started), "seen": float(seen),
-              "gpus": int(gpus)}
+    record = {
+        "attempt": str(attempt),
+        "event": event,
+        "started": float(started),
+        "seen": float(seen),
+        "gpus": int(gpus),
+    }
     if job_id is not None:
         record["job_id"] = str(job_id)
     append_jsonl(Path(folder) / ATTEMPTS, record)
@@ -67,7 +74,7 @@ def _lines(path: Path) -> List[dict]:
     for line in text.split("\n"):
         try:
             record = json.loads(line) if line.strip() else None
-        except ValueError:          # cut short by a crash
+        except ValueError:  # cut short by a crash
             continue
         if isinstance(record, dict):
             records.append(record)

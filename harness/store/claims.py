@@ -7,6 +7,7 @@ A claim is a lock file created with ``os.link`` (atomic, fails if it exists) hol
 mtime (heartbeat). A claim is stale when its process is gone (same host) or it has not been refreshed for
 :data:`STALE_AFTER_S`; a stale claim may be broken.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ from typing import Callable, Optional, Tuple
 from harness.store.jobs import process_alive, process_start
 
 CLAIM = "claim.lock"
-STALE_AFTER_S = 30 * 60     # a claim whose holder has not heartbeated for this long is stale
+STALE_AFTER_S = 30 * 60  # a claim whose holder has not heartbeated for this long is stale
 # a claim file that cannot be read: its writer died between creating and renaming it, or it is being replaced;
 # a minute is far longer than a write takes
 UNREADABLE_STALE_S = 60
@@ -34,14 +35,18 @@ class Claim:
     pid: int
     time: float
     job_id: Optional[str] = None
-    role: str = "job"           # job | submit (a submission, until its job is queued)
+    role: str = "job"  # job | submit (a submission, until its job is queued)
     start: Optional[str] = None  # the holder process's start time
 
 
-
-def claim_is_stale(info: Optional[dict], now: float, mtime: float, host: str,
-                   alive: Callable[[int, Optional[str]], bool] = process_alive,
-                   stale_after_s: float = STALE_AFTER_S) -> bool:
+def claim_is_stale(
+    info: Optional[dict],
+    now: float,
+    mtime: float,
+    host: str,
+    alive: Callable[[int, Optional[str]], bool] = process_alive,
+    stale_after_s: float = STALE_AFTER_S,
+) -> bool:
     """A claim is stale if its process is gone (same host: the pid, started when the claim says) or it has not
     heartbeated for too long. An unreadable claim (``info`` None) is stale after :data:`UNREADABLE_STALE_S`."""
     if info is None:
@@ -56,11 +61,17 @@ def own_start() -> Optional[str]:
     return process_start(os.getpid())
 
 
-
 def create_lock(lock: Path, claim: Claim) -> bool:
     """Create ``lock`` holding ``claim``; False if it exists already."""
-    info = {"token": claim.token, "host": claim.host, "pid": claim.pid, "time": claim.time,
-            "job_id": claim.job_id, "role": claim.role, "start": claim.start}
+    info = {
+        "token": claim.token,
+        "host": claim.host,
+        "pid": claim.pid,
+        "time": claim.time,
+        "job_id": claim.job_id,
+        "role": claim.role,
+        "start": claim.start,
+    }
     fd, tmp = tempfile.mkstemp(dir=lock.parent, prefix=".claim.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
@@ -68,11 +79,11 @@ def create_lock(lock: Path, claim: Claim) -> bool:
             f.flush()
             os.fsync(f.fileno())
         try:
-            os.link(tmp, lock)              # atomic; fails if the lock exists
+            os.link(tmp, lock)  # atomic; fails if the lock exists
             return True
         except FileExistsError:
             return False
-        except OSError:                     # a filesystem without hard links
+        except OSError:  # a filesystem without hard links
             try:
                 fd2 = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
@@ -109,4 +120,3 @@ def break_lock(lock: Path, token: Optional[str]) -> None:
         except OSError:
             pass
     os.unlink(aside)
-

@@ -4,6 +4,7 @@ A write goes to a temporary file in the same folder, is fsynced and renamed over
 sees the old file or the new one, never a part. A read that finds a truncated or corrupt file raises
 :class:`CorruptFileError` naming it, instead of loading it silently.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,6 @@ class ResultsError(Exception):
 
 class CorruptFileError(ResultsError):
     """A truncated or corrupt results file (never loaded silently)."""
-
 
 
 def probe_writable(folder) -> None:
@@ -78,8 +78,9 @@ def read_json(path) -> Optional[dict]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise CorruptFileError(path, f"truncated or corrupt JSON (line {e.lineno}, column {e.colno}: "
-                               f"{e.msg})") from None
+        raise CorruptFileError(
+            path, f"truncated or corrupt JSON (line {e.lineno}, column {e.colno}: {e.msg})"
+        ) from None
     if not isinstance(data, dict):
         raise CorruptFileError(path, f"corrupt: expected a JSON object, got {type(data).__name__}")
     return data

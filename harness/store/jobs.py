@@ -8,6 +8,7 @@
 
 Local ids never reach ``squeue``/``scancel``: :func:`slurm_id` is None for them. Nothing here imports torch.
 """
+
 from __future__ import annotations
 
 import os
@@ -64,7 +65,7 @@ def process_start(pid: int) -> Optional[str]:
         return None
     except OSError:
         return _psutil_start(pid)
-    fields = stat[stat.rfind(")") + 2:].split()        # the name may hold spaces and parentheses
+    fields = stat[stat.rfind(")") + 2 :].split()  # the name may hold spaces and parentheses
     if len(fields) < 20 or fields[0] in ("Z", "X"):
         return None
     return fields[19]

@@ -5,6 +5,7 @@ so that the rule stays readable: the training first; then the row's evaluation a
 only where the checkpoint they need is there; a record whose config.yaml no longer matches today's
 resolution of its row is ``changed`` (not done), an evaluation of an earlier checkpoint ``outdated``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,12 +24,13 @@ CHECKPOINT = "checkpoint.pth"  # the training's newest checkpoint (harness.run.c
 CONFIG, METRICS = "config.yaml", "metrics.json"
 
 
-ASK = object()      # judge the record's claim.lock as it is on disk
+ASK = object()  # judge the record's claim.lock as it is on disk
 
 
 class Planning:
-    def plan_one(self, spec: RunSpec, job_alive: Optional[Callable[[str], Optional[bool]]] = None,
-                 claim_stale=ASK) -> PlanEntry:
+    def plan_one(
+        self, spec: RunSpec, job_alive: Optional[Callable[[str], Optional[bool]]] = None, claim_stale=ASK
+    ) -> PlanEntry:
         """``claim_stale``: the verdict on the records' claims (a submission that has just taken a claim judges
         the record as it was before); by default each claim.lock as it is.
 
@@ -40,23 +42,39 @@ class Planning:
         if training.state != "done":
             return training
         trained = self._checkpoint_sha256(spec.run_id)
-        for kind, missing, role in (("evaluate", "its evaluation", EVALUATION), ("measure", "its measurement", MEASUREMENT)):
+        for kind, missing, role in (
+            ("evaluate", "its evaluation", EVALUATION),
+            ("measure", "its measurement", MEASUREMENT),
+        ):
             key = spec.key(kind)
             entry = dataclasses.replace(self._plan_record(spec, key, role, job_alive, claim_stale), kind=kind)
             if entry.state == "done" and trained is not None and self._checkpoint_sha256(key) not in (None, trained):
-                entry = dataclasses.replace(entry, state="outdated", action="run",
-                                            reason="made from an earlier checkpoint; the training was redone")
-            weights = location(spec.config.eval.checkpoint) if spec.config.eval.eval_only else \
-                self.record_dir(spec.run_id) / CHECKPOINT
+                entry = dataclasses.replace(
+                    entry,
+                    state="outdated",
+                    action="run",
+                    reason="made from an earlier checkpoint; the training was redone",
+                )
+            weights = (
+                location(spec.config.eval.checkpoint)
+                if spec.config.eval.eval_only
+                else self.record_dir(spec.run_id) / CHECKPOINT
+            )
             if entry.state in ("new", "outdated") and kind == "evaluate" and not weights.exists():
-                return dataclasses.replace(entry, state="no checkpoint", action="skip", reason=(
-                    f"its training is done but {weights} is not there to evaluate (checkpoints are never "
-                    "committed); --rerun trains it again"))
+                return dataclasses.replace(
+                    entry,
+                    state="no checkpoint",
+                    action="skip",
+                    reason=(
+                        f"its training is done but {weights} is not there to evaluate (checkpoints are never "
+                        "committed); --rerun trains it again"
+                    ),
+                )
             if entry.state == "new":
                 return dataclasses.replace(entry, reason=f"its training is done; {missing} is not")
             if entry.state != "done":
                 return entry
-        return training                    # all done: the row is its run
+        return training  # all done: the row is its run
 
     def _checkpoint_sha256(self, key: str) -> Optional[str]:
         """The checkpoint a done record was made from (training: the one it wrote), None where unknown."""
@@ -74,7 +92,9 @@ class Planning:
         try:
             then = config_from_dict(stored["config"])
         except (ExperimentError, ConfigError, TypeError) as e:
-            raise CorruptFileError(self.record_dir(key) / CONFIG, f"not a configuration this version reads ({e})") from None
+            raise CorruptFileError(
+                self.record_dir(key) / CONFIG, f"not a configuration this version reads ({e})"
+            ) from None
         return differences(then, spec.config, role)
 
     def job_alive(self, status: Status, ask: Optional[Callable[[str], Optional[bool]]] = None) -> Optional[bool]:
@@ -109,20 +129,24 @@ class Planning:
             updated = parse_utc(status.updated_at)
             age = None if updated is None else self.clock() - updated
         claim_stale = self.claim_stale(key) if claim_stale is ASK else claim_stale
-        state, action, reason = decide(status, status_error, metrics_error, claim_stale, alive, age,
-                                       self.stale_after_s)
+        state, action, reason = decide(status, status_error, metrics_error, claim_stale, alive, age, self.stale_after_s)
         if changed and state not in ("corrupt",):
             # its numbers belong to the configuration it ran with, not to today's resolution of the row
             shown = "; ".join(f"{k} {json.dumps(a)} then, {json.dumps(b)} now" for k, a, b in changed)
-            state, action, reason = "changed", "skip", (
-                f"{key} ran with another configuration: {shown}; set the old value in the experiment to keep "
-                "its numbers, or --rerun to run it again")
+            state, action, reason = (
+                "changed",
+                "skip",
+                (
+                    f"{key} ran with another configuration: {shown}; set the old value in the experiment to keep "
+                    "its numbers, or --rerun to run it again"
+                ),
+            )
         return PlanEntry(spec, state, action, reason, status.job_ids if status else ())
 
-    def plan(self, specs: Sequence[RunSpec], job_alive: Optional[Callable[[str], Optional[bool]]] = None
-             ) -> List[PlanEntry]:
+    def plan(
+        self, specs: Sequence[RunSpec], job_alive: Optional[Callable[[str], Optional[bool]]] = None
+    ) -> List[PlanEntry]:
         """One entry per spec: done/queued/running rows are skipped, new/failed/interrupted/stale/corrupt ones run.
         ``job_alive(job_id)`` (True/False/None = unknown) is the scheduler's answer about SLURM jobs (local jobs'
         processes are looked at directly): a job gone makes its record stale."""
         return [self.plan_one(spec, job_alive) for spec in specs]
-

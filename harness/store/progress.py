@@ -1,4 +1,5 @@
 """How far a run is, from its log.jsonl: epoch, last AP, time per epoch and the estimated time left (pure)."""
+
 from __future__ import annotations
 
 import math
@@ -8,11 +9,11 @@ from typing import Optional, Sequence
 
 @dataclass(frozen=True)
 class Progress:
-    epochs_done: int                 # epochs finished (0 before the first one ends)
-    epochs: int                      # epochs to train
-    last_ap: Optional[float]         # AP of the latest evaluation
+    epochs_done: int  # epochs finished (0 before the first one ends)
+    epochs: int  # epochs to train
+    last_ap: Optional[float]  # AP of the latest evaluation
     seconds_per_epoch: Optional[float]
-    eta_s: Optional[float]           # time left at the mean pace so far
+    eta_s: Optional[float]  # time left at the mean pace so far
 
     def text(self) -> str:
         """``12/50  AP 31.2  25.3 min/epoch  ETA 16 h 2 min``"""

@@ -1,5 +1,6 @@
 """A run's status.json (its state, its jobs, when it changed, why it failed) and the pure rule that turns
 what is on disk into a plan entry: run it, or leave it alone."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,11 +22,11 @@ class Status:
     started_at: Optional[str] = None
     finished_at: Optional[str] = None
     updated_at: Optional[str] = None
-    reason: Optional[str] = None          # why it failed, was interrupted or cancelled
-    log_tail: Optional[str] = None        # the last lines of the job's log when it failed
+    reason: Optional[str] = None  # why it failed, was interrupted or cancelled
+    log_tail: Optional[str] = None  # the last lines of the job's log when it failed
     host: Optional[str] = None
-    attempts: int = 0                     # times it started running (requeues included)
-    log_dir: Optional[str] = None         # where the submitting experiment's jobs write their logs
+    attempts: int = 0  # times it started running (requeues included)
+    log_dir: Optional[str] = None  # where the submitting experiment's jobs write their logs
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -46,10 +47,11 @@ class Status:
 class PlanEntry:
     spec: RunSpec
     # the state of the record ``key`` names: new | done | queued | running | interrupted | failed | cancelled |
-    # stale (its job or process is gone) | corrupt | claimed | changed (ran under another configuration) | outdated (of an earlier checkpoint) |
+    # stale (its job or process is gone) | corrupt | claimed | changed (ran under another configuration) | outdated
+    # (of an earlier checkpoint) |
     # no checkpoint (an evaluation with nothing to evaluate)
     state: str
-    action: str         # run | skip
+    action: str  # run | skip
     reason: str = ""
     job_ids: Tuple[str, ...] = ()
     kind: str = "train"  # train (then evaluate and measure) | evaluate | measure: what a job of this entry does
@@ -62,9 +64,16 @@ class PlanEntry:
 
 # ------------------------------------------------------------------------------------------ pure rules
 
-def decide(status: Optional[Status], status_error: Optional[str] = None, metrics_error: Optional[str] = None,
-           claim_stale: Optional[bool] = None, job_alive: Optional[bool] = None,
-           status_age_s: Optional[float] = None, stale_after_s: float = STALE_AFTER_S) -> Tuple[str, str, str]:
+
+def decide(
+    status: Optional[Status],
+    status_error: Optional[str] = None,
+    metrics_error: Optional[str] = None,
+    claim_stale: Optional[bool] = None,
+    job_alive: Optional[bool] = None,
+    status_age_s: Optional[float] = None,
+    stale_after_s: float = STALE_AFTER_S,
+) -> Tuple[str, str, str]:
     """(state, action, reason) of one run from what is on disk.
 
     ``claim_stale``: None without a claim file; ``job_alive``: whether the job the record names still exists
@@ -96,8 +105,13 @@ def decide(status: Optional[Status], status_error: Optional[str] = None, metrics
     return status.state, "skip", ""
 
 
-def stale_reason(status: Status, claim_stale: Optional[bool], job_alive: Optional[bool],
-                 status_age_s: Optional[float] = None, stale_after_s: float = STALE_AFTER_S) -> Optional[str]:
+def stale_reason(
+    status: Status,
+    claim_stale: Optional[bool],
+    job_alive: Optional[bool],
+    status_age_s: Optional[float] = None,
+    stale_after_s: float = STALE_AFTER_S,
+) -> Optional[str]:
     """Why a queued or running record is stale (the one rule, for plans and submissions alike), None if not:
     its job or process no longer exists; its holder's process is gone or stopped heartbeating (unless its
     executor says the job is still there: a requeued job waiting to start again); or it has said running for
@@ -105,7 +119,7 @@ def stale_reason(status: Status, claim_stale: Optional[bool], job_alive: Optiona
     job = status.job_ids[-1] if status.job_ids else "?"
     if job_alive is False:
         return f"{status.state}, but job {job} no longer exists"
-    if claim_stale and job_alive is not True:    # a job its executor still has (requeued, pending) is not
+    if claim_stale and job_alive is not True:  # a job its executor still has (requeued, pending) is not
         return f"{status.state}, but its holder (job {job}) is gone or stopped heartbeating"
     if status.state == "running" and claim_stale is None and status_age_s is not None and status_age_s > stale_after_s:
         return f"running, but no claim and no update for {status_age_s / 60:.0f} min"

@@ -6,6 +6,7 @@ Every write is atomic (:mod:`harness.store.files`); a run is claimed before it i
 (:mod:`harness.store.claims`); :meth:`ResultsStore.plan` applies the rule of :mod:`harness.store.status`
 to what is on disk.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,8 +56,13 @@ class ResultsStore(Planning):
     key of one of its evaluations or measurements: :meth:`RunSpec.key`). An experiment's own
     folder ``results/<experiment>/`` holds only what its submissions write (job logs, code snapshots)."""
 
-    def __init__(self, root, clock: Callable[[], float] = time.time, host: Optional[str] = None,
-                 stale_after_s: float = STALE_AFTER_S):
+    def __init__(
+        self,
+        root,
+        clock: Callable[[], float] = time.time,
+        host: Optional[str] = None,
+        stale_after_s: float = STALE_AFTER_S,
+    ):
         self.root = Path(root)
         self.clock = clock
         self.host = host or socket.gethostname()
@@ -81,12 +87,18 @@ class ResultsStore(Planning):
         try:
             probe_writable(self.root)
         except OSError as e:
-            raise ResultsError(self.root, f"the results folder is not writable ({e.strerror or e}); "
-                               "expected a folder this user can write, e.g. --results DIR") from None
-        free_gb = shutil.disk_usage(self.root).free / 2 ** 30
+            raise ResultsError(
+                self.root,
+                f"the results folder is not writable ({e.strerror or e}); "
+                "expected a folder this user can write, e.g. --results DIR",
+            ) from None
+        free_gb = shutil.disk_usage(self.root).free / 2**30
         if free_gb < min_free_gb:
-            raise ResultsError(self.root, f"only {free_gb:.2f} GiB free on its disk; expected at least "
-                               f"{min_free_gb:g} GiB for checkpoints and results")
+            raise ResultsError(
+                self.root,
+                f"only {free_gb:.2f} GiB free on its disk; expected at least "
+                f"{min_free_gb:g} GiB for checkpoints and results",
+            )
 
     # -- config.yaml
     def prepare(self, spec: RunSpec, key: Optional[str] = None) -> Path:
@@ -102,10 +114,18 @@ class ResultsStore(Planning):
         except CorruptFileError:
             present = False
         if not present:
-            doc = {"experiment": spec.experiment, "label": spec.label, "seed": spec.seed, "scale": spec.scale,
-                   "schema": SCHEMA_VERSION, "run_id": spec.run_id, "eval_id": spec.eval_id,
-                   "measure_id": spec.measure_id, "overrides": list(spec.overrides),
-                   "config": config_to_dict(spec.config)}
+            doc = {
+                "experiment": spec.experiment,
+                "label": spec.label,
+                "seed": spec.seed,
+                "scale": spec.scale,
+                "schema": SCHEMA_VERSION,
+                "run_id": spec.run_id,
+                "eval_id": spec.eval_id,
+                "measure_id": spec.measure_id,
+                "overrides": list(spec.overrides),
+                "config": config_to_dict(spec.config),
+            }
             atomic_write_text(folder / CONFIG, yaml.safe_dump(doc, sort_keys=False, default_flow_style=None))
         return folder
 
@@ -133,8 +153,7 @@ class ResultsStore(Planning):
         except (TypeError, ValueError) as e:
             raise CorruptFileError(path, f"corrupt status: {e}") from None
 
-    def write_status(self, key: str, state: str, job_id: Optional[str] = None,
-                     **fields) -> Status:
+    def write_status(self, key: str, state: str, job_id: Optional[str] = None, **fields) -> Status:
         """Merge ``fields`` into the run's status and write it atomically; returns the new status."""
         if state not in STATES:
             raise ValueError(f"state {state!r} is not one of {', '.join(STATES)}")
@@ -169,7 +188,7 @@ class ResultsStore(Planning):
     def mark_queued(self, key: str, job_id: Optional[str] = None, log_dir: Optional[str] = None) -> Status:
         fields = {} if log_dir is None else {"log_dir": str(log_dir)}
         if job_id is not None and executor_of(job_id) == LOCAL:
-            fields["host"] = self.host        # where its process can be looked at
+            fields["host"] = self.host  # where its process can be looked at
         return self.write_status(key, "queued", job_id=job_id, **fields)
 
     def mark_running(self, key: str, job_id: Optional[str] = None) -> Status:
@@ -198,8 +217,12 @@ class ResultsStore(Planning):
             status = self.read_status(key)
         except CorruptFileError:
             status = None
-        if status is not None and (status.state not in ("queued", "running") or
-                                   job_id is not None and status.job_ids and status.job_ids[-1] != str(job_id)):
+        if status is not None and (
+            status.state not in ("queued", "running")
+            or job_id is not None
+            and status.job_ids
+            and status.job_ids[-1] != str(job_id)
+        ):
             return None
         return self.write_status(key, "interrupted", reason=reason)
 
@@ -247,8 +270,9 @@ class ResultsStore(Planning):
         return read_json(self.record_dir(key) / METRICS)
 
     # -- attempts.jsonl
-    def record_attempt(self, key: str, attempt, started: float, gpus: int, event: str = "beat",
-                       job_id: Optional[str] = None) -> None:
+    def record_attempt(
+        self, key: str, attempt, started: float, gpus: int, event: str = "beat", job_id: Optional[str] = None
+    ) -> None:
         """This attempt at the record has run from ``started`` until now on ``gpus`` GPUs: one line appended to
         its attempts.jsonl (:mod:`harness.store.attempts`), when it starts, on every heartbeat and when it ends,
         so a job killed without warning loses at most one heartbeat. Each record (training, evaluation,
@@ -279,13 +303,21 @@ class ResultsStore(Planning):
         folder.mkdir(parents=True, exist_ok=True)
         lock = folder / CLAIM
         for _ in range(5):
-            claim = Claim(str(lock), uuid.uuid4().hex, self.host, os.getpid(), self.clock(),
-                          None if job_id is None else str(job_id), role, own_start())
+            claim = Claim(
+                str(lock),
+                uuid.uuid4().hex,
+                self.host,
+                os.getpid(),
+                self.clock(),
+                None if job_id is None else str(job_id),
+                role,
+                own_start(),
+            )
             if create_lock(lock, claim):
                 return claim
             info, mtime = read_lock(lock)
             if info is None and mtime is None:
-                continue                        # released meanwhile: try again
+                continue  # released meanwhile: try again
             same_job = job_id is not None and info is not None and info.get("job_id") == str(job_id)
             stale = claim_is_stale(info, self.clock(), mtime, self.host, stale_after_s=self.stale_after_s)
             if not (same_job or stale):
@@ -322,8 +354,9 @@ class ResultsStore(Planning):
         info, _ = self.read_claim(key)
         return (info or {}).get("role") == "submit" and self.claim_stale(key) is False
 
-    def claim_for_submit(self, spec: RunSpec, job_alive: Optional[Callable[[str], Optional[bool]]] = None
-                         ) -> Optional[Claim]:
+    def claim_for_submit(
+        self, spec: RunSpec, job_alive: Optional[Callable[[str], Optional[bool]]] = None
+    ) -> Optional[Claim]:
         """Claim a run to submit it, then check again that no one queued it meanwhile. The caller
         submits, writes ``mark_queued`` and releases. None: skip this run.
 
@@ -337,7 +370,7 @@ class ResultsStore(Planning):
         claim = self.claim(entry.key, role="submit")
         if claim is None:
             return None
-        entry = self.plan_one(spec, job_alive, claim_stale=verdict)     # the claim is ours now
+        entry = self.plan_one(spec, job_alive, claim_stale=verdict)  # the claim is ours now
         if entry.action != "run":
             self.release(claim)
             return None

@@ -25,6 +25,7 @@ The compiled kernels are the dispatcher op ``deformable_detr::ms_deform_attn`` (
 implementation, torch.compile / torch.export; see :mod:`model.ops.library`), built on first use or ahead of
 time by ``python -m model.ops.build`` (see :mod:`model.ops.build`). Importing this package compiles nothing.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -41,8 +42,16 @@ from .selfcheck import Shape
 IMPLEMENTATIONS = ("auto",) + tuple(REGISTRY)
 KERNEL_DTYPES = {name: REGISTRY[name].dtypes for name in ("cpu", "cuda")}
 
-__all__ = ["IMPLEMENTATIONS", "ms_deform_attn", "ms_deform_attn_softmax", "ms_deform_attn_pytorch", "flop_handles",
-           "kernel_available", "implementation_info", "SelfCheckError"]
+__all__ = [
+    "IMPLEMENTATIONS",
+    "ms_deform_attn",
+    "ms_deform_attn_softmax",
+    "ms_deform_attn_pytorch",
+    "flop_handles",
+    "kernel_available",
+    "implementation_info",
+    "SelfCheckError",
+]
 
 
 class SelfCheckError(RuntimeError):
@@ -83,8 +92,13 @@ def _prepare(impl: implementations.Implementation, device: torch.device) -> None
     _unavailable[key] = None
 
 
-def _verdict(impl: implementations.Implementation, device: torch.device, dtype: torch.dtype, shape=None,
-             timeout: float | None = None) -> dict | None:
+def _verdict(
+    impl: implementations.Implementation,
+    device: torch.device,
+    dtype: torch.dtype,
+    shape=None,
+    timeout: float | None = None,
+) -> dict | None:
     if not impl.needs_self_check:
         return None
     from . import selfcheck
@@ -100,11 +114,15 @@ def _failure(impl, device, verdict: dict) -> str:
     """Why a self-check verdict rules an implementation out, in words."""
     if verdict.get("compared") is False:
         where = f" in case {verdict['case']}" if verdict.get("case") else ""
-        return (f"its self-check could not run on {device_name(device)} ({device}){where}: "
-                f"{verdict.get('environment')}; it is not used in this process and is checked again in the next one "
-                f"(nothing cached)")
-    return (f"it FAILED its self-check against the reference on {device_name(device)} ({device}) in case "
-            f"{verdict.get('case')}: {verdict.get('error')}")
+        return (
+            f"its self-check could not run on {device_name(device)} ({device}){where}: "
+            f"{verdict.get('environment')}; it is not used in this process and is checked again in the next one "
+            f"(nothing cached)"
+        )
+    return (
+        f"it FAILED its self-check against the reference on {device_name(device)} ({device}) in case "
+        f"{verdict.get('case')}: {verdict.get('error')}"
+    )
 
 
 def _why_not(impl, device, dtype, shape=None, timeout: float | None = None, check: bool = True) -> str | None:
@@ -136,7 +154,9 @@ def _warn_fallback(impl, device, reason, next_name) -> None:
         f"\n{'!' * 100}\nms_deform_attn: the {impl.description} ({impl.name}) is not used on {device}: {reason}\n"
         f"impl='auto' uses the {REGISTRY[next_name].description if next_name in REGISTRY else next_name} instead. "
         f"Run `python -m model.ops.doctor` for details.\n{'!' * 100}",
-        RuntimeWarning, stacklevel=4)
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def _resolve(requested: str, device: torch.device, dtype: torch.dtype, shape=None) -> implementations.Implementation:
@@ -147,8 +167,10 @@ def _resolve(requested: str, device: torch.device, dtype: torch.dtype, shape=Non
     if requested != "auto":
         impl = implementations.get(requested)
         if device.type not in impl.device_types:
-            raise ValueError(f"ms_deform_attn(impl={requested!r}) needs {' or '.join(impl.device_types)} tensors, "
-                             f"got value on {device}")
+            raise ValueError(
+                f"ms_deform_attn(impl={requested!r}) needs {' or '.join(impl.device_types)} tensors, "
+                f"got value on {device}"
+            )
         failed = _failed_for(impl.name, device, dtype, shape)
         if failed is not None:
             raise SelfCheckError(f"ms_deform_attn(impl={requested!r}): {failed}")
@@ -173,7 +195,7 @@ def _resolve(requested: str, device: torch.device, dtype: torch.dtype, shape=Non
             return impl
         if (name, device, dtype, reason) not in _warned:  # the same reason at another shape: not again
             _warned.add((name, device, dtype, reason))
-            following = next((n for n in names[position + 1:] if REGISTRY[n].supports(device, dtype)), "pytorch")
+            following = next((n for n in names[position + 1 :] if REGISTRY[n].supports(device, dtype)), "pytorch")
             _warn_fallback(impl, device, reason, following)
     raise RuntimeError(f"ms_deform_attn: no implementation runs {dtype} on {device}")
 
@@ -185,10 +207,13 @@ def _resolve_shared(key, names, device, dtype, shape) -> implementations.Impleme
     timeout = distributed.check_timeout(group.pg_timeout)
     decision = f"{device.type}/{str(dtype).removeprefix('torch.')}/{shape}/{','.join(candidates)}"
     name, passed_over = group.agree(
-        decision, candidates,
+        decision,
+        candidates,
         leader_check=lambda n: _why_not(REGISTRY[n], device, dtype, shape, timeout=timeout),
         follower_check=lambda n: _why_not(REGISTRY[n], device, dtype, shape, check=False),
-        describe=lambda n: f"{REGISTRY[n].description} ({n})", checked=lambda n: REGISTRY[n].needs_self_check)
+        describe=lambda n: f"{REGISTRY[n].description} ({n})",
+        checked=lambda n: REGISTRY[n].needs_self_check,
+    )
     if name is None:
         raise RuntimeError(f"ms_deform_attn: no implementation runs {dtype} on {device} on every rank: {passed_over}")
     for position, (skipped, reason) in enumerate(passed_over):
@@ -196,8 +221,9 @@ def _resolve_shared(key, names, device, dtype, shape) -> implementations.Impleme
         if (skipped, device, dtype, reason) not in _warned:
             _warned.add((skipped, device, dtype, reason))
             following = passed_over[position + 1][0] if position + 1 < len(passed_over) else name
-            _warn_fallback(REGISTRY[skipped], device, f"{reason} (the same implementation runs on every rank)",
-                           following)
+            _warn_fallback(
+                REGISTRY[skipped], device, f"{reason} (the same implementation runs on every rank)", following
+            )
     _chosen[key] = REGISTRY[name]
     _shared.add(key)
     return REGISTRY[name]
@@ -210,8 +236,9 @@ def _drop(impl, device, dtype, error) -> None:
         del _chosen[key]
 
 
-def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, impl="auto",
-                   softmax=False):
+def ms_deform_attn(
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, impl="auto", softmax=False
+):
     """Multi-scale deformable attention.
 
     Args:
@@ -244,12 +271,12 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
         return ms_deform_attn(*args, impl="auto", softmax=softmax)  # warns, then the next implementation
 
 
-def ms_deform_attn_softmax(value, spatial_shapes, level_start_index, sampling_locations, attention_logits,
-                           impl="auto"):
+def ms_deform_attn_softmax(value, spatial_shapes, level_start_index, sampling_locations, attention_logits, impl="auto"):
     """:func:`ms_deform_attn` with the fused softmax: ``attention_logits`` (N x Lq x M x L x P) are normalised over
     the L * P points of each (batch, query, head) inside the op, forward and backward."""
-    return ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_logits, impl=impl,
-                          softmax=True)
+    return ms_deform_attn(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_logits, impl=impl, softmax=True
+    )
 
 
 def kernel_available(device_type: str) -> bool:
@@ -266,8 +293,9 @@ def kernel_available(device_type: str) -> bool:
         return True
     except Exception as e:  # noqa: BLE001
         if first:
-            _warn_fallback(impl, device, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__,
-                           "pytorch")
+            _warn_fallback(
+                impl, device, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, "pytorch"
+            )
         return False
 
 
@@ -307,6 +335,8 @@ def implementation_info(device, dtype=torch.float32, impl: str = "auto", shape=N
         "device": device_name(device),
         "dtype": str(dtype).removeprefix("torch."),
         "build": chosen.build_id(),
-        "self_check": "not needed" if verdict is None else verdict.get("status", "passed" if verdict["ok"] else "FAILED"),
+        "self_check": "not needed"
+        if verdict is None
+        else verdict.get("status", "passed" if verdict["ok"] else "FAILED"),
         "fallbacks": fallbacks,
     }

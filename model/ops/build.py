@@ -21,6 +21,7 @@ time a library built ahead of time with ``--arch`` is found by the GPU's compute
 job's ``TORCH_CUDA_ARCH_LIST``. Where the cache folder or its locks cannot be written, a build runs unlocked (or
 fails with a BuildError that names the folder), and loading a built library needs no lock.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -235,8 +236,10 @@ def _compile(spec: ExtensionSpec, verbose: bool) -> Path:
     try:
         spec.directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise BuildError(f"cannot create the build folder {spec.directory}: {e.strerror or e} (set "
-                         f"DEFORMABLE_DETR_OPS_CACHE to a writable folder)") from e
+        raise BuildError(
+            f"cannot create the build folder {spec.directory}: {e.strerror or e} (set "
+            f"DEFORMABLE_DETR_OPS_CACHE to a writable folder)"
+        ) from e
     start = time.time()
     try:
         path = cpp_extension.load(
@@ -294,8 +297,9 @@ def find_prebuilt(device_type: str, capability: tuple[int, int] | None = None) -
     found = []
     root = cache_dir()
     try:
-        directories = sorted(root.glob(f"deformable_detr_{device_type}_*"), key=lambda p: p.stat().st_mtime,
-                             reverse=True)
+        directories = sorted(
+            root.glob(f"deformable_detr_{device_type}_*"), key=lambda p: p.stat().st_mtime, reverse=True
+        )
     except OSError:
         return None
     for directory in directories:
@@ -336,8 +340,13 @@ def spec_arch_list(spec: ExtensionSpec) -> list[str]:
     return archs
 
 
-def load(device_type: str, *, arch_list: list[str] | None = None, verbose: bool = False,
-         capability: tuple[int, int] | None = None) -> Path:
+def load(
+    device_type: str,
+    *,
+    arch_list: list[str] | None = None,
+    verbose: bool = False,
+    capability: tuple[int, int] | None = None,
+) -> Path:
     """Load the kernel library for ``device_type`` ("cpu" or "cuda"), compiling it first if needed.
 
     CUDA without an explicit ``arch_list``: the library for the default architectures (TORCH_CUDA_ARCH_LIST or
@@ -356,7 +365,8 @@ def load(device_type: str, *, arch_list: list[str] | None = None, verbose: bool 
         from .environment import runs_on
 
         default_fits = (spec.directory / "BUILT").exists() and (
-            capability is None or runs_on(spec_arch_list(spec), capability)[0])
+            capability is None or runs_on(spec_arch_list(spec), capability)[0]
+        )
         if not default_fits:
             prebuilt = find_prebuilt(device_type, capability)
             if prebuilt is not None:
@@ -380,17 +390,21 @@ def _load_spec(spec: ExtensionSpec, verbose: bool) -> Path:
             f"(build it with: python -m model.ops.build --{device_type})"
         )
     lock = cache_dir() / f"{spec.name}.lock"
-    with try_file_lock(lock, f"ms_deform_attn: waiting for another process building the {device_type} kernel "
-                             f"{spec.name} (lock {lock})") as no_lock:
+    with try_file_lock(
+        lock, f"ms_deform_attn: waiting for another process building the {device_type} kernel {spec.name} (lock {lock})"
+    ) as no_lock:
         if built.exists():  # another process built it while this one waited
             path = spec.directory / json.loads(built.read_text())["library"]
             _load_library(path)
             return path
         # A first build is silent for minutes: say what it is, so that a job does not look hung.
-        waiting = (f"other processes that need it wait on {lock}" if no_lock is None else
-                   f"without a lock: {no_lock}")
-        print(f"ms_deform_attn: compiling the {device_type} kernel {spec.name} into {spec.directory} "
-              f"({BUILD_MINUTES[device_type]}, once per environment); {waiting}", file=sys.stderr, flush=True)
+        waiting = f"other processes that need it wait on {lock}" if no_lock is None else f"without a lock: {no_lock}"
+        print(
+            f"ms_deform_attn: compiling the {device_type} kernel {spec.name} into {spec.directory} "
+            f"({BUILD_MINUTES[device_type]}, once per environment); {waiting}",
+            file=sys.stderr,
+            flush=True,
+        )
         return _compile(spec, verbose)  # also loads it
 
 
@@ -405,8 +419,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model.ops.build", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu", action="store_true", help="build the CPU kernel")
     parser.add_argument("--cuda", action="store_true", help="build the CUDA kernel (needs nvcc, not a GPU)")
-    parser.add_argument("--arch", help='CUDA compute capabilities, e.g. "7.5;8.0;9.0+PTX" '
-                        f"(default: TORCH_CUDA_ARCH_LIST or {';'.join(default_cuda_arch_list())})")
+    parser.add_argument(
+        "--arch",
+        help='CUDA compute capabilities, e.g. "7.5;8.0;9.0+PTX" '
+        f"(default: TORCH_CUDA_ARCH_LIST or {';'.join(default_cuda_arch_list())})",
+    )
     parser.add_argument("--verbose", action="store_true", help="show the compiler commands")
     args = parser.parse_args(argv)
     targets = [d for d in DEVICE_TYPES if getattr(args, d)]

@@ -19,6 +19,7 @@ independent of the process group's collectives), so ranks can never mix kernels.
 (it crashed) makes the others raise after the wait, with a message naming it, instead of hanging.
 ``DEFORMABLE_DETR_OPS_DISTRIBUTED=0`` switches this off (every rank decides alone).
 """
+
 from __future__ import annotations
 
 import json
@@ -119,11 +120,18 @@ class Group:
                 f"ms_deform_attn: rank {self.rank} waited {timeout:.0f} s for {what} of every rank (80% of the process "
                 f"group's time-out of {self.pg_timeout:.0f} s); missing: {', '.join(missing) or '?'} ({e}). A rank "
                 f"died, or is not running the same model; set DEFORMABLE_DETR_OPS_DISTRIBUTED=0 to let every rank "
-                f"choose its implementation alone.") from e
+                f"choose its implementation alone."
+            ) from e
 
-    def agree(self, decision: str, candidates: list[str], leader_check: Callable[[str], str | None],
-              follower_check: Callable[[str], str | None], describe: Callable[[str], str] = str,
-              checked: Callable[[str], bool] = lambda name: True) -> tuple[str | None, list[tuple[str, str]]]:
+    def agree(
+        self,
+        decision: str,
+        candidates: list[str],
+        leader_check: Callable[[str], str | None],
+        follower_check: Callable[[str], str | None],
+        describe: Callable[[str], str] = str,
+        checked: Callable[[str], bool] = lambda name: True,
+    ) -> tuple[str | None, list[tuple[str, str]]]:
         """The first of ``candidates`` accepted by every rank: the leaders' ``leader_check`` (prepare and self-check)
         and the other ranks' ``follower_check`` (prepare) return None for accepted, else the reason (``checked``:
         whether the leaders self-check a candidate, for the waiting message). Returns it
@@ -136,11 +144,16 @@ class Group:
             else:
                 reason = follower_check(name)
                 if checked(name):
-                    print(f"ms_deform_attn: rank {self.rank} waits for the self-check of the {describe(name)} by "
-                          f"rank {self.leader_rank}, its node's leader (at most {wait_timeout(self.pg_timeout):.0f} "
-                          f"s)", file=sys.stderr, flush=True)
-            self.store.set(f"{key}/{self.rank}", json.dumps({"reason": reason, "leader": self.leader,
-                                                             "node": self.node}))
+                    print(
+                        f"ms_deform_attn: rank {self.rank} waits for the self-check of the {describe(name)} by "
+                        f"rank {self.leader_rank}, its node's leader (at most {wait_timeout(self.pg_timeout):.0f} "
+                        f"s)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+            self.store.set(
+                f"{key}/{self.rank}", json.dumps({"reason": reason, "leader": self.leader, "node": self.node})
+            )
             self._wait([f"{key}/{r}" for r in range(self.world_size)], f"the verdict on the {describe(name)}")
             results = [json.loads(self.store.get(f"{key}/{r}")) for r in range(self.world_size)]
             refused = [(r, result) for r, result in enumerate(results) if result["reason"] is not None]

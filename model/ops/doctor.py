@@ -9,6 +9,7 @@ with the pure-PyTorch reference in float64 on small odd shapes (forward and the 
 error <= 1e-8, plus torch.autograd.gradcheck), and on a GPU in float32 / float16 / bfloat16 within their
 precision. Exit status 1 when a compiled kernel of a present device is unavailable or a check fails.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,10 @@ def check(impl: str, device: str, dtype: torch.dtype) -> tuple[bool, str]:
     worst, where = 0.0, ""
     for (name, spatial_shapes, M, D, P), softmax in [(case, False) for case in CASES] + [(CASES[-1], True)]:
         inputs = make_inputs(spatial_shapes, M=M, D=D, P=P, device=device, dtype=dtype, logits=softmax)
-        expected = forward_and_grads(lambda *a: ms_deform_attn_pytorch(*a, softmax=softmax),
-                                     [t.double() if t.is_floating_point() else t for t in inputs])
+        expected = forward_and_grads(
+            lambda *a: ms_deform_attn_pytorch(*a, softmax=softmax),
+            [t.double() if t.is_floating_point() else t for t in inputs],
+        )
         actual = forward_and_grads(lambda *a: ms_deform_attn(*a, impl=impl, softmax=softmax), inputs)
         for what, a, e in zip(RESULTS, actual, expected):
             error = max_relative_error(a, e)
@@ -46,8 +49,13 @@ def gradcheck(impl: str, device: str) -> tuple[bool, str]:
     value, shapes, starts, loc, attn = make_inputs([(3, 4), (2, 3)], M=2, D=8, P=2, N=1, Lq=3, device=device)
     leaves = [t.requires_grad_(True) for t in (value, loc, attn)]
     try:
-        ok = torch.autograd.gradcheck(lambda v, loc, a: ms_deform_attn(v, shapes, starts, loc, a, impl=impl),
-                                      leaves, eps=1e-6, atol=1e-6, raise_exception=False)
+        ok = torch.autograd.gradcheck(
+            lambda v, loc, a: ms_deform_attn(v, shapes, starts, loc, a, impl=impl),
+            leaves,
+            eps=1e-6,
+            atol=1e-6,
+            raise_exception=False,
+        )
     except Exception as e:  # noqa: BLE001 - reported, not raised
         return False, f"gradcheck raised {type(e).__name__}: {e}"
     return ok, "gradcheck ok" if ok else "gradcheck FAILED"
@@ -79,8 +87,10 @@ def main(argv=None) -> int:
 
     gpus = [torch.device("cuda", i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     v = versions()
-    print(f"torch {v['torch']} (CUDA {v['cuda']}), Triton {v['triton']}, driver {v['driver']}, "
-          f"Python {sys.version.split()[0]}, {torch.get_num_threads()} CPU threads")
+    print(
+        f"torch {v['torch']} (CUDA {v['cuda']}), Triton {v['triton']}, driver {v['driver']}, "
+        f"Python {sys.version.split()[0]}, {torch.get_num_threads()} CPU threads"
+    )
     print(f"GPUs: {', '.join(f'{d}: {device_name(d)}' for d in gpus) if gpus else 'none'}")
     print(f"CUDA toolkit: {build._find_cuda_home() or 'not found (needed only to build the CUDA kernel)'}")
     print(f"kernel cache: {build.cache_dir()}  (DEFORMABLE_DETR_OPS_CACHE)")
@@ -109,14 +119,19 @@ def main(argv=None) -> int:
                 usable.append(impl.name)
             elif impl.name == device.type:
                 failed = True  # the compiled kernel of a present device
-        picks = ", ".join(f"{str(dt).removeprefix('torch.')} -> {implementation_info(device, dt)['impl']}"
-                          for dt in (torch.float64, torch.float32, torch.float16, torch.bfloat16))
+        picks = ", ".join(
+            f"{str(dt).removeprefix('torch.')} -> {implementation_info(device, dt)['impl']}"
+            for dt in (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+        )
         print(f"  impl='auto' uses: {picks}")
         dtypes = [torch.float64, torch.float32] + ([torch.float16, torch.bfloat16] if device.type == "cuda" else [])
         for name in usable:
             impl = implementations.REGISTRY[name]
-            results = [check(name, str(device), dtype) + (str(dtype).removeprefix("torch."),)
-                       for dtype in (dtypes if name != "pytorch" else [torch.float32]) if impl.supports(device, dtype)]
+            results = [
+                check(name, str(device), dtype) + (str(dtype).removeprefix("torch."),)
+                for dtype in (dtypes if name != "pytorch" else [torch.float32])
+                if impl.supports(device, dtype)
+            ]
             if name != "pytorch":
                 results.append(gradcheck(name, str(device)) + ("float64",))
             for ok, message, dtype in results:

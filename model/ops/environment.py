@@ -1,5 +1,6 @@
 """The machine an implementation runs on: device names, driver version, and whether a CUDA build has code for
 a GPU's compute capability. Used to key self-check verdicts and to record what ran where."""
+
 from __future__ import annotations
 
 import ctypes
@@ -10,7 +11,7 @@ import torch
 
 
 def device_name(device) -> str:
-    """"NVIDIA H100 80GB HBM3", or "CPU (<model name>, <n> threads)"."""
+    """ "NVIDIA H100 80GB HBM3", or "CPU (<model name>, <n> threads)"."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -56,12 +57,16 @@ def versions() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    return {"torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
-            "driver": driver_version()}
+    return {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "driver": driver_version(),
+    }
 
 
 def _arch_number(arch: str) -> tuple[int, int, str]:
-    """"9.0a" -> (9, 0, "a"); "8.6" -> (8, 6, "")."""
+    """ "9.0a" -> (9, 0, "a"); "8.6" -> (8, 6, "")."""
     major, _, minor = arch.partition(".")
     suffix = minor.lstrip("0123456789")
     return int(major), int(minor[: len(minor) - len(suffix)]), suffix
@@ -80,5 +85,7 @@ def runs_on(arch_list: list[str], capability: tuple[int, int]) -> tuple[bool, st
         major, minor, suffix = _arch_number(arch.removesuffix("+PTX"))
         if arch.endswith("+PTX") and (major, minor) <= cap:
             return True, f"PTX of compute_{major}{minor}{suffix}, compiled by the driver at load"
-    return False, (f"the build has code for {';'.join(arch_list)} only, this GPU is sm_{cap[0]}{cap[1]}: rebuild with "
-                   f"python -m model.ops.build --cuda --arch \"{';'.join(arch_list)};{cap[0]}.{cap[1]}\"")
+    return False, (
+        f"the build has code for {';'.join(arch_list)} only, this GPU is sm_{cap[0]}{cap[1]}: rebuild with "
+        f'python -m model.ops.build --cuda --arch "{";".join(arch_list)};{cap[0]}.{cap[1]}"'
+    )

@@ -13,6 +13,7 @@ Usage::
     for name, handle in flop_handles().items():
         analysis.set_op_handle(name, handle)
 """
+
 from __future__ import annotations
 
 from math import prod

@@ -10,6 +10,7 @@ verdict). A new implementation is one subclass and one entry in ``REGISTRY`` (an
 Implementations are named in a child process by their registry name or by ``"module:attribute"`` (how tests
 hand the self-check an implementation of their own).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,8 +28,14 @@ from .reference import ms_deform_attn_pytorch
 ALL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Errors of a kernel that did not start (nothing ran, the CUDA context is intact): auto moves on to the next
 # implementation. Errors of a kernel that ran (an illegal address) are the self-check's to find.
-LAUNCH_FAILURES = ("no kernel image is available", "invalid device function", "unsupported toolchain",
-                   "PTX JIT compil", "too many resources requested for launch", "named symbol not found")
+LAUNCH_FAILURES = (
+    "no kernel image is available",
+    "invalid device function",
+    "unsupported toolchain",
+    "PTX JIT compil",
+    "too many resources requested for launch",
+    "named symbol not found",
+)
 
 
 class Unavailable(RuntimeError):
@@ -54,8 +61,7 @@ class Implementation:
         """What :meth:`prepare`'s outcome depends on: the dispatcher remembers it per key, once per process."""
         return (self.name, device)
 
-    def forward(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-                softmax=False):
+    def forward(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, softmax=False):
         """The op; ``softmax``: attention_weights are logits, normalised over the L * P points inside."""
         raise NotImplementedError
 
@@ -98,10 +104,10 @@ class CompiledKernel(Implementation):
             if not ok:
                 raise Unavailable(f"{torch.cuda.get_device_name(device)}: {reason}")
 
-    def forward(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-                softmax=False):
+    def forward(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, softmax=False):
         return torch.ops.deformable_detr.ms_deform_attn(
-            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, softmax)
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, softmax
+        )
 
     def _spec(self) -> build.ExtensionSpec:
         """The library loaded in this process (a build made ahead of time for the GPU), else the default one."""
@@ -122,10 +128,10 @@ class Reference(Implementation):
     def supports(self, device, dtype):
         return dtype.is_floating_point
 
-    def forward(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-                softmax=False):
-        return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-                                      softmax)
+    def forward(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, softmax=False):
+        return ms_deform_attn_pytorch(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, softmax
+        )
 
 
 class TritonKernel(Implementation):
@@ -152,12 +158,12 @@ class TritonKernel(Implementation):
         if not ok:
             raise Unavailable(reason)
 
-    def forward(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-                softmax=False):
+    def forward(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, softmax=False):
         # the dispatcher op's Triton twin (model/ops/library.py): the same fake implementation (torch.compile sees
         # an opaque op), autograd and FLOP handle; its kernels are registered by importing triton_kernel (prepare)
         return torch.ops.deformable_detr.ms_deform_attn_triton(
-            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, softmax)
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, softmax
+        )
 
     def launch_configs(self, D, dtype, device):
         from . import triton_kernel
@@ -202,8 +208,7 @@ def get(spec: str) -> Implementation:
         return REGISTRY[spec]
     module, sep, attribute = spec.partition(":")
     if not sep:
-        raise ValueError(f"unknown ms_deform_attn implementation {spec!r}; choose one of "
-                         f"{('auto',) + tuple(REGISTRY)}")
+        raise ValueError(f"unknown ms_deform_attn implementation {spec!r}; choose one of {('auto',) + tuple(REGISTRY)}")
     return getattr(importlib.import_module(module), attribute)
 
 

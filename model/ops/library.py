@@ -13,7 +13,8 @@ inside the kernels (the fused softmax), and grad_attention_weights is the logits
 
 their Triton twins ``deformable_detr::ms_deform_attn_triton`` / ``ms_deform_attn_triton_backward`` (same schema,
 fake implementation, autograd and FLOP count; kernels registered by :mod:`model.ops.triton_kernel` when it is
-imported), and their test-only twins ``deformable_detr::ms_deform_attn_emulated`` / ``ms_deform_attn_emulated_backward``: the
+imported), and their test-only twins ``deformable_detr::ms_deform_attn_emulated`` /
+``ms_deform_attn_emulated_backward``: the
 CUDA kernels' code run on the CPU by the host emulator (built with the CPU kernel), for every CUDA dtype.
 
 The schema, the fake implementations (shapes only, for torch.compile / torch.export) and autograd live
@@ -21,6 +22,7 @@ here, so importing this module is cheap and compiles nothing. The CPU and CUDA k
 when the compiled libraries are loaded (see :mod:`model.ops.build`); until then calling an op on a
 device raises NotImplementedError from the dispatcher.
 """
+
 from __future__ import annotations
 
 import torch
@@ -52,8 +54,10 @@ def alert_not_deterministic(caller: str) -> None:
         alert(caller)
         return
     if torch.are_deterministic_algorithms_enabled():
-        message = (f"{caller} does not have a deterministic implementation, but you set "
-                   f"'torch.use_deterministic_algorithms(True)'.")
+        message = (
+            f"{caller} does not have a deterministic implementation, but you set "
+            f"'torch.use_deterministic_algorithms(True)'."
+        )
         if torch.is_deterministic_algorithms_warn_only_enabled():
             import warnings
 
@@ -69,8 +73,9 @@ def _forward_fake(value, spatial_shapes, level_start_index, sampling_locations, 
     return value.new_empty((N, Lq, M * D))
 
 
-def _backward_fake(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-                   softmax=False):
+def _backward_fake(
+    grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, softmax=False
+):
     return (
         value.new_empty(value.shape),
         sampling_locations.new_empty(sampling_locations.shape),
@@ -103,8 +108,14 @@ def _define(forward: str, backward: str) -> None:
     def _backward(ctx, grad_output):
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
         grad_value, grad_sampling_locations, grad_attention_weights = backward_op(
-            grad_output.contiguous(), value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-            ctx.softmax)
+            grad_output.contiguous(),
+            value,
+            spatial_shapes,
+            level_start_index,
+            sampling_locations,
+            attention_weights,
+            ctx.softmax,
+        )
         return grad_value, None, None, grad_sampling_locations, grad_attention_weights, None
 
     torch.library.register_autograd(forward, _backward, setup_context=_setup_context, lib=_lib)

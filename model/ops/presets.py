@@ -8,6 +8,7 @@ points. Encoder: every position is a query (Lq = S); decoder: 300 queries. With 
 
     preset("encoder", batch=4) -> Preset;  make_inputs(preset, device, dtype, softmax=True) -> op arguments
 """
+
 from __future__ import annotations
 
 import math
@@ -63,14 +64,26 @@ class Preset:
 
     def bytes(self, element_size: int) -> dict[str, int]:
         """Bytes of each tensor of the op, in a dtype of ``element_size`` bytes."""
-        return {"value": self.batch * self.S * self.M * self.D * element_size,
-                "sampling_locations": 2 * self.points * element_size,
-                "attention_weights": self.points * element_size,
-                "output": self.groups * self.D * element_size}
+        return {
+            "value": self.batch * self.S * self.M * self.D * element_size,
+            "sampling_locations": 2 * self.points * element_size,
+            "attention_weights": self.points * element_size,
+            "output": self.groups * self.D * element_size,
+        }
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "batch": self.batch, "levels": [list(x) for x in self.levels], "Lq": self.Lq,
-                "M": self.M, "D": self.D, "L": self.L, "P": self.P, "S": self.S, "groups": self.groups}
+        return {
+            "name": self.name,
+            "batch": self.batch,
+            "levels": [list(x) for x in self.levels],
+            "Lq": self.Lq,
+            "M": self.M,
+            "D": self.D,
+            "L": self.L,
+            "P": self.P,
+            "S": self.S,
+            "groups": self.groups,
+        }
 
 
 def preset(name: str, batch: int = 4, height: int = IMAGE[0], width: int = IMAGE[1]) -> Preset:
@@ -84,8 +97,14 @@ def preset(name: str, batch: int = 4, height: int = IMAGE[0], width: int = IMAGE
     raise ValueError(f"unknown preset {name!r}; choose one of {NAMES}")
 
 
-def make_inputs(p: Preset, device="cpu", dtype=torch.float32, softmax: bool = True, seed: int = 0,
-                location_dtype: torch.dtype | None = None):
+def make_inputs(
+    p: Preset,
+    device="cpu",
+    dtype=torch.float32,
+    softmax: bool = True,
+    seed: int = 0,
+    location_dtype: torch.dtype | None = None,
+):
     """value, spatial_shapes, level_start_index, sampling_locations, attention_weights as the model makes them:
     encoder queries sample around their own pixel (the centres of every level's pixels), decoder queries around
     reference points spread over the image, offsets of a few pixels. ``softmax``: attention logits (for the fused
@@ -96,10 +115,14 @@ def make_inputs(p: Preset, device="cpu", dtype=torch.float32, softmax: bool = Tr
     N, Lq, L = p.batch, p.Lq, p.L
     value = torch.randn(N, p.S, p.M, p.D, generator=g)
     if p.name == "encoder":
-        reference = torch.cat([
-            torch.stack(torch.meshgrid((torch.arange(w) + 0.5) / w, (torch.arange(h) + 0.5) / h, indexing="xy"), -1)
-            .reshape(-1, 2) for h, w in p.levels
-        ])[:Lq].view(1, Lq, 1, 1, 1, 2)
+        reference = torch.cat(
+            [
+                torch.stack(
+                    torch.meshgrid((torch.arange(w) + 0.5) / w, (torch.arange(h) + 0.5) / h, indexing="xy"), -1
+                ).reshape(-1, 2)
+                for h, w in p.levels
+            ]
+        )[:Lq].view(1, Lq, 1, 1, 1, 2)
     else:
         reference = torch.rand(N, Lq, 1, 1, 1, 2, generator=g)
     offsets = torch.randn(N, Lq, p.M, L, p.P, 2, generator=g) * 4 / shapes.flip(-1)[None, None, None, :, None, :]
@@ -107,5 +130,10 @@ def make_inputs(p: Preset, device="cpu", dtype=torch.float32, softmax: bool = Tr
     attn = torch.randn(N, Lq, p.M, L, p.P, generator=g)
     if not softmax:
         attn = attn.flatten(-2).softmax(-1).view_as(attn)
-    return (value.to(device, dtype), shapes.to(device), starts.to(device),
-            loc.to(device, location_dtype or dtype), attn.to(device, dtype))
+    return (
+        value.to(device, dtype),
+        shapes.to(device),
+        starts.to(device),
+        loc.to(device, location_dtype or dtype),
+        attn.to(device, dtype),
+    )

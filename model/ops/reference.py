@@ -9,20 +9,23 @@ Shapes (the official op's):
                                                (batch, query, head), as the kernels' fused softmax does)
     output              N x Lq x (M * D)
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 
-def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-                           softmax=False):
+def ms_deform_attn_pytorch(
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, softmax=False
+):
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
     # Mixed dtypes (float16 values, float32 locations, outside autocast) are computed in the widest of them and
     # returned in value's dtype, as the kernels do; grid_sample itself wants one dtype.
-    compute_dtype = torch.promote_types(torch.promote_types(value.dtype, sampling_locations.dtype),
-                                        attention_weights.dtype)
+    compute_dtype = torch.promote_types(
+        torch.promote_types(value.dtype, sampling_locations.dtype), attention_weights.dtype
+    )
     output_dtype = value.dtype
     value = value.to(compute_dtype)
     sampling_locations = sampling_locations.to(compute_dtype)
@@ -36,7 +39,7 @@ def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_lo
         H, W = (int(x) for x in spatial_shapes[level])
         start = int(level_start_index[level])
         # N x HW x M x D -> N*M x D x H x W
-        value_l = value[:, start:start + H * W].flatten(2).transpose(1, 2).reshape(N * M, D, H, W)
+        value_l = value[:, start : start + H * W].flatten(2).transpose(1, 2).reshape(N * M, D, H, W)
         # N x Lq x M x P x 2 -> N*M x Lq x P x 2
         grid_l = sampling_grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
         # N*M x D x Lq x P

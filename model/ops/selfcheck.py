@@ -23,6 +23,7 @@ memory: a cache problem never makes ``impl="auto"`` raise.
 
     python -m model.ops.selfcheck --impl cuda --device cuda:0 --dtype bfloat16 --shape 8,32,4,4 --json verdict.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,8 +75,13 @@ class Shape(NamedTuple):
 
     @classmethod
     def of(cls, value: torch.Tensor, sampling_locations: torch.Tensor, softmax: bool = False) -> "Shape":
-        return cls(int(value.shape[2]), int(value.shape[3]), int(sampling_locations.shape[3]),
-                   int(sampling_locations.shape[4]), bool(softmax))
+        return cls(
+            int(value.shape[2]),
+            int(value.shape[3]),
+            int(sampling_locations.shape[3]),
+            int(sampling_locations.shape[4]),
+            bool(softmax),
+        )
 
     @classmethod
     def parse(cls, text: str) -> "Shape":
@@ -134,23 +140,40 @@ def _cases(impl, device: torch.device, dtype: torch.dtype, shape: Shape | None):
         for cases, softmax in ((CASES, False), (SOFTMAX_CASES, True)):
             for name, shapes, M, D, P, N, Lq in cases:
                 label = f"{name} (N={N}, Lq={Lq}, M={M}, D={D}, P={P}, levels {shapes}), {dtype_name(dt)}"
-                yield label, dt, (lambda shapes=shapes, M=M, D=D, P=P, N=N, Lq=Lq, dt=dt, softmax=softmax: make_inputs(
-                    shapes, M=M, D=D, P=P, N=N, Lq=Lq, dtype=dt, device=device, logits=softmax)), None, softmax
+                yield (
+                    label,
+                    dt,
+                    (
+                        lambda shapes=shapes, M=M, D=D, P=P, N=N, Lq=Lq, dt=dt, softmax=softmax: make_inputs(
+                            shapes, M=M, D=D, P=P, N=N, Lq=Lq, dtype=dt, device=device, logits=softmax
+                        )
+                    ),
+                    None,
+                    softmax,
+                )
     if shape is None:
         return
-    levels = (MODEL_LEVELS + [(1, 1)] * shape.L)[:shape.L]
+    levels = (MODEL_LEVELS + [(1, 1)] * shape.L)[: shape.L]
     N = 2
     for config in impl.launch_configs(shape.D, dtype, device):
         # enough (query, head) groups for 2-3 programs of the largest tile, and a last one partly empty
-        block = max([1] + [v[0] for v in (config or {}).values()  # groups per program, of a tile configuration
-                           if isinstance(v, (tuple, list)) and v and isinstance(v[0], int)])
+        block = max(
+            [1]
+            + [
+                v[0]
+                for v in (config or {}).values()  # groups per program, of a tile configuration
+                if isinstance(v, (tuple, list)) and v and isinstance(v[0], int)
+            ]
+        )
         Lq = max(3, -(-5 * block // (2 * N * shape.M))) | 1
-        label = (f"model shape {shape.tag()} (N={N}, Lq={Lq}, levels {levels}), {dtype_name(dtype)}"
-                 + (f", launch {config}" if config else ""))
+        label = f"model shape {shape.tag()} (N={N}, Lq={Lq}, levels {levels}), {dtype_name(dtype)}" + (
+            f", launch {config}" if config else ""
+        )
 
         def inputs(Lq=Lq):
-            value, shapes, starts, loc, attn = make_inputs(levels, M=shape.M, D=shape.D, P=shape.P, N=N, Lq=Lq,
-                                                           dtype=dtype, device=device, logits=shape.softmax)
+            value, shapes, starts, loc, attn = make_inputs(
+                levels, M=shape.M, D=shape.D, P=shape.P, N=N, Lq=Lq, dtype=dtype, device=device, logits=shape.softmax
+            )
             if dtype in (torch.float16, torch.bfloat16):
                 loc = loc.float()  # as under autocast: reference points in float32
             return value, shapes, starts, loc, attn
@@ -158,8 +181,9 @@ def _cases(impl, device: torch.device, dtype: torch.dtype, shape: Shape | None):
         yield label, dtype, inputs, config, shape.softmax
 
 
-def run_cases(impl: implementations.Implementation, device: torch.device, dtype: torch.dtype,
-              shape: Shape | None = None) -> dict:
+def run_cases(
+    impl: implementations.Implementation, device: torch.device, dtype: torch.dtype, shape: Shape | None = None
+) -> dict:
     """Run every case here, in this process: the fixed cases in float64 and ``dtype``; with a ``shape``, the op at
     that shape in ``dtype`` once per launch configuration. Forward and the three gradients, against the
     reference in float64 on the same (rounded) inputs. A verdict: ``ok``, and for a failure the ``case`` and the
@@ -171,8 +195,10 @@ def run_cases(impl: implementations.Implementation, device: torch.device, dtype:
         print(f"case: {case}", flush=True)  # the last one printed names the case if this process dies
         try:
             inputs = make()
-            expected = forward_and_grads(lambda *a: ms_deform_attn_pytorch(*a, softmax=softmax),
-                                         [t.cpu().double() if t.is_floating_point() else t.cpu() for t in inputs])
+            expected = forward_and_grads(
+                lambda *a: ms_deform_attn_pytorch(*a, softmax=softmax),
+                [t.cpu().double() if t.is_floating_point() else t.cpu() for t in inputs],
+            )
             with impl.launch_context(config) if config is not None else contextlib.nullcontext():
                 actual = forward_and_grads(lambda *a: impl.forward(*a, softmax=softmax), inputs)
                 if device.type == "cuda":
@@ -180,39 +206,73 @@ def run_cases(impl: implementations.Implementation, device: torch.device, dtype:
         except Exception as e:  # noqa: BLE001 - the verdict reports it
             error = f"{type(e).__name__}: {e}".strip()
             cause = environment_cause(error)
-            return {"ok": False, "case": case, "error": error, "max_errors": max_errors, "cases": count,
-                    "compared": cause is None, "environment": cause}
+            return {
+                "ok": False,
+                "case": case,
+                "error": error,
+                "max_errors": max_errors,
+                "cases": count,
+                "compared": cause is None,
+                "environment": cause,
+            }
         count += 1
         for what, a, e in zip(RESULTS, actual, expected):
             bad_type = a is None or a.shape != e.shape or a.device != device
             error = float("inf") if bad_type else max_relative_error(a, e)
             if not error <= TOLERANCES[dt]:  # also for NaN
-                detail = (f"{what} has shape {None if a is None else tuple(a.shape)} on "
-                          f"{None if a is None else a.device}" if bad_type else
-                          f"{what} differs from the reference by {error:.2e} (relative; accepted: "
-                          f"{TOLERANCES[dt]:.0e})")
-                return {"ok": False, "case": case, "error": detail, "max_errors": max_errors, "cases": count,
-                        "compared": True, "environment": None}
+                detail = (
+                    f"{what} has shape {None if a is None else tuple(a.shape)} on {None if a is None else a.device}"
+                    if bad_type
+                    else f"{what} differs from the reference by {error:.2e} (relative; accepted: {TOLERANCES[dt]:.0e})"
+                )
+                return {
+                    "ok": False,
+                    "case": case,
+                    "error": detail,
+                    "max_errors": max_errors,
+                    "cases": count,
+                    "compared": True,
+                    "environment": None,
+                }
             max_errors[dtype_name(dt)] = max(max_errors.get(dtype_name(dt), 0.0), error)
-    return {"ok": True, "case": None, "error": None, "max_errors": max_errors, "cases": count, "compared": True,
-            "environment": None}
+    return {
+        "ok": True,
+        "case": None,
+        "error": None,
+        "max_errors": max_errors,
+        "cases": count,
+        "compared": True,
+        "environment": None,
+    }
 
 
 def verdict_key(impl: implementations.Implementation, device: torch.device) -> dict:
-    return {"implementation": impl.name, "build": impl.build_id(), "device": device_name(device),
-            "driver": driver_version(), "torch": torch.__version__, "format": VERDICT_FORMAT}
+    return {
+        "implementation": impl.name,
+        "build": impl.build_id(),
+        "device": device_name(device),
+        "driver": driver_version(),
+        "torch": torch.__version__,
+        "format": VERDICT_FORMAT,
+    }
 
 
-def verdict_path(impl: implementations.Implementation, device: torch.device, dtype: torch.dtype,
-                 shape: Shape | None = None) -> Path:
+def verdict_path(
+    impl: implementations.Implementation, device: torch.device, dtype: torch.dtype, shape: Shape | None = None
+) -> Path:
     digest = hashlib.sha256(json.dumps(verdict_key(impl, device), sort_keys=True).encode()).hexdigest()[:16]
     return impl.verdict_dir() / f"{digest}_{dtype_name(dtype)}{'' if shape is None else '_' + shape.tag()}.json"
 
 
-SIGNALS = {6: "SIGABRT: the process aborted (a crash of the kernel, the driver or the runtime)",
-           11: "SIGSEGV: the process crashed", 9: "SIGKILL: the out-of-memory killer, or the job was pre-empted or cancelled",
-           15: "SIGTERM: the job was pre-empted or cancelled", 2: "SIGINT: interrupted",
-           1: "SIGHUP: the terminal or job went away", 24: "SIGXCPU: the job ran out of CPU time"}
+SIGNALS = {
+    6: "SIGABRT: the process aborted (a crash of the kernel, the driver or the runtime)",
+    11: "SIGSEGV: the process crashed",
+    9: "SIGKILL: the out-of-memory killer, or the job was pre-empted or cancelled",
+    15: "SIGTERM: the job was pre-empted or cancelled",
+    2: "SIGINT: interrupted",
+    1: "SIGHUP: the terminal or job went away",
+    24: "SIGXCPU: the job ran out of CPU time",
+}
 
 
 def timeout_s() -> float:
@@ -224,34 +284,58 @@ def timeout_s() -> float:
         return TIMEOUT_S
 
 
-def _run_child(impl: implementations.Implementation, device: torch.device, dtype: torch.dtype,
-               shape: Shape | None = None, timeout: float | None = None) -> dict:
+def _run_child(
+    impl: implementations.Implementation,
+    device: torch.device,
+    dtype: torch.dtype,
+    shape: Shape | None = None,
+    timeout: float | None = None,
+) -> dict:
     """The verdict of a check run in a child process. ``compared`` False, ``environment`` the cause, when the
     child did not finish a comparison for a reason of the environment (killed by a signal, out of memory, a
     busy GPU, the time-out) or left no verdict."""
     timeout = timeout_s() if timeout is None else timeout
     package_root = str(Path(__file__).resolve().parents[2])  # the folder holding model/
-    env = dict(os.environ, DEFORMABLE_DETR_OPS_NO_BUILD="1",  # the parent built (or failed to build) already
-               DEFORMABLE_DETR_OPS_IN_SELF_CHECK="1",
-               PYTHONPATH=os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p))
+    env = dict(
+        os.environ,
+        DEFORMABLE_DETR_OPS_NO_BUILD="1",  # the parent built (or failed to build) already
+        DEFORMABLE_DETR_OPS_IN_SELF_CHECK="1",
+        PYTHONPATH=os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p),
+    )
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "verdict.json"
-        command = [sys.executable, "-m", "model.ops.selfcheck", "--impl", impl.spec, "--device", str(device),
-                   "--dtype", dtype_name(dtype), "--json", str(out)] + ([] if shape is None else ["--shape", str(shape)])
+        command = [
+            sys.executable,
+            "-m",
+            "model.ops.selfcheck",
+            "--impl",
+            impl.spec,
+            "--device",
+            str(device),
+            "--dtype",
+            dtype_name(dtype),
+            "--json",
+            str(out),
+        ] + ([] if shape is None else ["--shape", str(shape)])
         try:
             result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as e:
             stdout = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-            cases = [line[len("case: "):] for line in stdout.splitlines() if line.startswith("case: ")]
-            return {"ok": False, "case": cases[-1] if cases else None, "compared": False,
-                    "environment": f"time-out: the check process did not finish in {timeout:g} s",
-                    "error": f"the check process did not finish in {timeout:g} s", "output": stdout[-2000:]}
+            cases = [line[len("case: ") :] for line in stdout.splitlines() if line.startswith("case: ")]
+            return {
+                "ok": False,
+                "case": cases[-1] if cases else None,
+                "compared": False,
+                "environment": f"time-out: the check process did not finish in {timeout:g} s",
+                "error": f"the check process did not finish in {timeout:g} s",
+                "output": stdout[-2000:],
+            }
         if result.returncode == 0 and out.exists():
             try:
                 return json.loads(out.read_text())
             except ValueError:
                 pass
-    cases = [line[len("case: "):] for line in result.stdout.splitlines() if line.startswith("case: ")]
+    cases = [line[len("case: ") :] for line in result.stdout.splitlines() if line.startswith("case: ")]
     code = result.returncode
     tail = "\n".join(result.stderr.strip().splitlines()[-6:])
     if code < 0:
@@ -261,8 +345,13 @@ def _run_child(impl: implementations.Implementation, device: torch.device, dtype
     else:
         how = f"exited with status {code}"
         cause = environment_cause(result.stderr) or f"the check process {how} before a comparison finished"
-    return {"ok": False, "case": cases[-1] if cases else None, "error": f"the check process {how}: {tail}",
-            "compared": False, "environment": cause}
+    return {
+        "ok": False,
+        "case": cases[-1] if cases else None,
+        "error": f"the check process {how}: {tail}",
+        "compared": False,
+        "environment": cause,
+    }
 
 
 def _read_verdict(path: Path) -> dict | None:
@@ -294,12 +383,17 @@ def _write_verdict(path: Path, verdict: dict) -> str | None:
 
 def _status(verdict: dict) -> str:
     if verdict.get("compared") is False:
-        return (f"could not run: {verdict.get('environment')} (not cached: the next process checks again)")
+        return f"could not run: {verdict.get('environment')} (not cached: the next process checks again)"
     return "passed" if verdict["ok"] else "FAILED"
 
 
-def self_check(impl: implementations.Implementation, device, dtype: torch.dtype, shape: Shape | None = None,
-               timeout: float | None = None) -> dict:
+def self_check(
+    impl: implementations.Implementation,
+    device,
+    dtype: torch.dtype,
+    shape: Shape | None = None,
+    timeout: float | None = None,
+) -> dict:
     """The verdict on ``impl`` for tensors of ``dtype`` on ``device`` (and a model's ``shape``: see
     :func:`run_cases`): from this process's memory, else from the cache beside the build, else computed by a
     child process within ``timeout`` seconds (default :func:`timeout_s`), and then cached when the comparison
@@ -322,8 +416,11 @@ def self_check(impl: implementations.Implementation, device, dtype: torch.dtype,
     else:
         from .build import try_file_lock  # one check per key at a time: simultaneous processes wait, then read it
 
-        with try_file_lock(path.with_suffix(".lock"), f"ms_deform_attn: waiting for another process's self-check "
-                                                      f"of {impl.name} on {device_name(device)} ({path})") as no_lock:
+        with try_file_lock(
+            path.with_suffix(".lock"),
+            f"ms_deform_attn: waiting for another process's self-check "
+            f"of {impl.name} on {device_name(device)} ({path})",
+        ) as no_lock:
             verdict = _read_verdict(path)  # written by the process this one waited for
             if verdict is not None:
                 verdict["status"] = f"{'passed' if verdict['ok'] else 'FAILED'} (cached: {path})"
@@ -336,13 +433,21 @@ def self_check(impl: implementations.Implementation, device, dtype: torch.dtype,
 
 def _check(impl, device, dtype, shape, timeout, path: Path, no_lock: str | None) -> dict:
     at_shape = "" if shape is None else f", at the model's shape {shape.tag()} with every launch configuration"
-    print(f"ms_deform_attn: self-check of the {impl.description} on {device_name(device)} "
-          f"({', '.join(dtype_name(d) for d in checked_dtypes(dtype))}{at_shape}) against the reference, once per "
-          f"build and device", file=sys.stderr, flush=True)
+    print(
+        f"ms_deform_attn: self-check of the {impl.description} on {device_name(device)} "
+        f"({', '.join(dtype_name(d) for d in checked_dtypes(dtype))}{at_shape}) against the reference, once per "
+        f"build and device",
+        file=sys.stderr,
+        flush=True,
+    )
     start = time.time()
     verdict = _run_child(impl, device, dtype, shape, timeout)
-    verdict.update(verdict_key(impl, device), dtypes=[dtype_name(d) for d in checked_dtypes(dtype)],
-                   shape=None if shape is None else shape._asdict(), seconds=round(time.time() - start, 1))
+    verdict.update(
+        verdict_key(impl, device),
+        dtypes=[dtype_name(d) for d in checked_dtypes(dtype)],
+        shape=None if shape is None else shape._asdict(),
+        seconds=round(time.time() - start, 1),
+    )
     verdict.setdefault("compared", True)
     status = _status(verdict)
     if verdict["compared"]:
@@ -360,8 +465,9 @@ def main(argv=None) -> int:
     parser.add_argument("--impl", required=True, help="registry name (cuda, triton, ...) or module:attribute")
     parser.add_argument("--device", required=True)
     parser.add_argument("--dtype", default="float32", choices=[dtype_name(d) for d in TOLERANCES])
-    parser.add_argument("--shape", type=Shape.parse, help="a model's M,D,L,P[,1 for the fused softmax]: also run "
-                        "the op at that shape")
+    parser.add_argument(
+        "--shape", type=Shape.parse, help="a model's M,D,L,P[,1 for the fused softmax]: also run the op at that shape"
+    )
     parser.add_argument("--json", type=Path, help="write the verdict here")
     args = parser.parse_args(argv)
     impl, device, dtype = implementations.get(args.impl), torch.device(args.device), getattr(torch, args.dtype)

@@ -1,4 +1,5 @@
 """Inputs and comparisons for checking multi-scale deformable attention (tests, doctor, benchmark)."""
+
 from __future__ import annotations
 
 import torch
@@ -12,8 +13,7 @@ CASES = [
 ]
 
 
-def make_inputs(spatial_shapes, M=2, D=8, P=4, N=2, Lq=13, dtype=torch.float64, device="cpu", seed=0,
-                logits=False):
+def make_inputs(spatial_shapes, M=2, D=8, P=4, N=2, Lq=13, dtype=torch.float64, device="cpu", seed=0, logits=False):
     """value, spatial_shapes, level_start_index, sampling_locations, attention_weights.
 
     Locations are drawn in [-0.3, 1.3] (so some points are partly or wholly outside their map) and a few are
@@ -111,12 +111,12 @@ class WrongKernel(Reference):
     def supports(self, device, dtype):
         return device.type == "cpu" and dtype.is_floating_point
 
-    def forward(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-                softmax=False):
+    def forward(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, softmax=False):
         shift = torch.zeros_like(sampling_locations)
         shift[..., 0] = 0.5 / spatial_shapes[:, 1].to(sampling_locations)[None, None, None, :, None]
-        return Reference.forward(self, value, spatial_shapes, level_start_index, sampling_locations + shift,
-                                 attention_weights, softmax)
+        return Reference.forward(
+            self, value, spatial_shapes, level_start_index, sampling_locations + shift, attention_weights, softmax
+        )
 
 
 class CrashingKernel(WrongKernel):
@@ -244,10 +244,10 @@ class TiledKernel(RightKernel):
                 yield
             finally:
                 self.tile = previous
+
         return forced()
 
-    def forward(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-                softmax=False):
+    def forward(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, softmax=False):
         _mark(self.name)
         wrong = self.tile == self.wrong_at.get("tile") or tuple(value.shape[2:]) == self.wrong_at.get("MD")
         impl = WrongKernel.forward if wrong else Reference.forward

@@ -23,6 +23,7 @@ is a multiple of the vector width), and in the backward the sums over channels t
 and weight gradients stay inside the program (no atomics for them). Arithmetic is in ACC (float32, or
 float64 for float64 inputs).
 """
+
 import triton
 import triton.language as tl
 
@@ -124,17 +125,35 @@ def _gather(value_l, offset, valid, d, d_mask, ACC: tl.constexpr):
 @triton.jit
 def _corner_backward(value_l, grad_value_l, offset, valid, d, d_mask, go, coeff, ACC: tl.constexpr):
     """Adds coeff * grad_output to the corner's grad_value rows; returns <grad_output, value row> per group."""
-    tl.atomic_add(grad_value_l[:, None] + offset[:, None] + d[None, :], coeff[:, None] * go,
-                  mask=valid[:, None] & d_mask[None, :], sem="relaxed")
+    tl.atomic_add(
+        grad_value_l[:, None] + offset[:, None] + d[None, :],
+        coeff[:, None] * go,
+        mask=valid[:, None] & d_mask[None, :],
+        sem="relaxed",
+    )
     return tl.reduce(go * _gather(value_l, offset, valid, d, d_mask, ACC), 1, _sum_combine)
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALISED)
 def ms_deform_attn_forward_kernel(
-    value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr,
-    num_groups, Lq, S, L,
-    M: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, INDEX_64: tl.constexpr, SOFTMAX: tl.constexpr,
+    value_ptr,
+    shapes_ptr,
+    starts_ptr,
+    loc_ptr,
+    attn_ptr,
+    out_ptr,
+    num_groups,
+    Lq,
+    S,
+    L,
+    M: tl.constexpr,
+    D: tl.constexpr,
+    P: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+    INDEX_64: tl.constexpr,
+    SOFTMAX: tl.constexpr,
 ):
     g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)  # [BLOCK_G] groups (n, q, m)
     g_mask = g < num_groups
@@ -157,24 +176,41 @@ def ms_deform_attn_forward_kernel(
         for p in tl.static_range(P):
             k = (g64 * L + lvl) * P + p  # [BLOCK_G] (n, q, m, l, p)
             a = _weight(attn_ptr, k, g_mask, mx, inv, SOFTMAX, ACC)
-            x0, y0, lx, ly, w00, w01, w10, w11, v00, v01, v10, v11, inside = _bilinear(
-                loc_ptr, k, g_mask, H, W, ACC)
+            x0, y0, lx, ly, w00, w01, w10, w11, v00, v01, v10, v11, inside = _bilinear(loc_ptr, k, g_mask, H, W, ACC)
             o00, o01, o10, o11 = _corner_offsets(x0, y0, W, M * D, INDEX_64)
-            acc += ((a * w00)[:, None] * _gather(value_l, o00, v00, d, d_mask, ACC)
-                    + (a * w01)[:, None] * _gather(value_l, o01, v01, d, d_mask, ACC)
-                    + (a * w10)[:, None] * _gather(value_l, o10, v10, d, d_mask, ACC)
-                    + (a * w11)[:, None] * _gather(value_l, o11, v11, d, d_mask, ACC))
+            acc += (
+                (a * w00)[:, None] * _gather(value_l, o00, v00, d, d_mask, ACC)
+                + (a * w01)[:, None] * _gather(value_l, o01, v01, d, d_mask, ACC)
+                + (a * w10)[:, None] * _gather(value_l, o10, v10, d, d_mask, ACC)
+                + (a * w11)[:, None] * _gather(value_l, o11, v11, d, d_mask, ACC)
+            )
     out = out_ptr + g64[:, None] * D + d[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALISED)
 def ms_deform_attn_backward_kernel(
-    grad_out_ptr, value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr,
-    grad_value_ptr, grad_loc_ptr, grad_attn_ptr,
-    num_groups, Lq, S, L,
-    M: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, INDEX_64: tl.constexpr, SOFTMAX: tl.constexpr,
+    grad_out_ptr,
+    value_ptr,
+    shapes_ptr,
+    starts_ptr,
+    loc_ptr,
+    attn_ptr,
+    grad_value_ptr,
+    grad_loc_ptr,
+    grad_attn_ptr,
+    num_groups,
+    Lq,
+    S,
+    L,
+    M: tl.constexpr,
+    D: tl.constexpr,
+    P: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+    INDEX_64: tl.constexpr,
+    SOFTMAX: tl.constexpr,
 ):
     """grad_value (ACC dtype, zero on entry) accumulates with atomics: a value row is read by many
     queries. The gradients of a point's location and weight are sums over its group's D channels, all
@@ -192,8 +228,9 @@ def ms_deform_attn_backward_kernel(
     if SOFTMAX:
         mx, inv = _softmax_stats(attn_ptr, g64, g_mask, L, P, ACC)
     # [BLOCK_G, BLOCK_D] gradient of the output, read once for all points
-    go = tl.load(grad_out_ptr + g64[:, None] * D + d[None, :], mask=g_mask[:, None] & d_mask[None, :],
-                 other=0.0).to(ACC)
+    go = tl.load(grad_out_ptr + g64[:, None] * D + d[None, :], mask=g_mask[:, None] & d_mask[None, :], other=0.0).to(
+        ACC
+    )
     for lvl in range(L):
         H = tl.load(shapes_ptr + 2 * lvl).to(tl.int32)
         W = tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
@@ -203,8 +240,7 @@ def ms_deform_attn_backward_kernel(
         for p in tl.static_range(P):
             k = (g64 * L + lvl) * P + p
             a = _weight(attn_ptr, k, g_mask, mx, inv, SOFTMAX, ACC)
-            x0, y0, lx, ly, w00, w01, w10, w11, v00, v01, v10, v11, inside = _bilinear(
-                loc_ptr, k, g_mask, H, W, ACC)
+            x0, y0, lx, ly, w00, w01, w10, w11, v00, v01, v10, v11, inside = _bilinear(loc_ptr, k, g_mask, H, W, ACC)
             o00, o01, o10, o11 = _corner_offsets(x0, y0, W, M * D, INDEX_64)
             # per corner: the share a * w * grad_output of its value rows, and <grad_output, value row>
             # for the location and weight gradients (0 for a corner outside the map)

@@ -13,6 +13,7 @@ CUDA tensors; with ``TRITON_INTERPRET=1`` in the environment the same kernels ru
 Triton's interpreter (slowly; for tests on machines without a GPU). Importing this module imports no
 Triton; the kernels are compiled on first use, once per shape family (Triton caches them on disk).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -53,8 +54,10 @@ def available(device) -> tuple[bool, str]:
             return True, f"Triton {triton.__version__} interpreter (TRITON_INTERPRET=1)"
         return False, f"the Triton interpreter runs on CPU tensors, got {device}"
     if device.type != "cuda":
-        return False, (f"the Triton kernels need CUDA tensors, got {device}; set TRITON_INTERPRET=1 (before the "
-                       f"first Triton kernel is used) to run them on CPU tensors in Triton's interpreter")
+        return False, (
+            f"the Triton kernels need CUDA tensors, got {device}; set TRITON_INTERPRET=1 (before the "
+            f"first Triton kernel is used) to run them on CPU tensors in Triton's interpreter"
+        )
     if not torch.cuda.is_available() or torch.version.hip is not None:
         return False, "no NVIDIA GPU is available to PyTorch"
     major, minor = torch.cuda.get_device_capability(device)
@@ -77,8 +80,9 @@ def _kernels():
     return module
 
 
-def block_config(num_groups: int, D: int, dtype: torch.dtype, backward: bool, interpret: bool = False,
-                 num_sms: int = 132):
+def block_config(
+    num_groups: int, D: int, dtype: torch.dtype, backward: bool, interpret: bool = False, num_sms: int = 132
+):
     """(BLOCK_G, BLOCK_D, num_warps): groups per program, padded channels, warps.
 
     A program holds BLOCK_G x BLOCK_D elements (of the output, or of grad_output in the backward). On a GPU:
@@ -143,28 +147,37 @@ def _prepare(value, spatial_shapes, level_start_index, sampling_locations, atten
     if value.dim() != 4:
         raise ValueError(f"ms_deform_attn: value must be N x S x M x D, got {tuple(value.shape)}")
     if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
-        raise ValueError(f"ms_deform_attn: sampling_locations must be N x Lq x M x L x P x 2, got "
-                         f"{tuple(sampling_locations.shape)}")
+        raise ValueError(
+            f"ms_deform_attn: sampling_locations must be N x Lq x M x L x P x 2, got {tuple(sampling_locations.shape)}"
+        )
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
     if sampling_locations.shape[0] != N or sampling_locations.shape[2] != M:
-        raise ValueError(f"ms_deform_attn: sampling_locations {tuple(sampling_locations.shape)} do not match "
-                         f"value {tuple(value.shape)}")
+        raise ValueError(
+            f"ms_deform_attn: sampling_locations {tuple(sampling_locations.shape)} do not match "
+            f"value {tuple(value.shape)}"
+        )
     if attention_weights.shape != sampling_locations.shape[:5]:
-        raise ValueError(f"ms_deform_attn: attention_weights must be N x Lq x M x L x P = "
-                         f"{tuple(sampling_locations.shape[:5])}, got {tuple(attention_weights.shape)}")
+        raise ValueError(
+            f"ms_deform_attn: attention_weights must be N x Lq x M x L x P = "
+            f"{tuple(sampling_locations.shape[:5])}, got {tuple(attention_weights.shape)}"
+        )
     if tuple(spatial_shapes.shape) != (L, 2) or tuple(level_start_index.shape) != (L,):
-        raise ValueError(f"ms_deform_attn: spatial_shapes must be L x 2 and level_start_index L with L = {L}, got "
-                         f"{tuple(spatial_shapes.shape)} and {tuple(level_start_index.shape)}")
+        raise ValueError(
+            f"ms_deform_attn: spatial_shapes must be L x 2 and level_start_index L with L = {L}, got "
+            f"{tuple(spatial_shapes.shape)} and {tuple(level_start_index.shape)}"
+        )
     if spatial_shapes.dtype != torch.long or level_start_index.dtype != torch.long:
         raise ValueError("ms_deform_attn: spatial_shapes and level_start_index must be int64")
     if value.dtype not in _DTYPES:
-        raise TypeError(f"ms_deform_attn (Triton): value must be float32, float16, bfloat16 or float64, "
-                        f"got {value.dtype}")
+        raise TypeError(
+            f"ms_deform_attn (Triton): value must be float32, float16, bfloat16 or float64, got {value.dtype}"
+        )
     for t in (sampling_locations, attention_weights):
         if not t.is_floating_point():
-            raise TypeError(f"ms_deform_attn: sampling_locations and attention_weights must be floating point, "
-                            f"got {t.dtype}")
+            raise TypeError(
+                f"ms_deform_attn: sampling_locations and attention_weights must be floating point, got {t.dtype}"
+            )
         if t.device != value.device:
             raise ValueError(f"ms_deform_attn (Triton): inputs on {t.device} and {value.device}")
     ok, reason = available(value.device)
@@ -174,8 +187,13 @@ def _prepare(value, spatial_shapes, level_start_index, sampling_locations, atten
         raise ValueError(f"ms_deform_attn (Triton): N * Lq * M = {N * Lq * M} groups, at most 2**31 - 1")
     device = value.device
     # (tiny; copied when given on the CPU, as the official op expects them on the GPU)
-    return (value.contiguous(), spatial_shapes.to(device).contiguous(), level_start_index.to(device).contiguous(),
-            sampling_locations.contiguous(), attention_weights.contiguous())
+    return (
+        value.contiguous(),
+        spatial_shapes.to(device).contiguous(),
+        level_start_index.to(device).contiguous(),
+        sampling_locations.contiguous(),
+        attention_weights.contiguous(),
+    )
 
 
 def _on(device):
@@ -194,8 +212,16 @@ def _launch_args(value, num_groups, backward, softmax=False):
 
     acc = tl.float64 if value.dtype == torch.float64 else tl.float32
     grid = (-(-num_groups // BLOCK_G),)
-    meta = dict(M=M, D=D, BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D, ACC=acc,
-                INDEX_64=S * M * D >= 2**31, SOFTMAX=bool(softmax), num_warps=num_warps)
+    meta = dict(
+        M=M,
+        D=D,
+        BLOCK_G=BLOCK_G,
+        BLOCK_D=BLOCK_D,
+        ACC=acc,
+        INDEX_64=S * M * D >= 2**31,
+        SOFTMAX=bool(softmax),
+        num_warps=num_warps,
+    )
     if interpret:
         del meta["num_warps"]  # the interpreter takes no launch options
     return grid, meta
@@ -203,8 +229,9 @@ def _launch_args(value, num_groups, backward, softmax=False):
 
 def forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, softmax=False):
     """N x Lq x (M * D) in value's dtype. ``softmax``: attention_weights are logits (the fused softmax)."""
-    value, shapes, starts, loc, attn = _prepare(value, spatial_shapes, level_start_index, sampling_locations,
-                                                attention_weights)
+    value, shapes, starts, loc, attn = _prepare(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    )
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = loc.shape
     output = value.new_empty((N, Lq, M * D))
@@ -215,22 +242,27 @@ def forward(value, spatial_shapes, level_start_index, sampling_locations, attent
     grid, meta = _launch_args(value, N * Lq * M, backward=False, softmax=softmax)
     with _on(value.device):
         _kernels().ms_deform_attn_forward_kernel[grid](
-            value, shapes, starts, loc, attn, output, N * Lq * M, Lq, S, L, P=P, **meta)
+            value, shapes, starts, loc, attn, output, N * Lq * M, Lq, S, L, P=P, **meta
+        )
     return output
 
 
-def backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-             softmax=False):
+def backward(
+    grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, softmax=False
+):
     """(grad_value in value's dtype, grad_sampling_locations and grad_attention_weights in their inputs' dtypes)."""
     # grad_value rows are summed with atomics in whatever order the programs run: the last bits vary between runs
     library.alert_not_deterministic("ms_deform_attn_backward (Triton kernel: grad_value uses atomic adds)")
-    value, shapes, starts, loc, attn = _prepare(value, spatial_shapes, level_start_index, sampling_locations,
-                                                attention_weights)
+    value, shapes, starts, loc, attn = _prepare(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    )
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = loc.shape
     if grad_output.numel() != N * Lq * M * D:
-        raise ValueError(f"ms_deform_attn_backward: grad_output has {grad_output.numel()} elements, expected "
-                         f"N x Lq x M*D = {N * Lq * M * D}")
+        raise ValueError(
+            f"ms_deform_attn_backward: grad_output has {grad_output.numel()} elements, expected "
+            f"N x Lq x M*D = {N * Lq * M * D}"
+        )
     if grad_output.device != value.device:
         raise ValueError(f"ms_deform_attn_backward: grad_output on {grad_output.device}, value on {value.device}")
     grad_output = grad_output.to(value.dtype).contiguous()
@@ -241,14 +273,31 @@ def backward(grad_output, value, spatial_shapes, level_start_index, sampling_loc
     grad_loc = torch.zeros_like(loc) if D == 0 or L == 0 or P == 0 else torch.empty_like(loc)
     # with the fused softmax the weights' gradients are rewritten in place as the logits': kept in ACC meanwhile
     attn_grad_dtype = accumulate_dtype if softmax and attn.dtype in (torch.float16, torch.bfloat16) else attn.dtype
-    grad_attn = (torch.zeros_like(attn, dtype=attn_grad_dtype) if D == 0 or L == 0 or P == 0
-                 else torch.empty_like(attn, dtype=attn_grad_dtype))
+    grad_attn = (
+        torch.zeros_like(attn, dtype=attn_grad_dtype)
+        if D == 0 or L == 0 or P == 0
+        else torch.empty_like(attn, dtype=attn_grad_dtype)
+    )
     if grad_loc.numel() > 0 and D > 0:
         grid, meta = _launch_args(value, N * Lq * M, backward=True, softmax=softmax)
         with _on(value.device):
             _kernels().ms_deform_attn_backward_kernel[grid](
-                grad_output, value, shapes, starts, loc, attn, grad_value, grad_loc, grad_attn,
-                N * Lq * M, Lq, S, L, P=P, **meta)
+                grad_output,
+                value,
+                shapes,
+                starts,
+                loc,
+                attn,
+                grad_value,
+                grad_loc,
+                grad_attn,
+                N * Lq * M,
+                Lq,
+                S,
+                L,
+                P=P,
+                **meta,
+            )
     return grad_value.to(value.dtype), grad_loc, grad_attn.to(attn.dtype)
 
 

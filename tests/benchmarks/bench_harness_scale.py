@@ -5,6 +5,7 @@ runs are all queued, and how many times each asks SLURM (stand-in squeue/sacct/s
 
 The target: each command under 5 s, and one squeue call whatever the number of rows.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,10 +26,13 @@ from harness import cli  # noqa: E402
 from harness.grid import expand, load_experiment  # noqa: E402
 from harness.store import ResultsStore  # noqa: E402
 
-STAND_IN = {   # each records its call; squeue lists every asked job as RUNNING
-    "sbatch": "exit 1", "srun": "exit 1", "sacct": "exit 0", "scontrol": "exit 0",
+STAND_IN = {  # each records its call; squeue lists every asked job as RUNNING
+    "sbatch": "exit 1",
+    "srun": "exit 1",
+    "sacct": "exit 0",
+    "scontrol": "exit 0",
     "squeue": 'while [ $# -gt 0 ]; do if [ "$1" = -j ]; then shift; tr , "\\n" <<< "$1" | '
-              'sed "s/$/ RUNNING/"; fi; shift; done',
+    'sed "s/$/ RUNNING/"; fi; shift; done',
 }
 
 
@@ -48,13 +52,16 @@ def main() -> int:
         values = list(range(1, args.rows_per_axis + 1))
         tiny = (ROOT / "tests" / "fixtures" / "tiny_experiment.yaml").read_text().split("rows:")[0]
         path = tmp / "grid.yaml"
-        path.write_text(tiny.replace("name: tiny", "name: grid") + textwrap.dedent(f"""\
+        path.write_text(
+            tiny.replace("name: tiny", "name: grid")
+            + textwrap.dedent(f"""\
             rows: []
             axes:
               model.enc_n_points: {values}
               model.dec_n_points: {values}
               train.seed: {values}
-            """))
+            """)
+        )
         start = time.perf_counter()
         specs = expand(load_experiment(str(path)))
         load_s = time.perf_counter() - start

@@ -16,6 +16,7 @@ against torch.softmax then the op; forward+backward time (median, runs interleav
 peak of forward+backward above what was allocated before (torch.profiler's allocator events, CPU), and the bytes
 of the tensors saved for the backward.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,17 +49,30 @@ def make_inputs(N, Lq, device, dtype, seed=0):
     # As in the model: encoder queries sample around their own pixel (the centres of every level's pixels),
     # decoder queries around reference points spread over the image; offsets of a few pixels.
     if Lq == S:
-        reference = torch.cat([
-            torch.stack(torch.meshgrid((torch.arange(w) + 0.5) / w, (torch.arange(h) + 0.5) / h, indexing="xy"), -1)
-            .reshape(-1, 2) for h, w in SPATIAL_SHAPES
-        ]).view(1, Lq, 1, 1, 1, 2).expand(N, -1, -1, -1, -1, -1)
+        reference = (
+            torch.cat(
+                [
+                    torch.stack(
+                        torch.meshgrid((torch.arange(w) + 0.5) / w, (torch.arange(h) + 0.5) / h, indexing="xy"), -1
+                    ).reshape(-1, 2)
+                    for h, w in SPATIAL_SHAPES
+                ]
+            )
+            .view(1, Lq, 1, 1, 1, 2)
+            .expand(N, -1, -1, -1, -1, -1)
+        )
     else:
         reference = torch.rand(N, Lq, 1, 1, 1, 2, generator=g)
     offsets = torch.randn(N, Lq, M, L, P, 2, generator=g) * 4 / shapes.flip(-1)[None, None, None, :, None, :]
     loc = reference + offsets
     attn = torch.randn(N, Lq, M, L * P, generator=g).softmax(-1).view(N, Lq, M, L, P)
-    return (value.to(device, dtype), shapes.to(device), starts.to(device), loc.to(device, dtype),
-            attn.to(device, dtype))
+    return (
+        value.to(device, dtype),
+        shapes.to(device),
+        starts.to(device),
+        loc.to(device, dtype),
+        attn.to(device, dtype),
+    )
 
 
 def min_bytes(N, Lq, dtype, backward):
@@ -126,9 +140,14 @@ def run(device, impls, batches, stages, dtype, repeat):
                     for t in leaves:
                         t.grad = None
 
-                row = {"impl": impl, "stage": stage, "batch": N, "Lq": Lq,
-                       "forward_ms": 1000 * timer(forward, repeat),
-                       "forward_backward_ms": 1000 * timer(forward_backward, repeat)}
+                row = {
+                    "impl": impl,
+                    "stage": stage,
+                    "batch": N,
+                    "Lq": Lq,
+                    "forward_ms": 1000 * timer(forward, repeat),
+                    "forward_backward_ms": 1000 * timer(forward_backward, repeat),
+                }
                 if bandwidth is not None:
                     for key, backward in (("forward", False), ("forward_backward", True)):
                         nbytes = min_bytes(N, Lq, dtype, backward)
@@ -136,14 +155,20 @@ def run(device, impls, batches, stages, dtype, repeat):
                         row[f"{key}_floor_ratio"] = row[f"{key}_ms"] / 1000 / (nbytes / bandwidth)
                 rows.append(row)
                 print(format_row(row), flush=True)
-            inputs = value = loc = attn = leaves = None      # this batch's tensors freed before the next's
-    return {"device": device_name(device), "device_type": device.type, "bandwidth_GBps":
-            None if bandwidth is None else bandwidth / 1e9, "rows": rows}
+            inputs = value = loc = attn = leaves = None  # this batch's tensors freed before the next's
+    return {
+        "device": device_name(device),
+        "device_type": device.type,
+        "bandwidth_GBps": None if bandwidth is None else bandwidth / 1e9,
+        "rows": rows,
+    }
 
 
 def format_row(row):
-    text = (f"{row['impl']:>8} {row['stage']:>8} batch {row['batch']}  forward {row['forward_ms']:9.2f} ms"
-            f"  forward+backward {row['forward_backward_ms']:9.2f} ms")
+    text = (
+        f"{row['impl']:>8} {row['stage']:>8} batch {row['batch']}  forward {row['forward_ms']:9.2f} ms"
+        f"  forward+backward {row['forward_backward_ms']:9.2f} ms"
+    )
     if "forward_floor_ratio" in row:
         text += f"  (x floor: {row['forward_floor_ratio']:.2f}, {row['forward_backward_floor_ratio']:.2f})"
     return text
@@ -152,9 +177,16 @@ def format_row(row):
 def speedups(rows):
     """forward+backward time of the reference over each compiled kernel's, per (stage, batch)."""
     reference = {(r["stage"], r["batch"]): r["forward_backward_ms"] for r in rows if r["impl"] == "pytorch"}
-    return [{"impl": r["impl"], "stage": r["stage"], "batch": r["batch"],
-             "forward_backward_speedup": reference[(r["stage"], r["batch"])] / r["forward_backward_ms"]}
-            for r in rows if r["impl"] != "pytorch" and (r["stage"], r["batch"]) in reference]
+    return [
+        {
+            "impl": r["impl"],
+            "stage": r["stage"],
+            "batch": r["batch"],
+            "forward_backward_speedup": reference[(r["stage"], r["batch"])] / r["forward_backward_ms"],
+        }
+        for r in rows
+        if r["impl"] != "pytorch" and (r["stage"], r["batch"]) in reference
+    ]
 
 
 def _peak_allocated(fn) -> int:
@@ -171,8 +203,11 @@ def _peak_allocated(fn) -> int:
         path = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(path))
         events = json_.loads(path.read_text())["traceEvents"]
-    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"
-              and e["args"].get("Device Type", 0) == 0]
+    totals = [
+        e["args"]["Total Allocated"]
+        for e in events
+        if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0
+    ]
     return max(totals, default=0)
 
 
@@ -216,6 +251,7 @@ def fused_softmax(device, impl, batch, repeat, height=800, width=1333):
             out = modules[fused](x, reference_points, x, shapes, starts)
             out.backward(torch.ones_like(out))
             modules[fused].zero_grad(set_to_none=True)
+
         return step
 
     def op_step(fused):
@@ -227,6 +263,7 @@ def fused_softmax(device, impl, batch, repeat, height=800, width=1333):
                 weights = torch.softmax(leaves[2].flatten(-2), -1).view_as(leaves[2])
                 out = op(leaves[0], shapes, starts, leaves[1], weights, impl=impl)
             out.backward(torch.ones_like(out))
+
         return step
 
     def forward_only(fused, what):
@@ -237,6 +274,7 @@ def fused_softmax(device, impl, batch, repeat, height=800, width=1333):
                 return op(value, shapes, starts, loc, logits.requires_grad_(True), impl=impl, softmax=True)
             weights = torch.softmax(logits.requires_grad_(True).flatten(-2), -1).view_as(logits)
             return op(value, shapes, starts, loc, weights, impl=impl)
+
         return run
 
     timer = Timer(device)
@@ -251,60 +289,86 @@ def fused_softmax(device, impl, batch, repeat, height=800, width=1333):
         for fused in (True, False):
             saved = _saved_bytes(lambda: forward_only(fused, what)())
             logits.grad = None
-            row = {"what": what, "softmax": "fused (in the op)" if fused else "torch.softmax, then the op",
-                   "forward_backward_ms": 1000 * statistics.median(times[fused]),
-                   "forward_backward_ms_min": 1000 * min(times[fused]),
-                   "forward_backward_ms_all": [round(1000 * t, 1) for t in times[fused]],
-                   "peak_allocated_MB": _peak_allocated(make(fused)) / 1e6 if device.type == "cpu" else None,
-                   "saved_for_backward_MB": saved / 1e6}
+            row = {
+                "what": what,
+                "softmax": "fused (in the op)" if fused else "torch.softmax, then the op",
+                "forward_backward_ms": 1000 * statistics.median(times[fused]),
+                "forward_backward_ms_min": 1000 * min(times[fused]),
+                "forward_backward_ms_all": [round(1000 * t, 1) for t in times[fused]],
+                "peak_allocated_MB": _peak_allocated(make(fused)) / 1e6 if device.type == "cpu" else None,
+                "saved_for_backward_MB": saved / 1e6,
+            }
             rows.append(row)
-            print(f"{what:>6} {row['softmax']:>28}: forward+backward {row['forward_backward_ms']:8.1f} ms (min "
-                  f"{row['forward_backward_ms_min']:.1f}), peak "
-                  f"{row['peak_allocated_MB']:.1f} MB, saved for backward {row['saved_for_backward_MB']:.1f} MB",
-                  flush=True)
+            print(
+                f"{what:>6} {row['softmax']:>28}: forward+backward {row['forward_backward_ms']:8.1f} ms (min "
+                f"{row['forward_backward_ms_min']:.1f}), peak "
+                f"{row['peak_allocated_MB']:.1f} MB, saved for backward {row['saved_for_backward_MB']:.1f} MB",
+                flush=True,
+            )
     savings = []
     for what in ("module", "op"):
         fused, unfused = [r for r in rows if r["what"] == what]
-        savings.append({"what": what,
-                        "time_saved_ms": unfused["forward_backward_ms"] - fused["forward_backward_ms"],
-                        "time_saved_percent": 100 * (1 - fused["forward_backward_ms"] / unfused["forward_backward_ms"]),
-                        "time_saved_ms_of_the_minima": unfused["forward_backward_ms_min"] - fused["forward_backward_ms_min"],
-                        "peak_saved_MB": unfused["peak_allocated_MB"] - fused["peak_allocated_MB"],
-                        "saved_for_backward_saved_MB": unfused["saved_for_backward_MB"] - fused["saved_for_backward_MB"]})
-    return {"preset": p.as_dict(), "impl": impl, "rows": rows, "savings": savings,
-            "weights_MB": p.points * 4 / 1e6}
+        savings.append(
+            {
+                "what": what,
+                "time_saved_ms": unfused["forward_backward_ms"] - fused["forward_backward_ms"],
+                "time_saved_percent": 100 * (1 - fused["forward_backward_ms"] / unfused["forward_backward_ms"]),
+                "time_saved_ms_of_the_minima": unfused["forward_backward_ms_min"] - fused["forward_backward_ms_min"],
+                "peak_saved_MB": unfused["peak_allocated_MB"] - fused["peak_allocated_MB"],
+                "saved_for_backward_saved_MB": unfused["saved_for_backward_MB"] - fused["saved_for_backward_MB"],
+            }
+        )
+    return {"preset": p.as_dict(), "impl": impl, "rows": rows, "savings": savings, "weights_MB": p.points * 4 / 1e6}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", nargs="+", choices=["cpu", "cuda"],
-                        default=["cuda"] if torch.cuda.is_available() else ["cpu"])
-    parser.add_argument("--impl", nargs="+", choices=["pytorch", "cpu", "cuda", "triton"],
-                        help="implementations (default: the reference and the device's kernels)")
+    parser.add_argument(
+        "--device", nargs="+", choices=["cpu", "cuda"], default=["cuda"] if torch.cuda.is_available() else ["cpu"]
+    )
+    parser.add_argument(
+        "--impl",
+        nargs="+",
+        choices=["pytorch", "cpu", "cuda", "triton"],
+        help="implementations (default: the reference and the device's kernels)",
+    )
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--stage", nargs="+", choices=list(STAGES), default=list(STAGES))
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     parser.add_argument("--repeat", type=int, default=None, help="timed runs per case (default: 3 on CPU, 20 on GPU)")
     parser.add_argument("--json", type=Path, help="write the results here")
-    parser.add_argument("--fused-softmax", action="store_true",
-                        help="what the fused softmax saves: the attention module and the op at the encoder preset")
+    parser.add_argument(
+        "--fused-softmax",
+        action="store_true",
+        help="what the fused softmax saves: the attention module and the op at the encoder preset",
+    )
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     if args.fused_softmax:
         device = torch.device(args.device[0])
         impl = (args.impl or [device.type])[0]
-        results = {"load_average_at_start": os.getloadavg()[0], "torch": torch.__version__, "device":
-                   device_name(device), "threads": torch.get_num_threads(), "dtype": "float32",
-                   **fused_softmax(device, impl, args.batch[0], args.repeat or 7)}
+        results = {
+            "load_average_at_start": os.getloadavg()[0],
+            "torch": torch.__version__,
+            "device": device_name(device),
+            "threads": torch.get_num_threads(),
+            "dtype": "float32",
+            **fused_softmax(device, impl, args.batch[0], args.repeat or 7),
+        }
         results["load_average_at_end"] = os.getloadavg()[0]
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(results, indent=2) + "\n")
             print(f"wrote {args.json}")
         return
-    results = {"load_average_at_start": os.getloadavg()[0], "torch": torch.__version__, "cuda": torch.version.cuda, "dtype": args.dtype,
-               "sizes": {"spatial_shapes": SPATIAL_SHAPES, "M": M, "D": D, "P": P, "Lq": STAGES},
-               "devices": []}
+    results = {
+        "load_average_at_start": os.getloadavg()[0],
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "dtype": args.dtype,
+        "sizes": {"spatial_shapes": SPATIAL_SHAPES, "M": M, "D": D, "P": P, "Lq": STAGES},
+        "devices": [],
+    }
     for device_type in args.device:
         device = torch.device(device_type)
         if device_type == "cuda" and not torch.cuda.is_available():
@@ -312,15 +376,20 @@ def main(argv=None):
             continue
         kernels = (device_type, "triton") if device_type == "cuda" else (device_type,)
         impls = [i for i in (args.impl or ["pytorch", *kernels]) if i in ("pytorch", *kernels)]
-        impls = [i for i in impls if i == "pytorch" or (triton_available(device)[0] if i == "triton"
-                                                         else kernel_available(i))]
+        impls = [
+            i
+            for i in impls
+            if i == "pytorch" or (triton_available(device)[0] if i == "triton" else kernel_available(i))
+        ]
         repeat = args.repeat or (20 if device_type == "cuda" else 3)
         print(f"{device_name(device)}, torch {torch.__version__}, {args.dtype}")
         result = run(device, impls, args.batch, args.stage, dtype, repeat)
         result["speedups"] = speedups(result["rows"])
         for s in result["speedups"]:
-            print(f"{s['impl']} vs pytorch, {s['stage']} batch {s['batch']}: "
-                  f"forward+backward {s['forward_backward_speedup']:.1f}x faster")
+            print(
+                f"{s['impl']} vs pytorch, {s['stage']} batch {s['batch']}: "
+                f"forward+backward {s['forward_backward_speedup']:.1f}x faster"
+            )
         results["devices"].append(result)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
