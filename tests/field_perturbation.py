@@ -23,6 +23,8 @@ import dataclasses
 import typing
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
+from builders import tiny_model_fields
+
 from harness import config as hcfg
 from harness.config import RunConfig
 from harness.grid.schema import SECTION_CLASSES
@@ -39,20 +41,7 @@ WS = "<ws>/"  # a file in the test's workspace
 # 10 queries, three feature levels, a frozen backbone (Adam over ResNet-50 dominated the time), 48x64 images,
 # four training images, two iterations per epoch, two epochs (lr_drop 1 drops before the second).
 DEFAULT: Dict[str, dict] = {
-    "model": dict(
-        pretrained_backbone=False,
-        train_backbone=False,
-        hidden_dim=32,
-        dim_feedforward=64,
-        nheads=2,
-        enc_layers=1,
-        dec_layers=2,
-        num_queries=10,
-        num_feature_levels=3,
-        enc_n_points=2,
-        dec_n_points=2,
-        attn_impl="pytorch",
-    ),
+    "model": tiny_model_fields(train_backbone=False),
     "data": dict(
         dataset="synthetic",
         root=DATA,
