@@ -126,8 +126,11 @@ def test_bad_experiment_exits_with_a_message(tmp_path, capsys):
 def test_slurm_requeue_mid_epoch_resumes_with_identical_results(slurm_cluster, tmp_path, capsys):
     """``scontrol requeue`` in the middle of an epoch: the job stops at the next iteration with a mid-epoch
     checkpoint, the requeued attempt resumes at that iteration, and the result equals an uninterrupted run's."""
-    longer = tmp_path / "tiny.yaml"  # 16 training images: 4 iterations per epoch on each of the 2 tasks
-    longer.write_text(TINY.read_text().replace("synthetic_train_images: 8", "synthetic_train_images: 16"))
+    # 32 training images: 8 iterations per epoch on each of the 2 tasks, about 0.5 s each here. The requeue is
+    # sent after the first iteration and reaches the job 1-2 s later: with 4 iterations an epoch, sent after the
+    # second, it once arrived after the last (1 run of 7) and the run resumed at the epoch's end, not mid-epoch
+    longer = tmp_path / "tiny.yaml"
+    longer.write_text(TINY.read_text().replace("synthetic_train_images: 8", "synthetic_train_images: 32"))
     experiment = load_experiment(str(longer), rows=["K=2"])
     spec = expand(experiment)[0]
 
@@ -165,9 +168,9 @@ def test_slurm_requeue_mid_epoch_resumes_with_identical_results(slurm_cluster, t
     assert job_id in capsys.readouterr().out
     try:
         slurm_cluster.wait_for(
-            lambda: stdout.is_file() and "epoch 1/3 [2/4]" in stdout.read_text(),
+            lambda: stdout.is_file() and "epoch 1/3 [1/8]" in stdout.read_text(),
             300,
-            "the second iteration of the second epoch",
+            "the first iteration of the second epoch",
         )
         slurm_cluster.requeue(job_id)
         slurm_cluster.start_when_requeued(job_id)
@@ -180,7 +183,7 @@ def test_slurm_requeue_mid_epoch_resumes_with_identical_results(slurm_cluster, t
     status = store_b.read_status(spec.run_id)
     assert status.state == "done" and status.attempts >= 2
     resumed = re.search(r"resumed from \S+ at epoch (\d), iteration (\d+)", stdout.read_text())
-    assert resumed and 1 <= int(resumed.group(2)) < 4, stdout.read_text()[-3000:]  # mid-epoch
+    assert resumed and 1 <= int(resumed.group(2)) < 8, stdout.read_text()[-3000:]  # mid-epoch
 
     metrics_b = {**store_b.read_metrics(spec.eval_key), **store_b.read_metrics(spec.measure_key)}
     for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "params", "gflops"):
