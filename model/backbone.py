@@ -6,7 +6,6 @@ network and ``backbone.1.*`` for the (learned) position encoding.
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import torch
@@ -18,6 +17,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .config import is_weights_name
 from .position_encoding import build_position_encoding
+from .released import file_sha256
 
 # torchvision constructor and its default ImageNet weights (the ones the official code loads via
 # pretrained=True; resnext101_64x4d has only torchvision's 2022 weights)
@@ -81,14 +81,6 @@ def _cached_path(weights) -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def weights_info(cfg) -> dict:
     """Which ImageNet weights a model config starts its trunk from, without downloading anything.
 
@@ -119,7 +111,7 @@ def weights_info(cfg) -> dict:
             imagenet_top1=weights.meta["_metrics"]["ImageNet-1K"]["acc@1"],
         )
     if os.path.isfile(info["file"]):
-        info["sha256"] = _sha256(info["file"])
+        info["sha256"] = file_sha256(info["file"])
     return info
 
 

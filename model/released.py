@@ -86,7 +86,8 @@ def expected_sha256(url: str, sha256: Optional[str] = None) -> Optional[str]:
     return match.group(1) if match else None
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path) -> str:
+    """Hex sha256 of a file's bytes, read in blocks (the one file hash of the project; no torch)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -121,7 +122,7 @@ def _record(folder: Path, name: str, digest: str) -> None:
 
 def _verify(path: Path, url: str, sha256: Optional[str]) -> str:
     """The file's sha256, once it matches the published checksum or the one recorded at its first download."""
-    actual = _sha256(path)
+    actual = file_sha256(path)
     expected = expected_sha256(url, sha256)
     source = "published"
     if expected is None:

@@ -24,6 +24,7 @@ from harness.config import RunConfig
 from harness.grid.schema import SECTION_CLASSES
 from harness.grid.validate import world_size
 from model.config import EVALUATION, MEASUREMENT, ROLES, WEIGHTS, ConfigError, field_roles
+from model.released import file_sha256
 
 SCHEMA_VERSION = 3  # 3: ids from declared roles, data.train_size, files by content, seeds per sample
 Digest = Callable[[str], str]
@@ -49,11 +50,7 @@ def file_digest(path: str) -> str:
 
 @functools.lru_cache(maxsize=256)
 def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
+    return "sha256:" + file_sha256(path)  # size and mtime: the cache key only
 
 
 def _json(value):
