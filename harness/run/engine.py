@@ -259,7 +259,6 @@ def train(
         metrics = evaluate(
             run_cfg,
             output_dir,
-            checkpoint=local_file(run_cfg.eval.checkpoint, run_cfg.eval.checkpoint_sha256),
             print_fn=print_fn,
         )
         if dist_utils.is_main_process():

@@ -55,9 +55,8 @@ def trained_checkpoint(store: ResultsStore, spec: RunSpec) -> Optional[Path]:
     if path.is_file():
         return path
     cfg = spec.config
-    if cfg.eval.eval_only and cfg.eval.checkpoint and location(cfg.eval.checkpoint).exists():
-        return location(cfg.eval.checkpoint)
-    return None
+    evaluated = location(cfg.eval.checkpoint) if cfg.eval.eval_only and cfg.eval.checkpoint else None
+    return evaluated if evaluated is not None and evaluated.exists() else None
 
 
 def training_checkpoint_sha256(store: ResultsStore, spec: RunSpec) -> Optional[str]:
