@@ -338,6 +338,8 @@ def test_a_lost_node_ends_the_job_with_its_reason_then_it_resumes(
     reason = next((line for line in status.splitlines() if line.startswith("failed (1): ")), status)
     print(f"nodeb {how} {moment}; the record failed {took:.1f} s later: {reason}; resumed after epoch {last['epoch']}")
     assert "rank 1 of 2 on nodeb reported neither a result nor an error" in reason, status
+    assert "has not ended (SLURM may requeue it)" in reason, status  # a submission then would not run it twice
+    assert "(rank 0: " not in reason, status  # rank 0's note is the record's reason: said once
     if how == "frozen":
         # (rank 0 may have been waiting for rank 1 already: its collective started up to an iteration earlier)
         assert COLLECTIVE_TIMEOUT_S - 5 <= took < COLLECTIVE_TIMEOUT_S + 20, took
@@ -374,17 +376,15 @@ RENDEZVOUS_TIMEOUT_S = 15
 
 
 @_on_two_nodes
-def test_a_rank_that_never_reaches_the_rendezvous_fails_the_job_in_its_bound(
-    slurm_two_nodes, tmp_path, monkeypatch, capsys
-):
-    """Rank 1 starts its rendezvous three bounds late: rank 0 fails after ``launcher.rendezvous_timeout_min``
-    naming the address and port it served, the record is failed and ``--status`` names the silent rank; rank 1
-    then fails too (nobody serves the port any more) and the job ends, in about three bounds, not the wall time."""
+def test_a_rank_stuck_before_the_rendezvous_fails_the_job_in_its_bound(slurm_two_nodes, tmp_path, monkeypatch, capsys):
+    """Rank 1 is stuck for good before its rendezvous (an hour): rank 0 fails after
+    ``launcher.rendezvous_timeout_min`` naming the address and port it served, the record is failed, ``--status``
+    names the silent rank, and rank 0 ends the job: it does not hold the nodes until the wall time."""
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(LATE_RANK_HOOK)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")])))
-    monkeypatch.setenv("HARNESS_TEST_LATE_S", str(3 * RENDEZVOUS_TIMEOUT_S))
+    monkeypatch.setenv("HARNESS_TEST_LATE_S", "3600")
     monkeypatch.delenv(distributed.RENDEZVOUS_TIMEOUT_ENV, raising=False)
     overrides = [*TWO_NODES, f"launcher.rendezvous_timeout_min={RENDEZVOUS_TIMEOUT_S / 60:g}"]
     spec = expand(load_experiment(str(TINY), rows=["K=2"], overrides=overrides))[0]
@@ -392,15 +392,18 @@ def test_a_rank_that_never_reaches_the_rendezvous_fails_the_job_in_its_bound(
     address = f"127.0.0.1:{launch.master_port_for(job_id)}"
     try:
         slurm_two_nodes.wait_for(lambda: _state(store, spec.run_id) == "failed", 120, "rank 0 to give up")
+        failed_at = time.monotonic()
         reason = store.read_status(spec.run_id).reason
         capsys.readouterr()
         assert cli.main(_argv(tmp_path, "--status", *overrides)) == 0
         status = capsys.readouterr().out
+        # KillWait is 5 s on the test cluster: rank 1 is killed that long after rank 0's scancel
         slurm_two_nodes.wait_for(
-            lambda: (slurm_two_nodes.state(job_id) or "FAILED").split()[0] not in launch.ALIVE_STATES,
-            4 * RENDEZVOUS_TIMEOUT_S + 60,
+            lambda: (slurm_two_nodes.state(job_id) or "CANCELLED").split()[0] not in launch.ALIVE_STATES,
+            45,
             "the job to end",
         )
+        ended_after = time.monotonic() - failed_at
     except BaseException:
         slurm_two_nodes.cancel_all([job_id])
         raise
@@ -412,12 +415,9 @@ def test_a_rank_that_never_reaches_the_rendezvous_fails_the_job_in_its_bound(
     assert waited and RENDEZVOUS_TIMEOUT_S <= int(waited.group(1)) < RENDEZVOUS_TIMEOUT_S + 5, reason
     assert f"the limit is launcher.rendezvous_timeout_min={RENDEZVOUS_TIMEOUT_S / 60:g}" in reason, reason
     assert "rank 1 of 2 on nodeb reported neither a result nor an error" in status and address in status, status
-    late = rank_errors(store.root / "tiny" / ".submitit", job_id)
-    assert [note["rank"] for note in late] == [0, 1], late
-    waited = re.search(
-        rf"could not reach the rendezvous at {re.escape(address)} \(rank 0's node\) within (\d+) s", late[1]["error"]
-    )
-    assert waited and RENDEZVOUS_TIMEOUT_S <= int(waited.group(1)) < RENDEZVOUS_TIMEOUT_S + 5, late[1]
+    assert [note["rank"] for note in rank_errors(store.root / "tiny" / ".submitit", job_id)] == [0]
+    assert store.read_status(spec.run_id).state == "failed"  # the cancellation did not overwrite the reason
+    print(f"the job ended {ended_after:.1f} s after rank 0 recorded the failure")
 
 
 def test_time_limits_are_the_launchers_and_a_shell_variable_overrides_them(monkeypatch):

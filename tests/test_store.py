@@ -20,6 +20,7 @@ from harness.store import (
     dry_run_plan,
     tail_text,
 )
+from harness.store.plan import rerun_removals
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -271,6 +272,24 @@ def test_plan_asks_the_scheduler_about_queued_jobs(tmp_path, experiment):
     assert store.plan([a])[0].state == "queued"
     assert store.plan([a], job_alive=lambda job: job != "42")[0].state == "stale"
     assert store.plan([a], job_alive=lambda job: None)[0].state == "queued"
+
+
+def test_a_failed_record_whose_job_has_not_ended_is_left_to_it(tmp_path, experiment):
+    """A two-node job that lost a node: rank 0 marks the record failed about a minute before SLURM requeues the
+    job. Until the job has ended, a submission and ``--rerun`` leave the record alone (no second job trains the
+    same folder); once it has, the record runs again."""
+    store = ResultsStore(tmp_path)
+    a = expand(experiment)[0]
+    store.mark_queued(a.run_id, job_id="42")
+    store.mark_failed(a.run_id, "rank 1 of 2 on nodeb reported nothing")
+    entry = store.plan([a], job_alive=lambda job: job == "42")[0]
+    assert (entry.state, entry.action) == ("failed", "skip"), entry
+    assert entry.reason.startswith("rank 1 of 2 on nodeb reported nothing; its job 42 has not ended"), entry.reason
+    assert rerun_removals(store, [entry]) == []
+    entry = store.plan([a], job_alive=lambda job: False)[0]
+    assert (entry.state, entry.action, entry.reason) == ("failed", "run", "rank 1 of 2 on nodeb reported nothing")
+    assert [e for e, _ in rerun_removals(store, [entry])] == [entry]
+    assert store.plan([a])[0].action == "run"  # the scheduler not asked: as before
 
 
 def test_results_root_must_be_writable(tmp_path):

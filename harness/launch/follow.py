@@ -14,6 +14,7 @@ from harness.launch.slurm import ALIVE_STATES, first_failure, log_paths, slurm_j
 from harness.store import ResultsError
 from harness.store.jobs import slurm_id
 from harness.store.progress import progress
+from harness.store.status import job_not_ended
 from harness.text import text_table
 
 LOG_LINES = 40
@@ -37,7 +38,7 @@ def job_infos(store, specs) -> dict:
             continue
         if (
             status is not None
-            and status.state in ("queued", "running", "interrupted")
+            and status.state in ("queued", "running", "interrupted", "failed")
             and status.job_ids
             and slurm_id(status.job_ids[-1]) is not None
         ):
@@ -85,8 +86,9 @@ def failure_reason(store, entry) -> str:
         return reason
     first = first_failure(run_log_dir(store, entry.spec, status), entry.job_ids[-1])
     if first and not first.startswith("rank 0 "):
-        told = not entry.reason or entry.reason.splitlines()[0][:1000] in first  # rank 0's note is the record's
-        return first if told else f"{first} (rank 0: {reason})"
+        told = not status.reason or status.reason.splitlines()[0][:1000] in first  # rank 0's note is the record's
+        described = first if told else f"{first} (rank 0: {status.reason})"
+        return described + (f"; {job_not_ended(status)}" if entry.action == "skip" else "")
     return reason
 
 
@@ -133,7 +135,8 @@ def cancel(experiment, store) -> List[str]:
     entries = [
         e
         for e in plan(store, specs)
-        if (e.state in ("queued", "running") or e.state == "interrupted" and e.action == "skip") and e.job_ids
+        if e.job_ids
+        and (e.state in ("queued", "running") or e.state in ("interrupted", "failed") and e.action == "skip")
     ]
     cancel_jobs([e.job_ids[-1] for e in entries])
     for e in entries:

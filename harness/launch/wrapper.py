@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 import traceback
@@ -151,6 +152,22 @@ def _on_interrupt(num: int, frame: Any) -> None:
         _hard_stop(num)
 
 
+def _end_slurm_job(err: BaseException) -> None:
+    """``scancel`` this SLURM job after a failure the other ranks cannot notice (``err.ends_the_job``: rank 0's
+    rendezvous failed, and the ranks that never arrived are in no collective): a rank stuck before its
+    rendezvous would otherwise hold its node until the wall time. A cancelled job is not requeued."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if not job_id:
+        return
+    _log(f"ending job {job_id}: {type(err).__name__} leaves the other ranks nothing that would end them")
+    try:
+        done = subprocess.run(["scancel", job_id], capture_output=True, text=True, timeout=60)
+        if done.returncode:
+            _log(f"scancel {job_id} failed: {done.stderr.strip()}")
+    except (OSError, subprocess.TimeoutExpired) as scancel_err:
+        _log(f"could not run scancel {job_id}: {scancel_err}")
+
+
 def _requeue_now() -> None:
     """Run submitit's held-back requeue handler (checkpoint the call, ``scontrol requeue``, exit)."""
     signal.alarm(0)
@@ -229,6 +246,8 @@ class ResumableJob(submitit.helpers.Checkpointable):
             if stop_requested() and cluster == "slurm":
                 _log(f"failed after a stop signal; waiting up to {self.stop_grace_s:.0f} s to be requeued or killed")
                 time.sleep(self.stop_grace_s)
+            elif cluster == "slurm" and getattr(err, "ends_the_job", False):
+                _end_slurm_job(err)
             raise
         signal.alarm(0)  # finished before the signal's grace ran out: nothing to requeue
         _deferred_requeue.clear()

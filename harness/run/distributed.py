@@ -56,7 +56,15 @@ _DEFAULTS = LauncherConfig()  # the launcher's defaults, for callers that pass n
 
 
 class RendezvousError(RuntimeError):
-    """The ranks of a job could not meet: the address and port tried, and what to check."""
+    """The ranks of a job could not meet: the address and port tried, and what to check.
+
+    ``ends_the_job`` on rank 0's: the ranks that never arrived are in no collective that could notice the failure
+    (a rank stuck before its rendezvous would hold its node until the wall time), so the job launcher ends the job
+    once rank 0 has recorded it (:mod:`harness.launch.wrapper`)."""
+
+    def __init__(self, message: str, ends_the_job: bool = False) -> None:
+        super().__init__(message)
+        self.ends_the_job = ends_the_job
 
 
 @dataclass(frozen=True)
@@ -143,7 +151,8 @@ def rendezvous_store(addr: str, port: int, rank: int, world_size: int, limit: Li
             f"{what} ({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}); "
             f"check that {addr} is this job's first node and reachable from every node on port {port} "
             f"(MASTER_ADDR comes from SLURM's NodeAddr where node names do not resolve); the limit is "
-            f"{limit.source}"
+            f"{limit.source}",
+            ends_the_job=rank == 0,
         ) from err
 
 

@@ -156,8 +156,8 @@ def rerun_removals(store: ResultsStore, entries: Sequence[PlanEntry]) -> List[Tu
     """Per entry to rerun, the paths ``--rerun`` deletes (:meth:`ResultsStore.rerun_paths`), each path once."""
     seen, out = set(), []
     for entry in entries:
-        if entry.state not in RERUNNABLE or entry.state == "interrupted" and entry.action != "run":
-            continue  # an interrupted record whose job is still stopping is left alone
+        if entry.state not in RERUNNABLE or entry.state in ("interrupted", "failed") and entry.action != "run":
+            continue  # a record whose job has not ended (stopping, or requeued) is left alone
         paths = [p for p in store.rerun_paths(entry.spec) if p not in seen]
         seen.update(paths)
         out.append((entry, paths))

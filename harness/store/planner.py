@@ -122,7 +122,7 @@ class Planning:
             except CorruptFileError as e:
                 metrics_error = str(e)
         alive = None
-        if status is not None and status.state in ("queued", "running", "interrupted"):
+        if status is not None and status.state in ("queued", "running", "interrupted", "failed"):
             alive = self.job_alive(status, job_alive)
         age = None
         if status is not None:

@@ -78,7 +78,8 @@ def decide(
 
     ``claim_stale``: None without a claim file; ``job_alive``: whether the job the record names still exists
     (a local job's process, a SLURM job as the scheduler says), None when unknown.
-    Done runs are skipped; failed, cancelled and interrupted ones run (resuming from their checkpoint); a run
+    Done runs are skipped; failed, cancelled and interrupted ones run (resuming from their checkpoint) once their
+    job has ended (a SLURM job that lost a node is requeued after its record says failed); a run
     whose files are corrupt is rerun, and so is a stale one (:func:`stale_reason`).
     """
     if status_error:
@@ -92,6 +93,8 @@ def decide(
             return "corrupt", "run", metrics_error
         return "done", "skip", ""
     if status.state == "failed":
+        if job_alive:  # a job that lost a node is failed by its rank 0 a minute before SLURM requeues it
+            return "failed", "skip", f"{status.reason or 'failed'}; {job_not_ended(status)}"
         return "failed", "run", status.reason or "failed"
     if status.state == "cancelled":
         return "cancelled", "run", "cancelled; resumes from its checkpoint"
@@ -103,6 +106,12 @@ def decide(
     if stale:
         return "stale", "run", stale
     return status.state, "skip", ""
+
+
+def job_not_ended(status: Status) -> str:
+    """What a failed record whose job is still alive adds to its reason (the plan then leaves it to its job)."""
+    job = status.job_ids[-1] if status.job_ids else "?"
+    return f"its job {job} has not ended (SLURM may requeue it): resubmit once it has, or --cancel it"
 
 
 def stale_reason(
