@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 import traceback
@@ -27,6 +26,9 @@ import submitit
 from submitit.core.utils import DelayedSubmission
 
 from harness.launch.environment import ENV_SNAPSHOT, ENV_WORKDIR, distributed_env_from_submitit
+from harness.launch.executors import LaunchError
+from harness.launch.slurm import scancel
+from harness.store.files import atomic_write_text
 
 
 def _log(message: str) -> None:
@@ -73,9 +75,7 @@ def _note_rank_error(err: BaseException) -> None:
             "error": f"{type(err).__name__}: {err}".strip().splitlines()[0][:1000],
             "traceback": "".join(traceback.format_exception(type(err), err, err.__traceback__))[-4000:],
         }
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(note))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(note))
     except Exception:  # noqa: BLE001 - not in a submitit job, or the folder is not writable: nothing to note
         pass
 
@@ -161,11 +161,9 @@ def _end_slurm_job(err: BaseException) -> None:
         return
     _log(f"ending job {job_id}: {type(err).__name__} leaves the other ranks nothing that would end them")
     try:
-        done = subprocess.run(["scancel", job_id], capture_output=True, text=True, timeout=60)
-        if done.returncode:
-            _log(f"scancel {job_id} failed: {done.stderr.strip()}")
-    except (OSError, subprocess.TimeoutExpired) as scancel_err:
-        _log(f"could not run scancel {job_id}: {scancel_err}")
+        scancel([job_id])
+    except LaunchError as scancel_err:
+        _log(str(scancel_err))
 
 
 def _requeue_now() -> None:
