@@ -166,22 +166,28 @@ def place_labels(ax, items: Sequence[Tuple[str, float, float, str]], fontsize: f
         matplotlib.transforms.Bbox([[px - radius, py - radius], [px + radius, py + radius]]) for px, py in points
     ]
     frame = ax.get_window_extent(renderer)
+
+    def annotate(text, x, y, colour, dx, dy, ha, va, **arrow):  # a label (off the layout), offset in points
+        artist = ax.annotate(
+            text,
+            (x, y),
+            xytext=(dx, dy),
+            textcoords="offset points",
+            fontsize=fontsize,
+            ha=ha,
+            va=va,
+            color=colour,
+            annotation_clip=False,
+            **arrow,
+        )
+        artist.set_in_layout(False)
+        return artist
+
     placed, texts = [], []
     for text, x, y, colour in items:
         best = None
         for dx, dy, ha, va in _PLACES:
-            artist = ax.annotate(
-                text,
-                (x, y),
-                xytext=(dx, dy),
-                textcoords="offset points",
-                fontsize=fontsize,
-                ha=ha,
-                va=va,
-                color=colour,
-                annotation_clip=False,
-            )
-            artist.set_in_layout(False)
+            artist = annotate(text, x, y, colour, dx, dy, ha, va)
             box = artist.get_window_extent(renderer).expanded(1.04, 1.1)
             overlaps = sum(box.overlaps(o) for o in obstacles + placed)
             inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
@@ -198,19 +204,8 @@ def place_labels(ax, items: Sequence[Tuple[str, float, float, str]], fontsize: f
         if abs(dy) > 6 or abs(dx) > 6:  # moved off its point: a leader line back to it
             ha, va = artist.get_ha(), artist.get_va()
             artist.remove()
-            artist = ax.annotate(
-                text,
-                (x, y),
-                xytext=(dx, dy),
-                textcoords="offset points",
-                fontsize=fontsize,
-                ha=ha,
-                va=va,
-                color=colour,
-                annotation_clip=False,
-                arrowprops=dict(arrowstyle="-", linewidth=0.4, color="0.45", shrinkA=0, shrinkB=2),
-            )
-            artist.set_in_layout(False)
+            leader = dict(arrowstyle="-", linewidth=0.4, color="0.45", shrinkA=0, shrinkB=2)
+            artist = annotate(text, x, y, colour, dx, dy, ha, va, arrowprops=leader)
         placed.append(box)
         texts.append(artist)
     return texts
