@@ -23,7 +23,7 @@ import dataclasses
 import typing
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
-from builders import tiny_model_fields
+from builders import TINY_DATA, TINY_TRAIN, tiny_model_fields
 
 from harness import config as hcfg
 from harness.config import RunConfig
@@ -42,20 +42,8 @@ WS = "<ws>/"  # a file in the test's workspace
 # four training images, two iterations per epoch, two epochs (lr_drop 1 drops before the second).
 DEFAULT: Dict[str, dict] = {
     "model": tiny_model_fields(train_backbone=False),
-    "data": dict(
-        dataset="synthetic",
-        root=DATA,
-        num_workers=0,
-        train_size=64,
-        eval_size=64,
-        max_size=96,
-        synthetic_train_images=4,
-        synthetic_val_images=2,
-        synthetic_image_size=(48, 64),
-    ),
-    "train": dict(
-        epochs=2, lr_drop=1, batch_size_per_gpu=2, total_batch_size=2, max_iters_per_epoch=2, seed=7, print_freq=1
-    ),
+    "data": {**TINY_DATA, "root": DATA},
+    "train": {**TINY_TRAIN, "max_iters_per_epoch": 2},
     # tta_sizes: small, so that perturbing eval.tta does not evaluate at 1000 pixels (inactive without tta)
     "eval": dict(tta_sizes=(48, 64)),
     "benchmark": dict(),
